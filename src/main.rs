@@ -1,0 +1,48 @@
+//! The `pipe` binary: CLI parsing (clap) and one file per command in `cmd/`.
+//! Stdout carries data (tables, JSON); progress and logs go to stderr.
+
+mod cli;
+mod cmd;
+mod ui;
+
+use clap::Parser;
+
+fn main() {
+    let args = cli::Cli::parse();
+    let filter = match args.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("PIPE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::env::var_os("NO_COLOR").is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
+        .with_target(false)
+        .init();
+    let code = match cmd::dispatch(args) {
+        Ok(code) => code,
+        Err(e) => {
+            match e.downcast_ref::<pipe_engine::EngineError>() {
+                Some(ee) => {
+                    eprintln!("{}", render_error(&ee.to_string()));
+                    ee.exit_code()
+                }
+                None => {
+                    eprintln!("{}", render_error(&format!("{e:#}")));
+                    e.downcast_ref::<cmd::UsageError>().map(|_| 2).unwrap_or(1)
+                }
+            }
+        }
+    };
+    std::process::exit(code);
+}
+
+fn render_error(msg: &str) -> String {
+    if msg.starts_with("error:") {
+        msg.to_string()
+    } else {
+        format!("error: {msg}")
+    }
+}

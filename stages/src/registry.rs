@@ -1,0 +1,9 @@
+//! Every built-in stage kind, in one place.
+
+use pipe_engine::stage::Registry;
+
+pub fn registry() -> Registry {
+    let mut r = Registry::default();
+    r.register(Box::new(crate::command::CommandKind));
+    r
+}
