@@ -87,6 +87,11 @@ pub enum Command {
         #[command(flatten)]
         p: PipelineArgs,
     },
+    /// Print the content digest of files or directories (the digests pipe uses in keys).
+    Hash {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Delete stored outputs no lock file references (and not among the last N runs).
     Gc {
         /// Also keep the outputs of the N most recent runs.

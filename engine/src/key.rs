@@ -203,6 +203,6 @@ mod tests {
         assert_eq!(explain(&old, &new), vec!["kind version 1 -> 2", "param lora.r: 16 -> 32"]);
         let a = ki(json!({"cmd": "python3 pipelines/example/gen.py --n 3 > $PIPE_OUT/data.txt"}));
         let b = ki(json!({"cmd": "python3 pipelines/example/gen.py --n 4 > $PIPE_OUT/data.txt"}));
-        assert_eq!(explain(&a, &b), vec![r#"param cmd: "…example/gen.py --n 3 > $PIPE_OUT/d…" -> "…example/gen.py --n 4 > $PIPE_OUT/d…""#]);
+        assert_eq!(explain(&a, &b), vec![r#"param cmd: "…/gen.py --n 3 > $PIPE_OUT…" -> "…/gen.py --n 4 > $PIPE_OUT…""#]);
     }
 }

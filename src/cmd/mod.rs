@@ -26,6 +26,12 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Show { args, path, log, json, p } => show::show(args, path, log, json, &p.set),
         Command::Verify { file, no_exec, p } => verify::verify(file, no_exec, &p.set),
         Command::Gc { keep_last, tmp, dry_run, root } => gc::gc(keep_last, tmp, dry_run, root),
+        Command::Hash { paths } => {
+            for p in paths {
+                println!("{}  {}", pipe_cache::hash_path(&p, None)?, p.display());
+            }
+            Ok(0)
+        }
     }
 }
 
