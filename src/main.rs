@@ -15,7 +15,10 @@ fn main() {
         _ => "debug",
     };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("PIPE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PIPE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::env::var_os("NO_COLOR").is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
@@ -23,18 +26,16 @@ fn main() {
         .init();
     let code = match cmd::dispatch(args) {
         Ok(code) => code,
-        Err(e) => {
-            match e.downcast_ref::<pipe_engine::EngineError>() {
-                Some(ee) => {
-                    eprintln!("{}", render_error(&ee.to_string()));
-                    ee.exit_code()
-                }
-                None => {
-                    eprintln!("{}", render_error(&format!("{e:#}")));
-                    e.downcast_ref::<cmd::UsageError>().map(|_| 2).unwrap_or(1)
-                }
+        Err(e) => match e.downcast_ref::<pipe_engine::EngineError>() {
+            Some(ee) => {
+                eprintln!("{}", render_error(&ee.to_string()));
+                ee.exit_code()
             }
-        }
+            None => {
+                eprintln!("{}", render_error(&format!("{e:#}")));
+                e.downcast_ref::<cmd::UsageError>().map(|_| 2).unwrap_or(1)
+            }
+        },
     };
     std::process::exit(code);
 }

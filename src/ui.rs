@@ -20,10 +20,7 @@ impl Ui {
     pub fn new() -> Ui {
         let tty = (std::io::stderr().is_terminal() && std::env::var_os("PIPE_PLAIN").is_none())
             .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
-        Ui {
-            tty,
-            bars: Mutex::new(HashMap::new()),
-        }
+        Ui { tty, bars: Mutex::new(HashMap::new()) }
     }
 
     pub fn line(&self, s: &str) {
@@ -48,7 +45,9 @@ impl Reporter for Ui {
         self.line(&format!("pipe: {stage}: running{why}"));
         if let Some(mp) = &self.tty {
             let b = mp.add(ProgressBar::new_spinner());
-            b.set_style(ProgressStyle::with_template("{spinner} {prefix} {elapsed} {wide_msg}").expect("valid template"));
+            b.set_style(
+                ProgressStyle::with_template("{spinner} {prefix} {elapsed} {wide_msg}").expect("valid template"),
+            );
             b.set_prefix(stage.to_string());
             b.enable_steady_tick(Duration::from_millis(120));
             self.bars.lock().expect("ui lock").insert(stage.to_string(), b);

@@ -43,9 +43,7 @@ pub struct ParseDigestError(String);
 impl FromStr for Digest {
     type Err = ParseDigestError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        blake3::Hash::from_hex(s)
-            .map(Digest::from)
-            .map_err(|_| ParseDigestError(s.to_string()))
+        blake3::Hash::from_hex(s).map(Digest::from).map_err(|_| ParseDigestError(s.to_string()))
     }
 }
 

@@ -18,10 +18,7 @@ pub enum HashError {
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("cannot walk {path}: {source}")]
-    Walk {
-        path: PathBuf,
-        source: walkdir::Error,
-    },
+    Walk { path: PathBuf, source: walkdir::Error },
     #[error("{0} is neither a file nor a directory")]
     Special(PathBuf),
 }
@@ -74,16 +71,9 @@ pub fn hash_path(path: &Path, cache: Option<&StatCache>) -> Result<Digest, HashE
     }
     let mut entries = Vec::new();
     for e in walkdir::WalkDir::new(path).min_depth(1).sort_by_file_name() {
-        let e = e.map_err(|source| HashError::Walk {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let rel = e
-            .path()
-            .strip_prefix(path)
-            .expect("walkdir yields children of its root")
-            .to_string_lossy()
-            .into_owned();
+        let e = e.map_err(|source| HashError::Walk { path: path.to_path_buf(), source })?;
+        let rel =
+            e.path().strip_prefix(path).expect("walkdir yields children of its root").to_string_lossy().into_owned();
         let ft = e.file_type();
         if ft.is_symlink() {
             let target = fs_err::read_link(e.path())?;
@@ -91,10 +81,7 @@ pub fn hash_path(path: &Path, cache: Option<&StatCache>) -> Result<Digest, HashE
         } else if ft.is_dir() {
             entries.push(Entry::Dir(rel));
         } else if ft.is_file() {
-            let exec = e
-                .metadata()
-                .map(|m| m.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false);
+            let exec = e.metadata().map(|m| m.permissions().mode() & 0o111 != 0).unwrap_or(false);
             entries.push(Entry::File(rel, e.path().to_path_buf(), exec));
         } else {
             return Err(HashError::Special(e.path().to_path_buf()));
@@ -147,11 +134,7 @@ fn entry_path(e: &Entry) -> &str {
     }
 }
 
-fn cached_file_digest(
-    path: &Path,
-    meta: &std::fs::Metadata,
-    cache: Option<&StatCache>,
-) -> Result<Digest, HashError> {
+fn cached_file_digest(path: &Path, meta: &std::fs::Metadata, cache: Option<&StatCache>) -> Result<Digest, HashError> {
     if let Some(c) = cache {
         if let Some(d) = c.lookup(path, meta) {
             return Ok(d);
@@ -210,9 +193,7 @@ mod tests {
     fn large_file_parallel_path_matches_plain_blake3() {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("big");
-        let data: Vec<u8> = (0..(PARALLEL_THRESHOLD as usize + 12345))
-            .map(|i| (i * 31 % 251) as u8)
-            .collect();
+        let data: Vec<u8> = (0..(PARALLEL_THRESHOLD as usize + 12345)).map(|i| (i * 31 % 251) as u8).collect();
         fs_err::write(&p, &data).unwrap();
         assert_eq!(hash_file(&p).unwrap(), hash_bytes(&data));
     }

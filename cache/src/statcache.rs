@@ -53,10 +53,13 @@ struct OnDisk {
     rows: Vec<Row>,
 }
 
+/// (stamp, digest, used by this process)
+type Entry = (Stamp, Digest, bool);
+
 #[derive(Default)]
 pub struct StatCache {
     file: Option<PathBuf>,
-    map: Mutex<HashMap<(u64, u64), (Stamp, Digest, bool)>>,
+    map: Mutex<HashMap<(u64, u64), Entry>>,
     dirty: Mutex<bool>,
 }
 
@@ -73,18 +76,9 @@ impl StatCache {
             .ok()
             .and_then(|b| serde_json::from_slice::<OnDisk>(&b).ok())
             .filter(|d| d.schema == 1)
-            .map(|d| {
-                d.rows
-                    .into_iter()
-                    .map(|r| ((r.stamp.dev, r.stamp.ino), (r.stamp, r.digest, false)))
-                    .collect()
-            })
+            .map(|d| d.rows.into_iter().map(|r| ((r.stamp.dev, r.stamp.ino), (r.stamp, r.digest, false))).collect())
             .unwrap_or_default();
-        StatCache {
-            file: Some(file.to_path_buf()),
-            map: Mutex::new(map),
-            dirty: Mutex::new(false),
-        }
+        StatCache { file: Some(file.to_path_buf()), map: Mutex::new(map), dirty: Mutex::new(false) }
     }
 
     pub fn lookup(&self, _path: &Path, meta: &std::fs::Metadata) -> Option<Digest> {
@@ -101,10 +95,7 @@ impl StatCache {
 
     pub fn insert(&self, _path: &Path, meta: &std::fs::Metadata, digest: Digest) {
         let stamp = Stamp::of(meta);
-        self.map
-            .lock()
-            .expect("stat cache lock")
-            .insert((stamp.dev, stamp.ino), (stamp, digest, true));
+        self.map.lock().expect("stat cache lock").insert((stamp.dev, stamp.ino), (stamp, digest, true));
         *self.dirty.lock().expect("stat cache lock") = true;
     }
 
@@ -121,10 +112,7 @@ impl StatCache {
         let rows: Vec<Row> = map
             .values()
             .filter(|(_, _, touched)| keep_all || *touched)
-            .map(|(s, d, _)| Row {
-                stamp: *s,
-                digest: *d,
-            })
+            .map(|(s, d, _)| Row { stamp: *s, digest: *d })
             .collect();
         let bytes = serde_json::to_vec(&OnDisk { schema: 1, rows }).map_err(std::io::Error::other)?;
         crate::store::write_atomic(file, &bytes)

@@ -35,9 +35,7 @@ impl Store {
         for d in ["objects-v1", "tmp"] {
             fs_err::create_dir_all(root.join(d))?;
         }
-        Ok(Store {
-            root: root.to_path_buf(),
-        })
+        Ok(Store { root: root.to_path_buf() })
     }
 
     pub fn root(&self) -> &Path {
@@ -71,14 +69,9 @@ impl Store {
     /// `p<PID>-<label>-...` so gc can tell live runs from dead ones.
     pub fn new_work_dir(&self, label: &str) -> Result<PathBuf, StoreError> {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let dir = self
-            .root
-            .join("tmp")
-            .join(format!("p{}-{label}-{nanos}-{n}", std::process::id()));
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let dir = self.root.join("tmp").join(format!("p{}-{label}-{nanos}-{n}", std::process::id()));
         fs_err::create_dir_all(&dir)?;
         Ok(dir)
     }
@@ -145,10 +138,7 @@ impl Store {
     pub fn checkout(&self, d: &Digest, dest: &Path) -> Result<(), StoreError> {
         let src = self.object_path(d);
         for e in walkdir::WalkDir::new(&src).sort_by_file_name() {
-            let e = e.map_err(|source| HashError::Walk {
-                path: src.clone(),
-                source,
-            })?;
+            let e = e.map_err(|source| HashError::Walk { path: src.clone(), source })?;
             let rel = e.path().strip_prefix(&src).expect("child of root");
             let target = dest.join(rel);
             let ft = e.file_type();
@@ -179,10 +169,7 @@ pub fn dir_size(p: &Path) -> u64 {
 fn sync_and_freeze(dir: &Path) -> Result<(), StoreError> {
     let mut dirs = Vec::new();
     for e in walkdir::WalkDir::new(dir) {
-        let e = e.map_err(|source| HashError::Walk {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        let e = e.map_err(|source| HashError::Walk { path: dir.to_path_buf(), source })?;
         let ft = e.file_type();
         if ft.is_dir() {
             dirs.push(e.path().to_path_buf());

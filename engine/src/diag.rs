@@ -24,9 +24,7 @@ impl Sources {
     }
 
     fn line(&self, id: usize, line: usize) -> Option<&str> {
-        self.files
-            .get(id)
-            .and_then(|f| f.1.lines().nth(line.saturating_sub(1)))
+        self.files.get(id).and_then(|f| f.1.lines().nth(line.saturating_sub(1)))
     }
 }
 
@@ -51,12 +49,7 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn new(message: impl Into<String>, loc: Option<Loc>) -> Self {
-        Diagnostic {
-            message: message.into(),
-            loc,
-            hint: None,
-            rendered: None,
-        }
+        Diagnostic { message: message.into(), loc, hint: None, rendered: None }
     }
 
     pub fn hint(mut self, hint: impl Into<String>) -> Self {
@@ -75,24 +68,15 @@ impl Diagnostic {
     pub fn render(mut self, sources: &Sources) -> Self {
         let mut out = format!("error: {}\n", self.message);
         if let Some(loc) = self.loc {
-            let path = sources
-                .path(loc.file)
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "<unknown>".into());
+            let path = sources.path(loc.file).map(|p| p.display().to_string()).unwrap_or_else(|| "<unknown>".into());
             let num = loc.line.to_string();
             let pad = " ".repeat(num.len());
             out.push_str(&format!("{pad}--> {path}:{}:{}\n", loc.line, loc.col));
             if let Some(text) = sources.line(loc.file, loc.line) {
-                let caret_pad: String = text
-                    .chars()
-                    .take(loc.col.saturating_sub(1))
-                    .map(|c| if c == '\t' { '\t' } else { ' ' })
-                    .collect();
+                let caret_pad: String =
+                    text.chars().take(loc.col.saturating_sub(1)).map(|c| if c == '\t' { '\t' } else { ' ' }).collect();
                 out.push_str(&format!("{pad} |\n{num} | {text}\n"));
-                out.push_str(&format!(
-                    "{pad} | {caret_pad}{}\n",
-                    "^".repeat(loc.len.max(1))
-                ));
+                out.push_str(&format!("{pad} | {caret_pad}{}\n", "^".repeat(loc.len.max(1))));
             }
         }
         if let Some(h) = &self.hint {

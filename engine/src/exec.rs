@@ -37,8 +37,14 @@ pub struct RunOptions {
 /// How a stage ended in this run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    Cached { key: Digest, output: Digest },
-    Ran { key: Digest, output: Digest },
+    Cached {
+        key: Digest,
+        output: Digest,
+    },
+    Ran {
+        key: Digest,
+        output: Digest,
+    },
     Failed(String),
     /// Not started: an upstream stage failed, or the run stopped early.
     Skipped(String),
@@ -88,7 +94,12 @@ enum Slot {
 }
 
 /// Dry run: what would run and why, without running anything.
-pub fn plan(ws: &Workspace, p: &Pipeline, pid: &str, opts: &RunOptions) -> Result<Vec<(String, bool, Vec<String>)>, EngineError> {
+pub fn plan(
+    ws: &Workspace,
+    p: &Pipeline,
+    pid: &str,
+    opts: &RunOptions,
+) -> Result<Vec<(String, bool, Vec<String>)>, EngineError> {
     let selected = selection(p, &opts.targets)?;
     let st = status::status(ws, p, pid)?;
     let mut rebuilt = vec![false; p.stages.len()];
@@ -105,7 +116,10 @@ pub fn plan(ws: &Workspace, p: &Pipeline, pid: &str, opts: &RunOptions) -> Resul
                 let u = p.index(&inp.stage).expect("resolved");
                 if rebuilt[u] {
                     reasons.retain(|r| !r.starts_with(&format!("input {} is not up to date", inp.name)));
-                    reasons.push(format!("input {} will be rebuilt (stage {}); reruns unless its output is unchanged", inp.name, inp.stage));
+                    reasons.push(format!(
+                        "input {} will be rebuilt (stage {}); reruns unless its output is unchanged",
+                        inp.name, inp.stage
+                    ));
                 }
             }
         }
@@ -123,7 +137,8 @@ fn selection(p: &Pipeline, targets: &[String]) -> Result<Vec<usize>, EngineError
                 let names: Vec<&str> = p.stages.iter().map(|s| s.name()).collect();
                 return Err(EngineError::UnknownStage {
                     name: t.clone(),
-                    hint: crate::diag::did_you_mean(t, names.iter().copied()).unwrap_or_else(|| format!("stages: {}", names.join(", "))),
+                    hint: crate::diag::did_you_mean(t, names.iter().copied())
+                        .unwrap_or_else(|| format!("stages: {}", names.join(", "))),
                 });
             }
         }
@@ -133,7 +148,12 @@ fn selection(p: &Pipeline, targets: &[String]) -> Result<Vec<usize>, EngineError
 
 /// `--frozen`: every selected stage's key must equal the lock file's (upstream
 /// outputs taken from the lock). Returns one line per drifting stage.
-pub fn frozen_drift(ws: &Workspace, p: &Pipeline, lock: &LockFile, selected: &[usize]) -> Result<Vec<String>, EngineError> {
+pub fn frozen_drift(
+    ws: &Workspace,
+    p: &Pipeline,
+    lock: &LockFile,
+    selected: &[usize],
+) -> Result<Vec<String>, EngineError> {
     let mut assumed: Vec<Option<Digest>> = p.stages.iter().map(|s| lock.get(s.name()).map(|e| e.output)).collect();
     let mut drift = Vec::new();
     for &i in selected {
@@ -163,14 +183,24 @@ pub fn frozen_drift(ws: &Workspace, p: &Pipeline, lock: &LockFile, selected: &[u
     Ok(drift)
 }
 
-pub fn run(ws: &Workspace, p: &Pipeline, pid: &str, opts: &RunOptions, cancel: &Cancel, reporter: &dyn Reporter) -> Result<RunSummary, EngineError> {
+pub fn run(
+    ws: &Workspace,
+    p: &Pipeline,
+    pid: &str,
+    opts: &RunOptions,
+    cancel: &Cancel,
+    reporter: &dyn Reporter,
+) -> Result<RunSummary, EngineError> {
     let selected = selection(p, &opts.targets)?;
     let lock_path = LockFile::path_for(&p.path);
     let mut summary = RunSummary::default();
     let lock = if opts.frozen {
-        let lock = LockFile::read(&lock_path)
-            .map_err(EngineError::Lock)?
-            .ok_or_else(|| EngineError::Lock(format!("--frozen needs a lock file, and {} does not exist; run `pipe run` without --frozen once and commit it", lock_path.display())))?;
+        let lock = LockFile::read(&lock_path).map_err(EngineError::Lock)?.ok_or_else(|| {
+            EngineError::Lock(format!(
+                "--frozen needs a lock file, and {} does not exist; run `pipe run` without --frozen once and commit it",
+                lock_path.display()
+            ))
+        })?;
         summary.drift = frozen_drift(ws, p, &lock, &selected)?;
         if !summary.drift.is_empty() {
             return Ok(summary);
@@ -204,8 +234,15 @@ pub fn run(ws: &Workspace, p: &Pipeline, pid: &str, opts: &RunOptions, cancel: &
                     }
                     let s = &p.stages[i];
                     let ups: Vec<&Slot> = s.upstream.iter().map(|u| &slots[*u]).collect();
-                    if let Some(bad) = s.upstream.iter().find(|u| matches!(slots[**u], Slot::Done(Outcome::Failed(_) | Outcome::Skipped(_)))) {
-                        slots[i] = Slot::Done(Outcome::Skipped(format!("upstream stage {} did not finish", p.stages[*bad].name())));
+                    if let Some(bad) = s
+                        .upstream
+                        .iter()
+                        .find(|u| matches!(slots[**u], Slot::Done(Outcome::Failed(_) | Outcome::Skipped(_))))
+                    {
+                        slots[i] = Slot::Done(Outcome::Skipped(format!(
+                            "upstream stage {} did not finish",
+                            p.stages[*bad].name()
+                        )));
                         progressed = true;
                         continue;
                     }
@@ -229,7 +266,10 @@ pub fn run(ws: &Workspace, p: &Pipeline, pid: &str, opts: &RunOptions, cancel: &
                     }
                     let need = s.stage.resources().gpus as usize;
                     if need > opts.gpus.len() {
-                        let msg = format!("needs {need} GPU(s) but {} are available (set CUDA_VISIBLE_DEVICES or --gpus)", opts.gpus.len());
+                        let msg = format!(
+                            "needs {need} GPU(s) but {} are available (set CUDA_VISIBLE_DEVICES or --gpus)",
+                            opts.gpus.len()
+                        );
                         reporter.failed(s.name(), &msg, std::path::Path::new("-"), std::path::Path::new("-"));
                         slots[i] = Slot::Done(Outcome::Failed(msg));
                         progressed = true;
@@ -240,14 +280,16 @@ pub fn run(ws: &Workspace, p: &Pipeline, pid: &str, opts: &RunOptions, cancel: &
                     }
                     let gpus: Vec<u32> = free_gpus.drain(..need).collect();
                     let reasons = why_run(ws, pid, s.name(), &ki, forced);
-                    let expected = lock.as_ref().and_then(|l| l.get(s.name())).filter(|e| e.deterministic).map(|e| e.output);
+                    let expected =
+                        lock.as_ref().and_then(|l| l.get(s.name())).filter(|e| e.deterministic).map(|e| e.output);
                     slots[i] = Slot::Running;
                     running += 1;
                     let tx = tx.clone();
                     let cancel = cancel.clone();
                     let up = outputs.clone();
                     scope.spawn(move || {
-                        let outcome = run_one(ws, p, pid, i, ki, &reasons, forced, expected, &up, gpus.clone(), cancel, reporter);
+                        let outcome =
+                            run_one(ws, p, pid, i, ki, &reasons, forced, expected, &up, gpus.clone(), cancel, reporter);
                         let _ = tx.send((i, outcome, gpus));
                     });
                     progressed = true;
@@ -278,7 +320,9 @@ pub fn run(ws: &Workspace, p: &Pipeline, pid: &str, opts: &RunOptions, cancel: &
         let o = match std::mem::replace(&mut slots[i], Slot::Pending) {
             Slot::Done(o) => o,
             _ if summary.cancelled => Outcome::Skipped("cancelled".into()),
-            _ => Outcome::Skipped("not started: an earlier stage failed (use --keep-going to run independent stages)".into()),
+            _ => Outcome::Skipped(
+                "not started: an earlier stage failed (use --keep-going to run independent stages)".into(),
+            ),
         };
         summary.outcomes.push((p.stages[i].name().to_string(), o));
     }
@@ -320,11 +364,23 @@ fn mark_success(ws: &Workspace, pid: &str, stage: &str, key: &Digest) -> Result<
 
 /// Hold the run lock of a key (an OS file lock: released if the holder dies,
 /// so locks of killed runs are never stale). Polls so Ctrl-C still works.
-fn acquire(ws: &Workspace, key: &Digest, stage: &str, cancel: &Cancel, reporter: &dyn Reporter) -> Result<Option<std::fs::File>, EngineError> {
+fn acquire(
+    ws: &Workspace,
+    key: &Digest,
+    stage: &str,
+    cancel: &Cancel,
+    reporter: &dyn Reporter,
+) -> Result<Option<std::fs::File>, EngineError> {
     use fs4::fs_std::FileExt;
     use std::io::{Read, Seek, Write};
     let path = ws.lock_path(key);
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(|e| EngineError::Io(fs_err_wrap(e, &path)))?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| EngineError::Io(fs_err_wrap(e, &path)))?;
     let mut told = false;
     loop {
         if f.try_lock_exclusive().map_err(|e| EngineError::Io(fs_err_wrap(e, &path)))? {
@@ -403,7 +459,12 @@ pub(crate) fn run_one(
         fs_err::create_dir_all(log_path.parent().expect("log has a dir")).map_err(|e| e.to_string())?;
         let mut log = fs_err::File::create(&log_path).map_err(|e| e.to_string())?;
         use std::io::Write;
-        let _ = writeln!(log, "# pipe: stage {name}, key {key}\n# work dir: {}\n# why: {}", work.display(), reasons.join("; "));
+        let _ = writeln!(
+            log,
+            "# pipe: stage {name}, key {key}\n# work dir: {}\n# why: {}",
+            work.display(),
+            reasons.join("; ")
+        );
         let mut inputs = BTreeMap::new();
         for inp in s.inputs() {
             let u = p.index(&inp.stage).expect("resolved");
@@ -412,7 +473,10 @@ pub(crate) fn run_one(
             if !inp.subpath.is_empty() {
                 path = path.join(&inp.subpath);
                 if !path.exists() {
-                    return Err(format!("input `{}`: `{}` does not exist in the output of stage `{}`", inp.name, inp.subpath, inp.stage));
+                    return Err(format!(
+                        "input `{}`: `{}` does not exist in the output of stage `{}`",
+                        inp.name, inp.subpath, inp.stage
+                    ));
                 }
             }
             inputs.insert(inp.name.clone(), path);
@@ -452,7 +516,11 @@ pub(crate) fn run_one(
         }),
     };
     let published = published.and_then(|d| match expected {
-        Some(e) if e != d => Err(format!("--frozen: output {} differs from the lock file's {} (the stage is not reproducible)", d.short(), e.short())),
+        Some(e) if e != d => Err(format!(
+            "--frozen: output {} differs from the lock file's {} (the stage is not reproducible)",
+            d.short(),
+            e.short()
+        )),
         _ => Ok(d),
     });
     match published {
@@ -469,7 +537,9 @@ pub(crate) fn run_one(
                 duration_ms: started.elapsed().as_millis() as u64,
                 log: log_path,
             };
-            if let Err(e) = ws.write_record(&rec).and_then(|_| mark_success(ws, pid, name, &key).map_err(std::io::Error::other)) {
+            if let Err(e) =
+                ws.write_record(&rec).and_then(|_| mark_success(ws, pid, name, &key).map_err(std::io::Error::other))
+            {
                 return fail(format!("writing the run record failed: {e}"));
             }
             reporter.finished(name, &d, started.elapsed());
@@ -509,12 +579,9 @@ fn update_lock_file(p: &Pipeline, path: &std::path::Path, summary: &RunSummary) 
             _ => None,
         });
         let entry = match done {
-            Some((key, output)) => Some(LockEntry {
-                kind: s.spec.kind.clone(),
-                key,
-                output,
-                deterministic: s.stage.deterministic(),
-            }),
+            Some((key, output)) => {
+                Some(LockEntry { kind: s.spec.kind.clone(), key, output, deterministic: s.stage.deterministic() })
+            }
             None => old.get(s.name()).cloned(),
         };
         if let Some(e) = entry {

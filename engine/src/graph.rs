@@ -11,6 +11,9 @@ use crate::diag::{did_you_mean, Diagnostic, SpecErrors};
 use crate::spec::{InputSpec, PipelineSpec, StageSpec};
 use crate::stage::{FileDep, Registry, Stage};
 
+/// A validated stage: kind version, the prepared stage, its file deps.
+type Prepared = (u32, Box<dyn Stage>, Vec<FileDep>);
+
 pub struct ResolvedStage {
     pub spec: StageSpec,
     pub kind_version: u32,
@@ -75,21 +78,25 @@ impl Pipeline {
 pub fn resolve(spec: PipelineSpec, registry: &Registry, root: &Path) -> Result<Pipeline, SpecErrors> {
     let mut errors = Vec::new();
     let names: Vec<&str> = spec.stages.iter().map(|s| s.name.as_str()).collect();
-    let mut prepared: Vec<Option<(u32, Box<dyn Stage>, Vec<FileDep>)>> = Vec::new();
+    let mut prepared: Vec<Option<Prepared>> = Vec::new();
     for st in &spec.stages {
         let Some(kind) = registry.get(&st.kind) else {
             let kinds = registry.names();
             errors.push(
                 Diagnostic::new(format!("unknown stage kind `{}` in stage `{}`", st.kind, st.name), Some(st.kind_loc))
-                    .maybe_hint(did_you_mean(&st.kind, kinds.iter().copied()).or_else(|| Some(format!("known kinds: {}", kinds.join(", "))))),
+                    .maybe_hint(
+                        did_you_mean(&st.kind, kinds.iter().copied())
+                            .or_else(|| Some(format!("known kinds: {}", kinds.join(", ")))),
+                    ),
             );
             prepared.push(None);
             continue;
         };
         match kind.prepare(&st.params) {
             Err(e) => {
-                let loc = st.node.locate(&e.path, e.at_key);
-                errors.push(Diagnostic::new(format!("stage `{}`: {}", st.name, e.message), Some(loc)).maybe_hint(e.hint));
+                let loc = if e.path.is_empty() { st.name_loc } else { st.node.locate(&e.path, e.at_key) };
+                errors
+                    .push(Diagnostic::new(format!("stage `{}`: {}", st.name, e.message), Some(loc)).maybe_hint(e.hint));
                 prepared.push(None);
             }
             Ok(stage) => {
@@ -99,8 +106,11 @@ pub fn resolve(spec: PipelineSpec, registry: &Registry, root: &Path) -> Result<P
                     if !p.exists() {
                         let loc = st.node.locate(&f.at, false);
                         errors.push(
-                            Diagnostic::new(format!("stage `{}`: file `{}` does not exist", st.name, f.path), Some(loc))
-                                .hint(format!("paths are relative to the workspace root {}", root.display())),
+                            Diagnostic::new(
+                                format!("stage `{}`: file `{}` does not exist", st.name, f.path),
+                                Some(loc),
+                            )
+                            .hint(format!("paths are relative to the workspace root {}", root.display())),
                         );
                     }
                 }
@@ -110,8 +120,14 @@ pub fn resolve(spec: PipelineSpec, registry: &Registry, root: &Path) -> Result<P
         for inp in &st.inputs {
             if !names.contains(&inp.stage.as_str()) {
                 errors.push(
-                    Diagnostic::new(format!("stage `{}`: input `{}` names unknown stage `{}`", st.name, inp.name, inp.stage), Some(inp.loc))
-                        .maybe_hint(did_you_mean(&inp.stage, names.iter().copied()).or_else(|| Some(format!("stages in this file: {}", names.join(", "))))),
+                    Diagnostic::new(
+                        format!("stage `{}`: input `{}` names unknown stage `{}`", st.name, inp.name, inp.stage),
+                        Some(inp.loc),
+                    )
+                    .maybe_hint(
+                        did_you_mean(&inp.stage, names.iter().copied())
+                            .or_else(|| Some(format!("stages in this file: {}", names.join(", ")))),
+                    ),
                 );
             }
         }
@@ -159,11 +175,8 @@ pub fn resolve(spec: PipelineSpec, registry: &Registry, root: &Path) -> Result<P
     };
     let name_to_orig: HashMap<String, usize> = names.iter().enumerate().map(|(i, n)| (n.to_string(), i)).collect();
     let PipelineSpec { path, sources, vars, stages: specs } = spec;
-    let mut slots: Vec<Option<(StageSpec, (u32, Box<dyn Stage>, Vec<FileDep>))>> = specs
-        .into_iter()
-        .zip(prepared)
-        .map(|(s, p)| Some((s, p.expect("errors returned above"))))
-        .collect();
+    let mut slots: Vec<Option<(StageSpec, Prepared)>> =
+        specs.into_iter().zip(prepared).map(|(s, p)| Some((s, p.expect("errors returned above")))).collect();
     let stages = order
         .iter()
         .map(|&i| {

@@ -100,11 +100,9 @@ pub fn explain(old: &KeyInputs, new: &KeyInputs) -> Vec<String> {
             Some(o) if o.stage != i.stage || o.path != i.path => {
                 r.push(format!("input {k}: {} -> {}", show_input(o), show_input(i)))
             }
-            Some(o) if o.digest != i.digest => r.push(format!(
-                "input {k} changed (digest {}.. -> {}..)",
-                &o.digest.hex()[..4],
-                &i.digest.hex()[..4]
-            )),
+            Some(o) if o.digest != i.digest => {
+                r.push(format!("input {k} changed (digest {}.. -> {}..)", &o.digest.hex()[..4], &i.digest.hex()[..4]))
+            }
             _ => {}
         }
     }
@@ -203,6 +201,9 @@ mod tests {
         assert_eq!(explain(&old, &new), vec!["kind version 1 -> 2", "param lora.r: 16 -> 32"]);
         let a = ki(json!({"cmd": "python3 pipelines/example/gen.py --n 3 > $PIPE_OUT/data.txt"}));
         let b = ki(json!({"cmd": "python3 pipelines/example/gen.py --n 4 > $PIPE_OUT/data.txt"}));
-        assert_eq!(explain(&a, &b), vec![r#"param cmd: "…/gen.py --n 3 > $PIPE_OUT…" -> "…/gen.py --n 4 > $PIPE_OUT…""#]);
+        assert_eq!(
+            explain(&a, &b),
+            vec![r#"param cmd: "…/gen.py --n 3 > $PIPE_OUT…" -> "…/gen.py --n 4 > $PIPE_OUT…""#]
+        );
     }
 }

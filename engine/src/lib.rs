@@ -55,7 +55,11 @@ impl EngineError {
 }
 
 /// Load, validate and resolve a pipeline file; returns it with its workspace.
-pub fn load(path: &Path, overrides: &[spec::VarOverride], registry: &stage::Registry) -> Result<(Workspace, Pipeline), EngineError> {
+pub fn load(
+    path: &Path,
+    overrides: &[spec::VarOverride],
+    registry: &stage::Registry,
+) -> Result<(Workspace, Pipeline), EngineError> {
     let root = Workspace::find_root(path);
     let spec = spec::load(path, overrides)?;
     let pipeline = graph::resolve(spec, registry, &root)?;

@@ -32,11 +32,18 @@ impl VerifyReport {
     }
 }
 
-pub fn verify(ws: &Workspace, p: &Pipeline, pid: &str, cancel: &Cancel, reporter: &dyn Reporter, execute: bool) -> Result<VerifyReport, EngineError> {
+pub fn verify(
+    ws: &Workspace,
+    p: &Pipeline,
+    pid: &str,
+    cancel: &Cancel,
+    reporter: &dyn Reporter,
+    execute: bool,
+) -> Result<VerifyReport, EngineError> {
     let lock_path = LockFile::path_for(&p.path);
-    let lock = LockFile::read(&lock_path)
-        .map_err(EngineError::Lock)?
-        .ok_or_else(|| EngineError::Lock(format!("{} does not exist: run `pipe run` first, then verify", lock_path.display())))?;
+    let lock = LockFile::read(&lock_path).map_err(EngineError::Lock)?.ok_or_else(|| {
+        EngineError::Lock(format!("{} does not exist: run `pipe run` first, then verify", lock_path.display()))
+    })?;
     let mut rep = VerifyReport::default();
     let all: Vec<usize> = (0..p.stages.len()).collect();
     rep.drift = frozen_drift(ws, p, &lock, &all)?;
@@ -58,7 +65,11 @@ pub fn verify(ws: &Workspace, p: &Pipeline, pid: &str, cancel: &Cancel, reporter
             continue;
         }
         if let Some(u) = s.upstream.iter().find(|u| outputs[**u].map(|d| !ws.store.has(&d)).unwrap_or(true)) {
-            rep.skipped.push(format!("{}: the output of input stage {} is not in the store (run `pipe run`)", s.name(), p.stages[*u].name()));
+            rep.skipped.push(format!(
+                "{}: the output of input stage {} is not in the store (run `pipe run`)",
+                s.name(),
+                p.stages[*u].name()
+            ));
             continue;
         }
         let Some(ki) = ws.key_inputs(p, s, &outputs)? else { continue };
@@ -66,10 +77,25 @@ pub fn verify(ws: &Workspace, p: &Pipeline, pid: &str, cancel: &Cancel, reporter
             rep.skipped.push(format!("{}: key differs from the lock", s.name()));
             continue;
         }
-        let outcome = run_one(ws, p, pid, i, ki, &["verify".to_string()], true, Some(entry.output), &outputs, Vec::new(), cancel.clone(), reporter);
+        let outcome = run_one(
+            ws,
+            p,
+            pid,
+            i,
+            ki,
+            &["verify".to_string()],
+            true,
+            Some(entry.output),
+            &outputs,
+            Vec::new(),
+            cancel.clone(),
+            reporter,
+        );
         match outcome {
             Outcome::Ran { .. } | Outcome::Cached { .. } => rep.reproduced.push(s.name().to_string()),
-            Outcome::Failed(m) | Outcome::Skipped(m) => rep.mismatched.push(format!("{}: {}", s.name(), m.lines().next().unwrap_or_default())),
+            Outcome::Failed(m) | Outcome::Skipped(m) => {
+                rep.mismatched.push(format!("{}: {}", s.name(), m.lines().next().unwrap_or_default()))
+            }
         }
         if cancel.is_cancelled() {
             break;
@@ -106,10 +132,8 @@ fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
         let p = e.path();
         let name = e.file_name().to_string_lossy().into_owned();
         match e.file_type() {
-            Ok(t) if t.is_dir() => {
-                if ![".pipe", ".git", "target", "node_modules"].contains(&name.as_str()) {
-                    walk(&p, depth + 1, out);
-                }
+            Ok(t) if t.is_dir() && ![".pipe", ".git", "target", "node_modules"].contains(&name.as_str()) => {
+                walk(&p, depth + 1, out);
             }
             Ok(t) if t.is_file() && name.ends_with(".lock") && name != "Cargo.lock" => {
                 if matches!(LockFile::read(&p), Ok(Some(_))) {
@@ -125,10 +149,7 @@ fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
 /// outputs of the `keep_last` most recent runs; with `tmp`, also the work dirs
 /// of runs that are no longer alive (failed runs keep theirs for inspection).
 pub fn gc(ws: &Workspace, keep_last: usize, tmp: bool, dry_run: bool) -> Result<GcReport, EngineError> {
-    let mut rep = GcReport {
-        lock_files: workspace_lock_files(&ws.root),
-        ..Default::default()
-    };
+    let mut rep = GcReport { lock_files: workspace_lock_files(&ws.root), ..Default::default() };
     let mut keep: BTreeSet<Digest> = BTreeSet::new();
     for lf in &rep.lock_files {
         if let Ok(Some(l)) = LockFile::read(lf) {
@@ -148,7 +169,8 @@ pub fn gc(ws: &Workspace, keep_last: usize, tmp: bool, dry_run: bool) -> Result<
             rep.kept += 1;
         } else {
             rep.removed += 1;
-            rep.bytes_freed += if dry_run { pipe_cache::dir_size(&ws.store.object_path(&d)) } else { ws.store.remove(&d)? };
+            rep.bytes_freed +=
+                if dry_run { pipe_cache::dir_size(&ws.store.object_path(&d)) } else { ws.store.remove(&d)? };
         }
     }
     if tmp {

@@ -45,10 +45,7 @@ pub struct StageState {
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 pub fn read_json<T: for<'de> Deserialize<'de>>(p: &Path) -> Option<T> {
@@ -145,15 +142,7 @@ mod tests {
     fn lock_file_roundtrip() {
         let d = pipe_cache::hash_bytes(b"x");
         let lf = LockFile {
-            stages: vec![(
-                "gen".into(),
-                LockEntry {
-                    kind: "command".into(),
-                    key: d,
-                    output: d,
-                    deterministic: false,
-                },
-            )],
+            stages: vec![("gen".into(), LockEntry { kind: "command".into(), key: d, output: d, deterministic: false })],
         };
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("x.lock");

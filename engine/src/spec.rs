@@ -59,13 +59,10 @@ pub struct VarOverride {
 impl std::str::FromStr for VarOverride {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (k, v) = s
-            .split_once('=')
-            .ok_or_else(|| format!("`{s}` is not KEY=VALUE (e.g. vars.lr=0.001)"))?;
+        let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}` is not KEY=VALUE (e.g. vars.lr=0.001)"))?;
         let k = k.trim();
-        let rest = k
-            .strip_prefix("vars.")
-            .ok_or_else(|| format!("`{k}`: only vars can be set (write `vars.{k}=...`)"))?;
+        let rest =
+            k.strip_prefix("vars.").ok_or_else(|| format!("`{k}`: only vars can be set (write `vars.{k}=...`)"))?;
         let path: Vec<String> = rest.split('.').map(str::to_string).collect();
         if path.iter().any(String::is_empty) {
             return Err(format!("`{k}` is not a valid var path"));
@@ -82,19 +79,15 @@ impl std::str::FromStr for VarOverride {
 pub fn load(path: &Path, overrides: &[VarOverride]) -> Result<PipelineSpec, SpecErrors> {
     let mut sources = Sources::default();
     let text = fs_err::read_to_string(path).map_err(|e| {
-        SpecErrors(vec![Diagnostic::new(
-            format!("cannot read pipeline file: {e}"),
-            None,
-        )
-        .hint("pass the pipeline file as the first argument, e.g. `pipe run pipelines/example.yaml`")])
+        SpecErrors(vec![Diagnostic::new(format!("cannot read pipeline file: {e}"), None)
+            .hint("pass the pipeline file as the first argument, e.g. `pipe run pipelines/example.yaml`")])
     })?;
     let file = sources.add(path.to_path_buf(), text.clone());
     let fail = |d: Diagnostic, s: &Sources| SpecErrors(vec![d.render(s)]);
     let root = yaml::parse(file, &text).map_err(|d| fail(d, &sources))?;
     let YVal::Map(top) = &root.val else {
         return Err(fail(
-            Diagnostic::new("the pipeline file must be a YAML mapping", Some(root.loc))
-                .hint("start with `stages:`"),
+            Diagnostic::new("the pipeline file must be a YAML mapping", Some(root.loc)).hint("start with `stages:`"),
             &sources,
         ));
     };
@@ -112,10 +105,7 @@ pub fn load(path: &Path, overrides: &[VarOverride]) -> Result<PipelineSpec, Spec
     }
 
     // vars: inline defaults, then params files, then --set.
-    let mut vars = YNode {
-        loc: root.loc,
-        val: YVal::Map(Vec::new()),
-    };
+    let mut vars = YNode { loc: root.loc, val: YVal::Map(Vec::new()) };
     if let Some(v) = root.get("vars") {
         match &v.val {
             YVal::Map(_) => vars = v.clone(),
@@ -168,10 +158,7 @@ pub fn load(path: &Path, overrides: &[VarOverride]) -> Result<PipelineSpec, Spec
         let loc = Loc::default();
         let mut node = YNode::from_json(&o.value, loc);
         for k in o.path.iter().rev() {
-            node = YNode {
-                loc,
-                val: YVal::Map(vec![(k.clone(), loc, node)]),
-            };
+            node = YNode { loc, val: YVal::Map(vec![(k.clone(), loc, node)]) };
         }
         merge_into(&mut vars, node);
     }
@@ -179,7 +166,7 @@ pub fn load(path: &Path, overrides: &[VarOverride]) -> Result<PipelineSpec, Spec
     let mut stages = Vec::new();
     match root.get("stages") {
         None => errors.push(
-            Diagnostic::new("the pipeline has no `stages:`", Some(root.loc))
+            Diagnostic::new("the pipeline has no `stages:`", None)
                 .hint("add `stages:` with at least one stage, e.g. `hello: {kind: command, cmd: \"echo hi\"}`"),
         ),
         Some(s) => match &s.val {
@@ -192,20 +179,18 @@ pub fn load(path: &Path, overrides: &[VarOverride]) -> Result<PipelineSpec, Spec
                 }
             }
             _ => errors.push(
-                Diagnostic::new(format!("`stages` must be a mapping of named stages, found {}", s.kind_name()), Some(s.loc))
-                    .hint("write each stage as `name:` followed by its indented fields"),
+                Diagnostic::new(
+                    format!("`stages` must be a mapping of named stages, found {}", s.kind_name()),
+                    Some(s.loc),
+                )
+                .hint("write each stage as `name:` followed by its indented fields"),
             ),
         },
     }
     if !errors.is_empty() {
         return Err(SpecErrors(errors.into_iter().map(|d| d.render(&sources)).collect()));
     }
-    Ok(PipelineSpec {
-        path: path.to_path_buf(),
-        sources,
-        vars: vars.to_json(),
-        stages,
-    })
+    Ok(PipelineSpec { path: path.to_path_buf(), sources, vars: vars.to_json(), stages })
 }
 
 /// Deep-merge `over` into `base` (maps merge, anything else replaces).
@@ -266,8 +251,9 @@ fn stage_spec(name: &str, name_loc: Loc, node: &YNode, vars: &YNode) -> Result<S
                             let (stage, sub) = r.split_once('/').unwrap_or((r.as_str(), ""));
                             if !valid_name(iname) {
                                 errors.push(
-                                    Diagnostic::new(format!("invalid input name `{iname}`"), Some(*iloc))
-                                        .hint("input names use letters, digits, `_` and `-` (they become $PIPE_IN_<NAME>)"),
+                                    Diagnostic::new(format!("invalid input name `{iname}`"), Some(*iloc)).hint(
+                                        "input names use letters, digits, `_` and `-` (they become $PIPE_IN_<NAME>)",
+                                    ),
                                 );
                             }
                             inputs.push(InputSpec {
@@ -277,12 +263,13 @@ fn stage_spec(name: &str, name_loc: Loc, node: &YNode, vars: &YNode) -> Result<S
                                 loc: v.loc,
                             });
                         }
-                        _ => errors.push(
-                            Diagnostic::new(
-                                format!("input `{iname}` must be a stage name (optionally `stage/sub/path`), found {}", v.kind_name()),
-                                Some(v.loc),
+                        _ => errors.push(Diagnostic::new(
+                            format!(
+                                "input `{iname}` must be a stage name (optionally `stage/sub/path`), found {}",
+                                v.kind_name()
                             ),
-                        ),
+                            Some(v.loc),
+                        )),
                     }
                 }
             }
@@ -302,15 +289,7 @@ fn stage_spec(name: &str, name_loc: Loc, node: &YNode, vars: &YNode) -> Result<S
             .map(|(k, _, v)| (k.clone(), v.to_json()))
             .collect(),
     );
-    Ok(StageSpec {
-        name: name.to_string(),
-        name_loc,
-        kind,
-        kind_loc,
-        inputs,
-        params,
-        node,
-    })
+    Ok(StageSpec { name: name.to_string(), name_loc, kind, kind_loc, inputs, params, node })
 }
 
 pub fn valid_name(s: &str) -> bool {
@@ -323,17 +302,12 @@ fn interpolate(node: &YNode, vars: &YNode, errors: &mut Vec<Diagnostic>) -> YNod
             interpolate_str(s, node.loc, vars, errors).unwrap_or_else(|| node.clone())
         }
         YVal::Scalar(_) => node.clone(),
-        YVal::Seq(s) => YNode {
-            loc: node.loc,
-            val: YVal::Seq(s.iter().map(|n| interpolate(n, vars, errors)).collect()),
-        },
+        YVal::Seq(s) => {
+            YNode { loc: node.loc, val: YVal::Seq(s.iter().map(|n| interpolate(n, vars, errors)).collect()) }
+        }
         YVal::Map(m) => YNode {
             loc: node.loc,
-            val: YVal::Map(
-                m.iter()
-                    .map(|(k, kl, v)| (k.clone(), *kl, interpolate(v, vars, errors)))
-                    .collect(),
-            ),
+            val: YVal::Map(m.iter().map(|(k, kl, v)| (k.clone(), *kl, interpolate(v, vars, errors))).collect()),
         },
     }
 }
@@ -345,9 +319,7 @@ fn interpolate_str(s: &str, loc: Loc, vars: &YNode, errors: &mut Vec<Diagnostic>
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
         let Some(end) = after.find('}') else {
-            errors.push(
-                Diagnostic::new("unterminated `${vars.` reference", Some(loc)).hint("close it with `}`"),
-            );
+            errors.push(Diagnostic::new("unterminated `${vars.` reference", Some(loc)).hint("close it with `}`"));
             return None;
         };
         let expr = &after[..end];
@@ -376,10 +348,7 @@ fn interpolate_str(s: &str, loc: Loc, vars: &YNode, errors: &mut Vec<Diagnostic>
         }
         let whole = start == 0 && end + 3 == rest.len() && out.is_empty();
         if whole {
-            return Some(YNode {
-                loc,
-                val: cur.val.clone(),
-            });
+            return Some(YNode { loc, val: cur.val.clone() });
         }
         match &cur.val {
             YVal::Scalar(Value::String(v)) => out.push_str(v),
@@ -387,8 +356,11 @@ fn interpolate_str(s: &str, loc: Loc, vars: &YNode, errors: &mut Vec<Diagnostic>
             YVal::Scalar(v) => out.push_str(&v.to_string()),
             _ => {
                 errors.push(
-                    Diagnostic::new(format!("`${{{expr}}}` is {} and cannot be part of a string", cur.kind_name()), Some(loc))
-                        .hint("use it alone as the whole value, or reference one of its scalar fields"),
+                    Diagnostic::new(
+                        format!("`${{{expr}}}` is {} and cannot be part of a string", cur.kind_name()),
+                        Some(loc),
+                    )
+                    .hint("use it alone as the whole value, or reference one of its scalar fields"),
                 );
                 return None;
             }
@@ -396,8 +368,5 @@ fn interpolate_str(s: &str, loc: Loc, vars: &YNode, errors: &mut Vec<Diagnostic>
         rest = &after[end + 1..];
     }
     out.push_str(rest);
-    Some(YNode {
-        loc,
-        val: YVal::Scalar(Value::String(out)),
-    })
+    Some(YNode { loc, val: YVal::Scalar(Value::String(out)) })
 }

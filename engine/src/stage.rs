@@ -29,12 +29,7 @@ pub struct ParamError {
 
 impl ParamError {
     pub fn new(path: Vec<Seg>, message: impl Into<String>) -> Self {
-        ParamError {
-            path,
-            message: message.into(),
-            hint: None,
-            at_key: false,
-        }
+        ParamError { path, message: message.into(), hint: None, at_key: false }
     }
 
     pub fn hint(mut self, h: impl Into<String>) -> Self {
@@ -69,12 +64,7 @@ pub fn parse_params<T: DeserializeOwned>(v: &Value) -> Result<T, ParamError> {
             }
             let hint = crate::diag::did_you_mean(&field, expected.iter().copied())
                 .unwrap_or_else(|| format!("valid fields: {}", expected.join(", ")));
-            return ParamError {
-                path,
-                message: format!("unknown field `{field}`"),
-                hint: Some(hint),
-                at_key: true,
-            };
+            return ParamError { path, message: format!("unknown field `{field}`"), hint: Some(hint), at_key: true };
         }
         if let Some(field) = msg.strip_prefix("missing field `") {
             let field = field.trim_end_matches('`');
@@ -90,12 +80,23 @@ pub fn parse_params<T: DeserializeOwned>(v: &Value) -> Result<T, ParamError> {
             })
             .collect::<Vec<_>>()
             .join(".");
-        let message = if field.is_empty() {
-            shown
+        let hint = if shown.contains("expected a sequence") {
+            Some("write a list, e.g. `[a, b]` or one `- item` per line")
+        } else if shown.contains("expected a string") {
+            Some("quote the value to make it a string")
+        } else if shown.contains("expected a map") || shown.contains("expected struct") {
+            Some("write a mapping, e.g. `{key: value}` or indented `key: value` lines")
+        } else if shown.contains("expected a boolean") {
+            Some("write `true` or `false`")
+        } else if shown.contains("expected u32") || shown.contains("expected usize") || shown.contains("expected u64") {
+            Some("write a whole number, without quotes")
         } else {
-            format!("field `{field}`: {shown}")
+            None
         };
-        ParamError::new(path, message)
+        let message = if field.is_empty() { shown } else { format!("field `{field}`: {shown}") };
+        let mut e = ParamError::new(path, message);
+        e.hint = hint.map(str::to_string);
+        e
     })
 }
 
@@ -155,10 +156,7 @@ pub struct StageFailure {
 
 impl StageFailure {
     pub fn new(message: impl Into<String>) -> Self {
-        StageFailure {
-            message: message.into(),
-            hint: None,
-        }
+        StageFailure { message: message.into(), hint: None }
     }
     pub fn hint(mut self, h: impl Into<String>) -> Self {
         self.hint = Some(h.into());

@@ -55,22 +55,13 @@ pub fn status(ws: &Workspace, p: &Pipeline, pid: &str) -> Result<Vec<StageStatus
                 .filter(|inp| outputs[p.index(&inp.stage).expect("resolved")].is_none())
                 .map(|inp| format!("input {} is not up to date (stage {})", inp.name, inp.stage))
                 .collect();
-            let state = if st.last_success.is_none() && st.last_failure.is_none() {
-                State::NeverRun
-            } else {
-                State::Stale
-            };
+            let state =
+                if st.last_success.is_none() && st.last_failure.is_none() { State::NeverRun } else { State::Stale };
             let mut reasons = stale;
             if state == State::NeverRun {
                 reasons.insert(0, "never run".into());
             }
-            out.push(StageStatus {
-                name: s.name().into(),
-                state,
-                reasons,
-                key: None,
-                output: None,
-            });
+            out.push(StageStatus { name: s.name().into(), state, reasons, key: None, output: None });
             continue;
         };
         let key = ki.key();
@@ -95,13 +86,7 @@ pub fn status(ws: &Workspace, p: &Pipeline, pid: &str) -> Result<Vec<StageStatus
                 }
             }
         };
-        out.push(StageStatus {
-            name: s.name().into(),
-            state,
-            reasons,
-            key: Some(key),
-            output,
-        });
+        out.push(StageStatus { name: s.name().into(), state, reasons, key: Some(key), output });
     }
     Ok(out)
 }

@@ -42,12 +42,7 @@ impl Workspace {
             fs_err::create_dir_all(dot.join(d))?;
         }
         let stat = StatCache::load(&dot.join("stat-cache-v1.json"));
-        Ok(Workspace {
-            root: root.to_path_buf(),
-            dot,
-            store,
-            stat,
-        })
+        Ok(Workspace { root: root.to_path_buf(), dot, store, stat })
     }
 
     /// Identifies a pipeline file inside the workspace (for per-pipeline state).
@@ -112,28 +107,25 @@ impl Workspace {
 
     /// The key inputs of stage `s`, given its upstream stages' output digests
     /// (indexed like `p.stages`). `None` if an upstream output is not known.
-    pub fn key_inputs(&self, p: &Pipeline, s: &ResolvedStage, outputs: &[Option<Digest>]) -> Result<Option<KeyInputs>, EngineError> {
+    pub fn key_inputs(
+        &self,
+        p: &Pipeline,
+        s: &ResolvedStage,
+        outputs: &[Option<Digest>],
+    ) -> Result<Option<KeyInputs>, EngineError> {
         let mut inputs = std::collections::BTreeMap::new();
         for inp in s.inputs() {
             let u = p.index(&inp.stage).expect("resolved input");
             let Some(d) = outputs[u] else {
                 return Ok(None);
             };
-            inputs.insert(
-                inp.name.clone(),
-                InputKey {
-                    stage: inp.stage.clone(),
-                    path: inp.subpath.clone(),
-                    digest: d,
-                },
-            );
+            inputs
+                .insert(inp.name.clone(), InputKey { stage: inp.stage.clone(), path: inp.subpath.clone(), digest: d });
         }
         let mut files = std::collections::BTreeMap::new();
         for f in &s.files {
-            let d = pipe_cache::hash_path(&self.root.join(&f.path), Some(&self.stat)).map_err(|e| EngineError::File {
-                stage: s.name().to_string(),
-                path: f.path.clone(),
-                message: e.to_string(),
+            let d = pipe_cache::hash_path(&self.root.join(&f.path), Some(&self.stat)).map_err(|e| {
+                EngineError::File { stage: s.name().to_string(), path: f.path.clone(), message: e.to_string() }
             })?;
             files.insert(f.path.clone(), d);
         }

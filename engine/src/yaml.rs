@@ -48,11 +48,7 @@ impl YNode {
         match &self.val {
             YVal::Scalar(v) => v.clone(),
             YVal::Seq(s) => Value::Array(s.iter().map(YNode::to_json).collect()),
-            YVal::Map(m) => Value::Object(
-                m.iter()
-                    .map(|(k, _, v)| (k.clone(), v.to_json()))
-                    .collect(),
-            ),
+            YVal::Map(m) => Value::Object(m.iter().map(|(k, _, v)| (k.clone(), v.to_json())).collect()),
         }
     }
 
@@ -60,11 +56,7 @@ impl YNode {
     pub fn from_json(v: &Value, loc: Loc) -> YNode {
         let val = match v {
             Value::Array(a) => YVal::Seq(a.iter().map(|x| YNode::from_json(x, loc)).collect()),
-            Value::Object(o) => YVal::Map(
-                o.iter()
-                    .map(|(k, x)| (k.clone(), loc, YNode::from_json(x, loc)))
-                    .collect(),
-            ),
+            Value::Object(o) => YVal::Map(o.iter().map(|(k, x)| (k.clone(), loc, YNode::from_json(x, loc))).collect()),
             other => YVal::Scalar(other.clone()),
         };
         YNode { loc, val }
@@ -117,12 +109,20 @@ pub fn parse(file: usize, text: &str) -> Result<YNode, Diagnostic> {
 fn load_error(file: usize, _text: &str, e: marked_yaml::LoadError) -> Diagnostic {
     use marked_yaml::LoadError as E;
     let (m, msg, hint) = match &e {
-        E::TopLevelMustBeMapping(m) => (*m, "the file must be a YAML mapping".to_string(), Some("start with `stages:`")),
+        E::TopLevelMustBeMapping(m) => {
+            (*m, "the file must be a YAML mapping".to_string(), Some("start with `stages:`"))
+        }
         E::TopLevelMustBeSequence(m) => (*m, "expected a YAML list".into(), None),
-        E::UnexpectedAnchor(m) => (*m, "YAML anchors and aliases are not supported".into(), Some("use `vars:` and `${vars.x}` to share values")),
+        E::UnexpectedAnchor(m) => (
+            *m,
+            "YAML anchors and aliases are not supported".into(),
+            Some("use `vars:` and `${vars.x}` to share values"),
+        ),
         E::MappingKeyMustBeScalar(m) => (*m, "mapping keys must be plain strings".into(), None),
         E::UnexpectedTag(m) => (*m, "YAML tags (`!foo`) are not supported".into(), None),
-        E::ScanError(m, s) => (*m, format!("invalid YAML: {}", s.info()), Some("check indentation and quoting on this line")),
+        E::ScanError(m, s) => {
+            (*m, format!("invalid YAML: {}", s.info()), Some("check indentation and quoting on this line"))
+        }
         E::DuplicateKey(inner) => {
             let k = &inner.key;
             let m = k.span().start().copied().unwrap_or_else(|| marked_yaml::Marker::new(file, 0, 1, 1));
@@ -132,15 +132,7 @@ fn load_error(file: usize, _text: &str, e: marked_yaml::LoadError) -> Diagnostic
         #[allow(unreachable_patterns)]
         _ => (marked_yaml::Marker::new(file, 0, 1, 1), e.to_string(), None),
     };
-    let d = Diagnostic::new(
-        msg,
-        Some(Loc {
-            file,
-            line: m.line(),
-            col: m.column(),
-            len: 1,
-        }),
-    );
+    let d = Diagnostic::new(msg, Some(Loc { file, line: m.line(), col: m.column(), len: 1 }));
     match hint {
         Some(h) => d.hint(h),
         None => d,
@@ -149,31 +141,19 @@ fn load_error(file: usize, _text: &str, e: marked_yaml::LoadError) -> Diagnostic
 
 fn loc_of(file: usize, span: &marked_yaml::Span, len: usize) -> Loc {
     match span.start() {
-        Some(m) => Loc {
-            file,
-            line: m.line(),
-            col: m.column(),
-            len,
-        },
-        None => Loc {
-            file,
-            line: 0,
-            col: 0,
-            len,
-        },
+        Some(m) => Loc { file, line: m.line(), col: m.column(), len },
+        None => Loc { file, line: 0, col: 0, len },
     }
 }
 
 fn convert(file: usize, node: &Node) -> YNode {
     match node {
-        Node::Scalar(s) => YNode {
-            loc: loc_of(file, s.span(), s.as_str().chars().count().max(1)),
-            val: YVal::Scalar(scalar_value(s)),
-        },
-        Node::Sequence(seq) => YNode {
-            loc: loc_of(file, seq.span(), 1),
-            val: YVal::Seq(seq.iter().map(|n| convert(file, n)).collect()),
-        },
+        Node::Scalar(s) => {
+            YNode { loc: loc_of(file, s.span(), s.as_str().chars().count().max(1)), val: YVal::Scalar(scalar_value(s)) }
+        }
+        Node::Sequence(seq) => {
+            YNode { loc: loc_of(file, seq.span(), 1), val: YVal::Seq(seq.iter().map(|n| convert(file, n)).collect()) }
+        }
         Node::Mapping(map) => YNode {
             loc: loc_of(file, map.span(), 1),
             val: YVal::Map(
@@ -206,9 +186,7 @@ fn scalar_value(s: &MarkedScalarNode) -> Value {
     if let Ok(i) = t.parse::<i64>() {
         return Value::from(i);
     }
-    let looks_numeric = t
-        .chars()
-        .all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '+' | '-'))
+    let looks_numeric = t.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '+' | '-'))
         && t.chars().any(|c| c.is_ascii_digit());
     if looks_numeric {
         if let Ok(f) = t.parse::<f64>() {

@@ -6,16 +6,21 @@ use anyhow::Result;
 use pipe_engine::Workspace;
 
 pub fn gc(keep_last: usize, tmp: bool, dry_run: bool, root: Option<PathBuf>) -> Result<i32> {
-    let root = match root {
-        Some(r) => r,
-        None => {
-            let cwd = std::env::current_dir()?;
-            match cwd.ancestors().find(|d| d.join(".pipe").is_dir()) {
-                Some(d) => d.to_path_buf(),
-                None => return Err(super::UsageError("no .pipe/ here or above: nothing to collect\nhint: run it inside a workspace, or pass --root".into()).into()),
+    let root =
+        match root {
+            Some(r) => r,
+            None => {
+                let cwd = std::env::current_dir()?;
+                match cwd.ancestors().find(|d| d.join(".pipe").is_dir()) {
+                    Some(d) => d.to_path_buf(),
+                    None => return Err(super::UsageError(
+                        "no .pipe/ here or above: nothing to collect\nhint: run it inside a workspace, or pass --root"
+                            .into(),
+                    )
+                    .into()),
+                }
             }
-        }
-    };
+        };
     let ws = Workspace::open(&root)?;
     let rep = pipe_engine::maint::gc(&ws, keep_last, tmp, dry_run)?;
     let verb = if dry_run { "would free" } else { "freed" };

@@ -21,7 +21,9 @@ pub struct UsageError(pub String);
 
 pub fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
-        Command::Run { args, jobs, gpus, dry_run, force, keep_going, frozen, p } => run::run(args, jobs, gpus, dry_run, force, keep_going, frozen, &p.set),
+        Command::Run { args, jobs, gpus, dry_run, force, keep_going, frozen, p } => {
+            run::run(args, jobs, gpus, dry_run, force, keep_going, frozen, &p.set)
+        }
         Command::Status { file, json, p } => status::status(file, json, &p.set),
         Command::Show { args, path, log, json, p } => show::show(args, path, log, json, &p.set),
         Command::Verify { file, no_exec, p } => verify::verify(file, no_exec, &p.set),

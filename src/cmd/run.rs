@@ -8,7 +8,16 @@ use pipe_engine::stage::Cancel;
 use crate::ui::Ui;
 
 #[allow(clippy::too_many_arguments)]
-pub fn run(args: Vec<String>, jobs: usize, gpus: Option<Vec<u32>>, dry_run: bool, force: Vec<String>, keep_going: bool, frozen: bool, set: &[VarOverride]) -> Result<i32> {
+pub fn run(
+    args: Vec<String>,
+    jobs: usize,
+    gpus: Option<Vec<u32>>,
+    dry_run: bool,
+    force: Vec<String>,
+    keep_going: bool,
+    frozen: bool,
+    set: &[VarOverride],
+) -> Result<i32> {
     let (file, targets) = match args.split_first() {
         Some((f, rest)) if super::looks_like_pipeline(f) => (Some(f.into()), rest.to_vec()),
         _ => (None, args),
@@ -25,15 +34,7 @@ pub fn run(args: Vec<String>, jobs: usize, gpus: Option<Vec<u32>>, dry_run: bool
             return Err(super::UsageError(format!("--force {f}: no stage named `{f}` in {}", p.path.display())).into());
         }
     }
-    let opts = RunOptions {
-        targets,
-        jobs,
-        gpus,
-        dry_run,
-        force,
-        keep_going,
-        frozen,
-    };
+    let opts = RunOptions { targets, jobs, gpus, dry_run, force, keep_going, frozen };
     if dry_run {
         for (name, runs, reasons) in exec::plan(&ws, &p, &pid, &opts)? {
             if runs {
@@ -61,7 +62,11 @@ pub fn run(args: Vec<String>, jobs: usize, gpus: Option<Vec<u32>>, dry_run: bool
     let ui = Ui::new();
     let summary = exec::run(&ws, &p, &pid, &opts, &cancel, &ui)?;
     if !summary.drift.is_empty() {
-        eprintln!("error: --frozen: {} stage(s) differ from {}:", summary.drift.len(), pipe_engine::records::LockFile::path_for(&p.path).display());
+        eprintln!(
+            "error: --frozen: {} stage(s) differ from {}:",
+            summary.drift.len(),
+            pipe_engine::records::LockFile::path_for(&p.path).display()
+        );
         for d in &summary.drift {
             eprintln!("  {d}");
         }

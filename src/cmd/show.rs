@@ -16,14 +16,19 @@ pub fn show(args: Vec<String>, path_only: bool, log: bool, json: bool, set: &[Va
         return Err(super::UsageError(format!(
             "no stage named `{stage}` in {}\nhint: {}",
             p.path.display(),
-            pipe_engine::diag::did_you_mean(&stage, names.iter().copied()).unwrap_or_else(|| format!("stages: {}", names.join(", ")))
+            pipe_engine::diag::did_you_mean(&stage, names.iter().copied())
+                .unwrap_or_else(|| format!("stages: {}", names.join(", ")))
         ))
         .into());
     };
     let st = status(&ws, &p, &pid)?.swap_remove(i);
     let state = ws.state(&pid, &stage);
     let Some(rec) = state.last_success.and_then(|k| ws.record(&k)) else {
-        anyhow::bail!("stage `{stage}` has no result yet ({})\nhint: run `pipe run {} {stage}`", st.state.label(), p.path.display());
+        anyhow::bail!(
+            "stage `{stage}` has no result yet ({})\nhint: run `pipe run {} {stage}`",
+            st.state.label(),
+            p.path.display()
+        );
     };
     let out = ws.store.object_path(&rec.output);
     if path_only {

@@ -31,7 +31,12 @@ pub fn verify(file: Option<PathBuf>, no_exec: bool, set: &[VarOverride]) -> Resu
         eprintln!("pipe: verify: ok");
         Ok(0)
     } else {
-        eprintln!("pipe: verify: FAILED ({} corrupt, {} drifted, {} not reproduced)", rep.corrupt.len(), rep.drift.len(), rep.mismatched.len());
+        eprintln!(
+            "pipe: verify: FAILED ({} corrupt, {} drifted, {} not reproduced)",
+            rep.corrupt.len(),
+            rep.drift.len(),
+            rep.mismatched.len()
+        );
         if !rep.corrupt.is_empty() {
             eprintln!("hint: `pipe run` treats corrupt outputs as absent and rebuilds them");
         }

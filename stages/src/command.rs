@@ -24,14 +24,14 @@ use serde_json::Value;
 pub struct CommandKind;
 
 #[derive(Deserialize, Debug)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "expected a shell command (string) or a list of program arguments")]
 enum Cmd {
     Shell(String),
     Argv(Vec<String>),
 }
 
 #[derive(Deserialize, Debug)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "expected a string, number or boolean")]
 enum EnvValue {
     Str(String),
     Num(serde_json::Number),
@@ -88,24 +88,32 @@ impl StageKind for CommandKind {
         let p: Params = parse_params(params)?;
         match &p.cmd {
             Cmd::Shell(s) if s.trim().is_empty() => {
-                return Err(ParamError::new(vec![Seg::Key("cmd".into())], "`cmd` is empty").hint("give the shell command to run"))
+                return Err(ParamError::new(vec![Seg::Key("cmd".into())], "`cmd` is empty")
+                    .hint("give the shell command to run"))
             }
             Cmd::Argv(a) if a.is_empty() => {
-                return Err(ParamError::new(vec![Seg::Key("cmd".into())], "`cmd` is an empty list").hint("give the program and its arguments"))
+                return Err(ParamError::new(vec![Seg::Key("cmd".into())], "`cmd` is an empty list")
+                    .hint("give the program and its arguments"))
             }
             _ => {}
         }
         for (i, o) in p.outs.iter().enumerate() {
             let bad = o.is_empty() || o.starts_with('/') || o.split('/').any(|c| c == "..");
             if bad {
-                return Err(ParamError::new(vec![Seg::Key("outs".into()), Seg::Index(i)], format!("`{o}` is not a relative path inside $PIPE_OUT"))
-                    .hint("outs are paths relative to $PIPE_OUT, without `..`"));
+                return Err(ParamError::new(
+                    vec![Seg::Key("outs".into()), Seg::Index(i)],
+                    format!("`{o}` is not a relative path inside $PIPE_OUT"),
+                )
+                .hint("outs are paths relative to $PIPE_OUT, without `..`"));
             }
         }
         for (i, d) in p.deps.iter().enumerate() {
             if d.is_empty() || d.split('/').any(|c| c == "..") {
-                return Err(ParamError::new(vec![Seg::Key("deps".into()), Seg::Index(i)], format!("`{d}` is not a path inside the workspace"))
-                    .hint("deps are workspace files or folders, relative to the workspace root"));
+                return Err(ParamError::new(
+                    vec![Seg::Key("deps".into()), Seg::Index(i)],
+                    format!("`{d}` is not a path inside the workspace"),
+                )
+                .hint("deps are workspace files or folders, relative to the workspace root"));
             }
         }
         Ok(Box::new(CommandStage { p }))
@@ -208,12 +216,18 @@ impl Stage for CommandStage {
                 (None, Some(s)) => format!("was killed by signal {s}"),
                 _ => "failed".into(),
             };
-            return Err(StageFailure::new(format!("command `{}` {what}", first_line(&shown))).hint(format!("its output is in {}", ctx.log_path.display())));
+            return Err(StageFailure::new(format!("command `{}` {what}", first_line(&shown)))
+                .hint(format!("its output is in {}", ctx.log_path.display())));
         }
-        let missing: Vec<&str> = self.p.outs.iter().filter(|o| !ctx.out_dir.join(o).exists()).map(String::as_str).collect();
+        let missing: Vec<&str> =
+            self.p.outs.iter().filter(|o| !ctx.out_dir.join(o).exists()).map(String::as_str).collect();
         if !missing.is_empty() {
-            return Err(StageFailure::new(format!("declared output{} not produced: {}", if missing.len() > 1 { "s" } else { "" }, missing.join(", ")))
-                .hint("write outputs under $PIPE_OUT (e.g. `> $PIPE_OUT/data.txt`), or remove them from `outs:`"));
+            return Err(StageFailure::new(format!(
+                "declared output{} not produced: {}",
+                if missing.len() > 1 { "s" } else { "" },
+                missing.join(", ")
+            ))
+            .hint("write outputs under $PIPE_OUT (e.g. `> $PIPE_OUT/data.txt`), or remove them from `outs:`"));
         }
         Ok(())
     }

@@ -38,6 +38,11 @@ fn unknown_kind() {
 }
 
 #[test]
+fn command_of_the_wrong_shape() {
+    insta::assert_snapshot!(err("stages:\n  gen:\n    kind: command\n    cmd: {run: x}\n"));
+}
+
+#[test]
 fn dependency_cycle() {
     insta::assert_snapshot!(err(
         "stages:\n  a:\n    kind: command\n    inputs: {x: c}\n    cmd: echo\n  b:\n    kind: command\n    inputs: {x: a}\n    cmd: echo\n  c:\n    kind: command\n    inputs: {x: b}\n    cmd: echo\n"

@@ -15,7 +15,8 @@ struct Dag {
 
 fn dag() -> impl Strategy<Value = Dag> {
     (2usize..7).prop_flat_map(|n| {
-        let inputs = (0..n).map(|i| proptest::sample::subsequence((0..i).collect::<Vec<_>>(), 0..=i.min(2))).collect::<Vec<_>>();
+        let inputs =
+            (0..n).map(|i| proptest::sample::subsequence((0..i).collect::<Vec<_>>(), 0..=i.min(2))).collect::<Vec<_>>();
         (inputs, proptest::collection::vec(0u8..3, n)).prop_map(|(inputs, values)| Dag { inputs, values })
     })
 }
@@ -69,7 +70,12 @@ fn render(d: &Dag) -> String {
 }
 
 fn outputs(ws: &Ws) -> Vec<String> {
-    ws.status_json("p.yaml")["stages"].as_array().unwrap().iter().map(|s| s["output"].as_str().unwrap_or("none").to_string()).collect()
+    ws.status_json("p.yaml")["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["output"].as_str().unwrap_or("none").to_string())
+        .collect()
 }
 
 proptest! {

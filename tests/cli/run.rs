@@ -56,7 +56,11 @@ fn var_change_reruns_exactly_the_downstream_cone() {
     let ws = chain();
     ws.ok(&["run", "p.yaml"]);
     let o = ws.ok(&["status", "p.yaml", "--set", "vars.msg=bye"]);
-    assert!(o.stdout.contains(r#"a      stale      param cmd: "echo hello > $PIPE_OUT/a.txt" -> "echo bye > $PIPE_OUT/a.txt""#), "{o:?}");
+    assert!(
+        o.stdout
+            .contains(r#"a      stale      param cmd: "echo hello > $PIPE_OUT/a.txt" -> "echo bye > $PIPE_OUT/a.txt""#),
+        "{o:?}"
+    );
     assert!(o.stdout.contains("b      stale      input a is not up to date (stage a)"), "{o:?}");
     assert!(o.stdout.contains("d      fresh"), "{o:?}");
     let o = ws.ok(&["run", "p.yaml", "--set", "vars.msg=bye"]);
@@ -70,7 +74,10 @@ fn identical_output_stops_propagation() {
     let ws = chain();
     ws.ok(&["run", "p.yaml"]);
     // A different command that writes the same bytes.
-    ws.write("p.yaml", &CHAIN.replace("echo ${vars.msg} > $PIPE_OUT/a.txt", "printf '%s\\n' ${vars.msg} > $PIPE_OUT/a.txt"));
+    ws.write(
+        "p.yaml",
+        &CHAIN.replace("echo ${vars.msg} > $PIPE_OUT/a.txt", "printf '%s\\n' ${vars.msg} > $PIPE_OUT/a.txt"),
+    );
     let o = ws.ok(&["run", "p.yaml"]);
     assert_eq!(o.ran(), ["a"]);
     assert_eq!(o.cached(), ["b", "c", "d"]);
@@ -118,7 +125,9 @@ fn independent_stages_overlap_with_jobs() {
     };
     ws.write("p.yaml", &format!("stages:\n{}{}", stage("x"), stage("y")));
     ws.ok(&["run", "p.yaml", "--jobs", "2"]);
-    let t = |s: &str, f: &str| -> u128 { fs_err::read_to_string(ws.out_path("p.yaml", s).join(f)).unwrap().trim().parse().unwrap() };
+    let t = |s: &str, f: &str| -> u128 {
+        fs_err::read_to_string(ws.out_path("p.yaml", s).join(f)).unwrap().trim().parse().unwrap()
+    };
     // Overlap: each started before the other ended.
     assert!(t("x", "start") < t("y", "end") && t("y", "start") < t("x", "end"), "stages did not overlap");
 }
@@ -126,10 +135,14 @@ fn independent_stages_overlap_with_jobs() {
 #[test]
 fn jobs_one_serialises() {
     let ws = Ws::new();
-    let stage = |name: &str| format!("  {name}:\n    kind: command\n    cmd: date +%s%N > $PIPE_OUT/start; sleep 0.2; date +%s%N > $PIPE_OUT/end\n    params: {{id: {name}}}\n");
+    let stage = |name: &str| {
+        format!("  {name}:\n    kind: command\n    cmd: date +%s%N > $PIPE_OUT/start; sleep 0.2; date +%s%N > $PIPE_OUT/end\n    params: {{id: {name}}}\n")
+    };
     ws.write("p.yaml", &format!("stages:\n{}{}", stage("x"), stage("y")));
     ws.ok(&["run", "p.yaml", "--jobs", "1"]);
-    let t = |s: &str, f: &str| -> u128 { fs_err::read_to_string(ws.out_path("p.yaml", s).join(f)).unwrap().trim().parse().unwrap() };
+    let t = |s: &str, f: &str| -> u128 {
+        fs_err::read_to_string(ws.out_path("p.yaml", s).join(f)).unwrap().trim().parse().unwrap()
+    };
     assert!(t("x", "end") <= t("y", "start") || t("y", "end") <= t("x", "start"));
 }
 
@@ -154,11 +167,17 @@ stages:
     );
     let o = ws.pipe(&["run", "p.yaml", "--keep-going", "--jobs", "1"]);
     assert_eq!(o.code, 1, "{o:?}");
-    assert!(o.stderr.contains("pipe: bad: FAILED: command `echo partial > $PIPE_OUT/x; echo boom >&2; exit 3` exited with status 3"), "{o:?}");
+    assert!(
+        o.stderr.contains(
+            "pipe: bad: FAILED: command `echo partial > $PIPE_OUT/x; echo boom >&2; exit 3` exited with status 3"
+        ),
+        "{o:?}"
+    );
     assert!(o.stderr.contains("    boom"), "log tail shown: {o:?}");
     assert!(o.stderr.contains("after (upstream stage bad did not finish)"), "{o:?}");
     assert_eq!(o.ran(), ["bad", "other"]);
-    let work = o.stderr.lines().find_map(|l| l.trim().strip_prefix("work dir kept for inspection: ")).expect("work dir line");
+    let work =
+        o.stderr.lines().find_map(|l| l.trim().strip_prefix("work dir kept for inspection: ")).expect("work dir line");
     assert!(std::path::Path::new(work).join("out/x").exists());
     let log = o.stderr.lines().find_map(|l| l.trim().strip_prefix("log: ")).expect("log line");
     assert!(fs_err::read_to_string(log).unwrap().contains("boom"));
@@ -178,7 +197,10 @@ stages:
 #[test]
 fn missing_declared_out_fails_the_stage() {
     let ws = Ws::new();
-    ws.write("p.yaml", "stages:\n  s:\n    kind: command\n    cmd: echo hi > $PIPE_OUT/wrong.txt\n    outs: [right.txt]\n");
+    ws.write(
+        "p.yaml",
+        "stages:\n  s:\n    kind: command\n    cmd: echo hi > $PIPE_OUT/wrong.txt\n    outs: [right.txt]\n",
+    );
     let o = ws.pipe(&["run", "p.yaml"]);
     assert_eq!(o.code, 1, "{o:?}");
     assert!(o.stderr.contains("declared output not produced: right.txt"), "{o:?}");
@@ -217,7 +239,10 @@ stages:
 #[test]
 fn gpu_stages_get_a_device_or_fail_clearly() {
     let ws = Ws::new();
-    ws.write("p.yaml", "stages:\n  g:\n    kind: command\n    gpus: 1\n    cmd: echo $CUDA_VISIBLE_DEVICES > $PIPE_OUT/dev\n");
+    ws.write(
+        "p.yaml",
+        "stages:\n  g:\n    kind: command\n    gpus: 1\n    cmd: echo $CUDA_VISIBLE_DEVICES > $PIPE_OUT/dev\n",
+    );
     let o = ws.pipe(&["run", "p.yaml"]);
     assert_eq!(o.code, 1, "{o:?}");
     assert!(o.stderr.contains("needs 1 GPU(s) but 0 are available"), "{o:?}");

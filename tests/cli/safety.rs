@@ -9,7 +9,7 @@ use crate::common::*;
 const SLOW: &str = "stages:\n  s:\n    kind: command\n    cmd: echo $$ > sh.pid; echo started >> started.log; echo partial > $PIPE_OUT/x; while [ -f slow ]; do sleep 0.05; done; echo done > $PIPE_OUT/x\n    outs: [x]\n  t:\n    kind: command\n    inputs: {s: s}\n    cmd: cat $PIPE_IN_S/x > $PIPE_OUT/y\n";
 
 fn started(ws: &Ws) -> usize {
-    std::fs::read_to_string(ws.path().join("started.log")).map(|s| s.lines().count()).unwrap_or(0)
+    fs_err::read_to_string(ws.path().join("started.log")).map(|s| s.lines().count()).unwrap_or(0)
 }
 
 #[test]
