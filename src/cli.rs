@@ -76,6 +76,14 @@ pub enum Command {
         #[command(flatten)]
         p: PipelineArgs,
     },
+    /// Copy a stage's latest output to a folder (hardlinks where possible: objects are read-only).
+    Checkout {
+        /// [FILE] STAGE DEST
+        #[arg(value_name = "[FILE] STAGE DEST", required = true, num_args = 2..=3)]
+        args: Vec<String>,
+        #[command(flatten)]
+        p: PipelineArgs,
+    },
     /// Re-execute deterministic stages and check their outputs against the lock file;
     /// re-hash every stored object the lock references.
     Verify {

@@ -26,6 +26,10 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         }
         Command::Status { file, json, p } => status::status(file, json, &p.set),
         Command::Show { args, path, log, json, p } => show::show(args, path, log, json, &p.set),
+        Command::Checkout { mut args, p } => {
+            let dest = PathBuf::from(args.pop().expect("clap enforces 2..=3 args"));
+            show::checkout(args, &dest, &p.set)
+        }
         Command::Verify { file, no_exec, p } => verify::verify(file, no_exec, &p.set),
         Command::Gc { keep_last, tmp, dry_run, root } => gc::gc(keep_last, tmp, dry_run, root),
         Command::Hash { paths } => {

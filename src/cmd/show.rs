@@ -1,10 +1,14 @@
 //! `pipe show [FILE] STAGE [--path|--log|--json]`
 
+use std::path::Path;
+
 use anyhow::Result;
 use pipe_engine::spec::VarOverride;
 use pipe_engine::status::status;
+use pipe_engine::{Pipeline, Workspace};
 
-pub fn show(args: Vec<String>, path_only: bool, log: bool, json: bool, set: &[VarOverride]) -> Result<i32> {
+/// `[FILE] STAGE` -> the loaded pipeline, the stage index and name.
+fn load_stage(args: Vec<String>, set: &[VarOverride]) -> Result<(Workspace, Pipeline, String, usize, String)> {
     let (file, stage) = match args.as_slice() {
         [f, s] => (Some(f.into()), s.clone()),
         [s] => (None, s.clone()),
@@ -21,6 +25,24 @@ pub fn show(args: Vec<String>, path_only: bool, log: bool, json: bool, set: &[Va
         ))
         .into());
     };
+    Ok((ws, p, pid, i, stage))
+}
+
+pub fn checkout(args: Vec<String>, dest: &Path, set: &[VarOverride]) -> Result<i32> {
+    let (ws, p, pid, _, stage) = load_stage(args, set)?;
+    let Some(rec) = ws.state(&pid, &stage).last_success.and_then(|k| ws.record(&k)) else {
+        anyhow::bail!("stage `{stage}` has no result yet\nhint: run `pipe run {} {stage}`", p.path.display());
+    };
+    if dest.exists() {
+        return Err(super::UsageError(format!("{} already exists; pass a new folder", dest.display())).into());
+    }
+    ws.store.checkout(&rec.output, dest)?;
+    eprintln!("pipe: checked out {stage} ({}) to {}", rec.output.short(), dest.display());
+    Ok(0)
+}
+
+pub fn show(args: Vec<String>, path_only: bool, log: bool, json: bool, set: &[VarOverride]) -> Result<i32> {
+    let (ws, p, pid, i, stage) = load_stage(args, set)?;
     let st = status(&ws, &p, &pid)?.swap_remove(i);
     let state = ws.state(&pid, &stage);
     let Some(rec) = state.last_success.and_then(|k| ws.record(&k)) else {

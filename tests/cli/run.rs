@@ -279,3 +279,14 @@ fn default_pipeline_file_is_the_only_one_in_pipelines() {
     assert_eq!(o.code, 2, "{o:?}");
     assert!(o.stderr.contains("several pipelines in pipelines/"), "{o:?}");
 }
+
+#[test]
+fn checkout_hardlinks_the_output() {
+    let ws = chain();
+    ws.ok(&["run", "p.yaml"]);
+    ws.ok(&["checkout", "p.yaml", "b", "co"]);
+    assert_eq!(ws.read("co/b.txt"), "HELLO\n");
+    let o = ws.pipe(&["checkout", "p.yaml", "b", "co"]);
+    assert_eq!(o.code, 2, "{o:?}");
+    assert!(o.stderr.contains("already exists"), "{o:?}");
+}

@@ -33,6 +33,15 @@ fn kill_9_mid_stage_leaves_the_store_consistent() {
 
 #[test]
 fn ctrl_c_stops_the_command_and_publishes_nothing() {
+    interrupt(libc::SIGINT);
+}
+
+#[test]
+fn sigterm_stops_the_command_and_publishes_nothing() {
+    interrupt(libc::SIGTERM);
+}
+
+fn interrupt(signal: i32) {
     let ws = Ws::new();
     ws.write("p.yaml", SLOW);
     ws.write("slow", "");
@@ -40,7 +49,7 @@ fn ctrl_c_stops_the_command_and_publishes_nothing() {
     wait_for(20, "the stage to start", || started(&ws) == 1);
     // SAFETY: signalling our own child.
     unsafe {
-        libc::kill(child.id() as i32, libc::SIGINT);
+        libc::kill(child.id() as i32, signal);
     }
     let o: Out = child.wait_with_output().unwrap().into();
     assert_eq!(o.code, 130, "{o:?}");
