@@ -216,8 +216,7 @@ impl Stage for CommandStage {
                 (None, Some(s)) => format!("was killed by signal {s}"),
                 _ => "failed".into(),
             };
-            return Err(StageFailure::new(format!("command `{}` {what}", first_line(&shown)))
-                .hint(format!("its output is in {}", ctx.log_path.display())));
+            return Err(StageFailure::new(format!("command `{}` {what}", first_line(&shown))));
         }
         let missing: Vec<&str> =
             self.p.outs.iter().filter(|o| !ctx.out_dir.join(o).exists()).map(String::as_str).collect();
