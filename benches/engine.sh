@@ -12,6 +12,8 @@
 #   BENCH_DIR         work dir, outside the repo (default /var/tmp/pipe-bench);
 #                     data, the DVC venv and b3sum are kept there and reused
 #   PIPE_BIN          a built pipe binary (skips `cargo build --release`)
+#   PIPE_REV          build this git revision (exported with `git archive` to
+#                     $BENCH_DIR/src-REV) instead of the working tree
 #   CARGO_TARGET_DIR  target dir for the build (default /var/tmp/pipe-target)
 #   RUNS              timed runs of each no-op command (default 10)
 #   STARTUP_RUNS      timed runs of `pipe --version` (default 200)
@@ -55,10 +57,24 @@ log() { printf '\n== %s\n' "$*" >&2; }
 # ---------------------------------------------------------------- tools
 if [[ -n "${PIPE_BIN:-}" ]]; then
   PIPE=$(realpath "$PIPE_BIN")
+  PIPE_SRC="PIPE_BIN"
 else
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/pipe-target}
-  log "cargo build --release (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
-  (cd "$REPO" && cargo build --release --quiet -p pipe)
+  SRC=$REPO
+  if [[ -n "${PIPE_REV:-}" ]]; then
+    # Build a committed revision from a clean export, not the working tree.
+    REV=$(git -C "$REPO" rev-parse --short "$PIPE_REV^{commit}")
+    SRC=$BENCH_DIR/src-$REV
+    if [[ ! -f "$SRC/Cargo.toml" ]]; then
+      rm -rf "$SRC" && mkdir -p "$SRC"
+      git -C "$REPO" archive "$REV" | tar -x -C "$SRC"
+    fi
+    PIPE_SRC="built from $REV"
+  else
+    PIPE_SRC="built from $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet HEAD 2>/dev/null || echo ' + uncommitted changes')"
+  fi
+  log "cargo build --release in $SRC (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+  (cd "$SRC" && cargo build --release --quiet -p pipe)
   PIPE=$CARGO_TARGET_DIR/release/pipe
 fi
 [[ -x "$PIPE" ]] || { echo "no pipe binary at $PIPE" >&2; exit 1; }
@@ -176,8 +192,8 @@ write_dvc_yaml >"$DVC_WS/dvc.yaml"
 )
 
 # ---------------------------------------------------------------- timing
-# measure NAME RUNS WARMUP CMD... -> prints the median wall time in seconds
-# (and keeps min/max/mean in $TIMES/NAME.txt). Runs in the current directory.
+# measure NAME RUNS WARMUP CMD... -> prints "MEDIAN MIN MAX" wall time in
+# seconds (raw data in $TIMES/NAME.*). Runs in the current directory.
 mkdir -p "$TIMES"
 measure() {
   local name=$1 runs=$2 warmup=$3; shift 3
@@ -188,7 +204,7 @@ measure() {
     python3 - "$TIMES/$name.json" <<'EOF'
 import json, statistics, sys
 t = json.load(open(sys.argv[1]))["results"][0]["times"]
-print(f"{statistics.median(t):.6f}")
+print(f"{statistics.median(t):.6f} {min(t):.6f} {max(t):.6f}")
 EOF
   else
     local k s e
@@ -201,7 +217,7 @@ EOF
     python3 - "$TIMES/$name.raw" <<'EOF'
 import statistics, sys
 t = [int(x) / 1e9 for x in open(sys.argv[1])]
-print(f"{statistics.median(t):.6f}")
+print(f"{statistics.median(t):.6f} {min(t):.6f} {max(t):.6f}")
 EOF
   fi
 }
@@ -215,6 +231,7 @@ once() { # NAME CMD... -> seconds for one run (output kept in $TIMES/NAME.out)
 }
 
 # ---------------------------------------------------------------- first runs
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 # Page cache: read the data once so neither tool pays for the disk.
 cat "$DATA"/f*.bin >/dev/null
 
@@ -271,6 +288,10 @@ DVC_VERSION=$("$DVC" --version 2>/dev/null | tail -n 1)
 B3_VERSION=$("$B3SUM" --version 2>/dev/null | head -n 1)
 PIPE_VERSION=$("$PIPE" --version)
 DATA_BYTES=$(( NSTAGES * (FILE_MIB << 20) ))
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+if awk -v l="${LOAD_START%% *}" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }'; then
+  NOTES+=("the machine was busy (1-min load average ${LOAD_START%% *} on $(nproc) CPUs at the start): timings are noisy, compare ratios, rerun on a quiet machine")
+fi
 
 printf '%s\n' "${NOTES[@]+"${NOTES[@]}"}" >"$TIMES/notes.txt"
 TIMER=${HYPERFINE:+hyperfine -N}
@@ -278,47 +299,69 @@ TIMER=${TIMER:-date +%s%N loop}
 
 python3 - "$TIMES/notes.txt" >"$RESULTS" <<EOF
 import datetime, os, platform, sys
-f = float
-ps, pr, psj = f("$PIPE_STATUS"), f("$PIPE_RUN"), f("$PIPE_STATUS_JSON")
-ds, dr = f("$DVC_STATUS"), f("$DVC_REPRO")
-pf, df = f("$PIPE_FIRST"), f("$DVC_FIRST")
-pst, dst = f("$PIPE_START"), f("$DVC_START")
-hp, hb, hs = f("$H_PIPE"), f("$H_B3"), f("$H_SHA")
+def t3(s):  # "MEDIAN MIN MAX" or, for single runs, "SECONDS"
+    v = [float(x) for x in s.split()]
+    return v * 3 if len(v) == 1 else v
+ps, pr, psj = t3("$PIPE_STATUS"), t3("$PIPE_RUN"), t3("$PIPE_STATUS_JSON")
+ds, dr = t3("$DVC_STATUS"), t3("$DVC_REPRO")
+pf, df = t3("$PIPE_FIRST"), t3("$DVC_FIRST")
+pst, dst = t3("$PIPE_START"), t3("$DVC_START")
+hp, hb, hs = t3("$H_PIPE"), t3("$H_B3"), t3("$H_SHA")
 nb = $HBYTES
-gbs = lambda t: nb / 1e9 / t
-ms = lambda t: f"{t * 1e3:9.1f} ms"
-print("pipe engine benchmark  ({})".format(datetime.datetime.now().strftime("%Y-%m-%d %H:%M")))
-print(f"machine: {os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release()}")
-print("tools:   $PIPE_VERSION ($PIPE); dvc $DVC_VERSION; $B3_VERSION; sha256sum (coreutils)")
-print("timer:   $TIMER, medians; no-op runs: $RUNS each")
-print("data:    $NSTAGES stages over $NSTAGES files x $FILE_MIB MiB = {:.2f} GB (30 independent stages, 4 chains of 5)".format($DATA_BYTES / 1e9))
+gbs = lambda t: nb / 1e9 / t[0]
+ms = lambda t: f"{t[0] * 1e3:10.1f} ms"
+rng = lambda t: f"[{t[1] * 1e3:.1f}-{t[2] * 1e3:.1f}]"
+print("pipe engine benchmark, {}".format(datetime.datetime.now().strftime("%Y-%m-%d %H:%M")))
+print(f"machine: {os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release()}; load average $LOAD_START at start, $LOAD_END at end")
+print("tools:   $PIPE_VERSION ($PIPE_SRC: $PIPE), dvc $DVC_VERSION, $B3_VERSION, sha256sum (coreutils)")
+print("timing:  $TIMER; medians of $RUNS runs (no-op), $STARTUP_RUNS (pipe --version), $HASH_RUNS (hashing); [min-max] in ms")
+print("data:    $NSTAGES stages over $NSTAGES files x $FILE_MIB MiB = {:.2f} GB; 30 independent stages + 4 chains of 5".format($DATA_BYTES / 1e9))
+print("         pipe run uses -j {} (its default), dvc repro runs stages one at a time".format(os.cpu_count()))
 print()
-print("pipeline ($NSTAGES stages)           pipe          dvc    dvc/pipe")
-print(f"  first run (run / repro)    {ms(pf)} {ms(df)}   {df / pf:7.1f}x")
-print(f"  no-op status               {ms(ps)} {ms(ds)}   {ds / ps:7.1f}x   (goal >= 20x)")
-print(f"  no-op run / repro          {ms(pr)} {ms(dr)}   {dr / pr:7.1f}x   (goal >= 20x)")
-print(f"  no-op status --json        {ms(psj)}")
+w = 30
+print(f"{'$NSTAGES-stage pipeline':{w}} {'pipe':>13} {'dvc':>13} {'dvc/pipe':>9}")
+def row(label, p, d, goal=""):
+    print(f"{label:{w}} {ms(p)} {ms(d)} {d[0] / p[0]:8.1f}x  {goal}")
+row("first run (run / repro)", pf, df)
+row("no-op status", ps, ds, "goal >= 20x")
+row("no-op run / repro", pr, dr, "goal >= 20x")
+print(f"{'no-op status --json':{w}} {ms(psj)}")
+print(f"{'':{w}} ranges: pipe status {rng(ps)}, run {rng(pr)}; dvc status {rng(ds)}, repro {rng(dr)}")
 print()
-print("start-up (--version)")
-print(f"  pipe                       {ms(pst)}                          (goal < 20 ms)")
-print(f"  dvc                        {ms(dst)}")
+print(f"{'start-up (--version)':{w}} {'median':>13} {'range':>17}")
+print(f"{'pipe':{w}} {ms(pst)} {rng(pst):>17}  goal < 20 ms")
+print(f"{'dvc':{w}} {ms(dst)} {rng(dst):>17}")
 print()
-print(f"hashing a {nb / 1e9:.2f} GB file (page cache warm)   time        GB/s   pipe speed-up")
-print(f"  pipe hash (BLAKE3)             {hp:8.3f} s  {gbs(hp):7.2f}")
-print(f"  b3sum                          {hb:8.3f} s  {gbs(hb):7.2f}   {hb / hp:6.2f}x")
-print(f"  sha256sum                      {hs:8.3f} s  {gbs(hs):7.2f}   {hs / hp:6.2f}x")
-notes = [n.rstrip("\n") for n in open(sys.argv[1]) if n.strip()]
+import json
+def cpu(name):  # mean user+sys CPU seconds per run, from hyperfine's JSON
+    try:
+        r = json.load(open(f"$TIMES/{name}.json"))["results"][0]
+        return f"{r['user'] + r['system']:8.3f} s"
+    except (OSError, KeyError, ValueError):
+        return f"{'-':>10}"
+print(f"{'hashing 1 file, %.2f GB' % (nb / 1e9):{w}} {'median':>13} {'GB/s':>8} {'pipe is':>9} {'CPU time':>10}")
+def hrow(label, t, name, ref=None):
+    x = f"{t[0] / hp[0]:8.2f}x" if ref else f"{'':9}"
+    print(f"{label:{w}} {t[0]:11.3f} s {gbs(t):8.2f} {x} {cpu(name)}")
+hrow("pipe hash (BLAKE3)", hp, "hash-pipe")
+hrow("b3sum", hb, "hash-b3sum", 1)
+hrow("sha256sum", hs, "hash-sha256sum", 1)
+print(f"{'':{w}} page cache warm; 'pipe is' = the other tool's wall time / pipe's;")
+print(f"{'':{w}} CPU time = user + sys per run (steadier than wall time on a busy machine)")
+notes = [n.rstrip("\\n") for n in open(sys.argv[1]) if n.strip()]
 if notes:
     print()
     print("notes:")
     for n in notes:
         print("  - " + n)
 print()
-print("summary:")
-print(f"  dvc_status / pipe_status = {ds / ps:.1f}x")
-print(f"  dvc_repro  / pipe_run    = {dr / pr:.1f}x")
-print(f"  pipe start-up            = {pst * 1e3:.1f} ms")
-print(f"  pipe hash / b3sum        = {hb / hp:.2f}x   pipe hash / sha256sum = {hs / hp:.2f}x   ({gbs(hp):.2f} / {gbs(hb):.2f} / {gbs(hs):.2f} GB/s)")
+print("summary")
+print(f"  dvc_status / pipe_status   {ds[0] / ps[0]:8.1f}x   ({ds[0] * 1e3:.0f} ms / {ps[0] * 1e3:.1f} ms)")
+print(f"  dvc_repro / pipe_run       {dr[0] / pr[0]:8.1f}x   ({dr[0] * 1e3:.0f} ms / {pr[0] * 1e3:.1f} ms)")
+print(f"  pipe start-up              {pst[0] * 1e3:8.1f} ms")
+print(f"  hashing GB/s               pipe {gbs(hp):.2f}, b3sum {gbs(hb):.2f}, sha256sum {gbs(hs):.2f}")
+print(f"  pipe vs b3sum              {hb[0] / hp[0]:8.2f}x")
+print(f"  pipe vs sha256sum          {hs[0] / hp[0]:8.2f}x")
 EOF
 echo
 cat "$RESULTS"

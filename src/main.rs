@@ -8,6 +8,11 @@ mod ui;
 use clap::Parser;
 
 fn main() {
+    // Die quietly on a closed pipe (`pipe status | head -1`), like other CLIs.
+    // SAFETY: setting a signal disposition before any threads start.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args = cli::Cli::parse();
     let filter = match args.verbose {
         0 => "warn",

@@ -162,7 +162,14 @@ pub fn frozen_drift(
             drift.push(format!("{}: not in the lock file", s.name()));
             continue;
         };
-        let Some(ki) = ws.key_inputs(p, s, &assumed)? else {
+        let ki = match ws.key_inputs(p, s, &assumed) {
+            Err(EngineError::Pin { message, .. }) => {
+                drift.push(format!("{}: cannot resolve its source: {message}", s.name()));
+                continue;
+            }
+            other => other?,
+        };
+        let Some(ki) = ki else {
             drift.push(format!("{}: an input is not in the lock file", s.name()));
             assumed[i] = None;
             continue;
@@ -249,8 +256,17 @@ pub fn run(
                     if !ups.iter().all(|u| matches!(u, Slot::Done(_))) {
                         continue;
                     }
-                    let Some(ki) = ws.key_inputs(p, s, &outputs)? else {
-                        unreachable!("all upstream stages are done");
+                    let ki = match ws.key_inputs(p, s, &outputs) {
+                        Ok(Some(ki)) => ki,
+                        Ok(None) => unreachable!("all upstream stages are done"),
+                        Err(e @ EngineError::Pin { .. }) => {
+                            let msg = e.to_string();
+                            reporter.failed(s.name(), &msg, std::path::Path::new("-"), std::path::Path::new("-"));
+                            slots[i] = Slot::Done(Outcome::Failed(msg));
+                            progressed = true;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
                     };
                     let key = ki.key();
                     let forced = opts.force.iter().any(|f| f == s.name());

@@ -32,6 +32,9 @@ pub struct KeyInputs {
     pub inputs: BTreeMap<String, InputKey>,
     /// Declared environment parts (device class, precision).
     pub env: BTreeMap<String, String>,
+    /// Facts resolved outside the workspace (hub revisions), see `Stage::pins`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pins: BTreeMap<String, String>,
 }
 
 impl KeyInputs {
@@ -115,6 +118,12 @@ pub fn explain(old: &KeyInputs, new: &KeyInputs) -> Vec<String> {
             r.push(format!("env {k}: {} -> {}", s(old.env.get(k)), s(new.env.get(k))));
         }
     }
+    for k in old.pins.keys().chain(new.pins.keys().filter(|k| !old.pins.contains_key(*k))) {
+        if old.pins.get(k) != new.pins.get(k) {
+            let s = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
+            r.push(format!("{k}: {} -> {}", s(old.pins.get(k)), s(new.pins.get(k))));
+        }
+    }
     r
 }
 
@@ -182,6 +191,7 @@ mod tests {
             files: BTreeMap::new(),
             inputs: BTreeMap::new(),
             env: BTreeMap::new(),
+            pins: BTreeMap::new(),
         }
     }
 

@@ -38,6 +38,8 @@ pub enum EngineError {
     Store(#[from] pipe_cache::StoreError),
     #[error("stage `{stage}`: cannot hash `{path}`: {message}")]
     File { stage: String, path: String, message: String },
+    #[error("stage `{stage}`: cannot resolve its source: {message}")]
+    Pin { stage: String, message: String },
     #[error("unknown stage `{name}`\nhint: {hint}")]
     UnknownStage { name: String, hint: String },
     #[error("{0}")]

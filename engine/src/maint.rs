@@ -72,7 +72,15 @@ pub fn verify(
             ));
             continue;
         }
-        let Some(ki) = ws.key_inputs(p, s, &outputs)? else { continue };
+        let ki = match ws.key_inputs(p, s, &outputs) {
+            Ok(Some(ki)) => ki,
+            Ok(None) => continue,
+            Err(EngineError::Pin { message, .. }) => {
+                rep.skipped.push(format!("{}: cannot resolve its source: {message}", s.name()));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if ki.key() != entry.key {
             rep.skipped.push(format!("{}: key differs from the lock", s.name()));
             continue;

@@ -143,6 +143,13 @@ pub trait Stage: Send + Sync {
     fn key_env(&self) -> BTreeMap<String, String> {
         BTreeMap::new()
     }
+    /// Facts resolved outside the workspace each time the key is computed
+    /// (e.g. the commit sha a hub branch points to), so that a moving source
+    /// shows up in `status`. An error (offline, say) leaves the stage unkeyed:
+    /// `status` reports it and `run` fails the stage with the message.
+    fn pins(&self) -> Result<BTreeMap<String, String>, StageFailure> {
+        Ok(BTreeMap::new())
+    }
     /// Produce the output into `ctx.out_dir`.
     fn run(&self, ctx: &RunCtx) -> Result<(), StageFailure>;
 }

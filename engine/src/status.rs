@@ -47,7 +47,20 @@ pub fn status(ws: &Workspace, p: &Pipeline, pid: &str) -> Result<Vec<StageStatus
     let mut out = Vec::with_capacity(p.stages.len());
     for (i, s) in p.stages.iter().enumerate() {
         let st = ws.state(pid, s.name());
-        let ki = ws.key_inputs(p, s, &outputs)?;
+        let ki = match ws.key_inputs(p, s, &outputs) {
+            Err(EngineError::Pin { message, .. }) => {
+                let state = if st.last_success.is_none() { State::NeverRun } else { State::Stale };
+                out.push(StageStatus {
+                    name: s.name().into(),
+                    state,
+                    reasons: vec![format!("cannot resolve its source: {message}")],
+                    key: None,
+                    output: None,
+                });
+                continue;
+            }
+            other => other?,
+        };
         let Some(ki) = ki else {
             let stale: Vec<String> = s
                 .inputs()

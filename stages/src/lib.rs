@@ -2,6 +2,9 @@
 //! [`registry`]. Adding a kind = one file here + one line in `registry.rs`.
 
 pub mod command;
+pub mod dataset;
+mod jinja;
+mod table;
 mod registry;
 
 pub use registry::registry;

@@ -5,5 +5,6 @@ use pipe_engine::stage::Registry;
 pub fn registry() -> Registry {
     let mut r = Registry::default();
     r.register(Box::new(crate::command::CommandKind));
+    r.register(Box::new(crate::dataset::DatasetKind));
     r
 }
