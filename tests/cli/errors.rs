@@ -61,7 +61,7 @@ fn bad_yaml() {
 
 #[test]
 fn missing_field_and_several_errors_at_once() {
-    insta::assert_snapshot!(err("stages:\n  gen:\n    kind: command\n  two:\n    kind: nope\n"));
+    insta::assert_snapshot!(err("stages:\n  gen:\n    kind: command\n  two:\n    kind: commandd\n"));
 }
 
 #[test]
