@@ -137,10 +137,7 @@ impl Workspace {
             files,
             inputs,
             env: s.stage.key_env(),
-            pins: s
-                .stage
-                .pins()
-                .map_err(|e| EngineError::Pin { stage: s.name().to_string(), message: e.message })?,
+            pins: s.stage.pins().map_err(|e| EngineError::Pin { stage: s.name().to_string(), message: e.message })?,
         };
         if tracing::enabled!(tracing::Level::DEBUG) {
             tracing::debug!(

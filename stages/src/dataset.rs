@@ -126,30 +126,40 @@ impl StageKind for DatasetKind {
             Source::Input { name: name.to_string(), pattern: pattern.to_string() }
         } else {
             if p.source.split('/').any(|c| c == "..") || p.source.starts_with('/') {
-                return Err(ParamError::new(at("source"), format!("`{}` is not a path inside the workspace", p.source))
-                    .hint("use a path relative to the workspace root, `input:NAME`, or `hf://datasets/ORG/NAME`"));
+                return Err(ParamError::new(
+                    at("source"),
+                    format!("`{}` is not a path inside the workspace", p.source),
+                )
+                .hint("use a path relative to the workspace root, `input:NAME`, or `hf://datasets/ORG/NAME`"));
             }
             Source::Local(p.source.clone())
         };
         if !matches!(source, Source::Hub(_)) {
             for (k, v) in [("config", &p.config), ("split", &p.split)] {
                 if v.is_some() {
-                    return Err(ParamError::new(at(k), format!("`{k}` selects a hub dataset's files and needs an `hf://datasets/...` source"))
-                        .hint("for local files, point `source` at the file or glob you want"));
+                    return Err(ParamError::new(
+                        at(k),
+                        format!("`{k}` selects a hub dataset's files and needs an `hf://datasets/...` source"),
+                    )
+                    .hint("for local files, point `source` at the file or glob you want"));
                 }
             }
         }
         if let Some(s) = &p.train_test_split {
-            if !(s.test_size > 0.0) {
-                return Err(ParamError::new(vec![Seg::Key("train_test_split".into()), Seg::Key("test_size".into())], "test_size must be > 0")
-                    .hint("a fraction like 0.1, or a number of rows like 500"));
+            if s.test_size.is_nan() || s.test_size <= 0.0 {
+                return Err(ParamError::new(
+                    vec![Seg::Key("train_test_split".into()), Seg::Key("test_size".into())],
+                    "test_size must be > 0",
+                )
+                .hint("a fraction like 0.1, or a number of rows like 500"));
             }
         }
         if let Some(Filter::Expr(e) | Filter::Full { expr: Some(e), .. }) = &p.filter {
             let env = crate::jinja::environment();
             if let Err(err) = env.compile_expression(e) {
-                return Err(ParamError::new(at("filter"), format!("invalid filter expression: {err}"))
-                    .hint("a Jinja expression over the row's columns, e.g. `answer is not none and answer | length > 0`"));
+                return Err(ParamError::new(at("filter"), format!("invalid filter expression: {err}")).hint(
+                    "a Jinja expression over the row's columns, e.g. `answer is not none and answer | length > 0`",
+                ));
             }
         }
         Ok(Box::new(DatasetStage { p, source }))
@@ -173,7 +183,15 @@ fn expand(base: &Path, pattern: &str) -> Vec<PathBuf> {
     };
     out = out
         .into_iter()
-        .flat_map(|p| if p.is_dir() { table::data_files(&p) } else if p.exists() { vec![p] } else { vec![] })
+        .flat_map(|p| {
+            if p.is_dir() {
+                table::data_files(&p)
+            } else if p.exists() {
+                vec![p]
+            } else {
+                vec![]
+            }
+        })
         .collect();
     out.sort();
     out
@@ -205,7 +223,15 @@ impl Stage for DatasetStage {
                     StageFailure::new(format!("`source: input:{name}` but the stage has no input `{name}`"))
                         .hint(format!("add `inputs: {{{name}: OTHER_STAGE}}`"))
                 })?;
-                let files = if pattern.is_empty() { if dir.is_dir() { table::data_files(dir) } else { vec![dir.clone()] } } else { expand(dir, pattern) };
+                let files = if pattern.is_empty() {
+                    if dir.is_dir() {
+                        table::data_files(dir)
+                    } else {
+                        vec![dir.clone()]
+                    }
+                } else {
+                    expand(dir, pattern)
+                };
                 (files, None)
             }
         };
@@ -213,7 +239,11 @@ impl Stage for DatasetStage {
             return Err(StageFailure::new(format!("`{}` matches no data files", self.p.source))
                 .hint("data files end in .jsonl, .json, .csv or .parquet"));
         }
-        ctx.log_line(&format!("# reading {} file(s): {}", files.len(), files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")));
+        ctx.log_line(&format!(
+            "# reading {} file(s): {}",
+            files.len(),
+            files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+        ));
         let reader = table::open(&files, self.p.format)?;
         let in_schema = reader.schema.clone();
         let (indices, out_schema) = project(&in_schema, &self.p, &files[0])?;
@@ -222,7 +252,11 @@ impl Stage for DatasetStage {
         let (offset, limit) = self.p.select.as_ref().map(|s| (s.offset, s.limit)).unwrap_or((0, None));
 
         let mut kept: Vec<RecordBatch> = Vec::new();
-        let mut out = if needs_all { None } else { Some(ParquetOut::create(&ctx.out_dir.join("data.parquet"), out_schema.clone())?) };
+        let mut out = if needs_all {
+            None
+        } else {
+            Some(ParquetOut::create(&ctx.out_dir.join("data.parquet"), out_schema.clone())?)
+        };
         let (mut seen, mut skip, mut rows_in) = (0usize, offset, 0usize);
         for batch in reader {
             if ctx.cancel.is_cancelled() {
@@ -230,8 +264,9 @@ impl Stage for DatasetStage {
             }
             let batch = batch?;
             rows_in += batch.num_rows();
-            let batch = RecordBatch::try_new(out_schema.clone(), indices.iter().map(|i| batch.column(*i).clone()).collect())
-                .map_err(|e| StageFailure::new(e.to_string()))?;
+            let batch =
+                RecordBatch::try_new(out_schema.clone(), indices.iter().map(|i| batch.column(*i).clone()).collect())
+                    .map_err(|e| StageFailure::new(e.to_string()))?;
             let mut batch = filter.apply(&batch, rows_in - batch.num_rows())?;
             if needs_all {
                 kept.push(batch);
@@ -262,7 +297,8 @@ impl Stage for DatasetStage {
         if let Some(o) = out {
             splits.insert("data".to_string(), o.finish()?);
         } else {
-            let all = arrow_select::concat::concat_batches(&out_schema, &kept).map_err(|e| StageFailure::new(e.to_string()))?;
+            let all = arrow_select::concat::concat_batches(&out_schema, &kept)
+                .map_err(|e| StageFailure::new(e.to_string()))?;
             drop(kept);
             let mut idx: Vec<u32> = (0..all.num_rows() as u32).collect();
             if let Some(s) = &self.p.shuffle {
@@ -277,9 +313,17 @@ impl Stage for DatasetStage {
                 Some(sp) => {
                     let mut idx = idx;
                     idx.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(sp.seed));
-                    let n_test = if sp.test_size < 1.0 { (sp.test_size * idx.len() as f64).ceil() as usize } else { sp.test_size as usize };
+                    let n_test = if sp.test_size < 1.0 {
+                        (sp.test_size * idx.len() as f64).ceil() as usize
+                    } else {
+                        sp.test_size as usize
+                    };
                     if n_test >= idx.len() {
-                        return Err(StageFailure::new(format!("train_test_split: test_size {} leaves no training rows out of {}", sp.test_size, idx.len())));
+                        return Err(StageFailure::new(format!(
+                            "train_test_split: test_size {} leaves no training rows out of {}",
+                            sp.test_size,
+                            idx.len()
+                        )));
                     }
                     let train = idx[n_test..].to_vec();
                     let test = idx[..n_test].to_vec();
@@ -297,7 +341,10 @@ impl Stage for DatasetStage {
             "revision": revision,
             "files": files.iter().map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned())).collect::<Vec<_>>(),
         });
-        fs_err::write(ctx.out_dir.join("dataset.json"), serde_json::to_vec_pretty(&meta).map_err(std::io::Error::other)?)?;
+        fs_err::write(
+            ctx.out_dir.join("dataset.json"),
+            serde_json::to_vec_pretty(&meta).map_err(std::io::Error::other)?,
+        )?;
         Ok(())
     }
 }
@@ -321,10 +368,13 @@ fn write_rows(path: &Path, all: &RecordBatch, idx: Vec<u32>) -> Result<usize, St
 fn project(schema: &SchemaRef, p: &Params, first: &Path) -> Result<(Vec<usize>, SchemaRef), StageFailure> {
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     let missing = |c: &str, what: &str| {
-        StageFailure::new(format!("{what}: column `{c}` is not in {}", first.display())).hint(format!("columns: {}", names.join(", ")))
+        StageFailure::new(format!("{what}: column `{c}` is not in {}", first.display()))
+            .hint(format!("columns: {}", names.join(", ")))
     };
     let indices: Vec<usize> = match &p.columns {
-        Some(cols) => cols.iter().map(|c| schema.index_of(c).map_err(|_| missing(c, "columns"))).collect::<Result<_, _>>()?,
+        Some(cols) => {
+            cols.iter().map(|c| schema.index_of(c).map_err(|_| missing(c, "columns"))).collect::<Result<_, _>>()?
+        }
         None => (0..names.len()).collect(),
     };
     for k in p.rename.keys() {
@@ -393,6 +443,7 @@ impl CompiledFilter {
                 keep[i] = v.is_true();
             }
         }
-        arrow_select::filter::filter_record_batch(b, &BooleanArray::from(keep)).map_err(|e| StageFailure::new(e.to_string()))
+        arrow_select::filter::filter_record_batch(b, &BooleanArray::from(keep))
+            .map_err(|e| StageFailure::new(e.to_string()))
     }
 }

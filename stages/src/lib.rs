@@ -4,7 +4,8 @@
 pub mod command;
 pub mod dataset;
 mod jinja;
-mod table;
+pub mod messages;
 mod registry;
+mod table;
 
 pub use registry::registry;

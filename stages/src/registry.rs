@@ -6,5 +6,6 @@ pub fn registry() -> Registry {
     let mut r = Registry::default();
     r.register(Box::new(crate::command::CommandKind));
     r.register(Box::new(crate::dataset::DatasetKind));
+    r.register(Box::new(crate::messages::MessagesKind));
     r
 }

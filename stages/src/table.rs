@@ -44,6 +44,11 @@ impl Format {
     }
 }
 
+/// A std `File` (Arrow and Parquet readers need one); errors name the path.
+fn open_file(p: &Path) -> Result<File, StageFailure> {
+    Ok(fs_err::File::open(p)?.into_parts().0)
+}
+
 fn fail(path: &Path, e: impl std::fmt::Display) -> StageFailure {
     StageFailure::new(format!("{}: {e}", path.display()))
 }
@@ -76,7 +81,7 @@ impl Iterator for TableReader {
 /// Arrow's JSON errors carry no line number: find the first bad line ourselves.
 fn explain_read_error(p: &Path, e: ArrowError) -> StageFailure {
     if Format::from_path(p) == Some(Format::Jsonl) {
-        if let Ok(f) = File::open(p) {
+        if let Ok(f) = open_file(p) {
             for (i, line) in BufReader::new(f).lines().enumerate() {
                 let Ok(line) = line else { break };
                 if line.trim().is_empty() {
@@ -89,7 +94,7 @@ fn explain_read_error(p: &Path, e: ArrowError) -> StageFailure {
             }
         }
     }
-    fail(p, e).hint("check that every record has the same fields with the same types")
+    fail(p, e).hint("every record must give each field the same type (e.g. always a string)")
 }
 
 pub fn open(paths: &[PathBuf], format: Option<Format>) -> Result<TableReader, StageFailure> {
@@ -108,7 +113,7 @@ pub fn open(paths: &[PathBuf], format: Option<Format>) -> Result<TableReader, St
             // One schema over all files (a full pass; bounded memory).
             let mut merged: Option<Schema> = None;
             for p in paths {
-                let f = File::open(p).map_err(|e| fail(p, e))?;
+                let f = open_file(p)?;
                 let (s, _) = arrow_json::reader::infer_json_schema(BufReader::new(f), None)
                     .map_err(|e| explain_read_error(p, e))?;
                 merged = Some(match merged {
@@ -145,7 +150,7 @@ pub fn open(paths: &[PathBuf], format: Option<Format>) -> Result<TableReader, St
             });
         }
         Format::Csv => {
-            let f = File::open(first).map_err(|e| fail(first, e))?;
+            let f = open_file(first)?;
             let (s, _) = arrow_csv::reader::Format::default()
                 .with_header(true)
                 .infer_schema(f, None)
@@ -153,13 +158,13 @@ pub fn open(paths: &[PathBuf], format: Option<Format>) -> Result<TableReader, St
             Arc::new(s)
         }
         Format::Parquet => {
-            let f = File::open(first).map_err(|e| fail(first, e))?;
+            let f = open_file(first)?;
             ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| fail(first, e))?.schema().clone()
         }
     };
     let mut iters: Vec<Box<dyn Iterator<Item = Result<RecordBatch, ArrowError>> + Send>> = Vec::new();
     for p in paths {
-        let f = File::open(p).map_err(|e| fail(p, e))?;
+        let f = open_file(p)?;
         let it: Box<dyn Iterator<Item = Result<RecordBatch, ArrowError>> + Send> = match fmt {
             Format::Jsonl => Box::new(
                 arrow_json::ReaderBuilder::new(schema.clone())
@@ -229,7 +234,7 @@ pub struct ParquetOut {
 
 impl ParquetOut {
     pub fn create(path: &Path, schema: SchemaRef) -> Result<ParquetOut, StageFailure> {
-        let f = File::create(path).map_err(|e| fail(path, e))?;
+        let f = fs_err::File::create(path)?.into_parts().0;
         let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
         let w = ArrowWriter::try_new(f, schema, Some(props)).map_err(|e| fail(path, e))?;
         Ok(ParquetOut { w, path: path.to_path_buf(), rows: 0 })

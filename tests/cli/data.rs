@@ -9,7 +9,7 @@ use crate::common::*;
 
 /// All rows of a Parquet file, as batches concatenated into (column -> strings).
 pub fn read_parquet(p: &Path) -> Vec<RecordBatch> {
-    let f = std::fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let f = fs_err::File::open(p).expect("open parquet").into_parts().0;
     ParquetRecordBatchReaderBuilder::try_new(f).unwrap().build().unwrap().map(|b| b.unwrap()).collect()
 }
 
@@ -60,7 +60,8 @@ stages:
     let expect: Vec<usize> = (0..40).filter(|i| i % 10 != 3 && len(*i) > 8).skip(2).take(10).collect();
     assert_eq!(prompts, expect.iter().map(|i| Some(format!("q{i}"))).collect::<Vec<_>>());
     assert!(b[0].column_by_name("extra").is_none());
-    let meta: serde_json::Value = serde_json::from_str(&fs_err::read_to_string(out.join("dataset.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&fs_err::read_to_string(out.join("dataset.json")).unwrap()).unwrap();
     assert_eq!(meta["rows"], 10);
     assert_eq!(meta["rows_read"], 40);
     assert_eq!(meta["columns"][0]["name"], "prompt");
@@ -152,4 +153,155 @@ fn bad_rows_and_params_are_reported_precisely() {
     let o = ws.pipe(&["run", "p.yaml"]);
     assert_eq!(o.code, 2, "{o:?}");
     assert!(o.stderr.contains("file `d/missing.jsonl` does not exist"), "{o:?}");
+}
+
+fn messages_of(batches: &[RecordBatch]) -> Vec<Vec<(String, String)>> {
+    use arrow_array::{ListArray, StructArray};
+    let mut out = Vec::new();
+    for b in batches {
+        let l = b.column_by_name("messages").unwrap().as_any().downcast_ref::<ListArray>().unwrap();
+        for i in 0..l.len() {
+            let v = l.value(i);
+            let s = v.as_any().downcast_ref::<StructArray>().unwrap();
+            let role = s.column_by_name("role").unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+            let content = s.column_by_name("content").unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+            out.push((0..s.len()).map(|j| (role.value(j).to_string(), content.value(j).to_string())).collect());
+        }
+    }
+    out
+}
+
+#[test]
+fn messages_from_templates_with_system_file_and_splits() {
+    let ws = Ws::new();
+    ws.write("data/d.jsonl", "{\"q\": \"What is 2/3 of 9?\", \"a\": \"6\"}\n{\"q\": \"Café?\", \"a\": \"oui\"}\n{\"q\": \"x\", \"a\": \"y\"}\n{\"q\": \"z\", \"a\": \"w\"}\n");
+    ws.write("prompts/system.txt", "You are a math tutor.\n");
+    ws.write(
+        "p.yaml",
+        r#"
+stages:
+  ds:
+    kind: dataset
+    source: data/d.jsonl
+    train_test_split: {test_size: 1, seed: 3}
+  chat:
+    kind: messages
+    inputs: {data: ds}
+    system_file: prompts/system.txt
+    user: "Question: {{ q }}"
+    assistant: "{{ a }}"
+    export: jsonl
+"#,
+    );
+    ws.ok(&["run", "p.yaml"]);
+    let out = ws.out_path("p.yaml", "chat");
+    let train = messages_of(&read_parquet(&out.join("train.parquet")));
+    let test = messages_of(&read_parquet(&out.join("test.parquet")));
+    assert_eq!((train.len(), test.len()), (3, 1));
+    let all: Vec<_> = train.iter().chain(&test).collect();
+    let first = all.iter().find(|m| m[1].1 == "Question: What is 2/3 of 9?").expect("row mapped");
+    assert_eq!(first[0], ("system".to_string(), "You are a math tutor.".to_string()));
+    assert_eq!(first[2], ("assistant".to_string(), "6".to_string()));
+    // The JSONL export is what `datasets`' to_json() writes (pandas escaping).
+    let jsonl = fs_err::read_to_string(out.join("train.jsonl")).unwrap()
+        + &fs_err::read_to_string(out.join("test.jsonl")).unwrap();
+    assert!(
+        jsonl.contains(r#"{"messages":[{"role":"system","content":"You are a math tutor."},{"role":"user","content":"Question: What is 2\/3 of 9?"},{"role":"assistant","content":"6"}]}"#),
+        "{jsonl}"
+    );
+    assert!(jsonl.contains(r#""content":"Question: Caf\u00e9?""#), "{jsonl}");
+    // Changing the system prompt file reruns `chat` only, and status says why.
+    ws.write("prompts/system.txt", "You are terse.\n");
+    let s = ws.ok(&["status", "p.yaml"]);
+    assert!(s.stdout.contains("chat   stale      file prompts/system.txt changed"), "{s:?}");
+    assert_eq!(ws.ok(&["run", "p.yaml"]).ran(), ["chat"]);
+}
+
+#[test]
+fn multi_turn_sources_and_instruction_format() {
+    let ws = Ws::new();
+    ws.write(
+        "data/c.jsonl",
+        r#"{"conv": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}, {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}], "q": "a", "a": "b"}
+"#,
+    );
+    ws.write(
+        "p.yaml",
+        r#"
+stages:
+  ds: {kind: dataset, source: data/c.jsonl}
+  chat:
+    kind: messages
+    inputs: {data: ds}
+    turns: {field: conv, role: from, content: value, roles: {human: user, gpt: assistant}}
+  inst:
+    kind: messages
+    inputs: {data: ds}
+    format: instruction
+    prompt: "{{ q }}"
+    completion: " {{ a }}"
+"#,
+    );
+    ws.ok(&["run", "p.yaml"]);
+    let m = messages_of(&read_parquet(&ws.out_path("p.yaml", "chat").join("data.parquet")));
+    let roles: Vec<&str> = m[0].iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(roles, ["user", "assistant", "user", "assistant"]);
+    assert_eq!(m[0][3].1, "4");
+    let b = read_parquet(&ws.out_path("p.yaml", "inst").join("data.parquet"));
+    assert_eq!(strings(&b, "prompt"), [Some("a".to_string())]);
+    assert_eq!(strings(&b, "completion"), [Some(" b".to_string())]);
+}
+
+#[test]
+fn messages_validation_fail_and_skip() {
+    let ws = Ws::new();
+    ws.write(
+        "data/c.jsonl",
+        r#"{"conv": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+{"conv": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}
+{"conv": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "c"}]}
+{"conv": [{"role": "bot", "content": "x"}]}
+"#,
+    );
+    let p = |policy: &str| {
+        format!("stages:\n  ds: {{kind: dataset, source: data/c.jsonl}}\n  chat:\n    kind: messages\n    inputs: {{data: ds}}\n    turns: {{field: conv}}\n    on_error: {policy}\n")
+    };
+    ws.write("p.yaml", &p("fail"));
+    let o = ws.pipe(&["run", "p.yaml"]);
+    assert_eq!(o.code, 1, "{o:?}");
+    assert!(o.stderr.contains("data.parquet: row 1 (0-based): wrong role order: assistant, user"), "{o:?}");
+    assert!(o.stderr.contains("on_error: skip"), "{o:?}");
+    ws.write("p.yaml", &p("skip"));
+    ws.ok(&["run", "p.yaml"]);
+    let out = ws.out_path("p.yaml", "chat");
+    assert_eq!(messages_of(&read_parquet(&out.join("data.parquet"))).len(), 1);
+    let stats: serde_json::Value =
+        serde_json::from_str(&fs_err::read_to_string(out.join("stats.json")).unwrap()).unwrap();
+    assert_eq!(stats["data"]["rows_in"], 4);
+    assert_eq!(stats["data"]["rows_out"], 1);
+    assert_eq!(
+        stats["data"]["skipped"],
+        serde_json::json!({"empty_content": 1, "unknown_role": 1, "wrong_role_order": 1})
+    );
+    let show = ws.ok(&["show", "p.yaml", "chat"]);
+    assert!(show.stdout.contains("\"skipped\""), "pipe show prints the stats: {show:?}");
+
+    // Content of the wrong type (a numeric column).
+    ws.write(
+        "data/n.jsonl",
+        "{\"conv\": [{\"role\": \"user\", \"content\": 3}, {\"role\": \"assistant\", \"content\": 4}]}\n",
+    );
+    ws.write("p.yaml", "stages:\n  ds: {kind: dataset, source: data/n.jsonl}\n  chat:\n    kind: messages\n    inputs: {data: ds}\n    turns: {field: conv}\n");
+    let o = ws.pipe(&["run", "p.yaml"]);
+    assert!(o.stderr.contains("row 0 (0-based): turn 0: `content` is not a string (found a number)"), "{o:?}");
+    // A template naming a missing field.
+    ws.write("p.yaml", "stages:\n  ds: {kind: dataset, source: data/c.jsonl}\n  chat:\n    kind: messages\n    inputs: {data: ds}\n    user: \"{{ question }}\"\n    assistant: x\n");
+    let o = ws.pipe(&["run", "p.yaml"]);
+    assert_eq!(o.code, 1, "{o:?}");
+    assert!(o.stderr.contains("row 0 (0-based): field `question` is missing (used by `user`)"), "{o:?}");
+    // Param errors are spec errors.
+    ws.write("p.yaml", "stages:\n  ds: {kind: dataset, source: data/c.jsonl}\n  chat:\n    kind: messages\n    inputs: {data: ds}\n    user: \"{{ q\"\n    assistant: x\n");
+    let o = ws.pipe(&["run", "p.yaml"]);
+    assert_eq!(o.code, 2, "{o:?}");
+    assert!(o.stderr.contains("invalid template"), "{o:?}");
 }
