@@ -471,7 +471,7 @@ fn pandas_json(v: &Value, out: &mut String) {
                     '\t' => out.push_str("\\t"),
                     '\u{8}' => out.push_str("\\b"),
                     '\u{c}' => out.push_str("\\f"),
-                    c if (c as u32) < 0x20 || (c as u32) > 0x7e => {
+                    c if (c as u32) < 0x20 || (c as u32) > 0x7f => {
                         let mut buf = [0u16; 2];
                         for unit in c.encode_utf16(&mut buf) {
                             out.push_str(&format!("\\u{unit:04x}"));
@@ -514,8 +514,8 @@ mod tests {
     #[test]
     fn pandas_style_escapes() {
         let mut s = String::new();
-        pandas_json(&json!({"a": "x/y \"é\" 😀\n\u{1}"}), &mut s);
-        assert_eq!(s, r#"{"a":"x\/y \"\u00e9\" \ud83d\ude00\n\u0001"}"#);
+        pandas_json(&json!({"a": "x/y \"é\" 😀\n\u{1}\u{7f}"}), &mut s);
+        assert_eq!(s, "{\"a\":\"x\\/y \\\"\\u00e9\\\" \\ud83d\\ude00\\n\\u0001\u{7f}\"}");
     }
 
     #[test]

@@ -7,5 +7,7 @@ pub fn registry() -> Registry {
     r.register(Box::new(crate::command::CommandKind));
     r.register(Box::new(crate::dataset::DatasetKind));
     r.register(Box::new(crate::messages::MessagesKind));
+    r.register(Box::new(crate::pack::PackKind));
+    r.register(Box::new(crate::model::ModelKind));
     r
 }

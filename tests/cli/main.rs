@@ -3,7 +3,10 @@
 mod common;
 mod data;
 mod errors;
+mod hub_server;
 mod lockfile;
 mod model;
+mod model_stage;
+mod pack;
 mod run;
 mod safety;

@@ -1,0 +1,444 @@
+//! `pack`: tokenize conversations with the model's tokenizer and chat
+//! template, build loss masks, and pack samples into training rows.
+//!
+//! Inputs: `data` (a `messages` output: a `messages` column, or `prompt` +
+//! `completion`) and `model` (a folder with `tokenizer.json` and
+//! `tokenizer_config.json`).
+//! Params: `max_seq_length` (default 1024); `packing: none|wrapped|bfd`
+//! (default `bfd`: best-fit decreasing into rows of `max_seq_length`, each
+//! sample keeping its own positions; `wrapped`: concatenate and cut, as TRL's
+//! classic packing); `loss_on: assistant|all` (default `assistant`: only
+//! assistant turns, including their end-of-turn token); `truncation:
+//! truncate|drop|error` for samples longer than `max_seq_length` (default
+//! `truncate`); `on_empty: skip|error` for samples with nothing to train on
+//! (default `skip`, counted); `chat_template:` a workspace file overriding the
+//! model's template.
+//! Output: per input file `<name>.parquet` with list<int32> columns
+//! `input_ids`, `labels` (-100 = no loss; the first token of every packed
+//! sample is -100 so no token predicts across a boundary), `position_ids`
+//! (restarting per sample) and `seq_lens`; plus `stats.json`.
+//! Key: all params, the template file's digest, the input digests.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::builder::{Int32Builder, ListBuilder};
+use arrow_array::{Array, ListArray, RecordBatch, StringArray, StructArray};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use pipe_engine::stage::{parse_params, FileDep, ParamError, RunCtx, Stage, StageFailure, StageKind};
+use pipe_engine::yaml::Seg;
+use rayon::prelude::*;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokenizers::Tokenizer;
+
+use crate::chat::{ChatTemplate, Message};
+use crate::table::{self, ParquetOut};
+
+pub struct PackKind;
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+enum Packing {
+    None,
+    Wrapped,
+    #[default]
+    Bfd,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+enum LossOn {
+    #[default]
+    Assistant,
+    All,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+enum Truncation {
+    #[default]
+    Truncate,
+    Drop,
+    Error,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+enum OnEmpty {
+    #[default]
+    Skip,
+    Error,
+}
+
+fn default_len() -> usize {
+    1024
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    #[serde(default = "default_len")]
+    max_seq_length: usize,
+    #[serde(default)]
+    packing: Packing,
+    #[serde(default)]
+    loss_on: LossOn,
+    #[serde(default)]
+    truncation: Truncation,
+    #[serde(default)]
+    on_empty: OnEmpty,
+    #[serde(default)]
+    chat_template: Option<String>,
+}
+
+struct PackStage {
+    p: Params,
+}
+
+impl StageKind for PackKind {
+    fn name(&self) -> &'static str {
+        "pack"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "tokenize with the chat template, mask the loss, pack into training rows"
+    }
+    fn prepare(&self, params: &Value) -> Result<Box<dyn Stage>, ParamError> {
+        let p: Params = parse_params(params)?;
+        if p.max_seq_length < 2 {
+            return Err(ParamError::new(vec![Seg::Key("max_seq_length".into())], "max_seq_length must be at least 2"));
+        }
+        Ok(Box::new(PackStage { p }))
+    }
+}
+
+/// One tokenized sample: ids and whether each token's label is kept.
+struct Sample {
+    ids: Vec<u32>,
+    train: Vec<bool>,
+}
+
+#[derive(Default)]
+struct Counts {
+    samples: usize,
+    truncated: usize,
+    dropped: usize,
+    no_trainable: usize,
+}
+
+impl Stage for PackStage {
+    fn files(&self) -> Vec<FileDep> {
+        self.p
+            .chat_template
+            .iter()
+            .map(|f| FileDep { path: f.clone(), at: vec![Seg::Key("chat_template".into())] })
+            .collect()
+    }
+
+    fn run(&self, ctx: &RunCtx) -> Result<(), StageFailure> {
+        let get = |name: &str| -> Result<&PathBuf, StageFailure> {
+            ctx.inputs.get(name).ok_or_else(|| {
+                StageFailure::new(format!("`pack` needs an input named `{name}`"))
+                    .hint("write `inputs: {data: MESSAGES_STAGE, model: MODEL_STAGE}`")
+            })
+        };
+        let (data, model) = (get("data")?, get("model")?);
+        let tok_path = model.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| {
+            StageFailure::new(format!("{}: {e}", tok_path.display())).hint("the model input must hold tokenizer.json")
+        })?;
+        let template_file = self.p.chat_template.as_ref().map(|f| ctx.workspace.join(f));
+        let template = ChatTemplate::load(model, template_file.as_deref())?;
+        let eos_id = (!template.eos_token.is_empty()).then(|| tokenizer.token_to_id(&template.eos_token)).flatten();
+        let files = if data.is_dir() { table::data_files(data) } else { vec![data.clone()] };
+        let files: Vec<PathBuf> = files.into_iter().filter(|f| f.extension().is_some_and(|e| e == "parquet")).collect();
+        if files.is_empty() {
+            return Err(StageFailure::new(format!("no Parquet files in the data input ({})", data.display())));
+        }
+        let mut stats = serde_json::Map::new();
+        for f in &files {
+            let name = f.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into());
+            let st = self.pack_file(ctx, f, &name, &tokenizer, &template, eos_id)?;
+            stats.insert(name, st);
+        }
+        fs_err::write(
+            ctx.out_dir.join("stats.json"),
+            serde_json::to_vec_pretty(&stats).map_err(std::io::Error::other)?,
+        )?;
+        Ok(())
+    }
+}
+
+enum Rows {
+    Messages(Vec<Vec<Message>>),
+    Instruction(Vec<(String, String)>),
+}
+
+fn read_rows(b: &RecordBatch, file: &Path) -> Result<Rows, StageFailure> {
+    let str_col =
+        |name: &str| -> Option<&StringArray> { b.column_by_name(name)?.as_any().downcast_ref::<StringArray>() };
+    if let Some(l) = b.column_by_name("messages").and_then(|c| c.as_any().downcast_ref::<ListArray>()) {
+        let mut out = Vec::with_capacity(l.len());
+        for i in 0..l.len() {
+            let v = l.value(i);
+            let s = v
+                .as_any()
+                .downcast_ref::<StructArray>()
+                .ok_or_else(|| StageFailure::new("`messages` is not a list of structs"))?;
+            let field = |n: &str| s.column_by_name(n).and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
+            let (Some(role), Some(content)) = (field("role"), field("content")) else {
+                return Err(StageFailure::new(format!(
+                    "{}: `messages` items need string `role` and `content`",
+                    file.display()
+                )));
+            };
+            out.push(
+                (0..s.len())
+                    .map(|j| Message { role: role.value(j).to_string(), content: content.value(j).to_string() })
+                    .collect(),
+            );
+        }
+        return Ok(Rows::Messages(out));
+    }
+    if let (Some(p), Some(c)) = (str_col("prompt"), str_col("completion")) {
+        return Ok(Rows::Instruction((0..p.len()).map(|i| (p.value(i).to_string(), c.value(i).to_string())).collect()));
+    }
+    Err(StageFailure::new(format!("{}: expected a `messages` column, or `prompt` and `completion`", file.display()))
+        .hint("feed `pack` from a `messages` stage"))
+}
+
+impl PackStage {
+    fn tokenize_conversation(
+        &self,
+        tk: &Tokenizer,
+        tpl: &ChatTemplate,
+        msgs: &[Message],
+    ) -> Result<Sample, StageFailure> {
+        let (text, spans) = match self.p.loss_on {
+            LossOn::Assistant => tpl.assistant_spans(msgs)?,
+            LossOn::All => (tpl.render(msgs, false)?, Vec::new()),
+        };
+        let enc = tk.encode(text.as_str(), false).map_err(|e| StageFailure::new(format!("tokenizer: {e}")))?;
+        let ids = enc.get_ids().to_vec();
+        let train = match self.p.loss_on {
+            LossOn::All => vec![true; ids.len()],
+            LossOn::Assistant => enc.get_offsets().iter().map(|(s, _)| spans.iter().any(|r| r.contains(s))).collect(),
+        };
+        Ok(Sample { ids, train })
+    }
+
+    fn tokenize_instruction(
+        &self,
+        tk: &Tokenizer,
+        prompt: &str,
+        completion: &str,
+        eos: Option<u32>,
+    ) -> Result<Sample, StageFailure> {
+        let enc = |s: &str| {
+            tk.encode(s, false).map(|e| e.get_ids().to_vec()).map_err(|e| StageFailure::new(format!("tokenizer: {e}")))
+        };
+        let p = enc(prompt)?;
+        let mut c = enc(completion)?;
+        c.extend(eos);
+        let all = self.p.loss_on == LossOn::All;
+        let train = p.iter().map(|_| all).chain(c.iter().map(|_| true)).collect();
+        Ok(Sample { ids: p.into_iter().chain(c).collect(), train })
+    }
+
+    fn pack_file(
+        &self,
+        ctx: &RunCtx,
+        file: &Path,
+        name: &str,
+        tk: &Tokenizer,
+        tpl: &ChatTemplate,
+        eos: Option<u32>,
+    ) -> Result<Value, StageFailure> {
+        let max = self.p.max_seq_length;
+        let mut counts = Counts::default();
+        let mut samples: Vec<Sample> = Vec::new();
+        let mut row_no = 0usize;
+        for batch in table::open(&[file.to_path_buf()], None)? {
+            if ctx.cancel.is_cancelled() {
+                return Err(StageFailure::new("cancelled"));
+            }
+            let rows = read_rows(&batch?, file)?;
+            let toks: Vec<Result<Sample, StageFailure>> = match &rows {
+                Rows::Messages(m) => m.par_iter().map(|msgs| self.tokenize_conversation(tk, tpl, msgs)).collect(),
+                Rows::Instruction(pc) => pc.par_iter().map(|(p, c)| self.tokenize_instruction(tk, p, c, eos)).collect(),
+            };
+            for t in toks {
+                let mut s = t.map_err(|e| StageFailure {
+                    message: format!("{}: row {row_no} (0-based): {}", file.display(), e.message),
+                    hint: e.hint,
+                })?;
+                row_no += 1;
+                counts.samples += 1;
+                if s.ids.len() > max {
+                    match self.p.truncation {
+                        Truncation::Error => {
+                            return Err(StageFailure::new(format!(
+                                "{}: row {} (0-based) has {} tokens, more than max_seq_length {max}",
+                                file.display(),
+                                row_no - 1,
+                                s.ids.len()
+                            ))
+                            .hint("raise max_seq_length, or set `truncation: truncate` or `drop`"))
+                        }
+                        Truncation::Drop => {
+                            counts.dropped += 1;
+                            continue;
+                        }
+                        Truncation::Truncate => {
+                            counts.truncated += 1;
+                            s.ids.truncate(max);
+                            s.train.truncate(max);
+                        }
+                    }
+                }
+                // Position 0 of a sample is never predicted within it.
+                if let Some(t) = s.train.first_mut() {
+                    *t = false;
+                }
+                if !s.train.iter().any(|t| *t) {
+                    if self.p.on_empty == OnEmpty::Error {
+                        return Err(StageFailure::new(format!("{}: row {} (0-based) has no token to train on", file.display(), row_no - 1))
+                            .hint("with `loss_on: assistant` every sample needs an assistant turn that survives truncation; or set `on_empty: skip`"));
+                    }
+                    counts.no_trainable += 1;
+                    continue;
+                }
+                samples.push(s);
+            }
+            ctx.progress.message(&format!("{name}: {row_no} samples tokenized"));
+        }
+        let tokens: usize = samples.iter().map(|s| s.ids.len()).sum();
+        let trainable: usize = samples.iter().map(|s| s.train.iter().filter(|t| **t).count()).sum();
+        let rows = match self.p.packing {
+            Packing::None => samples.iter().map(|s| vec![s]).collect::<Vec<_>>(),
+            Packing::Bfd => bfd(&samples, max),
+            Packing::Wrapped => Vec::new(),
+        };
+        let schema = out_schema();
+        let mut out = ParquetOut::create(&ctx.out_dir.join(format!("{name}.parquet")), schema.clone())?;
+        let n_rows = if self.p.packing == Packing::Wrapped {
+            write_wrapped(&mut out, &schema, &samples, max)?
+        } else {
+            for chunk in rows.chunks(table::BATCH_ROWS) {
+                out.write(&to_batch(&schema, chunk.iter().map(|r| r.as_slice()))?)?;
+            }
+            rows.len()
+        };
+        out.finish()?;
+        let capacity = n_rows * max;
+        Ok(json!({
+            "samples": counts.samples,
+            "packed_samples": samples.len(),
+            "rows": n_rows,
+            "tokens": tokens,
+            "trainable_tokens": trainable,
+            "packing": format!("{:?}", self.p.packing).to_lowercase(),
+            "max_seq_length": max,
+            "packing_efficiency": if capacity > 0 { tokens as f64 / capacity as f64 } else { 0.0 },
+            "truncated": counts.truncated,
+            "dropped_too_long": counts.dropped,
+            "skipped_no_trainable_tokens": counts.no_trainable,
+        }))
+    }
+}
+
+/// Best-fit decreasing: longest first, each into the fullest row it fits.
+fn bfd(samples: &[Sample], max: usize) -> Vec<Vec<&Sample>> {
+    let mut order: Vec<usize> = (0..samples.len()).collect();
+    order.sort_by_key(|i| std::cmp::Reverse(samples[*i].ids.len()));
+    // remaining capacity -> rows with that much room
+    let mut room: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    let mut rows: Vec<Vec<&Sample>> = Vec::new();
+    for i in order {
+        let len = samples[i].ids.len();
+        let fit = room.range(len..).next().map(|(r, _)| *r);
+        let row = match fit {
+            Some(r) => {
+                let list = room.get_mut(&r).expect("present");
+                let row = list.pop().expect("non-empty");
+                if list.is_empty() {
+                    room.remove(&r);
+                }
+                row
+            }
+            None => {
+                rows.push(Vec::new());
+                rows.len() - 1
+            }
+        };
+        rows[row].push(&samples[i]);
+        let used: usize = rows[row].iter().map(|s| s.ids.len()).sum();
+        if used < max {
+            room.entry(max - used).or_default().push(row);
+        }
+    }
+    rows
+}
+
+fn out_schema() -> SchemaRef {
+    let list = |n: &str| Field::new(n, DataType::List(Arc::new(Field::new("item", DataType::Int32, true))), false);
+    Arc::new(Schema::new(vec![list("input_ids"), list("labels"), list("position_ids"), list("seq_lens")]))
+}
+
+fn to_batch<'a>(schema: &SchemaRef, rows: impl Iterator<Item = &'a [&'a Sample]>) -> Result<RecordBatch, StageFailure> {
+    let mut b: Vec<ListBuilder<Int32Builder>> = (0..4).map(|_| ListBuilder::new(Int32Builder::new())).collect();
+    for row in rows {
+        for s in row {
+            for (t, id) in s.ids.iter().enumerate() {
+                b[0].values().append_value(*id as i32);
+                b[1].values().append_value(if s.train[t] { *id as i32 } else { -100 });
+                b[2].values().append_value(t as i32);
+            }
+            b[3].values().append_value(s.ids.len() as i32);
+        }
+        for x in b.iter_mut() {
+            x.append(true);
+        }
+    }
+    let cols = b.iter_mut().map(|x| Arc::new(x.finish()) as Arc<dyn Array>).collect();
+    RecordBatch::try_new(schema.clone(), cols).map_err(|e| StageFailure::new(e.to_string()))
+}
+
+/// Concatenate all samples and cut into rows of `max` tokens (the last one
+/// shorter); positions run through each row, as in classic packing.
+fn write_wrapped(
+    out: &mut ParquetOut,
+    schema: &SchemaRef,
+    samples: &[Sample],
+    max: usize,
+) -> Result<usize, StageFailure> {
+    let ids: Vec<u32> = samples.iter().flat_map(|s| s.ids.iter().copied()).collect();
+    let train: Vec<bool> = samples.iter().flat_map(|s| s.train.iter().copied()).collect();
+    let rows: Vec<Sample> =
+        ids.chunks(max).zip(train.chunks(max)).map(|(i, t)| Sample { ids: i.to_vec(), train: t.to_vec() }).collect();
+    let refs: Vec<Vec<&Sample>> = rows.iter().map(|r| vec![r]).collect();
+    for chunk in refs.chunks(table::BATCH_ROWS) {
+        out.write(&to_batch(schema, chunk.iter().map(|r| r.as_slice()))?)?;
+    }
+    Ok(rows.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bfd_fills_rows_best_fit() {
+        let s = |n: usize| Sample { ids: vec![1; n], train: vec![true; n] };
+        let samples = vec![s(6), s(5), s(4), s(3), s(2)];
+        let rows = bfd(&samples, 8);
+        let lens: Vec<Vec<usize>> = rows.iter().map(|r| r.iter().map(|s| s.ids.len()).collect()).collect();
+        // 6 -> row0 (room 2); 5 -> row1 (room 3); 4 -> row2 (room 4); 3 -> row1 (best fit, room 0); 2 -> row0
+        assert_eq!(lens, vec![vec![6, 2], vec![5, 3], vec![4]]);
+        assert!(rows.iter().all(|r| r.iter().map(|s| s.ids.len()).sum::<usize>() <= 8));
+    }
+}
