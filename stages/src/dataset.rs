@@ -28,6 +28,7 @@ use rand::SeedableRng;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::hub::{Hub, HubRef, RepoKind};
 use crate::table::{self, Format, ParquetOut};
 
 pub struct DatasetKind;
@@ -72,6 +73,7 @@ struct SplitSpec {
 #[serde(deny_unknown_fields)]
 struct Params {
     source: String,
+    /// For hub datasets: which config (subset) and split to read.
     #[serde(default)]
     format: Option<Format>,
     #[serde(default)]
@@ -93,7 +95,7 @@ struct Params {
 }
 
 enum Source {
-    Hub(String),
+    Hub(HubRef),
     Local(String),
     Input { name: String, pattern: String },
 }
@@ -120,7 +122,15 @@ impl StageKind for DatasetKind {
     fn prepare(&self, params: &Value) -> Result<Box<dyn Stage>, ParamError> {
         let p: Params = parse_params(params)?;
         let source = if p.source.starts_with("hf://") {
-            Source::Hub(p.source.clone())
+            let r = HubRef::parse(&p.source).map_err(|e| {
+                let hint = e.hint().unwrap_or_default();
+                ParamError::new(at("source"), e.to_string()).hint(hint)
+            })?;
+            if r.kind != RepoKind::Dataset {
+                return Err(ParamError::new(at("source"), format!("`{}` names a model repository", p.source))
+                    .hint("datasets are `hf://datasets/ORG/NAME[@REVISION]`"));
+            }
+            Source::Hub(r)
         } else if let Some(rest) = p.source.strip_prefix("input:") {
             let (name, pattern) = rest.split_once('/').unwrap_or((rest, ""));
             Source::Input { name: name.to_string(), pattern: pattern.to_string() }
@@ -211,13 +221,38 @@ impl Stage for DatasetStage {
     }
 
     fn pins(&self) -> Result<BTreeMap<String, String>, StageFailure> {
-        Ok(BTreeMap::new())
+        match &self.source {
+            Source::Hub(r) => {
+                let sha = Hub::from_env().and_then(|h| h.resolve_sha(r)).map_err(hub_failure)?;
+                Ok(BTreeMap::from([(r.to_string(), sha)]))
+            }
+            _ => Ok(BTreeMap::new()),
+        }
     }
 
     fn run(&self, ctx: &RunCtx) -> Result<(), StageFailure> {
         let (files, revision) = match &self.source {
             Source::Local(_) => (self.local_files(ctx.workspace), None::<String>),
-            Source::Hub(h) => return Err(StageFailure::new(format!("{h}: hub datasets are not wired in yet"))),
+            Source::Hub(r) => {
+                let hub = Hub::from_env().map_err(hub_failure)?;
+                let res = hub.resolve(r).map_err(hub_failure)?;
+                let chosen = hub_data_files(&res.files, self.p.config.as_deref(), self.p.split.as_deref());
+                if chosen.is_empty() {
+                    return Err(StageFailure::new(format!(
+                        "{r}: no data files for config {:?} and split {:?}",
+                        self.p.config.as_deref().unwrap_or("(any)"),
+                        self.p.split.as_deref().unwrap_or("(any)")
+                    ))
+                    .hint(format!("files at {}: {}", &res.sha[..12], res.files.join(", "))));
+                }
+                ctx.log_line(&format!("# {r} -> {} (endpoint {})", res.sha, hub.endpoint()));
+                let mut local = Vec::new();
+                for f in &chosen {
+                    ctx.progress.message(&format!("downloading {f}"));
+                    local.push(hub.download(r, &res.sha, f).map_err(hub_failure)?);
+                }
+                (local, Some(res.sha))
+            }
             Source::Input { name, pattern } => {
                 let dir = ctx.inputs.get(name).ok_or_else(|| {
                     StageFailure::new(format!("`source: input:{name}` but the stage has no input `{name}`"))
@@ -347,6 +382,35 @@ impl Stage for DatasetStage {
         )?;
         Ok(())
     }
+}
+
+fn hub_failure(e: crate::hub::HubError) -> StageFailure {
+    let hint = e.hint();
+    let f = StageFailure::new(e.to_string());
+    match hint {
+        Some(h) => f.hint(h),
+        None => f,
+    }
+}
+
+/// The repo's data files for a config and split, by the hub's naming
+/// conventions: `CONFIG/...` folders, and split names as a path component or
+/// a word of the file name (`train-00000-of-00002.parquet`, `test.jsonl`).
+/// Parquet files win over other formats when both exist (the hub's conversion).
+fn hub_data_files(files: &[String], config: Option<&str>, split: Option<&str>) -> Vec<String> {
+    let words = |f: &str| -> Vec<String> { f.split(['/', '-', '_', '.']).map(str::to_string).collect() };
+    let mut chosen: Vec<String> = files
+        .iter()
+        .filter(|f| table::Format::from_path(Path::new(f.as_str())).is_some())
+        .filter(|f| config.is_none_or(|c| f.split('/').any(|part| part == c)))
+        .filter(|f| split.is_none_or(|s| words(f).iter().any(|w| w == s)))
+        .cloned()
+        .collect();
+    if chosen.iter().any(|f| f.ends_with(".parquet")) {
+        chosen.retain(|f| f.ends_with(".parquet"));
+    }
+    chosen.sort();
+    chosen
 }
 
 fn write_rows(path: &Path, all: &RecordBatch, idx: Vec<u32>) -> Result<usize, StageFailure> {

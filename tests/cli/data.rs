@@ -305,3 +305,64 @@ fn messages_validation_fail_and_skip() {
     assert_eq!(o.code, 2, "{o:?}");
     assert!(o.stderr.contains("invalid template"), "{o:?}");
 }
+
+#[test]
+fn hub_dataset_split_selection_and_pinned_revision() {
+    use crate::hub_server::HubServer;
+    let hub = HubServer::start();
+    let home = tempfile::tempdir().unwrap();
+    let rows = |split: &str, n: usize| -> Vec<u8> {
+        (0..n).map(|i| format!("{{\"question\": \"{split}{i}\"}}\n")).collect::<String>().into_bytes()
+    };
+    let sha1 = hub.commit(
+        "datasets",
+        "acme/gsm",
+        "main",
+        &[
+            ("data/train-00000-of-00001.jsonl", rows("train", 5)),
+            ("data/test-00000-of-00001.jsonl", rows("test", 2)),
+            ("README.md", b"# gsm\n".to_vec()),
+        ],
+    );
+    let ws = Ws::new();
+    ws.write("p.yaml", "stages:\n  ds:\n    kind: dataset\n    source: hf://datasets/acme/gsm\n    split: train\n    select: {limit: 3}\n");
+    let run = |args: &[&str]| -> Out {
+        ws.cmd(args)
+            .env("HF_ENDPOINT", &hub.url)
+            .env("HF_HOME", home.path())
+            .env_remove("HF_TOKEN")
+            .env_remove("HF_HUB_OFFLINE")
+            .output()
+            .unwrap()
+            .into()
+    };
+    let o = run(&["run", "p.yaml"]);
+    assert_eq!(o.code, 0, "{o:?}");
+    let out = ws.out_path("p.yaml", "ds");
+    assert_eq!(
+        strings(&read_parquet(&out.join("data.parquet")), "question"),
+        ["train0", "train1", "train2"].map(|s| Some(s.to_string()))
+    );
+    let meta: serde_json::Value =
+        serde_json::from_str(&fs_err::read_to_string(out.join("dataset.json")).unwrap()).unwrap();
+    assert_eq!(meta["revision"], sha1.as_str());
+    // The branch moves: status names the revision change.
+    let sha2 = hub.commit("datasets", "acme/gsm", "main", &[("data/train-00000-of-00001.jsonl", rows("train", 6))]);
+    let o = run(&["status", "p.yaml"]);
+    assert!(o.stdout.contains(&format!("hf://datasets/acme/gsm@main: {sha1} -> {sha2}")), "{o:?}");
+    // Offline (unreachable endpoint): status explains, run fails the stage.
+    let o: Out = ws
+        .cmd(&["status", "p.yaml"])
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env("HF_HOME", home.path())
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(o.stdout.contains("cannot resolve its source"), "{o:?}");
+    // A model repo is not a dataset.
+    ws.write("p.yaml", "stages:\n  ds: {kind: dataset, source: hf://acme/gsm}\n");
+    let o = run(&["run", "p.yaml"]);
+    assert_eq!(o.code, 2, "{o:?}");
+    assert!(o.stderr.contains("names a model repository"), "{o:?}");
+}
