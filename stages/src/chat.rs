@@ -157,6 +157,31 @@ mod tests {
             .ends_with("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"));
     }
 
+    // Meta-Llama-3-8B-Instruct's template.
+    const LLAMA3: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+
+    // Qwen2.5-Instruct's template without the tool-calling branches.
+    const QWEN25: &str = "{%- if tools %}\n    {{- 'tools' }}\n{%- else %}\n    {%- if messages[0]['role'] == 'system' %}\n        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n    {%- else %}\n        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n{%- for message in messages %}\n    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or (message.role == \"assistant\" and not message.tool_calls) %}\n        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n    {%- endif %}\n{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n";
+
+    #[test]
+    fn llama3_template() {
+        let t = ChatTemplate::from_source(LLAMA3, "<|begin_of_text|>".into(), "<|eot_id|>".into()).unwrap();
+        let msgs = [m("user", " hi "), m("assistant", "yo")];
+        let (text, spans) = t.assistant_spans(&msgs).unwrap();
+        assert_eq!(text, "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nyo<|eot_id|>");
+        assert_eq!(&text[spans[0].clone()], "yo<|eot_id|>");
+    }
+
+    #[test]
+    fn qwen25_template() {
+        let t = ChatTemplate::from_source(QWEN25, String::new(), "<|im_end|>".into()).unwrap();
+        let (text, spans) = t.assistant_spans(&[m("user", "hi"), m("assistant", "yo")]).unwrap();
+        assert_eq!(text, "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n");
+        assert_eq!(&text[spans[0].clone()], "yo<|im_end|>\n");
+        let (text, _) = t.assistant_spans(&[m("system", "S"), m("user", "hi"), m("assistant", "yo")]).unwrap();
+        assert!(text.starts_with("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n"), "{text}");
+    }
+
     #[test]
     fn raise_exception_surfaces() {
         let t = ChatTemplate::from_source("{{ raise_exception('no system allowed') }}", String::new(), String::new())
