@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pipe_cache::Digest;
@@ -14,13 +14,18 @@ use pipe_engine::exec::Reporter;
 pub struct Ui {
     tty: Option<MultiProgress>,
     bars: Mutex<HashMap<String, ProgressBar>>,
+    /// Without a terminal, progress lines are throttled per stage.
+    last_plain: Mutex<HashMap<String, Instant>>,
 }
+
+/// At most one plain progress line per stage this often.
+const PLAIN_EVERY: Duration = Duration::from_secs(10);
 
 impl Ui {
     pub fn new() -> Ui {
         let tty = (std::io::stderr().is_terminal() && std::env::var_os("PIPE_PLAIN").is_none())
             .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
-        Ui { tty, bars: Mutex::new(HashMap::new()) }
+        Ui { tty, bars: Mutex::new(HashMap::new()), last_plain: Mutex::new(HashMap::new()) }
     }
 
     pub fn line(&self, s: &str) {
@@ -84,9 +89,16 @@ impl Reporter for Ui {
     }
 
     fn progress(&self, stage: &str, message: &str) {
-        match self.bars.lock().expect("ui lock").get(stage) {
-            Some(b) => b.set_message(message.to_string()),
-            None => self.line(&format!("pipe: {stage}: {message}")),
+        if let Some(b) = self.bars.lock().expect("ui lock").get(stage) {
+            b.set_message(message.to_string());
+            return;
+        }
+        let mut last = self.last_plain.lock().expect("ui lock");
+        let due = last.get(stage).is_none_or(|t| t.elapsed() >= PLAIN_EVERY);
+        if due {
+            last.insert(stage.to_string(), Instant::now());
+            drop(last);
+            self.line(&format!("pipe: {stage}: {message}"));
         }
     }
 }
