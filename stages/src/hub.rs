@@ -246,7 +246,7 @@ impl Hub {
             return Err(HubError::Offline { what: format!("{r}") });
         }
         let mut files = Vec::new();
-        for e in walk(&snap) {
+        for e in crate::table::files_under(&snap) {
             if let Ok(rel) = e.strip_prefix(&snap) {
                 files.push(rel.to_string_lossy().into_owned());
             }
@@ -289,24 +289,6 @@ impl Hub {
         };
         HubError::Request { what, message, hint }
     }
-}
-
-/// Files (not dirs) under `dir`, recursively, following the cache's symlinks.
-fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs_err::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.exists() {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -272,6 +272,11 @@ pub fn batch_rows(b: &RecordBatch) -> Result<Vec<serde_json::Map<String, serde_j
 
 /// Data files under a folder (an upstream stage's output), sorted.
 pub fn data_files(dir: &Path) -> Vec<PathBuf> {
+    files_under(dir).into_iter().filter(|p| Format::from_path(p).is_some() && !is_metadata(p)).collect()
+}
+
+/// Every file under `dir`, recursively (following symlinks), sorted.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -280,7 +285,7 @@ pub fn data_files(dir: &Path) -> Vec<PathBuf> {
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if Format::from_path(&p).is_some() && !is_metadata(&p) {
+            } else if p.exists() {
                 v.push(p);
             }
         }
