@@ -55,28 +55,10 @@ RESULTS=$BENCH_DIR/results.txt
 log() { printf '\n== %s\n' "$*" >&2; }
 
 # ---------------------------------------------------------------- tools
-if [[ -n "${PIPE_BIN:-}" ]]; then
-  PIPE=$(realpath "$PIPE_BIN")
-  PIPE_SRC="PIPE_BIN"
-else
-  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/pipe-target}
-  SRC=$REPO
-  if [[ -n "${PIPE_REV:-}" ]]; then
-    # Build a committed revision from a clean export, not the working tree.
-    REV=$(git -C "$REPO" rev-parse --short "$PIPE_REV^{commit}")
-    SRC=$BENCH_DIR/src-$REV
-    if [[ ! -f "$SRC/Cargo.toml" ]]; then
-      rm -rf "$SRC" && mkdir -p "$SRC"
-      git -C "$REPO" archive "$REV" | tar -x -C "$SRC"
-    fi
-    PIPE_SRC="built from $REV"
-  else
-    PIPE_SRC="built from $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet HEAD 2>/dev/null || echo ' + uncommitted changes')"
-  fi
-  log "cargo build --release in $SRC (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
-  (cd "$SRC" && cargo build --release --quiet -p pipe)
-  PIPE=$CARGO_TARGET_DIR/release/pipe
-fi
+# shellcheck source=benches/lib.sh
+source "$REPO/benches/lib.sh"
+build_pipe
+PIPE=$PIPE_BUILT
 [[ -x "$PIPE" ]] || { echo "no pipe binary at $PIPE" >&2; exit 1; }
 
 if [[ ! -x "$DVC" ]]; then

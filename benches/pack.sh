@@ -81,28 +81,9 @@ die() { echo "error: $*" >&2; exit 1; }
   || die "GNU time is needed at $TIME for peak RSS (apt-get install -y time)"
 
 # ---------------------------------------------------------------- pipe
-if [[ -n "${PIPE_BIN:-}" ]]; then
-  PIPE_BUILT=$(realpath "$PIPE_BIN")
-  PIPE_SRC="PIPE_BIN"
-else
-  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/pipe-target}
-  SRC=$REPO
-  if [[ -n "${PIPE_REV:-}" ]]; then
-    REV=$(git -C "$REPO" rev-parse --short "$PIPE_REV^{commit}")
-    SRC=$BENCH_DIR/src-$REV
-    if [[ ! -f "$SRC/Cargo.toml" ]]; then
-      rm -rf "$SRC" && mkdir -p "$SRC"
-      git -C "$REPO" archive "$REV" | tar -x -C "$SRC"
-    fi
-    PIPE_SRC="built from $REV"
-  else
-    PIPE_SRC="built from $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet HEAD 2>/dev/null || echo ' + uncommitted changes')"
-  fi
-  log "cargo build --release in $SRC (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
-  (cd "$SRC" && cargo build --release --quiet -p pipe) \
-    || die "cargo build failed in $SRC (someone editing the tree? try PIPE_REV=HEAD or PIPE_BIN=...)"
-  PIPE_BUILT=$CARGO_TARGET_DIR/release/pipe
-fi
+# shellcheck source=benches/lib.sh
+source "$REPO/benches/lib.sh"
+build_pipe
 [[ -x "$PIPE_BUILT" ]] || die "no pipe binary at $PIPE_BUILT"
 # A private copy: a concurrent build into the shared target dir must not swap
 # the binary under the benchmark.

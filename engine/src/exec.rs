@@ -27,7 +27,6 @@ pub struct RunOptions {
     pub jobs: usize,
     /// GPU ids available for `gpu` stages.
     pub gpus: Vec<u32>,
-    pub dry_run: bool,
     /// Stages to rerun even on a cache hit.
     pub force: Vec<String>,
     pub keep_going: bool,

@@ -34,7 +34,7 @@ pub fn run(
             return Err(super::UsageError(format!("--force {f}: no stage named `{f}` in {}", p.path.display())).into());
         }
     }
-    let opts = RunOptions { targets, jobs, gpus, dry_run, force, keep_going, frozen };
+    let opts = RunOptions { targets, jobs, gpus, force, keep_going, frozen };
     if dry_run {
         for (name, runs, reasons) in exec::plan(&ws, &p, &pid, &opts)? {
             if runs {
