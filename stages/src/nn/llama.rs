@@ -1,0 +1,567 @@
+//! The Llama family (Llama 2/3, SmolLM2, Qwen2/2.5) for training and
+//! inference, written from differentiable ops (see [`crate::nn::ops`]).
+//!
+//! Every weight is a [`Weight`]: frozen (a plain tensor: no gradient is ever
+//! computed for it) or trainable (a `Var`). LoRA adapters hang off
+//! [`Linear`]s. A [`Batch`] is a flat token stream (no padding): rows of a
+//! `pack` artifact laid end to end, with the sequence boundaries inside
+//! them; attention runs per sequence, so packed samples never see each
+//! other, and position ids come from the pack (restarting per sequence).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::nn::config::LlamaConfig;
+use crate::nn::ops::{cross_entropy_sum, frozen_matmul, rms_norm, rope, softmax};
+use crate::nn::{NnError, Result};
+
+/// One parameter tensor.
+#[derive(Clone)]
+pub enum Weight {
+    Frozen(Tensor),
+    Train(Var),
+}
+
+impl Weight {
+    pub fn tensor(&self) -> &Tensor {
+        match self {
+            Weight::Frozen(t) => t,
+            Weight::Train(v) => v.as_tensor(),
+        }
+    }
+
+    pub fn is_trainable(&self) -> bool {
+        matches!(self, Weight::Train(_))
+    }
+
+    /// `x @ w.T`, skipping the weight's gradient when it is frozen.
+    fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Weight::Frozen(w) => frozen_matmul(x, w)?,
+            Weight::Train(w) => x.matmul(&w.t()?)?,
+        })
+    }
+}
+
+/// A LoRA adapter on a linear: `y += scale * dropout(x) @ A.T @ B.T`.
+pub struct Lora {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+pub struct Linear {
+    /// Module path in `transformers` naming, e.g. `model.layers.0.self_attn.q_proj`.
+    pub name: String,
+    pub w: Weight,
+    pub b: Option<Weight>,
+    pub lora: Option<Lora>,
+}
+
+/// Per-forward settings: dropout on (training) and its seed.
+#[derive(Debug, Clone, Copy)]
+pub struct Fwd {
+    pub train: bool,
+    pub seed: u64,
+}
+
+impl Fwd {
+    pub const EVAL: Fwd = Fwd { train: false, seed: 0 };
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor, fx: Fwd) -> Result<Tensor> {
+        let mut y = self.w.matmul_t(x)?;
+        if let Some(b) = &self.b {
+            y = y.broadcast_add(b.tensor())?;
+        }
+        if let Some(l) = &self.lora {
+            let xd = if fx.train && l.dropout > 0.0 {
+                dropout(x, l.dropout, fx.seed ^ name_hash(&self.name))?
+            } else {
+                x.clone()
+            };
+            let d = xd.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
+            y = (y + d.affine(l.scale, 0.0)?)?;
+        }
+        Ok(y)
+    }
+}
+
+fn name_hash(s: &str) -> u64 {
+    let h = blake3::hash(s.as_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or_default())
+}
+
+/// Inverted dropout with a mask drawn from a seeded ChaCha8 stream, so a
+/// recomputation (gradient checkpointing, resume) draws the same mask.
+fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }).collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok(x.mul(&mask)?)
+}
+
+pub struct Block {
+    pub input_layernorm: Weight,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub post_attention_layernorm: Weight,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Block {
+    pub fn linears(&self) -> [&Linear; 7] {
+        [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down]
+    }
+    fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        [&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down]
+    }
+}
+
+/// A batch as a flat token stream; see the module docs.
+pub struct Batch {
+    pub ids: Tensor,
+    /// cos/sin of each token's rotary angles, (N, head_dim/2).
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// (offset, length) of every sequence in the stream.
+    pub seqs: Vec<(usize, usize)>,
+    /// Stream positions whose next token is a label, and those labels.
+    pub pred_idx: Tensor,
+    pub targets: Tensor,
+    pub n_tokens: usize,
+    pub n_targets: usize,
+}
+
+/// One row of a `pack` artifact.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub input_ids: Vec<u32>,
+    /// Same length as `input_ids`; -100 = not trained on. Unshifted, as in
+    /// `transformers`: the token at t+1 is predicted from position t.
+    pub labels: Vec<i64>,
+    pub position_ids: Vec<u32>,
+    pub seq_lens: Vec<usize>,
+}
+
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    pub embed: Weight,
+    pub layers: Vec<Block>,
+    pub norm: Weight,
+    /// `None`: tied to the embedding.
+    pub lm_head: Option<Linear>,
+    pub dtype: DType,
+    pub device: Device,
+    inv_freq: Vec<f64>,
+}
+
+/// Which parameters train, and how.
+#[derive(Debug, Clone, Default)]
+pub struct TrainSpec {
+    /// Every base parameter trains (full fine-tuning).
+    pub full: bool,
+    /// Base parameters (by `transformers` name) that train (Spectrum).
+    pub unfrozen: Option<Vec<String>>,
+    pub lora: Option<LoraSpec>,
+    /// Modules that get a trainable copy of their own (PEFT's
+    /// `modules_to_save`): `lm_head`, `embed_tokens`.
+    pub modules_to_save: Vec<String>,
+    /// Seed for LoRA initialisation.
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Module names (`q_proj`, ...); `all-linear` is expanded by the caller.
+    pub targets: Vec<String>,
+    pub rslora: bool,
+    /// PEFT's default: B = 0, so the adapter starts as a no-op. Tests turn it
+    /// off to check gradients through both factors.
+    pub init_b_zero: bool,
+}
+
+impl LoraSpec {
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+}
+
+pub const ALL_LINEAR: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+impl Llama {
+    /// Load an HF-format folder (config.json + model.safetensors or shards).
+    pub fn load(dir: &Path, dtype: DType, device: &Device, spec: &TrainSpec) -> Result<Self> {
+        let cfg = LlamaConfig::load(&dir.join("config.json"))?;
+        let files = weight_files(dir)?;
+        // SAFETY: the files are store artifacts (read-only) or user folders that
+        // nothing else writes while we read them.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
+        let get = |name: &str| -> Result<Tensor> {
+            st.load(name, device)
+                .map_err(|e| NnError::Config(format!("{}: tensor `{name}`: {e}", dir.display())))?
+                .to_dtype(dtype)
+                .map_err(Into::into)
+        };
+        let has = |name: &str| st.get(name).is_ok();
+        Self::build(cfg, dtype, device, spec, &get, &has)
+    }
+
+    /// Build from any tensor source (`get` by `transformers` name).
+    pub fn build(
+        cfg: LlamaConfig,
+        dtype: DType,
+        device: &Device,
+        spec: &TrainSpec,
+        get: &dyn Fn(&str) -> Result<Tensor>,
+        has: &dyn Fn(&str) -> bool,
+    ) -> Result<Self> {
+        cfg.validate().map_err(NnError::Config)?;
+        let trains =
+            |name: &str| -> bool { spec.full || spec.unfrozen.as_ref().is_some_and(|u| u.iter().any(|n| n == name)) };
+        let weight = |name: &str| -> Result<Weight> {
+            let t = get(name)?;
+            Ok(if trains(name) { Weight::Train(Var::from_tensor(&t)?) } else { Weight::Frozen(t) })
+        };
+        let mut lora_rng = ChaCha8Rng::seed_from_u64(spec.seed);
+        let mut linear = |module: &str, bias: bool| -> Result<Linear> {
+            let w = weight(&format!("{module}.weight"))?;
+            let b = if bias { Some(weight(&format!("{module}.bias"))?) } else { None };
+            let short = module.rsplit('.').next().unwrap_or(module);
+            let lora = match &spec.lora {
+                Some(l) if l.targets.iter().any(|t| t == short) => {
+                    let (out, inp) = w.tensor().dims2()?;
+                    let bound = 1.0 / (inp as f64).sqrt();
+                    let a: Vec<f64> = (0..l.r * inp).map(|_| lora_rng.random_range(-bound..bound)).collect();
+                    let a = Tensor::from_vec(a, (l.r, inp), device)?.to_dtype(dtype)?;
+                    let b = if l.init_b_zero {
+                        Tensor::zeros((out, l.r), dtype, device)?
+                    } else {
+                        let b: Vec<f64> = (0..out * l.r).map(|_| lora_rng.random_range(-bound..bound)).collect();
+                        Tensor::from_vec(b, (out, l.r), device)?.to_dtype(dtype)?
+                    };
+                    Some(Lora {
+                        a: Var::from_tensor(&a)?,
+                        b: Var::from_tensor(&b)?,
+                        scale: l.scale(),
+                        dropout: l.dropout,
+                    })
+                }
+                _ => None,
+            };
+            Ok(Linear { name: module.to_string(), w, b, lora })
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Block {
+                input_layernorm: weight(&format!("{p}.input_layernorm.weight"))?,
+                q: linear(&format!("{p}.self_attn.q_proj"), cfg.qkv_bias())?,
+                k: linear(&format!("{p}.self_attn.k_proj"), cfg.qkv_bias())?,
+                v: linear(&format!("{p}.self_attn.v_proj"), cfg.qkv_bias())?,
+                o: linear(&format!("{p}.self_attn.o_proj"), cfg.o_bias())?,
+                post_attention_layernorm: weight(&format!("{p}.post_attention_layernorm.weight"))?,
+                gate: linear(&format!("{p}.mlp.gate_proj"), cfg.mlp_bias)?,
+                up: linear(&format!("{p}.mlp.up_proj"), cfg.mlp_bias)?,
+                down: linear(&format!("{p}.mlp.down_proj"), cfg.mlp_bias)?,
+            });
+        }
+        let save = |m: &str| spec.modules_to_save.iter().any(|s| s == m);
+        let embed_name = "model.embed_tokens.weight";
+        let embed_t = get(embed_name)?;
+        let tied = cfg.tie_word_embeddings || !has("lm_head.weight");
+        let embed = if save("embed_tokens") || trains(embed_name) {
+            Weight::Train(Var::from_tensor(&embed_t)?)
+        } else {
+            Weight::Frozen(embed_t.clone())
+        };
+        // PEFT's modules_to_save gives lm_head a trainable copy of its own,
+        // which unties it from the embedding.
+        let lm_head = if tied && !save("lm_head") {
+            None
+        } else {
+            let t = if tied { embed_t.copy()? } else { get("lm_head.weight")? };
+            let w = if save("lm_head") || trains("lm_head.weight") {
+                Weight::Train(Var::from_tensor(&t)?)
+            } else {
+                Weight::Frozen(t)
+            };
+            Some(Linear { name: "lm_head".into(), w, b: None, lora: None })
+        };
+        let norm = weight("model.norm.weight")?;
+        let inv_freq = cfg.inv_freq();
+        Ok(Llama { cfg, embed, layers, norm, lm_head, dtype, device: device.clone(), inv_freq })
+    }
+
+    /// Every parameter, by the name it is saved under: `transformers` names
+    /// for base weights, `<module>.lora_A.weight` / `lora_B` for adapters.
+    /// (Handles: tensors and vars share storage with the model.)
+    pub fn named_weights(&self) -> Vec<(String, Weight)> {
+        let mut out: Vec<(String, Weight)> = vec![("model.embed_tokens.weight".into(), self.embed.clone())];
+        for (i, l) in self.layers.iter().enumerate() {
+            out.push((format!("model.layers.{i}.input_layernorm.weight"), l.input_layernorm.clone()));
+            out.push((format!("model.layers.{i}.post_attention_layernorm.weight"), l.post_attention_layernorm.clone()));
+        }
+        out.push(("model.norm.weight".into(), self.norm.clone()));
+        let mut lin: Vec<&Linear> = self.layers.iter().flat_map(|l| l.linears()).collect();
+        lin.extend(self.lm_head.as_ref());
+        for l in lin {
+            out.push((format!("{}.weight", l.name), l.w.clone()));
+            if let Some(b) = &l.b {
+                out.push((format!("{}.bias", l.name), b.clone()));
+            }
+            if let Some(lo) = &l.lora {
+                out.push((format!("{}.lora_A.weight", l.name), Weight::Train(lo.a.clone())));
+                out.push((format!("{}.lora_B.weight", l.name), Weight::Train(lo.b.clone())));
+            }
+        }
+        out
+    }
+
+    /// The trainable parameters, by saved name (see [`Self::named_weights`]).
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        self.named_weights()
+            .into_iter()
+            .filter_map(|(n, w)| match w {
+                Weight::Train(v) => Some((n, v)),
+                Weight::Frozen(_) => None,
+            })
+            .collect()
+    }
+
+    /// Mutable access to every linear (for tests that perturb weights).
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v: Vec<&mut Linear> = self.layers.iter_mut().flat_map(|l| l.linears_mut()).collect();
+        v.extend(self.lm_head.as_mut());
+        v
+    }
+
+    /// Lay rows end to end into a [`Batch`].
+    pub fn batch(&self, rows: &[Row]) -> Result<Batch> {
+        let mut ids: Vec<u32> = Vec::new();
+        let mut pos: Vec<u32> = Vec::new();
+        let mut seqs = Vec::new();
+        let mut pred = Vec::new();
+        let mut targets = Vec::new();
+        for r in rows {
+            let base = ids.len();
+            if r.labels.len() != r.input_ids.len() || r.position_ids.len() != r.input_ids.len() {
+                return Err(NnError::Other(
+                    "a packed row's input_ids, labels and position_ids differ in length".into(),
+                ));
+            }
+            if r.seq_lens.iter().sum::<usize>() != r.input_ids.len() {
+                return Err(NnError::Other("a packed row's seq_lens do not add up to its length".into()));
+            }
+            let mut off = base;
+            for &l in &r.seq_lens {
+                seqs.push((off, l));
+                off += l;
+            }
+            for t in 0..r.input_ids.len().saturating_sub(1) {
+                let y = r.labels[t + 1];
+                if y >= 0 {
+                    if y as usize >= self.cfg.vocab_size {
+                        return Err(NnError::Other(format!(
+                            "label {y} is outside the vocabulary ({})",
+                            self.cfg.vocab_size
+                        )));
+                    }
+                    pred.push((base + t) as u32);
+                    targets.push(y as u32);
+                }
+            }
+            ids.extend(&r.input_ids);
+            pos.extend(&r.position_ids);
+        }
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(NnError::Other(format!("token id {bad} is outside the vocabulary ({})", self.cfg.vocab_size)));
+        }
+        let (cos, sin) = self.rotary(&pos)?;
+        let (n_tokens, n_targets) = (ids.len(), targets.len());
+        Ok(Batch {
+            ids: Tensor::from_vec(ids, n_tokens, &self.device)?,
+            cos,
+            sin,
+            seqs,
+            pred_idx: Tensor::from_vec(pred, n_targets, &self.device)?,
+            targets: Tensor::from_vec(targets, n_targets, &self.device)?,
+            n_tokens,
+            n_targets,
+        })
+    }
+
+    /// cos/sin tables for the given positions, computed as `transformers`
+    /// does (f32 angles) unless the model runs in f64.
+    fn rotary(&self, pos: &[u32]) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let n = pos.len();
+        let (cos, sin) = if self.dtype == DType::F64 {
+            let ang: Vec<f64> = pos.iter().flat_map(|&p| self.inv_freq.iter().map(move |f| p as f64 * f)).collect();
+            (
+                Tensor::from_vec(ang.iter().map(|a| a.cos()).collect::<Vec<_>>(), (n, half), &self.device)?,
+                Tensor::from_vec(ang.iter().map(|a| a.sin()).collect::<Vec<_>>(), (n, half), &self.device)?,
+            )
+        } else {
+            let ang: Vec<f32> =
+                pos.iter().flat_map(|&p| self.inv_freq.iter().map(move |f| p as f32 * *f as f32)).collect();
+            (
+                Tensor::from_vec(ang.iter().map(|a| a.cos()).collect::<Vec<_>>(), (n, half), &self.device)?
+                    .to_dtype(self.dtype)?,
+                Tensor::from_vec(ang.iter().map(|a| a.sin()).collect::<Vec<_>>(), (n, half), &self.device)?
+                    .to_dtype(self.dtype)?,
+            )
+        };
+        Ok((cos, sin))
+    }
+
+    pub fn embed(&self, b: &Batch) -> Result<Tensor> {
+        Ok(self.embed.tensor().index_select(&b.ids, 0)?)
+    }
+
+    /// One decoder block on the stream `x` (N, hidden).
+    pub fn block(&self, i: usize, x: &Tensor, b: &Batch, fx: Fwd) -> Result<Tensor> {
+        let l = &self.layers[i];
+        let c = &self.cfg;
+        let (h, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let rep = h / kv;
+        let n = x.dim(0)?;
+        let fx_i = Fwd { seed: fx.seed.wrapping_add(i as u64 * 0x9E37_79B9), ..fx };
+        let hn = rms_norm(x, l.input_layernorm.tensor(), c.rms_norm_eps)?;
+        let q = l.q.forward(&hn, fx_i)?.reshape((n, h, hd))?;
+        let k = l.k.forward(&hn, fx_i)?.reshape((n, kv, hd))?;
+        let v = l.v.forward(&hn, fx_i)?.reshape((n, kv, hd))?;
+        let q = rope(&q, &b.cos, &b.sin)?;
+        let k = rope(&k, &b.cos, &b.sin)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut masks: HashMap<usize, Tensor> = HashMap::new();
+        let mut outs = Vec::with_capacity(b.seqs.len());
+        for &(off, len) in &b.seqs {
+            // Query heads g*rep..(g+1)*rep share kv head g (repeat_interleave):
+            // fold them into the row dimension instead of copying k and v.
+            let qi = q.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?.reshape((kv, rep * len, hd))?;
+            let ki = k.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?;
+            let vi = v.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?;
+            let mask = match masks.get(&len) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = grouped_causal_mask(len, rep, &self.device)?;
+                    masks.insert(len, m.clone());
+                    m
+                }
+            };
+            let s = qi.matmul(&ki.t()?)?.affine(scale, 0.0)?;
+            let s = if matches!(self.dtype, DType::F64 | DType::F32) { s } else { s.to_dtype(DType::F32)? };
+            let p = softmax(&s.broadcast_add(&mask.to_dtype(s.dtype())?)?)?.to_dtype(self.dtype)?;
+            let o = p.matmul(&vi)?.reshape((h, len, hd))?.transpose(0, 1)?.reshape((len, h * hd))?;
+            outs.push(o);
+        }
+        let attn = if outs.len() == 1 { outs.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&outs, 0)? };
+        let x = (x + l.o.forward(&attn, fx_i)?)?;
+        let hn = rms_norm(&x, l.post_attention_layernorm.tensor(), c.rms_norm_eps)?;
+        let g = l.gate.forward(&hn, fx_i)?.silu()?;
+        let u = l.up.forward(&hn, fx_i)?;
+        let m = l.down.forward(&(g * u)?, fx_i)?;
+        Ok((x + m)?)
+    }
+
+    /// Final norm of the stream.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(rms_norm(x, self.norm.tensor(), self.cfg.rms_norm_eps)?)
+    }
+
+    /// Logits for hidden states `h` (M, hidden) -> (M, vocab).
+    pub fn head(&self, h: &Tensor, fx: Fwd) -> Result<Tensor> {
+        match &self.lm_head {
+            Some(l) => l.forward(h, fx),
+            None => self.embed.matmul_t(h),
+        }
+    }
+
+    /// Hidden states after the final norm, (N, hidden).
+    pub fn hidden(&self, b: &Batch, fx: Fwd) -> Result<Tensor> {
+        let mut x = self.embed(b)?;
+        for i in 0..self.layers.len() {
+            x = self.block(i, &x, b, fx)?;
+        }
+        self.final_norm(&x)
+    }
+
+    /// Logits of every token of the stream (N, vocab).
+    pub fn logits(&self, b: &Batch) -> Result<Tensor> {
+        let h = self.hidden(b, Fwd::EVAL)?;
+        self.head(&h, Fwd::EVAL)
+    }
+
+    /// Summed cross-entropy over the batch's targets, from the final hidden
+    /// states (only the rows that predict a label go through the head).
+    pub fn loss_sum_from_hidden(&self, h: &Tensor, b: &Batch, fx: Fwd) -> Result<Tensor> {
+        if b.n_targets == 0 {
+            return Ok(Tensor::zeros((), DType::F32, &self.device)?);
+        }
+        let hs = h.index_select(&b.pred_idx, 0)?;
+        let logits = self.head(&hs, fx)?;
+        Ok(cross_entropy_sum(&logits, &b.targets)?)
+    }
+
+    pub fn loss_sum(&self, b: &Batch, fx: Fwd) -> Result<Tensor> {
+        let h = self.hidden(b, fx)?;
+        self.loss_sum_from_hidden(&h, b, fx)
+    }
+}
+
+/// Causal mask for `rep` query heads folded into rows: (rep*L, L).
+fn grouped_causal_mask(len: usize, rep: usize, device: &Device) -> Result<Tensor> {
+    let v: Vec<f32> = (0..rep * len * len)
+        .map(|i| {
+            let (r, c) = (i / len % len, i % len);
+            if c > r {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, (rep * len, len), device)?)
+}
+
+/// The safetensors files of an HF folder: the index's shards, or model.safetensors.
+pub fn weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let v: serde_json::Value = serde_json::from_str(&fs_err::read_to_string(&index)?)
+            .map_err(|e| NnError::Config(format!("{}: {e}", index.display())))?;
+        let mut files: Vec<String> = v["weight_map"]
+            .as_object()
+            .ok_or_else(|| NnError::Config(format!("{}: no `weight_map`", index.display())))?
+            .values()
+            .filter_map(|f| f.as_str().map(String::from))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    Err(NnError::Config(format!("{}: no model.safetensors or model.safetensors.index.json", dir.display())))
+}

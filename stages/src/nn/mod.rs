@@ -1,0 +1,25 @@
+//! The ML code the stages share: the Llama-family model written from
+//! differentiable candle ops ([`llama`]), LoRA ([`llama::Lora`]), the
+//! optimiser and schedules ([`optim`]), and the trainer ([`trainer`]).
+
+pub mod config;
+pub mod llama;
+pub mod ops;
+pub mod optim;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NnError {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T, E = NnError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+pub(crate) mod tests;

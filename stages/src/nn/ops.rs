@@ -1,0 +1,97 @@
+//! Differentiable building blocks. candle 0.11's fused `softmax_last_dim`,
+//! `rms_norm`, `rope*` and `QMatMul` have no backward pass, so everything
+//! here is composed from ops that do (checked against finite differences in
+//! the tests), plus [`frozen_matmul`]: `x @ w.T` whose backward only
+//! computes the gradient for `x`. candle's own matmul backward also computes
+//! the (discarded) gradient of a frozen weight: a third matmul per linear.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor, D};
+
+/// RMSNorm in f32 (or f64 when the input is f64), scaled by `w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dt = x.dtype();
+    let xf = if dt == DType::F64 { x.clone() } else { x.to_dtype(DType::F32)? };
+    let inv = xf.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, eps)?.sqrt()?.recip()?;
+    xf.broadcast_mul(&inv)?.to_dtype(dt)?.broadcast_mul(w)
+}
+
+/// Softmax over the last dim. The max is detached: softmax does not depend
+/// on it, and its gradient path would only add zeros.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let e = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// log-softmax over the last dim.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
+    shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
+}
+
+/// Rotary embedding, `transformers`' non-interleaved layout (rotate_half):
+/// `x` is (N, heads, head_dim); `cos`/`sin` are (N, head_dim/2).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let a = x1.broadcast_mul(&cos)?.sub(&x2.broadcast_mul(&sin)?)?;
+    let b = x2.broadcast_mul(&cos)?.add(&x1.broadcast_mul(&sin)?)?;
+    Tensor::cat(&[a, b], D::Minus1)
+}
+
+/// Additive causal mask (L, L): 0 on and below the diagonal, -inf above.
+pub fn causal_mask(l: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let v: Vec<f32> = (0..l * l).map(|i| if i % l > i / l { f32::NEG_INFINITY } else { 0.0 }).collect();
+    Tensor::from_vec(v, (l, l), device)?.to_dtype(dtype)
+}
+
+/// `x @ w.T` for a weight that never trains: backward returns only dx.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return x.matmul(&w.t()?);
+    }
+    x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
+}
+
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("frozen-matmul: input must be contiguous")
+        };
+        let x = match s {
+            CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu)?,
+            CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu)?,
+            CpuStorage::BF16(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu)?,
+            CpuStorage::F16(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu)?,
+            _ => candle_core::bail!("frozen-matmul: unsupported dtype"),
+        };
+        let y = x.matmul(&self.w.t()?)?;
+        let shape = y.shape().clone();
+        let (st, _) = y.storage_and_layout();
+        match &*st {
+            Storage::Cpu(c) => Ok((c.clone(), shape)),
+            _ => candle_core::bail!("frozen-matmul: weight is not on the CPU"),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(dy.matmul(&self.w)?))
+    }
+}
+
+/// Cross-entropy in f32 (f64 for f64 logits), summed over rows:
+/// `logits` (M, V), `targets` (M) u32.
+pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let lf = if logits.dtype() == DType::F64 { logits.clone() } else { logits.to_dtype(DType::F32)? };
+    let lp = log_softmax(&lf)?;
+    lp.gather(&targets.unsqueeze(1)?, 1)?.sum_all()?.neg()
+}

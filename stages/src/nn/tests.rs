@@ -1,0 +1,250 @@
+//! Model tests: gradients against finite differences (f64), packing
+//! isolation, and the LoRA forward.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::nn::config::LlamaConfig;
+use crate::nn::llama::{Fwd, Llama, LoraSpec, Row, TrainSpec, Weight, ALL_LINEAR};
+use crate::nn::Result;
+
+pub fn tiny_config(model_type: &str, tied: bool) -> LlamaConfig {
+    serde_json::from_value(serde_json::json!({
+        "model_type": model_type,
+        "hidden_size": 16,
+        "intermediate_size": 24,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 32,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": tied,
+        "max_position_embeddings": 64,
+        "rope_scaling": if model_type == "llama" {
+            serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8})
+        } else { serde_json::Value::Null },
+    }))
+    .expect("valid config")
+}
+
+/// Random weights for `cfg` under `transformers` names.
+pub fn tiny_weights(cfg: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let dev = Device::Cpu;
+    let mut w = HashMap::new();
+    let mut put = |name: String, shape: Vec<usize>, scale: f64, center: f64| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| center + rng.random_range(-scale..scale)).collect();
+        w.insert(name, Tensor::from_vec(v, shape, &dev).expect("tensor"));
+    };
+    let (d, f, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+    let (h, kv) = (cfg.num_attention_heads, cfg.kv_heads());
+    put("model.embed_tokens.weight".into(), vec![cfg.vocab_size, d], 0.5, 0.0);
+    if !cfg.tie_word_embeddings {
+        put("lm_head.weight".into(), vec![cfg.vocab_size, d], 0.3, 0.0);
+    }
+    put("model.norm.weight".into(), vec![d], 0.2, 1.0);
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        put(format!("{p}.input_layernorm.weight"), vec![d], 0.2, 1.0);
+        put(format!("{p}.post_attention_layernorm.weight"), vec![d], 0.2, 1.0);
+        for (m, o, i_) in [("q_proj", h * hd, d), ("k_proj", kv * hd, d), ("v_proj", kv * hd, d), ("o_proj", d, h * hd)]
+        {
+            put(format!("{p}.self_attn.{m}.weight"), vec![o, i_], 0.3, 0.0);
+            if cfg.qkv_bias() && m != "o_proj" {
+                put(format!("{p}.self_attn.{m}.bias"), vec![o], 0.1, 0.0);
+            }
+        }
+        for (m, o, i_) in [("gate_proj", f, d), ("up_proj", f, d), ("down_proj", d, f)] {
+            put(format!("{p}.mlp.{m}.weight"), vec![o, i_], 0.3, 0.0);
+        }
+    }
+    w
+}
+
+pub fn tiny_model(cfg: &LlamaConfig, spec: &TrainSpec, dtype: DType) -> Result<Llama> {
+    let w = tiny_weights(cfg, 7);
+    let get = |n: &str| -> Result<Tensor> {
+        Ok(w.get(n).ok_or_else(|| crate::nn::NnError::Other(format!("missing {n}")))?.to_dtype(dtype)?)
+    };
+    let has = |n: &str| w.contains_key(n);
+    Llama::build(cfg.clone(), dtype, &Device::Cpu, spec, &get, &has)
+}
+
+/// Two packed rows: the first holds two sequences.
+pub fn rows() -> Vec<Row> {
+    vec![
+        Row {
+            input_ids: vec![1, 5, 9, 3, 2, 7, 30, 4],
+            labels: vec![-100, -100, 9, 3, -100, 7, 30, 4],
+            position_ids: vec![0, 1, 2, 3, 0, 1, 2, 3],
+            seq_lens: vec![4, 4],
+        },
+        Row {
+            input_ids: vec![6, 8, 10, 12, 14],
+            labels: vec![6, 8, 10, 12, 14],
+            position_ids: vec![0, 1, 2, 3, 4],
+            seq_lens: vec![5],
+        },
+    ]
+}
+
+fn loss(m: &Llama, rows: &[Row]) -> Result<f64> {
+    let b = m.batch(rows)?;
+    Ok(m.loss_sum(&b, Fwd::EVAL)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// Compare the analytic gradient of every trainable parameter with central
+/// differences at a few coordinates; every parameter must get a non-zero
+/// gradient.
+fn check_grads(m: &Llama) -> Result<()> {
+    let rows = rows();
+    let b = m.batch(&rows)?;
+    let l = m.loss_sum(&b, Fwd::EVAL)?;
+    let grads = l.backward()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let params = m.trainable();
+    assert!(!params.is_empty());
+    for (name, var) in &params {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+        let g = g.flatten_all()?.to_vec1::<f64>()?;
+        assert!(g.iter().any(|x| *x != 0.0), "{name}: gradient is all zeros");
+        let base = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
+        for _ in 0..3 {
+            let i = rng.random_range(0..base.len());
+            let eps = 1e-5;
+            let mut plus = base.clone();
+            plus[i] += eps;
+            var.set(&Tensor::from_vec(plus, var.shape(), &Device::Cpu)?)?;
+            let lp = loss(m, &rows)?;
+            let mut minus = base.clone();
+            minus[i] -= eps;
+            var.set(&Tensor::from_vec(minus, var.shape(), &Device::Cpu)?)?;
+            let lm = loss(m, &rows)?;
+            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu)?)?;
+            let fd = (lp - lm) / (2.0 * eps);
+            let tol = 1e-6 + 1e-5 * fd.abs().max(g[i].abs());
+            assert!((fd - g[i]).abs() < tol, "{name}[{i}]: analytic {} vs finite difference {fd}", g[i]);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn full_finetune_gradients_match_finite_differences() -> Result<()> {
+    for (ty, tied) in [("llama", true), ("llama", false), ("qwen2", false)] {
+        let m = tiny_model(&tiny_config(ty, tied), &TrainSpec { full: true, ..Default::default() }, DType::F64)?;
+        let n = m.trainable().len();
+        let expect = 2 + 2 * 2 + 7 * 2 + usize::from(!tied) + if ty == "qwen2" { 3 * 2 } else { 0 };
+        assert_eq!(n, expect, "{ty}: trainable parameter count");
+        check_grads(&m)?;
+    }
+    Ok(())
+}
+
+fn lora(targets: &[&str]) -> LoraSpec {
+    LoraSpec {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: targets.iter().map(|s| s.to_string()).collect(),
+        rslora: false,
+        init_b_zero: false,
+    }
+}
+
+#[test]
+fn lora_gradients_match_finite_differences_and_base_stays_frozen() -> Result<()> {
+    let spec = TrainSpec {
+        lora: Some(lora(&ALL_LINEAR)),
+        modules_to_save: vec!["lm_head".into(), "embed_tokens".into()],
+        ..Default::default()
+    };
+    let m = tiny_model(&tiny_config("llama", true), &spec, DType::F64)?;
+    let names: Vec<String> = m.trainable().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names.len(), 2 * 7 * 2 + 2, "{names:?}");
+    assert!(names.contains(&"model.layers.1.mlp.down_proj.lora_B.weight".to_string()));
+    assert!(names.contains(&"lm_head.weight".to_string()) && names.contains(&"model.embed_tokens.weight".to_string()));
+    assert!(!names.iter().any(|n| n.ends_with("q_proj.weight")));
+    check_grads(&m)
+}
+
+#[test]
+fn lora_with_zero_b_is_the_base_model() -> Result<()> {
+    let cfg = tiny_config("qwen2", false);
+    let base = tiny_model(&cfg, &TrainSpec::default(), DType::F64)?;
+    let mut spec = TrainSpec { lora: Some(lora(&["q_proj", "v_proj"])), ..Default::default() };
+    if let Some(l) = spec.lora.as_mut() {
+        l.init_b_zero = true;
+    }
+    let mut with = tiny_model(&cfg, &spec, DType::F64)?;
+    let b = base.batch(&rows())?;
+    let d = (base.logits(&b)? - with.logits(&b)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    assert_eq!(d, 0.0);
+    // B != 0: logits = base + scale * x A^T B^T on q and v only.
+    let l = with
+        .linears_mut()
+        .into_iter()
+        .find(|l| l.name.ends_with("layers.0.self_attn.q_proj"))
+        .map(|l| l.lora.is_some());
+    assert_eq!(l, Some(true));
+    Ok(())
+}
+
+#[test]
+fn packed_sequences_do_not_see_each_other() -> Result<()> {
+    let m = tiny_model(&tiny_config("llama", true), &TrainSpec::default(), DType::F64)?;
+    let packed = rows();
+    let lp = m.logits(&m.batch(&packed[..1])?)?;
+    let r = &packed[0];
+    let split = |a: usize, l: usize| Row {
+        input_ids: r.input_ids[a..a + l].to_vec(),
+        labels: r.labels[a..a + l].to_vec(),
+        position_ids: r.position_ids[a..a + l].to_vec(),
+        seq_lens: vec![l],
+    };
+    let l1 = m.logits(&m.batch(&[split(0, 4)])?)?;
+    let l2 = m.logits(&m.batch(&[split(4, 4)])?)?;
+    let alone = Tensor::cat(&[l1, l2], 0)?;
+    let d = (lp - alone)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    assert!(d < 1e-12, "packed vs alone differ by {d}");
+    // And the second sequence does depend on its own prefix.
+    let mut other = split(4, 4);
+    other.input_ids[0] = 11;
+    let l3 = m.logits(&m.batch(&[other])?)?;
+    let l2 = m.logits(&m.batch(&[split(4, 4)])?)?;
+    assert!((l3 - l2)?.abs()?.max_all()?.to_scalar::<f64>()? > 1e-6);
+    Ok(())
+}
+
+#[test]
+fn frozen_weights_get_no_gradient() -> Result<()> {
+    let spec = TrainSpec { lora: Some(lora(&["q_proj"])), ..Default::default() };
+    let m = tiny_model(&tiny_config("llama", false), &spec, DType::F64)?;
+    let b = m.batch(&rows())?;
+    let g = m.loss_sum(&b, Fwd::EVAL)?.backward()?;
+    for (name, w) in m.named_weights() {
+        match w {
+            Weight::Frozen(t) => assert!(g.get(&t).is_none(), "{name} is frozen but got a gradient"),
+            Weight::Train(v) => assert!(g.get(v.as_tensor()).is_some(), "{name}"),
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_rows_are_rejected() -> Result<()> {
+    let m = tiny_model(&tiny_config("llama", true), &TrainSpec::default(), DType::F32)?;
+    let mut r = rows();
+    r[0].seq_lens = vec![3, 4];
+    assert!(m.batch(&r).is_err());
+    let mut r = rows();
+    r[1].input_ids[0] = 99;
+    assert!(m.batch(&r).is_err());
+    Ok(())
+}
