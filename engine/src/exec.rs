@@ -468,6 +468,7 @@ pub(crate) fn run_one(
         Err(e) => return fail(e.to_string()),
     };
     let out_dir = work.join("out");
+    let resume_dir = ws.dot.join("resume").join(key.to_string());
     let log_path = ws.dot.join("logs").join(name).join(format!("{started_ms}-{}.log", key.short()));
     let setup = (|| -> Result<(fs_err::File, BTreeMap<String, PathBuf>), String> {
         fs_err::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
@@ -508,6 +509,7 @@ pub(crate) fn run_one(
         workspace: &ws.root,
         out_dir: &out_dir,
         work_dir: &work,
+        resume_dir: &resume_dir,
         inputs,
         params: &s.spec.params,
         gpus,
@@ -541,6 +543,7 @@ pub(crate) fn run_one(
     match published {
         Ok(d) => {
             let _ = remove_work(&work);
+            let _ = remove_work(&resume_dir);
             let rec = RunRecord {
                 schema: 1,
                 stage: name.to_string(),

@@ -203,6 +203,10 @@ pub struct RunCtx<'a> {
     pub out_dir: &'a Path,
     /// Scratch space outside the output (params file, temporaries).
     pub work_dir: &'a Path,
+    /// Persistent scratch for this stage key (`.pipe/resume/<key>/`, created
+    /// on demand): checkpoints live here, so an interrupted or failed run of
+    /// the same key resumes. Removed once the output is published.
+    pub resume_dir: &'a Path,
     /// Input name -> path of the upstream artifact (or sub-path of it).
     pub inputs: BTreeMap<String, PathBuf>,
     pub params: &'a Value,

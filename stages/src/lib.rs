@@ -12,5 +12,6 @@ pub mod nn;
 pub mod pack;
 mod registry;
 mod table;
+pub mod train;
 
 pub use registry::registry;

@@ -9,5 +9,6 @@ pub fn registry() -> Registry {
     r.register(Box::new(crate::messages::MessagesKind));
     r.register(Box::new(crate::pack::PackKind));
     r.register(Box::new(crate::model::ModelKind));
+    r.register(Box::new(crate::train::TrainKind));
     r
 }

@@ -10,3 +10,4 @@ mod model_stage;
 mod pack;
 mod run;
 mod safety;
+mod train;

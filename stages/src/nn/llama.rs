@@ -528,6 +528,67 @@ impl Llama {
     }
 }
 
+impl Llama {
+    /// `scale * loss_sum` and its gradient for each of `vars` (None: the
+    /// batch did not reach it). With `checkpoint`, only each block's input
+    /// is kept during the forward pass; the backward pass recomputes one
+    /// block at a time (same dropout masks: they are seeded) and pushes the
+    /// gradient through it, so activation memory is one block, not all.
+    pub fn loss_and_grads(
+        &self,
+        b: &Batch,
+        fx: Fwd,
+        scale: f64,
+        vars: &[Var],
+        checkpoint: bool,
+    ) -> Result<(f64, Vec<Option<Tensor>>)> {
+        let mut out: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut collect = |g: &candle_core::backprop::GradStore| -> Result<()> {
+            for (o, v) in out.iter_mut().zip(vars) {
+                if let Some(t) = g.get(v.as_tensor()) {
+                    *o = Some(match o.take() {
+                        Some(prev) => (prev + t)?,
+                        None => t.clone(),
+                    });
+                }
+            }
+            Ok(())
+        };
+        if !checkpoint {
+            let loss = (self.loss_sum(b, fx)? * scale)?;
+            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            collect(&loss.backward()?)?;
+            return Ok((value, out));
+        }
+        let emb = self.embed(b)?;
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut x = emb.detach();
+        for i in 0..self.layers.len() {
+            inputs.push(x.clone());
+            x = self.block(i, &x, b, fx)?.detach();
+        }
+        let xv = Var::from_tensor(&x)?;
+        let h = self.final_norm(xv.as_tensor())?;
+        let loss = (self.loss_sum_from_hidden(&h, b, fx)? * scale)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let g = loss.backward()?;
+        collect(&g)?;
+        let mut dx = g.get(xv.as_tensor()).cloned();
+        for i in (0..self.layers.len()).rev() {
+            let Some(d) = dx.take() else { break };
+            let xv = Var::from_tensor(&inputs[i])?;
+            let y = self.block(i, xv.as_tensor(), b, fx)?;
+            let g = (y * d)?.sum_all()?.backward()?;
+            collect(&g)?;
+            dx = g.get(xv.as_tensor()).cloned();
+        }
+        if let (Some(d), true) = (dx, emb.track_op()) {
+            collect(&(emb * d)?.sum_all()?.backward()?)?;
+        }
+        Ok((value, out))
+    }
+}
+
 /// Causal mask for `rep` query heads folded into rows: (rep*L, L).
 fn grouped_causal_mask(len: usize, rep: usize, device: &Device) -> Result<Tensor> {
     let v: Vec<f32> = (0..rep * len * len)

@@ -1,0 +1,813 @@
+//! `train`: supervised fine-tuning of a Llama-family model on a `pack`
+//! artifact, natively on candle: full fine-tuning, LoRA, QLoRA, Spectrum.
+//!
+//! ```yaml
+//! sft:
+//!   kind: train
+//!   inputs: {model: base, data: packed}
+//!   method: lora                 # full | lora | qlora | spectrum
+//!   lora: {r: 16, alpha: 16, dropout: 0.05, target: all-linear,
+//!          modules_to_save: [lm_head, embed_tokens], rslora: false}
+//!   learning_rate: 2.0e-4
+//!   lr_scheduler: constant       # constant | constant_with_warmup | linear | cosine
+//!   warmup_ratio: 0.1            # or warmup_steps: N
+//!   per_device_batch_size: 8     # packed rows per micro-batch
+//!   gradient_accumulation_steps: 2
+//!   num_epochs: 1                # or max_steps: N
+//!   max_grad_norm: 1.0
+//!   weight_decay: 0.0
+//!   seed: 42
+//!   precision: f32               # f32 | bf16
+//!   gradient_checkpointing: false
+//!   logging_steps: 1
+//!   checkpoint_every: 50         # steps; 0 = never
+//! ```
+//!
+//! Inputs: `model` (an HF-format folder, e.g. a `model` stage) and `data` (a
+//! `pack` artifact; `split:` picks `<split>.parquet`, default `train`, or
+//! the only Parquet file there is).
+//!
+//! Outputs: LoRA/QLoRA: `adapter_config.json` + `adapter_model.safetensors`
+//! as PEFT writes them (`base_model.model.<module>.lora_A.weight`, ...;
+//! `modules_to_save` as `base_model.model.lm_head.weight`). Full/Spectrum:
+//! an HF folder (`config.json`, `model.safetensors`). Both: the tokenizer
+//! files, `metrics.jsonl` (one line per logged step), `train.json` (summary).
+//!
+//! Resuming: with `checkpoint_every`, trainable weights, optimizer state and
+//! the step are saved under `.pipe/resume/<key>/`; a rerun of the same key
+//! (after Ctrl-C, a crash or a kill) continues from there. The data order and
+//! dropout masks derive from `seed` and the step, so a resumed CPU run ends
+//! with the same weights, bit for bit, as an uninterrupted one.
+//!
+//! Key: all params, plus the model and data digests. Not marked
+//! deterministic: `metrics.jsonl` records wall-clock times.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use arrow_array::{Array, Int32Array, ListArray};
+use candle_core::{DType, Device, Tensor, Var};
+use pipe_engine::stage::{parse_params, ParamError, RunCtx, Stage, StageFailure, StageKind};
+use pipe_engine::yaml::Seg;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::nn::llama::{Fwd, Llama, LoraSpec, Row, TrainSpec, ALL_LINEAR};
+use crate::nn::optim::{clip, global_norm, lr_at, AdamW, AdamWConfig, Schedule};
+use crate::nn::NnError;
+use crate::table;
+
+pub struct TrainKind;
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Method {
+    Full,
+    Lora,
+    Qlora,
+    Spectrum,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[serde(untagged)]
+enum Target {
+    Named(String),
+    List(Vec<String>),
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+struct LoraParams {
+    #[serde(default = "d_r")]
+    r: usize,
+    #[serde(default = "d_alpha", alias = "lora_alpha")]
+    alpha: f64,
+    #[serde(default, alias = "lora_dropout")]
+    dropout: f64,
+    #[serde(default = "d_target", alias = "target_modules")]
+    target: Target,
+    #[serde(default)]
+    modules_to_save: Vec<String>,
+    #[serde(default, alias = "use_rslora")]
+    rslora: bool,
+}
+
+fn d_r() -> usize {
+    16
+}
+fn d_alpha() -> f64 {
+    16.0
+}
+fn d_target() -> Target {
+    Target::Named("all-linear".into())
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+struct SpectrumParams {
+    #[serde(default = "d_top")]
+    top_percent: f64,
+}
+
+fn d_top() -> f64 {
+    30.0
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    method: Method,
+    #[serde(default)]
+    lora: Option<LoraParams>,
+    #[serde(default)]
+    spectrum: Option<SpectrumParams>,
+    #[serde(default)]
+    unfrozen_parameters: Option<Vec<String>>,
+    #[serde(default = "d_lr")]
+    learning_rate: f64,
+    #[serde(default = "d_sched", alias = "lr_scheduler_type")]
+    lr_scheduler: Schedule,
+    #[serde(default)]
+    warmup_ratio: f64,
+    #[serde(default)]
+    warmup_steps: Option<usize>,
+    #[serde(default = "one", alias = "per_device_train_batch_size")]
+    per_device_batch_size: usize,
+    #[serde(default = "one")]
+    gradient_accumulation_steps: usize,
+    #[serde(default = "d_epochs", alias = "num_train_epochs")]
+    num_epochs: f64,
+    #[serde(default)]
+    max_steps: Option<usize>,
+    #[serde(default = "d_clip")]
+    max_grad_norm: f64,
+    #[serde(default)]
+    weight_decay: f64,
+    #[serde(default = "d_b1", alias = "adam_beta1")]
+    beta1: f64,
+    #[serde(default = "d_b2", alias = "adam_beta2")]
+    beta2: f64,
+    #[serde(default = "d_eps", alias = "adam_epsilon")]
+    eps: f64,
+    #[serde(default = "d_seed")]
+    seed: u64,
+    #[serde(default)]
+    precision: Precision,
+    #[serde(default)]
+    gradient_checkpointing: bool,
+    #[serde(default = "one")]
+    logging_steps: usize,
+    #[serde(default, alias = "save_steps")]
+    checkpoint_every: usize,
+    #[serde(default)]
+    split: Option<String>,
+}
+
+fn d_lr() -> f64 {
+    2e-4
+}
+fn d_sched() -> Schedule {
+    Schedule::Linear
+}
+fn one() -> usize {
+    1
+}
+fn d_epochs() -> f64 {
+    1.0
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_b1() -> f64 {
+    0.9
+}
+fn d_b2() -> f64 {
+    0.999
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn d_seed() -> u64 {
+    42
+}
+
+struct TrainStage {
+    p: Params,
+}
+
+fn perr(key: &str, msg: impl Into<String>) -> ParamError {
+    ParamError::new(vec![Seg::Key(key.into())], msg.into())
+}
+
+impl StageKind for TrainKind {
+    fn name(&self) -> &'static str {
+        "train"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "fine-tune a model on packed data: full, LoRA, QLoRA or Spectrum"
+    }
+    fn prepare(&self, params: &Value) -> Result<Box<dyn Stage>, ParamError> {
+        let p: Params = parse_params(params)?;
+        let lora_like = matches!(p.method, Method::Lora | Method::Qlora);
+        if lora_like && p.lora.as_ref().is_some_and(|l| l.r == 0) {
+            return Err(ParamError::new(
+                vec![Seg::Key("lora".into()), Seg::Key("r".into())],
+                "lora.r must be at least 1".to_string(),
+            ));
+        }
+        if !lora_like && p.lora.is_some() {
+            return Err(perr("lora", "`lora:` settings need `method: lora` or `method: qlora`"));
+        }
+        if p.method != Method::Spectrum && (p.spectrum.is_some() || p.unfrozen_parameters.is_some()) {
+            let k = if p.spectrum.is_some() { "spectrum" } else { "unfrozen_parameters" };
+            return Err(perr(k, format!("`{k}:` needs `method: spectrum`")));
+        }
+        if let Some(l) = &p.lora {
+            if !(0.0..1.0).contains(&l.dropout) {
+                return Err(perr("lora", "lora.dropout must be in [0, 1)"));
+            }
+            for m in &l.modules_to_save {
+                if m != "lm_head" && m != "embed_tokens" {
+                    return Err(ParamError::new(
+                        vec![Seg::Key("lora".into()), Seg::Key("modules_to_save".into())],
+                        format!("unknown module `{m}`: modules_to_save takes lm_head and embed_tokens"),
+                    ));
+                }
+            }
+            if let Target::List(names) = &l.target {
+                for n in names {
+                    if !ALL_LINEAR.contains(&n.as_str()) {
+                        return Err(ParamError::new(
+                            vec![Seg::Key("lora".into()), Seg::Key("target".into())],
+                            format!("unknown module `{n}`: targets are {} or `all-linear`", ALL_LINEAR.join(", ")),
+                        ));
+                    }
+                }
+            }
+            if let Target::Named(n) = &l.target {
+                if n != "all-linear" && !ALL_LINEAR.contains(&n.as_str()) {
+                    return Err(ParamError::new(
+                        vec![Seg::Key("lora".into()), Seg::Key("target".into())],
+                        format!("unknown target `{n}`: write `all-linear` or a list of module names"),
+                    ));
+                }
+            }
+        }
+        if let Some(s) = &p.spectrum {
+            if !(s.top_percent > 0.0 && s.top_percent <= 100.0) {
+                return Err(perr("spectrum", "spectrum.top_percent must be in (0, 100]"));
+            }
+        }
+        for (k, v) in [
+            ("per_device_batch_size", p.per_device_batch_size),
+            ("gradient_accumulation_steps", p.gradient_accumulation_steps),
+            ("logging_steps", p.logging_steps),
+        ] {
+            if v == 0 {
+                return Err(perr(k, format!("{k} must be at least 1")));
+            }
+        }
+        if !(p.learning_rate > 0.0 && p.learning_rate.is_finite()) {
+            return Err(perr("learning_rate", "learning_rate must be a positive number"));
+        }
+        if !(0.0..1.0).contains(&p.warmup_ratio) {
+            return Err(perr("warmup_ratio", "warmup_ratio must be in [0, 1)"));
+        }
+        if p.max_steps.is_none() && p.num_epochs <= 0.0 {
+            return Err(perr("num_epochs", "num_epochs must be positive (or set max_steps)"));
+        }
+        if p.max_steps == Some(0) {
+            return Err(perr("max_steps", "max_steps must be at least 1"));
+        }
+        Ok(Box::new(TrainStage { p }))
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> StageFailure {
+    StageFailure::new(e.to_string())
+}
+
+impl From<NnError> for StageFailure {
+    fn from(e: NnError) -> Self {
+        StageFailure::new(e.to_string())
+    }
+}
+
+/// Read the rows of a pack artifact's Parquet file.
+pub fn read_pack(file: &Path) -> Result<Vec<Row>, StageFailure> {
+    let mut rows = Vec::new();
+    for batch in table::open(&[file.to_path_buf()], None)? {
+        let b = batch?;
+        let col = |name: &str| -> Result<&ListArray, StageFailure> {
+            b.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<ListArray>()).ok_or_else(|| {
+                StageFailure::new(format!("{}: no list column `{name}`", file.display()))
+                    .hint("the `data` input must be a `pack` artifact")
+            })
+        };
+        let (ids, labels, pos, lens) = (col("input_ids")?, col("labels")?, col("position_ids")?, col("seq_lens")?);
+        let ints = |l: &ListArray, i: usize| -> Result<Vec<i32>, StageFailure> {
+            let v = l.value(i);
+            let a = v
+                .as_any()
+                .downcast_ref::<Int32Array>()
+                .ok_or_else(|| StageFailure::new(format!("{}: list items must be int32", file.display())))?;
+            Ok(a.values().to_vec())
+        };
+        for i in 0..b.num_rows() {
+            let row_no = rows.len();
+            let bad = |what: &str| StageFailure::new(format!("{}: row {row_no} (0-based): {what}", file.display()));
+            let input_ids = ints(ids, i)?;
+            if input_ids.iter().any(|x| *x < 0) {
+                return Err(bad("negative token id in `input_ids`"));
+            }
+            let seq_lens = ints(lens, i)?;
+            if seq_lens.iter().any(|x| *x <= 0) {
+                return Err(bad("`seq_lens` must be positive"));
+            }
+            let r = Row {
+                input_ids: input_ids.iter().map(|x| *x as u32).collect(),
+                labels: ints(labels, i)?.iter().map(|x| *x as i64).collect(),
+                position_ids: ints(pos, i)?.iter().map(|x| (*x).max(0) as u32).collect(),
+                seq_lens: seq_lens.iter().map(|x| *x as usize).collect(),
+            };
+            if r.labels.len() != r.input_ids.len() || r.position_ids.len() != r.input_ids.len() {
+                return Err(bad("`input_ids`, `labels` and `position_ids` differ in length"));
+            }
+            if r.seq_lens.iter().sum::<usize>() != r.input_ids.len() {
+                return Err(bad("`seq_lens` do not add up to the row length"));
+            }
+            rows.push(r);
+        }
+    }
+    Ok(rows)
+}
+
+/// The step schedule derived from the data and the params.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    rows: usize,
+    micro_per_epoch: usize,
+    steps_per_epoch: usize,
+    total: usize,
+    warmup: usize,
+}
+
+impl Params {
+    fn plan(&self, rows: usize) -> Plan {
+        let micro_per_epoch = rows.div_ceil(self.per_device_batch_size);
+        let steps_per_epoch = micro_per_epoch.div_ceil(self.gradient_accumulation_steps).max(1);
+        let total =
+            self.max_steps.unwrap_or_else(|| ((steps_per_epoch as f64) * self.num_epochs).ceil() as usize).max(1);
+        let warmup = self.warmup_steps.unwrap_or_else(|| (total as f64 * self.warmup_ratio).ceil() as usize);
+        Plan { rows, micro_per_epoch, steps_per_epoch, total, warmup }
+    }
+
+    fn adamw(&self) -> AdamWConfig {
+        AdamWConfig { beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay }
+    }
+}
+
+impl Plan {
+    /// Row indices of each micro-batch of optimizer step `step`.
+    fn micro_batches(&self, p: &Params, step: usize, orders: &mut HashMap<usize, Vec<usize>>) -> Vec<Vec<usize>> {
+        let epoch = step / self.steps_per_epoch;
+        let within = step % self.steps_per_epoch;
+        let order = orders.entry(epoch).or_insert_with(|| {
+            let mut o: Vec<usize> = (0..self.rows).collect();
+            o.shuffle(&mut ChaCha8Rng::seed_from_u64(p.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+            o
+        });
+        let first = within * p.gradient_accumulation_steps;
+        let last = ((within + 1) * p.gradient_accumulation_steps).min(self.micro_per_epoch);
+        (first..last)
+            .map(|m| order[m * p.per_device_batch_size..((m + 1) * p.per_device_batch_size).min(self.rows)].to_vec())
+            .collect()
+    }
+}
+
+impl Stage for TrainStage {
+    fn deterministic(&self) -> bool {
+        false
+    }
+
+    fn key_env(&self) -> std::collections::BTreeMap<String, String> {
+        // Different devices give different floating-point results.
+        [("device".to_string(), device_name(&self.device()))].into()
+    }
+
+    fn run(&self, ctx: &RunCtx) -> Result<(), StageFailure> {
+        let p = &self.p;
+        let get = |name: &str| -> Result<&PathBuf, StageFailure> {
+            ctx.inputs.get(name).ok_or_else(|| {
+                StageFailure::new(format!("`train` needs an input named `{name}`"))
+                    .hint("write `inputs: {model: MODEL_STAGE, data: PACK_STAGE}`")
+            })
+        };
+        let (model_dir, data) = (get("model")?, get("data")?);
+        let file = pack_file(data, p.split.as_deref())?;
+        let rows = read_pack(&file)?;
+        if rows.is_empty() {
+            return Err(StageFailure::new(format!("{}: no rows to train on", file.display())));
+        }
+        let device = self.device();
+        let dtype = match p.precision {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        };
+        let spec = self.spec(model_dir)?;
+        ctx.progress.message("loading the model");
+        let model = Llama::load(model_dir, dtype, &device, &spec)
+            .map_err(|e| fail(e).hint("the `model` input must be an HF-format Llama/Qwen2 folder"))?;
+        let named = model.trainable();
+        if named.is_empty() {
+            return Err(StageFailure::new("no parameter is trainable")
+                .hint("check `unfrozen_parameters` / `lora.target` against the model's parameter names"));
+        }
+        let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+        let n_trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
+        let mut opt = AdamW::new(named.clone(), p.adamw())?;
+        let plan = p.plan(rows.len());
+
+        fs_err::create_dir_all(ctx.resume_dir)?;
+        let ckpt = ctx.resume_dir.join("checkpoint");
+        let metrics_path = ctx.resume_dir.join("metrics.jsonl");
+        let mut start = 0;
+        if ckpt.join("state.json").exists() {
+            start = load_checkpoint(&ckpt, &mut opt)?;
+            truncate_metrics(&metrics_path, start)?;
+            ctx.log_line(&format!("resumed from the checkpoint at step {start}"));
+            ctx.progress.message(&format!("resumed at step {start}/{}", plan.total));
+        } else if metrics_path.exists() {
+            fs_err::remove_file(&metrics_path)?;
+        }
+        let mut metrics = fs_err::OpenOptions::new().create(true).append(true).open(&metrics_path)?;
+        ctx.log_line(&format!(
+            "train: {} rows, {} steps ({} per epoch), warmup {}, {} trainable parameters on {}",
+            plan.rows,
+            plan.total,
+            plan.steps_per_epoch,
+            plan.warmup,
+            n_trainable,
+            device_name(&device)
+        ));
+
+        let mut orders = HashMap::new();
+        let t0 = Instant::now();
+        let (mut window_tokens, mut window_t) = (0usize, Instant::now());
+        let mut last_loss = f64::NAN;
+        let mut total_tokens = 0usize;
+        for step in start..plan.total {
+            let micro = plan.micro_batches(p, step, &mut orders);
+            let batches: Vec<_> = micro
+                .iter()
+                .map(|idx| {
+                    let rs: Vec<Row> = idx.iter().map(|&i| rows[i].clone()).collect();
+                    model.batch(&rs)
+                })
+                .collect::<Result<_, _>>()?;
+            let n_targets: usize = batches.iter().map(|b| b.n_targets).sum();
+            let n_tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
+            if n_targets == 0 {
+                ctx.log_line(&format!("step {}: no trainable tokens, skipped", step + 1));
+                continue;
+            }
+            let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+            let mut loss = 0.0;
+            for (m, b) in batches.iter().enumerate() {
+                if ctx.cancel.is_cancelled() {
+                    return Err(StageFailure::new("cancelled"));
+                }
+                let fx = Fwd { train: true, seed: p.seed ^ ((step as u64) << 20) ^ m as u64 };
+                let (l, g) = model.loss_and_grads(b, fx, 1.0 / n_targets as f64, &vars, p.gradient_checkpointing)?;
+                loss += l;
+                for (acc, g) in grads.iter_mut().zip(g) {
+                    if let Some(g) = g {
+                        *acc = Some(match acc.take() {
+                            Some(a) => (a + g).map_err(fail)?,
+                            None => g,
+                        });
+                    }
+                }
+            }
+            let mut grads: Vec<Tensor> = grads
+                .into_iter()
+                .zip(&vars)
+                .map(|(g, v)| g.map_or_else(|| v.zeros_like(), Ok))
+                .collect::<Result<_, _>>()
+                .map_err(fail)?;
+            if !loss.is_finite() {
+                return Err(StageFailure::new(format!("step {}: the loss is {loss}", step + 1))
+                    .hint("lower learning_rate, or use precision: f32"));
+            }
+            let norm = global_norm(&grads)?;
+            clip(&mut grads, norm, p.max_grad_norm)?;
+            let lr = lr_at(p.lr_scheduler, p.learning_rate, step, plan.warmup, plan.total);
+            opt.step(&grads, lr)?;
+            last_loss = loss;
+            total_tokens += n_tokens;
+            window_tokens += n_tokens;
+            let done = step + 1;
+            if done % p.logging_steps == 0 || done == plan.total {
+                let tps = window_tokens as f64 / window_t.elapsed().as_secs_f64().max(1e-9);
+                let rec = json!({
+                    "step": done,
+                    "epoch": done as f64 / plan.steps_per_epoch as f64,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": norm,
+                    "tokens_per_s": tps,
+                    "elapsed_s": t0.elapsed().as_secs_f64(),
+                });
+                use std::io::Write;
+                writeln!(metrics, "{rec}")?;
+                let eta = t0.elapsed().as_secs_f64() / (done - start) as f64 * (plan.total - done) as f64;
+                ctx.progress.message(&format!(
+                    "step {done}/{} · loss {loss:.4} · {tps:.0} tok/s · ETA {}",
+                    plan.total,
+                    fmt_secs(eta)
+                ));
+                (window_tokens, window_t) = (0, Instant::now());
+            }
+            if p.checkpoint_every > 0 && done % p.checkpoint_every == 0 && done < plan.total {
+                save_checkpoint(&ckpt, &opt, done)?;
+                ctx.log_line(&format!("checkpoint at step {done}"));
+            }
+        }
+        drop(metrics);
+        self.save_output(ctx, &model, model_dir)?;
+        fs_err::copy(&metrics_path, ctx.out_dir.join("metrics.jsonl"))?;
+        let summary = json!({
+            "schema": 1,
+            "method": format!("{:?}", p.method).to_lowercase(),
+            "rows": plan.rows,
+            "steps": plan.total,
+            "resumed_at_step": start,
+            "trainable_parameters": n_trainable,
+            "tokens": total_tokens,
+            "final_loss": last_loss,
+            "device": device_name(&device),
+            "precision": format!("{:?}", p.precision).to_lowercase(),
+            "seconds": t0.elapsed().as_secs_f64(),
+        });
+        fs_err::write(ctx.out_dir.join("train.json"), serde_json::to_vec_pretty(&summary).map_err(fail)?)?;
+        Ok(())
+    }
+}
+
+fn fmt_secs(s: f64) -> String {
+    if !s.is_finite() {
+        return "?".into();
+    }
+    let s = s.round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+fn device_name(d: &Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => "cuda".into(),
+        Device::Metal(_) => "metal".into(),
+    }
+}
+
+/// `<split>.parquet` in a pack artifact (or the only Parquet file).
+fn pack_file(dir: &Path, split: Option<&str>) -> Result<PathBuf, StageFailure> {
+    if dir.is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    let files: Vec<PathBuf> =
+        table::data_files(dir).into_iter().filter(|f| f.extension().is_some_and(|e| e == "parquet")).collect();
+    let names: Vec<String> =
+        files.iter().filter_map(|f| f.file_stem().map(|s| s.to_string_lossy().into_owned())).collect();
+    let want = split.unwrap_or("train");
+    if let Some(i) = names.iter().position(|n| n == want) {
+        return Ok(files[i].clone());
+    }
+    if split.is_none() && files.len() == 1 {
+        return Ok(files[0].clone());
+    }
+    Err(StageFailure::new(format!("{}: no `{want}.parquet` in the data input", dir.display())).hint(
+        if names.is_empty() {
+            "the `data` input must be a `pack` artifact".to_string()
+        } else {
+            format!("set `split:` to one of: {}", names.join(", "))
+        },
+    ))
+}
+
+impl TrainStage {
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
+    fn spec(&self, _model_dir: &Path) -> Result<TrainSpec, StageFailure> {
+        let p = &self.p;
+        let mut spec = TrainSpec { seed: p.seed, ..Default::default() };
+        match p.method {
+            Method::Full => spec.full = true,
+            Method::Lora | Method::Qlora => {
+                let l = p.lora.clone().unwrap_or(LoraParams {
+                    r: d_r(),
+                    alpha: d_alpha(),
+                    dropout: 0.0,
+                    target: d_target(),
+                    modules_to_save: Vec::new(),
+                    rslora: false,
+                });
+                let targets = match &l.target {
+                    Target::Named(n) if n == "all-linear" => ALL_LINEAR.iter().map(|s| s.to_string()).collect(),
+                    Target::Named(n) => vec![n.clone()],
+                    Target::List(v) => v.clone(),
+                };
+                spec.lora = Some(LoraSpec {
+                    r: l.r,
+                    alpha: l.alpha,
+                    dropout: l.dropout,
+                    targets,
+                    rslora: l.rslora,
+                    init_b_zero: true,
+                });
+                spec.modules_to_save = l.modules_to_save.clone();
+                if p.method == Method::Qlora {
+                    return Err(StageFailure::new("method qlora is not available in this build yet"));
+                }
+            }
+            Method::Spectrum => return Err(StageFailure::new("method spectrum is not available in this build yet")),
+        }
+        Ok(spec)
+    }
+
+    fn save_output(&self, ctx: &RunCtx, model: &Llama, model_dir: &Path) -> Result<(), StageFailure> {
+        let out = ctx.out_dir;
+        for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
+            let src = model_dir.join(f);
+            if src.exists() {
+                fs_err::copy(&src, out.join(f))?;
+            }
+        }
+        match self.p.method {
+            Method::Lora | Method::Qlora => self.save_adapter(out, model, model_dir),
+            Method::Full | Method::Spectrum => save_full(out, model, model_dir),
+        }
+    }
+
+    fn save_adapter(&self, out: &Path, model: &Llama, model_dir: &Path) -> Result<(), StageFailure> {
+        let spec = self.spec(model_dir)?;
+        let l = spec.lora.as_ref().expect("lora method");
+        let tensors: Vec<(String, Tensor)> = model
+            .trainable()
+            .into_iter()
+            .map(|(n, v)| (format!("base_model.model.{n}"), v.as_tensor().clone()))
+            .collect();
+        save_safetensors(&out.join("adapter_model.safetensors"), &tensors)?;
+        let base = fs_err::read_to_string(model_dir.join("model.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+            .and_then(|v| v.get("source").and_then(|s| s.as_str()).map(String::from))
+            .unwrap_or_default();
+        let cfg = json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base,
+            "r": l.r,
+            "lora_alpha": l.alpha,
+            "lora_dropout": l.dropout,
+            "target_modules": l.targets,
+            "modules_to_save": if spec.modules_to_save.is_empty() { Value::Null } else { json!(spec.modules_to_save) },
+            "use_rslora": l.rslora,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "init_lora_weights": true,
+            "inference_mode": true,
+            "use_dora": false,
+            "layers_to_transform": null,
+            "layers_pattern": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "revision": null,
+        });
+        fs_err::write(out.join("adapter_config.json"), serde_json::to_string_pretty(&cfg).map_err(fail)? + "\n")?;
+        Ok(())
+    }
+}
+
+/// An HF folder with every weight of the model (untied if training untied it).
+fn save_full(out: &Path, model: &Llama, model_dir: &Path) -> Result<(), StageFailure> {
+    let tensors: Vec<(String, Tensor)> =
+        model.named_weights().into_iter().map(|(n, w)| (n, w.tensor().clone())).collect();
+    save_safetensors(&out.join("model.safetensors"), &tensors)?;
+    let mut cfg: Value = serde_json::from_str(&fs_err::read_to_string(model_dir.join("config.json"))?).map_err(fail)?;
+    cfg["tie_word_embeddings"] = json!(model.lm_head.is_none());
+    cfg["torch_dtype"] = json!(match model.dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    });
+    fs_err::write(out.join("config.json"), serde_json::to_string_pretty(&cfg).map_err(fail)? + "\n")?;
+    Ok(())
+}
+
+/// safetensors with `{"format": "pt"}` metadata, as `transformers` expects.
+pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), StageFailure> {
+    let ts: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.contiguous()?)))
+        .collect::<candle_core::Result<_>>()
+        .map_err(fail)?;
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors::serialize_to_file(ts.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), &tmp)
+        .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+    fs_err::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Checkpoint: trainable weights (and f32 masters), AdamW moments, step.
+/// Written to a fresh dir, then renamed over the previous one.
+fn save_checkpoint(dir: &Path, opt: &AdamW, step: usize) -> Result<(), StageFailure> {
+    let tmp = dir.with_extension("tmp");
+    if tmp.exists() {
+        fs_err::remove_dir_all(&tmp)?;
+    }
+    fs_err::create_dir_all(&tmp)?;
+    let mut t = Vec::new();
+    for p in &opt.params {
+        t.push((format!("param.{}", p.name), p.var.as_tensor().clone()));
+        t.push((format!("m.{}", p.name), p.m.clone()));
+        t.push((format!("v.{}", p.name), p.v.clone()));
+        if let Some(m) = &p.master {
+            t.push((format!("master.{}", p.name), m.clone()));
+        }
+    }
+    save_safetensors(&tmp.join("state.safetensors"), &t)?;
+    let state = json!({"schema": 1, "step": step, "adam_t": opt.t});
+    fs_err::write(tmp.join("state.json"), serde_json::to_vec(&state).map_err(fail)?)?;
+    let old = dir.with_extension("old");
+    if dir.exists() {
+        fs_err::rename(dir, &old)?;
+    }
+    fs_err::rename(&tmp, dir)?;
+    if old.exists() {
+        fs_err::remove_dir_all(&old)?;
+    }
+    Ok(())
+}
+
+fn load_checkpoint(dir: &Path, opt: &mut AdamW) -> Result<usize, StageFailure> {
+    let state: Value = serde_json::from_str(&fs_err::read_to_string(dir.join("state.json"))?).map_err(fail)?;
+    let bad = || StageFailure::new(format!("{}: unreadable checkpoint", dir.display())).hint("delete it to start over");
+    let step = state["step"].as_u64().ok_or_else(bad)? as usize;
+    opt.t = state["adam_t"].as_u64().ok_or_else(bad)? as usize;
+    let dev = opt.params.first().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu);
+    let t = candle_core::safetensors::load(dir.join("state.safetensors"), &dev).map_err(fail)?;
+    let take = |k: String| -> Result<Tensor, StageFailure> {
+        t.get(&k).cloned().ok_or_else(|| bad().hint(format!("`{k}` is missing; delete the checkpoint to start over")))
+    };
+    for p in opt.params.iter_mut() {
+        p.var.set(&take(format!("param.{}", p.name))?).map_err(fail)?;
+        p.m = take(format!("m.{}", p.name))?;
+        p.v = take(format!("v.{}", p.name))?;
+        if p.master.is_some() {
+            p.master = Some(take(format!("master.{}", p.name))?);
+        }
+    }
+    Ok(step)
+}
+
+/// Keep the metrics lines of steps <= `step` (a resumed run logs the rest again).
+fn truncate_metrics(path: &Path, step: usize) -> Result<(), StageFailure> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = fs_err::read_to_string(path)?;
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    fs_err::write(path, kept)?;
+    Ok(())
+}

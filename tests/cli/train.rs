@@ -1,0 +1,208 @@
+//! `train`: LoRA / full fine-tuning of a tiny random Llama through the CLI,
+//! PEFT adapter layout, resume after a kill, parameter errors.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use crate::common::{wait_for, Ws};
+use crate::pack::write_byte_model;
+
+/// A tiny random Llama (byte-level vocab of `write_byte_model`: 258 tokens).
+pub fn write_tiny_llama(ws: &Ws, dir: &str, tied: bool) {
+    write_byte_model(ws, dir);
+    let (d, f, layers, heads, kv, vocab) = (32usize, 64usize, 2usize, 4usize, 2usize, 258usize);
+    let hd = d / heads;
+    let cfg = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": d, "intermediate_size": f, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": tied,
+        "max_position_embeddings": 512, "hidden_act": "silu", "torch_dtype": "float32",
+        "bos_token_id": null, "eos_token_id": 257
+    });
+    ws.write(&format!("{dir}/config.json"), &cfg.to_string());
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = |shape: &[usize], scale: f32, center: f32| -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                center + scale * ((state >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0)
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    t.insert("model.embed_tokens.weight".into(), rnd(&[vocab, d], 0.5, 0.0));
+    if !tied {
+        t.insert("lm_head.weight".into(), rnd(&[vocab, d], 0.2, 0.0));
+    }
+    t.insert("model.norm.weight".into(), rnd(&[d], 0.1, 1.0));
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        t.insert(format!("{p}.input_layernorm.weight"), rnd(&[d], 0.1, 1.0));
+        t.insert(format!("{p}.post_attention_layernorm.weight"), rnd(&[d], 0.1, 1.0));
+        for (m, o, i_) in [("q_proj", heads * hd, d), ("k_proj", kv * hd, d), ("v_proj", kv * hd, d), ("o_proj", d, d)]
+        {
+            t.insert(format!("{p}.self_attn.{m}.weight"), rnd(&[o, i_], 0.2, 0.0));
+        }
+        for (m, o, i_) in [("gate_proj", f, d), ("up_proj", f, d), ("down_proj", d, f)] {
+            t.insert(format!("{p}.mlp.{m}.weight"), rnd(&[o, i_], 0.2, 0.0));
+        }
+    }
+    candle_core::safetensors::save(&t, ws.path().join(dir).join("model.safetensors")).unwrap();
+}
+
+fn pipeline(train: &str) -> String {
+    format!(
+        "stages:\n  base:\n    kind: command\n    deps: [model]\n    cmd: cp model/* $PIPE_OUT/\n  ds: {{kind: dataset, source: data/d.jsonl}}\n  chat:\n    kind: messages\n    inputs: {{data: ds}}\n    user: \"{{{{ q }}}}\"\n    assistant: \"{{{{ a }}}}\"\n  pack:\n    kind: pack\n    inputs: {{data: chat, model: base}}\n    max_seq_length: 64\n  sft:\n    kind: train\n    inputs: {{model: base, data: pack}}\n{train}"
+    )
+}
+
+fn setup(ws: &Ws, tied: bool, train: &str) {
+    write_tiny_llama(ws, "model", tied);
+    let rows = [("2+2?", "4"), ("3*3?", "9"), ("10-7?", "3"), ("1+5?", "6")];
+    let data: String = rows.iter().map(|(q, a)| format!("{{\"q\": \"{q}\", \"a\": \"{a}\"}}\n")).collect();
+    ws.write("data/d.jsonl", &data);
+    ws.write("p.yaml", &pipeline(train));
+}
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    fs_err::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn tensors(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn lora_overfits_and_writes_a_peft_adapter() {
+    let ws = Ws::new();
+    setup(
+        &ws,
+        true,
+        "    method: lora\n    lora: {r: 8, alpha: 16, target: all-linear, modules_to_save: [lm_head]}\n    learning_rate: 0.01\n    lr_scheduler: constant\n    per_device_batch_size: 4\n    max_steps: 60\n    logging_steps: 5\n",
+    );
+    ws.ok(&["run", "p.yaml"]);
+    let out = ws.out_path("p.yaml", "sft");
+    let m = metrics(&out);
+    assert_eq!(m.len(), 12);
+    assert_eq!(m.last().unwrap()["step"], 60);
+    let (first, last) = (m[0]["loss"].as_f64().unwrap(), m.last().unwrap()["loss"].as_f64().unwrap());
+    assert!(last < 0.1 * first && last < 0.3, "loss {first} -> {last}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&fs_err::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 8);
+    assert_eq!(cfg["lora_alpha"], 16.0);
+    assert_eq!(cfg["modules_to_save"], serde_json::json!(["lm_head"]));
+    let t = tensors(&out.join("adapter_model.safetensors"));
+    assert_eq!(t.len(), 2 * 7 * 2 + 1, "{:?}", t.keys());
+    assert_eq!(t["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].dims(), &[8, 32]);
+    assert_eq!(t["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].dims(), &[32, 8]);
+    assert_eq!(t["base_model.model.lm_head.weight"].dims(), &[258, 32]);
+    assert!(out.join("tokenizer.json").exists() && out.join("train.json").exists());
+    // Nothing changed: cached.
+    let again = ws.ok(&["run", "p.yaml"]);
+    assert!(again.ran().is_empty(), "{again:?}");
+}
+
+#[test]
+fn full_finetune_writes_an_hf_folder() {
+    let ws = Ws::new();
+    setup(
+        &ws,
+        false,
+        "    method: full\n    learning_rate: 0.003\n    lr_scheduler: cosine\n    warmup_ratio: 0.1\n    per_device_batch_size: 2\n    gradient_accumulation_steps: 2\n    num_epochs: 40\n    gradient_checkpointing: true\n    weight_decay: 0.01\n",
+    );
+    ws.ok(&["run", "p.yaml"]);
+    let out = ws.out_path("p.yaml", "sft");
+    let m = metrics(&out);
+    assert_eq!(m.len(), 40, "4 rows / (2 x 2) = 1 step per epoch");
+    let (first, last) = (m[0]["loss"].as_f64().unwrap(), m.last().unwrap()["loss"].as_f64().unwrap());
+    assert!(last < 0.2 * first, "loss {first} -> {last}");
+    assert!(m[0]["lr"].as_f64().unwrap() == 0.0 && m[4]["lr"].as_f64().unwrap() > 0.0029, "warmup then cosine");
+    let t = tensors(&out.join("model.safetensors"));
+    let base = tensors(&ws.out_path("p.yaml", "base").join("model.safetensors"));
+    assert_eq!(t.len(), base.len());
+    for (name, w) in &base {
+        let d = (&t[name] - w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d > 0.0, "{name} did not change");
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&fs_err::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["tie_word_embeddings"], false);
+    assert_eq!(cfg["hidden_size"], 32);
+}
+
+#[test]
+fn a_killed_run_resumes_to_identical_weights() {
+    let train = "    method: lora\n    lora: {r: 4, alpha: 8, dropout: 0.1}\n    learning_rate: 0.005\n    per_device_batch_size: 1\n    gradient_accumulation_steps: 2\n    max_steps: 300\n    checkpoint_every: 10\n";
+    let ws = Ws::new();
+    setup(&ws, true, train);
+    let mut child = ws.cmd(&["run", "p.yaml"]).spawn().unwrap();
+    let resume = ws.path().join(".pipe/resume");
+    wait_for(120, "a checkpoint", || {
+        fs_err::read_dir(&resume)
+            .ok()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.path().join("checkpoint/state.json").exists())
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(ws.status_json("p.yaml")["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["name"] == "sft" && s["state"] != "fresh"));
+    let resumed = ws.ok(&["run", "p.yaml"]);
+    assert_eq!(resumed.ran(), vec!["sft".to_string()], "{resumed:?}");
+    let logs = ws.path().join(".pipe/logs/sft");
+    let log: String =
+        fs_err::read_dir(&logs).unwrap().flatten().map(|e| fs_err::read_to_string(e.path()).unwrap()).collect();
+    assert!(log.contains("resumed from the checkpoint at step"), "{log}");
+    assert!(
+        !resume.exists() || fs_err::read_dir(&resume).unwrap().next().is_none(),
+        "resume state is removed once published"
+    );
+
+    let fresh = Ws::new();
+    setup(&fresh, true, train);
+    fresh.ok(&["run", "p.yaml"]);
+    let a = fs_err::read(ws.out_path("p.yaml", "sft").join("adapter_model.safetensors")).unwrap();
+    let b = fs_err::read(fresh.out_path("p.yaml", "sft").join("adapter_model.safetensors")).unwrap();
+    assert!(a == b, "resumed and uninterrupted runs differ");
+    assert_eq!(metrics(&ws.out_path("p.yaml", "sft")).len(), 300);
+}
+
+#[test]
+fn bad_train_params_and_inputs_are_reported() {
+    let ws = Ws::new();
+    setup(&ws, true, "    method: lora\n    lora: {r: 4, target: [q_proj, qq_proj]}\n");
+    let out = ws.pipe(&["run", "p.yaml"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("unknown module `qq_proj`") && out.stderr.contains("p.yaml:"), "{out:?}");
+
+    ws.write("p.yaml", &pipeline("    method: full\n    spectrum: {top_percent: 30}\n"));
+    let out = ws.pipe(&["run", "p.yaml"]);
+    assert!(out.stderr.contains("`spectrum:` needs `method: spectrum`"), "{out:?}");
+
+    // The data input is not a pack artifact.
+    ws.write(
+        "p.yaml",
+        &pipeline("    method: full\n").replace("{model: base, data: pack}", "{model: base, data: chat}"),
+    );
+    let out = ws.pipe(&["run", "p.yaml"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("no list column `input_ids`") && out.stderr.contains("pack"), "{out:?}");
+}
