@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use pipe_stages::nn::llama::{Fwd, Llama, TrainSpec};
 
 use crate::common::{wait_for, Ws};
 use crate::pack::write_byte_model;
@@ -110,6 +111,18 @@ fn lora_overfits_and_writes_a_peft_adapter() {
     assert_eq!(t["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].dims(), &[32, 8]);
     assert_eq!(t["base_model.model.lm_head.weight"].dims(), &[258, 32]);
     assert!(out.join("tokenizer.json").exists() && out.join("train.json").exists());
+    // The adapter loads back on the base (as PEFT would) and carries the fit.
+    let base_dir = ws.out_path("p.yaml", "base");
+    let rows = pipe_stages::train::read_pack(&ws.out_path("p.yaml", "pack").join("data.parquet")).unwrap();
+    let loss = |m: &Llama| -> f64 {
+        let b = m.batch(&rows).unwrap();
+        let l = m.loss_sum(&b, Fwd::EVAL).unwrap().to_scalar::<f32>().unwrap() as f64;
+        l / b.n_targets as f64
+    };
+    let tuned = Llama::load_peft(&base_dir, &out, DType::F32, &Device::Cpu).unwrap();
+    let base = Llama::load(&base_dir, DType::F32, &Device::Cpu, &TrainSpec::default()).unwrap();
+    let (lt, lb) = (loss(&tuned), loss(&base));
+    assert!((lt - last).abs() < 0.05 && lb > 5.0 * lt, "tuned {lt} (train {last}), base {lb}");
     // Nothing changed: cached.
     let again = ws.ok(&["run", "p.yaml"]);
     assert!(again.ran().is_empty(), "{again:?}");
