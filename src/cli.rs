@@ -105,7 +105,8 @@ pub enum Command {
         /// Also keep the outputs of the N most recent runs.
         #[arg(long, default_value_t = 0)]
         keep_last: usize,
-        /// Also delete work dirs of failed or killed runs under .pipe/tmp.
+        /// Also delete work dirs of failed or killed runs under .pipe/tmp, and
+        /// the checkpoints interrupted train stages would resume from (.pipe/resume).
         #[arg(long)]
         tmp: bool,
         /// Report what would be deleted.

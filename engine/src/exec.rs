@@ -468,7 +468,7 @@ pub(crate) fn run_one(
         Err(e) => return fail(e.to_string()),
     };
     let out_dir = work.join("out");
-    let resume_dir = ws.dot.join("resume").join(key.to_string());
+    let resume_dir = ws.dot.join("resume").join(key.hex());
     let log_path = ws.dot.join("logs").join(name).join(format!("{started_ms}-{}.log", key.short()));
     let setup = (|| -> Result<(fs_err::File, BTreeMap<String, PathBuf>), String> {
         fs_err::create_dir_all(&out_dir).map_err(|e| e.to_string())?;

@@ -199,6 +199,23 @@ pub fn gc(ws: &Workspace, keep_last: usize, tmp: bool, dry_run: bool) -> Result<
             }
         }
     }
+    if tmp {
+        // Checkpoints of interrupted runs (`.pipe/resume/<key>`), unless a
+        // run of that key is going on now.
+        if let Ok(rd) = fs_err::read_dir(ws.dot.join("resume")) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.parse::<Digest>().is_ok_and(|k| ws.is_locked(&k)) {
+                    continue;
+                }
+                rep.tmp_removed += 1;
+                rep.bytes_freed += pipe_cache::dir_size(&e.path());
+                if !dry_run {
+                    let _ = fs_err::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
     Ok(rep)
 }
 

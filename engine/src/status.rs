@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::graph::Pipeline;
 use crate::key::explain;
+use crate::records::read_json;
 use crate::workspace::Workspace;
 use crate::EngineError;
 
@@ -99,6 +100,14 @@ pub fn status(ws: &Workspace, p: &Pipeline, pid: &str) -> Result<Vec<StageStatus
                 }
             }
         };
+        let mut reasons = reasons;
+        if !matches!(state, State::Fresh | State::Running) {
+            let ckpt = ws.dot.join("resume").join(key.hex()).join("checkpoint").join("state.json");
+            if let Some(v) = read_json::<serde_json::Value>(&ckpt) {
+                let step = v.get("step").and_then(|s| s.as_u64()).map(|s| format!(" (step {s})")).unwrap_or_default();
+                reasons.push(format!("an interrupted run left a checkpoint{step}: the next run resumes from it"));
+            }
+        }
         out.push(StageStatus { name: s.name().into(), state, reasons, key: Some(key), output });
     }
     Ok(out)

@@ -80,6 +80,16 @@ enum Precision {
     Bf16,
 }
 
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+enum DevicePref {
+    /// CUDA when this build has it and a GPU is visible, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
 #[derive(Deserialize, Debug, Clone, PartialEq)]
 #[serde(untagged)]
 enum Target {
@@ -165,6 +175,8 @@ struct Params {
     seed: u64,
     #[serde(default)]
     precision: Precision,
+    #[serde(default)]
+    device: DevicePref,
     #[serde(default)]
     gradient_checkpointing: bool,
     #[serde(default = "one")]
@@ -407,7 +419,12 @@ impl Stage for TrainStage {
 
     fn key_env(&self) -> std::collections::BTreeMap<String, String> {
         // Different devices give different floating-point results.
-        [("device".to_string(), device_name(&self.device()))].into()
+        [("device".to_string(), if self.on_cuda() { "cuda" } else { "cpu" }.to_string())].into()
+    }
+
+    fn resources(&self) -> pipe_engine::stage::Resources {
+        // Without CUDA in this build, `run` explains that instead of waiting for a GPU slot.
+        pipe_engine::stage::Resources { gpus: u32::from(self.on_cuda() && candle_core::utils::cuda_is_available()) }
     }
 
     fn run(&self, ctx: &RunCtx) -> Result<(), StageFailure> {
@@ -424,7 +441,7 @@ impl Stage for TrainStage {
         if rows.is_empty() {
             return Err(StageFailure::new(format!("{}: no rows to train on", file.display())));
         }
-        let device = self.device();
+        let device = self.device(ctx)?;
         let dtype = match p.precision {
             Precision::F32 => DType::F32,
             Precision::Bf16 => DType::BF16,
@@ -617,8 +634,24 @@ fn pack_file(dir: &Path, split: Option<&str>) -> Result<PathBuf, StageFailure> {
 }
 
 impl TrainStage {
-    fn device(&self) -> Device {
-        Device::Cpu
+    fn on_cuda(&self) -> bool {
+        match self.p.device {
+            DevicePref::Cpu => false,
+            DevicePref::Cuda => true,
+            DevicePref::Auto => candle_core::utils::cuda_is_available(),
+        }
+    }
+
+    fn device(&self, ctx: &RunCtx) -> Result<Device, StageFailure> {
+        if !self.on_cuda() {
+            return Ok(Device::Cpu);
+        }
+        if !candle_core::utils::cuda_is_available() {
+            return Err(StageFailure::new("`device: cuda`, but this pipe was built without CUDA")
+                .hint("build with `cargo build --release --features cuda`, or set `device: cpu`"));
+        }
+        let ordinal = ctx.gpus.first().copied().unwrap_or(0) as usize;
+        Device::new_cuda(ordinal).map_err(|e| fail(format!("CUDA device {ordinal}: {e}")))
     }
 
     fn spec(&self, _model_dir: &Path) -> Result<TrainSpec, StageFailure> {

@@ -173,11 +173,10 @@ fn a_killed_run_resumes_to_identical_weights() {
     });
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(ws.status_json("p.yaml")["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|s| s["name"] == "sft" && s["state"] != "fresh"));
+    let st = ws.status_json("p.yaml");
+    let sft = st["stages"].as_array().unwrap().iter().find(|s| s["name"] == "sft").unwrap().clone();
+    assert_ne!(sft["state"], "fresh");
+    assert!(sft["reasons"].to_string().contains("left a checkpoint (step "), "{sft}");
     let resumed = ws.ok(&["run", "p.yaml"]);
     assert_eq!(resumed.ran(), vec!["sft".to_string()], "{resumed:?}");
     let logs = ws.path().join(".pipe/logs/sft");
@@ -218,4 +217,32 @@ fn bad_train_params_and_inputs_are_reported() {
     let out = ws.pipe(&["run", "p.yaml"]);
     assert_eq!(out.code, 1, "{out:?}");
     assert!(out.stderr.contains("no list column `input_ids`") && out.stderr.contains("pack"), "{out:?}");
+}
+
+#[test]
+fn bf16_training_keeps_f32_master_weights() {
+    let ws = Ws::new();
+    setup(
+        &ws,
+        true,
+        "    method: lora\n    lora: {r: 8, alpha: 16}\n    precision: bf16\n    device: cpu\n    learning_rate: 0.01\n    lr_scheduler: constant\n    per_device_batch_size: 4\n    max_steps: 40\n    logging_steps: 10\n",
+    );
+    ws.ok(&["run", "p.yaml"]);
+    let out = ws.out_path("p.yaml", "sft");
+    let m = metrics(&out);
+    let (first, last) = (m[0]["loss"].as_f64().unwrap(), m.last().unwrap()["loss"].as_f64().unwrap());
+    assert!(last < 0.5 * first, "loss {first} -> {last}");
+    let t = tensors(&out.join("adapter_model.safetensors"));
+    assert!(t.values().all(|x| x.dtype() == DType::BF16));
+    let train: serde_json::Value =
+        serde_json::from_str(&fs_err::read_to_string(out.join("train.json")).unwrap()).unwrap();
+    assert_eq!(train["precision"], "bf16");
+    assert_eq!(train["device"], "cpu");
+
+    if !cfg!(feature = "cuda") {
+        ws.write("p.yaml", &pipeline("    method: full\n    device: cuda\n"));
+        let out = ws.pipe(&["run", "p.yaml"]);
+        assert_eq!(out.code, 1, "{out:?}");
+        assert!(out.stderr.contains("built without CUDA") && out.stderr.contains("--features cuda"), "{out:?}");
+    }
 }

@@ -5,6 +5,7 @@
 //! computes the gradient for `x`. candle's own matmul backward also computes
 //! the (discarded) gradient of a frozen weight: a third matmul per linear.
 
+use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor, D};
 
 /// RMSNorm in f32 (or f64 when the input is f64), scaled by `w`.
@@ -51,7 +52,9 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         return x.matmul(&w.t()?);
     }
-    x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
+    // The op reads the storage from offset 0 with contiguous strides.
+    let x = if x.is_contiguous() && x.layout().start_offset() == 0 { x.clone() } else { x.force_contiguous()? };
+    x.apply_op1(FrozenMatmul { w: w.clone() })
 }
 
 struct FrozenMatmul {
@@ -64,22 +67,26 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = l.contiguous_offsets() else {
-            candle_core::bail!("frozen-matmul: input must be contiguous")
-        };
-        let x = match s {
-            CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu)?,
-            CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu)?,
-            CpuStorage::BF16(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu)?,
-            CpuStorage::F16(v) => Tensor::from_slice(&v[start..end], l.shape(), &Device::Cpu)?,
-            _ => candle_core::bail!("frozen-matmul: unsupported dtype"),
-        };
+        let x = Tensor::from_storage(Storage::Cpu(s.clone()), l.shape().clone(), BackpropOp::none(), false);
         let y = x.matmul(&self.w.t()?)?;
         let shape = y.shape().clone();
         let (st, _) = y.storage_and_layout();
         match &*st {
             Storage::Cpu(c) => Ok((c.clone(), shape)),
-            _ => candle_core::bail!("frozen-matmul: weight is not on the CPU"),
+            _ => candle_core::bail!("frozen-matmul: the weight is not on the CPU"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let x = Tensor::from_storage(Storage::Cuda(s.try_clone(l)?), l.shape().clone(), BackpropOp::none(), false);
+        let y = x.matmul(&self.w.t()?)?;
+        let shape = y.shape().clone();
+        let (st, yl) = y.storage_and_layout();
+        match &*st {
+            Storage::Cuda(c) => Ok((c.try_clone(yl)?, shape)),
+            _ => candle_core::bail!("frozen-matmul: the weight is not on the GPU"),
         }
     }
 
