@@ -7,6 +7,7 @@ pub mod dataset;
 pub mod hub;
 mod jinja;
 pub mod messages;
+pub mod metrics;
 pub mod model;
 pub mod nn;
 pub mod pack;
