@@ -56,6 +56,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::metrics::{plot_loss, series, EventWriter, Metrics, MetricsLog, METRICS_FILE, TB_DIR};
 use crate::nn::llama::{Fwd, Llama, LoraSpec, Row, TrainSpec, ALL_LINEAR};
 use crate::nn::optim::{clip, global_norm, lr_at, AdamW, AdamWConfig, Schedule};
 use crate::nn::NnError;
@@ -462,17 +463,19 @@ impl Stage for TrainStage {
 
         fs_err::create_dir_all(ctx.resume_dir)?;
         let ckpt = ctx.resume_dir.join("checkpoint");
-        let metrics_path = ctx.resume_dir.join("metrics.jsonl");
+        let metrics_dir = ctx.resume_dir.join("metrics");
         let mut start = 0;
-        if ckpt.join("state.json").exists() {
+        let mut metrics = if ckpt.join("state.json").exists() {
             start = load_checkpoint(&ckpt, &mut opt)?;
-            truncate_metrics(&metrics_path, start)?;
             ctx.log_line(&format!("resumed from the checkpoint at step {start}"));
             ctx.progress.message(&format!("resumed at step {start}/{}", plan.total));
-        } else if metrics_path.exists() {
-            fs_err::remove_file(&metrics_path)?;
-        }
-        let mut metrics = fs_err::OpenOptions::new().create(true).append(true).open(&metrics_path)?;
+            Metrics::resume(&metrics_dir, start as u64)?
+        } else {
+            if metrics_dir.exists() {
+                fs_err::remove_dir_all(&metrics_dir)?;
+            }
+            Metrics::create(&metrics_dir)?
+        };
         ctx.log_line(&format!(
             "train: {} rows, {} steps ({} per epoch), warmup {}, {} trainable parameters on {}",
             plan.rows,
@@ -541,17 +544,17 @@ impl Stage for TrainStage {
             let done = step + 1;
             if done % p.logging_steps == 0 || done == plan.total {
                 let tps = window_tokens as f64 / window_t.elapsed().as_secs_f64().max(1e-9);
-                let rec = json!({
-                    "step": done,
-                    "epoch": done as f64 / plan.steps_per_epoch as f64,
-                    "loss": loss,
-                    "lr": lr,
-                    "grad_norm": norm,
-                    "tokens_per_s": tps,
-                    "elapsed_s": t0.elapsed().as_secs_f64(),
-                });
-                use std::io::Write;
-                writeln!(metrics, "{rec}")?;
+                metrics.log(
+                    done as u64,
+                    &[
+                        ("epoch", done as f64 / plan.steps_per_epoch as f64),
+                        ("loss", loss),
+                        ("lr", lr),
+                        ("grad_norm", norm),
+                        ("tokens_per_s", tps),
+                        ("elapsed_s", t0.elapsed().as_secs_f64()),
+                    ],
+                )?;
                 let eta = t0.elapsed().as_secs_f64() / (done - start) as f64 * (plan.total - done) as f64;
                 ctx.progress.message(&format!(
                     "step {done}/{} · loss {loss:.4} · {tps:.0} tok/s · ETA {}",
@@ -567,7 +570,7 @@ impl Stage for TrainStage {
         }
         drop(metrics);
         self.save_output(ctx, &model, model_dir)?;
-        fs_err::copy(&metrics_path, ctx.out_dir.join("metrics.jsonl"))?;
+        write_metrics_outputs(&metrics_dir, ctx.out_dir, &format!("{}: training loss", ctx.stage))?;
         let summary = json!({
             "schema": 1,
             "method": format!("{:?}", p.method).to_lowercase(),
@@ -828,19 +831,25 @@ fn load_checkpoint(dir: &Path, opt: &mut AdamW) -> Result<usize, StageFailure> {
     Ok(step)
 }
 
-/// Keep the metrics lines of steps <= `step` (a resumed run logs the rest again).
-fn truncate_metrics(path: &Path, step: usize) -> Result<(), StageFailure> {
-    if !path.exists() {
-        return Ok(());
+/// `metrics.jsonl` into the output, with a clean TensorBoard event file
+/// rebuilt from it (one value per step even after a resume) and `loss.png`.
+fn write_metrics_outputs(live: &Path, out: &Path, title: &str) -> Result<(), StageFailure> {
+    let path = live.join(METRICS_FILE);
+    let records = MetricsLog::read(&path)?;
+    fs_err::copy(&path, out.join(METRICS_FILE))?;
+    let mut tb = EventWriter::create(&out.join(TB_DIR))?;
+    let t0 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+        - records.last().and_then(|r| r["elapsed_s"].as_f64()).unwrap_or(0.0);
+    for r in &records {
+        let (Some(step), Some(obj)) = (r["step"].as_u64(), r.as_object()) else { continue };
+        let wall = t0 + r["elapsed_s"].as_f64().unwrap_or(0.0);
+        for (k, v) in obj {
+            if let (true, Some(v)) = (k != "step", v.as_f64()) {
+                tb.scalar_at(wall, &format!("train/{k}"), step, v as f32)?;
+            }
+        }
     }
-    let text = fs_err::read_to_string(path)?;
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    fs_err::write(path, kept)?;
+    tb.flush()?;
+    plot_loss(&out.join("loss.png"), &series(&records, "loss"), title)?;
     Ok(())
 }

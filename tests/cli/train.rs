@@ -111,6 +111,10 @@ fn lora_overfits_and_writes_a_peft_adapter() {
     assert_eq!(t["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].dims(), &[32, 8]);
     assert_eq!(t["base_model.model.lm_head.weight"].dims(), &[258, 32]);
     assert!(out.join("tokenizer.json").exists() && out.join("train.json").exists());
+    assert!(fs_err::read(out.join("loss.png")).unwrap().starts_with(b"\x89PNG"));
+    let events: Vec<_> = fs_err::read_dir(out.join("tensorboard")).unwrap().flatten().collect();
+    assert_eq!(events.len(), 1);
+    assert!(events[0].file_name().to_string_lossy().starts_with("events.out.tfevents."));
     // The adapter loads back on the base (as PEFT would) and carries the fit.
     let base_dir = ws.out_path("p.yaml", "base");
     let rows = pipe_stages::train::read_pack(&ws.out_path("p.yaml", "pack").join("data.parquet")).unwrap();
