@@ -12,11 +12,29 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+extern "C" {
+    fn mi_option_set(option: i32, value: std::os::raw::c_long);
+}
+
 fn main() {
     // Die quietly on a closed pipe (`pipe status | head -1`), like other CLIs.
     // SAFETY: setting a signal disposition before any threads start.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    // candle's element-wise thread pool spins between ops on pinned threads,
+    // fighting the matmul threads for the cores: on 2 cores a training step
+    // ran 2x slower with it. Keep it small unless the user chose a size.
+    // Large tensors come and go every op; mimalloc hands freed memory back
+    // to the OS after 10 ms, and then every new tensor page-faults on zeroed
+    // pages (a quarter of a training step's time). Keep it instead.
+    // SAFETY: a plain option setter of the allocator linked in (mimalloc's
+    // `mi_option_purge_delay` is option 15 in v2 and v3), before any thread.
+    unsafe { mi_option_set(15, -1) };
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map(|n| n.get() / 4).unwrap_or(1).max(1);
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", n.to_string()) };
     }
     let args = cli::Cli::parse();
     let filter = match args.verbose {
