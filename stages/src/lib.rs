@@ -8,6 +8,7 @@ pub mod hub;
 mod jinja;
 pub mod messages;
 pub mod model;
+pub mod nn;
 pub mod pack;
 mod registry;
 mod table;

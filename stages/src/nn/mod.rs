@@ -1,0 +1,2 @@
+pub mod nf4;
+pub mod spectrum;
