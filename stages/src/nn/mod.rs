@@ -1,11 +1,14 @@
 //! The ML code the stages share: the Llama-family model written from
 //! differentiable candle ops ([`llama`]), LoRA ([`llama::Lora`]), the
-//! optimiser and schedules ([`optim`]), and the trainer ([`trainer`]).
+//! optimiser and schedules ([`optim`]), NF4 storage for QLoRA ([`nf4`]) and the Spectrum
+//! SNR scan ([`spectrum`]).
 
 pub mod config;
 pub mod llama;
+pub mod nf4;
 pub mod ops;
 pub mod optim;
+pub mod spectrum;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NnError {
