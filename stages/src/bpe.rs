@@ -189,7 +189,8 @@ struct FastBpe {
     digits: DigitSplit,
     gpt2_regex: bool,
     byte_id: [u32; 256],
-    /// byte length of each vocab id (bytes its characters stand for)
+    /// byte length of each vocab id (bytes its characters stand for; 1 for
+    /// the unknown token when it stands for a byte missing from the vocab)
     token_len: Vec<u32>,
     /// (left << 32 | right) -> (rank, merged id)
     merges: FxMap<u64, (u32, u32)>,
@@ -335,9 +336,19 @@ impl FastBpe {
             .collect::<Result<_, _>>()?;
         let chars = byte_chars();
         let char_byte: HashMap<char, u8> = chars.iter().enumerate().map(|(b, c)| (*c, b as u8)).collect();
+        // A byte missing from the vocab becomes the unknown token, as in
+        // `tokenizers` (SmolLM2 lacks a few control and never-valid bytes).
+        let unk = model.get("unk_token").and_then(Value::as_str).and_then(|u| vocab.get(u).copied());
         let mut byte_id = [0u32; 256];
+        let mut uses_unk = false;
         for (b, c) in chars.iter().enumerate() {
-            byte_id[b] = *vocab.get(c.to_string().as_str()).ok_or("the vocab lacks a byte")?;
+            byte_id[b] = match vocab.get(c.to_string().as_str()) {
+                Some(id) => *id,
+                None => {
+                    uses_unk = true;
+                    unk.ok_or("the vocab lacks a byte and has no unk_token")?
+                }
+            };
         }
         let max_id = vocab.values().copied().max().unwrap_or(0) as usize;
         let mut token_len = vec![0u32; max_id + 1];
@@ -357,9 +368,17 @@ impl FastBpe {
             let new = id(&format!("{a}{b}"))?;
             merges.insert((id(a)? as u64) << 32 | id(b)? as u64, (rank as u32, new));
         }
+        if let (true, Some(u)) = (uses_unk, unk) {
+            // The unknown token then stands for one byte, and must not merge.
+            if merges.iter().any(|(k, (_, new))| *new == u || (k >> 32) as u32 == u || *k as u32 == u) {
+                return Err("the unk_token takes part in merges".into());
+            }
+            token_len[u as usize] = 1;
+        }
 
         let mut sets: [Vec<(String, u32)>; 2] = [Vec::new(), Vec::new()];
         let mut added_ids = HashMap::new();
+        let mut next_id = vocab.len() as u32;
         for t in v.get("added_tokens").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default() {
             for k in ["single_word", "lstrip", "rstrip"] {
                 if get_bool(t, k) == Some(true) {
@@ -367,10 +386,22 @@ impl FastBpe {
                 }
             }
             let content = t.get("content").and_then(Value::as_str).ok_or("bad added token")?;
-            let id = t.get("id").and_then(Value::as_u64).ok_or("bad added token")? as u32;
             if content.is_empty() {
-                return Err("an empty added token".into());
+                continue;
             }
+            if added_ids.contains_key(content) {
+                return Err(format!("the added token {content:?} is listed twice"));
+            }
+            // The id `tokenizers` gives it, whatever the file says: the
+            // model's for a token in the vocab, else the next free one after
+            // the vocab's size.
+            let id = match vocab.get(content) {
+                Some(id) => *id,
+                None => {
+                    next_id += 1;
+                    next_id - 1
+                }
+            };
             let normalized = get_bool(t, "normalized").unwrap_or(!get_bool(t, "special").unwrap_or(false));
             sets[usize::from(normalized)].push((content.to_string(), id));
             added_ids.insert(content.to_string(), id);

@@ -77,9 +77,13 @@ fn added(id: usize, s: &str, normalized: bool) -> Value {
 /// A tokenizer.json with a trained vocabulary, the given pre-tokenizer and
 /// `<|im_start|>`, `<|im_end|>` (special) and `<|im` (normalized) added tokens.
 fn tokenizer_json(pre: Value, merges_as_pairs: bool) -> Value {
-    let (vocab, merges) = train(400);
+    let (mut vocab, merges) = train(400);
+    // Like SmolLM2, lack a few bytes: they become the unknown token.
+    let missing: Vec<String> = [0x04u8, 0x13, 0xF1].iter().map(|b| byte_char(*b).to_string()).collect();
+    vocab.push("<|endoftext|>".into());
     let n = vocab.len();
-    let vocab: serde_json::Map<String, Value> = vocab.into_iter().enumerate().map(|(i, t)| (t, json!(i))).collect();
+    let vocab: serde_json::Map<String, Value> =
+        vocab.into_iter().enumerate().filter(|(_, t)| !missing.contains(t)).map(|(i, t)| (t, json!(i))).collect();
     let merges: Vec<Value> = merges
         .into_iter()
         .map(|(a, b)| if merges_as_pairs { json!([a, b]) } else { json!(format!("{a} {b}")) })
@@ -91,7 +95,7 @@ fn tokenizer_json(pre: Value, merges_as_pairs: bool) -> Value {
         "pre_tokenizer": pre,
         "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<|endoftext|>", "continuing_subword_prefix": null, "end_of_word_suffix": null,
                   "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges}
     })
 }
@@ -221,6 +225,9 @@ const FRAGMENTS: &[&str] = &[
     "\u{7f}",
     "\u{200b}",
     "\u{feff}",
+    "\u{4}",
+    "\u{13}\u{14}",
+    "\u{50000}",
     "a",
     "b",
     "the",
