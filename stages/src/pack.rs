@@ -29,6 +29,7 @@ use crate::table::{self, ParquetOut};
 use arrow_array::builder::{Int32Builder, ListBuilder};
 use arrow_array::{Array, ListArray, RecordBatch, StringArray, StructArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use parquet::file::properties::WriterProperties;
 use pipe_engine::stage::{parse_params, FileDep, ParamError, RunCtx, Stage, StageFailure, StageKind};
 use pipe_engine::yaml::Seg;
 use rayon::prelude::*;
@@ -101,7 +102,8 @@ impl StageKind for PackKind {
         "pack"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: row groups of 1024 rows, no dictionary encoding (same values)
+        2
     }
     fn summary(&self) -> &'static str {
         "tokenize with the chat template, mask the loss, pack into training rows"
@@ -115,29 +117,43 @@ impl StageKind for PackKind {
     }
 }
 
+/// Rows per Parquet row group (and per batch written).
+const ROW_GROUP: usize = 1024;
+
 /// Marks a token whose label is kept (token ids stay below 2^31).
 const TRAIN: u32 = 1 << 31;
 
 /// One tokenized sample: ids, [`TRAIN`] set on tokens whose label is kept.
 type Sample = Vec<u32>;
 
-/// All kept samples, flat: sample `i` is `toks[ends[i - 1]..ends[i]]`.
+/// All kept samples, flat in one buffer per input batch (no copying of one
+/// huge buffer as it grows): sample `i` is `chunks[c][start..start + len]`
+/// for `index[i] = (c, start, len)`.
 #[derive(Default)]
 struct Samples {
-    toks: Vec<u32>,
-    ends: Vec<usize>,
+    chunks: Vec<Vec<u32>>,
+    index: Vec<(u32, u32, u32)>,
 }
 
 impl Samples {
     fn len(&self) -> usize {
-        self.ends.len()
+        self.index.len()
     }
     fn get(&self, i: usize) -> &[u32] {
-        &self.toks[if i == 0 { 0 } else { self.ends[i - 1] }..self.ends[i]]
+        let (c, s, n) = self.index[i];
+        &self.chunks[c as usize][s as usize..(s + n) as usize]
+    }
+    fn new_chunk(&mut self) {
+        self.chunks.push(Vec::new());
     }
     fn push(&mut self, s: &[u32]) {
-        self.toks.extend_from_slice(s);
-        self.ends.push(self.toks.len());
+        let n = self.chunks.len() - 1;
+        let c = self.chunks.last_mut().expect("new_chunk first");
+        self.index.push((n as u32, c.len() as u32, s.len() as u32));
+        c.extend_from_slice(s);
+    }
+    fn tokens(&self) -> impl Iterator<Item = &u32> {
+        self.chunks.iter().flatten()
     }
 }
 
@@ -303,6 +319,7 @@ impl PackStage {
                 Rows::Messages(m) => m.par_iter().map(|msgs| self.tokenize_conversation(tk, tpl, msgs)).collect(),
                 Rows::Instruction(pc) => pc.par_iter().map(|(p, c)| self.tokenize_instruction(tk, p, c, eos)).collect(),
             };
+            samples.new_chunk();
             for t in toks {
                 let mut s = t.map_err(|e| StageFailure {
                     message: format!("{}: row {row_no} (0-based): {}", file.display(), e.message),
@@ -347,19 +364,28 @@ impl PackStage {
             }
             ctx.progress.message(&format!("{name}: {row_no} samples tokenized"));
         }
-        let tokens = samples.toks.len();
-        let trainable = samples.toks.iter().filter(|t| *t & TRAIN != 0).count();
+        let tokens = samples.tokens().count();
+        let trainable = samples.tokens().filter(|t| *t & TRAIN != 0).count();
+        let wrapped: Vec<u32>;
         let rows: Vec<Vec<&[u32]>> = match self.p.packing {
             Packing::None => (0..samples.len()).map(|i| vec![samples.get(i)]).collect(),
             Packing::Bfd => {
                 let lens: Vec<usize> = (0..samples.len()).map(|i| samples.get(i).len()).collect();
                 bfd(&lens, max).into_iter().map(|r| r.into_iter().map(|i| samples.get(i)).collect()).collect()
             }
-            Packing::Wrapped => samples.toks.chunks(max).map(|c| vec![c]).collect(),
+            Packing::Wrapped => {
+                // One flat copy: rows cut across the per-batch buffers.
+                wrapped = samples.tokens().copied().collect::<Vec<u32>>();
+                wrapped.chunks(max).map(|c| vec![c]).collect()
+            }
         };
         let schema = out_schema();
-        let mut out = ParquetOut::create(&ctx.out_dir.join(format!("{name}.parquet")), schema.clone())?;
-        for chunk in rows.chunks(table::BATCH_ROWS) {
+        // Row groups of ROW_GROUP rows keep the writer's buffer small; token
+        // ids gain nothing from a dictionary, and interning them is costly.
+        let props =
+            WriterProperties::builder().set_max_row_group_row_count(Some(ROW_GROUP)).set_dictionary_enabled(false);
+        let mut out = ParquetOut::with_props(&ctx.out_dir.join(format!("{name}.parquet")), schema.clone(), props)?;
+        for chunk in rows.chunks(ROW_GROUP) {
             out.write(&to_batch(&schema, chunk)?)?;
         }
         let n_rows = rows.len();
