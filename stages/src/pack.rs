@@ -143,8 +143,8 @@ impl Samples {
         let (c, s, n) = self.index[i];
         &self.chunks[c as usize][s as usize..(s + n) as usize]
     }
-    fn new_chunk(&mut self) {
-        self.chunks.push(Vec::new());
+    fn new_chunk(&mut self, capacity: usize) {
+        self.chunks.push(Vec::with_capacity(capacity));
     }
     fn push(&mut self, s: &[u32]) {
         let n = self.chunks.len() - 1;
@@ -319,7 +319,7 @@ impl PackStage {
                 Rows::Messages(m) => m.par_iter().map(|msgs| self.tokenize_conversation(tk, tpl, msgs)).collect(),
                 Rows::Instruction(pc) => pc.par_iter().map(|(p, c)| self.tokenize_instruction(tk, p, c, eos)).collect(),
             };
-            samples.new_chunk();
+            samples.new_chunk(toks.iter().map(|t| t.as_ref().map_or(0, Vec::len)).sum());
             for t in toks {
                 let mut s = t.map_err(|e| StageFailure {
                     message: format!("{}: row {row_no} (0-based): {}", file.display(), e.message),
@@ -450,7 +450,13 @@ fn out_schema() -> SchemaRef {
 
 /// Rows of samples (each a slice of ids with [`TRAIN`] flags) as a batch.
 fn to_batch(schema: &SchemaRef, rows: &[Vec<&[u32]>]) -> Result<RecordBatch, StageFailure> {
-    let mut b: Vec<ListBuilder<Int32Builder>> = (0..4).map(|_| ListBuilder::new(Int32Builder::new())).collect();
+    let n: usize = rows.iter().flatten().map(|s| s.len()).sum();
+    let mut b: Vec<ListBuilder<Int32Builder>> = (0..4)
+        .map(|k| {
+            let values = Int32Builder::with_capacity(if k == 3 { rows.len() * 2 } else { n });
+            ListBuilder::with_capacity(values, rows.len())
+        })
+        .collect();
     for row in rows {
         for s in row {
             for (t, id) in s.iter().enumerate() {
