@@ -122,6 +122,12 @@ impl Hasher for Fx {
 
 type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<Fx>>;
 
+/// A piece of the input: an added token (id, start) or text (start, end).
+enum Piece {
+    Added(u32, usize),
+    Text(usize, usize),
+}
+
 /// One set of added tokens matched in one pass, leftmost-longest.
 #[derive(Default)]
 struct AddedSet {
@@ -148,8 +154,8 @@ impl AddedSet {
         self.by_first.iter().all(Vec::is_empty)
     }
 
-    /// Split `text[range]` into pieces: `Ok(id)` an added token, `Err(range)` text.
-    fn split(&self, text: &[u8], from: usize, to: usize, out: &mut Vec<Result<(u32, usize, usize), (usize, usize)>>) {
+    /// Split `text[from..to]` into added tokens and the text between them.
+    fn split(&self, text: &[u8], from: usize, to: usize, out: &mut Vec<Piece>) {
         let mut start = from;
         let mut i = from;
         while i < to {
@@ -158,9 +164,9 @@ impl AddedSet {
             match hit {
                 Some((c, id)) => {
                     if start < i {
-                        out.push(Err((start, i)));
+                        out.push(Piece::Text(start, i));
                     }
-                    out.push(Ok((*id, i, i + c.len())));
+                    out.push(Piece::Added(*id, i));
                     i += c.len();
                     start = i;
                 }
@@ -168,7 +174,7 @@ impl AddedSet {
             }
         }
         if start < to {
-            out.push(Err((start, to)));
+            out.push(Piece::Text(start, to));
         }
     }
 }
@@ -432,8 +438,8 @@ impl FastBpe {
         if !self.added[1].is_empty() {
             for p in pieces.drain(..) {
                 match p {
-                    Err((s, e)) => self.added[1].split(b, s, e, &mut second),
-                    ok => second.push(ok),
+                    Piece::Text(s, e) => self.added[1].split(b, s, e, &mut second),
+                    added => second.push(added),
                 }
             }
             std::mem::swap(&mut pieces, &mut second);
@@ -445,13 +451,13 @@ impl FastBpe {
             }
             for p in pieces {
                 match p {
-                    Ok((id, s, _)) => {
+                    Piece::Added(id, s) => {
                         ids.push(id);
                         if let Some(st) = starts.as_deref_mut() {
                             st.push(s as u32);
                         }
                     }
-                    Err((s, e)) => self.segment(&mut c, &text[s..e], s as u32, ids, starts.as_deref_mut()),
+                    Piece::Text(s, e) => self.segment(&mut c, &text[s..e], s as u32, ids, starts.as_deref_mut()),
                 }
             }
         })

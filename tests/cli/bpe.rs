@@ -276,7 +276,8 @@ fn fast_bpe_matches_tokenizers_on_the_corpus() {
 #[test]
 fn unsupported_tokenizers_fall_back() {
     let base = tokenizer_json(configs()[0].1.clone(), false);
-    let variants: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let variants: Vec<(&str, Edit)> = vec![
         ("normalizer", Box::new(|v: &mut Value| v["normalizer"] = json!({"type": "NFC"}))),
         ("lstrip", Box::new(|v: &mut Value| v["added_tokens"][1]["lstrip"] = json!(true))),
         ("single_word", Box::new(|v: &mut Value| v["added_tokens"][0]["single_word"] = json!(true))),
