@@ -7,6 +7,9 @@
 #   pipe:   model (the real GGUF) -> dataset (JSONL) -> messages -> pack
 #           (max_seq_length 1024, packing bfd, loss_on assistant); only the
 #           `pack` stage is timed: `pipe run --force pack` after a first run.
+#           SmolLM2's tokenizer.json takes pack's own exact byte-level BPE
+#           (stages/src/bpe.rs); pipe's log would say if it fell back to the
+#           `tokenizers` crate (see "pipe also printed" in the report).
 #   Python: transformers `apply_chat_template` (fast tokenizer, assistant masks)
 #           + datasets `map(batched=True, num_proc=NUM_PROC)` + TRL's
 #           `pack_dataset(strategy="bfd")`, over pipe's `messages` Parquet, with

@@ -115,9 +115,16 @@ impl ChatTemplate {
                 continue;
             }
             let before = self.render(&messages[..i], true)?;
-            let upto = self.render(&messages[..=i], false)?;
+            // The last turn's prefix is the whole conversation: no third render.
+            let rendered;
+            let upto = if i + 1 == messages.len() {
+                &full
+            } else {
+                rendered = self.render(&messages[..=i], false)?;
+                &rendered
+            };
             if !full.starts_with(&before)
-                || !full.starts_with(&upto)
+                || !full.starts_with(upto.as_str())
                 || upto.len() < before.len()
                 || !upto.starts_with(&before)
             {

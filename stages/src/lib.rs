@@ -1,6 +1,7 @@
 //! pipe-stages: the built-in stage kinds, one file each, listed in
 //! [`registry`]. Adding a kind = one file here + one line in `registry.rs`.
 
+pub mod bpe;
 pub mod chat;
 pub mod command;
 pub mod dataset;

@@ -23,18 +23,18 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::bpe::Encoder;
+use crate::chat::{ChatTemplate, Message};
+use crate::table::{self, ParquetOut};
 use arrow_array::builder::{Int32Builder, ListBuilder};
 use arrow_array::{Array, ListArray, RecordBatch, StringArray, StructArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use parquet::file::properties::WriterProperties;
 use pipe_engine::stage::{parse_params, FileDep, ParamError, RunCtx, Stage, StageFailure, StageKind};
 use pipe_engine::yaml::Seg;
 use rayon::prelude::*;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokenizers::Tokenizer;
-
-use crate::chat::{ChatTemplate, Message};
-use crate::table::{self, ParquetOut};
 
 pub struct PackKind;
 
@@ -102,7 +102,8 @@ impl StageKind for PackKind {
         "pack"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: row groups of 1024 rows, no dictionary encoding (same values)
+        2
     }
     fn summary(&self) -> &'static str {
         "tokenize with the chat template, mask the loss, pack into training rows"
@@ -116,10 +117,44 @@ impl StageKind for PackKind {
     }
 }
 
-/// One tokenized sample: ids and whether each token's label is kept.
-struct Sample {
-    ids: Vec<u32>,
-    train: Vec<bool>,
+/// Rows per Parquet row group (and per batch written).
+const ROW_GROUP: usize = 1024;
+
+/// Marks a token whose label is kept (token ids stay below 2^31).
+const TRAIN: u32 = 1 << 31;
+
+/// One tokenized sample: ids, [`TRAIN`] set on tokens whose label is kept.
+type Sample = Vec<u32>;
+
+/// All kept samples, flat in one buffer per input batch (no copying of one
+/// huge buffer as it grows): sample `i` is `chunks[c][start..start + len]`
+/// for `index[i] = (c, start, len)`.
+#[derive(Default)]
+struct Samples {
+    chunks: Vec<Vec<u32>>,
+    index: Vec<(u32, u32, u32)>,
+}
+
+impl Samples {
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+    fn get(&self, i: usize) -> &[u32] {
+        let (c, s, n) = self.index[i];
+        &self.chunks[c as usize][s as usize..(s + n) as usize]
+    }
+    fn new_chunk(&mut self, capacity: usize) {
+        self.chunks.push(Vec::with_capacity(capacity));
+    }
+    fn push(&mut self, s: &[u32]) {
+        let n = self.chunks.len() - 1;
+        let c = self.chunks.last_mut().expect("new_chunk first");
+        self.index.push((n as u32, c.len() as u32, s.len() as u32));
+        c.extend_from_slice(s);
+    }
+    fn tokens(&self) -> impl Iterator<Item = &u32> {
+        self.chunks.iter().flatten()
+    }
 }
 
 #[derive(Default)]
@@ -147,10 +182,15 @@ impl Stage for PackStage {
             })
         };
         let (data, model) = (get("data")?, get("model")?);
-        let tok_path = model.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| {
-            StageFailure::new(format!("{}: {e}", tok_path.display())).hint("the model input must hold tokenizer.json")
-        })?;
+        let tokenizer = Encoder::from_file(&model.join("tokenizer.json"))?;
+        if tokenizer.max_id() >= TRAIN {
+            return Err(StageFailure::new("the tokenizer has token ids of 2^31 and above, which `pack` cannot store"));
+        }
+        if let Some(why) = tokenizer.fallback_reason() {
+            let note = format!("tokenizing with the `tokenizers` crate (slower): the fast path does not support this tokenizer.json ({why})");
+            ctx.log_line(&note);
+            ctx.progress.message(&note);
+        }
         let template_file = self.p.chat_template.as_ref().map(|f| ctx.workspace.join(f));
         let template = ChatTemplate::load(model, template_file.as_deref())?;
         let eos_id = (!template.eos_token.is_empty()).then(|| tokenizer.token_to_id(&template.eos_token)).flatten();
@@ -214,39 +254,47 @@ fn read_rows(b: &RecordBatch, file: &Path) -> Result<Rows, StageFailure> {
 impl PackStage {
     fn tokenize_conversation(
         &self,
-        tk: &Tokenizer,
+        tk: &Encoder,
         tpl: &ChatTemplate,
         msgs: &[Message],
     ) -> Result<Sample, StageFailure> {
-        let (text, spans) = match self.p.loss_on {
-            LossOn::Assistant => tpl.assistant_spans(msgs)?,
-            LossOn::All => (tpl.render(msgs, false)?, Vec::new()),
-        };
-        let enc = tk.encode(text.as_str(), false).map_err(|e| StageFailure::new(format!("tokenizer: {e}")))?;
-        let ids = enc.get_ids().to_vec();
-        let train = match self.p.loss_on {
-            LossOn::All => vec![true; ids.len()],
-            LossOn::Assistant => enc.get_offsets().iter().map(|(s, _)| spans.iter().any(|r| r.contains(s))).collect(),
-        };
-        Ok(Sample { ids, train })
+        let mut ids = Vec::new();
+        match self.p.loss_on {
+            LossOn::Assistant => {
+                let (text, spans) = tpl.assistant_spans(msgs)?;
+                let mut starts = Vec::new();
+                tk.encode(&text, &mut ids, Some(&mut starts))?;
+                for (id, s) in ids.iter_mut().zip(starts) {
+                    if spans.iter().any(|r| r.contains(&(s as usize))) {
+                        *id |= TRAIN;
+                    }
+                }
+            }
+            LossOn::All => {
+                tk.encode(&tpl.render(msgs, false)?, &mut ids, None)?;
+                ids.iter_mut().for_each(|id| *id |= TRAIN);
+            }
+        }
+        Ok(ids)
     }
 
     fn tokenize_instruction(
         &self,
-        tk: &Tokenizer,
+        tk: &Encoder,
         prompt: &str,
         completion: &str,
         eos: Option<u32>,
     ) -> Result<Sample, StageFailure> {
-        let enc = |s: &str| {
-            tk.encode(s, false).map(|e| e.get_ids().to_vec()).map_err(|e| StageFailure::new(format!("tokenizer: {e}")))
-        };
-        let p = enc(prompt)?;
-        let mut c = enc(completion)?;
-        c.extend(eos);
-        let all = self.p.loss_on == LossOn::All;
-        let train = p.iter().map(|_| all).chain(c.iter().map(|_| true)).collect();
-        Ok(Sample { ids: p.into_iter().chain(c).collect(), train })
+        let mut ids = Vec::new();
+        tk.encode(prompt, &mut ids, None)?;
+        if self.p.loss_on == LossOn::All {
+            ids.iter_mut().for_each(|id| *id |= TRAIN);
+        }
+        let n = ids.len();
+        tk.encode(completion, &mut ids, None)?;
+        ids.extend(eos);
+        ids[n..].iter_mut().for_each(|id| *id |= TRAIN);
+        Ok(ids)
     }
 
     fn pack_file(
@@ -254,13 +302,13 @@ impl PackStage {
         ctx: &RunCtx,
         file: &Path,
         name: &str,
-        tk: &Tokenizer,
+        tk: &Encoder,
         tpl: &ChatTemplate,
         eos: Option<u32>,
     ) -> Result<Value, StageFailure> {
         let max = self.p.max_seq_length;
         let mut counts = Counts::default();
-        let mut samples: Vec<Sample> = Vec::new();
+        let mut samples = Samples::default();
         let mut row_no = 0usize;
         for batch in table::open(&[file.to_path_buf()], None)? {
             if ctx.cancel.is_cancelled() {
@@ -271,6 +319,7 @@ impl PackStage {
                 Rows::Messages(m) => m.par_iter().map(|msgs| self.tokenize_conversation(tk, tpl, msgs)).collect(),
                 Rows::Instruction(pc) => pc.par_iter().map(|(p, c)| self.tokenize_instruction(tk, p, c, eos)).collect(),
             };
+            samples.new_chunk(toks.iter().map(|t| t.as_ref().map_or(0, Vec::len)).sum());
             for t in toks {
                 let mut s = t.map_err(|e| StageFailure {
                     message: format!("{}: row {row_no} (0-based): {}", file.display(), e.message),
@@ -278,14 +327,14 @@ impl PackStage {
                 })?;
                 row_no += 1;
                 counts.samples += 1;
-                if s.ids.len() > max {
+                if s.len() > max {
                     match self.p.truncation {
                         Truncation::Error => {
                             return Err(StageFailure::new(format!(
                                 "{}: row {} (0-based) has {} tokens, more than max_seq_length {max}",
                                 file.display(),
                                 row_no - 1,
-                                s.ids.len()
+                                s.len()
                             ))
                             .hint("raise max_seq_length, or set `truncation: truncate` or `drop`"))
                         }
@@ -295,16 +344,15 @@ impl PackStage {
                         }
                         Truncation::Truncate => {
                             counts.truncated += 1;
-                            s.ids.truncate(max);
-                            s.train.truncate(max);
+                            s.truncate(max);
                         }
                     }
                 }
                 // Position 0 of a sample is never predicted within it.
-                if let Some(t) = s.train.first_mut() {
-                    *t = false;
+                if let Some(t) = s.first_mut() {
+                    *t &= !TRAIN;
                 }
-                if !s.train.iter().any(|t| *t) {
+                if !s.iter().any(|t| t & TRAIN != 0) {
                     if self.p.on_empty == OnEmpty::Error {
                         return Err(StageFailure::new(format!("{}: row {} (0-based) has no token to train on", file.display(), row_no - 1))
                             .hint("with `loss_on: assistant` every sample needs an assistant turn that survives truncation; or set `on_empty: skip`"));
@@ -312,27 +360,35 @@ impl PackStage {
                     counts.no_trainable += 1;
                     continue;
                 }
-                samples.push(s);
+                samples.push(&s);
             }
             ctx.progress.message(&format!("{name}: {row_no} samples tokenized"));
         }
-        let tokens: usize = samples.iter().map(|s| s.ids.len()).sum();
-        let trainable: usize = samples.iter().map(|s| s.train.iter().filter(|t| **t).count()).sum();
-        let rows = match self.p.packing {
-            Packing::None => samples.iter().map(|s| vec![s]).collect::<Vec<_>>(),
-            Packing::Bfd => bfd(&samples, max),
-            Packing::Wrapped => Vec::new(),
+        let tokens = samples.tokens().count();
+        let trainable = samples.tokens().filter(|t| *t & TRAIN != 0).count();
+        let wrapped: Vec<u32>;
+        let rows: Vec<Vec<&[u32]>> = match self.p.packing {
+            Packing::None => (0..samples.len()).map(|i| vec![samples.get(i)]).collect(),
+            Packing::Bfd => {
+                let lens: Vec<usize> = (0..samples.len()).map(|i| samples.get(i).len()).collect();
+                bfd(&lens, max).into_iter().map(|r| r.into_iter().map(|i| samples.get(i)).collect()).collect()
+            }
+            Packing::Wrapped => {
+                // One flat copy: rows cut across the per-batch buffers.
+                wrapped = samples.tokens().copied().collect::<Vec<u32>>();
+                wrapped.chunks(max).map(|c| vec![c]).collect()
+            }
         };
         let schema = out_schema();
-        let mut out = ParquetOut::create(&ctx.out_dir.join(format!("{name}.parquet")), schema.clone())?;
-        let n_rows = if self.p.packing == Packing::Wrapped {
-            write_wrapped(&mut out, &schema, &samples, max)?
-        } else {
-            for chunk in rows.chunks(table::BATCH_ROWS) {
-                out.write(&to_batch(&schema, chunk.iter().map(|r| r.as_slice()))?)?;
-            }
-            rows.len()
-        };
+        // Row groups of ROW_GROUP rows keep the writer's buffer small; token
+        // ids gain nothing from a dictionary, and interning them is costly.
+        let props =
+            WriterProperties::builder().set_max_row_group_row_count(Some(ROW_GROUP)).set_dictionary_enabled(false);
+        let mut out = ParquetOut::with_props(&ctx.out_dir.join(format!("{name}.parquet")), schema.clone(), props)?;
+        for chunk in rows.chunks(ROW_GROUP) {
+            out.write(&to_batch(&schema, chunk)?)?;
+        }
+        let n_rows = rows.len();
         out.finish()?;
         let capacity = n_rows * max;
         Ok(json!({
@@ -351,15 +407,17 @@ impl PackStage {
     }
 }
 
-/// Best-fit decreasing: longest first, each into the fullest row it fits.
-fn bfd(samples: &[Sample], max: usize) -> Vec<Vec<&Sample>> {
-    let mut order: Vec<usize> = (0..samples.len()).collect();
-    order.sort_by_key(|i| std::cmp::Reverse(samples[*i].ids.len()));
+/// Best-fit decreasing over sample lengths: longest first, each into the
+/// fullest row it fits. Rows hold sample indices.
+fn bfd(lens: &[usize], max: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by_key(|i| std::cmp::Reverse(lens[*i]));
     // remaining capacity -> rows with that much room
     let mut room: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    let mut rows: Vec<Vec<&Sample>> = Vec::new();
+    let mut rows: Vec<Vec<usize>> = Vec::new();
+    let mut used: Vec<usize> = Vec::new();
     for i in order {
-        let len = samples[i].ids.len();
+        let len = lens[i];
         let fit = room.range(len..).next().map(|(r, _)| *r);
         let row = match fit {
             Some(r) => {
@@ -372,13 +430,14 @@ fn bfd(samples: &[Sample], max: usize) -> Vec<Vec<&Sample>> {
             }
             None => {
                 rows.push(Vec::new());
+                used.push(0);
                 rows.len() - 1
             }
         };
-        rows[row].push(&samples[i]);
-        let used: usize = rows[row].iter().map(|s| s.ids.len()).sum();
-        if used < max {
-            room.entry(max - used).or_default().push(row);
+        rows[row].push(i);
+        used[row] += len;
+        if used[row] < max {
+            room.entry(max - used[row]).or_default().push(row);
         }
     }
     rows
@@ -389,16 +448,24 @@ fn out_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![list("input_ids"), list("labels"), list("position_ids"), list("seq_lens")]))
 }
 
-fn to_batch<'a>(schema: &SchemaRef, rows: impl Iterator<Item = &'a [&'a Sample]>) -> Result<RecordBatch, StageFailure> {
-    let mut b: Vec<ListBuilder<Int32Builder>> = (0..4).map(|_| ListBuilder::new(Int32Builder::new())).collect();
+/// Rows of samples (each a slice of ids with [`TRAIN`] flags) as a batch.
+fn to_batch(schema: &SchemaRef, rows: &[Vec<&[u32]>]) -> Result<RecordBatch, StageFailure> {
+    let n: usize = rows.iter().flatten().map(|s| s.len()).sum();
+    let mut b: Vec<ListBuilder<Int32Builder>> = (0..4)
+        .map(|k| {
+            let values = Int32Builder::with_capacity(if k == 3 { rows.len() * 2 } else { n });
+            ListBuilder::with_capacity(values, rows.len())
+        })
+        .collect();
     for row in rows {
         for s in row {
-            for (t, id) in s.ids.iter().enumerate() {
-                b[0].values().append_value(*id as i32);
-                b[1].values().append_value(if s.train[t] { *id as i32 } else { -100 });
+            for (t, id) in s.iter().enumerate() {
+                let tok = (id & !TRAIN) as i32;
+                b[0].values().append_value(tok);
+                b[1].values().append_value(if id & TRAIN != 0 { tok } else { -100 });
                 b[2].values().append_value(t as i32);
             }
-            b[3].values().append_value(s.ids.len() as i32);
+            b[3].values().append_value(s.len() as i32);
         }
         for x in b.iter_mut() {
             x.append(true);
@@ -408,37 +475,17 @@ fn to_batch<'a>(schema: &SchemaRef, rows: impl Iterator<Item = &'a [&'a Sample]>
     RecordBatch::try_new(schema.clone(), cols).map_err(|e| StageFailure::new(e.to_string()))
 }
 
-/// Concatenate all samples and cut into rows of `max` tokens (the last one
-/// shorter); positions run through each row, as in classic packing.
-fn write_wrapped(
-    out: &mut ParquetOut,
-    schema: &SchemaRef,
-    samples: &[Sample],
-    max: usize,
-) -> Result<usize, StageFailure> {
-    let ids: Vec<u32> = samples.iter().flat_map(|s| s.ids.iter().copied()).collect();
-    let train: Vec<bool> = samples.iter().flat_map(|s| s.train.iter().copied()).collect();
-    let rows: Vec<Sample> =
-        ids.chunks(max).zip(train.chunks(max)).map(|(i, t)| Sample { ids: i.to_vec(), train: t.to_vec() }).collect();
-    let refs: Vec<Vec<&Sample>> = rows.iter().map(|r| vec![r]).collect();
-    for chunk in refs.chunks(table::BATCH_ROWS) {
-        out.write(&to_batch(schema, chunk.iter().map(|r| r.as_slice()))?)?;
-    }
-    Ok(rows.len())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn bfd_fills_rows_best_fit() {
-        let s = |n: usize| Sample { ids: vec![1; n], train: vec![true; n] };
-        let samples = vec![s(6), s(5), s(4), s(3), s(2)];
-        let rows = bfd(&samples, 8);
-        let lens: Vec<Vec<usize>> = rows.iter().map(|r| r.iter().map(|s| s.ids.len()).collect()).collect();
+        let sizes = [6, 5, 4, 3, 2];
+        let rows = bfd(&sizes, 8);
+        let lens: Vec<Vec<usize>> = rows.iter().map(|r| r.iter().map(|i| sizes[*i]).collect()).collect();
         // 6 -> row0 (room 2); 5 -> row1 (room 3); 4 -> row2 (room 4); 3 -> row1 (best fit, room 0); 2 -> row0
         assert_eq!(lens, vec![vec![6, 2], vec![5, 3], vec![4]]);
-        assert!(rows.iter().all(|r| r.iter().map(|s| s.ids.len()).sum::<usize>() <= 8));
+        assert!(rows.iter().all(|r| r.iter().map(|i| sizes[*i]).sum::<usize>() <= 8));
     }
 }

@@ -234,8 +234,17 @@ pub struct ParquetOut {
 
 impl ParquetOut {
     pub fn create(path: &Path, schema: SchemaRef) -> Result<ParquetOut, StageFailure> {
+        Self::with_props(path, schema, WriterProperties::builder())
+    }
+
+    /// With more writer settings (snappy is set here).
+    pub fn with_props(
+        path: &Path,
+        schema: SchemaRef,
+        props: parquet::file::properties::WriterPropertiesBuilder,
+    ) -> Result<ParquetOut, StageFailure> {
         let f = fs_err::File::create(path)?.into_parts().0;
-        let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
+        let props = props.set_compression(Compression::SNAPPY).build();
         let w = ArrowWriter::try_new(f, schema, Some(props)).map_err(|e| fail(path, e))?;
         Ok(ParquetOut { w, path: path.to_path_buf(), rows: 0 })
     }

@@ -1,5 +1,6 @@
 //! End-to-end tests through the `pipe` binary (one test binary, modules per area).
 
+mod bpe;
 mod common;
 mod data;
 mod errors;

@@ -814,6 +814,14 @@ fn real_smollm2_gguf_acceptance() {
         assert_eq!(tok.decode(&ours, false).expect("decode"), *t, "decode round trip");
     }
     eprintln!("tokenizer.json vs the GGUF vocabulary: {same}/{} texts identical", texts.len());
+    // `pack`'s fast byte-level BPE takes this tokenizer and gives the same ids.
+    let fast = pipe_stages::bpe::Encoder::from_file(&out.join("tokenizer.json")).expect("loads");
+    assert_eq!(fast.fallback_reason(), None, "SmolLM2's tokenizer.json takes the fast path");
+    for t in &texts {
+        let mut ids = Vec::new();
+        fast.encode(t, &mut ids, None).expect("encode");
+        assert_eq!(ids, tok.encode(t.as_str(), false).expect("encode").get_ids(), "fast path on {t:?}");
+    }
     assert_eq!(same, texts.len(), "first difference: {}", first_diff.unwrap_or_default());
     // The rendered conversation starts with <|im_start|> = bos and has its ids.
     let ids = tok.encode(texts[texts.len() - 2].as_str(), false).expect("encode").get_ids().to_vec();

@@ -145,3 +145,35 @@ fn truncation_policies_and_wrapped() {
     let o = ws.pipe(&["run", "p.yaml"]);
     assert!(o.stderr.contains("`pack` needs an input named `model`"), "{o:?}");
 }
+
+/// A tokenizer.json the fast tokenizer path does not support (a normalizer)
+/// goes through the `tokenizers` crate, says so, and packs the same rows.
+#[test]
+fn unsupported_tokenizer_falls_back_to_tokenizers() {
+    let ws = Ws::new();
+    setup(&ws, &[("héllo 12 it's", "wörld  345 🙂"), ("2+2?", "4")], "    packing: none\n");
+    let o = ws.ok(&["run", "p.yaml"]);
+    assert!(!o.stderr.contains("tokenizing with the `tokenizers` crate"), "{o:?}");
+    let out = ws.out_path("p.yaml", "pack");
+    let fast = read_parquet(&out.join("data.parquet"));
+    // NFC changes nothing in this NFC text, but the fast path has no normalizers.
+    let tok = ws.read("model/tokenizer.json");
+    assert!(tok.contains("\"normalizer\":null"), "{tok}");
+    ws.write("model/tokenizer.json", &tok.replace("\"normalizer\":null", "\"normalizer\":{\"type\":\"NFC\"}"));
+    let o = ws.ok(&["run", "p.yaml"]);
+    assert!(
+        o.stderr.contains("tokenizing with the `tokenizers` crate (slower)") && o.stderr.contains("normalizer"),
+        "{o:?}"
+    );
+    // The same bytes: the same artifact.
+    let out2 = ws.out_path("p.yaml", "pack");
+    let slow = read_parquet(&out2.join("data.parquet"));
+    for c in ["input_ids", "labels", "position_ids", "seq_lens"] {
+        assert_eq!(col(&slow[0], c), col(&fast[0], c), "{c}");
+    }
+    assert_eq!(
+        text_of(&col(&slow[0], "input_ids")[0]),
+        "<|im_start|>user\nhéllo 12 it's<|im_end|>\n<|im_start|>assistant\nwörld  345 🙂<|im_end|>\n"
+    );
+    assert_eq!(fs_err::read(out.join("stats.json")).unwrap(), fs_err::read(out2.join("stats.json")).unwrap());
+}
