@@ -59,7 +59,7 @@ use serde_json::{json, Value};
 use crate::metrics::{plot_loss, series, EventWriter, Metrics, MetricsLog, METRICS_FILE, TB_DIR};
 use crate::nn::llama::{Fwd, Llama, LoraSpec, Row, TrainSpec, ALL_LINEAR};
 use crate::nn::optim::{clip, global_norm, lr_at, AdamW, AdamWConfig, Schedule};
-use crate::nn::NnError;
+use crate::nn::{spectrum, NnError};
 use crate::table;
 
 pub struct TrainKind;
@@ -281,6 +281,14 @@ impl StageKind for TrainKind {
                 }
             }
         }
+        if let Some(u) = &p.unfrozen_parameters {
+            if let Err(e) = spectrum::matches(u, "") {
+                return Err(perr("unfrozen_parameters", e.to_string()));
+            }
+            if u.is_empty() {
+                return Err(perr("unfrozen_parameters", "unfrozen_parameters is empty: nothing would train"));
+            }
+        }
         if let Some(s) = &p.spectrum {
             if !(s.top_percent > 0.0 && s.top_percent <= 100.0) {
                 return Err(perr("spectrum", "spectrum.top_percent must be in (0, 100]"));
@@ -447,7 +455,7 @@ impl Stage for TrainStage {
             Precision::F32 => DType::F32,
             Precision::Bf16 => DType::BF16,
         };
-        let spec = self.spec(model_dir)?;
+        let spec = self.spec(model_dir, Some(ctx.out_dir))?;
         ctx.progress.message("loading the model");
         let model = Llama::load(model_dir, dtype, &device, &spec)
             .map_err(|e| fail(e).hint("the `model` input must be an HF-format Llama/Qwen2 folder"))?;
@@ -571,8 +579,27 @@ impl Stage for TrainStage {
         drop(metrics);
         self.save_output(ctx, &model, model_dir)?;
         write_metrics_outputs(&metrics_dir, ctx.out_dir, &format!("{}: training loss", ctx.stage))?;
+        let (nf4_bytes, bf16_bytes) = model
+            .layers
+            .iter()
+            .flat_map(|l| l.linears())
+            .filter_map(|l| match &l.w {
+                crate::nn::llama::Weight::Nf4(q, _, _) => Some((q.nbytes(), q.shape().0 * q.shape().1 * 2)),
+                _ => None,
+            })
+            .fold((0usize, 0usize), |a, b| (a.0 + b.0, a.1 + b.1));
+        if nf4_bytes > 0 {
+            ctx.log_line(&format!(
+                "qlora: frozen decoder linears take {:.1} MB as NF4 vs {:.1} MB in bf16 ({:.2}x)",
+                nf4_bytes as f64 / 1e6,
+                bf16_bytes as f64 / 1e6,
+                nf4_bytes as f64 / bf16_bytes as f64
+            ));
+        }
         let summary = json!({
             "schema": 1,
+            "base_linear_bytes_nf4": if nf4_bytes > 0 { json!(nf4_bytes) } else { Value::Null },
+            "base_linear_bytes_bf16": if nf4_bytes > 0 { json!(bf16_bytes) } else { Value::Null },
             "method": format!("{:?}", p.method).to_lowercase(),
             "rows": plan.rows,
             "steps": plan.total,
@@ -657,7 +684,10 @@ impl TrainStage {
         Device::new_cuda(ordinal).map_err(|e| fail(format!("CUDA device {ordinal}: {e}")))
     }
 
-    fn spec(&self, _model_dir: &Path) -> Result<TrainSpec, StageFailure> {
+    /// Which parameters train. For Spectrum without `unfrozen_parameters`,
+    /// this runs the SNR scan and, given `out`, writes `snr.json` and
+    /// `unfrozen_parameters.yaml` there.
+    fn spec(&self, model_dir: &Path, out: Option<&Path>) -> Result<TrainSpec, StageFailure> {
         let p = &self.p;
         let mut spec = TrainSpec { seed: p.seed, ..Default::default() };
         match p.method {
@@ -685,11 +715,32 @@ impl TrainStage {
                     init_b_zero: true,
                 });
                 spec.modules_to_save = l.modules_to_save.clone();
-                if p.method == Method::Qlora {
-                    return Err(StageFailure::new("method qlora is not available in this build yet"));
-                }
+                spec.nf4_base = p.method == Method::Qlora;
             }
-            Method::Spectrum => return Err(StageFailure::new("method spectrum is not available in this build yet")),
+            Method::Spectrum => {
+                let names = tensor_names(model_dir)?;
+                let patterns = match &p.unfrozen_parameters {
+                    Some(given) => given.clone(),
+                    None => {
+                        let top = p.spectrum.as_ref().map_or(d_top(), |s| s.top_percent);
+                        let scan = spectrum_scan(model_dir, &names)?;
+                        let patterns = spectrum::select(&scan, top);
+                        if let Some(out) = out {
+                            spectrum::write_snr_json(&scan, &out.join("snr.json")).map_err(fail)?;
+                            spectrum::write_unfrozen_yaml(&patterns, &out.join("unfrozen_parameters.yaml"))
+                                .map_err(fail)?;
+                        }
+                        patterns
+                    }
+                };
+                let mut unfrozen = Vec::new();
+                for n in &names {
+                    if spectrum::matches(&patterns, n).map_err(fail)? {
+                        unfrozen.push(n.clone());
+                    }
+                }
+                spec.unfrozen = Some(unfrozen);
+            }
         }
         Ok(spec)
     }
@@ -709,7 +760,7 @@ impl TrainStage {
     }
 
     fn save_adapter(&self, out: &Path, model: &Llama, model_dir: &Path) -> Result<(), StageFailure> {
-        let spec = self.spec(model_dir)?;
+        let spec = self.spec(model_dir, None)?;
         let l = spec.lora.as_ref().expect("lora method");
         let tensors: Vec<(String, Tensor)> = model
             .trainable()
@@ -751,7 +802,7 @@ impl TrainStage {
 /// An HF folder with every weight of the model (untied if training untied it).
 fn save_full(out: &Path, model: &Llama, model_dir: &Path) -> Result<(), StageFailure> {
     let tensors: Vec<(String, Tensor)> =
-        model.named_weights().into_iter().map(|(n, w)| (n, w.tensor().clone())).collect();
+        model.named_weights().into_iter().map(|(n, w)| Ok((n, w.tensor()?))).collect::<Result<_, NnError>>()?;
     save_safetensors(&out.join("model.safetensors"), &tensors)?;
     let mut cfg: Value = serde_json::from_str(&fs_err::read_to_string(model_dir.join("config.json"))?).map_err(fail)?;
     cfg["tie_word_embeddings"] = json!(model.lm_head.is_none());
@@ -762,6 +813,38 @@ fn save_full(out: &Path, model: &Llama, model_dir: &Path) -> Result<(), StageFai
     });
     fs_err::write(out.join("config.json"), serde_json::to_string_pretty(&cfg).map_err(fail)? + "\n")?;
     Ok(())
+}
+
+/// Every tensor name of an HF folder's weights.
+fn tensor_names(dir: &Path) -> Result<Vec<String>, StageFailure> {
+    let files = crate::nn::llama::weight_files(dir)?;
+    let mut names = Vec::new();
+    for f in &files {
+        // SAFETY: read-only store artifact or user folder (see Llama::load).
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(fail)?;
+        names.extend(st.tensors().into_iter().map(|(n, _)| n));
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Spectrum's SNR of every 2-D decoder weight (the embedding and the head
+/// are always unfrozen, so they are not scanned).
+fn spectrum_scan(dir: &Path, names: &[String]) -> Result<spectrum::Scan, StageFailure> {
+    let files = crate::nn::llama::weight_files(dir)?;
+    // SAFETY: as above.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(fail)?;
+    let mut weights = Vec::new();
+    for n in names {
+        if !n.starts_with("model.layers.") || !n.ends_with(".weight") {
+            continue;
+        }
+        let t = st.load(n, &Device::Cpu).map_err(fail)?;
+        if t.rank() == 2 {
+            weights.push((n.clone(), t.to_dtype(DType::F32).map_err(fail)?));
+        }
+    }
+    spectrum::scan(weights).map_err(fail)
 }
 
 /// safetensors with `{"format": "pt"}` metadata, as `transformers` expects.

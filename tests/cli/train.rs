@@ -250,3 +250,67 @@ fn bf16_training_keeps_f32_master_weights() {
         assert!(out.stderr.contains("built without CUDA") && out.stderr.contains("--features cuda"), "{out:?}");
     }
 }
+
+#[test]
+fn qlora_trains_on_an_nf4_base() {
+    let ws = Ws::new();
+    setup(
+        &ws,
+        true,
+        "    method: qlora\n    lora: {r: 8, alpha: 16}\n    learning_rate: 0.01\n    lr_scheduler: constant\n    per_device_batch_size: 4\n    max_steps: 40\n    logging_steps: 10\n    gradient_checkpointing: true\n",
+    );
+    ws.ok(&["run", "p.yaml"]);
+    let out = ws.out_path("p.yaml", "sft");
+    let m = metrics(&out);
+    let (first, last) = (m[0]["loss"].as_f64().unwrap(), m.last().unwrap()["loss"].as_f64().unwrap());
+    assert!(last < 0.3 * first, "loss {first} -> {last}");
+    let t = tensors(&out.join("adapter_model.safetensors"));
+    assert_eq!(t.len(), 2 * 7 * 2);
+    let train: serde_json::Value =
+        serde_json::from_str(&fs_err::read_to_string(out.join("train.json")).unwrap()).unwrap();
+    let (nf4, bf16) =
+        (train["base_linear_bytes_nf4"].as_f64().unwrap(), train["base_linear_bytes_bf16"].as_f64().unwrap());
+    assert!(nf4 < 0.27 * bf16 && nf4 > 0.25 * bf16, "{nf4} vs {bf16}");
+}
+
+#[test]
+fn spectrum_scans_selects_and_trains_only_the_selection() {
+    let ws = Ws::new();
+    setup(
+        &ws,
+        false,
+        "    method: spectrum\n    spectrum: {top_percent: 50}\n    learning_rate: 0.003\n    per_device_batch_size: 4\n    max_steps: 5\n",
+    );
+    ws.ok(&["run", "p.yaml"]);
+    let out = ws.out_path("p.yaml", "sft");
+    let snr: serde_json::Value = serde_json::from_str(&fs_err::read_to_string(out.join("snr.json")).unwrap()).unwrap();
+    assert_eq!(snr.as_object().unwrap().len(), 2 * 7, "every decoder linear of 2 layers is scanned");
+    assert!(snr["model.layers.0.self_attn.q_proj"]["snr"].is_number());
+    let yaml = fs_err::read_to_string(out.join("unfrozen_parameters.yaml")).unwrap();
+    assert!(yaml.starts_with("unfrozen_parameters:\n- ^lm_head.weight$\n- ^model.embed_tokens.weight$\n"), "{yaml}");
+    // 50% of the 2 modules of each type: one per type.
+    let selected: Vec<&str> = yaml.lines().filter(|l| l.starts_with("- model.layers.")).map(|l| &l[2..]).collect();
+    assert_eq!(selected.len(), 7, "{yaml}");
+    let t = tensors(&out.join("model.safetensors"));
+    let base = tensors(&ws.out_path("p.yaml", "base").join("model.safetensors"));
+    for (name, w) in &base {
+        let changed = (&t[name] - w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0;
+        let module = name.trim_end_matches(".weight");
+        let want = name == "lm_head.weight" || name == "model.embed_tokens.weight" || selected.contains(&module);
+        assert_eq!(changed, want, "{name}");
+    }
+
+    // By hand, anchored like re.match; a bad regex is a located error.
+    ws.write("p.yaml", &pipeline("    method: spectrum\n    unfrozen_parameters: ['model\\.layers\\.1\\.mlp\\.', '.*norm']\n    max_steps: 2\n    learning_rate: 0.003\n"));
+    ws.ok(&["run", "p.yaml"]);
+    let out = ws.out_path("p.yaml", "sft");
+    let t = tensors(&out.join("model.safetensors"));
+    for (name, w) in &base {
+        let changed = (&t[name] - w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0;
+        assert_eq!(changed, name.starts_with("model.layers.1.mlp.") || name.contains("norm"), "{name}");
+    }
+    ws.write("p.yaml", &pipeline("    method: spectrum\n    unfrozen_parameters: ['model(']\n"));
+    let out = ws.pipe(&["run", "p.yaml"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("not a valid regular expression") && out.stderr.contains("p.yaml:"), "{out:?}");
+}

@@ -10,12 +10,14 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::nn::config::LlamaConfig;
+use crate::nn::nf4::Nf4Tensor;
 use crate::nn::ops::{cross_entropy_sum, frozen_matmul, rms_norm, rope, softmax};
 use crate::nn::{NnError, Result};
 
@@ -24,24 +26,37 @@ use crate::nn::{NnError, Result};
 pub enum Weight {
     Frozen(Tensor),
     Train(Var),
+    /// A frozen linear weight stored as NF4 (QLoRA), dequantised to `DType`
+    /// on `Device` for each use.
+    Nf4(Arc<Nf4Tensor>, DType, Device),
 }
 
 impl Weight {
-    pub fn tensor(&self) -> &Tensor {
-        match self {
-            Weight::Frozen(t) => t,
-            Weight::Train(v) => v.as_tensor(),
-        }
+    /// The weight as a tensor (a cheap handle; NF4 is dequantised).
+    pub fn tensor(&self) -> Result<Tensor> {
+        Ok(match self {
+            Weight::Frozen(t) => t.clone(),
+            Weight::Train(v) => v.as_tensor().clone(),
+            Weight::Nf4(q, dt, dev) => q.dequantize(dev, *dt)?,
+        })
     }
 
     pub fn is_trainable(&self) -> bool {
         matches!(self, Weight::Train(_))
     }
 
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            Weight::Nf4(q, _, _) => q.shape(),
+            w => w.tensor()?.dims2()?,
+        })
+    }
+
     /// `x @ w.T`, skipping the weight's gradient when it is frozen.
     fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Weight::Frozen(w) => frozen_matmul(x, w)?,
+            Weight::Nf4(q, _, dev) => frozen_matmul(x, &q.dequantize(dev, x.dtype())?)?,
             Weight::Train(w) => x.matmul(&w.t()?)?,
         })
     }
@@ -78,7 +93,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, fx: Fwd) -> Result<Tensor> {
         let mut y = self.w.matmul_t(x)?;
         if let Some(b) = &self.b {
-            y = y.broadcast_add(b.tensor())?;
+            y = y.broadcast_add(&b.tensor()?)?;
         }
         if let Some(l) = &self.lora {
             let xd = if fx.train && l.dropout > 0.0 {
@@ -180,6 +195,8 @@ pub struct TrainSpec {
     pub modules_to_save: Vec<String>,
     /// Seed for LoRA initialisation.
     pub seed: u64,
+    /// Store the frozen decoder linears as NF4 (QLoRA).
+    pub nf4_base: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -294,12 +311,17 @@ impl Llama {
         };
         let mut lora_rng = ChaCha8Rng::seed_from_u64(spec.seed);
         let mut linear = |module: &str, bias: bool| -> Result<Linear> {
-            let w = weight(&format!("{module}.weight"))?;
+            let w = match weight(&format!("{module}.weight"))? {
+                Weight::Frozen(t) if spec.nf4_base => {
+                    Weight::Nf4(Arc::new(Nf4Tensor::quantize(&t)?), dtype, device.clone())
+                }
+                w => w,
+            };
             let b = if bias { Some(weight(&format!("{module}.bias"))?) } else { None };
             let short = module.rsplit('.').next().unwrap_or(module);
             let lora = match &spec.lora {
                 Some(l) if l.targets.iter().any(|t| t == short) => {
-                    let (out, inp) = w.tensor().dims2()?;
+                    let (out, inp) = w.dims2()?;
                     let bound = 1.0 / (inp as f64).sqrt();
                     let a: Vec<f64> = (0..l.r * inp).map(|_| lora_rng.random_range(-bound..bound)).collect();
                     let a = Tensor::from_vec(a, (l.r, inp), device)?.to_dtype(dtype)?;
@@ -393,7 +415,7 @@ impl Llama {
             .into_iter()
             .filter_map(|(n, w)| match w {
                 Weight::Train(v) => Some((n, v)),
-                Weight::Frozen(_) => None,
+                Weight::Frozen(_) | Weight::Nf4(..) => None,
             })
             .collect()
     }
@@ -485,7 +507,7 @@ impl Llama {
     }
 
     pub fn embed(&self, b: &Batch) -> Result<Tensor> {
-        Ok(self.embed.tensor().index_select(&b.ids, 0)?)
+        Ok(self.embed.tensor()?.index_select(&b.ids, 0)?)
     }
 
     /// One decoder block on the stream `x` (N, hidden).
@@ -496,7 +518,7 @@ impl Llama {
         let rep = h / kv;
         let n = x.dim(0)?;
         let fx_i = Fwd { seed: fx.seed.wrapping_add(i as u64 * 0x9E37_79B9), ..fx };
-        let hn = rms_norm(x, l.input_layernorm.tensor(), c.rms_norm_eps)?;
+        let hn = rms_norm(x, &l.input_layernorm.tensor()?, c.rms_norm_eps)?;
         let q = l.q.forward(&hn, fx_i)?.reshape((n, h, hd))?;
         let k = l.k.forward(&hn, fx_i)?.reshape((n, kv, hd))?;
         let v = l.v.forward(&hn, fx_i)?.reshape((n, kv, hd))?;
@@ -527,7 +549,7 @@ impl Llama {
         }
         let attn = if outs.len() == 1 { outs.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&outs, 0)? };
         let x = (x + l.o.forward(&attn, fx_i)?)?;
-        let hn = rms_norm(&x, l.post_attention_layernorm.tensor(), c.rms_norm_eps)?;
+        let hn = rms_norm(&x, &l.post_attention_layernorm.tensor()?, c.rms_norm_eps)?;
         let g = l.gate.forward(&hn, fx_i)?.silu()?;
         let u = l.up.forward(&hn, fx_i)?;
         let m = l.down.forward(&(g * u)?, fx_i)?;
@@ -536,7 +558,7 @@ impl Llama {
 
     /// Final norm of the stream.
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(rms_norm(x, self.norm.tensor(), self.cfg.rms_norm_eps)?)
+        Ok(rms_norm(x, &self.norm.tensor()?, self.cfg.rms_norm_eps)?)
     }
 
     /// Logits for hidden states `h` (M, hidden) -> (M, vocab).
