@@ -279,10 +279,13 @@ fn spectrum_scans_selects_and_trains_only_the_selection() {
     setup(
         &ws,
         false,
-        "    method: spectrum\n    spectrum: {top_percent: 50}\n    learning_rate: 0.003\n    per_device_batch_size: 4\n    max_steps: 5\n",
+        "    method: spectrum\n    spectrum: {top_percent: 50}\n    learning_rate: 0.003\n    lr_scheduler: constant\n    per_device_batch_size: 4\n    max_steps: 30\n    logging_steps: 10\n",
     );
     ws.ok(&["run", "p.yaml"]);
     let out = ws.out_path("p.yaml", "sft");
+    let m = metrics(&out);
+    let (first, last) = (m[0]["loss"].as_f64().unwrap(), m.last().unwrap()["loss"].as_f64().unwrap());
+    assert!(last < 0.3 * first, "loss {first} -> {last}");
     let snr: serde_json::Value = serde_json::from_str(&fs_err::read_to_string(out.join("snr.json")).unwrap()).unwrap();
     assert_eq!(snr.as_object().unwrap().len(), 2 * 7, "every decoder linear of 2 layers is scanned");
     assert!(snr["model.layers.0.self_attn.q_proj"]["snr"].is_number());

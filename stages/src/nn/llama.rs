@@ -90,6 +90,19 @@ impl Fwd {
 }
 
 impl Linear {
+    /// The weight with the LoRA update folded in: `W + scale * B @ A`
+    /// (what `merge` writes, and what PEFT's `merge_and_unload` computes).
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        let w = self.w.tensor()?;
+        match &self.lora {
+            Some(l) => {
+                let d = l.b.as_tensor().matmul(l.a.as_tensor())?.affine(l.scale, 0.0)?;
+                Ok((w + d.to_dtype(self.w.tensor()?.dtype())?)?)
+            }
+            None => Ok(w),
+        }
+    }
+
     pub fn forward(&self, x: &Tensor, fx: Fwd) -> Result<Tensor> {
         let mut y = self.w.matmul_t(x)?;
         if let Some(b) = &self.b {

@@ -271,3 +271,26 @@ fn gradient_checkpointing_gives_the_same_gradients() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn merging_lora_into_the_weights_gives_the_same_logits() -> Result<()> {
+    let cfg = tiny_config("qwen2", false);
+    let spec = TrainSpec { lora: Some(LoraSpec { rslora: true, ..lora(&ALL_LINEAR) }), ..Default::default() };
+    let mut m = tiny_model(&cfg, &spec, DType::F64)?;
+    let b = m.batch(&rows())?;
+    let with_lora = m.logits(&b)?;
+    for l in m.linears_mut() {
+        if l.lora.is_some() {
+            assert!(
+                (l.lora.as_ref().map(|x| x.scale).unwrap_or(0.0) - 8.0 / 2.0).abs() < 1e-12,
+                "rslora: alpha/sqrt(r)"
+            );
+            l.w = Weight::Frozen(l.merged_weight()?);
+            l.lora = None;
+        }
+    }
+    let merged = m.logits(&b)?;
+    let d = (with_lora - merged)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    assert!(d < 1e-12, "merged differs by {d}");
+    Ok(())
+}
