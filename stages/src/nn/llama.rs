@@ -18,7 +18,10 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::nn::config::LlamaConfig;
 use crate::nn::nf4::Nf4Tensor;
-use crate::nn::ops::{cross_entropy_sum, frozen_matmul, rms_norm, rope, softmax};
+use crate::nn::ops::{cross_entropy_sum, frozen_matmul, lm_head_cross_entropy, rms_norm, rope, softmax};
+
+/// Rows per chunk of the fused LM head + cross-entropy.
+const HEAD_CHUNK: usize = 128;
 use crate::nn::{NnError, Result};
 
 /// One parameter tensor.
@@ -554,7 +557,8 @@ impl Llama {
                     m
                 }
             };
-            let s = qi.matmul(&ki.t()?)?.affine(scale, 0.0)?;
+            // Scale q (len x hd) rather than the scores (len x len).
+            let s = qi.affine(scale, 0.0)?.matmul(&ki.t()?)?;
             let s = if matches!(self.dtype, DType::F64 | DType::F32) { s } else { s.to_dtype(DType::F32)? };
             let p = softmax(&s.broadcast_add(&mask.to_dtype(s.dtype())?)?)?.to_dtype(self.dtype)?;
             let o = p.matmul(&vi)?.reshape((h, len, hd))?.transpose(0, 1)?.reshape((len, h * hd))?;
@@ -604,8 +608,18 @@ impl Llama {
             return Ok(Tensor::zeros((), DType::F32, &self.device)?);
         }
         let hs = h.index_select(&b.pred_idx, 0)?;
-        let logits = self.head(&hs, fx)?;
-        Ok(cross_entropy_sum(&logits, &b.targets)?)
+        // A plain head (tied, or lm_head without LoRA or bias): fused and chunked.
+        let plain = match &self.lm_head {
+            None => Some(&self.embed),
+            Some(l) if l.lora.is_none() && l.b.is_none() => Some(&l.w),
+            Some(_) => None,
+        };
+        match plain {
+            Some(w @ (Weight::Frozen(_) | Weight::Train(_))) => {
+                Ok(lm_head_cross_entropy(&hs, &w.tensor()?, &b.targets, HEAD_CHUNK)?)
+            }
+            _ => Ok(cross_entropy_sum(&self.head(&hs, fx)?, &b.targets)?),
+        }
     }
 
     pub fn loss_sum(&self, b: &Batch, fx: Fwd) -> Result<Tensor> {

@@ -102,3 +102,123 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let lp = log_softmax(&lf)?;
     lp.gather(&targets.unsqueeze(1)?, 1)?.sum_all()?.neg()
 }
+
+/// Summed cross-entropy of `h @ w.T` against `targets`, without ever
+/// holding the (rows x vocab) logits: rows go through the head in chunks,
+/// and the gradient (for `h`, and for `w` when it trains) is computed in
+/// the same pass, since the loss is the end of the graph. Peak extra memory
+/// is one chunk of logits instead of several full copies.
+///
+/// `h` (M, d), `w` (V, d), `targets` (M) u32. Softmax in f32 (f64 for f64).
+pub fn lm_head_cross_entropy(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) -> Result<Tensor> {
+    let op = FusedHeadCe {
+        w: w.clone(),
+        targets: targets.clone(),
+        chunk: chunk.max(1),
+        w_grad: w.track_op(),
+        grads: std::sync::Mutex::new(None),
+    };
+    let h = if h.is_contiguous() && h.layout().start_offset() == 0 { h.clone() } else { h.force_contiguous()? };
+    h.apply_op2(w, op)
+}
+
+struct FusedHeadCe {
+    w: Tensor,
+    targets: Tensor,
+    chunk: usize,
+    w_grad: bool,
+    /// d(loss)/dh and d(loss)/dw, computed by the forward pass.
+    grads: std::sync::Mutex<Option<(Tensor, Option<Tensor>)>>,
+}
+
+impl FusedHeadCe {
+    fn run(&self, h: &Tensor) -> Result<Tensor> {
+        let m = h.dim(0)?;
+        let acc = if h.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+        let w = self.w.detach();
+        let mut total = Tensor::zeros((), acc, h.device())?;
+        let mut dh = Vec::new();
+        let mut dw: Option<Tensor> = None;
+        let mut start = 0;
+        while start < m {
+            let n = self.chunk.min(m - start);
+            let hc = h.narrow(0, start, n)?;
+            let t = self.targets.narrow(0, start, n)?;
+            let logits = hc.matmul(&w.t()?)?.to_dtype(acc)?;
+            let max = logits.max_keepdim(D::Minus1)?;
+            let e = logits.broadcast_sub(&max)?.exp()?;
+            let sum = e.sum_keepdim(D::Minus1)?;
+            let lse = (sum.log()? + max)?;
+            let picked = logits.gather(&t.unsqueeze(1)?, 1)?;
+            total = (total + (lse - picked)?.sum_all()?)?;
+            // d nll / d logits = softmax - onehot
+            let onehot = Tensor::zeros(logits.shape(), acc, h.device())?.scatter_add(
+                &t.unsqueeze(1)?,
+                &Tensor::ones((n, 1), acc, h.device())?,
+                1,
+            )?;
+            let p = (e.broadcast_div(&sum)? - onehot)?.to_dtype(h.dtype())?;
+            dh.push(p.matmul(&w)?);
+            if self.w_grad {
+                let g = p.t()?.matmul(&hc)?;
+                dw = Some(match dw {
+                    Some(a) => (a + g)?,
+                    None => g,
+                });
+            }
+            start += n;
+        }
+        let dh = if dh.is_empty() { h.zeros_like()? } else { Tensor::cat(&dh, 0)? };
+        if let Ok(mut g) = self.grads.lock() {
+            *g = Some((dh, dw));
+        }
+        Ok(total)
+    }
+}
+
+impl candle_core::CustomOp2 for FusedHeadCe {
+    fn name(&self) -> &'static str {
+        "fused-head-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let h = Tensor::from_storage(Storage::Cpu(s.clone()), l.shape().clone(), BackpropOp::none(), false);
+        let y = self.run(&h)?;
+        let (st, _) = y.storage_and_layout();
+        match &*st {
+            Storage::Cpu(c) => Ok((c.clone(), Shape::from(()))),
+            _ => candle_core::bail!("fused-head-cross-entropy: the weight is not on the CPU"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let h = Tensor::from_storage(Storage::Cuda(s.try_clone(l)?), l.shape().clone(), BackpropOp::none(), false);
+        let y = self.run(&h)?;
+        let (st, yl) = y.storage_and_layout();
+        match &*st {
+            Storage::Cuda(c) => Ok((c.try_clone(yl)?, Shape::from(()))),
+            _ => candle_core::bail!("fused-head-cross-entropy: the weight is not on the GPU"),
+        }
+    }
+
+    fn bwd(&self, h: &Tensor, _w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let Some((dh, dw)) = self.grads.lock().ok().and_then(|x| x.clone()) else {
+            candle_core::bail!("fused-head-cross-entropy: backward before forward")
+        };
+        let g = g.to_dtype(h.dtype())?;
+        let dh = dh.broadcast_mul(&g)?;
+        let dw = match dw {
+            Some(d) if self.w_grad => Some(d.broadcast_mul(&g)?),
+            _ => None,
+        };
+        Ok((Some(dh), dw))
+    }
+}

@@ -294,3 +294,34 @@ fn merging_lora_into_the_weights_gives_the_same_logits() -> Result<()> {
     assert!(d < 1e-12, "merged differs by {d}");
     Ok(())
 }
+
+#[test]
+fn fused_chunked_head_cross_entropy_matches_the_plain_composition() -> Result<()> {
+    use crate::nn::ops::{cross_entropy_sum, lm_head_cross_entropy};
+    let dev = Device::Cpu;
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut rnd = |n: usize| -> Vec<f64> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+    let (m, d, v) = (10, 6, 13);
+    let h0 = candle_core::Var::from_tensor(&Tensor::from_vec(rnd(m * d), (m, d), &dev)?)?;
+    let w0 = candle_core::Var::from_tensor(&Tensor::from_vec(rnd(v * d), (v, d), &dev)?)?;
+    let t = Tensor::from_vec((0..m as u32).map(|i| (i * 7) % v as u32).collect::<Vec<_>>(), m, &dev)?;
+    let plain = (cross_entropy_sum(&h0.matmul(&w0.t()?)?, &t)? * 0.3)?;
+    let gp = plain.backward()?;
+    for chunk in [1, 3, 10, 64] {
+        let fused = (lm_head_cross_entropy(h0.as_tensor(), w0.as_tensor(), &t, chunk)? * 0.3)?;
+        let d0 = (fused.to_scalar::<f64>()? - plain.to_scalar::<f64>()?).abs();
+        assert!(d0 < 1e-12, "chunk {chunk}: loss differs by {d0}");
+        let gf = fused.backward()?;
+        for var in [&h0, &w0] {
+            let a = gp.get(var.as_tensor()).expect("plain grad");
+            let b = gf.get(var.as_tensor()).expect("fused grad");
+            let dd = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(dd < 1e-12, "chunk {chunk}: gradient differs by {dd}");
+        }
+    }
+    // A frozen head gets no gradient.
+    let w1 = w0.as_tensor().detach();
+    let g = lm_head_cross_entropy(h0.as_tensor(), &w1, &t, 4)?.backward()?;
+    assert!(g.get(&w1).is_none() && g.get(h0.as_tensor()).is_some());
+    Ok(())
+}
