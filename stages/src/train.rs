@@ -499,6 +499,7 @@ impl Stage for TrainStage {
         let (mut window_tokens, mut window_t) = (0usize, Instant::now());
         let mut last_loss = f64::NAN;
         let mut total_tokens = 0usize;
+        let mut peak_gpu: Option<u64> = gpu_used_bytes(&device);
         for step in start..plan.total {
             let micro = plan.micro_batches(p, step, &mut orders);
             let batches: Vec<_> = micro
@@ -523,6 +524,7 @@ impl Stage for TrainStage {
                 let fx = Fwd { train: true, seed: p.seed ^ ((step as u64) << 20) ^ m as u64 };
                 let (l, g) = model.loss_and_grads(b, fx, 1.0 / n_targets as f64, &vars, p.gradient_checkpointing)?;
                 loss += l;
+                peak_gpu = peak_gpu.max(gpu_used_bytes(&device));
                 for (acc, g) in grads.iter_mut().zip(g) {
                     if let Some(g) = g {
                         *acc = Some(match acc.take() {
@@ -610,6 +612,7 @@ impl Stage for TrainStage {
             "device": device_name(&device),
             "precision": format!("{:?}", p.precision).to_lowercase(),
             "seconds": t0.elapsed().as_secs_f64(),
+            "peak_gpu_mib": peak_gpu.map(|b| b as f64 / 1048576.0),
         });
         fs_err::write(ctx.out_dir.join("train.json"), serde_json::to_vec_pretty(&summary).map_err(fail)?)?;
         Ok(())
@@ -628,6 +631,19 @@ fn fmt_secs(s: f64) -> String {
     } else {
         format!("{s}s")
     }
+}
+
+/// Device memory in use now (cuMemGetInfo: total - free), CUDA only.
+#[cfg(feature = "cuda")]
+fn gpu_used_bytes(d: &Device) -> Option<u64> {
+    let Device::Cuda(c) = d else { return None };
+    let (free, total) = c.cuda_stream().context().mem_get_info().ok()?;
+    Some(total.saturating_sub(free) as u64)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_used_bytes(_: &Device) -> Option<u64> {
+    None
 }
 
 fn device_name(d: &Device) -> String {
