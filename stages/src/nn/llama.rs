@@ -8,7 +8,6 @@
 //! them; attention runs per sequence, so packed samples never see each
 //! other, and position ids come from the pack (restarting per sequence).
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -18,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::nn::config::LlamaConfig;
 use crate::nn::nf4::Nf4Tensor;
-use crate::nn::ops::{cross_entropy_sum, frozen_matmul, lm_head_cross_entropy, rms_norm, rope, softmax};
+use crate::nn::ops::{causal_softmax, cross_entropy_sum, frozen_matmul, lm_head_cross_entropy, rms_norm, rope};
 
 /// Rows per chunk of the fused LM head + cross-entropy.
 const HEAD_CHUNK: usize = 128;
@@ -541,7 +540,6 @@ impl Llama {
         let q = rope(&q, &b.cos, &b.sin)?;
         let k = rope(&k, &b.cos, &b.sin)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut masks: HashMap<usize, Tensor> = HashMap::new();
         let mut outs = Vec::with_capacity(b.seqs.len());
         for &(off, len) in &b.seqs {
             // Query heads g*rep..(g+1)*rep share kv head g (repeat_interleave):
@@ -549,18 +547,10 @@ impl Llama {
             let qi = q.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?.reshape((kv, rep * len, hd))?;
             let ki = k.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?;
             let vi = v.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?;
-            let mask = match masks.get(&len) {
-                Some(m) => m.clone(),
-                None => {
-                    let m = grouped_causal_mask(len, rep, &self.device)?;
-                    masks.insert(len, m.clone());
-                    m
-                }
-            };
             // Scale q (len x hd) rather than the scores (len x len).
             let s = qi.affine(scale, 0.0)?.matmul(&ki.t()?)?;
             let s = if matches!(self.dtype, DType::F64 | DType::F32) { s } else { s.to_dtype(DType::F32)? };
-            let p = softmax(&s.broadcast_add(&mask.to_dtype(s.dtype())?)?)?.to_dtype(self.dtype)?;
+            let p = causal_softmax(&s)?.to_dtype(self.dtype)?;
             let o = p.matmul(&vi)?.reshape((h, len, hd))?.transpose(0, 1)?.reshape((len, h * hd))?;
             outs.push(o);
         }
@@ -687,21 +677,6 @@ impl Llama {
         }
         Ok((value, out))
     }
-}
-
-/// Causal mask for `rep` query heads folded into rows: (rep*L, L).
-fn grouped_causal_mask(len: usize, rep: usize, device: &Device) -> Result<Tensor> {
-    let v: Vec<f32> = (0..rep * len * len)
-        .map(|i| {
-            let (r, c) = (i / len % len, i % len);
-            if c > r {
-                f32::NEG_INFINITY
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    Ok(Tensor::from_vec(v, (rep * len, len), device)?)
 }
 
 /// The safetensors files of an HF folder: the index's shards, or model.safetensors.

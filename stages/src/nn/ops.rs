@@ -6,7 +6,7 @@
 //! the (discarded) gradient of a frozen weight: a third matmul per linear.
 
 use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
 
 /// RMSNorm in f32 (or f64 when the input is f64), scaled by `w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -39,12 +39,6 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let a = x1.broadcast_mul(&cos)?.sub(&x2.broadcast_mul(&sin)?)?;
     let b = x2.broadcast_mul(&cos)?.add(&x1.broadcast_mul(&sin)?)?;
     Tensor::cat(&[a, b], D::Minus1)
-}
-
-/// Additive causal mask (L, L): 0 on and below the diagonal, -inf above.
-pub fn causal_mask(l: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let v: Vec<f32> = (0..l * l).map(|i| if i % l > i / l { f32::NEG_INFINITY } else { 0.0 }).collect();
-    Tensor::from_vec(v, (l, l), device)?.to_dtype(dtype)
 }
 
 /// `x @ w.T` for a weight that never trains: backward returns only dx.
@@ -220,5 +214,124 @@ impl candle_core::CustomOp2 for FusedHeadCe {
             _ => None,
         };
         Ok((Some(dh), dw))
+    }
+}
+
+/// Softmax over the last dim of scores (G, R, L) under a causal mask, where
+/// row r is query position `r % L` (several heads folded into rows): keys
+/// after the query get probability 0. On the CPU this is one fused pass
+/// that keeps only its output (the plain composition keeps the masked
+/// scores, their exponentials and the sum); elsewhere it falls back to the
+/// composition.
+pub fn causal_softmax(s: &Tensor) -> Result<Tensor> {
+    let (_, r, l) = s.dims3()?;
+    let fused = s.device().is_cpu() && matches!(s.dtype(), DType::F32 | DType::F64) && r % l == 0;
+    if !fused {
+        let rep = r / l;
+        let v: Vec<f32> = (0..r * l).map(|i| if i % l > (i / l) % l { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(v, (rep * l, l), s.device())?.to_dtype(s.dtype())?;
+        return softmax(&s.broadcast_add(&mask)?);
+    }
+    let s = if s.is_contiguous() && s.layout().start_offset() == 0 { s.clone() } else { s.force_contiguous()? };
+    s.apply_op1(CausalSoftmax)
+}
+
+struct CausalSoftmax;
+
+fn causal_softmax_rows<T: num_like::Float>(x: &[T], l: usize, out: &mut [T]) {
+    use rayon::prelude::*;
+    out.par_chunks_mut(l).zip(x.par_chunks(l)).enumerate().for_each(|(row, (o, xs))| {
+        let q = row % l;
+        let mut m = xs[0];
+        for v in &xs[1..=q] {
+            if *v > m {
+                m = *v;
+            }
+        }
+        let mut sum = T::zero();
+        for c in 0..=q {
+            let e = (xs[c] - m).exp();
+            o[c] = e;
+            sum = sum + e;
+        }
+        let inv = T::one() / sum;
+        for v in o.iter_mut().take(q + 1) {
+            *v = *v * inv;
+        }
+        for v in o.iter_mut().skip(q + 1) {
+            *v = T::zero();
+        }
+    });
+}
+
+/// The few float operations the fused kernels need, for f32 and f64.
+mod num_like {
+    pub trait Float:
+        Copy
+        + Send
+        + Sync
+        + PartialOrd
+        + std::ops::Sub<Output = Self>
+        + std::ops::Add<Output = Self>
+        + std::ops::Mul<Output = Self>
+        + std::ops::Div<Output = Self>
+    {
+        fn zero() -> Self;
+        fn one() -> Self;
+        fn exp(self) -> Self;
+    }
+    impl Float for f32 {
+        fn zero() -> Self {
+            0.0
+        }
+        fn one() -> Self {
+            1.0
+        }
+        fn exp(self) -> Self {
+            f32::exp(self)
+        }
+    }
+    impl Float for f64 {
+        fn zero() -> Self {
+            0.0
+        }
+        fn one() -> Self {
+            1.0
+        }
+        fn exp(self) -> Self {
+            f64::exp(self)
+        }
+    }
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let len = *l.dims().last().unwrap_or(&1);
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("causal-softmax: input must be contiguous")
+        };
+        Ok(match s {
+            CpuStorage::F32(v) => {
+                let mut out = vec![0f32; b - a];
+                causal_softmax_rows(&v[a..b], len, &mut out);
+                (CpuStorage::F32(out), l.shape().clone())
+            }
+            CpuStorage::F64(v) => {
+                let mut out = vec![0f64; b - a];
+                causal_softmax_rows(&v[a..b], len, &mut out);
+                (CpuStorage::F64(out), l.shape().clone())
+            }
+            _ => candle_core::bail!("causal-softmax: f32 or f64 only"),
+        })
+    }
+
+    fn bwd(&self, _s: &Tensor, p: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        // d softmax: p * (g - sum(g * p)); masked entries have p = 0.
+        let dot = (g * p)?.sum_keepdim(D::Minus1)?;
+        Ok(Some(g.broadcast_sub(&dot)?.mul(p)?))
     }
 }

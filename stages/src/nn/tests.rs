@@ -325,3 +325,31 @@ fn fused_chunked_head_cross_entropy_matches_the_plain_composition() -> Result<()
     assert!(g.get(&w1).is_none() && g.get(h0.as_tensor()).is_some());
     Ok(())
 }
+
+#[test]
+fn fused_causal_softmax_matches_the_masked_composition() -> Result<()> {
+    use crate::nn::ops::{causal_softmax, softmax};
+    let dev = Device::Cpu;
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let (g, rep, l) = (2, 3, 5);
+    let v: Vec<f64> = (0..g * rep * l * l).map(|_| rng.random_range(-3.0..3.0)).collect();
+    let x = candle_core::Var::from_tensor(&Tensor::from_vec(v, (g, rep * l, l), &dev)?)?;
+    let mask: Vec<f64> = (0..rep * l * l).map(|i| if i % l > (i / l) % l { f64::NEG_INFINITY } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, (rep * l, l), &dev)?;
+    let w = Tensor::from_vec(
+        (0..g * rep * l * l).map(|i| (i % 7) as f64 - 3.0).collect::<Vec<_>>(),
+        (g, rep * l, l),
+        &dev,
+    )?;
+    let plain = softmax(&x.broadcast_add(&mask)?)?;
+    let fused = causal_softmax(x.as_tensor())?;
+    assert!((&plain - &fused)?.abs()?.max_all()?.to_scalar::<f64>()? < 1e-14);
+    let gp = (plain * &w)?.sum_all()?.backward()?;
+    let gf = (fused * &w)?.sum_all()?.backward()?;
+    let d = (gp.get(x.as_tensor()).expect("g") - gf.get(x.as_tensor()).expect("g"))?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f64>()?;
+    assert!(d < 1e-12, "gradients differ by {d}");
+    Ok(())
+}
