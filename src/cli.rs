@@ -31,7 +31,7 @@ pub enum Command {
         /// Run up to N independent stages at once.
         #[arg(short, long, default_value_t = default_jobs())]
         jobs: usize,
-        /// GPU ids for `gpus:` stages (default: CUDA_VISIBLE_DEVICES, else none).
+        /// GPU ids for `gpus:` stages (default: CUDA_VISIBLE_DEVICES, else every GPU a CUDA build sees).
         #[arg(long, value_delimiter = ',')]
         gpus: Option<Vec<u32>>,
         /// Print what would run and why, and which stages are cached; run nothing.

@@ -20,7 +20,8 @@ prepare)
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/pipe-cuda-target}
   (cd "$REPO" && source ../shared/cuda/setup.sh >/dev/null && cargo build --release --features cuda)
   rm -rf "$SMOKE" && mkdir -p "$SMOKE/src"
-  strip -o "$SMOKE/pipe" "$CARGO_TARGET_DIR/release/pipe"
+  # The tree that travels is at most 64 MiB: the stripped CUDA binary (~80 MB) goes gzipped.
+  strip -o "$SMOKE/pipe" "$CARGO_TARGET_DIR/release/pipe" && gzip -9 "$SMOKE/pipe"
   cp "$SMOL_DIR"/{config.json,tokenizer.json,tokenizer_config.json,generation_config.json} "$SMOKE/src/"
   cp "$REPO/scripts/gpu/train_smoke.yaml" "$SMOKE/p.yaml"
   python3 - "$SMOKE/data.jsonl" <<'PY'
@@ -35,6 +36,7 @@ PY
   ;;
 run)
   cd "$SMOKE"
+  [ -x pipe ] || { gunzip -kf pipe.gz && chmod +x pipe; }
   S=$(python3 -c 'import nvidia,os;print(os.path.dirname(nvidia.__path__[0]))')
   export LD_LIBRARY_PATH=$(find "$S/nvidia" -name lib -type d | tr '\n' ':')${LD_LIBRARY_PATH:-}
   OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

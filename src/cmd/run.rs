@@ -27,7 +27,7 @@ pub fn run(
         std::env::var("CUDA_VISIBLE_DEVICES")
             .ok()
             .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-            .unwrap_or_default()
+            .unwrap_or_else(|| (0..pipe_stages::cuda_device_count() as u32).collect())
     });
     for f in &force {
         if p.index(f).is_none() {

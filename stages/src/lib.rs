@@ -17,3 +17,17 @@ mod table;
 pub mod train;
 
 pub use registry::registry;
+
+/// GPUs this build can use: the CUDA device count, 0 without the `cuda`
+/// feature or when the driver reports none.
+pub fn cuda_device_count() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::result;
+        result::init().ok().and_then(|_| result::device::get_count().ok()).map(|n| n.max(0) as usize).unwrap_or(0)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        0
+    }
+}

@@ -696,7 +696,13 @@ impl TrainStage {
             return Err(StageFailure::new("`device: cuda`, but this pipe was built without CUDA")
                 .hint("build with `cargo build --release --features cuda`, or set `device: cpu`"));
         }
-        let ordinal = ctx.gpus.first().copied().unwrap_or(0) as usize;
+        // Slots are GPU ids; with CUDA_VISIBLE_DEVICES this process numbers
+        // the visible ones from 0.
+        let id = ctx.gpus.first().copied().unwrap_or(0);
+        let ordinal = std::env::var("CUDA_VISIBLE_DEVICES")
+            .ok()
+            .and_then(|v| v.split(',').position(|x| x.trim().parse() == Ok(id)))
+            .unwrap_or(id as usize);
         Device::new_cuda(ordinal).map_err(|e| fail(format!("CUDA device {ordinal}: {e}")))
     }
 
