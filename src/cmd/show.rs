@@ -61,7 +61,7 @@ pub fn show(args: Vec<String>, path_only: bool, log: bool, json: bool, set: &[Va
         print!("{}", fs_err::read_to_string(&rec.log)?);
         return Ok(0);
     }
-    let metrics = ["metrics.json", "results.json", "stats.json", "dataset.json", "model.json"]
+    let metrics = ["metrics.json", "results.json", "stats.json", "dataset.json", "model.json", "train.json"]
         .iter()
         .map(|m| out.join(m))
         .find(|m| m.is_file())

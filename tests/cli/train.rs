@@ -127,6 +127,8 @@ fn lora_overfits_and_writes_a_peft_adapter() {
     let base = Llama::load(&base_dir, DType::F32, &Device::Cpu, &TrainSpec::default()).unwrap();
     let (lt, lb) = (loss(&tuned), loss(&base));
     assert!((lt - last).abs() < 0.05 && lb > 5.0 * lt, "tuned {lt} (train {last}), base {lb}");
+    let shown = ws.ok(&["show", "p.yaml", "sft"]);
+    assert!(shown.stdout.contains("\"final_loss\"") && shown.stdout.contains("\"trainable_parameters\""), "{shown:?}");
     // Nothing changed: cached.
     let again = ws.ok(&["run", "p.yaml"]);
     assert!(again.ran().is_empty(), "{again:?}");
