@@ -7,6 +7,7 @@ pub mod command;
 pub mod dataset;
 pub mod hub;
 mod jinja;
+pub mod merge;
 pub mod messages;
 pub mod metrics;
 pub mod model;

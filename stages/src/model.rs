@@ -47,7 +47,7 @@
 
 mod gguf;
 mod hf;
-mod st;
+pub(crate) mod st;
 mod tokenizer;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -10,5 +10,6 @@ pub fn registry() -> Registry {
     r.register(Box::new(crate::pack::PackKind));
     r.register(Box::new(crate::model::ModelKind));
     r.register(Box::new(crate::train::TrainKind));
+    r.register(Box::new(crate::merge::MergeKind));
     r
 }

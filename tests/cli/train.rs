@@ -319,3 +319,55 @@ fn spectrum_scans_selects_and_trains_only_the_selection() {
     assert_eq!(out.code, 2, "{out:?}");
     assert!(out.stderr.contains("not a valid regular expression") && out.stderr.contains("p.yaml:"), "{out:?}");
 }
+
+#[test]
+fn merge_folds_the_adapter_into_the_base() {
+    let ws = Ws::new();
+    setup(
+        &ws,
+        true,
+        "    method: lora\n    lora: {r: 4, alpha: 8, rslora: true, modules_to_save: [lm_head]}\n    learning_rate: 0.01\n    per_device_batch_size: 4\n    max_steps: 10\n  merged:\n    kind: merge\n    inputs: {model: base, adapter: sft}\n    max_shard_size: 100KB\n  merged16:\n    kind: merge\n    inputs: {model: base, adapter: sft}\n    dtype: bf16\n",
+    );
+    ws.ok(&["run", "p.yaml"]);
+    let (base_dir, out, adapter) =
+        (ws.out_path("p.yaml", "base"), ws.out_path("p.yaml", "merged"), ws.out_path("p.yaml", "sft"));
+    assert!(out.join("model.safetensors.index.json").exists(), "sharded at 100KB");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&fs_err::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["tie_word_embeddings"], false, "lm_head from modules_to_save is its own tensor");
+    let summary: serde_json::Value =
+        serde_json::from_str(&fs_err::read_to_string(out.join("merge.json")).unwrap()).unwrap();
+    assert_eq!(summary["merged_modules"], 2 * 7);
+    assert!(out.join("tokenizer.json").exists());
+    // The merged folder gives the adapter's logits.
+    let rows = pipe_stages::train::read_pack(&ws.out_path("p.yaml", "pack").join("data.parquet")).unwrap();
+    let with = Llama::load_peft(&base_dir, &adapter, DType::F32, &Device::Cpu).unwrap();
+    let merged = Llama::load(&out, DType::F32, &Device::Cpu, &TrainSpec::default()).unwrap();
+    assert!(merged.lm_head.is_some());
+    let b = with.batch(&rows).unwrap();
+    let d = (with.logits(&b).unwrap() - merged.logits(&b).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-4, "merged logits differ by {d}");
+
+    let m16 = ws.out_path("p.yaml", "merged16");
+    assert!(tensors(&m16.join("model.safetensors")).values().all(|t| t.dtype() == DType::BF16));
+    let cfg16: serde_json::Value =
+        serde_json::from_str(&fs_err::read_to_string(m16.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg16["torch_dtype"], "bfloat16");
+    // An input that is not an adapter.
+    ws.write(
+        "p.yaml",
+        &pipeline(
+            "    method: full\n    max_steps: 1\n  merged:\n    kind: merge\n    inputs: {model: base, adapter: sft}\n",
+        ),
+    );
+    let out = ws.pipe(&["run", "p.yaml"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("no adapter_config.json") && out.stderr.contains("method lora"), "{out:?}");
+}

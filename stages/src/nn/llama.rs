@@ -260,34 +260,7 @@ impl Llama {
     /// A base HF folder plus a PEFT LoRA adapter folder (ours or PEFT's:
     /// `adapter_config.json` + `adapter_model.safetensors`).
     pub fn load_peft(base: &Path, adapter: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let cfg_path = adapter.join("adapter_config.json");
-        let c: serde_json::Value = serde_json::from_str(&fs_err::read_to_string(&cfg_path)?)
-            .map_err(|e| NnError::Config(format!("{}: {e}", cfg_path.display())))?;
-        let bad = |what: &str| NnError::Config(format!("{}: {what}", cfg_path.display()));
-        if c["peft_type"] != "LORA" {
-            return Err(bad("only LORA adapters are supported (`peft_type`)"));
-        }
-        let targets: Vec<String> = match &c["target_modules"] {
-            serde_json::Value::String(s) if s == "all-linear" => ALL_LINEAR.iter().map(|s| s.to_string()).collect(),
-            serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
-            _ => return Err(bad("`target_modules` must be a list of module names or \"all-linear\"")),
-        };
-        let r = c["r"].as_u64().ok_or_else(|| bad("`r` is missing"))? as usize;
-        let spec = TrainSpec {
-            lora: Some(LoraSpec {
-                r,
-                alpha: c["lora_alpha"].as_f64().unwrap_or(8.0),
-                dropout: 0.0,
-                targets,
-                rslora: c["use_rslora"].as_bool().unwrap_or(false),
-                init_b_zero: true,
-            }),
-            modules_to_save: c["modules_to_save"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
-                .unwrap_or_default(),
-            ..Default::default()
-        };
+        let spec = peft_spec(adapter)?;
         let model = Self::load(base, dtype, device, &spec)?;
         let file = adapter.join("adapter_model.safetensors");
         let t = candle_core::safetensors::load(&file, device)?;
@@ -677,6 +650,40 @@ impl Llama {
         }
         Ok((value, out))
     }
+}
+
+/// The [`TrainSpec`] (LoRA settings, `modules_to_save`) of a PEFT LoRA
+/// adapter folder's `adapter_config.json`.
+pub fn peft_spec(adapter: &Path) -> Result<TrainSpec> {
+    let cfg_path = adapter.join("adapter_config.json");
+    let text = fs_err::read_to_string(&cfg_path)?;
+    let c: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| NnError::Config(format!("{}: {e}", cfg_path.display())))?;
+    let bad = |what: &str| NnError::Config(format!("{}: {what}", cfg_path.display()));
+    if c["peft_type"] != "LORA" {
+        return Err(bad("only LORA adapters are supported (`peft_type`)"));
+    }
+    let targets: Vec<String> = match &c["target_modules"] {
+        serde_json::Value::String(s) if s == "all-linear" => ALL_LINEAR.iter().map(|s| s.to_string()).collect(),
+        serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+        _ => return Err(bad("`target_modules` must be a list of module names or \"all-linear\"")),
+    };
+    let r = c["r"].as_u64().filter(|r| *r > 0).ok_or_else(|| bad("`r` is missing"))? as usize;
+    Ok(TrainSpec {
+        lora: Some(LoraSpec {
+            r,
+            alpha: c["lora_alpha"].as_f64().unwrap_or(8.0),
+            dropout: 0.0,
+            targets,
+            rslora: c["use_rslora"].as_bool().unwrap_or(false),
+            init_b_zero: true,
+        }),
+        modules_to_save: c["modules_to_save"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+            .unwrap_or_default(),
+        ..Default::default()
+    })
 }
 
 /// The safetensors files of an HF folder: the index's shards, or model.safetensors.
