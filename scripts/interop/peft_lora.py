@@ -6,6 +6,7 @@ Run through peft_lora.sh (it trains the models with `pipe run`).
     --base DIR             the `model` stage's f32 HF folder
     --adapter NAME=DIR     a LoRA `train` output (repeatable)
     --full NAME=DIR        a full fine-tune `train` output (repeatable)
+    --merged NAME=DIR=ADAPTER_DIR  a `merge` output and the adapter it folded in
 
 Checks (each prints PASS/FAIL; exit status 1 if any fails):
   base      transformers vs pipe logits on the base (the reference point).
@@ -19,6 +20,9 @@ Checks (each prints PASS/FAIL; exit status 1 if any fails):
             logits of base+adapter: PEFT vs pipe (`Llama::load_peft`).
   full      `AutoModelForCausalLM.from_pretrained` reports no missing,
             unexpected or mismatched keys; logits: transformers vs pipe.
+  merged    as `full` for the merged folder, and its transformers logits vs
+            pipe's base+adapter logits (f32; bound 2e-4: the merged weights
+            are rounded to f32 once more).
 
 Logits are compared twice:
   f64  both sides in f64 end to end (pipe's `logits --f64`; transformers in
@@ -272,6 +276,7 @@ def main():
     ap.add_argument("--base", required=True)
     ap.add_argument("--adapter", action="append", default=[])
     ap.add_argument("--full", action="append", default=[])
+    ap.add_argument("--merged", action="append", default=[])
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -296,6 +301,14 @@ def main():
         theirs = check_full(name, fdir, args, ids)
         m = max_diff(theirs, base_theirs)
         report(m > MOVED, f"{name}: the fine-tune changes the model", f"max abs logit change vs base {m:.3e}")
+
+    for spec in args.merged:
+        name, mdir, adir = spec.split("=", 2)
+        theirs = check_full(name, mdir, args, ids)
+        ours = pipe_logits(args.logits_bin, ids, args.base, adir)
+        d = max_diff(theirs, ours)
+        report(d < 2 * BOUND, f"{name}: transformers on the merged folder vs pipe's base + adapter (f32)",
+               f"max abs diff {d:.3e} (bound {2 * BOUND:g})")
 
     if failures:
         print(f"FAILED: {len(failures)} check(s): {', '.join(failures)}")

@@ -104,8 +104,12 @@ stages:
     lr_scheduler: constant
     per_device_batch_size: 2
     max_steps: 3
+  merged:
+    kind: merge
+    inputs: {model: base, adapter: lora_mts}
 YAML
 (cd "$ws" && "$pipe" run pipeline.yaml >/dev/null)
 path() { (cd "$ws" && "$pipe" show "$1" --path); }
 "$venv/bin/python" "$here/peft_lora.py" --logits-bin "$logits" --base "$(path base)" \
-    --adapter "lora_mts=$(path lora_mts)" --adapter "lora=$(path lora)" --full "full=$(path full)"
+    --adapter "lora_mts=$(path lora_mts)" --adapter "lora=$(path lora)" --full "full=$(path full)" \
+    --merged "merged=$(path merged)=$(path lora_mts)"
