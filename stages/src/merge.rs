@@ -32,6 +32,7 @@ use serde_json::{json, Value};
 
 use crate::model::st::{self, DType, Entry, Planned};
 use crate::nn::llama::{peft_spec, weight_files};
+use crate::train::fail;
 
 pub struct MergeKind;
 
@@ -70,10 +71,6 @@ impl StageKind for MergeKind {
         };
         Ok(Box::new(MergeStage { p, max_shard }))
     }
-}
-
-fn fail(e: impl std::fmt::Display) -> StageFailure {
-    StageFailure::new(e.to_string())
 }
 
 impl Stage for MergeStage {
@@ -220,12 +217,7 @@ impl Stage for MergeStage {
             cfg["torch_dtype"] = json!(dt.torch());
         }
         fs_err::write(ctx.out_dir.join("config.json"), serde_json::to_string_pretty(&cfg).map_err(fail)? + "\n")?;
-        for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
-            let from = base.join(f);
-            if from.exists() {
-                fs_err::copy(&from, ctx.out_dir.join(f))?;
-            }
-        }
+        crate::model::copy_tokenizer_files(base, ctx.out_dir)?;
         let summary = json!({
             "schema": 1,
             "r": lora.r,

@@ -65,6 +65,18 @@ pub use st::DType;
 
 pub struct ModelKind;
 
+/// The tokenizer and generation files of an HF folder that travel with its
+/// weights (copied, when present, into a fine-tune or merge output).
+pub(crate) fn copy_tokenizer_files(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
+        let src = from.join(f);
+        if src.exists() {
+            fs_err::copy(&src, to.join(f))?;
+        }
+    }
+    Ok(())
+}
+
 #[derive(Deserialize, Debug)]
 #[serde(untagged, expecting = "expected a size like `5GB` or `500MB`, or a number of bytes")]
 enum Size {

@@ -319,7 +319,7 @@ impl StageKind for TrainKind {
     }
 }
 
-fn fail(e: impl std::fmt::Display) -> StageFailure {
+pub(crate) fn fail(e: impl std::fmt::Display) -> StageFailure {
     StageFailure::new(e.to_string())
 }
 
@@ -504,10 +504,7 @@ impl Stage for TrainStage {
             let micro = plan.micro_batches(p, step, &mut orders);
             let batches: Vec<_> = micro
                 .iter()
-                .map(|idx| {
-                    let rs: Vec<Row> = idx.iter().map(|&i| rows[i].clone()).collect();
-                    model.batch(&rs)
-                })
+                .map(|idx| model.batch(&idx.iter().map(|&i| &rows[i]).collect::<Vec<_>>()))
                 .collect::<Result<_, _>>()?;
             let n_targets: usize = batches.iter().map(|b| b.n_targets).sum();
             let n_tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
@@ -769,12 +766,7 @@ impl TrainStage {
 
     fn save_output(&self, ctx: &RunCtx, model: &Llama, model_dir: &Path) -> Result<(), StageFailure> {
         let out = ctx.out_dir;
-        for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
-            let src = model_dir.join(f);
-            if src.exists() {
-                fs_err::copy(&src, out.join(f))?;
-            }
-        }
+        crate::model::copy_tokenizer_files(model_dir, out)?;
         match self.p.method {
             Method::Lora | Method::Qlora => self.save_adapter(out, model, model_dir),
             Method::Full | Method::Spectrum => save_full(out, model, model_dir),

@@ -416,13 +416,14 @@ impl Llama {
     }
 
     /// Lay rows end to end into a [`Batch`].
-    pub fn batch(&self, rows: &[Row]) -> Result<Batch> {
+    pub fn batch<R: std::borrow::Borrow<Row>>(&self, rows: &[R]) -> Result<Batch> {
         let mut ids: Vec<u32> = Vec::new();
         let mut pos: Vec<u32> = Vec::new();
         let mut seqs = Vec::new();
         let mut pred = Vec::new();
         let mut targets = Vec::new();
         for r in rows {
+            let r: &Row = r.borrow();
             let base = ids.len();
             if r.labels.len() != r.input_ids.len() || r.position_ids.len() != r.input_ids.len() {
                 return Err(NnError::Other(

@@ -41,13 +41,54 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[a, b], D::Minus1)
 }
 
+/// `x` contiguous from offset 0 (what the custom ops below read), copied
+/// only when it is not already.
+fn dense(x: &Tensor) -> Result<Tensor> {
+    if x.is_contiguous() && x.layout().start_offset() == 0 {
+        Ok(x.clone())
+    } else {
+        x.force_contiguous()
+    }
+}
+
+/// A custom op's input storage as a tensor (no graph), to compute with
+/// tensor ops inside `cpu_fwd`.
+fn cpu_tensor(s: &CpuStorage, l: &Layout) -> Tensor {
+    Tensor::from_storage(Storage::Cpu(s.clone()), l.shape().clone(), BackpropOp::none(), false)
+}
+
+/// A result tensor back as a custom op's output storage.
+fn cpu_storage(y: &Tensor, op: &str) -> Result<(CpuStorage, Shape)> {
+    let (st, _) = y.storage_and_layout();
+    match &*st {
+        Storage::Cpu(c) => Ok((c.clone(), y.shape().clone())),
+        _ => candle_core::bail!("{op}: the weight is not on the CPU"),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_tensor(s: &candle_core::CudaStorage, l: &Layout) -> Result<Tensor> {
+    use candle_core::backend::BackendStorage;
+    Ok(Tensor::from_storage(Storage::Cuda(s.try_clone(l)?), l.shape().clone(), BackpropOp::none(), false))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_storage(y: &Tensor, op: &str) -> Result<(candle_core::CudaStorage, Shape)> {
+    use candle_core::backend::BackendStorage;
+    let (st, yl) = y.storage_and_layout();
+    match &*st {
+        Storage::Cuda(c) => Ok((c.try_clone(yl)?, y.shape().clone())),
+        _ => candle_core::bail!("{op}: the weight is not on the GPU"),
+    }
+}
+
 /// `x @ w.T` for a weight that never trains: backward returns only dx.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         return x.matmul(&w.t()?);
     }
     // The op reads the storage from offset 0 with contiguous strides.
-    let x = if x.is_contiguous() && x.layout().start_offset() == 0 { x.clone() } else { x.force_contiguous()? };
+    let x = dense(x)?;
     x.apply_op1(FrozenMatmul { w: w.clone() })
 }
 
@@ -61,27 +102,12 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = Tensor::from_storage(Storage::Cpu(s.clone()), l.shape().clone(), BackpropOp::none(), false);
-        let y = x.matmul(&self.w.t()?)?;
-        let shape = y.shape().clone();
-        let (st, _) = y.storage_and_layout();
-        match &*st {
-            Storage::Cpu(c) => Ok((c.clone(), shape)),
-            _ => candle_core::bail!("frozen-matmul: the weight is not on the CPU"),
-        }
+        cpu_storage(&cpu_tensor(s, l).matmul(&self.w.t()?)?, self.name())
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let x = Tensor::from_storage(Storage::Cuda(s.try_clone(l)?), l.shape().clone(), BackpropOp::none(), false);
-        let y = x.matmul(&self.w.t()?)?;
-        let shape = y.shape().clone();
-        let (st, yl) = y.storage_and_layout();
-        match &*st {
-            Storage::Cuda(c) => Ok((c.try_clone(yl)?, shape)),
-            _ => candle_core::bail!("frozen-matmul: the weight is not on the GPU"),
-        }
+        cuda_storage(&cuda_tensor(s, l)?.matmul(&self.w.t()?)?, self.name())
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
@@ -112,7 +138,7 @@ pub fn lm_head_cross_entropy(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: us
         w_grad: w.track_op(),
         grads: std::sync::Mutex::new(None),
     };
-    let h = if h.is_contiguous() && h.layout().start_offset() == 0 { h.clone() } else { h.force_contiguous()? };
+    let h = dense(h)?;
     h.apply_op2(w, op)
 }
 
@@ -176,13 +202,7 @@ impl candle_core::CustomOp2 for FusedHeadCe {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let h = Tensor::from_storage(Storage::Cpu(s.clone()), l.shape().clone(), BackpropOp::none(), false);
-        let y = self.run(&h)?;
-        let (st, _) = y.storage_and_layout();
-        match &*st {
-            Storage::Cpu(c) => Ok((c.clone(), Shape::from(()))),
-            _ => candle_core::bail!("fused-head-cross-entropy: the weight is not on the CPU"),
-        }
+        cpu_storage(&self.run(&cpu_tensor(s, l))?, self.name())
     }
 
     #[cfg(feature = "cuda")]
@@ -193,14 +213,7 @@ impl candle_core::CustomOp2 for FusedHeadCe {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let h = Tensor::from_storage(Storage::Cuda(s.try_clone(l)?), l.shape().clone(), BackpropOp::none(), false);
-        let y = self.run(&h)?;
-        let (st, yl) = y.storage_and_layout();
-        match &*st {
-            Storage::Cuda(c) => Ok((c.try_clone(yl)?, Shape::from(()))),
-            _ => candle_core::bail!("fused-head-cross-entropy: the weight is not on the GPU"),
-        }
+        cuda_storage(&self.run(&cuda_tensor(s, l)?)?, self.name())
     }
 
     fn bwd(&self, h: &Tensor, _w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -232,7 +245,7 @@ pub fn causal_softmax(s: &Tensor) -> Result<Tensor> {
         let mask = Tensor::from_vec(v, (rep * l, l), s.device())?.to_dtype(s.dtype())?;
         return softmax(&s.broadcast_add(&mask)?);
     }
-    let s = if s.is_contiguous() && s.layout().start_offset() == 0 { s.clone() } else { s.force_contiguous()? };
+    let s = dense(s)?;
     s.apply_op1(CausalSoftmax)
 }
 
