@@ -52,8 +52,6 @@ DVC=$VENV/bin/dvc
 TIMES=$BENCH_DIR/times
 RESULTS=$BENCH_DIR/results.txt
 
-log() { printf '\n== %s\n' "$*" >&2; }
-
 # ---------------------------------------------------------------- tools
 # shellcheck source=benches/lib.sh
 source "$REPO/benches/lib.sh"

@@ -1,4 +1,33 @@
-# Shared by the bench scripts (sourced). Needs REPO, BENCH_DIR and log().
+# Shared by the bench scripts (sourced). Needs REPO and BENCH_DIR.
+
+log() { printf '\n== %s\n' "$*" >&2; }
+die() { echo "error: $*" >&2; exit 1; }
+
+# need_gnu_time: GNU time at $TIME (peak RSS via -v), or exit with a hint.
+need_gnu_time() {
+  [[ -x $TIME ]] && "$TIME" -v true 2>/dev/null \
+    || die "GNU time is needed at $TIME for peak RSS (apt-get install -y time)"
+}
+
+# private_pipe: build_pipe, then PIPE = a private copy under $BENCH_DIR/bin (a
+# concurrent build into the shared target dir must not swap the binary under
+# the benchmark).
+private_pipe() {
+  build_pipe
+  [[ -x "$PIPE_BUILT" ]] || die "no pipe binary at $PIPE_BUILT"
+  mkdir -p "$BENCH_DIR/bin"
+  cp "$PIPE_BUILT" "$BENCH_DIR/bin/pipe.tmp" && mv "$BENCH_DIR/bin/pipe.tmp" "$BENCH_DIR/bin/pipe"
+  PIPE=$BENCH_DIR/bin/pipe
+}
+
+# ensure_gguf: the SmolLM2 GGUF at $GGUF, fetched into $ASSETS if missing.
+ensure_gguf() {
+  if [[ ! -f "$GGUF" ]]; then
+    log "fetching $GGUF (scripts/fetch-test-assets.sh)"
+    PIPE_TEST_ASSETS=$ASSETS sh "$REPO/scripts/fetch-test-assets.sh"
+  fi
+  [[ -f "$GGUF" ]] || die "$GGUF is missing (scripts/fetch-test-assets.sh)"
+}
 #
 # build_pipe: sets PIPE_BUILT (a release binary) and PIPE_SRC (what it was
 # built from). PIPE_BIN uses a given binary; PIPE_REV builds a committed

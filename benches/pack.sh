@@ -77,29 +77,15 @@ BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
 case "$BENCH_DIR/" in "$REPO"/*) echo "BENCH_DIR must be outside the repo ($REPO)" >&2; exit 2 ;; esac
 RESULTS=$BENCH_DIR/results.txt
 RUN_DIR=$BENCH_DIR/run-$N
-log() { printf '\n== %s\n' "$*" >&2; }
-die() { echo "error: $*" >&2; exit 1; }
-
-[[ -x $TIME ]] && "$TIME" -v true 2>/dev/null \
-  || die "GNU time is needed at $TIME for peak RSS (apt-get install -y time)"
-
-# ---------------------------------------------------------------- pipe
 # shellcheck source=benches/lib.sh
 source "$REPO/benches/lib.sh"
-build_pipe
-[[ -x "$PIPE_BUILT" ]] || die "no pipe binary at $PIPE_BUILT"
-# A private copy: a concurrent build into the shared target dir must not swap
-# the binary under the benchmark.
-mkdir -p "$BENCH_DIR/bin"
-cp "$PIPE_BUILT" "$BENCH_DIR/bin/pipe.tmp" && mv "$BENCH_DIR/bin/pipe.tmp" "$BENCH_DIR/bin/pipe"
-PIPE=$BENCH_DIR/bin/pipe
+need_gnu_time
+
+# ---------------------------------------------------------------- pipe
+private_pipe
 
 # ---------------------------------------------------------------- model, venv
-if [[ ! -f "$GGUF" ]]; then
-  log "fetching $GGUF (scripts/fetch-test-assets.sh)"
-  PIPE_TEST_ASSETS=$ASSETS sh "$REPO/scripts/fetch-test-assets.sh"
-fi
-[[ -f "$GGUF" ]] || die "$GGUF is missing (scripts/fetch-test-assets.sh)"
+ensure_gguf
 
 if ! { [[ -x "$PY" ]] && "$PY" -c 'import transformers, datasets, trl.data_utils, jinja2' 2>/dev/null; }; then
   log "installing transformers, datasets, jinja2 and trl (--no-deps) into $VENV (no torch)"

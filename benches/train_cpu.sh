@@ -62,27 +62,15 @@ mkdir -p "$BENCH_DIR"
 BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
 case "$BENCH_DIR/" in "$REPO"/*) echo "BENCH_DIR must be outside the repo ($REPO)" >&2; exit 2 ;; esac
 RESULTS=$BENCH_DIR/results.txt
-log() { printf '\n== %s\n' "$*" >&2; }
-die() { echo "error: $*" >&2; exit 1; }
-
-[[ -x $TIME ]] && "$TIME" -v true 2>/dev/null \
-  || die "GNU time is needed at $TIME for peak RSS (apt-get install -y time)"
-
-# ---------------------------------------------------------------- pipe
 # shellcheck source=benches/lib.sh
 source "$REPO/benches/lib.sh"
-build_pipe
-[[ -x "$PIPE_BUILT" ]] || die "no pipe binary at $PIPE_BUILT"
-mkdir -p "$BENCH_DIR/bin"
-cp "$PIPE_BUILT" "$BENCH_DIR/bin/pipe.tmp" && mv "$BENCH_DIR/bin/pipe.tmp" "$BENCH_DIR/bin/pipe"
-PIPE=$BENCH_DIR/bin/pipe
+need_gnu_time
+
+# ---------------------------------------------------------------- pipe
+private_pipe
 
 # ---------------------------------------------------------------- model, venv
-if [[ ! -f "$GGUF" ]]; then
-  log "fetching $GGUF (scripts/fetch-test-assets.sh)"
-  PIPE_TEST_ASSETS=$ASSETS sh "$REPO/scripts/fetch-test-assets.sh"
-fi
-[[ -f "$GGUF" ]] || die "$GGUF is missing (scripts/fetch-test-assets.sh)"
+ensure_gguf
 if ! { [[ -x "$PY" ]] && "$PY" -c 'import torch, transformers, peft, pyarrow' 2>/dev/null; }; then
   log "installing torch, transformers<5, peft, pyarrow into $VENV"
   [[ -x "$PY" ]] || python3 -m venv "$VENV"
