@@ -220,8 +220,9 @@ struct TrainStage {
     p: Params,
 }
 
+/// A param error at `key`, or at `key.sub` given "key.sub".
 fn perr(key: &str, msg: impl Into<String>) -> ParamError {
-    ParamError::new(vec![Seg::Key(key.into())], msg.into())
+    ParamError::new(key.split('.').map(|k| Seg::Key(k.into())).collect(), msg.into())
 }
 
 impl StageKind for TrainKind {
@@ -238,10 +239,7 @@ impl StageKind for TrainKind {
         let p: Params = parse_params(params)?;
         let lora_like = matches!(p.method, Method::Lora | Method::Qlora);
         if lora_like && p.lora.as_ref().is_some_and(|l| l.r == 0) {
-            return Err(ParamError::new(
-                vec![Seg::Key("lora".into()), Seg::Key("r".into())],
-                "lora.r must be at least 1".to_string(),
-            ));
+            return Err(perr("lora.r", "lora.r must be at least 1"));
         }
         if !lora_like && p.lora.is_some() {
             return Err(perr("lora", "`lora:` settings need `method: lora` or `method: qlora`"));
@@ -256,8 +254,8 @@ impl StageKind for TrainKind {
             }
             for m in &l.modules_to_save {
                 if m != "lm_head" && m != "embed_tokens" {
-                    return Err(ParamError::new(
-                        vec![Seg::Key("lora".into()), Seg::Key("modules_to_save".into())],
+                    return Err(perr(
+                        "lora.modules_to_save",
                         format!("unknown module `{m}`: modules_to_save takes lm_head and embed_tokens"),
                     ));
                 }
@@ -265,8 +263,8 @@ impl StageKind for TrainKind {
             if let Target::List(names) = &l.target {
                 for n in names {
                     if !ALL_LINEAR.contains(&n.as_str()) {
-                        return Err(ParamError::new(
-                            vec![Seg::Key("lora".into()), Seg::Key("target".into())],
+                        return Err(perr(
+                            "lora.target",
                             format!("unknown module `{n}`: targets are {} or `all-linear`", ALL_LINEAR.join(", ")),
                         ));
                     }
@@ -274,8 +272,8 @@ impl StageKind for TrainKind {
             }
             if let Target::Named(n) = &l.target {
                 if n != "all-linear" && !ALL_LINEAR.contains(&n.as_str()) {
-                    return Err(ParamError::new(
-                        vec![Seg::Key("lora".into()), Seg::Key("target".into())],
+                    return Err(perr(
+                        "lora.target",
                         format!("unknown target `{n}`: write `all-linear` or a list of module names"),
                     ));
                 }
