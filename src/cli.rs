@@ -95,6 +95,39 @@ pub enum Command {
         #[command(flatten)]
         p: PipelineArgs,
     },
+    /// Serve a model over the OpenAI API: /v1/chat/completions, /v1/completions,
+    /// /v1/models, /health (continuous batching; Ctrl-C stops gracefully).
+    Serve {
+        /// [FILE] MODEL: a model folder, or a stage (a `serve` stage, or one whose output is a model folder).
+        #[arg(value_name = "[FILE] MODEL", required = true, num_args = 1..=2)]
+        args: Vec<String>,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// Port (0: any free port; the line `serving NAME on http://HOST:PORT` says which).
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// The model name clients ask for (default: the stage or folder name).
+        #[arg(long)]
+        model_name: Option<String>,
+        /// Sequences decoded together at most (default 64).
+        #[arg(long)]
+        max_batch: Option<usize>,
+        /// Requests waiting beyond the batch; more are refused with 503 (default 256).
+        #[arg(long)]
+        queue: Option<usize>,
+        /// Cap the context length (default: the model's max_position_embeddings).
+        #[arg(long)]
+        max_model_len: Option<usize>,
+        /// auto | cpu | cuda
+        #[arg(long)]
+        device: Option<String>,
+        /// auto (f32 on CPU, bf16 on CUDA) | f32 | bf16 | f16
+        #[arg(long)]
+        dtype: Option<String>,
+        #[command(flatten)]
+        p: PipelineArgs,
+    },
     /// Print the content digest of files or directories (the digests pipe uses in keys).
     Hash {
         #[arg(required = true)]

@@ -15,7 +15,7 @@ use pipe_cache::Digest;
 use crate::graph::Pipeline;
 use crate::key::{explain, KeyInputs};
 use crate::records::{now_ms, Failure, LockEntry, LockFile, RunRecord};
-use crate::stage::{Cancel, Progress, RunCtx};
+use crate::stage::{Cancel, Progress, RunCtx, Service};
 use crate::status::{self, State};
 use crate::workspace::Workspace;
 use crate::EngineError;
@@ -47,6 +47,11 @@ pub enum Outcome {
     Failed(String),
     /// Not started: an upstream stage failed, or the run stopped early.
     Skipped(String),
+    /// A service stage: keyed, started only if a dependent ran.
+    Service {
+        key: Digest,
+        started: bool,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -157,6 +162,11 @@ pub fn frozen_drift(
     let mut drift = Vec::new();
     for &i in selected {
         let s = &p.stages[i];
+        if s.stage.is_service() {
+            // Never locked: its key stands in for an output.
+            assumed[i] = ws.key_inputs(p, s, &assumed).ok().flatten().map(|k| k.key());
+            continue;
+        }
         let Some(entry) = lock.get(s.name()) else {
             drift.push(format!("{}: not in the lock file", s.name()));
             continue;
@@ -224,6 +234,7 @@ pub fn run(
     let mut running = 0usize;
     let mut stop_launching = false;
     let (tx, rx) = mpsc::channel::<(usize, Outcome, Vec<u32>)>();
+    let mut services: BTreeMap<usize, Box<dyn Service>> = BTreeMap::new();
 
     std::thread::scope(|scope| -> Result<(), EngineError> {
         loop {
@@ -268,6 +279,12 @@ pub fn run(
                         Err(e) => return Err(e),
                     };
                     let key = ki.key();
+                    if s.stage.is_service() {
+                        outputs[i] = Some(key);
+                        slots[i] = Slot::Done(Outcome::Service { key, started: false });
+                        progressed = true;
+                        continue;
+                    }
                     let forced = opts.force.iter().any(|f| f == s.name());
                     if !forced {
                         if let Some(r) = ws.hit(&key) {
@@ -293,6 +310,40 @@ pub fn run(
                     if running >= jobs || free_gpus.len() < need {
                         continue;
                     }
+                    // Start the services it talks to (once; they stay up for the others).
+                    let mut endpoints = BTreeMap::new();
+                    let mut service_failed = None;
+                    for inp in s.inputs() {
+                        let u = p.index(&inp.stage).expect("resolved");
+                        if !p.stages[u].stage.is_service() {
+                            continue;
+                        }
+                        let svc = match services.entry(u) {
+                            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                            std::collections::btree_map::Entry::Vacant(e) => {
+                                match start_service(ws, p, u, &outputs, cancel, reporter) {
+                                    Ok(svc) => {
+                                        if let Slot::Done(Outcome::Service { started, .. }) = &mut slots[u] {
+                                            *started = true;
+                                        }
+                                        e.insert(svc)
+                                    }
+                                    Err(m) => {
+                                        service_failed = Some((u, m));
+                                        break;
+                                    }
+                                }
+                            }
+                        };
+                        endpoints.insert(inp.name.clone(), svc.url());
+                    }
+                    if let Some((u, m)) = service_failed {
+                        slots[u] = Slot::Done(Outcome::Failed(m));
+                        slots[i] =
+                            Slot::Done(Outcome::Skipped(format!("service {} did not start", p.stages[u].name())));
+                        progressed = true;
+                        continue;
+                    }
                     let gpus: Vec<u32> = free_gpus.drain(..need).collect();
                     let reasons = why_run(ws, pid, s.name(), &ki, forced);
                     let expected =
@@ -303,13 +354,27 @@ pub fn run(
                     let cancel = cancel.clone();
                     let up = outputs.clone();
                     scope.spawn(move || {
-                        let outcome =
-                            run_one(ws, p, pid, i, ki, &reasons, forced, expected, &up, gpus.clone(), cancel, reporter);
+                        let outcome = run_one(
+                            ws,
+                            p,
+                            pid,
+                            i,
+                            ki,
+                            &reasons,
+                            forced,
+                            expected,
+                            &up,
+                            endpoints,
+                            gpus.clone(),
+                            cancel,
+                            reporter,
+                        );
                         let _ = tx.send((i, outcome, gpus));
                     });
                     progressed = true;
                 }
             }
+            stop_idle_services(p, &selected, &slots, &mut services);
             if running == 0 {
                 break;
             }
@@ -319,6 +384,7 @@ pub fn run(
             free_gpus.sort();
             match &outcome {
                 Outcome::Ran { output, .. } | Outcome::Cached { output, .. } => outputs[i] = Some(*output),
+                Outcome::Service { .. } => {}
                 Outcome::Failed(_) | Outcome::Skipped(_) => {
                     if !opts.keep_going {
                         stop_launching = true;
@@ -329,6 +395,9 @@ pub fn run(
         }
         Ok(())
     })?;
+    for (_, svc) in std::mem::take(&mut services) {
+        svc.stop();
+    }
 
     summary.cancelled = cancel.is_cancelled();
     for &i in &selected {
@@ -434,6 +503,7 @@ pub(crate) fn run_one(
     forced: bool,
     expected: Option<Digest>,
     outputs: &[Option<Digest>],
+    endpoints: BTreeMap<String, String>,
     gpus: Vec<u32>,
     cancel: Cancel,
     reporter: &dyn Reporter,
@@ -484,6 +554,9 @@ pub(crate) fn run_one(
         let mut inputs = BTreeMap::new();
         for inp in s.inputs() {
             let u = p.index(&inp.stage).expect("resolved");
+            if p.stages[u].stage.is_service() {
+                continue;
+            }
             let d = outputs[u].expect("upstream done");
             let mut path = ws.store.object_path(&d);
             if !inp.subpath.is_empty() {
@@ -511,6 +584,7 @@ pub(crate) fn run_one(
         work_dir: &work,
         resume_dir: &resume_dir,
         inputs,
+        endpoints,
         params: &s.spec.params,
         gpus,
         cancel: cancel.clone(),
@@ -610,4 +684,90 @@ fn update_lock_file(p: &Pipeline, path: &std::path::Path, summary: &RunSummary) 
         new.write(path)?;
     }
     Ok(())
+}
+
+/// Stop services none of whose selected dependents is still to run.
+fn stop_idle_services(
+    p: &Pipeline,
+    selected: &[usize],
+    slots: &[Slot],
+    services: &mut BTreeMap<usize, Box<dyn Service>>,
+) {
+    let idle: Vec<usize> = services
+        .keys()
+        .copied()
+        .filter(|&u| {
+            selected.iter().filter(|&&j| p.stages[j].upstream.contains(&u)).all(|&j| matches!(slots[j], Slot::Done(_)))
+        })
+        .collect();
+    for u in idle {
+        if let Some(svc) = services.remove(&u) {
+            tracing::info!("stopping service {}", p.stages[u].name());
+            svc.stop();
+        }
+    }
+}
+
+/// Start service stage `u` in-process: it gets a [`RunCtx`] like any stage
+/// (inputs, params, a log), minus an output.
+fn start_service(
+    ws: &Workspace,
+    p: &Pipeline,
+    u: usize,
+    outputs: &[Option<Digest>],
+    cancel: &Cancel,
+    reporter: &dyn Reporter,
+) -> Result<Box<dyn Service>, String> {
+    let s = &p.stages[u];
+    let name = s.name();
+    reporter.started(name, &["service needed by a stage that runs".to_string()]);
+    let fail = |m: String| {
+        reporter.failed(name, &m, std::path::Path::new("-"), std::path::Path::new("-"));
+        m
+    };
+    let work = ws.store.new_work_dir(name).map_err(|e| fail(e.to_string()))?;
+    let log_path = ws.dot.join("logs").join(name).join(format!("{}-service.log", now_ms()));
+    fs_err::create_dir_all(log_path.parent().expect("log has a dir")).map_err(|e| fail(e.to_string()))?;
+    let log = fs_err::File::create(&log_path).map_err(|e| fail(e.to_string()))?;
+    let mut inputs = BTreeMap::new();
+    for inp in s.inputs() {
+        let d = outputs[p.index(&inp.stage).expect("resolved")].expect("upstream done");
+        let mut path = ws.store.object_path(&d);
+        if !inp.subpath.is_empty() {
+            path = path.join(&inp.subpath);
+        }
+        inputs.insert(inp.name.clone(), path);
+    }
+    let progress = StageProgress { stage: name, reporter };
+    let ctx = RunCtx {
+        stage: name,
+        workspace: &ws.root,
+        out_dir: &work,
+        work_dir: &work,
+        resume_dir: &work,
+        inputs,
+        endpoints: BTreeMap::new(),
+        params: &s.spec.params,
+        gpus: Vec::new(),
+        cancel: cancel.clone(),
+        progress: &progress,
+        log: std::sync::Mutex::new(log),
+        log_path: log_path.clone(),
+    };
+    let started = Instant::now();
+    match s.stage.start_service(&ctx) {
+        Some(Ok(svc)) => {
+            reporter.progress(name, &format!("up at {} ({:.1} s)", svc.url(), started.elapsed().as_secs_f64()));
+            Ok(svc)
+        }
+        Some(Err(f)) => {
+            let msg = match f.hint {
+                Some(h) => format!("{}\nhint: {h}", f.message),
+                None => f.message,
+            };
+            reporter.failed(name, &msg, &log_path, &work);
+            Err(msg)
+        }
+        None => Err(fail("the stage kind does not start a service".into())),
+    }
 }

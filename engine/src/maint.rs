@@ -1,6 +1,6 @@
 //! `pipe verify` and `pipe gc`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use pipe_cache::Digest;
@@ -95,12 +95,15 @@ pub fn verify(
             true,
             Some(entry.output),
             &outputs,
+            BTreeMap::new(),
             Vec::new(),
             cancel.clone(),
             reporter,
         );
         match outcome {
-            Outcome::Ran { .. } | Outcome::Cached { .. } => rep.reproduced.push(s.name().to_string()),
+            Outcome::Ran { .. } | Outcome::Cached { .. } | Outcome::Service { .. } => {
+                rep.reproduced.push(s.name().to_string())
+            }
             Outcome::Failed(m) | Outcome::Skipped(m) => {
                 rep.mismatched.push(format!("{}: {}", s.name(), m.lines().next().unwrap_or_default()))
             }

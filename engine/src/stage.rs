@@ -152,6 +152,24 @@ pub trait Stage: Send + Sync {
     }
     /// Produce the output into `ctx.out_dir`.
     fn run(&self, ctx: &RunCtx) -> Result<(), StageFailure>;
+    /// A service stage (`serve`) is never run for an output: the engine
+    /// starts it (with this) only when a dependent has to run, hands its
+    /// base URL to them (`RunCtx::endpoints`), and stops it after them. Its
+    /// dependents' keys take the service's key in place of an output digest.
+    fn start_service(&self, _ctx: &RunCtx) -> Option<Result<Box<dyn Service>, StageFailure>> {
+        None
+    }
+    fn is_service(&self) -> bool {
+        false
+    }
+}
+
+/// A running service (see [`Stage::start_service`]).
+pub trait Service: Send {
+    /// Base URL dependents talk to, e.g. `http://127.0.0.1:41234/v1`.
+    fn url(&self) -> String;
+    /// Stop it and wait until it has stopped.
+    fn stop(self: Box<Self>);
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +227,8 @@ pub struct RunCtx<'a> {
     pub resume_dir: &'a Path,
     /// Input name -> path of the upstream artifact (or sub-path of it).
     pub inputs: BTreeMap<String, PathBuf>,
+    /// Input name -> base URL, for inputs that are services.
+    pub endpoints: BTreeMap<String, String>,
     pub params: &'a Value,
     /// GPU ids assigned to this stage (for `CUDA_VISIBLE_DEVICES`).
     pub gpus: Vec<u32>,

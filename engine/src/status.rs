@@ -79,6 +79,17 @@ pub fn status(ws: &Workspace, p: &Pipeline, pid: &str) -> Result<Vec<StageStatus
             continue;
         };
         let key = ki.key();
+        if s.stage.is_service() {
+            outputs[i] = Some(key);
+            out.push(StageStatus {
+                name: s.name().into(),
+                state: State::Fresh,
+                reasons: vec!["service: started when a stage that uses it runs; never cached".into()],
+                key: Some(key),
+                output: None,
+            });
+            continue;
+        }
         let (state, reasons, output) = if let Some(r) = ws.hit(&key) {
             outputs[i] = Some(r.output);
             (State::Fresh, vec![], Some(r.output))

@@ -2,6 +2,7 @@
 
 mod gc;
 mod run;
+mod serve;
 mod show;
 mod status;
 mod verify;
@@ -31,6 +32,13 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
             show::checkout(args, &dest, &p.set)
         }
         Command::Verify { file, no_exec, p } => verify::verify(file, no_exec, &p.set),
+        Command::Serve { args, host, port, model_name, max_batch, queue, max_model_len, device, dtype, p } => {
+            serve::serve(
+                args,
+                serve::Flags { host, port, model_name, max_batch, queue, max_model_len, device, dtype },
+                &p.set,
+            )
+        }
         Command::Gc { keep_last, tmp, dry_run, root } => gc::gc(keep_last, tmp, dry_run, root),
         Command::Hash { paths } => {
             for p in paths {

@@ -78,6 +78,8 @@ pub fn run(
         match o {
             Outcome::Ran { .. } => ran += 1,
             Outcome::Cached { .. } => cached += 1,
+            Outcome::Service { started: true, .. } => ran += 1,
+            Outcome::Service { started: false, .. } => cached += 1,
             Outcome::Failed(_) => failed.push(name.as_str()),
             Outcome::Skipped(why) => skipped.push(format!("{name} ({why})")),
         }
@@ -90,6 +92,14 @@ pub fn run(
         line.push_str(&format!(", {} not run: {}", skipped.len(), skipped.join(", ")));
     }
     ui.line(&line);
+    // Stages with a summary (evaluate's score table) print it on stdout.
+    for (name, o) in &summary.outcomes {
+        if let Outcome::Ran { output, .. } = o {
+            if let Ok(text) = fs_err::read_to_string(ws.store.object_path(output).join("summary.txt")) {
+                println!("{name}: {text}");
+            }
+        }
+    }
     if summary.cancelled {
         return Ok(130);
     }

@@ -8,7 +8,10 @@ use pipe_engine::status::status;
 use pipe_engine::{Pipeline, Workspace};
 
 /// `[FILE] STAGE` -> the loaded pipeline, the stage index and name.
-fn load_stage(args: Vec<String>, set: &[VarOverride]) -> Result<(Workspace, Pipeline, String, usize, String)> {
+pub(crate) fn load_stage(
+    args: Vec<String>,
+    set: &[VarOverride],
+) -> Result<(Workspace, Pipeline, String, usize, String)> {
     let (file, stage) = match args.as_slice() {
         [f, s] => (Some(f.into()), s.clone()),
         [s] => (None, s.clone()),
@@ -92,6 +95,9 @@ pub fn show(args: Vec<String>, path_only: bool, log: bool, json: bool, set: &[Va
     println!("path:     {}", out.display());
     println!("log:      {}", rec.log.display());
     println!("took:     {:.2}s", rec.duration_ms as f64 / 1000.0);
+    if let Ok(summary) = fs_err::read_to_string(out.join("summary.txt")) {
+        print!("\n{summary}");
+    }
     if let Some(m) = metrics {
         println!("metrics:  {}", serde_json::to_string(&m)?);
     }

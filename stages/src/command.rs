@@ -163,6 +163,9 @@ impl Stage for CommandStage {
             .env("PIPE_PARAMS", &params_file)
             .env("PIPE_STAGE", ctx.stage)
             .stdin(Stdio::null());
+        for (name, url) in &ctx.endpoints {
+            cmd.env(format!("PIPE_IN_{}", name.to_uppercase().replace('-', "_")), url);
+        }
         for (name, path) in &ctx.inputs {
             cmd.env(format!("PIPE_IN_{}", name.to_uppercase().replace('-', "_")), path);
         }

@@ -5,6 +5,7 @@ pub mod bpe;
 pub mod chat;
 pub mod command;
 pub mod dataset;
+pub mod evaluate;
 pub mod hub;
 mod jinja;
 pub mod merge;
@@ -14,6 +15,7 @@ pub mod model;
 pub mod nn;
 pub mod pack;
 mod registry;
+pub mod serve;
 mod table;
 pub mod train;
 

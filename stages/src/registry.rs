@@ -11,5 +11,7 @@ pub fn registry() -> Registry {
     r.register(Box::new(crate::model::ModelKind));
     r.register(Box::new(crate::train::TrainKind));
     r.register(Box::new(crate::merge::MergeKind));
+    r.register(Box::new(crate::serve::ServeKind));
+    r.register(Box::new(crate::evaluate::EvaluateKind));
     r
 }

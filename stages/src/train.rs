@@ -83,7 +83,7 @@ enum Precision {
 
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
-enum DevicePref {
+pub enum DevicePref {
     /// CUDA when this build has it and a GPU is visible, else the CPU.
     #[default]
     Auto,
@@ -674,16 +674,18 @@ fn pack_file(dir: &Path, split: Option<&str>) -> Result<PathBuf, StageFailure> {
     ))
 }
 
-impl TrainStage {
-    fn on_cuda(&self) -> bool {
-        match self.p.device {
+impl DevicePref {
+    pub fn on_cuda(self) -> bool {
+        match self {
             DevicePref::Cpu => false,
             DevicePref::Cuda => true,
             DevicePref::Auto => candle_core::utils::cuda_is_available(),
         }
     }
 
-    fn device(&self, ctx: &RunCtx) -> Result<Device, StageFailure> {
+    /// The device for a stage given GPU slots `gpus` (ids; with
+    /// CUDA_VISIBLE_DEVICES this process numbers the visible ones from 0).
+    pub fn device(self, gpus: &[u32]) -> Result<Device, StageFailure> {
         if !self.on_cuda() {
             return Ok(Device::Cpu);
         }
@@ -691,14 +693,22 @@ impl TrainStage {
             return Err(StageFailure::new("`device: cuda`, but this pipe was built without CUDA")
                 .hint("build with `cargo build --release --features cuda`, or set `device: cpu`"));
         }
-        // Slots are GPU ids; with CUDA_VISIBLE_DEVICES this process numbers
-        // the visible ones from 0.
-        let id = ctx.gpus.first().copied().unwrap_or(0);
+        let id = gpus.first().copied().unwrap_or(0);
         let ordinal = std::env::var("CUDA_VISIBLE_DEVICES")
             .ok()
             .and_then(|v| v.split(',').position(|x| x.trim().parse() == Ok(id)))
             .unwrap_or(id as usize);
         Device::new_cuda(ordinal).map_err(|e| fail(format!("CUDA device {ordinal}: {e}")))
+    }
+}
+
+impl TrainStage {
+    fn on_cuda(&self) -> bool {
+        self.p.device.on_cuda()
+    }
+
+    fn device(&self, ctx: &RunCtx) -> Result<Device, StageFailure> {
+        self.p.device.device(&ctx.gpus)
     }
 
     /// Which parameters train. For Spectrum without `unfrozen_parameters`,

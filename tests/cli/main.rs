@@ -11,4 +11,5 @@ mod model_stage;
 mod pack;
 mod run;
 mod safety;
+mod serve;
 mod train;

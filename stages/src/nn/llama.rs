@@ -473,7 +473,7 @@ impl Llama {
 
     /// cos/sin tables for the given positions, computed as `transformers`
     /// does (f32 angles) unless the model runs in f64.
-    fn rotary(&self, pos: &[u32]) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn rotary(&self, pos: &[u32]) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let n = pos.len();
         let (cos, sin) = if self.dtype == DType::F64 {

@@ -4,6 +4,7 @@
 //! SNR scan ([`spectrum`]).
 
 pub mod config;
+pub mod infer;
 pub mod llama;
 pub mod nf4;
 pub mod ops;

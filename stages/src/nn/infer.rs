@@ -1,0 +1,251 @@
+//! Inference with a KV cache: [`Llama::step`] runs any mix of prompt
+//! prefills and single-token decodes as one flat token stream (the linears
+//! see every token of every sequence at once; attention runs per sequence
+//! against that sequence's cache). This is what continuous batching needs:
+//! new requests join a running batch at a token boundary, in the same step
+//! as the others' next token.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::nn::llama::{Fwd, Llama};
+use crate::nn::ops::{causal_softmax, rms_norm, rope, softmax};
+use crate::nn::{NnError, Result};
+
+/// Keys and values of one sequence, per layer: (kv_heads, capacity, head_dim),
+/// the first `len` positions filled. Grows by doubling.
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    len: usize,
+    cap: usize,
+}
+
+const CACHE_ROUND: usize = 64;
+
+impl KvCache {
+    pub fn new() -> Self {
+        KvCache { k: Vec::new(), v: Vec::new(), len: 0, cap: 0 }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held by the cache tensors.
+    pub fn bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+    }
+
+    fn reserve(&mut self, m: &Llama, extra: usize) -> Result<()> {
+        let need = self.len + extra;
+        if need <= self.cap && !self.k.is_empty() {
+            return Ok(());
+        }
+        let cap = need.max(self.cap * 2).div_ceil(CACHE_ROUND) * CACHE_ROUND;
+        let (kv, hd) = (m.cfg.kv_heads(), m.cfg.head_dim());
+        let grow = |old: Option<&Tensor>| -> Result<Tensor> {
+            let t = Tensor::zeros((kv, cap, hd), m.dtype, &m.device)?;
+            if let Some(o) = old {
+                if self.len > 0 {
+                    t.slice_set(&o.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                }
+            }
+            Ok(t)
+        };
+        let layers = m.layers.len();
+        let k: Vec<Tensor> = (0..layers).map(|i| grow(self.k.get(i))).collect::<Result<_>>()?;
+        let v: Vec<Tensor> = (0..layers).map(|i| grow(self.v.get(i))).collect::<Result<_>>()?;
+        self.k = k;
+        self.v = v;
+        self.cap = cap;
+        Ok(())
+    }
+}
+
+impl Default for KvCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Llama {
+    /// Feed `tokens[i]` to sequence `i` (a whole prompt, or the one token
+    /// sampled last), appending to `caches[i]`, and return the f32 logits
+    /// after each sequence's last token, (sequences, vocab).
+    pub fn step(&self, tokens: &[&[u32]], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        if tokens.len() != caches.len() || tokens.is_empty() {
+            return Err(NnError::Other("step: one token list per cache, at least one".into()));
+        }
+        let mut ids = Vec::new();
+        let mut pos = Vec::new();
+        let mut spans = Vec::with_capacity(tokens.len());
+        for (t, c) in tokens.iter().zip(caches.iter_mut()) {
+            if t.is_empty() {
+                return Err(NnError::Other("step: a sequence was given no tokens".into()));
+            }
+            if let Some(bad) = t.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+                return Err(NnError::Other(format!(
+                    "token id {bad} is outside the vocabulary ({})",
+                    self.cfg.vocab_size
+                )));
+            }
+            c.reserve(self, t.len())?;
+            spans.push((ids.len(), t.len(), c.len));
+            ids.extend_from_slice(t);
+            pos.extend((c.len..c.len + t.len()).map(|p| p as u32));
+        }
+        let n = ids.len();
+        let (cos, sin) = self.rotary(&pos)?;
+        let ids = Tensor::from_vec(ids, n, &self.device)?;
+        let mut x = self.embed.tensor()?.index_select(&ids, 0)?;
+        let c = &self.cfg;
+        let (h, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let rep = h / kv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (li, l) in self.layers.iter().enumerate() {
+            let hn = rms_norm(&x, &l.input_layernorm.tensor()?, c.rms_norm_eps)?;
+            let q = l.q.forward(&hn, Fwd::EVAL)?.reshape((n, h, hd))?;
+            let k = l.k.forward(&hn, Fwd::EVAL)?.reshape((n, kv, hd))?;
+            let v = l.v.forward(&hn, Fwd::EVAL)?.reshape((n, kv, hd))?;
+            let q = rope(&q, &cos, &sin)?;
+            let k = rope(&k, &cos, &sin)?;
+            let mut outs = Vec::with_capacity(spans.len());
+            for (&(off, len, past), cache) in spans.iter().zip(caches.iter()) {
+                let total = past + len;
+                let ck = &cache.k[li];
+                let cv = &cache.v[li];
+                ck.slice_set(&k.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?, 1, past)?;
+                cv.slice_set(&v.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?, 1, past)?;
+                let ki = ck.narrow(1, 0, total)?;
+                let vi = cv.narrow(1, 0, total)?;
+                // Query heads g*rep..(g+1)*rep share kv head g: fold them into rows.
+                let qi = q.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?.reshape((kv, rep * len, hd))?;
+                let s = qi.affine(scale, 0.0)?.matmul(&ki.t()?)?;
+                let s = if matches!(self.dtype, DType::F64 | DType::F32) { s } else { s.to_dtype(DType::F32)? };
+                let p = if len == 1 {
+                    softmax(&s)?
+                } else if past == 0 {
+                    causal_softmax(&s)?
+                } else {
+                    softmax(&s.broadcast_add(&offset_mask(len, past, rep, &self.device)?.to_dtype(s.dtype())?)?)?
+                };
+                let o = p.to_dtype(self.dtype)?.matmul(&vi.contiguous()?)?;
+                outs.push(o.reshape((h, len, hd))?.transpose(0, 1)?.reshape((len, h * hd))?);
+            }
+            let attn =
+                if outs.len() == 1 { outs.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&outs, 0)? };
+            x = (x + l.o.forward(&attn, Fwd::EVAL)?)?;
+            let hn = rms_norm(&x, &l.post_attention_layernorm.tensor()?, c.rms_norm_eps)?;
+            let g = l.gate.forward(&hn, Fwd::EVAL)?.silu()?;
+            let u = l.up.forward(&hn, Fwd::EVAL)?;
+            x = (x + l.down.forward(&(g * u)?, Fwd::EVAL)?)?;
+        }
+        for (c, &(_, len, _)) in caches.iter_mut().zip(&spans) {
+            c.len += len;
+        }
+        let last: Vec<u32> = spans.iter().map(|&(off, len, _)| (off + len - 1) as u32).collect();
+        let last = Tensor::from_vec(last, spans.len(), &self.device)?;
+        let hs = self.final_norm(&x.index_select(&last, 0)?)?;
+        Ok(self.head(&hs, Fwd::EVAL)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// Additive mask for `len` new queries after `past` cached positions, heads
+/// folded into rows (rep * len, past + len): query j sees keys <= past + j.
+fn offset_mask(len: usize, past: usize, rep: usize, dev: &Device) -> Result<Tensor> {
+    let total = past + len;
+    let v: Vec<f32> = (0..rep * len)
+        .flat_map(|r| (0..total).map(move |c| if c > past + r % len { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(v, (rep * len, total), dev)?)
+}
+
+/// Index of the largest value (the first one on ties, as `torch.argmax`).
+pub fn argmax(xs: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in xs.iter().enumerate() {
+        if v > xs[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Logits rows as host vectors.
+pub fn rows_f32(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::llama::{Row, TrainSpec};
+    use crate::nn::tests::{tiny_config, tiny_model};
+
+    /// Logits of every position of `ids` from the training forward (no cache).
+    fn full_logits(m: &Llama, ids: &[u32]) -> Result<Vec<Vec<f64>>> {
+        let row = Row {
+            input_ids: ids.to_vec(),
+            labels: vec![-100; ids.len()],
+            position_ids: (0..ids.len() as u32).collect(),
+            seq_lens: vec![ids.len()],
+        };
+        Ok(m.logits(&m.batch(&[row])?)?.to_dtype(DType::F64)?.to_vec2::<f64>()?)
+    }
+
+    fn close(a: &[f32], b: &[f64]) {
+        let d = a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max);
+        assert!(d < 1e-4, "max abs diff {d}");
+    }
+
+    #[test]
+    fn cached_prefill_decode_and_mixed_batches_match_the_full_forward() -> Result<()> {
+        for (arch, tied) in [("llama", true), ("qwen2", false)] {
+            let m = tiny_model(&tiny_config(arch, tied), &TrainSpec::default(), DType::F64)?;
+            let a: Vec<u32> = vec![1, 5, 9, 3, 2, 7, 30, 4, 11];
+            let b: Vec<u32> = vec![6, 8, 10, 12, 14, 16];
+            let (fa, fb) = (full_logits(&m, &a)?, full_logits(&m, &b)?);
+            let (mut ca, mut cb) = (KvCache::new(), KvCache::new());
+            // Prefill a alone (fresh cache: causal), then a chunk of 2 after a
+            // cached prefix (offset mask), then decode a and prefill b together.
+            let l = rows_f32(&m.step(&[&a[..4]], &mut [&mut ca])?)?;
+            close(&l[0], &fa[3]);
+            let l = rows_f32(&m.step(&[&a[4..6]], &mut [&mut ca])?)?;
+            close(&l[0], &fa[5]);
+            let l = rows_f32(&m.step(&[&a[6..7], &b[..3]], &mut [&mut ca, &mut cb])?)?;
+            close(&l[0], &fa[6]);
+            close(&l[1], &fb[2]);
+            for t in 7..a.len() {
+                let l = rows_f32(&m.step(&[&a[t..t + 1], &b[t - 4..t - 3]], &mut [&mut ca, &mut cb])?)?;
+                close(&l[0], &fa[t]);
+                close(&l[1], &fb[t - 4]);
+            }
+            assert_eq!((ca.len(), cb.len()), (a.len(), 5));
+            // Growing past the first allocation keeps what was cached.
+            let long: Vec<u32> = (0..70).map(|i| (i * 7 % 31) as u32).collect();
+            let fl = full_logits(&m, &long)?;
+            let mut cl = KvCache::new();
+            m.step(&[&long[..60]], &mut [&mut cl])?;
+            for t in 60..70 {
+                let l = rows_f32(&m.step(&[&long[t..t + 1]], &mut [&mut cl])?)?;
+                close(&l[0], &fl[t]);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bad_steps_are_rejected() -> Result<()> {
+        let m = tiny_model(&tiny_config("llama", true), &TrainSpec::default(), DType::F32)?;
+        let mut c = KvCache::new();
+        assert!(m.step(&[&[40]], &mut [&mut c]).is_err(), "token outside the vocabulary");
+        assert!(m.step(&[&[]], &mut [&mut c]).is_err(), "no tokens");
+        assert!(c.is_empty());
+        Ok(())
+    }
+}

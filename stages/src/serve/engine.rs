@@ -1,0 +1,473 @@
+//! The generation engine behind `serve`: one thread owns the model and runs
+//! continuous batching. Requests wait in a bounded queue; at every token
+//! boundary the engine admits queued requests (their prompts are prefilled
+//! in the same [`Llama::step`] as the running sequences' next tokens), samples
+//! one token per sequence, streams the new text, and retires finished
+//! sequences, freeing their KV caches.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::nn::infer::{argmax, rows_f32, KvCache};
+use crate::nn::llama::Llama;
+
+/// Sampling and stopping settings of one request.
+#[derive(Debug, Clone)]
+pub struct GenParams {
+    pub max_tokens: usize,
+    /// 0: greedy.
+    pub temperature: f64,
+    pub top_p: f64,
+    /// 0: off.
+    pub top_k: usize,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    /// Extra stop token ids (beside the model's eos ids).
+    pub stop_token_ids: Vec<u32>,
+    /// Keep generating past eos (vLLM's `ignore_eos`, for benchmarks).
+    pub ignore_eos: bool,
+}
+
+impl Default for GenParams {
+    fn default() -> Self {
+        GenParams {
+            max_tokens: 16,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// eos, a stop token or a stop string.
+    Stop,
+    /// `max_tokens` (or the context length) reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// What a request hears back, in order: text deltas, then one `Done` or `Error`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Delta(String),
+    Done { reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    Error(String),
+}
+
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub params: GenParams,
+    pub events: UnboundedSender<Event>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Sequences decoded together at most.
+    pub max_batch: usize,
+    /// Requests waiting beyond the running batch; more are refused.
+    pub queue: usize,
+    /// Prompt tokens prefilled in one step at most (one prompt is always admitted).
+    pub max_prefill_tokens: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { max_batch: 64, queue: 256, max_prefill_tokens: 4096 }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    #[error("the request queue is full ({0} waiting); retry later")]
+    Full(usize),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// A running engine. Dropping it (after the last request handle) stops the thread.
+pub struct Engine {
+    tx: Option<SyncSender<Request>>,
+    thread: Option<JoinHandle<()>>,
+    pub tokenizer: Arc<Tokenizer>,
+    /// Token ids that end a generation (generation_config's eos ids).
+    pub eos_ids: Vec<u32>,
+    /// Prompt + generated tokens at most (`max_position_embeddings`).
+    pub max_len: usize,
+    pub vocab_size: usize,
+    queue: usize,
+}
+
+impl Engine {
+    pub fn start(model: Llama, tokenizer: Arc<Tokenizer>, eos_ids: Vec<u32>, opts: EngineOptions) -> Engine {
+        let (tx, rx) = mpsc::sync_channel(opts.queue.max(1));
+        let max_len = model.cfg.max_position_embeddings;
+        let vocab_size = model.cfg.vocab_size;
+        let tok = tokenizer.clone();
+        let eos = eos_ids.clone();
+        let queue = opts.queue;
+        let thread = std::thread::Builder::new()
+            .name("pipe-engine".into())
+            .spawn(move || Scheduler { model, tok, eos, opts, rx, held: None, active: Vec::new() }.run())
+            .expect("spawning the engine thread");
+        Engine { tx: Some(tx), thread: Some(thread), tokenizer, eos_ids, max_len, vocab_size, queue }
+    }
+
+    pub fn submit(&self, r: Request) -> Result<(), SubmitError> {
+        let tx = self.tx.as_ref().ok_or(SubmitError::Stopped)?;
+        tx.try_send(r).map_err(|e| match e {
+            TrySendError::Full(_) => SubmitError::Full(self.queue),
+            TrySendError::Disconnected(_) => SubmitError::Stopped,
+        })
+    }
+
+    /// Stop taking requests, finish the running ones, join the thread.
+    pub fn shutdown(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown()
+    }
+}
+
+/// eos ids of a model folder: generation_config.json's `eos_token_id` (an
+/// id or a list), else config.json's, else tokenizer_config's `eos_token`.
+pub fn eos_ids(dir: &Path, tok: &Tokenizer) -> Vec<u32> {
+    let read = |f: &str| -> serde_json::Value {
+        fs_err::read(dir.join(f)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    };
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        match v {
+            serde_json::Value::Number(n) => n.as_u64().map(|i| vec![i as u32]).unwrap_or_default(),
+            serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64().map(|i| i as u32)).collect(),
+            _ => Vec::new(),
+        }
+    };
+    for f in ["generation_config.json", "config.json"] {
+        let v = ids(&read(f)["eos_token_id"]);
+        if !v.is_empty() {
+            return v;
+        }
+    }
+    let tc = read("tokenizer_config.json");
+    let name = match &tc["eos_token"] {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+        _ => None,
+    };
+    name.and_then(|n| tok.token_to_id(&n)).into_iter().collect()
+}
+
+struct Seq {
+    req: Request,
+    cache: KvCache,
+    /// Tokens generated so far.
+    out: Vec<u32>,
+    /// Fed to the model in the next step (the prompt, then the last token).
+    feed: Vec<u32>,
+    rng: ChaCha8Rng,
+    max_tokens: usize,
+    stop_ids: HashSet<u32>,
+    detok: Detok,
+    text: String,
+    sent: usize,
+}
+
+struct Scheduler {
+    model: Llama,
+    tok: Arc<Tokenizer>,
+    eos: Vec<u32>,
+    opts: EngineOptions,
+    rx: Receiver<Request>,
+    held: Option<Request>,
+    active: Vec<Seq>,
+}
+
+impl Scheduler {
+    fn run(mut self) {
+        let mut open = true;
+        loop {
+            if self.active.is_empty() && self.held.is_none() {
+                if !open {
+                    return;
+                }
+                match self.rx.recv() {
+                    Ok(r) => self.held = Some(r),
+                    Err(_) => return,
+                }
+            }
+            // Admit at the token boundary, within the batch and prefill budgets.
+            let mut prefill = 0usize;
+            while self.active.len() < self.opts.max_batch {
+                let r = match self.held.take() {
+                    Some(r) => r,
+                    None if open => match self.rx.try_recv() {
+                        Ok(r) => r,
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
+                            open = false;
+                            break;
+                        }
+                    },
+                    None => break,
+                };
+                if prefill > 0 && prefill + r.prompt.len() > self.opts.max_prefill_tokens {
+                    self.held = Some(r);
+                    break;
+                }
+                prefill += r.prompt.len();
+                if let Some(s) = self.admit(r) {
+                    self.active.push(s);
+                }
+            }
+            // Clients that went away free their slot.
+            self.active.retain(|s| !s.req.events.is_closed());
+            if self.active.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.step() {
+                let msg = format!("generation failed: {e}");
+                tracing::error!("{msg}");
+                for s in self.active.drain(..) {
+                    let _ = s.req.events.send(Event::Error(msg.clone()));
+                }
+            }
+        }
+    }
+
+    fn admit(&self, r: Request) -> Option<Seq> {
+        if r.prompt.is_empty() || r.prompt.len() >= self.model.cfg.max_position_embeddings {
+            let _ = r.events.send(Event::Error(format!(
+                "the prompt has {} tokens; the model takes 1 to {}",
+                r.prompt.len(),
+                self.model.cfg.max_position_embeddings - 1
+            )));
+            return None;
+        }
+        let room = self.model.cfg.max_position_embeddings - r.prompt.len();
+        let mut stop_ids: HashSet<u32> = r.params.stop_token_ids.iter().copied().collect();
+        if !r.params.ignore_eos {
+            stop_ids.extend(&self.eos);
+        }
+        let seed = r.params.seed.unwrap_or_else(|| rand::rng().random());
+        Some(Seq {
+            cache: KvCache::new(),
+            out: Vec::new(),
+            feed: r.prompt.clone(),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            max_tokens: r.params.max_tokens.min(room),
+            stop_ids,
+            detok: Detok::default(),
+            text: String::new(),
+            sent: 0,
+            req: r,
+        })
+    }
+
+    fn step(&mut self) -> crate::nn::Result<()> {
+        let feeds: Vec<Vec<u32>> = self.active.iter_mut().map(|s| std::mem::take(&mut s.feed)).collect();
+        let refs: Vec<&[u32]> = feeds.iter().map(|f| f.as_slice()).collect();
+        let mut caches: Vec<&mut KvCache> = self.active.iter_mut().map(|s| &mut s.cache).collect();
+        let logits = self.model.step(&refs, &mut caches)?;
+        let rows = rows_f32(&logits)?;
+        let mut done = Vec::new();
+        for (i, (s, row)) in self.active.iter_mut().zip(rows).enumerate() {
+            let t = sample(&row, &s.req.params, &mut s.rng);
+            s.out.push(t);
+            s.feed = vec![t];
+            let stop_token = s.stop_ids.contains(&t);
+            // The stop token's own text is not part of the answer.
+            let visible = if stop_token { &s.out[..s.out.len() - 1] } else { &s.out[..] };
+            let last = stop_token || s.out.len() >= s.max_tokens;
+            if let Some(piece) = s.detok.push(&self.tok, visible, last) {
+                s.text.push_str(&piece);
+            }
+            let finish = if let Some(at) = find_stop(&s.text, &s.req.params.stop) {
+                s.text.truncate(at);
+                Some(FinishReason::Stop)
+            } else if stop_token {
+                Some(FinishReason::Stop)
+            } else if s.out.len() >= s.max_tokens {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            let upto = match finish {
+                Some(_) => s.text.len(),
+                None => s.text.len() - held_back(&s.text, &s.req.params.stop),
+            };
+            if upto > s.sent {
+                let _ = s.req.events.send(Event::Delta(s.text[s.sent..upto].to_string()));
+                s.sent = upto;
+            }
+            if let Some(reason) = finish {
+                let _ = s.req.events.send(Event::Done {
+                    reason,
+                    prompt_tokens: s.req.prompt.len(),
+                    completion_tokens: s.out.len(),
+                });
+                done.push(i);
+            }
+        }
+        for i in done.into_iter().rev() {
+            self.active.swap_remove(i);
+        }
+        Ok(())
+    }
+}
+
+/// Greedy at temperature 0; else temperature, top-k, then top-p (nucleus)
+/// sampling, as `transformers`' logits warpers order them.
+pub fn sample(logits: &[f32], p: &GenParams, rng: &mut ChaCha8Rng) -> u32 {
+    if p.temperature <= 0.0 || p.top_k == 1 {
+        return argmax(logits);
+    }
+    let t = p.temperature as f32;
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    if p.top_k > 0 && p.top_k < idx.len() {
+        idx.truncate(p.top_k);
+    }
+    let m = logits[idx[0] as usize] / t;
+    let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i as usize] / t - m) as f64).exp()).collect();
+    let sum: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|x| *x /= sum);
+    if p.top_p < 1.0 {
+        // Keep the smallest prefix whose mass reaches top_p (at least one token).
+        let mut acc = 0.0;
+        let mut keep = probs.len();
+        for (k, x) in probs.iter().enumerate() {
+            acc += x;
+            if acc >= p.top_p {
+                keep = k + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        idx.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    let mut u = rng.random::<f64>() * total;
+    for (k, x) in probs.iter().enumerate() {
+        if u < *x {
+            return idx[k];
+        }
+        u -= x;
+    }
+    idx[probs.len() - 1]
+}
+
+/// Earliest byte offset at which a stop string occurs.
+fn find_stop(text: &str, stop: &[String]) -> Option<usize> {
+    stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
+}
+
+/// Bytes at the end of `text` that could still grow into a stop string:
+/// streamed text holds them back until it is clear.
+fn held_back(text: &str, stop: &[String]) -> usize {
+    let mut keep = 0;
+    for s in stop {
+        for n in (1..s.len()).rev() {
+            if n <= keep {
+                break;
+            }
+            if s.is_char_boundary(n) && text.ends_with(&s[..n]) {
+                keep = n;
+                break;
+            }
+        }
+    }
+    keep
+}
+
+/// Incremental detokenisation: a token's text can depend on its neighbours
+/// (byte-level pieces of one character, leading spaces), so decode a small
+/// window and emit what it adds once it is no longer a partial character.
+#[derive(Default)]
+struct Detok {
+    prefix: usize,
+    read: usize,
+}
+
+impl Detok {
+    /// The text `ids` adds since the last call; with `last`, everything
+    /// left (even a partial character).
+    fn push(&mut self, tok: &Tokenizer, ids: &[u32], last: bool) -> Option<String> {
+        if ids.len() < self.read {
+            return None;
+        }
+        let before = tok.decode(&ids[self.prefix..self.read], true).ok()?;
+        let now = tok.decode(&ids[self.prefix..], true).ok()?;
+        if now.len() > before.len() && (last || !now.ends_with('\u{FFFD}')) {
+            let piece = now.get(before.len()..)?.to_string();
+            self.prefix = self.read;
+            self.read = ids.len();
+            Some(piece)
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_back_keeps_partial_stop_strings() {
+        let stop = vec!["Q:".to_string(), "<|im_end|>".to_string()];
+        assert_eq!(held_back("answer Q", &stop), 1);
+        assert_eq!(held_back("answer <|im", &stop), 4);
+        assert_eq!(held_back("answer", &stop), 0);
+        assert_eq!(find_stop("a Q: b <|im_end|>", &stop), Some(2));
+        assert_eq!(find_stop("nothing", &stop), None);
+    }
+
+    #[test]
+    fn sampling_respects_top_k_and_seed() {
+        let logits = vec![0.0f32, 5.0, 4.9, -3.0];
+        let greedy = GenParams::default();
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        assert_eq!(sample(&logits, &greedy, &mut rng), 1);
+        let p = GenParams { temperature: 1.0, top_k: 2, ..Default::default() };
+        let draws: Vec<u32> = (0..200).map(|_| sample(&logits, &p, &mut rng)).collect();
+        assert!(draws.iter().all(|&t| t == 1 || t == 2), "top_k 2 only draws the two best");
+        assert!(draws.contains(&1) && draws.contains(&2));
+        let again = |seed| {
+            let mut r = ChaCha8Rng::seed_from_u64(seed);
+            (0..20)
+                .map(|_| sample(&logits, &GenParams { temperature: 2.0, ..Default::default() }, &mut r))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(again(9), again(9));
+        let nucleus = GenParams { temperature: 1.0, top_p: 0.5, ..Default::default() };
+        assert!((0..50).all(|_| sample(&logits, &nucleus, &mut rng) == 1), "top_p 0.5 keeps only the best token");
+    }
+}
