@@ -84,6 +84,11 @@ impl Reporter for Ui {
         self.line(&s);
     }
 
+    fn stopped(&self, stage: &str) {
+        self.finish_bar(stage);
+        self.line(&format!("pipe: {stage}: stopped"));
+    }
+
     fn waiting(&self, stage: &str, holder: &str) {
         self.line(&format!("pipe: {stage}: waiting: another `pipe run` is running this stage ({holder})"));
     }

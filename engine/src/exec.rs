@@ -78,6 +78,8 @@ pub trait Reporter: Send + Sync {
     fn failed(&self, stage: &str, message: &str, log: &std::path::Path, work_dir: &std::path::Path);
     fn waiting(&self, stage: &str, holder: &str);
     fn progress(&self, stage: &str, message: &str);
+    /// A service stage was stopped (its dependents are done).
+    fn stopped(&self, _stage: &str) {}
 }
 
 struct StageProgress<'a> {
@@ -374,7 +376,7 @@ pub fn run(
                     progressed = true;
                 }
             }
-            stop_idle_services(p, &selected, &slots, &mut services);
+            stop_idle_services(p, &selected, &slots, &mut services, reporter);
             if running == 0 {
                 break;
             }
@@ -395,8 +397,9 @@ pub fn run(
         }
         Ok(())
     })?;
-    for (_, svc) in std::mem::take(&mut services) {
+    for (u, svc) in std::mem::take(&mut services) {
         svc.stop();
+        reporter.stopped(p.stages[u].name());
     }
 
     summary.cancelled = cancel.is_cancelled();
@@ -692,6 +695,7 @@ fn stop_idle_services(
     selected: &[usize],
     slots: &[Slot],
     services: &mut BTreeMap<usize, Box<dyn Service>>,
+    reporter: &dyn Reporter,
 ) {
     let idle: Vec<usize> = services
         .keys()
@@ -702,8 +706,8 @@ fn stop_idle_services(
         .collect();
     for u in idle {
         if let Some(svc) = services.remove(&u) {
-            tracing::info!("stopping service {}", p.stages[u].name());
             svc.stop();
+            reporter.stopped(p.stages[u].name());
         }
     }
 }

@@ -11,8 +11,9 @@ use crate::nn::llama::{Fwd, Llama};
 use crate::nn::ops::{causal_softmax, rms_norm, rope, softmax};
 use crate::nn::{NnError, Result};
 
-/// Keys and values of one sequence, per layer: (kv_heads, capacity, head_dim),
-/// the first `len` positions filled. Grows by doubling.
+/// Keys and values of one sequence, per layer: (capacity, kv_heads, head_dim),
+/// the first `len` positions filled (token-major, so a step appends one
+/// contiguous block). Grows by doubling.
 pub struct KvCache {
     k: Vec<Tensor>,
     v: Vec<Tensor>,
@@ -49,10 +50,10 @@ impl KvCache {
         let cap = need.max(self.cap * 2).div_ceil(CACHE_ROUND) * CACHE_ROUND;
         let (kv, hd) = (m.cfg.kv_heads(), m.cfg.head_dim());
         let grow = |old: Option<&Tensor>| -> Result<Tensor> {
-            let t = Tensor::zeros((kv, cap, hd), m.dtype, &m.device)?;
+            let t = Tensor::zeros((cap, kv, hd), m.dtype, &m.device)?;
             if let Some(o) = old {
                 if self.len > 0 {
-                    t.slice_set(&o.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                    t.slice_set(&o.narrow(0, 0, self.len)?, 0, 0)?;
                 }
             }
             Ok(t)
@@ -114,31 +115,47 @@ impl Llama {
             let v = l.v.forward(&hn, Fwd::EVAL)?.reshape((n, kv, hd))?;
             let q = rope(&q, &cos, &sin)?;
             let k = rope(&k, &cos, &sin)?;
-            let mut outs = Vec::with_capacity(spans.len());
             for (&(off, len, past), cache) in spans.iter().zip(caches.iter()) {
-                let total = past + len;
-                let ck = &cache.k[li];
-                let cv = &cache.v[li];
-                ck.slice_set(&k.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?, 1, past)?;
-                cv.slice_set(&v.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?, 1, past)?;
-                let ki = ck.narrow(1, 0, total)?;
-                let vi = cv.narrow(1, 0, total)?;
-                // Query heads g*rep..(g+1)*rep share kv head g: fold them into rows.
-                let qi = q.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?.reshape((kv, rep * len, hd))?;
-                let s = qi.affine(scale, 0.0)?.matmul(&ki.t()?)?;
-                let s = if matches!(self.dtype, DType::F64 | DType::F32) { s } else { s.to_dtype(DType::F32)? };
-                let p = if len == 1 {
-                    softmax(&s)?
-                } else if past == 0 {
-                    causal_softmax(&s)?
-                } else {
-                    softmax(&s.broadcast_add(&offset_mask(len, past, rep, &self.device)?.to_dtype(s.dtype())?)?)?
-                };
-                let o = p.to_dtype(self.dtype)?.matmul(&vi.contiguous()?)?;
-                outs.push(o.reshape((h, len, hd))?.transpose(0, 1)?.reshape((len, h * hd))?);
+                cache.k[li].slice_set(&k.narrow(0, off, len)?, 0, past)?;
+                cache.v[li].slice_set(&v.narrow(0, off, len)?, 0, past)?;
             }
-            let attn =
-                if outs.len() == 1 { outs.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&outs, 0)? };
+            let attn = if self.device.is_cpu() && self.dtype == DType::F32 {
+                let op = CachedAttention {
+                    seqs: spans
+                        .iter()
+                        .zip(caches.iter())
+                        .map(|(&(off, len, past), c)| (off, len, past, c.k[li].clone(), c.v[li].clone()))
+                        .collect(),
+                    kv,
+                    scale: scale as f32,
+                };
+                q.contiguous()?.apply_op1_no_bwd(&op)?.reshape((n, h * hd))?
+            } else {
+                let mut outs = Vec::with_capacity(spans.len());
+                for (&(off, len, past), cache) in spans.iter().zip(caches.iter()) {
+                    let total = past + len;
+                    let ki = cache.k[li].narrow(0, 0, total)?.transpose(0, 1)?.contiguous()?;
+                    let vi = cache.v[li].narrow(0, 0, total)?.transpose(0, 1)?.contiguous()?;
+                    // Query heads g*rep..(g+1)*rep share kv head g: fold them into rows.
+                    let qi = q.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?.reshape((kv, rep * len, hd))?;
+                    let s = qi.affine(scale, 0.0)?.matmul(&ki.t()?)?;
+                    let s = if matches!(self.dtype, DType::F64 | DType::F32) { s } else { s.to_dtype(DType::F32)? };
+                    let p = if len == 1 {
+                        softmax(&s)?
+                    } else if past == 0 {
+                        causal_softmax(&s)?
+                    } else {
+                        softmax(&s.broadcast_add(&offset_mask(len, past, rep, &self.device)?.to_dtype(s.dtype())?)?)?
+                    };
+                    let o = p.to_dtype(self.dtype)?.matmul(&vi)?;
+                    outs.push(o.reshape((h, len, hd))?.transpose(0, 1)?.reshape((len, h * hd))?);
+                }
+                if outs.len() == 1 {
+                    outs.pop().unwrap_or_else(|| unreachable!())
+                } else {
+                    Tensor::cat(&outs, 0)?
+                }
+            };
             x = (x + l.o.forward(&attn, Fwd::EVAL)?)?;
             let hn = rms_norm(&x, &l.post_attention_layernorm.tensor()?, c.rms_norm_eps)?;
             let g = l.gate.forward(&hn, Fwd::EVAL)?.silu()?;
@@ -152,6 +169,97 @@ impl Llama {
         let last = Tensor::from_vec(last, spans.len(), &self.device)?;
         let hs = self.final_norm(&x.index_select(&last, 0)?)?;
         Ok(self.head(&hs, Fwd::EVAL)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// Attention of every sequence of a step against its own KV cache, fused
+/// for the CPU (f32): `q` is (N, heads, head_dim) for the step's tokens;
+/// sequence i's queries are rows `off..off+len`, at positions `past..`, and
+/// see cached keys `0..=position`. Parallel over (sequence, head); no
+/// score matrix is materialised beyond one row.
+struct CachedAttention {
+    /// (offset in q, new tokens, cached before them, K cache, V cache)
+    seqs: Vec<(usize, usize, usize, Tensor, Tensor)>,
+    kv: usize,
+    scale: f32,
+}
+
+impl candle_core::CustomOp1 for CachedAttention {
+    fn name(&self) -> &'static str {
+        "cached-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (n, h, hd) = l.shape().dims3()?;
+        let q = match s {
+            candle_core::CpuStorage::F32(v) => &v[l.start_offset()..l.start_offset() + n * h * hd],
+            _ => candle_core::bail!("cached-attention: f32 only"),
+        };
+        let (kv, rep) = (self.kv, h / self.kv);
+        // Borrow every cache's storage for the duration of the op.
+        let guards: Vec<_> =
+            self.seqs.iter().map(|(.., k, v)| (k.storage_and_layout(), v.storage_and_layout())).collect();
+        let mut caches: Vec<(&[f32], &[f32])> = Vec::with_capacity(guards.len());
+        for ((ks, kl), (vs, vl)) in &guards {
+            match (&**ks, &**vs) {
+                (
+                    candle_core::Storage::Cpu(candle_core::CpuStorage::F32(k)),
+                    candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)),
+                ) => caches.push((&k[kl.start_offset()..], &v[vl.start_offset()..])),
+                _ => candle_core::bail!("cached-attention: the cache is not f32 on the CPU"),
+            }
+        }
+        let mut out = vec![0f32; n * h * hd];
+        // One task per (sequence, query head), writing its rows of `out`.
+        let tasks: Vec<(usize, usize)> = (0..self.seqs.len()).flat_map(|i| (0..h).map(move |hh| (i, hh))).collect();
+        let results: Vec<(usize, usize, Vec<f32>)> = tasks
+            .par_iter()
+            .map(|&(i, hh)| {
+                let (off, len, past, ..) = self.seqs[i];
+                let (kc, vc) = caches[i];
+                let g = hh / rep;
+                let stride = kv * hd;
+                let mut rows = vec![0f32; len * hd];
+                let mut scores = vec![0f32; past + len];
+                for j in 0..len {
+                    let qrow = &q[((off + j) * h + hh) * hd..][..hd];
+                    let visible = past + j + 1;
+                    let mut m = f32::NEG_INFINITY;
+                    for (t, sc) in scores[..visible].iter_mut().enumerate() {
+                        let krow = &kc[t * stride + g * hd..][..hd];
+                        let d: f32 = qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f32>() * self.scale;
+                        *sc = d;
+                        m = m.max(d);
+                    }
+                    let mut sum = 0f32;
+                    for sc in scores[..visible].iter_mut() {
+                        *sc = (*sc - m).exp();
+                        sum += *sc;
+                    }
+                    let o = &mut rows[j * hd..][..hd];
+                    for (t, p) in scores[..visible].iter().enumerate() {
+                        let vrow = &vc[t * stride + g * hd..][..hd];
+                        let w = p / sum;
+                        for (a, b) in o.iter_mut().zip(vrow) {
+                            *a += w * b;
+                        }
+                    }
+                }
+                (i, hh, rows)
+            })
+            .collect();
+        for (i, hh, rows) in results {
+            let (off, len, ..) = self.seqs[i];
+            for j in 0..len {
+                out[((off + j) * h + hh) * hd..][..hd].copy_from_slice(&rows[j * hd..][..hd]);
+            }
+        }
+        Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
     }
 }
 
@@ -205,8 +313,14 @@ mod tests {
 
     #[test]
     fn cached_prefill_decode_and_mixed_batches_match_the_full_forward() -> Result<()> {
-        for (arch, tied) in [("llama", true), ("qwen2", false)] {
-            let m = tiny_model(&tiny_config(arch, tied), &TrainSpec::default(), DType::F64)?;
+        // f64: the per-sequence composition; f32 on the CPU: the fused op.
+        for (arch, tied, dtype) in [
+            ("llama", true, DType::F64),
+            ("qwen2", false, DType::F64),
+            ("llama", true, DType::F32),
+            ("qwen2", false, DType::F32),
+        ] {
+            let m = tiny_model(&tiny_config(arch, tied), &TrainSpec::default(), dtype)?;
             let a: Vec<u32> = vec![1, 5, 9, 3, 2, 7, 30, 4, 11];
             let b: Vec<u32> = vec![6, 8, 10, 12, 14, 16];
             let (fa, fb) = (full_logits(&m, &a)?, full_logits(&m, &b)?);
