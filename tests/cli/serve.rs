@@ -424,3 +424,28 @@ fn a_serve_stage_runs_only_for_the_stages_that_use_it() {
     assert_eq!(eval["state"], "stale");
     assert!(eval["reasons"].to_string().contains("endpoint"), "{eval}");
 }
+
+#[test]
+fn prompts_sharing_a_long_prefix_reuse_its_cache_and_answer_the_same() {
+    let ws = Ws::new();
+    write_tiny_llama(&ws, "model", true);
+    let system = "You solve grade school math problems step by step and end with: The answer is N.".repeat(2);
+    let ask = |s: &Serve, q: &str| {
+        let (_, v) = chat(
+            s,
+            json!({"messages": [{"role": "system", "content": system}, {"role": "user", "content": q}],
+                   "max_tokens": 12, "temperature": 0, "ignore_eos": true}),
+        );
+        (content(&v), v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap())
+    };
+    // First server: q1 fills the prefix cache, q2 and q1 again reuse it.
+    let s = serve(&ws, &["model"]);
+    let (a1, b, a2) = (ask(&s, "2+2?"), ask(&s, "3*3?"), ask(&s, "2+2?"));
+    assert_eq!(a1.1, 0);
+    assert!(b.1 > 150 && a2.1 > 150, "{b:?} {a2:?}");
+    assert_eq!(a1.0, a2.0);
+    drop(s);
+    // Second server: q2 first, computed from scratch.
+    let s = serve(&ws, &["model"]);
+    assert_eq!(ask(&s, "3*3?"), (b.0, 0));
+}

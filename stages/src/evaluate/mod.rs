@@ -301,7 +301,7 @@ impl Stage for EvaluateStage {
                             if k.is_multiple_of(10) || k == items.len() {
                                 let el = t0.elapsed().as_secs_f64();
                                 ctx.progress.message(&format!(
-                                    "{k}/{} answered ({:.1}/s, ETA {:.0} s)",
+                                    "{k}/{} answered ({:.2}/s, ETA {:.0} s)",
                                     items.len(),
                                     k as f64 / el,
                                     (items.len() - k) as f64 * el / k as f64

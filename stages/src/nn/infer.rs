@@ -42,6 +42,21 @@ impl KvCache {
         self.k.iter().chain(&self.v).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
     }
 
+    /// A new cache holding the first `n` positions of this one (room for
+    /// `extra` more).
+    pub fn prefix_copy(&self, m: &Llama, n: usize, extra: usize) -> Result<KvCache> {
+        let n = n.min(self.len);
+        let mut c = KvCache::new();
+        c.reserve(m, n + extra)?;
+        if n > 0 {
+            for (dst, src) in c.k.iter().zip(&self.k).chain(c.v.iter().zip(&self.v)) {
+                dst.slice_set(&src.narrow(0, 0, n)?, 0, 0)?;
+            }
+        }
+        c.len = n;
+        Ok(c)
+    }
+
     fn reserve(&mut self, m: &Llama, extra: usize) -> Result<()> {
         let need = self.len + extra;
         if need <= self.cap && !self.k.is_empty() {
@@ -119,42 +134,65 @@ impl Llama {
                 cache.k[li].slice_set(&k.narrow(0, off, len)?, 0, past)?;
                 cache.v[li].slice_set(&v.narrow(0, off, len)?, 0, past)?;
             }
-            let attn = if self.device.is_cpu() && self.dtype == DType::F32 {
+            // Decode rows (one new token) of an f32 CPU step go through the
+            // fused op in one call; prompts (many rows) through gemm.
+            let fused = self.device.is_cpu() && self.dtype == DType::F32;
+            let dec: Vec<usize> = (0..spans.len()).filter(|&i| fused && spans[i].1 == 1).collect();
+            let dec_out = if dec.is_empty() {
+                None
+            } else {
                 let op = CachedAttention {
-                    seqs: spans
+                    seqs: dec
                         .iter()
-                        .zip(caches.iter())
-                        .map(|(&(off, len, past), c)| (off, len, past, c.k[li].clone(), c.v[li].clone()))
+                        .map(|&i| {
+                            let (off, len, past) = spans[i];
+                            (off, len, past, caches[i].k[li].clone(), caches[i].v[li].clone())
+                        })
                         .collect(),
                     kv,
                     scale: scale as f32,
                 };
-                q.contiguous()?.apply_op1_no_bwd(&op)?.reshape((n, h * hd))?
-            } else {
-                let mut outs = Vec::with_capacity(spans.len());
-                for (&(off, len, past), cache) in spans.iter().zip(caches.iter()) {
-                    let total = past + len;
-                    let ki = cache.k[li].narrow(0, 0, total)?.transpose(0, 1)?.contiguous()?;
-                    let vi = cache.v[li].narrow(0, 0, total)?.transpose(0, 1)?.contiguous()?;
-                    // Query heads g*rep..(g+1)*rep share kv head g: fold them into rows.
-                    let qi = q.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?.reshape((kv, rep * len, hd))?;
-                    let s = qi.affine(scale, 0.0)?.matmul(&ki.t()?)?;
-                    let s = if matches!(self.dtype, DType::F64 | DType::F32) { s } else { s.to_dtype(DType::F32)? };
-                    let p = if len == 1 {
-                        softmax(&s)?
-                    } else if past == 0 {
-                        causal_softmax(&s)?
-                    } else {
-                        softmax(&s.broadcast_add(&offset_mask(len, past, rep, &self.device)?.to_dtype(s.dtype())?)?)?
-                    };
-                    let o = p.to_dtype(self.dtype)?.matmul(&vi)?;
-                    outs.push(o.reshape((h, len, hd))?.transpose(0, 1)?.reshape((len, h * hd))?);
+                Some(q.contiguous()?.apply_op1_no_bwd(&op)?.reshape((dec.len(), h * hd))?)
+            };
+            let mut pieces: Vec<Tensor> = Vec::new();
+            let (mut run_start, mut run_len, mut next_dec) = (0usize, 0usize, 0usize);
+            for (i, (&(off, len, past), cache)) in spans.iter().zip(caches.iter()).enumerate() {
+                if next_dec < dec.len() && dec[next_dec] == i {
+                    if run_len == 0 {
+                        run_start = next_dec;
+                    }
+                    run_len += 1;
+                    next_dec += 1;
+                    continue;
                 }
-                if outs.len() == 1 {
-                    outs.pop().unwrap_or_else(|| unreachable!())
+                if run_len > 0 {
+                    pieces.push(dec_out.as_ref().expect("decode rows").narrow(0, run_start, run_len)?);
+                    run_len = 0;
+                }
+                let total = past + len;
+                let ki = cache.k[li].narrow(0, 0, total)?.transpose(0, 1)?.contiguous()?;
+                let vi = cache.v[li].narrow(0, 0, total)?.transpose(0, 1)?.contiguous()?;
+                // Query heads g*rep..(g+1)*rep share kv head g: fold them into rows.
+                let qi = q.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?.reshape((kv, rep * len, hd))?;
+                let s = qi.affine(scale, 0.0)?.matmul(&ki.t()?)?;
+                let s = if matches!(self.dtype, DType::F64 | DType::F32) { s } else { s.to_dtype(DType::F32)? };
+                let p = if len == 1 {
+                    softmax(&s)?
+                } else if past == 0 {
+                    causal_softmax(&s)?
                 } else {
-                    Tensor::cat(&outs, 0)?
-                }
+                    softmax(&s.broadcast_add(&offset_mask(len, past, rep, &self.device)?.to_dtype(s.dtype())?)?)?
+                };
+                let o = p.to_dtype(self.dtype)?.matmul(&vi)?;
+                pieces.push(o.reshape((h, len, hd))?.transpose(0, 1)?.reshape((len, h * hd))?);
+            }
+            if run_len > 0 {
+                pieces.push(dec_out.as_ref().expect("decode rows").narrow(0, run_start, run_len)?);
+            }
+            let attn = if pieces.len() == 1 {
+                pieces.pop().unwrap_or_else(|| unreachable!())
+            } else {
+                Tensor::cat(&pieces, 0)?
             };
             x = (x + l.o.forward(&attn, Fwd::EVAL)?)?;
             let hn = rms_norm(&x, &l.post_attention_layernorm.tensor()?, c.rms_norm_eps)?;
@@ -172,10 +210,11 @@ impl Llama {
     }
 }
 
-/// Attention of every sequence of a step against its own KV cache, fused
-/// for the CPU (f32): `q` is (N, heads, head_dim) for the step's tokens;
-/// sequence i's queries are rows `off..off+len`, at positions `past..`, and
-/// see cached keys `0..=position`. Parallel over (sequence, head); no
+/// Attention of sequences of a step against their own KV caches, fused for
+/// the CPU (f32; used for decode rows): `q` is (N, heads, head_dim) for the
+/// step's tokens; sequence i's queries are rows `off..off+len`, at positions
+/// `past..`, and see cached keys `0..=position`. The output holds only these
+/// sequences' rows, one after another. Parallel over (sequence, head); no
 /// score matrix is materialised beyond one row.
 struct CachedAttention {
     /// (offset in q, new tokens, cached before them, K cache, V cache)
@@ -214,7 +253,18 @@ impl candle_core::CustomOp1 for CachedAttention {
                 _ => candle_core::bail!("cached-attention: the cache is not f32 on the CPU"),
             }
         }
-        let mut out = vec![0f32; n * h * hd];
+        // Output rows are compact: sequence after sequence, in `seqs` order.
+        let rows_out: usize = self.seqs.iter().map(|s| s.1).sum();
+        let mut out = vec![0f32; rows_out * h * hd];
+        let starts: Vec<usize> = self
+            .seqs
+            .iter()
+            .scan(0, |acc, s| {
+                let st = *acc;
+                *acc += s.1;
+                Some(st)
+            })
+            .collect();
         // One task per (sequence, query head), writing its rows of `out`.
         let tasks: Vec<(usize, usize)> = (0..self.seqs.len()).flat_map(|i| (0..h).map(move |hh| (i, hh))).collect();
         let results: Vec<(usize, usize, Vec<f32>)> = tasks
@@ -228,38 +278,107 @@ impl candle_core::CustomOp1 for CachedAttention {
                 let mut scores = vec![0f32; past + len];
                 for j in 0..len {
                     let qrow = &q[((off + j) * h + hh) * hd..][..hd];
-                    let visible = past + j + 1;
-                    let mut m = f32::NEG_INFINITY;
-                    for (t, sc) in scores[..visible].iter_mut().enumerate() {
-                        let krow = &kc[t * stride + g * hd..][..hd];
-                        let d: f32 = qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f32>() * self.scale;
-                        *sc = d;
-                        m = m.max(d);
-                    }
-                    let mut sum = 0f32;
-                    for sc in scores[..visible].iter_mut() {
-                        *sc = (*sc - m).exp();
-                        sum += *sc;
-                    }
                     let o = &mut rows[j * hd..][..hd];
-                    for (t, p) in scores[..visible].iter().enumerate() {
-                        let vrow = &vc[t * stride + g * hd..][..hd];
-                        let w = p / sum;
-                        for (a, b) in o.iter_mut().zip(vrow) {
-                            *a += w * b;
-                        }
-                    }
+                    attend(qrow, kc, vc, stride, g * hd, past + j + 1, self.scale, &mut scores, o);
                 }
                 (i, hh, rows)
             })
             .collect();
         for (i, hh, rows) in results {
-            let (off, len, ..) = self.seqs[i];
+            let len = self.seqs[i].1;
             for j in 0..len {
-                out[((off + j) * h + hh) * hd..][..hd].copy_from_slice(&rows[j * hd..][..hd]);
+                out[((starts[i] + j) * h + hh) * hd..][..hd].copy_from_slice(&rows[j * hd..][..hd]);
             }
         }
-        Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
+        Ok((candle_core::CpuStorage::F32(out), candle_core::Shape::from((rows_out, h, hd))))
+    }
+}
+
+/// One query row against the first `visible` cached rows: softmax(q.K^T *
+/// scale) @ V into `o`. With AVX2 + FMA where the CPU has them.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    at: usize,
+    visible: usize,
+    scale: f32,
+    s: &mut [f32],
+    o: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { attend_avx2(q, k, v, stride, at, visible, scale, s, o) };
+        }
+    }
+    attend_body(q, k, v, stride, at, visible, scale, s, o)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_avx2(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    at: usize,
+    visible: usize,
+    scale: f32,
+    s: &mut [f32],
+    o: &mut [f32],
+) {
+    attend_body(q, k, v, stride, at, visible, scale, s, o)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_body(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    at: usize,
+    visible: usize,
+    scale: f32,
+    s: &mut [f32],
+    o: &mut [f32],
+) {
+    let hd = q.len();
+    let mut m = f32::NEG_INFINITY;
+    for (t, sc) in s[..visible].iter_mut().enumerate() {
+        let kr = &k[t * stride + at..][..hd];
+        // Eight partial sums: a reduction the compiler can vectorise.
+        let mut acc = [0f32; 8];
+        let (qc, kc) = (q.chunks_exact(8), kr.chunks_exact(8));
+        let mut tail = 0f32;
+        for (a, b) in qc.remainder().iter().zip(kc.remainder()) {
+            tail += a * b;
+        }
+        for (a, b) in qc.zip(kc) {
+            for i in 0..8 {
+                acc[i] += a[i] * b[i];
+            }
+        }
+        let d = (acc.iter().sum::<f32>() + tail) * scale;
+        *sc = d;
+        m = m.max(d);
+    }
+    let mut sum = 0f32;
+    for sc in s[..visible].iter_mut() {
+        *sc = (*sc - m).exp();
+        sum += *sc;
+    }
+    let inv = 1.0 / sum;
+    for (t, p) in s[..visible].iter().enumerate() {
+        let w = p * inv;
+        for (a, b) in o.iter_mut().zip(&v[t * stride + at..][..hd]) {
+            *a += w * b;
+        }
     }
 }
 

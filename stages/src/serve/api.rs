@@ -284,6 +284,7 @@ struct Collected {
     reason: FinishReason,
     prompt_tokens: usize,
     completion_tokens: usize,
+    cached_tokens: usize,
 }
 
 async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Collected, ApiError> {
@@ -291,8 +292,8 @@ async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Collected, ApiError
     while let Some(e) = rx.recv().await {
         match e {
             Event::Delta(d) => text.push_str(&d),
-            Event::Done { reason, prompt_tokens, completion_tokens } => {
-                return Ok(Collected { text, reason, prompt_tokens, completion_tokens })
+            Event::Done { reason, prompt_tokens, completion_tokens, cached_tokens } => {
+                return Ok(Collected { text, reason, prompt_tokens, completion_tokens, cached_tokens })
             }
             Event::Error(m) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m, "server_error")),
         }
@@ -300,8 +301,9 @@ async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Collected, ApiError
     Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the engine dropped the request", "server_error"))
 }
 
-fn usage(p: usize, c: usize) -> Value {
-    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
+fn usage(p: usize, c: usize, cached: usize) -> Value {
+    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+           "prompt_tokens_details": {"cached_tokens": cached}})
 }
 
 /// `head` (id, object, created, model) with `choices` (and more) set.
@@ -327,10 +329,10 @@ fn sse_events(
         .flat_map(move |e| {
             let out: Vec<Value> = match e {
                 Event::Delta(d) => vec![with(&head, delta(&d), None)],
-                Event::Done { reason, prompt_tokens, completion_tokens } => {
+                Event::Done { reason, prompt_tokens, completion_tokens, cached_tokens } => {
                     let mut v = vec![with(&head, finish(reason.as_str()), None)];
                     if include_usage {
-                        v.push(with(&head, json!([]), Some(usage(prompt_tokens, completion_tokens))));
+                        v.push(with(&head, json!([]), Some(usage(prompt_tokens, completion_tokens, cached_tokens))));
                     }
                     v
                 }
@@ -408,7 +410,7 @@ async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
         "id": id, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
                      "finish_reason": c.reason.as_str(), "logprobs": null}],
-        "usage": usage(c.prompt_tokens, c.completion_tokens),
+        "usage": usage(c.prompt_tokens, c.completion_tokens, c.cached_tokens),
     }))
     .into_response())
 }
@@ -457,7 +459,7 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Res
     Ok(Json(json!({
         "id": id, "object": "text_completion", "created": created, "model": model,
         "choices": [{"index": 0, "text": c.text, "finish_reason": c.reason.as_str(), "logprobs": null}],
-        "usage": usage(c.prompt_tokens, c.completion_tokens),
+        "usage": usage(c.prompt_tokens, c.completion_tokens, c.cached_tokens),
     }))
     .into_response())
 }

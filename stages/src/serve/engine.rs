@@ -72,7 +72,7 @@ impl FinishReason {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Delta(String),
-    Done { reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    Done { reason: FinishReason, prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize },
     Error(String),
 }
 
@@ -129,7 +129,7 @@ impl Engine {
         let queue = opts.queue;
         let thread = std::thread::Builder::new()
             .name("pipe-engine".into())
-            .spawn(move || Scheduler { model, tok, eos, opts, rx, held: None, active: Vec::new() }.run())
+            .spawn(move || Scheduler { model, tok, eos, opts, rx, held: None, active: Vec::new(), prefix: None }.run())
             .expect("spawning the engine thread");
         Engine { tx: Some(tx), thread: Some(thread), tokenizer, eos_ids, max_len, vocab_size, queue }
     }
@@ -198,6 +198,8 @@ struct Seq {
     detok: Detok,
     text: String,
     sent: usize,
+    /// Prompt tokens taken from the prefix cache.
+    cached: usize,
 }
 
 struct Scheduler {
@@ -208,6 +210,18 @@ struct Scheduler {
     rx: Receiver<Request>,
     held: Option<Request>,
     active: Vec<Seq>,
+    /// Prefix cache: the last prompt of a new family and its KV. Requests
+    /// sharing a long prefix with it (few-shot evaluation: the same system
+    /// prompt and exemplars before every question) copy that part of the
+    /// cache instead of recomputing it.
+    prefix: Option<(Vec<u32>, KvCache)>,
+}
+
+/// Shared prompt tokens worth reusing from the prefix cache.
+const MIN_PREFIX: usize = 32;
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 impl Scheduler {
@@ -242,7 +256,7 @@ impl Scheduler {
                     self.held = Some(r);
                     break;
                 }
-                prefill += r.prompt.len();
+                prefill += r.prompt.len() - self.cached_prefix(&r.prompt);
                 if let Some(s) = self.admit(r) {
                     self.active.push(s);
                 }
@@ -262,6 +276,22 @@ impl Scheduler {
         }
     }
 
+    /// Prompt tokens of `prompt` the prefix cache holds (0 below MIN_PREFIX);
+    /// at least one token is always computed.
+    fn cached_prefix(&self, prompt: &[u32]) -> usize {
+        match &self.prefix {
+            Some((toks, _)) => {
+                let n = common_prefix(toks, prompt).min(prompt.len().saturating_sub(1));
+                if n >= MIN_PREFIX {
+                    n
+                } else {
+                    0
+                }
+            }
+            None => 0,
+        }
+    }
+
     fn admit(&self, r: Request) -> Option<Seq> {
         if r.prompt.is_empty() || r.prompt.len() >= self.model.cfg.max_position_embeddings {
             let _ = r.events.send(Event::Error(format!(
@@ -277,16 +307,28 @@ impl Scheduler {
             stop_ids.extend(&self.eos);
         }
         let seed = r.params.seed.unwrap_or_else(|| rand::rng().random());
+        let reuse = self.cached_prefix(&r.prompt);
+        let cache = match (&self.prefix, reuse) {
+            (Some((_, c)), n) if n > 0 => match c.prefix_copy(&self.model, n, r.prompt.len() - n + 16) {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = r.events.send(Event::Error(format!("copying the prefix cache failed: {e}")));
+                    return None;
+                }
+            },
+            _ => KvCache::new(),
+        };
         Some(Seq {
-            cache: KvCache::new(),
+            cache,
             out: Vec::new(),
-            feed: r.prompt.clone(),
+            feed: r.prompt[reuse..].to_vec(),
             rng: ChaCha8Rng::seed_from_u64(seed),
             max_tokens: r.params.max_tokens.min(room),
             stop_ids,
             detok: Detok::default(),
             text: String::new(),
             sent: 0,
+            cached: reuse,
             req: r,
         })
     }
@@ -297,6 +339,16 @@ impl Scheduler {
         let mut caches: Vec<&mut KvCache> = self.active.iter_mut().map(|s| &mut s.cache).collect();
         let logits = self.model.step(&refs, &mut caches)?;
         let rows = rows_f32(&logits)?;
+        // A prompt unlike the cached prefix becomes the new prefix.
+        if let Some(s) = self.active.iter().find(|s| s.out.is_empty() && s.req.prompt.len() >= MIN_PREFIX) {
+            let keep = match &self.prefix {
+                Some((toks, _)) => common_prefix(toks, &s.req.prompt) >= MIN_PREFIX,
+                None => false,
+            };
+            if !keep {
+                self.prefix = Some((s.req.prompt.clone(), s.cache.prefix_copy(&self.model, s.req.prompt.len(), 0)?));
+            }
+        }
         let mut done = Vec::new();
         for (i, (s, row)) in self.active.iter_mut().zip(rows).enumerate() {
             let t = sample(&row, &s.req.params, &mut s.rng);
@@ -332,6 +384,7 @@ impl Scheduler {
                     reason,
                     prompt_tokens: s.req.prompt.len(),
                     completion_tokens: s.out.len(),
+                    cached_tokens: s.cached,
                 });
                 done.push(i);
             }
