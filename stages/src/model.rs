@@ -164,7 +164,8 @@ impl StageKind for ModelKind {
         "model"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: GGUF imports write `model_input_names` in tokenizer_config.json.
+        2
     }
     fn summary(&self) -> &'static str {
         "a base model (hf://, HF folder or GGUF) as an HF-format folder"

@@ -298,6 +298,7 @@ fn tiny_gguf_imports_to_an_hf_folder() {
     assert_eq!((tc["bos_token"].as_str(), tc["eos_token"].as_str()), (Some("<|im_start|>"), Some("<|im_end|>")));
     assert_eq!(tc["added_tokens_decoder"]["2"]["special"], json!(true));
     assert_eq!(tc["added_tokens_decoder"][(tokens.len() - 1).to_string()]["special"], json!(false));
+    assert_eq!(tc["model_input_names"], json!(["input_ids", "attention_mask"]));
     let gen = read_json(out.join("generation_config.json"));
     assert_eq!((gen["bos_token_id"].clone(), gen["eos_token_id"].clone()), (json!(1), json!(2)));
 

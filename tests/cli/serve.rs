@@ -188,7 +188,7 @@ fn serve_answers_the_openai_chat_and_completions_api() {
     let (st, e) = chat(&s, hi(json!({"temperature": 7})));
     assert_eq!((st, e["error"]["type"].as_str()), (400, Some("invalid_request_error")), "{e}");
     let (st, e) = chat(&s, json!({"model": "model"}));
-    assert_eq!(st, 400, "{e}");
+    assert_eq!((st, e["error"]["param"].as_str()), (400, Some("messages")), "{e}");
     assert!(e["error"]["message"].as_str().unwrap().contains("messages"), "{e}");
     let (st, e) = chat(&s, hi(json!({"n": 2})));
     assert_eq!(st, 400, "{e}");

@@ -257,6 +257,9 @@ pub fn build(meta: &Meta, context_length: Option<u64>) -> Result<TokenizerFiles,
         cfg.insert("chat_template".into(), json!(t));
     }
     cfg.insert("clean_up_tokenization_spaces".into(), json!(false));
+    // Without it `transformers` also returns token_type_ids, which
+    // `model.generate(**tokenizer(...))` rejects for Llama models.
+    cfg.insert("model_input_names".into(), json!(["input_ids", "attention_mask"]));
     if let Some(n) = context_length {
         cfg.insert("model_max_length".into(), json!(n));
     }

@@ -169,12 +169,13 @@ fn parse_body(body: &[u8]) -> Result<(Value, Sampling), ApiError> {
 fn parse<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
-        let param = (path != ".").then_some(path);
-        let msg = match &param {
-            Some(p) => format!("invalid field `{p}`: {}", e.inner()),
-            None => e.inner().to_string(),
-        };
-        ApiError::bad(msg, param)
+        let msg = e.inner().to_string();
+        // serde names a missing field in the message, not the path.
+        let missing = msg.strip_prefix("missing field `").and_then(|r| r.split('`').next()).map(String::from);
+        match (path != ".").then_some(path) {
+            Some(p) => ApiError::bad(format!("invalid field `{p}`: {msg}"), Some(p)),
+            None => ApiError::bad(msg, missing),
+        }
     })
 }
 
@@ -255,7 +256,7 @@ impl AppState {
                 ..ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!(
-                        "the prompt has {} tokens; this model's context is {max} tokens, leaving room for {} at most",
+                        "the prompt has {} tokens; this model's context is {max} tokens, so a prompt may have {} at most",
                         prompt.len(),
                         max - 1
                     ),
