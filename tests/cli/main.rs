@@ -9,6 +9,7 @@ mod lockfile;
 mod model;
 mod model_stage;
 mod pack;
+mod pipelines;
 mod run;
 mod safety;
 mod serve;
