@@ -447,5 +447,18 @@ fn prompts_sharing_a_long_prefix_reuse_its_cache_and_answer_the_same() {
     drop(s);
     // Second server: q2 first, computed from scratch.
     let s = serve(&ws, &["model"]);
-    assert_eq!(ask(&s, "3*3?"), (b.0, 0));
+    assert_eq!(ask(&s, "3*3?"), (b.0.clone(), 0));
+    drop(s);
+    // Concurrent requests of one family: one prefills the shared part, the
+    // others wait a step and reuse it; the answers do not change.
+    let s = serve(&ws, &["model"]);
+    let qs = ["2+2?", "3*3?", "2+2?", "3*3?"];
+    let got: Vec<(String, u64)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = qs.iter().map(|q| sc.spawn(|| ask(&s, q))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (q, (text, _)) in qs.iter().zip(&got) {
+        assert_eq!(text, if *q == "2+2?" { &a1.0 } else { &b.0 });
+    }
+    assert!(got.iter().filter(|(_, cached)| *cached > 150).count() >= 3, "{got:?}");
 }

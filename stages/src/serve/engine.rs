@@ -256,7 +256,18 @@ impl Scheduler {
                     self.held = Some(r);
                     break;
                 }
-                prefill += r.prompt.len() - self.cached_prefix(&r.prompt);
+                // A prompt that shares a long prefix with one prefilled in
+                // this step waits one step and reuses its cache instead.
+                let cached = self.cached_prefix(&r.prompt);
+                let sibling = self
+                    .active
+                    .iter()
+                    .any(|s| s.out.is_empty() && common_prefix(&s.req.prompt, &r.prompt) >= MIN_PREFIX.max(cached + 1));
+                if sibling {
+                    self.held = Some(r);
+                    break;
+                }
+                prefill += r.prompt.len() - cached;
                 if let Some(s) = self.admit(r) {
                     self.active.push(s);
                 }
