@@ -114,7 +114,9 @@ pub fn plan(
         let s = &st[i];
         let forced = opts.force.iter().any(|f| f == &s.name);
         let runs = forced || s.state != State::Fresh;
-        rebuilt[i] = runs;
+        // A service's "output" (its key) changes only with its inputs.
+        rebuilt[i] =
+            if p.stages[i].stage.is_service() { p.stages[i].upstream.iter().any(|u| rebuilt[*u]) } else { runs };
         let mut reasons = if forced { vec!["forced".to_string()] } else { s.reasons.clone() };
         if runs {
             // Say which inputs will be rebuilt instead of the generic "not up to date".
@@ -130,6 +132,24 @@ pub fn plan(
             }
         }
         out.push((s.name.clone(), runs, reasons));
+    }
+    // A service runs only for dependents that run.
+    for (i, st) in p.stages.iter().enumerate() {
+        if !st.stage.is_service() {
+            continue;
+        }
+        let Some(k) = out.iter().position(|(n, ..)| n == st.name()) else { continue };
+        let users: Vec<String> = out
+            .iter()
+            .filter(|(n, runs, _)| *runs && p.index(n).is_some_and(|j| p.stages[j].upstream.contains(&i)))
+            .map(|(n, ..)| n.clone())
+            .collect();
+        out[k].1 = !users.is_empty();
+        out[k].2 = if users.is_empty() {
+            vec!["service: no stage that uses it runs".into()]
+        } else {
+            vec![format!("service, started for {}", users.join(", "))]
+        };
     }
     Ok(out)
 }

@@ -44,6 +44,9 @@ fn the_shipped_pipelines_validate_offline() {
             );
         }
     }
+    // A service is planned for the stages that use it.
+    let out = ws.ok(&["run", "--dry-run", "pipelines/quickstart.yaml"]);
+    assert!(out.stdout.contains("would run  serve_base: service, started for eval_base, heldout_base"), "{out:?}");
     // Vars can be overridden from the command line.
     let out = ws.pipe(&["run", "--dry-run", "pipelines/quickstart.yaml", "--set", "vars.lora_r=32"]);
     assert_eq!(out.code, 0, "{out:?}");
