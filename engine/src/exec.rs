@@ -574,26 +574,7 @@ pub(crate) fn run_one(
             work.display(),
             reasons.join("; ")
         );
-        let mut inputs = BTreeMap::new();
-        for inp in s.inputs() {
-            let u = p.index(&inp.stage).expect("resolved");
-            if p.stages[u].stage.is_service() {
-                continue;
-            }
-            let d = outputs[u].expect("upstream done");
-            let mut path = ws.store.object_path(&d);
-            if !inp.subpath.is_empty() {
-                path = path.join(&inp.subpath);
-                if !path.exists() {
-                    return Err(format!(
-                        "input `{}`: `{}` does not exist in the output of stage `{}`",
-                        inp.name, inp.subpath, inp.stage
-                    ));
-                }
-            }
-            inputs.insert(inp.name.clone(), path);
-        }
-        Ok((log, inputs))
+        Ok((log, input_paths(ws, p, s, outputs)?))
     })();
     let (log, inputs) = match setup {
         Ok(x) => x,
@@ -624,10 +605,7 @@ pub(crate) fn run_one(
     }
     let published = match result {
         Ok(()) => ws.store.publish(&out_dir, &ws.stat).map_err(|e| format!("publishing the output failed: {e}")),
-        Err(f) => Err(match f.hint {
-            Some(h) => format!("{}\nhint: {h}", f.message),
-            None => f.message,
-        }),
+        Err(f) => Err(failure_text(f)),
     };
     let published = published.and_then(|d| match expected {
         Some(e) if e != d => Err(format!(
@@ -673,6 +651,43 @@ pub(crate) fn run_one(
             reporter.failed(name, &message, &log_path, &work);
             Outcome::Failed(message)
         }
+    }
+}
+
+/// Input name -> path of the upstream output (or the sub-path in it), for
+/// every input that is not a service.
+fn input_paths(
+    ws: &Workspace,
+    p: &Pipeline,
+    s: &crate::graph::ResolvedStage,
+    outputs: &[Option<Digest>],
+) -> Result<BTreeMap<String, PathBuf>, String> {
+    let mut inputs = BTreeMap::new();
+    for inp in s.inputs() {
+        let u = p.index(&inp.stage).expect("resolved");
+        if p.stages[u].stage.is_service() {
+            continue;
+        }
+        let mut path = ws.store.object_path(&outputs[u].expect("upstream done"));
+        if !inp.subpath.is_empty() {
+            path = path.join(&inp.subpath);
+            if !path.exists() {
+                return Err(format!(
+                    "input `{}`: `{}` does not exist in the output of stage `{}`",
+                    inp.name, inp.subpath, inp.stage
+                ));
+            }
+        }
+        inputs.insert(inp.name.clone(), path);
+    }
+    Ok(inputs)
+}
+
+/// A stage failure as one message, with its hint on a second line.
+fn failure_text(f: crate::stage::StageFailure) -> String {
+    match f.hint {
+        Some(h) => format!("{}\nhint: {h}", f.message),
+        None => f.message,
     }
 }
 
@@ -753,15 +768,7 @@ fn start_service(
     let log_path = ws.dot.join("logs").join(name).join(format!("{}-service.log", now_ms()));
     fs_err::create_dir_all(log_path.parent().expect("log has a dir")).map_err(|e| fail(e.to_string()))?;
     let log = fs_err::File::create(&log_path).map_err(|e| fail(e.to_string()))?;
-    let mut inputs = BTreeMap::new();
-    for inp in s.inputs() {
-        let d = outputs[p.index(&inp.stage).expect("resolved")].expect("upstream done");
-        let mut path = ws.store.object_path(&d);
-        if !inp.subpath.is_empty() {
-            path = path.join(&inp.subpath);
-        }
-        inputs.insert(inp.name.clone(), path);
-    }
+    let inputs = input_paths(ws, p, s, outputs).map_err(fail)?;
     let progress = StageProgress { stage: name, reporter };
     let ctx = RunCtx {
         stage: name,
@@ -785,10 +792,7 @@ fn start_service(
             Ok(svc)
         }
         Some(Err(f)) => {
-            let msg = match f.hint {
-                Some(h) => format!("{}\nhint: {h}", f.message),
-                None => f.message,
-            };
+            let msg = failure_text(f);
             reporter.failed(name, &msg, &log_path, &work);
             Err(msg)
         }

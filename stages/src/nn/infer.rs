@@ -121,7 +121,6 @@ impl Llama {
         let mut x = self.embed.tensor()?.index_select(&ids, 0)?;
         let c = &self.cfg;
         let (h, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let rep = h / kv;
         let scale = 1.0 / (hd as f64).sqrt();
         for (li, l) in self.layers.iter().enumerate() {
             let hn = rms_norm(&x, &l.input_layernorm.tensor()?, c.rms_norm_eps)?;
@@ -172,19 +171,7 @@ impl Llama {
                 let total = past + len;
                 let ki = cache.k[li].narrow(0, 0, total)?.transpose(0, 1)?.contiguous()?;
                 let vi = cache.v[li].narrow(0, 0, total)?.transpose(0, 1)?.contiguous()?;
-                // Query heads g*rep..(g+1)*rep share kv head g: fold them into rows.
-                let qi = q.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?.reshape((kv, rep * len, hd))?;
-                let s = qi.affine(scale, 0.0)?.matmul(&ki.t()?)?;
-                let s = if matches!(self.dtype, DType::F64 | DType::F32) { s } else { s.to_dtype(DType::F32)? };
-                let p = if len == 1 {
-                    softmax(&s)?
-                } else if past == 0 {
-                    causal_softmax(&s)?
-                } else {
-                    softmax(&s.broadcast_add(&offset_mask(len, past, rep, &self.device)?.to_dtype(s.dtype())?)?)?
-                };
-                let o = p.to_dtype(self.dtype)?.matmul(&vi)?;
-                pieces.push(o.reshape((h, len, hd))?.transpose(0, 1)?.reshape((len, h * hd))?);
+                pieces.push(self.seq_attention(&q.narrow(0, off, len)?, &ki, &vi, past)?);
             }
             if run_len > 0 {
                 pieces.push(dec_out.as_ref().expect("decode rows").narrow(0, run_start, run_len)?);
@@ -194,11 +181,7 @@ impl Llama {
             } else {
                 Tensor::cat(&pieces, 0)?
             };
-            x = (x + l.o.forward(&attn, Fwd::EVAL)?)?;
-            let hn = rms_norm(&x, &l.post_attention_layernorm.tensor()?, c.rms_norm_eps)?;
-            let g = l.gate.forward(&hn, Fwd::EVAL)?.silu()?;
-            let u = l.up.forward(&hn, Fwd::EVAL)?;
-            x = (x + l.down.forward(&(g * u)?, Fwd::EVAL)?)?;
+            x = self.block_tail(l, &x, &attn, Fwd::EVAL)?;
         }
         for (c, &(_, len, _)) in caches.iter_mut().zip(&spans) {
             c.len += len;
@@ -207,6 +190,33 @@ impl Llama {
         let last = Tensor::from_vec(last, spans.len(), &self.device)?;
         let hs = self.final_norm(&x.index_select(&last, 0)?)?;
         Ok(self.head(&hs, Fwd::EVAL)?.to_dtype(DType::F32)?)
+    }
+}
+
+impl Llama {
+    /// Attention of one sequence: queries `q` (len, heads, head_dim) at
+    /// positions `past..` against keys and values (kv_heads, past + len,
+    /// head_dim), causal; returns (len, heads * head_dim). The training
+    /// forward calls it with `past` 0.
+    pub(crate) fn seq_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Result<Tensor> {
+        let (len, h, hd) = q.dims3()?;
+        let kv = k.dim(0)?;
+        let rep = h / kv;
+        // Query heads g*rep..(g+1)*rep share kv head g (repeat_interleave):
+        // fold them into the row dimension instead of copying k and v.
+        let qi = q.transpose(0, 1)?.contiguous()?.reshape((kv, rep * len, hd))?;
+        // Scale q (len x hd) rather than the scores (len x total).
+        let s = qi.affine(1.0 / (hd as f64).sqrt(), 0.0)?.matmul(&k.t()?)?;
+        let s = if matches!(self.dtype, DType::F64 | DType::F32) { s } else { s.to_dtype(DType::F32)? };
+        let p = if past == 0 {
+            causal_softmax(&s)?
+        } else if len == 1 {
+            softmax(&s)?
+        } else {
+            softmax(&s.broadcast_add(&offset_mask(len, past, rep, &self.device)?.to_dtype(s.dtype())?)?)?
+        };
+        let o = p.to_dtype(self.dtype)?.matmul(v)?;
+        Ok(o.reshape((h, len, hd))?.transpose(0, 1)?.reshape((len, h * hd))?)
     }
 }
 
@@ -279,7 +289,14 @@ impl candle_core::CustomOp1 for CachedAttention {
                 for j in 0..len {
                     let qrow = &q[((off + j) * h + hh) * hd..][..hd];
                     let o = &mut rows[j * hd..][..hd];
-                    attend(qrow, kc, vc, stride, g * hd, past + j + 1, self.scale, &mut scores, o);
+                    attend(
+                        qrow,
+                        HeadRows { k: kc, v: vc, stride, at: g * hd },
+                        past + j + 1,
+                        self.scale,
+                        &mut scores,
+                        o,
+                    );
                 }
                 (i, hh, rows)
             })
@@ -294,60 +311,37 @@ impl candle_core::CustomOp1 for CachedAttention {
     }
 }
 
-/// One query row against the first `visible` cached rows: softmax(q.K^T *
-/// scale) @ V into `o`. With AVX2 + FMA where the CPU has them.
-#[allow(clippy::too_many_arguments)]
-fn attend(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+/// One kv head's rows of a cache: row t is `k[t * stride + at..][..head_dim]`.
+#[derive(Clone, Copy)]
+struct HeadRows<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
     stride: usize,
     at: usize,
-    visible: usize,
-    scale: f32,
-    s: &mut [f32],
-    o: &mut [f32],
-) {
+}
+
+/// One query row against the first `visible` cached rows: softmax(q.K^T *
+/// scale) @ V into `o` (`s` is scratch). With AVX2 + FMA where the CPU has them.
+fn attend(q: &[f32], c: HeadRows, visible: usize, scale: f32, s: &mut [f32], o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { attend_avx2(q, k, v, stride, at, visible, scale, s, o) };
+            return unsafe { attend_avx2(q, c, visible, scale, s, o) };
         }
     }
-    attend_body(q, k, v, stride, at, visible, scale, s, o)
+    attend_body(q, c, visible, scale, s, o)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_avx2(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    stride: usize,
-    at: usize,
-    visible: usize,
-    scale: f32,
-    s: &mut [f32],
-    o: &mut [f32],
-) {
-    attend_body(q, k, v, stride, at, visible, scale, s, o)
+unsafe fn attend_avx2(q: &[f32], c: HeadRows, visible: usize, scale: f32, s: &mut [f32], o: &mut [f32]) {
+    attend_body(q, c, visible, scale, s, o)
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_body(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    stride: usize,
-    at: usize,
-    visible: usize,
-    scale: f32,
-    s: &mut [f32],
-    o: &mut [f32],
-) {
+fn attend_body(q: &[f32], c: HeadRows, visible: usize, scale: f32, s: &mut [f32], o: &mut [f32]) {
+    let HeadRows { k, v, stride, at } = c;
     let hd = q.len();
     let mut m = f32::NEG_INFINITY;
     for (t, sc) in s[..visible].iter_mut().enumerate() {

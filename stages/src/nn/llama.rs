@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::nn::config::LlamaConfig;
 use crate::nn::nf4::Nf4Tensor;
-use crate::nn::ops::{causal_softmax, cross_entropy_sum, frozen_matmul, lm_head_cross_entropy, rms_norm, rope};
+use crate::nn::ops::{cross_entropy_sum, frozen_matmul, lm_head_cross_entropy, rms_norm, rope};
 
 /// Rows per chunk of the fused LM head + cross-entropy.
 const HEAD_CHUNK: usize = 128;
@@ -504,7 +504,6 @@ impl Llama {
         let l = &self.layers[i];
         let c = &self.cfg;
         let (h, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let rep = h / kv;
         let n = x.dim(0)?;
         let fx_i = Fwd { seed: fx.seed.wrapping_add(i as u64 * 0x9E37_79B9), ..fx };
         let hn = rms_norm(x, &l.input_layernorm.tensor()?, c.rms_norm_eps)?;
@@ -513,27 +512,24 @@ impl Llama {
         let v = l.v.forward(&hn, fx_i)?.reshape((n, kv, hd))?;
         let q = rope(&q, &b.cos, &b.sin)?;
         let k = rope(&k, &b.cos, &b.sin)?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let mut outs = Vec::with_capacity(b.seqs.len());
         for &(off, len) in &b.seqs {
-            // Query heads g*rep..(g+1)*rep share kv head g (repeat_interleave):
-            // fold them into the row dimension instead of copying k and v.
-            let qi = q.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?.reshape((kv, rep * len, hd))?;
             let ki = k.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?;
             let vi = v.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?;
-            // Scale q (len x hd) rather than the scores (len x len).
-            let s = qi.affine(scale, 0.0)?.matmul(&ki.t()?)?;
-            let s = if matches!(self.dtype, DType::F64 | DType::F32) { s } else { s.to_dtype(DType::F32)? };
-            let p = causal_softmax(&s)?.to_dtype(self.dtype)?;
-            let o = p.matmul(&vi)?.reshape((h, len, hd))?.transpose(0, 1)?.reshape((len, h * hd))?;
-            outs.push(o);
+            outs.push(self.seq_attention(&q.narrow(0, off, len)?, &ki, &vi, 0)?);
         }
         let attn = if outs.len() == 1 { outs.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&outs, 0)? };
-        let x = (x + l.o.forward(&attn, fx_i)?)?;
-        let hn = rms_norm(&x, &l.post_attention_layernorm.tensor()?, c.rms_norm_eps)?;
-        let g = l.gate.forward(&hn, fx_i)?.silu()?;
-        let u = l.up.forward(&hn, fx_i)?;
-        let m = l.down.forward(&(g * u)?, fx_i)?;
+        self.block_tail(l, x, &attn, fx_i)
+    }
+
+    /// The rest of a decoder block after attention: output projection and
+    /// residual, then the SwiGLU MLP and its residual.
+    pub(crate) fn block_tail(&self, l: &Block, x: &Tensor, attn: &Tensor, fx: Fwd) -> Result<Tensor> {
+        let x = (x + l.o.forward(attn, fx)?)?;
+        let hn = rms_norm(&x, &l.post_attention_layernorm.tensor()?, self.cfg.rms_norm_eps)?;
+        let g = l.gate.forward(&hn, fx)?.silu()?;
+        let u = l.up.forward(&hn, fx)?;
+        let m = l.down.forward(&(g * u)?, fx)?;
         Ok((x + m)?)
     }
 
