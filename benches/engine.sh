@@ -40,9 +40,9 @@ HASH_MIB=${HASH_MIB:-1024}        # the hashing benchmark's file: 1 GiB
 export DVC_NO_ANALYTICS=1 NO_COLOR=1 GIT_CONFIG_NOSYSTEM=1
 unset CUDA_VISIBLE_DEVICES || true
 
-mkdir -p "$BENCH_DIR"
-BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
-case "$BENCH_DIR/" in "$REPO"/*) echo "BENCH_DIR must be outside the repo ($REPO)" >&2; exit 2 ;; esac
+# shellcheck source=benches/lib.sh
+source "$REPO/benches/lib.sh"
+init_bench_dir
 
 DATA=$BENCH_DIR/data
 PIPE_WS=$BENCH_DIR/pipe-ws
@@ -53,8 +53,6 @@ TIMES=$BENCH_DIR/times
 RESULTS=$BENCH_DIR/results.txt
 
 # ---------------------------------------------------------------- tools
-# shellcheck source=benches/lib.sh
-source "$REPO/benches/lib.sh"
 build_pipe
 PIPE=$PIPE_BUILT
 [[ -x "$PIPE" ]] || { echo "no pipe binary at $PIPE" >&2; exit 1; }

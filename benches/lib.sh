@@ -3,6 +3,13 @@
 log() { printf '\n== %s\n' "$*" >&2; }
 die() { echo "error: $*" >&2; exit 1; }
 
+# init_bench_dir: create $BENCH_DIR, make it absolute; it must lie outside the repo.
+init_bench_dir() {
+  mkdir -p "$BENCH_DIR"
+  BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
+  case "$BENCH_DIR/" in "$REPO"/*) echo "BENCH_DIR must be outside the repo ($REPO)" >&2; exit 2 ;; esac
+}
+
 # need_gnu_time: GNU time at $TIME (peak RSS via -v), or exit with a hint.
 need_gnu_time() {
   [[ -x $TIME ]] && "$TIME" -v true 2>/dev/null \

@@ -72,13 +72,11 @@ export NO_COLOR=1 TRANSFORMERS_VERBOSITY=error \
   HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 unset CUDA_VISIBLE_DEVICES || true
 
-mkdir -p "$BENCH_DIR"
-BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
-case "$BENCH_DIR/" in "$REPO"/*) echo "BENCH_DIR must be outside the repo ($REPO)" >&2; exit 2 ;; esac
-RESULTS=$BENCH_DIR/results.txt
-RUN_DIR=$BENCH_DIR/run-$N
 # shellcheck source=benches/lib.sh
 source "$REPO/benches/lib.sh"
+init_bench_dir
+RESULTS=$BENCH_DIR/results.txt
+RUN_DIR=$BENCH_DIR/run-$N
 need_gnu_time
 
 # ---------------------------------------------------------------- pipe

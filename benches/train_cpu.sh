@@ -58,12 +58,10 @@ TIME=/usr/bin/time
 
 export NO_COLOR=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=
 
-mkdir -p "$BENCH_DIR"
-BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
-case "$BENCH_DIR/" in "$REPO"/*) echo "BENCH_DIR must be outside the repo ($REPO)" >&2; exit 2 ;; esac
-RESULTS=$BENCH_DIR/results.txt
 # shellcheck source=benches/lib.sh
 source "$REPO/benches/lib.sh"
+init_bench_dir
+RESULTS=$BENCH_DIR/results.txt
 need_gnu_time
 
 # ---------------------------------------------------------------- pipe
