@@ -21,17 +21,23 @@
 //!   gradient_checkpointing: false
 //!   logging_steps: 1
 //!   checkpoint_every: 50         # steps; 0 = never
+//!   eval_steps: 0                # with an `eval` input: also every N steps
 //! ```
 //!
 //! Inputs: `model` (an HF-format folder, e.g. a `model` stage) and `data` (a
 //! `pack` artifact; `split:` picks `<split>.parquet`, default `train`, or
-//! the only Parquet file there is).
+//! the only Parquet file there is). Optional `eval`: another `pack` artifact
+//! (`eval_split:` as `split:`) whose mean loss over its trained tokens (no
+//! dropout) is measured before the first step, every `eval_steps` and after
+//! the last: `eval/loss` in the metrics (TRL's `eval_loss`), and the before
+//! and after values in `train.json` and `summary.txt`.
 //!
 //! Outputs: LoRA/QLoRA: `adapter_config.json` + `adapter_model.safetensors`
 //! as PEFT writes them (`base_model.model.<module>.lora_A.weight`, ...;
 //! `modules_to_save` as `base_model.model.lm_head.weight`). Full/Spectrum:
 //! an HF folder (`config.json`, `model.safetensors`). Both: the tokenizer
-//! files, `metrics.jsonl` (one line per logged step), `train.json` (summary).
+//! files, `metrics.jsonl` (one line per logged step), `train.json` (summary),
+//! `summary.txt` (what `pipe run` prints), `loss.png`, `tensorboard/`.
 //!
 //! Resuming: with `checkpoint_every`, trainable weights, optimizer state and
 //! the step are saved under `.pipe/resume/<key>/`; a rerun of the same key
@@ -186,6 +192,10 @@ struct Params {
     checkpoint_every: usize,
     #[serde(default)]
     split: Option<String>,
+    #[serde(default)]
+    eval_split: Option<String>,
+    #[serde(default)]
+    eval_steps: usize,
 }
 
 fn d_lr() -> f64 {
@@ -230,7 +240,7 @@ impl StageKind for TrainKind {
         "train"
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn summary(&self) -> &'static str {
         "fine-tune a model on packed data: full, LoRA, QLoRA or Spectrum"
@@ -448,6 +458,22 @@ impl Stage for TrainStage {
         if rows.is_empty() {
             return Err(StageFailure::new(format!("{}: no rows to train on", file.display())));
         }
+        let eval_rows = match ctx.inputs.get("eval") {
+            Some(dir) => {
+                let file = pack_file(dir, p.eval_split.as_deref())?;
+                let rows = read_pack(&file)?;
+                if !rows.iter().any(|r| r.labels.iter().any(|&l| l >= 0)) {
+                    return Err(StageFailure::new(format!("{}: no trained tokens to evaluate", file.display()))
+                        .hint("the `eval` input must be a `pack` artifact with assistant tokens"));
+                }
+                Some(rows)
+            }
+            None if p.eval_split.is_some() || p.eval_steps > 0 => {
+                return Err(StageFailure::new("`eval_split`/`eval_steps` are set but there is no `eval` input")
+                    .hint("add `eval: PACK_STAGE` to `inputs`"));
+            }
+            None => None,
+        };
         let device = self.device(ctx)?;
         let dtype = match p.precision {
             Precision::F32 => DType::F32,
@@ -492,7 +518,25 @@ impl Stage for TrainStage {
             device_name(&device)
         ));
 
+        let eval = |metrics: &mut Metrics, step: usize| -> Result<Option<f64>, StageFailure> {
+            let Some(rows) = &eval_rows else { return Ok(None) };
+            ctx.progress.message(&format!("eval loss at step {step} ({} rows)", rows.len()));
+            let loss = eval_loss(&model, rows, p.per_device_batch_size, ctx)?;
+            metrics.log(step as u64, &[("eval/loss", loss)])?;
+            ctx.log_line(&format!("step {step}: eval loss {loss:.4}"));
+            Ok(Some(loss))
+        };
+        let eval_before = if start == 0 {
+            eval(&mut metrics, 0)?
+        } else {
+            // Measured by the run that was interrupted: it is in the kept metrics.
+            MetricsLog::read(&metrics_dir.join(METRICS_FILE))?
+                .iter()
+                .find(|r| r["step"] == 0)
+                .and_then(|r| r["eval/loss"].as_f64())
+        };
         let mut orders = HashMap::new();
+        let mut eval_s = 0.0;
         let t0 = Instant::now();
         let (mut window_tokens, mut window_t) = (0usize, Instant::now());
         let mut last_loss = f64::NAN;
@@ -568,11 +612,19 @@ impl Stage for TrainStage {
                 ));
                 (window_tokens, window_t) = (0, Instant::now());
             }
+            if p.eval_steps > 0 && done % p.eval_steps == 0 && done < plan.total {
+                let te = Instant::now();
+                eval(&mut metrics, done)?;
+                eval_s += te.elapsed().as_secs_f64();
+                window_t = Instant::now();
+            }
             if p.checkpoint_every > 0 && done % p.checkpoint_every == 0 && done < plan.total {
                 save_checkpoint(&ckpt, &opt, done)?;
                 ctx.log_line(&format!("checkpoint at step {done}"));
             }
         }
+        let train_s = t0.elapsed().as_secs_f64() - eval_s;
+        let eval_after = eval(&mut metrics, plan.total)?;
         drop(metrics);
         self.save_output(ctx, &model, model_dir)?;
         write_metrics_outputs(&metrics_dir, ctx.out_dir, &format!("{}: training loss", ctx.stage))?;
@@ -606,12 +658,69 @@ impl Stage for TrainStage {
             "final_loss": last_loss,
             "device": device_name(&device),
             "precision": format!("{:?}", p.precision).to_lowercase(),
-            "seconds": t0.elapsed().as_secs_f64(),
+            "seconds": train_s,
+            "tokens_per_s": total_tokens as f64 / train_s.max(1e-9),
+            "eval_loss_before": eval_before,
+            "eval_loss_after": eval_after,
+            "eval_rows": eval_rows.as_ref().map(Vec::len),
             "peak_gpu_mib": peak_gpu.map(|b| b as f64 / 1048576.0),
         });
         fs_err::write(ctx.out_dir.join("train.json"), serde_json::to_vec_pretty(&summary).map_err(fail)?)?;
+        fs_err::write(ctx.out_dir.join("summary.txt"), summary_text(&summary))?;
         Ok(())
     }
+}
+
+/// Mean cross-entropy over the trained tokens of `rows`, without dropout,
+/// `batch` rows at a time, one block at a time (activation memory of one
+/// block, as with gradient checkpointing).
+fn eval_loss(model: &Llama, rows: &[Row], batch: usize, ctx: &RunCtx) -> Result<f64, StageFailure> {
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    for chunk in rows.chunks(batch) {
+        if ctx.cancel.is_cancelled() {
+            return Err(StageFailure::new("cancelled"));
+        }
+        let b = model.batch(chunk)?;
+        if b.n_targets == 0 {
+            continue;
+        }
+        let mut x = model.embed(&b).map_err(fail)?.detach();
+        for i in 0..model.layers.len() {
+            x = model.block(i, &x, &b, Fwd::EVAL).map_err(fail)?.detach();
+        }
+        let h = model.final_norm(&x).map_err(fail)?;
+        let l = model.loss_sum_from_hidden(&h, &b, Fwd::EVAL).map_err(fail)?;
+        sum += l.to_dtype(DType::F64).and_then(|l| l.to_scalar::<f64>()).map_err(fail)?;
+        n += b.n_targets;
+    }
+    Ok(sum / n.max(1) as f64)
+}
+
+/// The lines `pipe run` prints for a finished `train` stage.
+fn summary_text(s: &Value) -> String {
+    let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
+    let resumed = s["resumed_at_step"].as_u64().unwrap_or(0);
+    let mut out = format!(
+        "{} on {} ({}): {} steps, {} rows; {} tokens in {} ({:.0} tok/s){}\ntrain loss (last step) {:.4}",
+        s["method"].as_str().unwrap_or("?"),
+        s["device"].as_str().unwrap_or("?"),
+        s["precision"].as_str().unwrap_or("?"),
+        s["steps"],
+        s["rows"],
+        s["tokens"],
+        fmt_secs(f("seconds")),
+        f("tokens_per_s"),
+        if resumed > 0 { format!(", resumed at step {resumed}: the figures are this run's") } else { String::new() },
+        f("final_loss"),
+    );
+    if let (Some(a), Some(b)) = (s["eval_loss_before"].as_f64(), s["eval_loss_after"].as_f64()) {
+        out += &format!("\neval loss {a:.4} -> {b:.4} ({} rows, before -> after training)", s["eval_rows"]);
+    }
+    if let Some(m) = s["peak_gpu_mib"].as_f64() {
+        out += &format!("\npeak GPU memory {m:.0} MiB");
+    }
+    out.push('\n');
+    out
 }
 
 fn fmt_secs(s: f64) -> String {
@@ -944,13 +1053,17 @@ fn write_metrics_outputs(live: &Path, out: &Path, title: &str) -> Result<(), Sta
     fs_err::copy(&path, out.join(METRICS_FILE))?;
     let mut tb = EventWriter::create(&out.join(TB_DIR))?;
     let t0 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-        - records.last().and_then(|r| r["elapsed_s"].as_f64()).unwrap_or(0.0);
+        - records.iter().rev().find_map(|r| r["elapsed_s"].as_f64()).unwrap_or(0.0);
+    let mut elapsed = 0.0;
     for r in &records {
         let (Some(step), Some(obj)) = (r["step"].as_u64(), r.as_object()) else { continue };
-        let wall = t0 + r["elapsed_s"].as_f64().unwrap_or(0.0);
+        // Eval lines carry no time of their own: they follow the step they measure.
+        elapsed = r["elapsed_s"].as_f64().unwrap_or(elapsed);
+        let wall = t0 + elapsed;
         for (k, v) in obj {
             if let (true, Some(v)) = (k != "step", v.as_f64()) {
-                tb.scalar_at(wall, &format!("train/{k}"), step, v as f32)?;
+                let tag = if k.contains('/') { k.clone() } else { format!("train/{k}") };
+                tb.scalar_at(wall, &tag, step, v as f32)?;
             }
         }
     }

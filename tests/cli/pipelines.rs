@@ -51,3 +51,12 @@ fn the_shipped_pipelines_validate_offline() {
     let out = ws.pipe(&["run", "--dry-run", "pipelines/quickstart.yaml", "--set", "vars.lora_r=32"]);
     assert_eq!(out.code, 0, "{out:?}");
 }
+
+/// The README's pipeline reference has a section for every stage kind.
+#[test]
+fn readme_documents_every_stage_kind() {
+    let readme = fs_err::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let missing: Vec<_> =
+        pipe_stages::registry().names().into_iter().filter(|k| !readme.contains(&format!("### `{k}`"))).collect();
+    assert!(missing.is_empty(), "README.md has no `### `kind`` section for {missing:?}");
+}

@@ -135,6 +135,47 @@ fn lora_overfits_and_writes_a_peft_adapter() {
 }
 
 #[test]
+fn eval_input_measures_loss_before_during_and_after() {
+    let ws = Ws::new();
+    let train = "    method: lora\n    lora: {r: 8, alpha: 16}\n    learning_rate: 0.01\n    lr_scheduler: constant\n    per_device_batch_size: 4\n    max_steps: 40\n    logging_steps: 10\n    eval_steps: 20\n";
+    setup(&ws, true, train);
+    ws.write("p.yaml", &pipeline(train).replace("{model: base, data: pack}", "{model: base, data: pack, eval: pack}"));
+    let run = ws.ok(&["run", "p.yaml"]);
+    let out = ws.out_path("p.yaml", "sft");
+    let m = metrics(&out);
+    let evals: Vec<(u64, f64)> =
+        m.iter().filter_map(|r| Some((r["step"].as_u64()?, r.get("eval/loss")?.as_f64()?))).collect();
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [0, 20, 40], "{m:?}");
+    let info: serde_json::Value =
+        serde_json::from_str(&fs_err::read_to_string(out.join("train.json")).unwrap()).unwrap();
+    assert_eq!(info["eval_loss_before"].as_f64(), Some(evals[0].1));
+    assert_eq!(info["eval_loss_after"].as_f64(), Some(evals[2].1));
+    // The eval loss is the adapter's real loss on those rows, before and after.
+    let base_dir = ws.out_path("p.yaml", "base");
+    let rows = pipe_stages::train::read_pack(&ws.out_path("p.yaml", "pack").join("data.parquet")).unwrap();
+    assert_eq!(info["eval_rows"], rows.len());
+    let loss = |m: &Llama| -> f64 {
+        let b = m.batch(&rows).unwrap();
+        m.loss_sum(&b, Fwd::EVAL).unwrap().to_scalar::<f32>().unwrap() as f64 / b.n_targets as f64
+    };
+    let tuned = Llama::load_peft(&base_dir, &out, DType::F32, &Device::Cpu).unwrap();
+    let base = Llama::load(&base_dir, DType::F32, &Device::Cpu, &TrainSpec::default()).unwrap();
+    assert!((loss(&base) - evals[0].1).abs() < 1e-3, "{} vs {}", loss(&base), evals[0].1);
+    assert!((loss(&tuned) - evals[2].1).abs() < 1e-3, "{} vs {}", loss(&tuned), evals[2].1);
+    assert!(evals[2].1 < 0.5 * evals[0].1, "{evals:?}");
+    // `pipe run` prints the summary; `pipe show` too.
+    assert!(run.stdout.contains("eval loss") && run.stdout.contains("tok/s"), "{run:?}");
+    let shown = ws.ok(&["show", "p.yaml", "sft"]);
+    assert!(shown.stdout.contains("before -> after training"), "{shown:?}");
+
+    // eval_steps without an eval input.
+    ws.write("p.yaml", &pipeline(train));
+    let bad = ws.pipe(&["run", "p.yaml"]);
+    assert_eq!(bad.code, 1, "{bad:?}");
+    assert!(bad.stderr.contains("no `eval` input") && bad.stderr.contains("eval: PACK_STAGE"), "{bad:?}");
+}
+
+#[test]
 fn full_finetune_writes_an_hf_folder() {
     let ws = Ws::new();
     setup(
@@ -166,7 +207,9 @@ fn full_finetune_writes_an_hf_folder() {
 fn a_killed_run_resumes_to_identical_weights() {
     let train = "    method: lora\n    lora: {r: 4, alpha: 8, dropout: 0.1}\n    learning_rate: 0.005\n    per_device_batch_size: 1\n    gradient_accumulation_steps: 2\n    max_steps: 300\n    checkpoint_every: 10\n";
     let ws = Ws::new();
+    let with_eval = pipeline(train).replace("{model: base, data: pack}", "{model: base, data: pack, eval: pack}");
     setup(&ws, true, train);
+    ws.write("p.yaml", &with_eval);
     let mut child = ws.cmd(&["run", "p.yaml"]).spawn().unwrap();
     let resume = ws.path().join(".pipe/resume");
     wait_for(120, "a checkpoint", || {
@@ -185,6 +228,7 @@ fn a_killed_run_resumes_to_identical_weights() {
     assert!(sft["reasons"].to_string().contains("left a checkpoint (step "), "{sft}");
     let resumed = ws.ok(&["run", "p.yaml"]);
     assert_eq!(resumed.ran(), vec!["sft".to_string()], "{resumed:?}");
+    assert!(resumed.stdout.contains("resumed at step") && resumed.stdout.contains("eval loss"), "{resumed:?}");
     let logs = ws.path().join(".pipe/logs/sft");
     let log: String =
         fs_err::read_dir(&logs).unwrap().flatten().map(|e| fs_err::read_to_string(e.path()).unwrap()).collect();
@@ -196,11 +240,22 @@ fn a_killed_run_resumes_to_identical_weights() {
 
     let fresh = Ws::new();
     setup(&fresh, true, train);
+    fresh.write("p.yaml", &with_eval);
     fresh.ok(&["run", "p.yaml"]);
     let a = fs_err::read(ws.out_path("p.yaml", "sft").join("adapter_model.safetensors")).unwrap();
     let b = fs_err::read(fresh.out_path("p.yaml", "sft").join("adapter_model.safetensors")).unwrap();
     assert!(a == b, "resumed and uninterrupted runs differ");
-    assert_eq!(metrics(&ws.out_path("p.yaml", "sft")).len(), 300);
+    let m = metrics(&ws.out_path("p.yaml", "sft"));
+    assert_eq!(m.iter().filter(|r| r.get("loss").is_some()).count(), 300);
+    assert_eq!(m.iter().filter(|r| r.get("eval/loss").is_some()).count(), 2);
+    // The eval loss before training was measured by the interrupted run.
+    let info = |w: &Ws| -> serde_json::Value {
+        serde_json::from_str(&fs_err::read_to_string(w.out_path("p.yaml", "sft").join("train.json")).unwrap()).unwrap()
+    };
+    let (r, f) = (info(&ws), info(&fresh));
+    assert!(r["eval_loss_before"].is_f64() && r["resumed_at_step"].as_u64() > Some(0), "{r}");
+    assert_eq!(r["eval_loss_before"], f["eval_loss_before"]);
+    assert_eq!(r["eval_loss_after"], f["eval_loss_after"]);
 }
 
 #[test]
