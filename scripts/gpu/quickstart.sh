@@ -20,7 +20,8 @@
 #   call returns in time; finished stages stay cached in the device's .pipe,
 #   and the next `run` goes on from there. Results: $OUT/*.
 #
-# QS_SETS overrides the vars (the same here and there: they are part of the keys).
+# QS_SETS overrides the vars (the same here and there: they are part of the keys);
+# QS_TARGETS names the stages to run (default: all).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 QS=$REPO/gpu-qs
@@ -83,7 +84,7 @@ run)
   nproc | tee -a "$OUT/card.txt"
   rc=0
   # shellcheck disable=SC2086
-  ( time timeout -s INT -k 20 "$2" "$PIPE" run pipelines/quickstart.yaml $SETS ) \
+  ( time timeout -s INT -k 20 "$2" "$PIPE" run pipelines/quickstart.yaml ${QS_TARGETS:-} $SETS ) \
     >> "$OUT/stdout.txt" 2>> "$OUT/stderr.txt" || rc=$?
   echo "pipe run exit $rc" | tee -a "$OUT/stderr.txt"
   # shellcheck disable=SC2086

@@ -5,27 +5,97 @@
 //! new requests join a running batch at a token boundary, in the same step
 //! as the others' next token.
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::nn::llama::{Fwd, Llama};
 use crate::nn::ops::{causal_softmax, rms_norm, rope, softmax};
 use crate::nn::{NnError, Result};
 
-/// Keys and values of one sequence, per layer: (capacity, kv_heads, head_dim),
-/// the first `len` positions filled (token-major, so a step appends one
-/// contiguous block). Grows by doubling.
+/// Keys and values of one sequence. On the CPU in f32 (where the fused
+/// decode op runs) each layer has its own (capacity, kv_heads, head_dim)
+/// tensor, token-major, growing by doubling. Elsewhere (CUDA, other dtypes)
+/// the sequence owns blocks of [`KvPool`], the model's shared paged store,
+/// so that a step's decode rows attend in one batched gather + matmul per
+/// layer instead of a handful of kernels per sequence.
 pub struct KvCache {
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
+    store: Store,
     len: usize,
-    cap: usize,
+}
+
+enum Store {
+    Empty,
+    Dense { k: Vec<Tensor>, v: Vec<Tensor>, cap: usize },
+    Paged { pool: Arc<KvPool>, blocks: Vec<u32> },
 }
 
 const CACHE_ROUND: usize = 64;
+/// Positions per block of the paged store.
+pub const KV_BLOCK: usize = 32;
+
+/// The paged KV store of one model: per layer, keys and values as
+/// (blocks, KV_BLOCK, kv_heads, head_dim) (token-major within a block, so a
+/// token's keys are one row to write), grown by doubling; a free list of
+/// block ids. Caches return their blocks when dropped.
+pub struct KvPool {
+    inner: Mutex<PoolInner>,
+}
+
+struct PoolInner {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    blocks: usize,
+    free: Vec<u32>,
+}
+
+impl KvPool {
+    fn new() -> Self {
+        KvPool { inner: Mutex::new(PoolInner { k: Vec::new(), v: Vec::new(), blocks: 0, free: Vec::new() }) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `n` free block ids, growing the store when needed.
+    fn alloc(&self, m: &Llama, n: usize) -> Result<Vec<u32>> {
+        let mut p = self.lock();
+        if p.free.len() < n {
+            let want = (p.blocks - p.free.len() + n).max(p.blocks * 2).max(if cfg!(test) { 4 } else { 256 });
+            let (kv, hd) = (m.cfg.kv_heads(), m.cfg.head_dim());
+            let old = p.blocks;
+            let grow = |t: Option<&Tensor>| -> Result<Tensor> {
+                let new = Tensor::zeros((want, KV_BLOCK, kv, hd), m.dtype, &m.device)?;
+                if let Some(t) = t {
+                    new.slice_set(t, 0, 0)?;
+                }
+                Ok(new)
+            };
+            let layers = m.layers.len();
+            p.k = (0..layers).map(|i| grow(p.k.get(i))).collect::<Result<_>>()?;
+            p.v = (0..layers).map(|i| grow(p.v.get(i))).collect::<Result<_>>()?;
+            p.blocks = want;
+            p.free.extend((old as u32..want as u32).rev());
+        }
+        let at = p.free.len() - n;
+        Ok(p.free.split_off(at))
+    }
+
+    fn release(&self, blocks: &mut Vec<u32>) {
+        self.lock().free.append(blocks);
+    }
+
+    /// The per-layer store tensors (shared storage: writes land in the pool).
+    fn tensors(&self) -> (Vec<Tensor>, Vec<Tensor>) {
+        let p = self.lock();
+        (p.k.clone(), p.v.clone())
+    }
+}
 
 impl KvCache {
     pub fn new() -> Self {
-        KvCache { k: Vec::new(), v: Vec::new(), len: 0, cap: 0 }
+        KvCache { store: Store::Empty, len: 0 }
     }
 
     /// Positions held.
@@ -37,9 +107,19 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Bytes held by the cache tensors.
+    /// Bytes held by the cache (its tensors, or its blocks of the pool).
     pub fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+        match &self.store {
+            Store::Empty => 0,
+            Store::Dense { k, v, .. } => k.iter().chain(v).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum(),
+            Store::Paged { pool, blocks } => {
+                let p = pool.lock();
+                let per_block: usize =
+                    p.k.first()
+                        .map_or(0, |t| t.elem_count() / p.blocks.max(1) * t.dtype().size_in_bytes() * 2 * p.k.len());
+                per_block * blocks.len()
+            }
+        }
     }
 
     /// A new cache holding the first `n` positions of this one (room for
@@ -49,37 +129,81 @@ impl KvCache {
         let mut c = KvCache::new();
         c.reserve(m, n + extra)?;
         if n > 0 {
-            for (dst, src) in c.k.iter().zip(&self.k).chain(c.v.iter().zip(&self.v)) {
-                dst.slice_set(&src.narrow(0, 0, n)?, 0, 0)?;
+            match (&self.store, &c.store) {
+                (Store::Dense { k: sk, v: sv, .. }, Store::Dense { k, v, .. }) => {
+                    for (dst, src) in k.iter().zip(sk).chain(v.iter().zip(sv)) {
+                        dst.slice_set(&src.narrow(0, 0, n)?, 0, 0)?;
+                    }
+                }
+                (Store::Paged { pool, blocks: src }, Store::Paged { blocks: dst, .. }) => {
+                    let nb = n.div_ceil(KV_BLOCK);
+                    let (ks, vs) = pool.tensors();
+                    let src = Tensor::from_vec(src[..nb].to_vec(), nb, &m.device)?;
+                    let per = ks.first().map_or(0, |t| t.elem_count() / t.dim(0).unwrap_or(1));
+                    let rows: Vec<u32> = dst[..nb].iter().flat_map(|&b| std::iter::repeat_n(b, per)).collect();
+                    let rows = Tensor::from_vec(rows, (nb, per), &m.device)?;
+                    for t in ks.iter().chain(&vs) {
+                        let flat = t.reshape((t.dim(0)?, per))?;
+                        flat.scatter_set(&rows, &t.index_select(&src, 0)?.reshape((nb, per))?, 0)?;
+                    }
+                }
+                _ => return Err(NnError::Other("prefix_copy: caches of different layouts".into())),
             }
         }
         c.len = n;
         Ok(c)
     }
 
+    /// Room for `extra` more positions.
     fn reserve(&mut self, m: &Llama, extra: usize) -> Result<()> {
         let need = self.len + extra;
-        if need <= self.cap && !self.k.is_empty() {
-            return Ok(());
+        if matches!(self.store, Store::Empty) {
+            self.store = if m.dense_kv() {
+                Store::Dense { k: Vec::new(), v: Vec::new(), cap: 0 }
+            } else {
+                Store::Paged { pool: m.kv_pool(), blocks: Vec::new() }
+            };
         }
-        let cap = need.max(self.cap * 2).div_ceil(CACHE_ROUND) * CACHE_ROUND;
-        let (kv, hd) = (m.cfg.kv_heads(), m.cfg.head_dim());
-        let grow = |old: Option<&Tensor>| -> Result<Tensor> {
-            let t = Tensor::zeros((cap, kv, hd), m.dtype, &m.device)?;
-            if let Some(o) = old {
-                if self.len > 0 {
-                    t.slice_set(&o.narrow(0, 0, self.len)?, 0, 0)?;
+        match &mut self.store {
+            Store::Empty => unreachable!("set above"),
+            Store::Dense { k, v, cap } => {
+                if need <= *cap && !k.is_empty() {
+                    return Ok(());
+                }
+                let new_cap = need.max(*cap * 2).div_ceil(CACHE_ROUND) * CACHE_ROUND;
+                let (kv, hd) = (m.cfg.kv_heads(), m.cfg.head_dim());
+                let len = self.len;
+                let grow = |old: Option<&Tensor>| -> Result<Tensor> {
+                    let t = Tensor::zeros((new_cap, kv, hd), m.dtype, &m.device)?;
+                    if let Some(o) = old {
+                        if len > 0 {
+                            t.slice_set(&o.narrow(0, 0, len)?, 0, 0)?;
+                        }
+                    }
+                    Ok(t)
+                };
+                let layers = m.layers.len();
+                *k = (0..layers).map(|i| grow(k.get(i))).collect::<Result<_>>()?;
+                *v = (0..layers).map(|i| grow(v.get(i))).collect::<Result<_>>()?;
+                *cap = new_cap;
+            }
+            Store::Paged { pool, blocks } => {
+                let want = need.div_ceil(KV_BLOCK);
+                if want > blocks.len() {
+                    let more = pool.alloc(m, want - blocks.len())?;
+                    blocks.extend(more);
                 }
             }
-            Ok(t)
-        };
-        let layers = m.layers.len();
-        let k: Vec<Tensor> = (0..layers).map(|i| grow(self.k.get(i))).collect::<Result<_>>()?;
-        let v: Vec<Tensor> = (0..layers).map(|i| grow(self.v.get(i))).collect::<Result<_>>()?;
-        self.k = k;
-        self.v = v;
-        self.cap = cap;
+        }
         Ok(())
+    }
+}
+
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        if let Store::Paged { pool, blocks } = &mut self.store {
+            pool.release(blocks);
+        }
     }
 }
 
@@ -90,6 +214,16 @@ impl Default for KvCache {
 }
 
 impl Llama {
+    /// Whether inference keeps per-sequence dense caches (the CPU in f32,
+    /// where the fused decode op reads them) rather than the paged pool.
+    pub(crate) fn dense_kv(&self) -> bool {
+        self.device.is_cpu() && self.dtype == DType::F32
+    }
+
+    pub(crate) fn kv_pool(&self) -> Arc<KvPool> {
+        self.kv_pool.get_or_init(|| Arc::new(KvPool::new())).clone()
+    }
+
     /// Feed `tokens[i]` to sequence `i` (a whole prompt, or the one token
     /// sampled last), appending to `caches[i]`, and return the f32 logits
     /// after each sequence's last token, (sequences, vocab).
@@ -122,6 +256,11 @@ impl Llama {
         let c = &self.cfg;
         let (h, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
         let scale = 1.0 / (hd as f64).sqrt();
+        // Decode rows (one new token) attend together: through the fused
+        // CPU op (dense caches) or one batched gather + matmul (paged);
+        // prompts (many rows) one sequence at a time through gemm.
+        let dec: Vec<usize> = (0..spans.len()).filter(|&i| spans[i].1 == 1).collect();
+        let paged = if self.dense_kv() { None } else { Some(Paged::plan(self, &spans, caches, &dec)?) };
         for (li, l) in self.layers.iter().enumerate() {
             let hn = rms_norm(&x, &l.input_layernorm.tensor()?, c.rms_norm_eps)?;
             let q = l.q.forward(&hn, Fwd::EVAL)?.reshape((n, h, hd))?;
@@ -129,23 +268,28 @@ impl Llama {
             let v = l.v.forward(&hn, Fwd::EVAL)?.reshape((n, kv, hd))?;
             let q = rope(&q, &cos, &sin)?;
             let k = rope(&k, &cos, &sin)?;
-            for (&(off, len, past), cache) in spans.iter().zip(caches.iter()) {
-                cache.k[li].slice_set(&k.narrow(0, off, len)?, 0, past)?;
-                cache.v[li].slice_set(&v.narrow(0, off, len)?, 0, past)?;
+            match &paged {
+                Some(p) => p.write(li, &k, &v)?,
+                None => {
+                    for (&(off, len, past), cache) in spans.iter().zip(caches.iter()) {
+                        let Store::Dense { k: ck, v: cv, .. } = &cache.store else { unreachable!("dense") };
+                        ck[li].slice_set(&k.narrow(0, off, len)?, 0, past)?;
+                        cv[li].slice_set(&v.narrow(0, off, len)?, 0, past)?;
+                    }
+                }
             }
-            // Decode rows (one new token) of an f32 CPU step go through the
-            // fused op in one call; prompts (many rows) through gemm.
-            let fused = self.device.is_cpu() && self.dtype == DType::F32;
-            let dec: Vec<usize> = (0..spans.len()).filter(|&i| fused && spans[i].1 == 1).collect();
             let dec_out = if dec.is_empty() {
                 None
+            } else if let Some(p) = &paged {
+                Some(p.decode(li, &q, h, scale)?)
             } else {
                 let op = CachedAttention {
                     seqs: dec
                         .iter()
                         .map(|&i| {
                             let (off, len, past) = spans[i];
-                            (off, len, past, caches[i].k[li].clone(), caches[i].v[li].clone())
+                            let Store::Dense { k, v, .. } = &caches[i].store else { unreachable!("dense") };
+                            (off, len, past, k[li].clone(), v[li].clone())
                         })
                         .collect(),
                     kv,
@@ -169,8 +313,14 @@ impl Llama {
                     run_len = 0;
                 }
                 let total = past + len;
-                let ki = cache.k[li].narrow(0, 0, total)?.transpose(0, 1)?.contiguous()?;
-                let vi = cache.v[li].narrow(0, 0, total)?.transpose(0, 1)?.contiguous()?;
+                let (ki, vi) = match (&paged, &cache.store) {
+                    (Some(p), _) => p.sequence(li, i, total)?,
+                    (None, Store::Dense { k, v, .. }) => (
+                        k[li].narrow(0, 0, total)?.transpose(0, 1)?.contiguous()?,
+                        v[li].narrow(0, 0, total)?.transpose(0, 1)?.contiguous()?,
+                    ),
+                    _ => unreachable!("dense"),
+                };
                 pieces.push(self.seq_attention(&q.narrow(0, off, len)?, &ki, &vi, past)?);
             }
             if run_len > 0 {
@@ -190,6 +340,124 @@ impl Llama {
         let last = Tensor::from_vec(last, spans.len(), &self.device)?;
         let hs = self.final_norm(&x.index_select(&last, 0)?)?;
         Ok(self.head(&hs, Fwd::EVAL)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// What a step over paged caches needs, computed once for all layers.
+struct Paged {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    kv: usize,
+    /// (n, kv * head_dim) destination rows of the new keys/values in the
+    /// store viewed as (blocks * KV_BLOCK, kv * head_dim).
+    rows: Tensor,
+    /// Decode rows: their q rows, their sequences' blocks (padded to the
+    /// longest, B * m), the additive visibility mask (B, 1, 1, m * KV_BLOCK).
+    dec_q: Option<Tensor>,
+    dec_blocks: Option<Tensor>,
+    dec_m: usize,
+    dec_mask: Option<Tensor>,
+    /// Per sequence: its blocks.
+    seq_blocks: Vec<Tensor>,
+}
+
+impl Paged {
+    fn plan(m: &Llama, spans: &[(usize, usize, usize)], caches: &[&mut KvCache], dec: &[usize]) -> Result<Self> {
+        let (kv, hd) = (m.cfg.kv_heads(), m.cfg.head_dim());
+        let blocks_of = |i: usize| -> Result<&Vec<u32>> {
+            match &caches[i].store {
+                Store::Paged { blocks, .. } => Ok(blocks),
+                _ => Err(NnError::Other("step: a dense cache in a paged step".into())),
+            }
+        };
+        let pool = match &caches[0].store {
+            Store::Paged { pool, .. } => pool.clone(),
+            _ => return Err(NnError::Other("step: a dense cache in a paged step".into())),
+        };
+        let (k, v) = pool.tensors();
+        let n: usize = spans.iter().map(|s| s.1).sum();
+        let mut rows = Vec::with_capacity(n * kv * hd);
+        for (i, &(_, len, past)) in spans.iter().enumerate() {
+            let bl = blocks_of(i)?;
+            for p in past..past + len {
+                let row = bl[p / KV_BLOCK] as usize * KV_BLOCK + p % KV_BLOCK;
+                rows.extend(std::iter::repeat_n(row as u32, kv * hd));
+            }
+        }
+        let rows = Tensor::from_vec(rows, (n, kv * hd), &m.device)?;
+        let seq_blocks = (0..spans.len())
+            .map(|i| {
+                let (_, len, past) = spans[i];
+                let bl = blocks_of(i)?;
+                let nb = (past + len).div_ceil(KV_BLOCK);
+                Ok(Tensor::from_vec(bl[..nb].to_vec(), nb, &m.device)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (mut dec_q, mut dec_blocks, mut dec_mask, mut dec_m) = (None, None, None, 0);
+        if !dec.is_empty() {
+            let mm = dec.iter().map(|&i| (spans[i].2 + 1).div_ceil(KV_BLOCK)).max().unwrap_or(1);
+            let t = mm * KV_BLOCK;
+            let mut bidx = Vec::with_capacity(dec.len() * mm);
+            let mut mask = Vec::with_capacity(dec.len() * t);
+            for &i in dec {
+                let bl = blocks_of(i)?;
+                let visible = spans[i].2 + 1;
+                let nb = visible.div_ceil(KV_BLOCK);
+                bidx.extend((0..mm).map(|j| bl[j.min(nb - 1)]));
+                mask.extend((0..t).map(|p| if p < visible { 0f32 } else { f32::NEG_INFINITY }));
+            }
+            let qrows: Vec<u32> = dec.iter().map(|&i| spans[i].0 as u32).collect();
+            dec_q = Some(Tensor::from_vec(qrows, dec.len(), &m.device)?);
+            dec_blocks = Some(Tensor::from_vec(bidx, dec.len() * mm, &m.device)?);
+            let mdt = if matches!(m.dtype, DType::F64) { DType::F64 } else { DType::F32 };
+            dec_mask = Some(Tensor::from_vec(mask, (dec.len(), 1, 1, t), &m.device)?.to_dtype(mdt)?);
+            dec_m = mm;
+        }
+        Ok(Paged { k, v, kv, rows, dec_q, dec_blocks, dec_m, dec_mask, seq_blocks })
+    }
+
+    /// Store layer `li`'s new keys and values (n, kv, head_dim).
+    fn write(&self, li: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        for (store, new) in [(&self.k[li], k), (&self.v[li], v)] {
+            let (blocks, bs, kv, hd) = store.dims4()?;
+            let flat = store.reshape((blocks * bs, kv * hd))?;
+            let (n, _, _) = new.dims3()?;
+            flat.scatter_set(&self.rows, &new.contiguous()?.reshape((n, kv * hd))?, 0)?;
+        }
+        Ok(())
+    }
+
+    /// (kv, len, head_dim) keys and values of layer `li` for the given blocks.
+    fn gather(&self, li: usize, blocks: &Tensor, seqs: usize) -> Result<(Tensor, Tensor)> {
+        let g = |store: &Tensor| -> Result<Tensor> {
+            let (_, bs, kv, hd) = store.dims4()?;
+            let nb = blocks.dim(0)? / seqs;
+            Ok(store.index_select(blocks, 0)?.reshape((seqs, nb * bs, kv, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        Ok((g(&self.k[li])?, g(&self.v[li])?))
+    }
+
+    /// Sequence `i`'s first `total` keys and values, (kv, total, head_dim).
+    fn sequence(&self, li: usize, i: usize, total: usize) -> Result<(Tensor, Tensor)> {
+        let (k, v) = self.gather(li, &self.seq_blocks[i], 1)?;
+        let cut = |t: Tensor| -> Result<Tensor> { Ok(t.squeeze(0)?.narrow(1, 0, total)?.contiguous()?) };
+        Ok((cut(k)?, cut(v)?))
+    }
+
+    /// Attention of every decode row at once: (B, heads * head_dim).
+    fn decode(&self, li: usize, q: &Tensor, h: usize, scale: f64) -> Result<Tensor> {
+        let (Some(rows), Some(blocks), Some(mask)) = (&self.dec_q, &self.dec_blocks, &self.dec_mask) else {
+            return Err(NnError::Other("step: no decode rows".into()));
+        };
+        let b = rows.dim(0)?;
+        let hd = q.dim(2)?;
+        let (k, v) = self.gather(li, blocks, b)?;
+        debug_assert_eq!(k.dim(2)?, self.dec_m * KV_BLOCK);
+        let qd = q.index_select(rows, 0)?.reshape((b, self.kv, h / self.kv, hd))?.affine(scale, 0.0)?;
+        let s = qd.matmul(&k.transpose(2, 3)?)?;
+        let s = s.to_dtype(mask.dtype())?.broadcast_add(mask)?;
+        let p = softmax(&s)?.to_dtype(q.dtype())?;
+        Ok(p.matmul(&v)?.reshape((b, h * hd))?)
     }
 }
 
@@ -419,14 +687,50 @@ mod tests {
         Ok(m.logits(&m.batch(&[row])?)?.to_dtype(DType::F64)?.to_vec2::<f64>()?)
     }
 
-    fn close(a: &[f32], b: &[f64]) {
+    fn close_tol(a: &[f32], b: &[f64], tol: f64) {
         let d = a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max);
-        assert!(d < 1e-4, "max abs diff {d}");
+        assert!(d < tol, "max abs diff {d}");
+    }
+
+    /// Prefill, chunked prefill after a cached prefix, decode and prefill in
+    /// one step, decode pairs, and a cache that grows: the logits of `m`'s
+    /// steps against the full forward of `r` (the same weights).
+    fn check_cached_steps(m: &Llama, r: &Llama, tol: f64) -> Result<()> {
+        let close = |a: &[f32], b: &[f64]| close_tol(a, b, tol);
+        let a: Vec<u32> = vec![1, 5, 9, 3, 2, 7, 30, 4, 11];
+        let b: Vec<u32> = vec![6, 8, 10, 12, 14, 16];
+        let (fa, fb) = (full_logits(r, &a)?, full_logits(r, &b)?);
+        let (mut ca, mut cb) = (KvCache::new(), KvCache::new());
+        let l = rows_f32(&m.step(&[&a[..4]], &mut [&mut ca])?)?;
+        close(&l[0], &fa[3]);
+        let l = rows_f32(&m.step(&[&a[4..6]], &mut [&mut ca])?)?;
+        close(&l[0], &fa[5]);
+        let l = rows_f32(&m.step(&[&a[6..7], &b[..3]], &mut [&mut ca, &mut cb])?)?;
+        close(&l[0], &fa[6]);
+        close(&l[1], &fb[2]);
+        for t in 7..a.len() {
+            let l = rows_f32(&m.step(&[&a[t..t + 1], &b[t - 4..t - 3]], &mut [&mut ca, &mut cb])?)?;
+            close(&l[0], &fa[t]);
+            close(&l[1], &fb[t - 4]);
+        }
+        assert_eq!((ca.len(), cb.len()), (a.len(), 5));
+        // f32 on the CPU keeps dense caches; everything else is paged.
+        assert_eq!(matches!(ca.store, Store::Paged { .. }), !m.dense_kv());
+        // Growing past the first allocation keeps what was cached.
+        let long: Vec<u32> = (0..70).map(|i| (i * 7 % 31) as u32).collect();
+        let fl = full_logits(r, &long)?;
+        let mut cl = KvCache::new();
+        m.step(&[&long[..60]], &mut [&mut cl])?;
+        for t in 60..70 {
+            let l = rows_f32(&m.step(&[&long[t..t + 1]], &mut [&mut cl])?)?;
+            close(&l[0], &fl[t]);
+        }
+        Ok(())
     }
 
     #[test]
     fn cached_prefill_decode_and_mixed_batches_match_the_full_forward() -> Result<()> {
-        // f64: the per-sequence composition; f32 on the CPU: the fused op.
+        // f64: the paged store and batched decode; f32 on the CPU: dense caches and the fused op.
         for (arch, tied, dtype) in [
             ("llama", true, DType::F64),
             ("qwen2", false, DType::F64),
@@ -434,33 +738,71 @@ mod tests {
             ("qwen2", false, DType::F32),
         ] {
             let m = tiny_model(&tiny_config(arch, tied), &TrainSpec::default(), dtype)?;
-            let a: Vec<u32> = vec![1, 5, 9, 3, 2, 7, 30, 4, 11];
-            let b: Vec<u32> = vec![6, 8, 10, 12, 14, 16];
-            let (fa, fb) = (full_logits(&m, &a)?, full_logits(&m, &b)?);
-            let (mut ca, mut cb) = (KvCache::new(), KvCache::new());
-            // Prefill a alone (fresh cache: causal), then a chunk of 2 after a
-            // cached prefix (offset mask), then decode a and prefill b together.
-            let l = rows_f32(&m.step(&[&a[..4]], &mut [&mut ca])?)?;
-            close(&l[0], &fa[3]);
-            let l = rows_f32(&m.step(&[&a[4..6]], &mut [&mut ca])?)?;
-            close(&l[0], &fa[5]);
-            let l = rows_f32(&m.step(&[&a[6..7], &b[..3]], &mut [&mut ca, &mut cb])?)?;
-            close(&l[0], &fa[6]);
-            close(&l[1], &fb[2]);
-            for t in 7..a.len() {
-                let l = rows_f32(&m.step(&[&a[t..t + 1], &b[t - 4..t - 3]], &mut [&mut ca, &mut cb])?)?;
-                close(&l[0], &fa[t]);
-                close(&l[1], &fb[t - 4]);
+            check_cached_steps(&m, &m, 1e-4)?;
+        }
+        Ok(())
+    }
+
+    /// The paged path on the GPU (run on the GPU machine; skipped elsewhere).
+    #[test]
+    fn cached_steps_on_cuda_match_the_cpu_full_forward() -> Result<()> {
+        if !candle_core::utils::cuda_is_available() {
+            eprintln!("no CUDA device: skipped");
+            return Ok(());
+        }
+        let dev = Device::new_cuda(0)?;
+        for (arch, tied) in [("llama", true), ("qwen2", false)] {
+            let cfg = tiny_config(arch, tied);
+            let r = tiny_model(&cfg, &TrainSpec::default(), DType::F64)?;
+            for (dtype, tol) in [(DType::F32, 1e-3), (DType::BF16, 0.15)] {
+                let m = crate::nn::tests::tiny_model_on(&cfg, &TrainSpec::default(), dtype, &dev)?;
+                check_cached_steps(&m, &r, tol)?;
+                check_prefix_copy(&m, &r, tol)?;
             }
-            assert_eq!((ca.len(), cb.len()), (a.len(), 5));
-            // Growing past the first allocation keeps what was cached.
-            let long: Vec<u32> = (0..70).map(|i| (i * 7 % 31) as u32).collect();
-            let fl = full_logits(&m, &long)?;
-            let mut cl = KvCache::new();
-            m.step(&[&long[..60]], &mut [&mut cl])?;
-            for t in 60..70 {
-                let l = rows_f32(&m.step(&[&long[t..t + 1]], &mut [&mut cl])?)?;
-                close(&l[0], &fl[t]);
+        }
+        Ok(())
+    }
+
+    /// A prefix copy of a cache continues like the full forward of `r`.
+    fn check_prefix_copy(m: &Llama, r: &Llama, tol: f64) -> Result<(KvCache, KvCache)> {
+        let close = |a: &[f32], b: &[f64]| close_tol(a, b, tol);
+        let ids: Vec<u32> = (0..45).map(|i| (i * 11 % 31) as u32).collect();
+        let full = full_logits(r, &ids)?;
+        let mut src = KvCache::new();
+        m.step(&[&ids[..40]], &mut [&mut src])?;
+        // 37 positions: one full block and part of a second.
+        let mut copy = src.prefix_copy(m, 37, 8)?;
+        assert_eq!(copy.len(), 37);
+        let l = rows_f32(&m.step(&[&ids[37..41]], &mut [&mut copy])?)?;
+        close(&l[0], &full[40]);
+        for t in 41..45 {
+            let mut both = [&mut copy, &mut src];
+            let l = rows_f32(&m.step(&[&ids[t..t + 1], &ids[t - 1..t]], &mut both)?)?;
+            close(&l[0], &full[t]);
+            close(&l[1], &full[t - 1]);
+        }
+        Ok((src, copy))
+    }
+
+    #[test]
+    fn prefix_copies_continue_like_the_original_and_blocks_are_reused() -> Result<()> {
+        for dtype in [DType::F64, DType::F32] {
+            let m = tiny_model(&tiny_config("llama", true), &TrainSpec::default(), dtype)?;
+            let (src, copy) = check_prefix_copy(&m, &m, 1e-4)?;
+            if dtype == DType::F64 {
+                let pool = m.kv_pool();
+                let total = pool.lock().blocks;
+                let held = |c: &KvCache| match &c.store {
+                    Store::Paged { blocks, .. } => blocks.len(),
+                    _ => 0,
+                };
+                assert_eq!(pool.lock().free.len() + held(&src) + held(&copy), total);
+                drop((src, copy));
+                assert_eq!(pool.lock().free.len(), total, "dropped caches give their blocks back");
+                // A new sequence reuses them: the pool does not grow.
+                let mut again = KvCache::new();
+                m.step(&[&[1, 2, 3]], &mut [&mut again])?;
+                assert_eq!(pool.lock().blocks, total);
             }
         }
         Ok(())

@@ -195,6 +195,8 @@ pub struct Llama {
     pub dtype: DType,
     pub device: Device,
     inv_freq: Vec<f64>,
+    /// The paged KV store of inference (created on first use).
+    pub(crate) kv_pool: std::sync::OnceLock<std::sync::Arc<crate::nn::infer::KvPool>>,
 }
 
 /// Which parameters train, and how.
@@ -369,7 +371,17 @@ impl Llama {
         };
         let norm = weight("model.norm.weight")?;
         let inv_freq = cfg.inv_freq();
-        Ok(Llama { cfg, embed, layers, norm, lm_head, dtype, device: device.clone(), inv_freq })
+        Ok(Llama {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            dtype,
+            device: device.clone(),
+            inv_freq,
+            kv_pool: Default::default(),
+        })
     }
 
     /// Every parameter, by the name it is saved under: `transformers` names

@@ -68,12 +68,19 @@ pub fn tiny_weights(cfg: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
 }
 
 pub fn tiny_model(cfg: &LlamaConfig, spec: &TrainSpec, dtype: DType) -> Result<Llama> {
+    tiny_model_on(cfg, spec, dtype, &Device::Cpu)
+}
+
+pub fn tiny_model_on(cfg: &LlamaConfig, spec: &TrainSpec, dtype: DType, device: &Device) -> Result<Llama> {
     let w = tiny_weights(cfg, 7);
     let get = |n: &str| -> Result<Tensor> {
-        Ok(w.get(n).ok_or_else(|| crate::nn::NnError::Other(format!("missing {n}")))?.to_dtype(dtype)?)
+        Ok(w.get(n)
+            .ok_or_else(|| crate::nn::NnError::Other(format!("missing {n}")))?
+            .to_dtype(dtype)?
+            .to_device(device)?)
     };
     let has = |n: &str| w.contains_key(n);
-    Llama::build(cfg.clone(), dtype, &Device::Cpu, spec, &get, &has)
+    Llama::build(cfg.clone(), dtype, device, spec, &get, &has)
 }
 
 /// Two packed rows: the first holds two sequences.
