@@ -7,10 +7,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::nn::llama::{Fwd, Llama};
-use crate::nn::ops::{causal_softmax, rms_norm, rope, softmax};
+use crate::nn::ops::{causal_mask, causal_softmax, rms_norm, rope, softmax};
 use crate::nn::{NnError, Result};
 
 /// Keys and values of one sequence. On the CPU in f32 (where the fused
@@ -481,7 +481,9 @@ impl Llama {
         } else if len == 1 {
             softmax(&s)?
         } else {
-            softmax(&s.broadcast_add(&offset_mask(len, past, rep, &self.device)?.to_dtype(s.dtype())?)?)?
+            let (g, r, total) = s.dims3()?;
+            let mask = causal_mask(len, past, s.dtype(), &self.device)?;
+            softmax(&s.contiguous()?.reshape((g, r / len, len, total))?.broadcast_add(&mask)?.reshape((g, r, total))?)?
         };
         let o = p.to_dtype(self.dtype)?.matmul(v)?;
         Ok(o.reshape((h, len, hd))?.transpose(0, 1)?.reshape((len, h * hd))?)
@@ -644,16 +646,6 @@ fn attend_body(q: &[f32], c: HeadRows, visible: usize, scale: f32, s: &mut [f32]
     }
 }
 
-/// Additive mask for `len` new queries after `past` cached positions, heads
-/// folded into rows (rep * len, past + len): query j sees keys <= past + j.
-fn offset_mask(len: usize, past: usize, rep: usize, dev: &Device) -> Result<Tensor> {
-    let total = past + len;
-    let v: Vec<f32> = (0..rep * len)
-        .flat_map(|r| (0..total).map(move |c| if c > past + r % len { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Ok(Tensor::from_vec(v, (rep * len, total), dev)?)
-}
-
 /// Index of the largest value (the first one on ties, as `torch.argmax`).
 pub fn argmax(xs: &[f32]) -> u32 {
     let mut best = 0;
@@ -675,6 +667,7 @@ mod tests {
     use super::*;
     use crate::nn::llama::{Row, TrainSpec};
     use crate::nn::tests::{tiny_config, tiny_model};
+    use candle_core::Device;
 
     /// Logits of every position of `ids` from the training forward (no cache).
     fn full_logits(m: &Llama, ids: &[u32]) -> Result<Vec<Vec<f64>>> {

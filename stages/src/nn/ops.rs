@@ -240,13 +240,28 @@ pub fn causal_softmax(s: &Tensor) -> Result<Tensor> {
     let (_, r, l) = s.dims3()?;
     let fused = s.device().is_cpu() && matches!(s.dtype(), DType::F32 | DType::F64) && r % l == 0;
     if !fused {
-        let rep = r / l;
-        let v: Vec<f32> = (0..r * l).map(|i| if i % l > (i / l) % l { f32::NEG_INFINITY } else { 0.0 }).collect();
-        let mask = Tensor::from_vec(v, (rep * l, l), s.device())?.to_dtype(s.dtype())?;
-        return softmax(&s.broadcast_add(&mask)?);
+        return causal_softmax_composed(s);
     }
     let s = dense(s)?;
     s.apply_op1(CausalSoftmax)
+}
+
+/// [`causal_softmax`] from plain ops, the mask made on the tensor's device
+/// (no host-side mask, no upload).
+pub(crate) fn causal_softmax_composed(s: &Tensor) -> Result<Tensor> {
+    let (g, r, l) = s.dims3()?;
+    let mask = causal_mask(l, 0, s.dtype(), s.device())?;
+    softmax(&s.contiguous()?.reshape((g, r / l, l, l))?.broadcast_add(&mask)?.reshape((g, r, l))?)
+}
+
+/// Additive mask (len, past + len): row i (query position past + i) sees
+/// keys 0..=past + i (0), not the later ones (-1e30). Built on `device` from
+/// two aranges and a comparison.
+pub fn causal_mask(len: usize, past: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    let total = past + len;
+    let rows = Tensor::arange(past as u32, total as u32, device)?.reshape((len, 1))?;
+    let cols = Tensor::arange(0u32, total as u32, device)?.reshape((1, total))?;
+    cols.broadcast_le(&rows)?.to_dtype(dtype)?.affine(1e30, -1e30)
 }
 
 struct CausalSoftmax;

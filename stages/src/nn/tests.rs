@@ -358,5 +358,18 @@ fn fused_causal_softmax_matches_the_masked_composition() -> Result<()> {
         .max_all()?
         .to_scalar::<f64>()?;
     assert!(d < 1e-12, "gradients differ by {d}");
+    // The composition used off the CPU (its mask made on the device): same
+    // values and gradients.
+    let composed = crate::nn::ops::causal_softmax_composed(x.as_tensor())?;
+    let fused = causal_softmax(x.as_tensor())?;
+    assert!((&composed - &fused)?.abs()?.max_all()?.to_scalar::<f64>()? < 1e-14);
+    let gc = (composed * &w)?.sum_all()?.backward()?;
+    let d = (gc.get(x.as_tensor()).expect("g") - gf.get(x.as_tensor()).expect("g"))?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f64>()?;
+    assert!(d < 1e-12, "gradients differ by {d}");
+    let m = crate::nn::ops::causal_mask(2, 3, DType::F32, &dev)?.to_vec2::<f32>()?;
+    assert_eq!(m, [[0.0, 0.0, 0.0, 0.0, -1e30], [0.0; 5]]);
     Ok(())
 }
