@@ -258,10 +258,17 @@ pub fn run(
     let (tx, rx) = mpsc::channel::<(usize, Outcome, Vec<u32>)>();
     let mut services: BTreeMap<usize, Box<dyn Service>> = BTreeMap::new();
 
+    let mut aborted = false;
     std::thread::scope(|scope| -> Result<(), EngineError> {
         loop {
             if cancel.is_cancelled() {
                 stop_launching = true;
+                // Services end their requests in flight, so the stages
+                // waiting on them notice the cancellation now.
+                if !aborted {
+                    services.values().for_each(|s| s.abort());
+                    aborted = true;
+                }
             }
             // Launch (or resolve as hits) everything that is ready.
             let mut progressed = true;
@@ -400,7 +407,17 @@ pub fn run(
             if running == 0 {
                 break;
             }
-            let (i, outcome, gpus) = rx.recv().expect("workers send before exiting");
+            // Wake up now and then while services run, to pass a
+            // cancellation on to them (see `Service::abort`).
+            let (i, outcome, gpus) = if services.is_empty() || aborted {
+                rx.recv().expect("workers send before exiting")
+            } else {
+                match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                    Ok(m) => m,
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => unreachable!("workers send before exiting"),
+                }
+            };
             running -= 1;
             free_gpus.extend(gpus);
             free_gpus.sort();

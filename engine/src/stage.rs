@@ -170,6 +170,9 @@ pub trait Service: Send {
     fn url(&self) -> String;
     /// Stop it and wait until it has stopped.
     fn stop(self: Box<Self>);
+    /// The run was cancelled: end what it is doing now (requests in flight
+    /// fail) rather than let it finish; `stop` follows. Default: nothing.
+    fn abort(&self) {}
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -109,6 +110,7 @@ pub enum SubmitError {
 /// A running engine. Dropping it (after the last request handle) stops the thread.
 pub struct Engine {
     tx: Option<SyncSender<Request>>,
+    abort: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     pub tokenizer: Arc<Tokenizer>,
     /// Token ids that end a generation (generation_config's eos ids).
@@ -127,11 +129,23 @@ impl Engine {
         let tok = tokenizer.clone();
         let eos = eos_ids.clone();
         let queue = opts.queue;
+        let abort = Arc::new(AtomicBool::new(false));
+        let flag = abort.clone();
         let thread = std::thread::Builder::new()
             .name("pipe-engine".into())
-            .spawn(move || Scheduler { model, tok, eos, opts, rx, held: None, active: Vec::new(), prefix: None }.run())
+            .spawn(move || {
+                Scheduler { model, tok, eos, opts, rx, held: None, active: Vec::new(), prefix: None, abort: flag }.run()
+            })
             .expect("spawning the engine thread");
-        Engine { tx: Some(tx), thread: Some(thread), tokenizer, eos_ids, max_len, vocab_size, queue }
+        Engine { tx: Some(tx), abort, thread: Some(thread), tokenizer, eos_ids, max_len, vocab_size, queue }
+    }
+
+    /// A flag that, once set, makes the engine end every running and waiting
+    /// request with an error at the next token boundary and stop (what a
+    /// cancelled `pipe run` does to its services, instead of waiting for
+    /// their requests to finish).
+    pub fn abort_handle(&self) -> Arc<AtomicBool> {
+        self.abort.clone()
     }
 
     pub fn submit(&self, r: Request) -> Result<(), SubmitError> {
@@ -215,6 +229,7 @@ struct Scheduler {
     /// prompt and exemplars before every question) copy that part of the
     /// cache instead of recomputing it.
     prefix: Option<(Vec<u32>, KvCache)>,
+    abort: Arc<AtomicBool>,
 }
 
 /// Shared prompt tokens worth reusing from the prefix cache.
@@ -236,6 +251,17 @@ impl Scheduler {
                     Ok(r) => self.held = Some(r),
                     Err(_) => return,
                 }
+            }
+            if self.abort.load(Ordering::SeqCst) {
+                let msg = "the server is stopping (aborted)".to_string();
+                let waiting = std::iter::from_fn(|| self.rx.try_recv().ok());
+                for r in self.held.take().into_iter().chain(waiting).collect::<Vec<_>>() {
+                    let _ = r.events.send(Event::Error(msg.clone()));
+                }
+                for s in self.active.drain(..) {
+                    let _ = s.req.events.send(Event::Error(msg.clone()));
+                }
+                return;
             }
             // Admit at the token boundary, within the batch and prefill budgets.
             let mut prefill = 0usize;
@@ -533,5 +559,56 @@ mod tests {
         assert_eq!(again(9), again(9));
         let nucleus = GenParams { temperature: 1.0, top_p: 0.5, ..Default::default() };
         assert!((0..50).all(|_| sample(&logits, &nucleus, &mut rng) == 1), "top_p 0.5 keeps only the best token");
+    }
+
+    #[test]
+    fn abort_ends_running_and_waiting_requests_at_once() {
+        use crate::nn::llama::TrainSpec;
+        use crate::nn::tests::{tiny_config, tiny_model};
+        let mut cfg = tiny_config("llama", true);
+        cfg.max_position_embeddings = 1 << 20;
+        let model = tiny_model(&cfg, &TrainSpec::default(), candle_core::DType::F32).unwrap();
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            (0..32).map(|i| (format!("t{i}"), serde_json::json!(i))).collect();
+        let tok: Tokenizer = serde_json::from_value::<Tokenizer>(serde_json::json!({
+            "version": "1.0", "added_tokens": [], "normalizer": null, "pre_tokenizer": null,
+            "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
+        }))
+        .unwrap();
+        let opts = EngineOptions { max_batch: 1, ..Default::default() };
+        let engine = Engine::start(model, Arc::new(tok), vec![], opts);
+        let params = GenParams { max_tokens: 1 << 19, ignore_eos: true, ..Default::default() };
+        let (tx1, mut rx1) = tokio::sync::mpsc::unbounded_channel();
+        let (tx2, mut rx2) = tokio::sync::mpsc::unbounded_channel();
+        engine.submit(Request { prompt: vec![1, 2, 3], params: params.clone(), events: tx1 }).unwrap();
+        // Waits: the batch holds one sequence.
+        engine.submit(Request { prompt: vec![4, 5], params, events: tx2 }).unwrap();
+        assert!(matches!(rx1.blocking_recv(), Some(Event::Delta(_))));
+        let t0 = std::time::Instant::now();
+        engine.abort_handle().store(true, Ordering::SeqCst);
+        let last = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<Event>| loop {
+            match rx.blocking_recv() {
+                Some(Event::Delta(_)) => continue,
+                other => return other,
+            }
+        };
+        assert!(matches!(last(&mut rx1), Some(Event::Error(m)) if m.contains("stopping")));
+        assert!(matches!(last(&mut rx2), Some(Event::Error(m)) if m.contains("stopping")));
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5), "{:?}", t0.elapsed());
+        let (tx3, _rx3) = tokio::sync::mpsc::unbounded_channel();
+        let r = Request { prompt: vec![1], params: GenParams::default(), events: tx3 };
+        // The engine thread has exited: new requests are refused.
+        let mut refused = false;
+        for _ in 0..100 {
+            if engine.submit(Request { prompt: r.prompt.clone(), params: r.params.clone(), events: r.events.clone() })
+                == Err(SubmitError::Stopped)
+            {
+                refused = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(refused, "the aborted engine still takes requests");
     }
 }

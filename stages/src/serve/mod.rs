@@ -99,6 +99,7 @@ pub struct Server {
     pub model_name: String,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    abort: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Server {
@@ -137,6 +138,9 @@ impl Drop for Server {
 impl Service for Server {
     fn url(&self) -> String {
         self.base_url()
+    }
+    fn abort(&self) {
+        self.abort.store(true, std::sync::atomic::Ordering::SeqCst);
     }
     fn stop(self: Box<Self>) {
         (*self).stop()
@@ -195,6 +199,7 @@ pub fn start(
         p.max_batch,
         p.queue
     ));
+    let abort = engine.abort_handle();
     let state = Arc::new(api::AppState {
         engine,
         template,
@@ -231,7 +236,7 @@ pub fn start(
             });
         })
         .map_err(|e| fail(format!("starting the server thread: {e}")))?;
-    let server = Server { addr, model_name, shutdown: Some(tx), thread: Some(thread) };
+    let server = Server { addr, model_name, shutdown: Some(tx), thread: Some(thread), abort };
     wait_healthy(&server)?;
     Ok(server)
 }
