@@ -536,6 +536,9 @@ impl Stage for TrainStage {
                 .and_then(|r| r["eval/loss"].as_f64())
         };
         let mut orders = HashMap::new();
+        // PIPE_TRAIN_PROFILE=1: where the time of the steps goes (the device
+        // is synchronised at every phase boundary, which costs a little).
+        let mut prof = Profile::new(std::env::var_os("PIPE_TRAIN_PROFILE").is_some_and(|v| v == "1"));
         let mut eval_s = 0.0;
         let t0 = Instant::now();
         let (mut window_tokens, mut window_t) = (0usize, Instant::now());
@@ -543,6 +546,7 @@ impl Stage for TrainStage {
         let mut total_tokens = 0usize;
         let mut peak_gpu: Option<u64> = gpu_used_bytes(&device);
         for step in start..plan.total {
+            prof.lap(&device, Phase::Other);
             let micro = plan.micro_batches(p, step, &mut orders);
             let batches: Vec<_> = micro
                 .iter()
@@ -550,6 +554,7 @@ impl Stage for TrainStage {
                 .collect::<Result<_, _>>()?;
             let n_targets: usize = batches.iter().map(|b| b.n_targets).sum();
             let n_tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
+            prof.lap(&device, Phase::Batch);
             if n_targets == 0 {
                 ctx.log_line(&format!("step {}: no trainable tokens, skipped", step + 1));
                 continue;
@@ -562,6 +567,7 @@ impl Stage for TrainStage {
                 }
                 let fx = Fwd { train: true, seed: p.seed ^ ((step as u64) << 20) ^ m as u64 };
                 let (l, g) = model.loss_and_grads(b, fx, 1.0 / n_targets as f64, &vars, p.gradient_checkpointing)?;
+                prof.lap(&device, Phase::ForwardBackward);
                 loss += l;
                 peak_gpu = peak_gpu.max(gpu_used_bytes(&device));
                 for (acc, g) in grads.iter_mut().zip(g) {
@@ -583,10 +589,12 @@ impl Stage for TrainStage {
                 return Err(StageFailure::new(format!("step {}: the loss is {loss}", step + 1))
                     .hint("lower learning_rate, or use precision: f32"));
             }
+            prof.lap(&device, Phase::Other);
             let norm = global_norm(&grads)?;
             clip(&mut grads, norm, p.max_grad_norm)?;
             let lr = lr_at(p.lr_scheduler, p.learning_rate, step, plan.warmup, plan.total);
             opt.step(&grads, lr)?;
+            prof.lap(&device, Phase::Optimizer);
             last_loss = loss;
             total_tokens += n_tokens;
             window_tokens += n_tokens;
@@ -624,6 +632,9 @@ impl Stage for TrainStage {
             }
         }
         let train_s = t0.elapsed().as_secs_f64() - eval_s;
+        if let Some(line) = prof.report() {
+            ctx.log_line(&line);
+        }
         let eval_after = eval(&mut metrics, plan.total)?;
         drop(metrics);
         self.save_output(ctx, &model, model_dir)?;
@@ -668,6 +679,49 @@ impl Stage for TrainStage {
         fs_err::write(ctx.out_dir.join("train.json"), serde_json::to_vec_pretty(&summary).map_err(fail)?)?;
         fs_err::write(ctx.out_dir.join("summary.txt"), summary_text(&summary))?;
         Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Phase {
+    Batch,
+    ForwardBackward,
+    Optimizer,
+    Other,
+}
+
+/// Wall time per phase of the training steps, when enabled.
+struct Profile {
+    on: bool,
+    last: Instant,
+    secs: [f64; 4],
+}
+
+impl Profile {
+    fn new(on: bool) -> Self {
+        Profile { on, last: Instant::now(), secs: [0.0; 4] }
+    }
+
+    /// Charge the time since the last lap to `phase` (after the device has
+    /// finished the work queued so far).
+    fn lap(&mut self, device: &Device, phase: Phase) {
+        if !self.on {
+            return;
+        }
+        let _ = device.synchronize();
+        let now = Instant::now();
+        self.secs[phase as usize] += (now - self.last).as_secs_f64();
+        self.last = now;
+    }
+
+    fn report(&self) -> Option<String> {
+        let [b, fb, o, x] = self.secs;
+        self.on.then(|| {
+            format!(
+                "profile: batches {b:.2} s, forward+backward {fb:.2} s, optimizer {o:.2} s, other {x:.2} s (of {:.2} s)",
+                b + fb + o + x
+            )
+        })
     }
 }
 

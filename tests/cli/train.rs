@@ -176,6 +176,18 @@ fn eval_input_measures_loss_before_during_and_after() {
 }
 
 #[test]
+fn train_profile_logs_where_the_step_time_goes() {
+    let ws = Ws::new();
+    setup(&ws, true, "    method: lora\n    max_steps: 3\n    per_device_batch_size: 2\n");
+    let out = ws.cmd(&["run", "p.yaml"]).env("PIPE_TRAIN_PROFILE", "1").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let logs = ws.path().join(".pipe/logs/sft");
+    let log: String =
+        fs_err::read_dir(&logs).unwrap().flatten().map(|e| fs_err::read_to_string(e.path()).unwrap()).collect();
+    assert!(log.contains("profile: batches ") && log.contains("forward+backward "), "{log}");
+}
+
+#[test]
 fn full_finetune_writes_an_hf_folder() {
     let ws = Ws::new();
     setup(
