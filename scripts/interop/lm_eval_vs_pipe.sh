@@ -32,19 +32,13 @@
 # Exit status 0 (PASS) when everything matches, 1 otherwise.
 set -eu
 
-here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/../.." && pwd)
-assets="${PIPE_TEST_ASSETS:-/var/tmp/pipe-assets}"
-gguf="$assets/SmolLM2-135M-Instruct.Q4_1.gguf"
+. "$(dirname "$0")/lib.sh"
 venv="${PIPE_LMEVAL_VENV:-/var/tmp/pipe-lmeval-venv}"
 spec="${PIPE_LMEVAL_SPEC:-lm_eval[api]==0.4.13}"
 exclude="${PIPE_GSM8K_EXCLUDE:-$root/../shared/data/gsm8k-test-gsm-symbolic-sources.json}"
-target="${CARGO_TARGET_DIR:-$root/target}"
 pipe="${PIPE_BIN:-$target/release/pipe}"
 limit="${LIMIT:-40}"
 tasks="${TASKS:-gsm8k_cot,gsm8k}"
-
-[ -f "$gguf" ] || { echo "error: $gguf is missing" >&2; echo "hint: run scripts/fetch-test-assets.sh" >&2; exit 1; }
 [ -f "$exclude" ] || { echo "error: $exclude is missing (set PIPE_GSM8K_EXCLUDE)" >&2; exit 1; }
 if [ -z "${PIPE_BIN:-}" ]; then
     (cd "$root" && cargo build --release --quiet)

@@ -12,14 +12,9 @@
 # The venv lives in ${PIPE_INTEROP_VENV:-/var/tmp/pipe-interop-venv}.
 set -eu
 
-here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/../.." && pwd)
-assets="${PIPE_TEST_ASSETS:-/var/tmp/pipe-assets}"
-gguf="$assets/SmolLM2-135M-Instruct.Q4_1.gguf"
+. "$(dirname "$0")/lib.sh"
 venv="${PIPE_INTEROP_VENV:-/var/tmp/pipe-interop-venv}"
-pipe="${PIPE_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/pipe}"
-
-[ -f "$gguf" ] || { echo "error: $gguf is missing" >&2; echo "hint: run scripts/fetch-test-assets.sh" >&2; exit 1; }
+pipe="${PIPE_BIN:-$target/release/pipe}"
 if [ ! -x "$pipe" ]; then
     (cd "$root" && cargo build --release --quiet)
 fi

@@ -20,16 +20,10 @@
 # PIPE_INTEROP_WS=DIR keeps the pipe workspace there (reruns hit the cache).
 set -eu
 
-here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/../.." && pwd)
-assets="${PIPE_TEST_ASSETS:-/var/tmp/pipe-assets}"
-gguf="$assets/SmolLM2-135M-Instruct.Q4_1.gguf"
+. "$(dirname "$0")/lib.sh"
 venv="${PIPE_INTEROP_VENV:-/var/tmp/pipe-interop-peft-venv}"
-target="${CARGO_TARGET_DIR:-$root/target}"
 pipe="${PIPE_BIN:-$target/release/pipe}"
 logits="${LOGITS_BIN:-$target/release/examples/logits}"
-
-[ -f "$gguf" ] || { echo "error: $gguf is missing" >&2; echo "hint: run scripts/fetch-test-assets.sh" >&2; exit 1; }
 if [ -z "${PIPE_BIN:-}" ]; then
     (cd "$root" && cargo build --release --quiet)
 fi

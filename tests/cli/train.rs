@@ -72,6 +72,17 @@ fn setup(ws: &Ws, tied: bool, train: &str) {
     ws.write("p.yaml", &pipeline(train));
 }
 
+/// `train.json` of a train stage output.
+fn train_json(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&fs_err::read_to_string(dir.join("train.json")).unwrap()).unwrap()
+}
+
+/// Every log of the `sft` stage, concatenated.
+fn sft_logs(ws: &Ws) -> String {
+    let logs = ws.path().join(".pipe/logs/sft");
+    fs_err::read_dir(&logs).unwrap().flatten().map(|e| fs_err::read_to_string(e.path()).unwrap()).collect()
+}
+
 fn metrics(dir: &Path) -> Vec<serde_json::Value> {
     fs_err::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
@@ -146,8 +157,7 @@ fn eval_input_measures_loss_before_during_and_after() {
     let evals: Vec<(u64, f64)> =
         m.iter().filter_map(|r| Some((r["step"].as_u64()?, r.get("eval/loss")?.as_f64()?))).collect();
     assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [0, 20, 40], "{m:?}");
-    let info: serde_json::Value =
-        serde_json::from_str(&fs_err::read_to_string(out.join("train.json")).unwrap()).unwrap();
+    let info: serde_json::Value = train_json(&out);
     assert_eq!(info["eval_loss_before"].as_f64(), Some(evals[0].1));
     assert_eq!(info["eval_loss_after"].as_f64(), Some(evals[2].1));
     // The eval loss is the adapter's real loss on those rows, before and after.
@@ -181,9 +191,7 @@ fn train_profile_logs_where_the_step_time_goes() {
     setup(&ws, true, "    method: lora\n    max_steps: 3\n    per_device_batch_size: 2\n");
     let out = ws.cmd(&["run", "p.yaml"]).env("PIPE_TRAIN_PROFILE", "1").output().unwrap();
     assert!(out.status.success(), "{out:?}");
-    let logs = ws.path().join(".pipe/logs/sft");
-    let log: String =
-        fs_err::read_dir(&logs).unwrap().flatten().map(|e| fs_err::read_to_string(e.path()).unwrap()).collect();
+    let log = sft_logs(&ws);
     assert!(log.contains("profile: batches ") && log.contains("forward+backward "), "{log}");
 }
 
@@ -241,9 +249,7 @@ fn a_killed_run_resumes_to_identical_weights() {
     let resumed = ws.ok(&["run", "p.yaml"]);
     assert_eq!(resumed.ran(), vec!["sft".to_string()], "{resumed:?}");
     assert!(resumed.stdout.contains("resumed at step") && resumed.stdout.contains("eval loss"), "{resumed:?}");
-    let logs = ws.path().join(".pipe/logs/sft");
-    let log: String =
-        fs_err::read_dir(&logs).unwrap().flatten().map(|e| fs_err::read_to_string(e.path()).unwrap()).collect();
+    let log = sft_logs(&ws);
     assert!(log.contains("resumed from the checkpoint at step"), "{log}");
     assert!(
         !resume.exists() || fs_err::read_dir(&resume).unwrap().next().is_none(),
@@ -261,9 +267,7 @@ fn a_killed_run_resumes_to_identical_weights() {
     assert_eq!(m.iter().filter(|r| r.get("loss").is_some()).count(), 300);
     assert_eq!(m.iter().filter(|r| r.get("eval/loss").is_some()).count(), 2);
     // The eval loss before training was measured by the interrupted run.
-    let info = |w: &Ws| -> serde_json::Value {
-        serde_json::from_str(&fs_err::read_to_string(w.out_path("p.yaml", "sft").join("train.json")).unwrap()).unwrap()
-    };
+    let info = |w: &Ws| -> serde_json::Value { train_json(&w.out_path("p.yaml", "sft")) };
     let (r, f) = (info(&ws), info(&fresh));
     assert!(r["eval_loss_before"].is_f64() && r["resumed_at_step"].as_u64() > Some(0), "{r}");
     assert_eq!(r["eval_loss_before"], f["eval_loss_before"]);
@@ -307,8 +311,7 @@ fn bf16_training_keeps_f32_master_weights() {
     assert!(last < 0.5 * first, "loss {first} -> {last}");
     let t = tensors(&out.join("adapter_model.safetensors"));
     assert!(t.values().all(|x| x.dtype() == DType::BF16));
-    let train: serde_json::Value =
-        serde_json::from_str(&fs_err::read_to_string(out.join("train.json")).unwrap()).unwrap();
+    let train: serde_json::Value = train_json(&out);
     assert_eq!(train["precision"], "bf16");
     assert_eq!(train["device"], "cpu");
 
@@ -335,8 +338,7 @@ fn qlora_trains_on_an_nf4_base() {
     assert!(last < 0.3 * first, "loss {first} -> {last}");
     let t = tensors(&out.join("adapter_model.safetensors"));
     assert_eq!(t.len(), 2 * 7 * 2);
-    let train: serde_json::Value =
-        serde_json::from_str(&fs_err::read_to_string(out.join("train.json")).unwrap()).unwrap();
+    let train: serde_json::Value = train_json(&out);
     let (nf4, bf16) =
         (train["base_linear_bytes_nf4"].as_f64().unwrap(), train["base_linear_bytes_bf16"].as_f64().unwrap());
     assert!(nf4 < 0.27 * bf16 && nf4 > 0.25 * bf16, "{nf4} vs {bf16}");

@@ -355,7 +355,6 @@ struct Paged {
     /// longest, B * m), the additive visibility mask (B, 1, 1, m * KV_BLOCK).
     dec_q: Option<Tensor>,
     dec_blocks: Option<Tensor>,
-    dec_m: usize,
     dec_mask: Option<Tensor>,
     /// Per sequence: its blocks.
     seq_blocks: Vec<Tensor>,
@@ -393,7 +392,7 @@ impl Paged {
                 Ok(Tensor::from_vec(bl[..nb].to_vec(), nb, &m.device)?)
             })
             .collect::<Result<Vec<_>>>()?;
-        let (mut dec_q, mut dec_blocks, mut dec_mask, mut dec_m) = (None, None, None, 0);
+        let (mut dec_q, mut dec_blocks, mut dec_mask) = (None, None, None);
         if !dec.is_empty() {
             let mm = dec.iter().map(|&i| (spans[i].2 + 1).div_ceil(KV_BLOCK)).max().unwrap_or(1);
             let t = mm * KV_BLOCK;
@@ -411,9 +410,8 @@ impl Paged {
             dec_blocks = Some(Tensor::from_vec(bidx, dec.len() * mm, &m.device)?);
             let mdt = if matches!(m.dtype, DType::F64) { DType::F64 } else { DType::F32 };
             dec_mask = Some(Tensor::from_vec(mask, (dec.len(), 1, 1, t), &m.device)?.to_dtype(mdt)?);
-            dec_m = mm;
         }
-        Ok(Paged { k, v, kv, rows, dec_q, dec_blocks, dec_m, dec_mask, seq_blocks })
+        Ok(Paged { k, v, kv, rows, dec_q, dec_blocks, dec_mask, seq_blocks })
     }
 
     /// Store layer `li`'s new keys and values (n, kv, head_dim).
@@ -452,7 +450,6 @@ impl Paged {
         let b = rows.dim(0)?;
         let hd = q.dim(2)?;
         let (k, v) = self.gather(li, blocks, b)?;
-        debug_assert_eq!(k.dim(2)?, self.dec_m * KV_BLOCK);
         let qd = q.index_select(rows, 0)?.reshape((b, self.kv, h / self.kv, hd))?.affine(scale, 0.0)?;
         let s = qd.matmul(&k.transpose(2, 3)?)?;
         let s = s.to_dtype(mask.dtype())?.broadcast_add(mask)?;
