@@ -240,7 +240,10 @@ impl StageKind for TrainKind {
         "train"
     }
     fn version(&self) -> u32 {
-        2
+        // 3: fused CUDA kernels (attention, RMSNorm, RoPE, SwiGLU) change
+        // GPU results at rounding level; the gradient norm is summed on the
+        // device.
+        3
     }
     fn summary(&self) -> &'static str {
         "fine-tune a model on packed data: full, LoRA, QLoRA or Spectrum"

@@ -172,6 +172,21 @@ pub struct Batch {
     pub targets: Tensor,
     pub n_tokens: usize,
     pub n_targets: usize,
+    /// The fused attention's work split (see [`crate::nn::flash::tiles`]),
+    /// made on first use and shared by every layer.
+    pub attn_tiles: std::sync::OnceLock<Tensor>,
+}
+
+impl Batch {
+    fn attn_tiles(&self, hd: usize) -> Result<&Tensor> {
+        if let Some(t) = self.attn_tiles.get() {
+            return Ok(t);
+        }
+        let t = crate::nn::flash::tiles(&self.seqs, hd);
+        let n = t.len();
+        let t = Tensor::from_vec(t, n, self.ids.device())?;
+        Ok(self.attn_tiles.get_or_init(|| t))
+    }
 }
 
 /// One row of a `pack` artifact.
@@ -480,6 +495,7 @@ impl Llama {
             targets: Tensor::from_vec(targets, n_targets, &self.device)?,
             n_tokens,
             n_targets,
+            attn_tiles: Default::default(),
         })
     }
 
@@ -524,6 +540,11 @@ impl Llama {
         let v = l.v.forward(&hn, fx_i)?.reshape((n, kv, hd))?;
         let q = rope(&q, &b.cos, &b.sin)?;
         let k = rope(&k, &b.cos, &b.sin)?;
+        if crate::nn::flash::usable(&q) {
+            let scale = 1.0 / (hd as f64).sqrt();
+            let attn = crate::nn::flash::attention(&q, &k, &v, b.attn_tiles(hd)?, scale)?.reshape((n, h * hd))?;
+            return self.block_tail(l, x, &attn, fx_i);
+        }
         let mut outs = Vec::with_capacity(b.seqs.len());
         for &(off, len) in &b.seqs {
             let ki = k.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?;
@@ -539,9 +560,10 @@ impl Llama {
     pub(crate) fn block_tail(&self, l: &Block, x: &Tensor, attn: &Tensor, fx: Fwd) -> Result<Tensor> {
         let x = (x + l.o.forward(attn, fx)?)?;
         let hn = rms_norm(&x, &l.post_attention_layernorm.tensor()?, self.cfg.rms_norm_eps)?;
-        let g = l.gate.forward(&hn, fx)?.silu()?;
+        let g = l.gate.forward(&hn, fx)?;
         let u = l.up.forward(&hn, fx)?;
-        let m = l.down.forward(&(g * u)?, fx)?;
+        let gu = if crate::nn::fused::usable(&g) { crate::nn::fused::swiglu(&g, &u)? } else { (g.silu()? * u)? };
+        let m = l.down.forward(&gu, fx)?;
         Ok((x + m)?)
     }
 
@@ -588,7 +610,10 @@ impl Llama {
         };
         match plain {
             Some(w @ (Weight::Frozen(_) | Weight::Train(_))) => {
-                Ok(lm_head_cross_entropy(&hs, &w.tensor()?, &b.targets, HEAD_CHUNK)?)
+                // A GPU wants bigger chunks: up to 2^26 logits (256 MiB in f32).
+                let chunk =
+                    if self.device.is_cuda() { ((1 << 26) / self.cfg.vocab_size).max(HEAD_CHUNK) } else { HEAD_CHUNK };
+                Ok(lm_head_cross_entropy(&hs, &w.tensor()?, &b.targets, chunk)?)
             }
             _ => Ok(cross_entropy_sum(&self.head(&hs, fx)?, &b.targets)?),
         }
@@ -618,9 +643,13 @@ impl Llama {
         let mut collect = |g: &candle_core::backprop::GradStore| -> Result<()> {
             for (o, v) in out.iter_mut().zip(vars) {
                 if let Some(t) = g.get(v.as_tensor()) {
+                    // Detached: a gradient built by ops on tracked tensors
+                    // would otherwise keep this step's graph (activations)
+                    // alive in the optimizer's moments, step after step.
+                    let t = t.detach();
                     *o = Some(match o.take() {
                         Some(prev) => (prev + t)?,
-                        None => t.clone(),
+                        None => t,
                     });
                 }
             }

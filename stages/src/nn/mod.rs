@@ -4,7 +4,12 @@
 //! SNR scan ([`spectrum`]).
 
 pub mod config;
+pub mod flash;
+pub mod fused;
+pub mod gpu;
 pub mod infer;
+#[cfg(feature = "cuda")]
+pub mod kernels;
 pub mod llama;
 pub mod nf4;
 pub mod ops;

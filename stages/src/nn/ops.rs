@@ -8,8 +8,12 @@
 use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
 
-/// RMSNorm in f32 (or f64 when the input is f64), scaled by `w`.
+/// RMSNorm in f32 (or f64 when the input is f64), scaled by `w`. On CUDA:
+/// the fused kernel ([`crate::nn::fused`]).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::nn::fused::usable(x) && w.dtype() == x.dtype() {
+        return crate::nn::fused::rms_norm(x, w, eps);
+    }
     let dt = x.dtype();
     let xf = if dt == DType::F64 { x.clone() } else { x.to_dtype(DType::F32)? };
     let inv = xf.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, eps)?.sqrt()?.recip()?;
@@ -32,6 +36,9 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 /// Rotary embedding, `transformers`' non-interleaved layout (rotate_half):
 /// `x` is (N, heads, head_dim); `cos`/`sin` are (N, head_dim/2).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if crate::nn::fused::usable(x) && x.rank() == 3 {
+        return crate::nn::fused::rope(x, cos, sin);
+    }
     let half = x.dim(D::Minus1)? / 2;
     let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
     let x1 = x.narrow(D::Minus1, 0, half)?;
@@ -43,7 +50,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// `x` contiguous from offset 0 (what the custom ops below read), copied
 /// only when it is not already.
-fn dense(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn dense(x: &Tensor) -> Result<Tensor> {
     if x.is_contiguous() && x.layout().start_offset() == 0 {
         Ok(x.clone())
     } else {

@@ -120,13 +120,17 @@ fn state_dtype(dt: DType) -> DType {
 }
 
 /// Global L2 norm of the gradients, computed in f32 (f64 for f64).
+/// One device round trip, however many gradients (each one a sync would
+/// stall a GPU between hundreds of tiny kernels).
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
-    let mut total = 0.0f64;
-    for g in grads {
-        let s = g.to_dtype(state_dtype(g.dtype()))?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        total += s;
+    let sums = grads
+        .iter()
+        .map(|g| g.to_dtype(state_dtype(g.dtype()))?.sqr()?.sum_all()?.to_dtype(DType::F64))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if sums.is_empty() {
+        return Ok(0.0);
     }
-    Ok(total.sqrt())
+    Ok(Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt())
 }
 
 /// Scale gradients so their global norm is at most `max_norm` (as

@@ -32,6 +32,14 @@ pub fn tiny_config(model_type: &str, tied: bool) -> LlamaConfig {
     .expect("valid config")
 }
 
+/// max |a - b| / max |b|, both moved to the CPU in f64.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let diff = (a - &b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    Ok(diff / b.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-12))
+}
+
 /// Random weights for `cfg` under `transformers` names.
 pub fn tiny_weights(cfg: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -371,5 +379,46 @@ fn fused_causal_softmax_matches_the_masked_composition() -> Result<()> {
     assert!(d < 1e-12, "gradients differ by {d}");
     let m = crate::nn::ops::causal_mask(2, 3, DType::F32, &dev)?.to_vec2::<f32>()?;
     assert_eq!(m, [[0.0, 0.0, 0.0, 0.0, -1e30], [0.0; 5]]);
+    Ok(())
+}
+
+/// Training on CUDA (the fused attention: head dim 64; the fused norm,
+/// rotary and SwiGLU kernels) gives the loss and gradients of the CPU
+/// composition in f64, LoRA and full fine-tuning, with and without
+/// gradient checkpointing. Run on the GPU machine; skipped elsewhere.
+#[test]
+fn cuda_training_step_matches_the_cpu() -> Result<()> {
+    if !candle_core::utils::cuda_is_available() {
+        eprintln!("no CUDA device: skipped");
+        return Ok(());
+    }
+    let dev = Device::new_cuda(0)?;
+    let mut cfg = tiny_config("llama", true);
+    (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) = (192, 3, Some(1));
+    for spec in [
+        TrainSpec { lora: Some(lora(&ALL_LINEAR)), ..Default::default() },
+        TrainSpec { full: true, ..Default::default() },
+    ] {
+        let r = tiny_model(&cfg, &spec, DType::F64)?;
+        let m = tiny_model_on(&cfg, &spec, DType::F32, &dev)?;
+        let fx = Fwd { train: true, seed: 5 };
+        let vars = |m: &Llama| m.trainable().into_iter().map(|(_, v)| v).collect::<Vec<_>>();
+        let (lr, gr) = r.loss_and_grads(&r.batch(&rows())?, fx, 0.5, &vars(&r), false)?;
+        for ckpt in [false, true] {
+            let b = m.batch(&rows())?;
+            assert!(crate::nn::flash::usable(&Tensor::zeros((1, 3, 64), DType::F32, &dev)?));
+            let (l, g) = m.loss_and_grads(&b, fx, 0.5, &vars(&m), ckpt)?;
+            assert!((l - lr).abs() < 1e-4 * lr.abs().max(1.0), "checkpointing {ckpt}: loss {l} vs {lr}");
+            for (a, c) in g.iter().zip(&gr) {
+                let (a, c) = (
+                    a.as_ref().expect("grad").to_device(&Device::Cpu)?.to_dtype(DType::F64)?,
+                    c.as_ref().expect("grad"),
+                );
+                let d = (&a - c)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                let s = c.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-6);
+                assert!(d / s < 1e-3, "full {}, checkpointing {ckpt}: gradient off by {d} (max {s})", spec.full);
+            }
+        }
+    }
     Ok(())
 }

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# GPU training benchmark (issue 7, benchmarks 1-3): pipe vs transformers (+ peft)
+# on the same card in the same call: tokens/s, peak memory, and the ratios.
+#
+# Here (no GPU):  benches/gpu/train.sh prepare
+#   builds the CUDA bench binary (stages/examples/train_bench.rs) and the CUDA
+#   lib tests with ../shared/cuda/setup.sh (CARGO_TARGET_DIR default
+#   /var/tmp/pipe-cuda-target), gzipped into gpu-bench/ (git-ignored; the
+#   tree that travels is at most 64 MiB).
+# On the GPU machine (the `device` tool, carry ["gpu-bench"]):
+#   benches/gpu/train.sh run
+#   1. the CUDA tests of the fused kernels (TESTS=0 skips them);
+#   2. for each case of CASES ("config:method:ckpt:docs", comma-separated),
+#      pipe (fused attention), then transformers eager and, with COMPILE=1,
+#      torch.compile; with UNFUSED=1 also pipe with PIPE_FUSED_ATTENTION=0 and
+#      PIPE_FUSED_KERNELS=0; with NOEVENTS=1 also pipe --no-events.
+#   Random-init weights, bf16, batch BATCH x SEQ (default 8 x 1024).
+#   Prints one JSON line per run and a table with pipe / torch ratios to
+#   $OUT/train_bench.txt. Not a test: it asserts nothing about speed.
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+B=$REPO/gpu-bench
+case "${1:-}" in
+prepare)
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/pipe-cuda-target}
+  cd "$REPO"
+  source ../shared/cuda/setup.sh >/dev/null
+  cargo build --release --features cuda -p pipe-stages --example train_bench
+  bin=$(cargo test --release --features cuda -p pipe-stages --lib --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["lib"]: print(m["executable"])' | tail -1)
+  rm -rf "$B" && mkdir -p "$B"
+  strip -o "$B/train_bench" "$CARGO_TARGET_DIR/release/examples/train_bench" && gzip -9 "$B/train_bench"
+  strip -o "$B/stages_test" "$bin" && gzip -9 "$B/stages_test"
+  du -sh "$B"/*
+  ;;
+run)
+  OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+  R=$OUT/train_bench.txt
+  cd "$B"
+  for f in train_bench stages_test; do [ -x $f ] || { gunzip -kf $f.gz && chmod +x $f; }; done
+  S=$(python3 -c 'import nvidia,os;print(os.path.dirname(nvidia.__path__[0]))')
+  export LD_LIBRARY_PATH=$(find "$S/nvidia" -name lib -type d | tr '\n' ':')${LD_LIBRARY_PATH:-}
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$R"
+  python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)' | tee -a "$R"
+  if [ "${TESTS:-1}" = 1 ]; then
+    ./stages_test --test-threads 1 ${TEST_FILTER:-cuda} 2>&1 | tail -15 | tee -a "$R"
+  fi
+  BATCH=${BATCH:-8}; SEQ=${SEQ:-1024}; STEPS=${STEPS:-10}
+  J=$OUT/train_bench.jsonl; : > "$J"
+  IFS=, read -ra cases <<< "${CASES:-smollm2-135m:lora:0:1}"
+  for c in "${cases[@]}"; do
+    IFS=: read -r cfg method ckpt docs <<< "$c"
+    ck=(); [ "$ckpt" = 1 ] && ck=(--ckpt)
+    common=(--config "$cfg" --method "$method" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" "${ck[@]}")
+    ./train_bench "${common[@]}" --docs "${docs:-1}" 2>>"$OUT/stderr.txt" | tee -a "$J" || echo "pipe $c failed" | tee -a "$R"
+    if [ "${NOEVENTS:-0}" = 1 ]; then
+      ./train_bench "${common[@]}" --docs "${docs:-1}" --no-events | tee -a "$J" || true
+    fi
+    if [ "${UNFUSED:-0}" = 1 ]; then
+      PIPE_FUSED_ATTENTION=0 PIPE_FUSED_KERNELS=0 ./train_bench "${common[@]}" --docs "${docs:-1}" --steps 3 2>>"$OUT/stderr.txt" | tee -a "$J" || true
+    fi
+    [ "$method" = qlora ] && continue
+    python3 "$REPO/benches/gpu/torch_train.py" "${common[@]}" | tee -a "$J" || echo "torch $c failed" | tee -a "$R"
+    if [ "${COMPILE:-0}" = 1 ]; then
+      python3 "$REPO/benches/gpu/torch_train.py" "${common[@]}" --compile 2>/dev/null | tee -a "$J" || echo "torch.compile $c failed" | tee -a "$R"
+    fi
+  done
+  python3 "$REPO/benches/gpu/report.py" "$J" | tee -a "$R"
+  ;;
+*) echo "usage: $0 prepare|run" >&2; exit 2 ;;
+esac

@@ -1,0 +1,279 @@
+//! Training-step benchmark on a random-init Llama-shaped model (the pipe
+//! side of benches/gpu/train.sh): what the `train` stage runs per step
+//! (forward, backward, global-norm clipping, AdamW with f32 master weights),
+//! on synthetic packed rows, without data loading or logging.
+//!
+//!   train_bench --config smollm2-135m|llama-1b --method lora|full|qlora
+//!               [--dtype bf16|f32] [--batch 8] [--seq 1024] [--docs 1]
+//!               [--steps 10] [--warmup 2] [--ckpt] [--device cuda|cpu]
+//!               [--no-events] [--profile]
+//!
+//! `--docs N` packs N sequences of seq/N tokens in each row (attention
+//! stays within a sequence). Prints one JSON line: tokens/s (median step),
+//! the forward+backward and optimizer split, peak GPU memory of the pool
+//! (live tensors; `torch.cuda.max_memory_allocated`'s counterpart), and the
+//! first and last losses. `--no-events` turns off cudarc's per-tensor CUDA
+//! events (safe with one thread on one stream), to measure what they cost.
+//! `--profile` prints instead the time of each part of one decoder block
+//! (forward, and forward + backward) and of the head's loss.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use pipe_stages::nn::config::LlamaConfig;
+use pipe_stages::nn::llama::{Fwd, Llama, LoraSpec, Row, TrainSpec, ALL_LINEAR};
+use pipe_stages::nn::optim::{clip, global_norm, AdamW, AdamWConfig};
+use rand::{Rng, SeedableRng};
+
+fn config(name: &str) -> Result<LlamaConfig, Box<dyn std::error::Error>> {
+    let v = match name {
+        "smollm2-135m" => serde_json::json!({
+            "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+            "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "rms_norm_eps": 1e-5,
+            "rope_theta": 100000.0, "tie_word_embeddings": true, "max_position_embeddings": 8192
+        }),
+        "llama-1b" => serde_json::json!({
+            "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0, "tie_word_embeddings": true, "max_position_embeddings": 131072,
+            "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        }),
+        path => serde_json::from_str(&fs_err::read_to_string(path)?)?,
+    };
+    Ok(serde_json::from_value(v)?)
+}
+
+/// The shape of a parameter, by `transformers` name.
+fn shape(c: &LlamaConfig, name: &str) -> Vec<usize> {
+    let (h, hd, i) = (c.hidden_size, c.head_dim(), c.intermediate_size);
+    let m = |s: &str| name.contains(s);
+    if m("embed_tokens") || m("lm_head") {
+        vec![c.vocab_size, h]
+    } else if m("norm") {
+        vec![h]
+    } else if m("q_proj") {
+        vec![c.num_attention_heads * hd, h]
+    } else if m("k_proj") || m("v_proj") {
+        vec![c.kv_heads() * hd, h]
+    } else if m("o_proj") {
+        vec![h, c.num_attention_heads * hd]
+    } else if m("gate_proj") || m("up_proj") {
+        vec![i, h]
+    } else {
+        vec![h, i]
+    }
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cname: String = arg(&args, "--config", "smollm2-135m".to_string());
+    let method: String = arg(&args, "--method", "lora".to_string());
+    let dtype = match arg(&args, "--dtype", "bf16".to_string()).as_str() {
+        "f32" => DType::F32,
+        _ => DType::BF16,
+    };
+    let (batch, seq, docs) =
+        (arg(&args, "--batch", 8usize), arg(&args, "--seq", 1024usize), arg(&args, "--docs", 1usize));
+    let (steps, warmup) = (arg(&args, "--steps", 10usize), arg(&args, "--warmup", 2usize));
+    let ckpt = args.iter().any(|a| a == "--ckpt");
+    let device = match arg(&args, "--device", "cuda".to_string()).as_str() {
+        "cpu" => Device::Cpu,
+        _ => Device::new_cuda(0)?,
+    };
+    let no_events = args.iter().any(|a| a == "--no-events");
+    #[cfg(feature = "cuda")]
+    if let (true, Device::Cuda(c)) = (no_events, &device) {
+        // SAFETY: one thread, one stream: nothing needs the per-tensor events.
+        unsafe { c.disable_event_tracking() };
+    }
+    let cfg = config(&cname)?;
+    let mut spec = TrainSpec { seed: 42, ..Default::default() };
+    match method.as_str() {
+        "full" => spec.full = true,
+        "lora" | "qlora" => {
+            spec.lora = Some(LoraSpec {
+                r: 16,
+                alpha: 16.0,
+                dropout: 0.0,
+                targets: ALL_LINEAR.iter().map(|s| s.to_string()).collect(),
+                rslora: false,
+                init_b_zero: true,
+            });
+            spec.nf4_base = method == "qlora";
+        }
+        m => return Err(format!("--method {m}: lora, full or qlora").into()),
+    }
+    pipe_stages::nn::gpu::reset_peak(&device);
+    let get = |name: &str| -> pipe_stages::nn::Result<Tensor> {
+        let s = shape(&cfg, name);
+        let t = if name.contains("norm") {
+            Tensor::ones(s, DType::F32, &device)?
+        } else {
+            Tensor::randn(0f32, 0.02, s, &device)?
+        };
+        Ok(t.to_dtype(dtype)?)
+    };
+    let model = Llama::build(cfg.clone(), dtype, &device, &spec, &get, &|_| false)?;
+    let trainable = model.trainable();
+    let n_train: usize = trainable.iter().map(|(_, v)| v.elem_count()).sum();
+    let vars: Vec<_> = trainable.iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = AdamW::new(trainable, AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 })?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let doc = seq / docs.max(1);
+    let row = |rng: &mut rand_chacha::ChaCha8Rng| -> Row {
+        let ids: Vec<u32> = (0..doc * docs).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
+        Row {
+            labels: ids.iter().map(|&i| i as i64).collect(),
+            position_ids: (0..ids.len()).map(|i| (i % doc) as u32).collect(),
+            seq_lens: vec![doc; docs],
+            input_ids: ids,
+        }
+    };
+    let sync = |d: &Device| d.synchronize();
+    if args.iter().any(|a| a == "--profile") {
+        let rows: Vec<Row> = (0..batch).map(|_| row(&mut rng)).collect();
+        println!("{}", profile(&model, &rows, &device)?);
+        return Ok(());
+    }
+    let (mut step_s, mut fb_s, mut opt_s, mut losses) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut tokens = 0;
+    for step in 0..warmup + steps {
+        let rows: Vec<Row> = (0..batch).map(|_| row(&mut rng)).collect();
+        sync(&device)?;
+        let t0 = Instant::now();
+        let b = model.batch(&rows)?;
+        let fx = Fwd { train: true, seed: step as u64 };
+        let (loss, grads) = model.loss_and_grads(&b, fx, 1.0 / b.n_targets as f64, &vars, ckpt)?;
+        let mut grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(&vars)
+            .map(|(g, v)| g.map_or_else(|| v.zeros_like(), Ok))
+            .collect::<Result<_, _>>()?;
+        sync(&device)?;
+        let t1 = Instant::now();
+        let norm = global_norm(&grads)?;
+        clip(&mut grads, norm, 1.0)?;
+        opt.step(&grads, 1e-4)?;
+        sync(&device)?;
+        let t2 = Instant::now();
+        losses.push(loss);
+        if step >= warmup {
+            tokens = b.n_tokens;
+            step_s.push((t2 - t0).as_secs_f64());
+            fb_s.push((t1 - t0).as_secs_f64());
+            opt_s.push((t2 - t1).as_secs_f64());
+        }
+    }
+    let peak = pipe_stages::nn::gpu::peak_bytes(&device).map(|b| b as f64 / (1 << 20) as f64);
+    let out = serde_json::json!({
+        "impl": "pipe",
+        "config": cname, "method": method, "dtype": format!("{dtype:?}").to_lowercase(),
+        "batch": batch, "seq": seq, "docs": docs, "ckpt": ckpt, "no_events": no_events,
+        "fused_attention": pipe_stages::nn::flash::usable(&Tensor::zeros((1, 1, cfg.head_dim()), dtype, &device)?),
+        "trainable": n_train,
+        "tokens_per_s": tokens as f64 / median(&step_s),
+        "step_s": median(&step_s), "fwd_bwd_s": median(&fb_s), "optimizer_s": median(&opt_s),
+        "peak_mib": peak,
+        "loss_first": losses.first(), "loss_last": losses.last(),
+    });
+    println!("{out}");
+    Ok(())
+}
+
+/// Milliseconds per call of `f` (after one warm-up call), the device synchronised.
+fn time_ms<T>(
+    device: &Device,
+    reps: usize,
+    mut f: impl FnMut() -> pipe_stages::nn::Result<T>,
+) -> pipe_stages::nn::Result<f64> {
+    f()?;
+    device.synchronize()?;
+    let t = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    device.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() * 1e3 / reps as f64)
+}
+
+/// Where a step's time goes: the parts of one decoder block, forward and
+/// backward, timed alone (`--profile`).
+fn profile(model: &Llama, rows: &[Row], device: &Device) -> pipe_stages::nn::Result<serde_json::Value> {
+    use candle_core::Var;
+    use pipe_stages::nn::ops;
+    let b = model.batch(rows)?;
+    let fx = Fwd { train: true, seed: 1 };
+    let x = Var::from_tensor(&model.embed(&b)?)?;
+    let l = &model.layers[0];
+    let c = &model.cfg;
+    let (n, h, kv, hd) = (b.n_tokens, c.num_attention_heads, c.kv_heads(), c.head_dim());
+    let w_ln = l.input_layernorm.tensor()?;
+    let reps = 20;
+    let mut out = serde_json::Map::new();
+    let mut put = |k: &str, v: f64| {
+        out.insert(k.to_string(), serde_json::json!((v * 1000.0).round() / 1000.0));
+    };
+    put("add_ms", time_ms(device, reps, || Ok((x.as_tensor() + x.as_tensor())?))?);
+    put(
+        "rms_norm_fwd_bwd_ms",
+        time_ms(device, reps, || {
+            let y = ops::rms_norm(x.as_tensor(), &w_ln, 1e-5)?;
+            Ok(y.sum_all()?.backward()?)
+        })?,
+    );
+    let hn = ops::rms_norm(x.as_tensor(), &w_ln, 1e-5)?.detach();
+    let hv = Var::from_tensor(&hn)?;
+    put("lora_gate_fwd_ms", time_ms(device, reps, || l.gate.forward(hv.as_tensor(), fx))?);
+    put(
+        "lora_gate_fwd_bwd_ms",
+        time_ms(device, reps, || Ok(l.gate.forward(hv.as_tensor(), fx)?.sum_all()?.backward()?))?,
+    );
+    let wg = l.gate.w.tensor()?;
+    put("frozen_matmul_fwd_ms", time_ms(device, reps, || Ok(ops::frozen_matmul(hv.as_tensor(), &wg)?))?);
+    put("plain_matmul_fwd_ms", time_ms(device, reps, || Ok(hn.matmul(&wg.t()?)?))?);
+    let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, h, hd), device)?.to_dtype(model.dtype)?)?;
+    let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, kv, hd), device)?.to_dtype(model.dtype)?)?;
+    let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, kv, hd), device)?.to_dtype(model.dtype)?)?;
+    let tiles = pipe_stages::nn::flash::tiles(&b.seqs, hd);
+    let tl = tiles.len();
+    let tiles = Tensor::from_vec(tiles, tl, device)?;
+    if pipe_stages::nn::flash::usable(q.as_tensor()) {
+        let s = 1.0 / (hd as f64).sqrt();
+        put(
+            "attn_fwd_ms",
+            time_ms(device, reps, || {
+                Ok(pipe_stages::nn::flash::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &tiles, s)?)
+            })?,
+        );
+        put(
+            "attn_fwd_bwd_ms",
+            time_ms(device, reps, || {
+                let o = pipe_stages::nn::flash::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &tiles, s)?;
+                Ok(o.sum_all()?.backward()?)
+            })?,
+        );
+    }
+    put("block_fwd_ms", time_ms(device, reps, || model.block(0, x.as_tensor(), &b, fx))?);
+    put(
+        "block_fwd_bwd_ms",
+        time_ms(device, reps, || Ok(model.block(0, x.as_tensor(), &b, fx)?.sum_all()?.backward()?))?,
+    );
+    let hf = Var::from_tensor(&model.final_norm(x.as_tensor())?.detach())?;
+    put(
+        "head_loss_fwd_bwd_ms",
+        time_ms(device, 5, || Ok(model.loss_sum_from_hidden(hf.as_tensor(), &b, fx)?.backward()?))?,
+    );
+    put("layers", model.layers.len() as f64);
+    Ok(serde_json::Value::Object(out))
+}

@@ -1,0 +1,111 @@
+// Fused elementwise and row kernels for training (forward and backward):
+// RMSNorm, rotary embedding, SwiGLU. f32 or bf16 storage, f32 arithmetic.
+// Compiled to PTX by stages/build.rs; launched from stages/src/nn/fused.rs,
+// which documents the semantics each must match (the plain compositions in
+// stages/src/nn/ops.rs).
+
+#include "common.cuh"
+
+// Round to the storage type and back (what a composition in T does between ops).
+__device__ __forceinline__ float rnd(float v, const float *) { return v; }
+__device__ __forceinline__ float rnd(float v, const __nv_bfloat16 *) { return __bfloat162float(__float2bfloat16(v)); }
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024).
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float part[32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  __syncthreads();
+  if (l == 0) part[w] = v;
+  __syncthreads();
+  const int nw = blockDim.x / 32;
+  v = l < nw ? part[l] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// y = T(x * rstd) * w, rstd = 1 / sqrt(mean(x^2) + eps); one block per row.
+template <typename T>
+__device__ void rmsnorm_fwd(const T *x, const T *w, T *y, float *rstd, int h, float eps) {
+  const size_t row = blockIdx.x;
+  const T *xr = x + row * h;
+  float s = 0.f;
+  for (int c = threadIdx.x; c < h; c += blockDim.x) {
+    const float v = ld(xr, c);
+    s += v * v;
+  }
+  s = block_sum(s);
+  const float r = rsqrtf(s / h + eps);
+  if (threadIdx.x == 0) rstd[row] = r;
+  for (int c = threadIdx.x; c < h; c += blockDim.x) st(y, row * h + c, rnd(ld(xr, c) * r, xr) * ld(w, c));
+}
+
+// dx = rstd * (dn - xhat * mean(dn * xhat)), dn = dy * w, xhat = x * rstd.
+template <typename T>
+__device__ void rmsnorm_bwd(const T *x, const T *w, const T *dy, const float *rstd, T *dx, int h) {
+  const size_t row = blockIdx.x;
+  const float r = rstd[row];
+  float s = 0.f;
+  for (int c = threadIdx.x; c < h; c += blockDim.x)
+    s += ld(dy, row * h + c) * ld(w, c) * ld(x, row * h + c) * r;
+  s = block_sum(s) / h;
+  for (int c = threadIdx.x; c < h; c += blockDim.x) {
+    const float xh = ld(x, row * h + c) * r;
+    st(dx, row * h + c, r * (ld(dy, row * h + c) * ld(w, c) - xh * s));
+  }
+}
+
+// Rotary embedding, rotate_half layout: x (n, heads, d), cos/sin (n, d/2).
+// sign = 1: forward; sign = -1: the backward (rotation by the opposite angle).
+template <typename T>
+__device__ void rope(const T *x, const T *cs, const T *sn, T *y, int n, int heads, int d, float sign) {
+  const int half = d / 2;
+  const size_t total = (size_t)n * heads * half;
+  for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
+    const size_t i = idx % half, nh = idx / half, t = nh / heads;
+    const size_t base = nh * d;
+    const float c = ld(cs, t * half + i), s = sign * ld(sn, t * half + i);
+    const float x1 = ld(x, base + i), x2 = ld(x, base + half + i);
+    st(y, base + i, x1 * c - x2 * s);
+    st(y, base + half + i, x2 * c + x1 * s);
+  }
+}
+
+__device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + __expf(-g)); }
+
+// y = silu(g) * u
+template <typename T> __device__ void swiglu_fwd(const T *g, const T *u, T *y, size_t n) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const float a = ld(g, i);
+    st(y, i, rnd(a * sigmoid(a), g) * ld(u, i));
+  }
+}
+
+// dg = dy * u * silu'(g), du = dy * silu(g)
+template <typename T> __device__ void swiglu_bwd(const T *g, const T *u, const T *dy, T *dg, T *du, size_t n) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const float a = ld(g, i), s = sigmoid(a), d = ld(dy, i);
+    st(dg, i, d * ld(u, i) * s * (1.f + a * (1.f - s)));
+    st(du, i, d * rnd(a * s, g));
+  }
+}
+
+#define INSTANTIATE(T, TN)                                                                                          \
+  extern "C" __global__ void rmsnorm_fwd_##TN(const T *x, const T *w, T *y, float *rstd, int h, float eps) {       \
+    rmsnorm_fwd<T>(x, w, y, rstd, h, eps);                                                                          \
+  }                                                                                                                 \
+  extern "C" __global__ void rmsnorm_bwd_##TN(const T *x, const T *w, const T *dy, const float *rstd, T *dx,        \
+                                              int h) {                                                              \
+    rmsnorm_bwd<T>(x, w, dy, rstd, dx, h);                                                                          \
+  }                                                                                                                 \
+  extern "C" __global__ void rope_##TN(const T *x, const T *cs, const T *sn, T *y, int n, int heads, int d,        \
+                                       float sign) {                                                                \
+    rope<T>(x, cs, sn, y, n, heads, d, sign);                                                                       \
+  }                                                                                                                 \
+  extern "C" __global__ void swiglu_fwd_##TN(const T *g, const T *u, T *y, size_t n) { swiglu_fwd<T>(g, u, y, n); } \
+  extern "C" __global__ void swiglu_bwd_##TN(const T *g, const T *u, const T *dy, T *dg, T *du, size_t n) {        \
+    swiglu_bwd<T>(g, u, dy, dg, du, n);                                                                             \
+  }
+
+INSTANTIATE(float, f32)
+INSTANTIATE(__nv_bfloat16, bf16)

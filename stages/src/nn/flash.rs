@@ -1,0 +1,404 @@
+//! Fused causal attention over packed variable-length sequences on CUDA
+//! (kernels/attn.cu): one launch per layer covers every sequence of the
+//! batch, forward and backward, instead of a dozen small ops per sequence.
+//! The scores never reach global memory; the backward pass recomputes them
+//! from the saved log-sum-exp (FlashAttention-2's scheme). Grouped-query
+//! attention is native (a key/value head serves its query heads without
+//! copies). f32 or bf16 storage, f32 arithmetic; head dims 64 and 128.
+//!
+//! [`usable`] says whether a call can take this path; elsewhere (the CPU,
+//! f64, other head dims) the caller uses the plain composition, which the
+//! tests compare this against.
+
+use candle_core::{DType, Result, Tensor};
+
+/// Head dims the kernels are compiled for.
+pub const HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Whether [`attention`] runs for these tensors (a CUDA build, a CUDA
+/// tensor, f32 or bf16, a supported head dim). `PIPE_FUSED_ATTENTION=0`
+/// turns it off (to compare against the composition).
+pub fn usable(q: &Tensor) -> bool {
+    cfg!(feature = "cuda")
+        && q.device().is_cuda()
+        && matches!(q.dtype(), DType::F32 | DType::BF16)
+        && q.dims().last().is_some_and(|d| HEAD_DIMS.contains(d))
+        && std::env::var_os("PIPE_FUSED_ATTENTION").is_none_or(|v| v != "0")
+}
+
+/// The work split of a batch for head dim `hd`: 4 numbers per tile (first
+/// and one-past-last row of the tile, first and one-past-last row of its
+/// sequence); a tile has at most 4096 / hd rows of one sequence.
+pub fn tiles(seqs: &[(usize, usize)], hd: usize) -> Vec<u32> {
+    let rows = 4096 / hd.max(1);
+    let mut t = Vec::new();
+    for &(off, len) in seqs {
+        let mut s = off;
+        while s < off + len {
+            let e = (s + rows).min(off + len);
+            t.extend([s as u32, e as u32, off as u32, (off + len) as u32]);
+            s = e;
+        }
+    }
+    t
+}
+
+/// Causal attention of `q` (N, Hq, D) over `k`, `v` (N, Hkv, D) within each
+/// sequence that `tiles` (from [`tiles`], as a u32 tensor on the same
+/// device) describes; `scale` multiplies the scores. Returns (N, Hq, D).
+/// Differentiable in q, k and v.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, tiles: &Tensor, scale: f64) -> Result<Tensor> {
+    let (n, hq, d) = q.dims3()?;
+    let (nk, hkv, dk) = k.dims3()?;
+    if nk != n || dk != d || v.dims() != k.dims() || hkv == 0 || hq % hkv != 0 || tiles.dtype() != DType::U32 {
+        candle_core::bail!(
+            "fused attention: q {:?}, k {:?}, v {:?}, tiles {:?} do not fit together",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            tiles.dtype()
+        );
+    }
+    let (q, k, v) = (super::ops::dense(q)?, super::ops::dense(k)?, super::ops::dense(v)?);
+    q.apply_op3(
+        &k,
+        &v,
+        Attn { tiles: super::ops::dense(tiles)?, scale: scale as f32, lse: std::sync::Mutex::new(None) },
+    )
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct Attn {
+    tiles: Tensor,
+    scale: f32,
+    /// (Hq, N) f32, log2-sum-exp2 of the scaled scores: from the forward
+    /// pass, for the backward pass.
+    lse: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl candle_core::CustomOp3 for Attn {
+    fn name(&self) -> &'static str {
+        "fused-varlen-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("fused attention runs on CUDA only (see nn::flash::usable)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qs: &candle_core::CudaStorage,
+        ql: &candle_core::Layout,
+        ks: &candle_core::CudaStorage,
+        kl: &candle_core::Layout,
+        vs: &candle_core::CudaStorage,
+        vl: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let (o, lse) = cuda::forward(self, (qs, ql), (ks, kl), (vs, vl))?;
+        if let Ok(mut g) = self.lse.lock() {
+            *g = Some(lse);
+        }
+        Ok(o)
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(lse) = self.lse.lock().ok().and_then(|g| g.clone()) else {
+            candle_core::bail!("fused attention: backward before forward")
+        };
+        let dout = super::ops::dense(&dout.to_dtype(q.dtype())?)?;
+        // delta_i = rowsum(dO_i * O_i), (N, Hq)
+        let delta = (dout.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum(candle_core::D::Minus1)?;
+        let delta = super::ops::dense(&delta)?;
+        let (dq, dk, dv) = backward(self, q, k, v, &dout, &lse, &delta)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn backward(
+    op: &Attn,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dout: &Tensor,
+    lse: &Tensor,
+    delta: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    cuda::backward(op, q, k, v, dout, lse, delta)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn backward(
+    _: &Attn,
+    _: &Tensor,
+    _: &Tensor,
+    _: &Tensor,
+    _: &Tensor,
+    _: &Tensor,
+    _: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    candle_core::bail!("fused attention runs on CUDA only")
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda::{CudaDevice, CudaStorage, WrapErr};
+    use candle_core::cuda_backend::CudaDType;
+    use candle_core::{DType, Layout, Result, Shape, Tensor};
+    use half::bf16;
+
+    use super::Attn;
+    use crate::nn::kernels::{cuda_of, tensor, view, ATTN_PTX};
+
+    const THREADS: u32 = 128;
+
+    fn kernel(
+        dev: &CudaDevice,
+        what: &str,
+        dt: DType,
+        d: usize,
+    ) -> Result<candle_core::cuda::cudarc::driver::CudaFunction> {
+        let t = match dt {
+            DType::BF16 => "bf16",
+            DType::F32 => "f32",
+            _ => candle_core::bail!("fused attention: {dt:?} is not supported (f32, bf16)"),
+        };
+        Ok(dev.get_or_load_custom_func(&format!("attn_{what}_{t}_{d}"), "pipe_attn", ATTN_PTX)?.into_cuda_function())
+    }
+
+    fn cfg(blocks: usize, heads: usize) -> LaunchConfig {
+        crate::nn::kernels::grid(blocks, heads, THREADS)
+    }
+
+    fn n_tiles(op: &Attn) -> usize {
+        op.tiles.elem_count() / 4
+    }
+
+    pub(super) fn forward(
+        op: &Attn,
+        q: (&CudaStorage, &Layout),
+        k: (&CudaStorage, &Layout),
+        v: (&CudaStorage, &Layout),
+    ) -> Result<((CudaStorage, Shape), Tensor)> {
+        match q.0.dtype() {
+            DType::BF16 => forward_t::<bf16>(op, q, k, v),
+            DType::F32 => forward_t::<f32>(op, q, k, v),
+            dt => candle_core::bail!("fused attention: {dt:?} is not supported (f32, bf16)"),
+        }
+    }
+
+    fn forward_t<T: CudaDType + DeviceRepr>(
+        op: &Attn,
+        (qs, ql): (&CudaStorage, &Layout),
+        (ks, kl): (&CudaStorage, &Layout),
+        (vs, vl): (&CudaStorage, &Layout),
+    ) -> Result<((CudaStorage, Shape), Tensor)> {
+        let (n, hq, d) = ql.shape().dims3()?;
+        let hkv = kl.shape().dims3()?.1;
+        let dev = qs.device().clone();
+        let (tst, tl) = op.tiles.storage_and_layout();
+        let tiles = view::<u32>(cuda_of(&tst)?, tl)?;
+        let (q, k, v) = (view::<T>(qs, ql)?, view::<T>(ks, kl)?, view::<T>(vs, vl)?);
+        // SAFETY: the kernel writes every element of both (every row of
+        // every sequence is in exactly one tile).
+        let mut o = unsafe { dev.alloc::<T>(n * hq * d)? };
+        let mut lse = unsafe { dev.alloc::<f32>(hq * n)? };
+        let f = kernel(&dev, "fwd", qs.dtype(), d)?;
+        let stream = dev.cuda_stream();
+        let (ni, hqi, hkvi) = (n as i32, hq as i32, hkv as i32);
+        let sl2 = op.scale * std::f32::consts::LOG2_E;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&q).arg(&k).arg(&v).arg(&mut o).arg(&mut lse).arg(&tiles);
+        b.arg(&ni).arg(&hqi).arg(&hkvi).arg(&sl2);
+        // SAFETY: argument types and order match attn_fwd_* in kernels/attn.cu.
+        unsafe { b.launch(cfg(n_tiles(op), hq)) }.w()?;
+        let lse = tensor(CudaStorage::wrap_cuda_slice(lse, dev.clone()), (hq, n));
+        Ok(((CudaStorage::wrap_cuda_slice(o, dev), Shape::from((n, hq, d))), lse))
+    }
+
+    pub(super) fn backward(
+        op: &Attn,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        dout: &Tensor,
+        lse: &Tensor,
+        delta: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        match q.dtype() {
+            DType::BF16 => backward_t::<bf16>(op, q, k, v, dout, lse, delta),
+            DType::F32 => backward_t::<f32>(op, q, k, v, dout, lse, delta),
+            dt => candle_core::bail!("fused attention: {dt:?} is not supported (f32, bf16)"),
+        }
+    }
+
+    fn backward_t<T: CudaDType + DeviceRepr>(
+        op: &Attn,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        dout: &Tensor,
+        lse: &Tensor,
+        delta: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (n, hq, d) = q.dims3()?;
+        let hkv = k.dims3()?.1;
+        let guards: Vec<_> = [q, k, v, dout, lse, delta, &op.tiles].iter().map(|t| t.storage_and_layout()).collect();
+        let st: Vec<(&CudaStorage, &Layout)> =
+            guards.iter().map(|(s, l)| Ok((cuda_of(s)?, *l))).collect::<Result<_>>()?;
+        let dev = st[0].0.device().clone();
+        let (qv, kv, vv, dv_out) = (
+            view::<T>(st[0].0, st[0].1)?,
+            view::<T>(st[1].0, st[1].1)?,
+            view::<T>(st[2].0, st[2].1)?,
+            view::<T>(st[3].0, st[3].1)?,
+        );
+        let (lv, dlv) = (view::<f32>(st[4].0, st[4].1)?, view::<f32>(st[5].0, st[5].1)?);
+        let tiles = view::<u32>(st[6].0, st[6].1)?;
+        // SAFETY: the kernels write every element (every row is in one tile;
+        // dkv's grid covers every key/value head).
+        let mut dq = unsafe { dev.alloc::<T>(n * hq * d)? };
+        let mut dk = unsafe { dev.alloc::<T>(n * hkv * d)? };
+        let mut dv = unsafe { dev.alloc::<T>(n * hkv * d)? };
+        let (ni, hqi, hkvi) = (n as i32, hq as i32, hkv as i32);
+        let sl2 = op.scale * std::f32::consts::LOG2_E;
+        let stream = dev.cuda_stream();
+        let f = kernel(&dev, "bwd_dq", q.dtype(), d)?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&qv).arg(&kv).arg(&vv).arg(&dv_out).arg(&lv).arg(&dlv).arg(&mut dq).arg(&tiles);
+        b.arg(&ni).arg(&hqi).arg(&hkvi).arg(&sl2).arg(&op.scale);
+        // SAFETY: argument types and order match attn_bwd_dq_* in kernels/attn.cu.
+        unsafe { b.launch(cfg(n_tiles(op), hq)) }.w()?;
+        let f = kernel(&dev, "bwd_dkv", q.dtype(), d)?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&qv).arg(&kv).arg(&vv).arg(&dv_out).arg(&lv).arg(&dlv).arg(&mut dk).arg(&mut dv).arg(&tiles);
+        b.arg(&ni).arg(&hqi).arg(&hkvi).arg(&sl2).arg(&op.scale);
+        // SAFETY: argument types and order match attn_bwd_dkv_* in kernels/attn.cu.
+        unsafe { b.launch(cfg(n_tiles(op), hkv)) }.w()?;
+        let wrap = |s, shape: &[usize]| tensor(CudaStorage::wrap_cuda_slice(s, dev.clone()), shape);
+        Ok((wrap(dq, q.dims()), wrap(dk, k.dims()), wrap(dv, v.dims())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+    use crate::nn::tests::rel_err;
+
+    #[test]
+    fn tiles_cover_every_row_once_within_its_sequence() {
+        let seqs = [(0, 1), (1, 64), (65, 65), (130, 200), (330, 4)];
+        for hd in HEAD_DIMS {
+            let t = tiles(&seqs, hd);
+            let mut seen = vec![0; 334];
+            for c in t.chunks(4) {
+                let [a, b, s, e] = [c[0], c[1], c[2], c[3]].map(|x| x as usize);
+                assert!(a < b && b - a <= 4096 / hd, "{c:?}");
+                assert!(seqs.contains(&(s, e - s)) && s <= a && b <= e, "{c:?}");
+                (a..b).for_each(|i| seen[i] += 1);
+            }
+            assert!(seen.iter().all(|&n| n == 1), "hd {hd}: {seen:?}");
+        }
+    }
+
+    #[test]
+    fn not_used_off_cuda_or_for_other_dtypes_and_dims() -> candle_core::Result<()> {
+        let q = Tensor::zeros((4, 2, 64), DType::F32, &Device::Cpu)?;
+        assert!(!usable(&q));
+        let t = Tensor::from_vec(tiles(&[(0, 4)], 64), 4, &Device::Cpu)?;
+        let err = attention(&q, &q, &q, &t, 0.125).expect_err("the CPU has no fused kernel");
+        assert!(err.to_string().contains("CUDA only"), "{err}");
+        let bad = Tensor::zeros((4, 3, 64), DType::F32, &Device::Cpu)?;
+        let k = Tensor::zeros((4, 2, 64), DType::F32, &Device::Cpu)?;
+        assert!(attention(&bad, &k, &k, &t, 0.125).is_err(), "3 query heads cannot share 2 kv heads");
+        Ok(())
+    }
+
+    /// The plain composition (per sequence, kv heads repeated, additive
+    /// causal mask, softmax), differentiable; f64 on the CPU.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, seqs: &[(usize, usize)], scale: f64) -> Result<Tensor> {
+        let (hq, hkv) = (q.dim(1)?, k.dim(1)?);
+        let idx: Vec<u32> = (0..hq).map(|h| (h / (hq / hkv)) as u32).collect();
+        let idx = Tensor::from_vec(idx, hq, q.device())?;
+        let mut outs = Vec::new();
+        for &(off, len) in seqs {
+            let qi = q.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?;
+            let ki = k.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?.index_select(&idx, 0)?;
+            let vi = v.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?.index_select(&idx, 0)?;
+            let s = (qi.matmul(&ki.t()?)? * scale)?;
+            let mask = crate::nn::ops::causal_mask(len, 0, DType::F64, q.device())?;
+            let p = crate::nn::ops::softmax(&s.broadcast_add(&mask)?)?;
+            outs.push(p.matmul(&vi)?.transpose(0, 1)?);
+        }
+        Tensor::cat(&outs, 0)
+    }
+
+    /// Forward and backward against the composition, on the GPU machine
+    /// (skipped where there is no CUDA device): packed sequences of awkward
+    /// lengths (1, a tile, a tile + 1, several tiles), grouped-query and
+    /// plain attention, head dims 64 and 128, f32 and bf16.
+    #[test]
+    fn fused_attention_matches_the_composition_on_cuda() -> Result<()> {
+        if !candle_core::utils::cuda_is_available() {
+            eprintln!("no CUDA device: skipped");
+            return Ok(());
+        }
+        let dev = Device::new_cuda(0)?;
+        let seqs = [(0, 1), (1, 5), (6, 64), (70, 65), (135, 130), (265, 300)];
+        let n = 565;
+        for (hq, hkv, d) in [(6, 2, 64), (4, 4, 64), (4, 1, 128)] {
+            let scale = 1.0 / (d as f64).sqrt();
+            let q = Tensor::randn(0f64, 1.0, (n, hq, d), &Device::Cpu)?;
+            let k = Tensor::randn(0f64, 1.0, (n, hkv, d), &Device::Cpu)?;
+            let v = Tensor::randn(0f64, 1.0, (n, hkv, d), &Device::Cpu)?;
+            let w = Tensor::randn(0f64, 1.0, (n, hq, d), &Device::Cpu)?;
+            for (dt, tol) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
+                let on = |t: &Tensor| t.to_dtype(dt)?.to_device(&dev);
+                let (qg, kg, vg) =
+                    (Var::from_tensor(&on(&q)?)?, Var::from_tensor(&on(&k)?)?, Var::from_tensor(&on(&v)?)?);
+                // The reference starts from the same (rounded) inputs.
+                let back =
+                    |t: &Var| -> Result<Var> { Var::from_tensor(&t.to_device(&Device::Cpu)?.to_dtype(DType::F64)?) };
+                let (qr, kr, vr) = (back(&qg)?, back(&kg)?, back(&vg)?);
+                let want = reference(&qr, &kr, &vr, &seqs, scale)?;
+                let gw = (&want * &w)?.sum_all()?.backward()?;
+                let t = Tensor::from_vec(tiles(&seqs, d), tiles(&seqs, d).len(), &dev)?;
+                assert!(usable(&qg));
+                let got = attention(&qg, &kg, &vg, &t, scale)?;
+                let wg = w.to_dtype(DType::F32)?.to_device(&dev)?;
+                let gg = (got.to_dtype(DType::F32)? * wg)?.sum_all()?.backward()?;
+                let what = format!("hq {hq} hkv {hkv} d {d} {dt:?}");
+                let e = rel_err(&got, &want)?;
+                assert!(e < tol, "{what}: output off by {e}");
+                for (name, a, b) in [("dq", &qg, &qr), ("dk", &kg, &kr), ("dv", &vg, &vr)] {
+                    let (Some(ga), Some(gb)) = (gg.get(a.as_tensor()), gw.get(b.as_tensor())) else {
+                        panic!("{what}: no {name}")
+                    };
+                    let e = rel_err(ga, gb)?;
+                    assert!(e < tol * 3.0, "{what}: {name} off by {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,473 @@
+//! Fused RMSNorm, rotary embedding and SwiGLU on CUDA (kernels/fused.cu):
+//! one kernel each way instead of the 6-12 small ops (and their saved
+//! intermediates) of the compositions in [`crate::nn::ops`], which they
+//! match (to rounding: the kernels keep f32 between steps where the bf16
+//! composition rounds) and which the CPU keeps using. [`usable`] says
+//! whether a tensor takes this path; `PIPE_FUSED_KERNELS=0` turns it off.
+
+use candle_core::{DType, Result, Tensor};
+
+use crate::nn::ops::dense;
+
+/// Whether the fused kernels run for `x`: a CUDA build, a CUDA tensor, f32
+/// or bf16, and not turned off with `PIPE_FUSED_KERNELS=0`.
+pub fn usable(x: &Tensor) -> bool {
+    cfg!(feature = "cuda")
+        && x.device().is_cuda()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && std::env::var_os("PIPE_FUSED_KERNELS").is_none_or(|v| v != "0")
+}
+
+/// `T(x * rsqrt(mean(x^2) + eps)) * w` over the last dim (as
+/// [`crate::nn::ops::rms_norm`]); differentiable in `x` and `w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let h = x.dims().last().copied().unwrap_or(0);
+    if w.dims() != [h] || w.dtype() != x.dtype() {
+        candle_core::bail!(
+            "fused rms_norm: weight {:?} {:?} for input {:?} {:?}",
+            w.dims(),
+            w.dtype(),
+            x.dims(),
+            x.dtype()
+        );
+    }
+    dense(x)?.apply_op2(&dense(w)?, RmsNorm { eps: eps as f32, rstd: Default::default() })
+}
+
+/// Rotary embedding of `x` (N, heads, head_dim) with `cos`/`sin` (N,
+/// head_dim/2), `transformers`' rotate_half layout (as
+/// [`crate::nn::ops::rope`]); differentiable in `x`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (n, _, d) = x.dims3()?;
+    if cos.dims() != [n, d / 2] || sin.dims() != cos.dims() || d % 2 != 0 {
+        candle_core::bail!("fused rope: x {:?}, cos {:?}, sin {:?}", x.dims(), cos.dims(), sin.dims());
+    }
+    let (cos, sin) = (dense(&cos.to_dtype(x.dtype())?)?, dense(&sin.to_dtype(x.dtype())?)?);
+    dense(x)?.apply_op3(&cos, &sin, Rope)
+}
+
+/// `silu(g) * u`; differentiable in both.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if g.dims() != u.dims() || g.dtype() != u.dtype() {
+        candle_core::bail!("fused swiglu: {:?} vs {:?}", g.dims(), u.dims());
+    }
+    dense(g)?.apply_op2(&dense(u)?, SwiGlu)
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct RmsNorm {
+    eps: f32,
+    /// 1 / rms of each row (f32), from the forward pass.
+    rstd: std::sync::Mutex<Option<Tensor>>,
+}
+
+struct Rope;
+struct SwiGlu;
+
+fn cpu_only<T>(name: &str) -> Result<T> {
+    candle_core::bail!("{name}: the fused kernel runs on CUDA only (see nn::fused::usable)")
+}
+
+impl candle_core::CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        cpu_only(self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &candle_core::Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let (y, rstd) = cuda::rms_norm_fwd(self.eps, (xs, xl), (ws, wl))?;
+        if let Ok(mut g) = self.rstd.lock() {
+            *g = Some(rstd);
+        }
+        Ok((y, xl.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let Some(rstd) = self.rstd.lock().ok().and_then(|g| g.clone()) else {
+            candle_core::bail!("fused rms_norm: backward before forward")
+        };
+        let dy = dense(&dy.to_dtype(x.dtype())?)?;
+        let dx = backward::rms_norm(x, w, &dy, &rstd)?;
+        let dw = if w.track_op() {
+            // sum over rows of dy * T(x * rstd), in f32
+            let h = w.dim(0)?;
+            let x2 = x.detach().reshape(((), h))?;
+            let xhat = x2.to_dtype(DType::F32)?.broadcast_mul(&rstd.unsqueeze(1)?)?.to_dtype(x.dtype())?;
+            let dw = (dy.detach().reshape(((), h))?.to_dtype(DType::F32)? * xhat.to_dtype(DType::F32)?)?.sum(0)?;
+            Some(dw.to_dtype(w.dtype())?)
+        } else {
+            None
+        };
+        Ok((Some(dx), dw))
+    }
+}
+
+impl candle_core::CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        cpu_only(self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &candle_core::Layout,
+        cs: &candle_core::CudaStorage,
+        cl: &candle_core::Layout,
+        ss: &candle_core::CudaStorage,
+        sl: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        Ok((cuda::rope(1.0, (xs, xl), (cs, cl), (ss, sl))?, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The rotation is orthogonal: its transpose rotates by -angle.
+        let dy = dense(&dy.to_dtype(cos.dtype())?)?;
+        Ok((Some(backward::rope_t(&dy, cos, sin)?), None, None))
+    }
+}
+
+impl candle_core::CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        cpu_only(self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &candle_core::Layout,
+        us: &candle_core::CudaStorage,
+        ul: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        Ok((cuda::swiglu_fwd((gs, gl), (us, ul))?, gl.shape().clone()))
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dense(&dy.to_dtype(g.dtype())?)?;
+        let (dg, du) = backward::swiglu(g, u, &dy)?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod backward {
+    use candle_core::{Result, Tensor};
+
+    pub fn rms_norm(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
+        super::cpu_only("fused rms_norm")
+    }
+    pub fn rope_t(_: &Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
+        super::cpu_only("fused rope")
+    }
+    pub fn swiglu(_: &Tensor, _: &Tensor, _: &Tensor) -> Result<(Tensor, Tensor)> {
+        super::cpu_only("fused swiglu")
+    }
+}
+
+#[cfg(feature = "cuda")]
+use cuda as backward;
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda::cudarc::driver::{DeviceRepr, PushKernelArg};
+    use candle_core::cuda::{CudaStorage, WrapErr};
+    use candle_core::cuda_backend::CudaDType;
+    use candle_core::{DType, Layout, Result, Tensor};
+    use half::bf16;
+
+    use crate::nn::kernels::{cuda_of, device, func, grid, tensor, view, FUSED_PTX};
+
+    const MODULE: &str = "pipe_fused";
+
+    /// Blocks for an elementwise kernel over `n` items (grid-stride loops).
+    fn blocks(n: usize) -> usize {
+        n.div_ceil(256).min(65_535)
+    }
+
+    /// Run `f` with the CUDA storages of `ts` (read-locked for the call).
+    fn with<R>(ts: &[&Tensor], f: impl FnOnce(&[(&CudaStorage, &Layout)]) -> Result<R>) -> Result<R> {
+        let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+        let st: Vec<(&CudaStorage, &Layout)> =
+            guards.iter().map(|(s, l)| Ok((cuda_of(s)?, *l))).collect::<Result<_>>()?;
+        f(&st)
+    }
+
+    macro_rules! by_dtype {
+        ($dt:expr, $f:ident, $($a:expr),*) => {
+            match $dt {
+                DType::BF16 => $f::<bf16>($($a),*),
+                DType::F32 => $f::<f32>($($a),*),
+                dt => candle_core::bail!("fused kernel: {dt:?} is not supported (f32, bf16)"),
+            }
+        };
+    }
+
+    pub(super) fn rms_norm_fwd(
+        eps: f32,
+        x: (&CudaStorage, &Layout),
+        w: (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Tensor)> {
+        by_dtype!(x.0.dtype(), rms_norm_fwd_t, eps, x, w)
+    }
+
+    fn rms_norm_fwd_t<T: CudaDType + DeviceRepr>(
+        eps: f32,
+        (xs, xl): (&CudaStorage, &Layout),
+        (ws, wl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Tensor)> {
+        let dev = device(xs);
+        let h = wl.shape().elem_count();
+        let m = xl.shape().elem_count() / h.max(1);
+        let (x, w) = (view::<T>(xs, xl)?, view::<T>(ws, wl)?);
+        // SAFETY: the kernel writes every element of both.
+        let mut y = unsafe { dev.alloc::<T>(m * h)? };
+        let mut rstd = unsafe { dev.alloc::<f32>(m)? };
+        let f = func(&dev, MODULE, FUSED_PTX, "rmsnorm_fwd", xs.dtype())?;
+        let stream = dev.cuda_stream();
+        let hi = h as i32;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&w).arg(&mut y).arg(&mut rstd).arg(&hi).arg(&eps);
+        // SAFETY: argument types and order match rmsnorm_fwd_* in kernels/fused.cu.
+        unsafe { b.launch(grid(m, 1, 256)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), tensor(CudaStorage::wrap_cuda_slice(rstd, dev), m)))
+    }
+
+    pub fn rms_norm(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor) -> Result<Tensor> {
+        by_dtype!(x.dtype(), rms_norm_bwd_t, x, w, dy, rstd)
+    }
+
+    fn rms_norm_bwd_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor) -> Result<Tensor> {
+        let h = w.elem_count();
+        let m = x.elem_count() / h.max(1);
+        let dx = with(&[x, w, dy, rstd], |s| {
+            let dev = device(s[0].0);
+            let (xv, wv, dyv) = (view::<T>(s[0].0, s[0].1)?, view::<T>(s[1].0, s[1].1)?, view::<T>(s[2].0, s[2].1)?);
+            let rv = view::<f32>(s[3].0, s[3].1)?;
+            // SAFETY: the kernel writes every element.
+            let mut dx = unsafe { dev.alloc::<T>(m * h)? };
+            let f = func(&dev, MODULE, FUSED_PTX, "rmsnorm_bwd", x.dtype())?;
+            let stream = dev.cuda_stream();
+            let hi = h as i32;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&xv).arg(&wv).arg(&dyv).arg(&rv).arg(&mut dx).arg(&hi);
+            // SAFETY: argument types and order match rmsnorm_bwd_* in kernels/fused.cu.
+            unsafe { b.launch(grid(m, 1, 256)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(dx, dev))
+        })?;
+        Ok(tensor(dx, x.shape().clone()))
+    }
+
+    pub(super) fn rope(
+        sign: f32,
+        x: (&CudaStorage, &Layout),
+        c: (&CudaStorage, &Layout),
+        s: (&CudaStorage, &Layout),
+    ) -> Result<CudaStorage> {
+        by_dtype!(x.0.dtype(), rope_k, sign, x, c, s)
+    }
+
+    fn rope_k<T: CudaDType + DeviceRepr>(
+        sign: f32,
+        (xs, xl): (&CudaStorage, &Layout),
+        (cs, cl): (&CudaStorage, &Layout),
+        (ss, sl): (&CudaStorage, &Layout),
+    ) -> Result<CudaStorage> {
+        let dev = device(xs);
+        let (n, heads, d) = xl.shape().dims3()?;
+        let (x, c, s) = (view::<T>(xs, xl)?, view::<T>(cs, cl)?, view::<T>(ss, sl)?);
+        // SAFETY: the kernel writes every element.
+        let mut y = unsafe { dev.alloc::<T>(n * heads * d)? };
+        let f = func(&dev, MODULE, FUSED_PTX, "rope", xs.dtype())?;
+        let stream = dev.cuda_stream();
+        let (ni, hi, di) = (n as i32, heads as i32, d as i32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&c).arg(&s).arg(&mut y).arg(&ni).arg(&hi).arg(&di).arg(&sign);
+        // SAFETY: argument types and order match rope_* in kernels/fused.cu.
+        unsafe { b.launch(grid(blocks(n * heads * d / 2), 1, 256)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev))
+    }
+
+    pub fn rope_t(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let out = with(&[dy, cos, sin], |s| rope(-1.0, s[0], s[1], s[2]))?;
+        Ok(tensor(out, dy.shape().clone()))
+    }
+
+    pub(super) fn swiglu_fwd(g: (&CudaStorage, &Layout), u: (&CudaStorage, &Layout)) -> Result<CudaStorage> {
+        by_dtype!(g.0.dtype(), swiglu_fwd_t, g, u)
+    }
+
+    fn swiglu_fwd_t<T: CudaDType + DeviceRepr>(
+        (gs, gl): (&CudaStorage, &Layout),
+        (us, ul): (&CudaStorage, &Layout),
+    ) -> Result<CudaStorage> {
+        let dev = device(gs);
+        let n = gl.shape().elem_count();
+        let (g, u) = (view::<T>(gs, gl)?, view::<T>(us, ul)?);
+        // SAFETY: the kernel writes every element.
+        let mut y = unsafe { dev.alloc::<T>(n)? };
+        let f = func(&dev, MODULE, FUSED_PTX, "swiglu_fwd", gs.dtype())?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&g).arg(&u).arg(&mut y).arg(&n);
+        // SAFETY: argument types and order match swiglu_fwd_* in kernels/fused.cu.
+        unsafe { b.launch(grid(blocks(n), 1, 256)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev))
+    }
+
+    pub fn swiglu(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        by_dtype!(g.dtype(), swiglu_bwd_t, g, u, dy)
+    }
+
+    fn swiglu_bwd_t<T: CudaDType + DeviceRepr>(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = g.elem_count();
+        let (dg, du) = with(&[g, u, dy], |s| {
+            let dev = device(s[0].0);
+            let (gv, uv, dyv) = (view::<T>(s[0].0, s[0].1)?, view::<T>(s[1].0, s[1].1)?, view::<T>(s[2].0, s[2].1)?);
+            // SAFETY: the kernel writes every element of both.
+            let mut dg = unsafe { dev.alloc::<T>(n)? };
+            let mut du = unsafe { dev.alloc::<T>(n)? };
+            let f = func(&dev, MODULE, FUSED_PTX, "swiglu_bwd", g.dtype())?;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            b.arg(&gv).arg(&uv).arg(&dyv).arg(&mut dg).arg(&mut du).arg(&n);
+            // SAFETY: argument types and order match swiglu_bwd_* in kernels/fused.cu.
+            unsafe { b.launch(grid(blocks(n), 1, 256)) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(dg, dev.clone()), CudaStorage::wrap_cuda_slice(du, dev)))
+        })?;
+        Ok((tensor(dg, g.shape().clone()), tensor(du, u.shape().clone())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+    use crate::nn::ops;
+    use crate::nn::tests::rel_err;
+
+    #[test]
+    fn the_fused_kernels_are_cuda_only() -> Result<()> {
+        let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu)?;
+        assert!(!usable(&x));
+        let w = Tensor::ones(4, DType::F32, &Device::Cpu)?;
+        assert!(rms_norm(&x, &w, 1e-5).unwrap_err().to_string().contains("CUDA only"));
+        assert!(rms_norm(&x, &Tensor::ones(3, DType::F32, &Device::Cpu)?, 1e-5).is_err(), "weight of the wrong size");
+        assert!(swiglu(&x, &w).is_err(), "shapes differ");
+        Ok(())
+    }
+
+    /// Each kernel and its backward against the composition in f64 on the
+    /// CPU, from the same (rounded) inputs, f32 and bf16. Run on the GPU
+    /// machine; skipped elsewhere.
+    #[test]
+    fn fused_kernels_match_the_compositions_on_cuda() -> Result<()> {
+        if !candle_core::utils::cuda_is_available() {
+            eprintln!("no CUDA device: skipped");
+            return Ok(());
+        }
+        let dev = Device::new_cuda(0)?;
+        let cpu = Device::Cpu;
+        let (n, heads, d, h) = (37, 3, 64, 576);
+        for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            let var = |shape: &[usize], lo: f64| -> Result<(Var, Var)> {
+                let t = (Tensor::rand(lo, 1.0, shape, &cpu)? * 2.0)?.to_dtype(dt)?.to_device(&dev)?;
+                let g = Var::from_tensor(&t)?;
+                let c = Var::from_tensor(&t.to_device(&cpu)?.to_dtype(DType::F64)?)?;
+                Ok((g, c))
+            };
+            let check = |what: &str, got: &Tensor, want: &Tensor, t: f64| -> Result<()> {
+                let e = rel_err(got, want)?;
+                assert!(e < t, "{what} {dt:?}: off by {e}");
+                Ok(())
+            };
+            // RMSNorm, trainable weight
+            let (xg, xc) = var(&[n, h], -1.0)?;
+            let (wg, wc) = var(&[h], 0.0)?;
+            let dy = Tensor::randn(0f64, 1.0, (n, h), &cpu)?;
+            let want = ops::rms_norm(xc.as_tensor(), wc.as_tensor(), 1e-5)?;
+            let got = rms_norm(xg.as_tensor(), wg.as_tensor(), 1e-5)?;
+            check("rms_norm", &got, &want, tol)?;
+            let gw = (&want * &dy)?.sum_all()?.backward()?;
+            let gg = (got.to_dtype(DType::F32)? * dy.to_dtype(DType::F32)?.to_device(&dev)?)?.sum_all()?.backward()?;
+            for (name, a, b) in [("rms_norm dx", &xg, &xc), ("rms_norm dw", &wg, &wc)] {
+                let (Some(ga), Some(gb)) = (gg.get(a.as_tensor()), gw.get(b.as_tensor())) else { panic!("no {name}") };
+                check(name, ga, gb, tol * 2.0)?;
+            }
+            // RoPE (cos/sin of real angles)
+            let (xg, xc) = var(&[n, heads, d], -1.0)?;
+            let ang = Tensor::rand(0f64, 6.0, (n, d / 2), &cpu)?;
+            let (cos, sin) = (ang.cos()?, ang.sin()?);
+            let on = |t: &Tensor| t.to_dtype(dt)?.to_device(&dev);
+            let back = |t: &Tensor| t.to_dtype(dt)?.to_dtype(DType::F64);
+            let want = ops::rope(xc.as_tensor(), &back(&cos)?, &back(&sin)?)?;
+            let got = rope(xg.as_tensor(), &on(&cos)?, &on(&sin)?)?;
+            check("rope", &got, &want, tol)?;
+            let dy = Tensor::randn(0f64, 1.0, (n, heads, d), &cpu)?;
+            let gw = (&want * &dy)?.sum_all()?.backward()?;
+            let gg = (got.to_dtype(DType::F32)? * dy.to_dtype(DType::F32)?.to_device(&dev)?)?.sum_all()?.backward()?;
+            check("rope dx", gg.get(xg.as_tensor()).expect("dx"), gw.get(xc.as_tensor()).expect("dx"), tol * 2.0)?;
+            // SwiGLU
+            let (gg_, gc) = var(&[n, h], -3.0)?;
+            let (ug, uc) = var(&[n, h], -1.0)?;
+            let want = (gc.as_tensor().silu()? * uc.as_tensor())?;
+            let got = swiglu(gg_.as_tensor(), ug.as_tensor())?;
+            check("swiglu", &got, &want, tol)?;
+            let dy = Tensor::randn(0f64, 1.0, (n, h), &cpu)?;
+            let gw = (&want * &dy)?.sum_all()?.backward()?;
+            let g2 = (got.to_dtype(DType::F32)? * dy.to_dtype(DType::F32)?.to_device(&dev)?)?.sum_all()?.backward()?;
+            for (name, a, b) in [("swiglu dg", &gg_, &gc), ("swiglu du", &ug, &uc)] {
+                let (Some(ga), Some(gb)) = (g2.get(a.as_tensor()), gw.get(b.as_tensor())) else { panic!("no {name}") };
+                check(name, ga, gb, tol * 2.0)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,51 @@
+//! Loading and launching pipe's own CUDA kernels (kernels/*.cu, compiled to
+//! PTX by build.rs): the helpers [`crate::nn::flash`] and
+//! [`crate::nn::fused`] share.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda::cudarc::driver::{CudaFunction, CudaView, LaunchConfig};
+use candle_core::cuda::{CudaDevice, CudaStorage};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Layout, Result, Shape, Storage, Tensor};
+
+pub const ATTN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attn.ptx"));
+pub const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+
+/// A contiguous storage as a typed device view.
+pub fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("a fused kernel got a non-contiguous input") };
+    Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+pub fn cuda_of(st: &Storage) -> Result<&CudaStorage> {
+    match st {
+        Storage::Cuda(c) => Ok(c),
+        _ => candle_core::bail!("a fused kernel got a tensor that is not on CUDA"),
+    }
+}
+
+/// A kernel's output buffer as a tensor (no graph).
+pub fn tensor(s: CudaStorage, shape: impl Into<Shape>) -> Tensor {
+    Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
+}
+
+/// `{name}_{f32|bf16}` from the module of `ptx`.
+pub fn func(dev: &CudaDevice, module: &str, ptx: &'static str, name: &str, dt: DType) -> Result<CudaFunction> {
+    let t = match dt {
+        DType::BF16 => "bf16",
+        DType::F32 => "f32",
+        _ => candle_core::bail!("{name}: {dt:?} is not supported (f32, bf16)"),
+    };
+    Ok(dev.get_or_load_custom_func(&format!("{name}_{t}"), module, ptx)?.into_cuda_function())
+}
+
+/// A grid of `blocks` x `y` blocks of `threads`.
+pub fn grid(blocks: usize, y: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (blocks.max(1) as u32, y as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The device of a storage.
+pub fn device(s: &CudaStorage) -> CudaDevice {
+    s.device().clone()
+}
