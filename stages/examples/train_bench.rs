@@ -22,7 +22,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use pipe_stages::nn::config::LlamaConfig;
 use pipe_stages::nn::llama::{Fwd, Llama, LoraSpec, Row, TrainSpec, ALL_LINEAR};
-use pipe_stages::nn::optim::{clip, global_norm, AdamW, AdamWConfig};
+use pipe_stages::nn::optim::{AdamW, AdamWConfig};
 use rand::{Rng, SeedableRng};
 
 fn config(name: &str) -> Result<LlamaConfig, Box<dyn std::error::Error>> {
@@ -42,27 +42,6 @@ fn config(name: &str) -> Result<LlamaConfig, Box<dyn std::error::Error>> {
         path => serde_json::from_str(&fs_err::read_to_string(path)?)?,
     };
     Ok(serde_json::from_value(v)?)
-}
-
-/// The shape of a parameter, by `transformers` name.
-fn shape(c: &LlamaConfig, name: &str) -> Vec<usize> {
-    let (h, hd, i) = (c.hidden_size, c.head_dim(), c.intermediate_size);
-    let m = |s: &str| name.contains(s);
-    if m("embed_tokens") || m("lm_head") {
-        vec![c.vocab_size, h]
-    } else if m("norm") {
-        vec![h]
-    } else if m("q_proj") {
-        vec![c.num_attention_heads * hd, h]
-    } else if m("k_proj") || m("v_proj") {
-        vec![c.kv_heads() * hd, h]
-    } else if m("o_proj") {
-        vec![h, c.num_attention_heads * hd]
-    } else if m("gate_proj") || m("up_proj") {
-        vec![i, h]
-    } else {
-        vec![h, i]
-    }
 }
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
@@ -116,7 +95,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     pipe_stages::nn::gpu::reset_peak(&device);
     let get = |name: &str| -> pipe_stages::nn::Result<Tensor> {
-        let s = shape(&cfg, name);
+        let s = cfg.param_shape(name);
         let t = if name.contains("norm") {
             Tensor::ones(s, DType::F32, &device)?
         } else {
@@ -155,16 +134,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let b = model.batch(&rows)?;
         let fx = Fwd { train: true, seed: step as u64 };
         let (loss, grads) = model.loss_and_grads(&b, fx, 1.0 / b.n_targets as f64, &vars, ckpt)?;
-        let mut grads: Vec<Tensor> = grads
-            .into_iter()
-            .zip(&vars)
-            .map(|(g, v)| g.map_or_else(|| v.zeros_like(), Ok))
-            .collect::<Result<_, _>>()?;
         sync(&device)?;
         let t1 = Instant::now();
-        let norm = global_norm(&grads)?;
-        clip(&mut grads, norm, 1.0)?;
-        opt.step(&grads, 1e-4)?;
+        opt.clip_and_step(grads, 1.0, 1e-4)?;
         sync(&device)?;
         let t2 = Instant::now();
         losses.push(loss);

@@ -238,18 +238,18 @@ __device__ void bwd_dkv(const T *__restrict__ q, const T *__restrict__ k, const 
 
 #define INSTANTIATE(T, TN, D)                                                                                        \
   extern "C" __global__ void __launch_bounds__(128)                                                       \
-      attn_fwd_##TN##_##D(const T *q, const T *k, const T *v, T *o, float *lse, const int *tiles, int n, int hq,     \
+      attn_fwd_##D##_##TN(const T *q, const T *k, const T *v, T *o, float *lse, const int *tiles, int n, int hq,     \
                           int hkv, float sl2) {                                                                      \
     fwd<T, D>(q, k, v, o, lse, tiles, n, hq, hkv, sl2);                                                              \
   }                                                                                                                  \
   extern "C" __global__ void __launch_bounds__(128)                                                       \
-      attn_bwd_dq_##TN##_##D(const T *q, const T *k, const T *v, const T *dout, const float *lse,                   \
+      attn_bwd_dq_##D##_##TN(const T *q, const T *k, const T *v, const T *dout, const float *lse,                   \
                              const float *delta, T *dq, const int *tiles, int n, int hq, int hkv, float sl2,        \
                              float scale) {                                                                          \
     bwd_dq<T, D>(q, k, v, dout, lse, delta, dq, tiles, n, hq, hkv, sl2, scale);                                      \
   }                                                                                                                  \
   extern "C" __global__ void __launch_bounds__(128)                                                       \
-      attn_bwd_dkv_##TN##_##D(const T *q, const T *k, const T *v, const T *dout, const float *lse,                  \
+      attn_bwd_dkv_##D##_##TN(const T *q, const T *k, const T *v, const T *dout, const float *lse,                  \
                               const float *delta, T *dk, T *dv, const int *tiles, int n, int hq, int hkv, float sl2, \
                               float scale) {                                                                         \
     bwd_dkv<T, D>(q, k, v, dout, lse, delta, dk, dv, tiles, n, hq, hkv, sl2, scale);                                 \

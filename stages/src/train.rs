@@ -64,7 +64,7 @@ use serde_json::{json, Value};
 
 use crate::metrics::{plot_loss, series, EventWriter, Metrics, MetricsLog, METRICS_FILE, TB_DIR};
 use crate::nn::llama::{Fwd, Llama, LoraSpec, Row, TrainSpec, ALL_LINEAR};
-use crate::nn::optim::{clip, global_norm, lr_at, AdamW, AdamWConfig, Schedule};
+use crate::nn::optim::{lr_at, AdamW, AdamWConfig, Schedule};
 use crate::nn::{spectrum, NnError};
 use crate::table;
 
@@ -582,21 +582,13 @@ impl Stage for TrainStage {
                     }
                 }
             }
-            let mut grads: Vec<Tensor> = grads
-                .into_iter()
-                .zip(&vars)
-                .map(|(g, v)| g.map_or_else(|| v.zeros_like(), Ok))
-                .collect::<Result<_, _>>()
-                .map_err(fail)?;
             if !loss.is_finite() {
                 return Err(StageFailure::new(format!("step {}: the loss is {loss}", step + 1))
                     .hint("lower learning_rate, or use precision: f32"));
             }
             prof.lap(&device, Phase::Other);
-            let norm = global_norm(&grads)?;
-            clip(&mut grads, norm, p.max_grad_norm)?;
             let lr = lr_at(p.lr_scheduler, p.learning_rate, step, plan.warmup, plan.total);
-            opt.step(&grads, lr)?;
+            let norm = opt.clip_and_step(grads, p.max_grad_norm, lr)?;
             prof.lap(&device, Phase::Optimizer);
             last_loss = loss;
             total_tokens += n_tokens;

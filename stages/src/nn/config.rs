@@ -133,6 +133,34 @@ impl LlamaConfig {
         self.model_type != "qwen2" && self.attention_bias
     }
 
+    /// The shape of a parameter, by `transformers` name (`...weight` or
+    /// `...bias`).
+    pub fn param_shape(&self, name: &str) -> Vec<usize> {
+        let (d, f, hd) = (self.hidden_size, self.intermediate_size, self.head_dim());
+        let (q, kv) = (self.num_attention_heads * hd, self.kv_heads() * hd);
+        let m = |s: &str| name.contains(s);
+        let (out, inp) = if m("embed_tokens") || m("lm_head") {
+            (self.vocab_size, d)
+        } else if m("norm") {
+            return vec![d];
+        } else if m("q_proj") {
+            (q, d)
+        } else if m("k_proj") || m("v_proj") {
+            (kv, d)
+        } else if m("o_proj") {
+            (d, q)
+        } else if m("gate_proj") || m("up_proj") {
+            (f, d)
+        } else {
+            (d, f)
+        };
+        if name.ends_with(".bias") {
+            vec![out]
+        } else {
+            vec![out, inp]
+        }
+    }
+
     /// RoPE inverse frequencies, with llama3 / linear scaling as `transformers`
     /// computes them (`_compute_llama3_parameters`).
     pub fn inv_freq(&self) -> Vec<f64> {

@@ -19,11 +19,7 @@ pub const HEAD_DIMS: [usize; 2] = [64, 128];
 /// tensor, f32 or bf16, a supported head dim). `PIPE_FUSED_ATTENTION=0`
 /// turns it off (to compare against the composition).
 pub fn usable(q: &Tensor) -> bool {
-    cfg!(feature = "cuda")
-        && q.device().is_cuda()
-        && matches!(q.dtype(), DType::F32 | DType::BF16)
-        && q.dims().last().is_some_and(|d| HEAD_DIMS.contains(d))
-        && std::env::var_os("PIPE_FUSED_ATTENTION").is_none_or(|v| v != "0")
+    crate::nn::fused::kernels_on(q, "PIPE_FUSED_ATTENTION") && q.dims().last().is_some_and(|d| HEAD_DIMS.contains(d))
 }
 
 /// The work split of a batch for head dim `hd`: 4 numbers per tile (first
@@ -90,7 +86,7 @@ impl candle_core::CustomOp3 for Attn {
         _: &candle_core::CpuStorage,
         _: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("fused attention runs on CUDA only (see nn::flash::usable)")
+        crate::nn::fused::cuda_only(self.name())
     }
 
     #[cfg(feature = "cuda")]
@@ -145,7 +141,7 @@ fn backward(
 
 #[cfg(not(feature = "cuda"))]
 fn backward(
-    _: &Attn,
+    op: &Attn,
     _: &Tensor,
     _: &Tensor,
     _: &Tensor,
@@ -153,35 +149,24 @@ fn backward(
     _: &Tensor,
     _: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    candle_core::bail!("fused attention runs on CUDA only")
+    crate::nn::fused::cuda_only(candle_core::CustomOp3::name(op))
 }
 
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda::cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda::{CudaDevice, CudaStorage, WrapErr};
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{DType, Layout, Result, Shape, Tensor};
-    use half::bf16;
 
     use super::Attn;
-    use crate::nn::kernels::{cuda_of, tensor, view, ATTN_PTX};
+    use crate::nn::kernels::{by_dtype, cuda_of, device, func, tensor, view, with, ATTN_PTX};
 
     const THREADS: u32 = 128;
 
-    fn kernel(
-        dev: &CudaDevice,
-        what: &str,
-        dt: DType,
-        d: usize,
-    ) -> Result<candle_core::cuda::cudarc::driver::CudaFunction> {
-        let t = match dt {
-            DType::BF16 => "bf16",
-            DType::F32 => "f32",
-            _ => candle_core::bail!("fused attention: {dt:?} is not supported (f32, bf16)"),
-        };
-        Ok(dev.get_or_load_custom_func(&format!("attn_{what}_{t}_{d}"), "pipe_attn", ATTN_PTX)?.into_cuda_function())
+    fn kernel(dev: &CudaDevice, what: &str, dt: DType, d: usize) -> Result<CudaFunction> {
+        func(dev, "pipe_attn", ATTN_PTX, &format!("attn_{what}_{d}"), dt)
     }
 
     fn cfg(blocks: usize, heads: usize) -> LaunchConfig {
@@ -198,11 +183,7 @@ mod cuda {
         k: (&CudaStorage, &Layout),
         v: (&CudaStorage, &Layout),
     ) -> Result<((CudaStorage, Shape), Tensor)> {
-        match q.0.dtype() {
-            DType::BF16 => forward_t::<bf16>(op, q, k, v),
-            DType::F32 => forward_t::<f32>(op, q, k, v),
-            dt => candle_core::bail!("fused attention: {dt:?} is not supported (f32, bf16)"),
-        }
+        by_dtype!(q.0.dtype(), forward_t, op, q, k, v)
     }
 
     fn forward_t<T: CudaDType + DeviceRepr>(
@@ -213,7 +194,7 @@ mod cuda {
     ) -> Result<((CudaStorage, Shape), Tensor)> {
         let (n, hq, d) = ql.shape().dims3()?;
         let hkv = kl.shape().dims3()?.1;
-        let dev = qs.device().clone();
+        let dev = device(qs);
         let (tst, tl) = op.tiles.storage_and_layout();
         let tiles = view::<u32>(cuda_of(&tst)?, tl)?;
         let (q, k, v) = (view::<T>(qs, ql)?, view::<T>(ks, kl)?, view::<T>(vs, vl)?);
@@ -243,11 +224,7 @@ mod cuda {
         lse: &Tensor,
         delta: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        match q.dtype() {
-            DType::BF16 => backward_t::<bf16>(op, q, k, v, dout, lse, delta),
-            DType::F32 => backward_t::<f32>(op, q, k, v, dout, lse, delta),
-            dt => candle_core::bail!("fused attention: {dt:?} is not supported (f32, bf16)"),
-        }
+        by_dtype!(q.dtype(), backward_t, op, q, k, v, dout, lse, delta)
     }
 
     fn backward_t<T: CudaDType + DeviceRepr>(
@@ -261,40 +238,36 @@ mod cuda {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (n, hq, d) = q.dims3()?;
         let hkv = k.dims3()?.1;
-        let guards: Vec<_> = [q, k, v, dout, lse, delta, &op.tiles].iter().map(|t| t.storage_and_layout()).collect();
-        let st: Vec<(&CudaStorage, &Layout)> =
-            guards.iter().map(|(s, l)| Ok((cuda_of(s)?, *l))).collect::<Result<_>>()?;
-        let dev = st[0].0.device().clone();
-        let (qv, kv, vv, dv_out) = (
-            view::<T>(st[0].0, st[0].1)?,
-            view::<T>(st[1].0, st[1].1)?,
-            view::<T>(st[2].0, st[2].1)?,
-            view::<T>(st[3].0, st[3].1)?,
-        );
-        let (lv, dlv) = (view::<f32>(st[4].0, st[4].1)?, view::<f32>(st[5].0, st[5].1)?);
-        let tiles = view::<u32>(st[6].0, st[6].1)?;
-        // SAFETY: the kernels write every element (every row is in one tile;
-        // dkv's grid covers every key/value head).
-        let mut dq = unsafe { dev.alloc::<T>(n * hq * d)? };
-        let mut dk = unsafe { dev.alloc::<T>(n * hkv * d)? };
-        let mut dv = unsafe { dev.alloc::<T>(n * hkv * d)? };
-        let (ni, hqi, hkvi) = (n as i32, hq as i32, hkv as i32);
-        let sl2 = op.scale * std::f32::consts::LOG2_E;
-        let stream = dev.cuda_stream();
-        let f = kernel(&dev, "bwd_dq", q.dtype(), d)?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&qv).arg(&kv).arg(&vv).arg(&dv_out).arg(&lv).arg(&dlv).arg(&mut dq).arg(&tiles);
-        b.arg(&ni).arg(&hqi).arg(&hkvi).arg(&sl2).arg(&op.scale);
-        // SAFETY: argument types and order match attn_bwd_dq_* in kernels/attn.cu.
-        unsafe { b.launch(cfg(n_tiles(op), hq)) }.w()?;
-        let f = kernel(&dev, "bwd_dkv", q.dtype(), d)?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&qv).arg(&kv).arg(&vv).arg(&dv_out).arg(&lv).arg(&dlv).arg(&mut dk).arg(&mut dv).arg(&tiles);
-        b.arg(&ni).arg(&hqi).arg(&hkvi).arg(&sl2).arg(&op.scale);
-        // SAFETY: argument types and order match attn_bwd_dkv_* in kernels/attn.cu.
-        unsafe { b.launch(cfg(n_tiles(op), hkv)) }.w()?;
-        let wrap = |s, shape: &[usize]| tensor(CudaStorage::wrap_cuda_slice(s, dev.clone()), shape);
-        Ok((wrap(dq, q.dims()), wrap(dk, k.dims()), wrap(dv, v.dims())))
+        let (dq, dk, dv) = with(&[q, k, v, dout, lse, delta, &op.tiles], |st| {
+            let dev = device(st[0].0);
+            let [qv, kv, vv, dov] = [st[0], st[1], st[2], st[3]].map(|(s, l)| view::<T>(s, l));
+            let (qv, kv, vv, dov) = (qv?, kv?, vv?, dov?);
+            let (lv, dlv) = (view::<f32>(st[4].0, st[4].1)?, view::<f32>(st[5].0, st[5].1)?);
+            let tiles = view::<u32>(st[6].0, st[6].1)?;
+            // SAFETY: the kernels write every element (every row is in one tile;
+            // dkv's grid covers every key/value head).
+            let mut dq = unsafe { dev.alloc::<T>(n * hq * d)? };
+            let mut dk = unsafe { dev.alloc::<T>(n * hkv * d)? };
+            let mut dv = unsafe { dev.alloc::<T>(n * hkv * d)? };
+            let (ni, hqi, hkvi) = (n as i32, hq as i32, hkv as i32);
+            let sl2 = op.scale * std::f32::consts::LOG2_E;
+            let stream = dev.cuda_stream();
+            let f = kernel(&dev, "bwd_dq", q.dtype(), d)?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&dlv).arg(&mut dq).arg(&tiles);
+            b.arg(&ni).arg(&hqi).arg(&hkvi).arg(&sl2).arg(&op.scale);
+            // SAFETY: argument types and order match attn_bwd_dq_* in kernels/attn.cu.
+            unsafe { b.launch(cfg(n_tiles(op), hq)) }.w()?;
+            let f = kernel(&dev, "bwd_dkv", q.dtype(), d)?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&dlv).arg(&mut dk).arg(&mut dv).arg(&tiles);
+            b.arg(&ni).arg(&hqi).arg(&hkvi).arg(&sl2).arg(&op.scale);
+            // SAFETY: argument types and order match attn_bwd_dkv_* in kernels/attn.cu.
+            unsafe { b.launch(cfg(n_tiles(op), hkv)) }.w()?;
+            let wrap = |s| CudaStorage::wrap_cuda_slice(s, dev.clone());
+            Ok((wrap(dq), wrap(dk), wrap(dv)))
+        })?;
+        Ok((tensor(dq, q.shape().clone()), tensor(dk, k.shape().clone()), tensor(dv, v.shape().clone())))
     }
 }
 

@@ -12,10 +12,16 @@ use crate::nn::ops::dense;
 /// Whether the fused kernels run for `x`: a CUDA build, a CUDA tensor, f32
 /// or bf16, and not turned off with `PIPE_FUSED_KERNELS=0`.
 pub fn usable(x: &Tensor) -> bool {
+    kernels_on(x, "PIPE_FUSED_KERNELS")
+}
+
+/// Whether pipe's CUDA kernels can take `x` (a CUDA build, a CUDA tensor, f32
+/// or bf16) and the environment variable `switch` does not turn them off.
+pub(crate) fn kernels_on(x: &Tensor, switch: &str) -> bool {
     cfg!(feature = "cuda")
         && x.device().is_cuda()
         && matches!(x.dtype(), DType::F32 | DType::BF16)
-        && std::env::var_os("PIPE_FUSED_KERNELS").is_none_or(|v| v != "0")
+        && std::env::var_os(switch).is_none_or(|v| v != "0")
 }
 
 /// `T(x * rsqrt(mean(x^2) + eps)) * w` over the last dim (as
@@ -64,8 +70,10 @@ struct RmsNorm {
 struct Rope;
 struct SwiGlu;
 
-fn cpu_only<T>(name: &str) -> Result<T> {
-    candle_core::bail!("{name}: the fused kernel runs on CUDA only (see nn::fused::usable)")
+/// The error of a fused op asked to run off CUDA (the callers check
+/// [`usable`] / [`crate::nn::flash::usable`] first).
+pub(crate) fn cuda_only<T>(name: &str) -> Result<T> {
+    candle_core::bail!("{name}: the fused kernel runs on CUDA only")
 }
 
 impl candle_core::CustomOp2 for RmsNorm {
@@ -80,7 +88,7 @@ impl candle_core::CustomOp2 for RmsNorm {
         _: &candle_core::CpuStorage,
         _: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        cpu_only(self.name())
+        cuda_only(self.name())
     }
 
     #[cfg(feature = "cuda")]
@@ -132,7 +140,7 @@ impl candle_core::CustomOp3 for Rope {
         _: &candle_core::CpuStorage,
         _: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        cpu_only(self.name())
+        cuda_only(self.name())
     }
 
     #[cfg(feature = "cuda")]
@@ -174,7 +182,7 @@ impl candle_core::CustomOp2 for SwiGlu {
         _: &candle_core::CpuStorage,
         _: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        cpu_only(self.name())
+        cuda_only(self.name())
     }
 
     #[cfg(feature = "cuda")]
@@ -200,13 +208,13 @@ mod backward {
     use candle_core::{Result, Tensor};
 
     pub fn rms_norm(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
-        super::cpu_only("fused rms_norm")
+        super::cuda_only("fused rms_norm")
     }
     pub fn rope_t(_: &Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
-        super::cpu_only("fused rope")
+        super::cuda_only("fused rope")
     }
     pub fn swiglu(_: &Tensor, _: &Tensor, _: &Tensor) -> Result<(Tensor, Tensor)> {
-        super::cpu_only("fused swiglu")
+        super::cuda_only("fused swiglu")
     }
 }
 
@@ -219,34 +227,15 @@ mod cuda {
     use candle_core::cuda::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::cuda::{CudaStorage, WrapErr};
     use candle_core::cuda_backend::CudaDType;
-    use candle_core::{DType, Layout, Result, Tensor};
-    use half::bf16;
+    use candle_core::{Layout, Result, Tensor};
 
-    use crate::nn::kernels::{cuda_of, device, func, grid, tensor, view, FUSED_PTX};
+    use crate::nn::kernels::{by_dtype, device, func, grid, tensor, view, with, FUSED_PTX};
 
     const MODULE: &str = "pipe_fused";
 
     /// Blocks for an elementwise kernel over `n` items (grid-stride loops).
     fn blocks(n: usize) -> usize {
         n.div_ceil(256).min(65_535)
-    }
-
-    /// Run `f` with the CUDA storages of `ts` (read-locked for the call).
-    fn with<R>(ts: &[&Tensor], f: impl FnOnce(&[(&CudaStorage, &Layout)]) -> Result<R>) -> Result<R> {
-        let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-        let st: Vec<(&CudaStorage, &Layout)> =
-            guards.iter().map(|(s, l)| Ok((cuda_of(s)?, *l))).collect::<Result<_>>()?;
-        f(&st)
-    }
-
-    macro_rules! by_dtype {
-        ($dt:expr, $f:ident, $($a:expr),*) => {
-            match $dt {
-                DType::BF16 => $f::<bf16>($($a),*),
-                DType::F32 => $f::<f32>($($a),*),
-                dt => candle_core::bail!("fused kernel: {dt:?} is not supported (f32, bf16)"),
-            }
-        };
     }
 
     pub(super) fn rms_norm_fwd(

@@ -9,7 +9,10 @@ use candle_core::Device;
 /// (None off CUDA, or when the driver does not say).
 #[cfg(feature = "cuda")]
 pub fn peak_bytes(d: &Device) -> Option<u64> {
-    pool_attr(d, PoolAttr::UsedHigh)
+    let mut v: u64 = 0;
+    // SAFETY: a valid pool handle and a u64 for a cuuint64_t attribute.
+    let r = unsafe { sys::cuMemPoolGetAttribute(pool(d)?, USED_HIGH, (&mut v as *mut u64).cast()) };
+    (r == sys::CUresult::CUDA_SUCCESS).then_some(v)
 }
 
 /// Start a new peak measurement.
@@ -18,13 +21,7 @@ pub fn reset_peak(d: &Device) {
     let Some(pool) = pool(d) else { return };
     let mut zero: u64 = 0;
     // SAFETY: a valid pool handle and a u64 for a cuuint64_t attribute.
-    unsafe {
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            (&mut zero as *mut u64).cast(),
-        );
-    }
+    unsafe { sys::cuMemPoolSetAttribute(pool, USED_HIGH, (&mut zero as *mut u64).cast()) };
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -39,9 +36,7 @@ pub fn reset_peak(_: &Device) {}
 use candle_core::cuda::cudarc::driver::sys;
 
 #[cfg(feature = "cuda")]
-enum PoolAttr {
-    UsedHigh,
-}
+const USED_HIGH: sys::CUmemPool_attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
 
 #[cfg(feature = "cuda")]
 fn pool(d: &Device) -> Option<sys::CUmemoryPool> {
@@ -51,16 +46,4 @@ fn pool(d: &Device) -> Option<sys::CUmemoryPool> {
     // SAFETY: `pool` is a valid out pointer; the device handle comes from a live context.
     let r = unsafe { sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()) };
     (r == sys::CUresult::CUDA_SUCCESS && !pool.is_null()).then_some(pool)
-}
-
-#[cfg(feature = "cuda")]
-fn pool_attr(d: &Device, a: PoolAttr) -> Option<u64> {
-    let pool = pool(d)?;
-    let attr = match a {
-        PoolAttr::UsedHigh => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-    };
-    let mut v: u64 = 0;
-    // SAFETY: a valid pool handle and a u64 for a cuuint64_t attribute.
-    let r = unsafe { sys::cuMemPoolGetAttribute(pool, attr, (&mut v as *mut u64).cast()) };
-    (r == sys::CUresult::CUDA_SUCCESS).then_some(v)
 }

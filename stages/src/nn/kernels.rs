@@ -40,6 +40,26 @@ pub fn func(dev: &CudaDevice, module: &str, ptx: &'static str, name: &str, dt: D
     Ok(dev.get_or_load_custom_func(&format!("{name}_{t}"), module, ptx)?.into_cuda_function())
 }
 
+/// Run `f` with the CUDA storages of `ts` (read-locked for the call).
+pub fn with<R>(ts: &[&Tensor], f: impl FnOnce(&[(&CudaStorage, &Layout)]) -> Result<R>) -> Result<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let st: Vec<(&CudaStorage, &Layout)> = guards.iter().map(|(s, l)| Ok((cuda_of(s)?, *l))).collect::<Result<_>>()?;
+    f(&st)
+}
+
+/// `f::<bf16>(args)` or `f::<f32>(args)` by `dt` (the storage types the
+/// kernels are compiled for).
+macro_rules! by_dtype {
+    ($dt:expr, $f:ident, $($a:expr),*) => {
+        match $dt {
+            candle_core::DType::BF16 => $f::<half::bf16>($($a),*),
+            candle_core::DType::F32 => $f::<f32>($($a),*),
+            dt => candle_core::bail!("fused kernel: {dt:?} is not supported (f32, bf16)"),
+        }
+    };
+}
+pub(crate) use by_dtype;
+
 /// A grid of `blocks` x `y` blocks of `threads`.
 pub fn grid(blocks: usize, y: usize, threads: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks.max(1) as u32, y as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }

@@ -540,18 +540,22 @@ impl Llama {
         let v = l.v.forward(&hn, fx_i)?.reshape((n, kv, hd))?;
         let q = rope(&q, &b.cos, &b.sin)?;
         let k = rope(&k, &b.cos, &b.sin)?;
-        if crate::nn::flash::usable(&q) {
+        let attn = if crate::nn::flash::usable(&q) {
             let scale = 1.0 / (hd as f64).sqrt();
-            let attn = crate::nn::flash::attention(&q, &k, &v, b.attn_tiles(hd)?, scale)?.reshape((n, h * hd))?;
-            return self.block_tail(l, x, &attn, fx_i);
-        }
-        let mut outs = Vec::with_capacity(b.seqs.len());
-        for &(off, len) in &b.seqs {
-            let ki = k.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?;
-            let vi = v.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?;
-            outs.push(self.seq_attention(&q.narrow(0, off, len)?, &ki, &vi, 0)?);
-        }
-        let attn = if outs.len() == 1 { outs.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&outs, 0)? };
+            crate::nn::flash::attention(&q, &k, &v, b.attn_tiles(hd)?, scale)?.reshape((n, h * hd))?
+        } else {
+            let mut outs = Vec::with_capacity(b.seqs.len());
+            for &(off, len) in &b.seqs {
+                let ki = k.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?;
+                let vi = v.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?;
+                outs.push(self.seq_attention(&q.narrow(0, off, len)?, &ki, &vi, 0)?);
+            }
+            if outs.len() == 1 {
+                outs.pop().unwrap_or_else(|| unreachable!())
+            } else {
+                Tensor::cat(&outs, 0)?
+            }
+        };
         self.block_tail(l, x, &attn, fx_i)
     }
 

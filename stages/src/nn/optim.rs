@@ -78,6 +78,22 @@ impl AdamW {
         Ok(AdamW { cfg, params, t: 0 })
     }
 
+    /// The step of a training loop: `grads[i]` for `params[i]` (None: the
+    /// batch did not reach it, a zero gradient), clipped to global norm
+    /// `max_norm` (0: no clipping), then [`Self::step`]. Returns the norm
+    /// before clipping.
+    pub fn clip_and_step(&mut self, grads: Vec<Option<Tensor>>, max_norm: f64, lr: f64) -> Result<f64> {
+        let mut grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(&self.params)
+            .map(|(g, p)| g.map_or_else(|| p.var.zeros_like(), Ok))
+            .collect::<candle_core::Result<_>>()?;
+        let norm = global_norm(&grads)?;
+        clip(&mut grads, norm, max_norm)?;
+        self.step(&grads, lr)?;
+        Ok(norm)
+    }
+
     /// One update with gradients `grads[i]` for `params[i]` (already
     /// averaged and clipped).
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {

@@ -45,31 +45,29 @@ pub fn tiny_weights(cfg: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let dev = Device::Cpu;
     let mut w = HashMap::new();
-    let mut put = |name: String, shape: Vec<usize>, scale: f64, center: f64| {
+    let mut put = |name: String, scale: f64, center: f64| {
+        let shape = cfg.param_shape(&name);
         let n: usize = shape.iter().product();
         let v: Vec<f64> = (0..n).map(|_| center + rng.random_range(-scale..scale)).collect();
         w.insert(name, Tensor::from_vec(v, shape, &dev).expect("tensor"));
     };
-    let (d, f, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
-    let (h, kv) = (cfg.num_attention_heads, cfg.kv_heads());
-    put("model.embed_tokens.weight".into(), vec![cfg.vocab_size, d], 0.5, 0.0);
+    put("model.embed_tokens.weight".into(), 0.5, 0.0);
     if !cfg.tie_word_embeddings {
-        put("lm_head.weight".into(), vec![cfg.vocab_size, d], 0.3, 0.0);
+        put("lm_head.weight".into(), 0.3, 0.0);
     }
-    put("model.norm.weight".into(), vec![d], 0.2, 1.0);
+    put("model.norm.weight".into(), 0.2, 1.0);
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        put(format!("{p}.input_layernorm.weight"), vec![d], 0.2, 1.0);
-        put(format!("{p}.post_attention_layernorm.weight"), vec![d], 0.2, 1.0);
-        for (m, o, i_) in [("q_proj", h * hd, d), ("k_proj", kv * hd, d), ("v_proj", kv * hd, d), ("o_proj", d, h * hd)]
-        {
-            put(format!("{p}.self_attn.{m}.weight"), vec![o, i_], 0.3, 0.0);
+        put(format!("{p}.input_layernorm.weight"), 0.2, 1.0);
+        put(format!("{p}.post_attention_layernorm.weight"), 0.2, 1.0);
+        for m in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+            put(format!("{p}.self_attn.{m}.weight"), 0.3, 0.0);
             if cfg.qkv_bias() && m != "o_proj" {
-                put(format!("{p}.self_attn.{m}.bias"), vec![o], 0.1, 0.0);
+                put(format!("{p}.self_attn.{m}.bias"), 0.1, 0.0);
             }
         }
-        for (m, o, i_) in [("gate_proj", f, d), ("up_proj", f, d), ("down_proj", d, f)] {
-            put(format!("{p}.mlp.{m}.weight"), vec![o, i_], 0.3, 0.0);
+        for m in ["gate_proj", "up_proj", "down_proj"] {
+            put(format!("{p}.mlp.{m}.weight"), 0.3, 0.0);
         }
     }
     w
