@@ -14,8 +14,10 @@ use pipe_engine::exec::Reporter;
 pub struct Ui {
     tty: Option<MultiProgress>,
     bars: Mutex<HashMap<String, ProgressBar>>,
-    /// Without a terminal, progress lines are throttled per stage.
-    last_plain: Mutex<HashMap<String, Instant>>,
+    /// Without a terminal, progress lines are throttled per stage: when the
+    /// last one was printed, and the newest one held back since (printed
+    /// when the stage ends, so a log shows final counts).
+    last_plain: Mutex<HashMap<String, (Instant, Option<String>)>>,
 }
 
 /// At most one plain progress line per stage this often.
@@ -40,6 +42,10 @@ impl Ui {
     fn finish_bar(&self, stage: &str) {
         if let Some(b) = self.bars.lock().expect("ui lock").remove(stage) {
             b.finish_and_clear();
+        }
+        let held = self.last_plain.lock().expect("ui lock").remove(stage).and_then(|(_, m)| m);
+        if let Some(m) = held {
+            self.line(&format!("pipe: {stage}: {m}"));
         }
     }
 }
@@ -99,11 +105,13 @@ impl Reporter for Ui {
             return;
         }
         let mut last = self.last_plain.lock().expect("ui lock");
-        let due = last.get(stage).is_none_or(|t| t.elapsed() >= PLAIN_EVERY);
+        let due = last.get(stage).is_none_or(|(t, _)| t.elapsed() >= PLAIN_EVERY);
         if due {
-            last.insert(stage.to_string(), Instant::now());
+            last.insert(stage.to_string(), (Instant::now(), None));
             drop(last);
             self.line(&format!("pipe: {stage}: {message}"));
+        } else if let Some((_, held)) = last.get_mut(stage) {
+            *held = Some(message.to_string());
         }
     }
 }

@@ -366,3 +366,21 @@ fn hub_dataset_split_selection_and_pinned_revision() {
     assert_eq!(o.code, 2, "{o:?}");
     assert!(o.stderr.contains("names a model repository"), "{o:?}");
 }
+
+/// More rows than one read batch (8,192): all are kept, and the plain log's
+/// last progress line (held back by the 10 s throttle) gives the final count.
+#[test]
+fn rows_beyond_one_batch_are_all_read_and_the_log_shows_the_final_count() {
+    let ws = Ws::new();
+    ws.write("data/train.jsonl", &gsm_like(10_000));
+    ws.write("p.yaml", "stages:\n  ds:\n    kind: dataset\n    source: data/train.jsonl\n");
+    let o = ws.ok(&["run", "p.yaml"]);
+    let rows: usize =
+        read_parquet(&ws.out_path("p.yaml", "ds").join("data.parquet")).iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, 10_000);
+    let progress: Vec<&str> = o.stderr.lines().filter(|l| l.contains("rows read")).collect();
+    assert_eq!(progress.last(), Some(&"pipe: ds: 10000 rows read"), "{}", o.stderr);
+    let done = o.stderr.lines().position(|l| l.starts_with("pipe: ds: done")).expect("done line");
+    let last = o.stderr.lines().position(|l| l == "pipe: ds: 10000 rows read").unwrap();
+    assert!(last < done, "{}", o.stderr);
+}
