@@ -1,5 +1,5 @@
 // Fused elementwise and row kernels for training (forward and backward):
-// RMSNorm, rotary embedding, SwiGLU. f32 or bf16 storage, f32 arithmetic.
+// RMSNorm, rotary embedding, SwiGLU, softmax cross-entropy. f32 or bf16 storage, f32 arithmetic.
 // Compiled to PTX by stages/build.rs; launched from stages/src/nn/fused.rs,
 // which documents the semantics each must match (the plain compositions in
 // stages/src/nn/ops.rs).
@@ -9,20 +9,6 @@
 // Round to the storage type and back (what a composition in T does between ops).
 __device__ __forceinline__ float rnd(float v, const float *) { return v; }
 __device__ __forceinline__ float rnd(float v, const __nv_bfloat16 *) { return __bfloat162float(__float2bfloat16(v)); }
-
-// Sum over the block (blockDim.x a multiple of 32, at most 1024).
-__device__ __forceinline__ float block_sum(float v) {
-  __shared__ float part[32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-  __syncthreads();
-  if (l == 0) part[w] = v;
-  __syncthreads();
-  const int nw = blockDim.x / 32;
-  v = l < nw ? part[l] : 0.f;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // y = T(x * rstd) * w, rstd = 1 / sqrt(mean(x^2) + eps); one block per row.
 template <typename T>
@@ -90,6 +76,32 @@ template <typename T> __device__ void swiglu_bwd(const T *g, const T *u, const T
   }
 }
 
+// Softmax cross-entropy of one row of logits per block, and its gradient in
+// place: loss[row] = logsumexp(x) - x[t]; x <- softmax(x) - onehot(t).
+// Both in f32 from the stored logits (the loss is the end of the graph, so
+// the gradient is known in the forward pass).
+template <typename T> __device__ void ce_grad(T *x, const uint32_t *tgt, float *loss, int v) {
+  const size_t row = blockIdx.x;
+  T *xr = x + row * v;
+  const uint32_t t = tgt[row];
+  const float xt = ld(xr, t); // read before any thread overwrites it (the reductions sync)
+  float mx = -INFINITY, s = 0.f;
+  for (int c = threadIdx.x; c < v; c += blockDim.x) {
+    const float a = ld(xr, c);
+    if (a > mx) {
+      s = s * expf(mx - a) + 1.f;
+      mx = a;
+    } else {
+      s += expf(a - mx);
+    }
+  }
+  const float m = block_max(mx);
+  s = block_sum(mx == -INFINITY ? 0.f : s * expf(mx - m));
+  const float lse = m + logf(s);
+  if (threadIdx.x == 0) loss[row] = lse - xt;
+  for (int c = threadIdx.x; c < v; c += blockDim.x) st(xr, c, expf(ld(xr, c) - lse) - (c == (int)t ? 1.f : 0.f));
+}
+
 #define INSTANTIATE(T, TN)                                                                                          \
   extern "C" __global__ void rmsnorm_fwd_##TN(const T *x, const T *w, T *y, float *rstd, int h, float eps) {       \
     rmsnorm_fwd<T>(x, w, y, rstd, h, eps);                                                                          \
@@ -105,7 +117,8 @@ template <typename T> __device__ void swiglu_bwd(const T *g, const T *u, const T
   extern "C" __global__ void swiglu_fwd_##TN(const T *g, const T *u, T *y, size_t n) { swiglu_fwd<T>(g, u, y, n); } \
   extern "C" __global__ void swiglu_bwd_##TN(const T *g, const T *u, const T *dy, T *dg, T *du, size_t n) {        \
     swiglu_bwd<T>(g, u, dy, dg, du, n);                                                                             \
-  }
+  }                                                                                                                 \
+  extern "C" __global__ void ce_grad_##TN(T *x, const uint32_t *tgt, float *loss, int v) { ce_grad<T>(x, tgt, loss, v); }
 
 INSTANTIATE(float, f32)
 INSTANTIATE(__nv_bfloat16, bf16)

@@ -242,8 +242,9 @@ impl StageKind for TrainKind {
     fn version(&self) -> u32 {
         // 3: fused CUDA kernels (attention, RMSNorm, RoPE, SwiGLU) change
         // GPU results at rounding level; the gradient norm is summed on the
-        // device.
-        3
+        // device. 4: on CUDA the LM head's cross-entropy and AdamW run as
+        // kernels (f32 clipping of bf16 gradients).
+        4
     }
     fn summary(&self) -> &'static str {
         "fine-tune a model on packed data: full, LoRA, QLoRA or Spectrum"

@@ -18,9 +18,14 @@ pub fn usable(x: &Tensor) -> bool {
 /// Whether pipe's CUDA kernels can take `x` (a CUDA build, a CUDA tensor, f32
 /// or bf16) and the environment variable `switch` does not turn them off.
 pub(crate) fn kernels_on(x: &Tensor, switch: &str) -> bool {
+    kernels_for(x.device(), x.dtype(), switch)
+}
+
+/// [`kernels_on`] for a result of `dtype` to be made on `dev`.
+pub(crate) fn kernels_for(dev: &candle_core::Device, dtype: DType, switch: &str) -> bool {
     cfg!(feature = "cuda")
-        && x.device().is_cuda()
-        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && dev.is_cuda()
+        && matches!(dtype, DType::F32 | DType::BF16)
         && std::env::var_os(switch).is_none_or(|v| v != "0")
 }
 
@@ -58,6 +63,66 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
         candle_core::bail!("fused swiglu: {:?} vs {:?}", g.dims(), u.dims());
     }
     dense(g)?.apply_op2(&dense(u)?, SwiGlu)
+}
+
+/// Softmax cross-entropy of each row of `logits` (M, V) against `targets`
+/// (M, u32), with the gradient written over the logits: returns the loss
+/// per row (M, f32, `logsumexp - logit[target]`), and `logits` then holds
+/// `softmax - onehot(target)` in its own dtype. One kernel pass instead of
+/// the composition's dozen over an f32 copy (for the chunked LM head, where
+/// the loss ends the graph). CUDA only.
+pub fn cross_entropy_grad_in_place(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (m, _) = logits.dims2()?;
+    if targets.dims() != [m] || targets.dtype() != DType::U32 || !logits.is_contiguous() {
+        candle_core::bail!(
+            "fused cross-entropy: logits {:?} (contiguous: {}), targets {:?} {:?}",
+            logits.dims(),
+            logits.is_contiguous(),
+            targets.dims(),
+            targets.dtype()
+        );
+    }
+    let op = CeGrad { loss: Default::default() };
+    logits.inplace_op2(&dense(targets)?, &op)?;
+    match op.loss.lock().ok().and_then(|mut g| g.take()) {
+        Some(l) => Ok(l),
+        None => candle_core::bail!("fused cross-entropy: the kernel returned no loss"),
+    }
+}
+
+struct CeGrad {
+    loss: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl candle_core::InplaceOp2 for CeGrad {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<()> {
+        cuda_only(self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &mut candle_core::CudaStorage,
+        xl: &candle_core::Layout,
+        ts: &candle_core::CudaStorage,
+        tl: &candle_core::Layout,
+    ) -> Result<()> {
+        let loss = cuda::ce_grad((xs, xl), (ts, tl))?;
+        if let Ok(mut g) = self.loss.lock() {
+            *g = Some(loss);
+        }
+        Ok(())
+    }
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -354,6 +419,34 @@ mod cuda {
         by_dtype!(g.dtype(), swiglu_bwd_t, g, u, dy)
     }
 
+    pub(super) fn ce_grad(x: (&mut CudaStorage, &Layout), t: (&CudaStorage, &Layout)) -> Result<Tensor> {
+        by_dtype!(x.0.dtype(), ce_grad_t, x, t)
+    }
+
+    fn ce_grad_t<T: CudaDType + DeviceRepr>(
+        (xs, xl): (&mut CudaStorage, &Layout),
+        (ts, tl): (&CudaStorage, &Layout),
+    ) -> Result<Tensor> {
+        let dev = device(xs);
+        let dt = xs.dtype();
+        let (m, v) = xl.shape().dims2()?;
+        let t = view::<u32>(ts, tl)?;
+        let Some((a, b)) = xl.contiguous_offsets() else {
+            candle_core::bail!("fused cross-entropy: non-contiguous logits")
+        };
+        let mut x = xs.as_cuda_slice_mut::<T>()?.slice_mut(a..b);
+        // SAFETY: the kernel writes every element.
+        let mut loss = unsafe { dev.alloc::<f32>(m)? };
+        let f = func(&dev, MODULE, FUSED_PTX, "ce_grad", dt)?;
+        let stream = dev.cuda_stream();
+        let vi = v as i32;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut x).arg(&t).arg(&mut loss).arg(&vi);
+        // SAFETY: argument types and order match ce_grad_* in kernels/fused.cu.
+        unsafe { b.launch(grid(m, 1, 512)) }.w()?;
+        Ok(tensor(CudaStorage::wrap_cuda_slice(loss, dev), m))
+    }
+
     fn swiglu_bwd_t<T: CudaDType + DeviceRepr>(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = g.elem_count();
         let (dg, du) = with(&[g, u, dy], |s| {
@@ -390,6 +483,47 @@ mod tests {
         assert!(rms_norm(&x, &w, 1e-5).unwrap_err().to_string().contains("CUDA only"));
         assert!(rms_norm(&x, &Tensor::ones(3, DType::F32, &Device::Cpu)?, 1e-5).is_err(), "weight of the wrong size");
         assert!(swiglu(&x, &w).is_err(), "shapes differ");
+        let t = Tensor::zeros(2, DType::U32, &Device::Cpu)?;
+        assert!(cross_entropy_grad_in_place(&x, &t).unwrap_err().to_string().contains("CUDA only"));
+        assert!(cross_entropy_grad_in_place(&x, &t.to_dtype(DType::F32)?).is_err(), "f32 targets");
+        assert!(cross_entropy_grad_in_place(&x, &Tensor::zeros(3, DType::U32, &Device::Cpu)?).is_err(), "3 targets");
+        assert!(cross_entropy_grad_in_place(&x.t()?, &t).is_err(), "non-contiguous logits");
+        Ok(())
+    }
+
+    /// The cross-entropy kernel against the composition in f64 on the CPU
+    /// (logsumexp - picked; softmax - onehot), from the same rounded logits,
+    /// f32 and bf16, vocabularies smaller and larger than a block. Run on
+    /// the GPU machine; skipped elsewhere.
+    #[test]
+    fn fused_cross_entropy_matches_the_composition_on_cuda() -> Result<()> {
+        if !candle_core::utils::cuda_is_available() {
+            eprintln!("no CUDA device: skipped");
+            return Ok(());
+        }
+        let dev = Device::new_cuda(0)?;
+        let cpu = Device::Cpu;
+        for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+            for (m, v) in [(37, 300), (9, 5003), (4, 49_152)] {
+                let x = (Tensor::randn(0f64, 3.0, (m, v), &cpu)?).to_dtype(dt)?;
+                let t = Tensor::from_vec((0..m as u32).map(|i| (i * 7919) % v as u32).collect::<Vec<_>>(), m, &cpu)?;
+                let xc = x.to_dtype(DType::F64)?;
+                let lse = xc.exp()?.sum_keepdim(1)?.log()?;
+                let want_loss = (lse.squeeze(1)? - xc.gather(&t.unsqueeze(1)?, 1)?.squeeze(1)?)?;
+                let onehot = Tensor::zeros((m, v), DType::F64, &cpu)?.scatter_add(
+                    &t.unsqueeze(1)?,
+                    &Tensor::ones((m, 1), DType::F64, &cpu)?,
+                    1,
+                )?;
+                let want_grad = (xc.broadcast_sub(&lse)?.exp()? - onehot)?;
+                let xg = x.to_device(&dev)?;
+                let loss = cross_entropy_grad_in_place(&xg, &t.to_device(&dev)?)?;
+                let e = rel_err(&loss, &want_loss)?;
+                assert!(e < 1e-5, "loss {dt:?} {m}x{v}: off by {e}");
+                let e = rel_err(&xg, &want_grad)?;
+                assert!(e < tol, "gradient {dt:?} {m}x{v}: off by {e}");
+            }
+        }
         Ok(())
     }
 

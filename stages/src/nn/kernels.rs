@@ -1,6 +1,6 @@
 //! Loading and launching pipe's own CUDA kernels (kernels/*.cu, compiled to
 //! PTX by build.rs): the helpers [`crate::nn::flash`] and
-//! [`crate::nn::fused`] share.
+//! [`crate::nn::fused`], [`crate::nn::optim`] and [`crate::nn::nf4`] share.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::cudarc::driver::{CudaFunction, CudaView, LaunchConfig};
@@ -11,6 +11,8 @@ use candle_core::{DType, Layout, Result, Shape, Storage, Tensor};
 
 pub const ATTN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attn.ptx"));
 pub const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+pub const OPTIM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
+pub const NF4_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
 
 /// A contiguous storage as a typed device view.
 pub fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {

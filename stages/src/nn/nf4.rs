@@ -236,6 +236,21 @@ pub struct Nf4Tensor {
     absmax_scale: Vec<f32>,
     /// Mean of the block absmaxes.
     offset: f32,
+    /// The codes, absmaxes, scales and tables on the GPU, uploaded on the
+    /// first dequantisation there (see [`Nf4Tensor::dequantize`]).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    on_device: OnceLock<OnDevice>,
+}
+
+/// An [`Nf4Tensor`]'s data on one CUDA device.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct OnDevice {
+    codes: Tensor,
+    qabsmax: Tensor,
+    scale: Tensor,
+    /// NF4_CODE, then DYNAMIC_MAP.
+    tables: Tensor,
 }
 
 /// Quantises a 2-D float weight `(out, in)` (any float dtype, any device;
@@ -289,7 +304,7 @@ pub fn quantize(w: &Tensor) -> Result<Nf4Tensor> {
         })
         .collect();
 
-    Ok(Nf4Tensor { shape: (rows, cols), codes, qabsmax, absmax_scale, offset })
+    Ok(Nf4Tensor { shape: (rows, cols), codes, qabsmax, absmax_scale, offset, on_device: OnceLock::new() })
 }
 
 impl Nf4Tensor {
@@ -335,8 +350,13 @@ impl Nf4Tensor {
     }
 
     /// The `(out, in)` weight in `dtype` on `device`: computed in f32 on the
-    /// host (rayon over blocks), converted while writing, then moved.
+    /// host (rayon over blocks), converted while writing, then moved. On
+    /// CUDA (f32, bf16; unless `PIPE_FUSED_KERNELS=0`) a kernel makes it on
+    /// the GPU from the NF4 data kept there (uploaded once), the same bits.
     pub fn dequantize(&self, device: &Device, dtype: DType) -> Result<Tensor> {
+        if crate::nn::fused::kernels_for(device, dtype, "PIPE_FUSED_KERNELS") {
+            return self.dequantize_cuda(device, dtype);
+        }
         let n = self.codes.len() * 2;
         let shape = self.shape;
         match dtype {
@@ -365,9 +385,96 @@ impl Nf4Tensor {
     }
 }
 
+impl Nf4Tensor {
+    #[cfg(not(feature = "cuda"))]
+    fn dequantize_cuda(&self, _: &Device, _: DType) -> Result<Tensor> {
+        crate::nn::fused::cuda_only("nf4 dequantise")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn dequantize_cuda(&self, device: &Device, dtype: DType) -> Result<Tensor> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda::cudarc::driver::{DeviceRepr, PushKernelArg};
+        use candle_core::cuda::{CudaStorage, WrapErr};
+        use candle_core::cuda_backend::CudaDType;
+
+        use crate::nn::kernels::{by_dtype, func, grid, tensor, view, with, NF4_PTX};
+
+        let upload = || -> Result<OnDevice> {
+            let mut tables = NF4_CODE.to_vec();
+            tables.extend_from_slice(&DYNAMIC_MAP);
+            Ok(OnDevice {
+                codes: Tensor::from_slice(&self.codes, self.codes.len(), device)?,
+                qabsmax: Tensor::from_slice(&self.qabsmax, self.qabsmax.len(), device)?,
+                scale: Tensor::from_slice(&self.absmax_scale, self.absmax_scale.len(), device)?,
+                tables: Tensor::from_vec(tables, 16 + 256, device)?,
+            })
+        };
+        let fresh;
+        let d = match self.on_device.get() {
+            Some(d) if d.codes.device().same_device(device) => d,
+            Some(_) => {
+                fresh = upload()?; // another GPU: not cached
+                &fresh
+            }
+            None => {
+                let _ = self.on_device.set(upload()?);
+                self.on_device.get().expect("just set")
+            }
+        };
+        fn launch<T: CudaDType + DeviceRepr>(
+            s: &[(&CudaStorage, &candle_core::Layout)],
+            offset: f32,
+            dt: DType,
+        ) -> Result<CudaStorage> {
+            let dev = s[0].0.device().clone();
+            let nbytes = s[0].1.shape().elem_count();
+            let (codes, qabsmax) = (view::<u8>(s[0].0, s[0].1)?, view::<u8>(s[1].0, s[1].1)?);
+            let (scale, tables) = (view::<f32>(s[2].0, s[2].1)?, view::<f32>(s[3].0, s[3].1)?);
+            // SAFETY: the kernel writes every element.
+            let mut out = unsafe { dev.alloc::<T>(nbytes * 2)? };
+            let f = func(&dev, "pipe_nf4", NF4_PTX, "nf4_dequant", dt)?;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            b.arg(&codes).arg(&qabsmax).arg(&scale).arg(&tables).arg(&offset).arg(&mut out).arg(&nbytes);
+            // SAFETY: argument types and order match nf4_dequant_* in kernels/nf4.cu.
+            unsafe { b.launch(grid(nbytes.div_ceil(256).min(65_535), 1, 256)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev))
+        }
+        let out = with(&[&d.codes, &d.qabsmax, &d.scale, &d.tables], |s| {
+            by_dtype!(dtype, launch, s, self.offset, dtype)
+        })?;
+        Ok(tensor(out, self.shape))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On CUDA the kernel gives the host's bits, f32 and bf16, over several
+    /// blocks of 256 absmaxes; uploaded once. Run on the GPU machine;
+    /// skipped elsewhere.
+    #[test]
+    fn cuda_dequantisation_matches_the_host_bit_for_bit() -> Result<()> {
+        if !candle_core::utils::cuda_is_available() {
+            eprintln!("no CUDA device: skipped");
+            return Ok(());
+        }
+        let dev = Device::new_cuda(0)?;
+        let w = Tensor::from_vec(normal(256 * 192, 5), (256, 192), &Device::Cpu)?;
+        let q = quantize(&w)?;
+        for dt in [DType::F32, DType::BF16] {
+            let host = q.dequantize(&Device::Cpu, dt)?.to_dtype(DType::F64)?;
+            let gpu = q.dequantize(&dev, dt)?;
+            assert_eq!(gpu.dims(), [256, 192]);
+            assert_eq!(gpu.dtype(), dt);
+            let d = (gpu.to_device(&Device::Cpu)?.to_dtype(DType::F64)? - host)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert_eq!(d, 0.0, "{dt:?}: the GPU's values differ from the host's by up to {d}");
+        }
+        assert!(q.on_device.get().is_some(), "uploaded once, kept");
+        Ok(())
+    }
 
     /// The test matrix of `scripts/reference/nf4_ref.py` (`matrix()`), in the
     /// same f32 operations.

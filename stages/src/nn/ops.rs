@@ -163,6 +163,8 @@ impl FusedHeadCe {
         let m = h.dim(0)?;
         let acc = if h.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
         let w = self.w.detach();
+        // The CE kernel on CUDA (f32, bf16), unless PIPE_FUSED_KERNELS=0.
+        let fused = crate::nn::fused::usable(h) && self.targets.dtype() == DType::U32;
         let mut total = Tensor::zeros((), acc, h.device())?;
         let mut dh = Vec::new();
         let mut dw: Option<Tensor> = None;
@@ -171,20 +173,27 @@ impl FusedHeadCe {
             let n = self.chunk.min(m - start);
             let hc = h.narrow(0, start, n)?;
             let t = self.targets.narrow(0, start, n)?;
-            let logits = hc.matmul(&w.t()?)?.to_dtype(acc)?;
-            let max = logits.max_keepdim(D::Minus1)?;
-            let e = logits.broadcast_sub(&max)?.exp()?;
-            let sum = e.sum_keepdim(D::Minus1)?;
-            let lse = (sum.log()? + max)?;
-            let picked = logits.gather(&t.unsqueeze(1)?, 1)?;
-            total = (total + (lse - picked)?.sum_all()?)?;
-            // d nll / d logits = softmax - onehot
-            let onehot = Tensor::zeros(logits.shape(), acc, h.device())?.scatter_add(
-                &t.unsqueeze(1)?,
-                &Tensor::ones((n, 1), acc, h.device())?,
-                1,
-            )?;
-            let p = (e.broadcast_div(&sum)? - onehot)?.to_dtype(h.dtype())?;
+            let p = if fused {
+                // One kernel: the loss per row, and softmax - onehot over the logits.
+                let logits = hc.matmul(&w.t()?)?;
+                total = (total + crate::nn::fused::cross_entropy_grad_in_place(&logits, &t)?.sum_all()?)?;
+                logits
+            } else {
+                let logits = hc.matmul(&w.t()?)?.to_dtype(acc)?;
+                let max = logits.max_keepdim(D::Minus1)?;
+                let e = logits.broadcast_sub(&max)?.exp()?;
+                let sum = e.sum_keepdim(D::Minus1)?;
+                let lse = (sum.log()? + max)?;
+                let picked = logits.gather(&t.unsqueeze(1)?, 1)?;
+                total = (total + (lse - picked)?.sum_all()?)?;
+                // d nll / d logits = softmax - onehot
+                let onehot = Tensor::zeros(logits.shape(), acc, h.device())?.scatter_add(
+                    &t.unsqueeze(1)?,
+                    &Tensor::ones((n, 1), acc, h.device())?,
+                    1,
+                )?;
+                (e.broadcast_div(&sum)? - onehot)?.to_dtype(h.dtype())?
+            };
             dh.push(p.matmul(&w)?);
             if self.w_grad {
                 let g = p.t()?.matmul(&hc)?;
