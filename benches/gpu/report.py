@@ -31,6 +31,7 @@ def main():
             if impl == "pipe":
                 impl += f" docs={r.get('docs', 1)}" + ("" if r.get("fused_attention", True) else " unfused")
                 impl += " no-events" if r.get("no_events") else ""
+                impl += " no-tc" if r.get("tensor_cores") is False else ""
             tps = r["tokens_per_s"]
             mfu = ""
             if method == "full" and cfg in SHAPES:

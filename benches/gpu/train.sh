@@ -12,7 +12,8 @@
 #   1. the CUDA tests of the fused kernels (TESTS=0 skips them);
 #   2. for each case of CASES ("config:method:ckpt:docs", comma-separated),
 #      pipe (fused attention), then transformers eager and, with COMPILE=1,
-#      torch.compile; with UNFUSED=1 also pipe with PIPE_FUSED_ATTENTION=0 and
+#      torch.compile; with NOTC=1 also pipe with PIPE_ATTENTION_TC=0 (bf16
+#      attention on CUDA cores); with UNFUSED=1 also pipe with PIPE_FUSED_ATTENTION=0 and
 #      PIPE_FUSED_KERNELS=0; with NOEVENTS=1 also pipe --no-events.
 #   Random-init weights, bf16, batch BATCH x SEQ (default 8 x 1024).
 #   Prints one JSON line per run and a table with pipe / torch ratios to
@@ -58,6 +59,9 @@ run)
     ./train_bench "${common[@]}" --docs "${docs:-1}" 2>>"$OUT/stderr.txt" | tee -a "$J" || echo "pipe $c failed" | tee -a "$R"
     if [ "${NOEVENTS:-0}" = 1 ]; then
       ./train_bench "${common[@]}" --docs "${docs:-1}" --no-events | tee -a "$J" || true
+    fi
+    if [ "${NOTC:-0}" = 1 ]; then
+      PIPE_ATTENTION_TC=0 ./train_bench "${common[@]}" --docs "${docs:-1}" 2>>"$OUT/stderr.txt" | tee -a "$J" || true
     fi
     if [ "${UNFUSED:-0}" = 1 ]; then
       PIPE_FUSED_ATTENTION=0 PIPE_FUSED_KERNELS=0 ./train_bench "${common[@]}" --docs "${docs:-1}" --steps 3 2>>"$OUT/stderr.txt" | tee -a "$J" || true

@@ -153,6 +153,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "config": cname, "method": method, "dtype": format!("{dtype:?}").to_lowercase(),
         "batch": batch, "seq": seq, "docs": docs, "ckpt": ckpt, "no_events": no_events,
         "fused_attention": pipe_stages::nn::flash::usable(&Tensor::zeros((1, 1, cfg.head_dim()), dtype, &device)?),
+        "tensor_cores": std::env::var("PIPE_ATTENTION_TC").map_or(true, |v| v != "0"),
         "trainable": n_train,
         "tokens_per_s": tokens as f64 / median(&step_s),
         "step_s": median(&step_s), "fwd_bwd_s": median(&fb_s), "optimizer_s": median(&opt_s),
@@ -217,7 +218,7 @@ fn profile(model: &Llama, rows: &[Row], device: &Device) -> pipe_stages::nn::Res
     let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, h, hd), device)?.to_dtype(model.dtype)?)?;
     let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, kv, hd), device)?.to_dtype(model.dtype)?)?;
     let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, kv, hd), device)?.to_dtype(model.dtype)?)?;
-    let tiles = pipe_stages::nn::flash::tiles(&b.seqs, hd);
+    let tiles = pipe_stages::nn::flash::tiles(&b.seqs, hd, model.dtype);
     let tl = tiles.len();
     let tiles = Tensor::from_vec(tiles, tl, device)?;
     if pipe_stages::nn::flash::usable(q.as_tensor()) {

@@ -5,6 +5,9 @@
 //! from the saved log-sum-exp (FlashAttention-2's scheme). Grouped-query
 //! attention is native (a key/value head serves its query heads without
 //! copies). f32 or bf16 storage, f32 arithmetic; head dims 64 and 128.
+//! bf16 runs on tensor cores (kernels/attn_tc.cu: `mma.sync` bf16 products
+//! with f32 accumulation; `PIPE_ATTENTION_TC=0` falls back), f32 on CUDA
+//! cores (kernels/attn.cu).
 //!
 //! [`usable`] says whether a call can take this path; elsewhere (the CPU,
 //! f64, other head dims) the caller uses the plain composition, which the
@@ -22,11 +25,28 @@ pub fn usable(q: &Tensor) -> bool {
     crate::nn::fused::kernels_on(q, "PIPE_FUSED_ATTENTION") && q.dims().last().is_some_and(|d| HEAD_DIMS.contains(d))
 }
 
-/// The work split of a batch for head dim `hd`: 4 numbers per tile (first
-/// and one-past-last row of the tile, first and one-past-last row of its
-/// sequence); a tile has at most 4096 / hd rows of one sequence.
-pub fn tiles(seqs: &[(usize, usize)], hd: usize) -> Vec<u32> {
-    let rows = 4096 / hd.max(1);
+/// Whether `dt` takes the tensor-core kernels (bf16, unless
+/// `PIPE_ATTENTION_TC=0`).
+fn tensor_cores(dt: DType) -> bool {
+    dt == DType::BF16 && std::env::var_os("PIPE_ATTENTION_TC").is_none_or(|v| v != "0")
+}
+
+/// Rows per tile of the kernels for head dim `hd` and dtype `dt`: 64 on
+/// tensor cores, 4096 / hd on CUDA cores.
+pub fn tile_rows(hd: usize, dt: DType) -> usize {
+    if tensor_cores(dt) {
+        64
+    } else {
+        4096 / hd.max(1)
+    }
+}
+
+/// The work split of a batch for attention with head dim `hd` in `dt`: 4
+/// numbers per tile (first and one-past-last row of the tile, first and
+/// one-past-last row of its sequence); a tile has at most
+/// [`tile_rows`] rows of one sequence.
+pub fn tiles(seqs: &[(usize, usize)], hd: usize, dt: DType) -> Vec<u32> {
+    let rows = tile_rows(hd, dt);
     let mut t = Vec::new();
     for &(off, len) in seqs {
         let mut s = off;
@@ -40,8 +60,8 @@ pub fn tiles(seqs: &[(usize, usize)], hd: usize) -> Vec<u32> {
 }
 
 /// Causal attention of `q` (N, Hq, D) over `k`, `v` (N, Hkv, D) within each
-/// sequence that `tiles` (from [`tiles`], as a u32 tensor on the same
-/// device) describes; `scale` multiplies the scores. Returns (N, Hq, D).
+/// sequence that `tiles` (from [`tiles`] for q's head dim and dtype, as a
+/// u32 tensor on the same device) describes; `scale` multiplies the scores. Returns (N, Hq, D).
 /// Differentiable in q, k and v.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, tiles: &Tensor, scale: f64) -> Result<Tensor> {
     let (n, hq, d) = q.dims3()?;
@@ -155,22 +175,39 @@ fn backward(
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
+    use candle_core::cuda::cudarc::driver::sys::CUfunction_attribute;
     use candle_core::cuda::cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda::{CudaDevice, CudaStorage, WrapErr};
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{DType, Layout, Result, Shape, Tensor};
 
     use super::Attn;
-    use crate::nn::kernels::{by_dtype, cuda_of, device, func, tensor, view, with, ATTN_PTX};
+    use crate::nn::kernels::{by_dtype, cuda_of, device, func, tensor, view, with, ATTN_PTX, ATTN_TC_PTX};
 
     const THREADS: u32 = 128;
 
-    fn kernel(dev: &CudaDevice, what: &str, dt: DType, d: usize) -> Result<CudaFunction> {
-        func(dev, "pipe_attn", ATTN_PTX, &format!("attn_{what}_{d}"), dt)
+    /// The kernel `what` for head dim `d` and dtype `dt`, with the dynamic
+    /// shared memory it needs (tensor-core kernels) set as its limit.
+    fn kernel(dev: &CudaDevice, what: &str, dt: DType, d: usize) -> Result<(CudaFunction, u32)> {
+        if !super::tensor_cores(dt) {
+            return Ok((func(dev, "pipe_attn", ATTN_PTX, &format!("attn_{what}_{d}"), dt)?, 0));
+        }
+        let f = func(dev, "pipe_attn_tc", ATTN_TC_PTX, &format!("attn_tc_{what}_{d}"), dt)?;
+        // Padded bf16 tiles of d + 8 (attn_tc.cu): forward K, V; dQ Q, dO,
+        // K, V; dK/dV K, V (64 rows) and Q, dO (bq rows) + bq lse and delta.
+        let row = (d + 8) * 2;
+        let bq = if d == 128 { 32 } else { 64 };
+        let bytes = match what {
+            "fwd" => 2 * 64 * row,
+            "bwd_dq" => 4 * 64 * row,
+            _ => 2 * 64 * row + 2 * bq * row + 2 * bq * 4,
+        };
+        f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32).w()?;
+        Ok((f, bytes as u32))
     }
 
-    fn cfg(blocks: usize, heads: usize) -> LaunchConfig {
-        crate::nn::kernels::grid(blocks, heads, THREADS)
+    fn cfg(blocks: usize, heads: usize, smem: u32) -> LaunchConfig {
+        LaunchConfig { shared_mem_bytes: smem, ..crate::nn::kernels::grid(blocks, heads, THREADS) }
     }
 
     fn n_tiles(op: &Attn) -> usize {
@@ -202,7 +239,7 @@ mod cuda {
         // every sequence is in exactly one tile).
         let mut o = unsafe { dev.alloc::<T>(n * hq * d)? };
         let mut lse = unsafe { dev.alloc::<f32>(hq * n)? };
-        let f = kernel(&dev, "fwd", qs.dtype(), d)?;
+        let (f, smem) = kernel(&dev, "fwd", qs.dtype(), d)?;
         let stream = dev.cuda_stream();
         let (ni, hqi, hkvi) = (n as i32, hq as i32, hkv as i32);
         let sl2 = op.scale * std::f32::consts::LOG2_E;
@@ -210,7 +247,7 @@ mod cuda {
         b.arg(&q).arg(&k).arg(&v).arg(&mut o).arg(&mut lse).arg(&tiles);
         b.arg(&ni).arg(&hqi).arg(&hkvi).arg(&sl2);
         // SAFETY: argument types and order match attn_fwd_* in kernels/attn.cu.
-        unsafe { b.launch(cfg(n_tiles(op), hq)) }.w()?;
+        unsafe { b.launch(cfg(n_tiles(op), hq, smem)) }.w()?;
         let lse = tensor(CudaStorage::wrap_cuda_slice(lse, dev.clone()), (hq, n));
         Ok(((CudaStorage::wrap_cuda_slice(o, dev), Shape::from((n, hq, d))), lse))
     }
@@ -252,18 +289,18 @@ mod cuda {
             let (ni, hqi, hkvi) = (n as i32, hq as i32, hkv as i32);
             let sl2 = op.scale * std::f32::consts::LOG2_E;
             let stream = dev.cuda_stream();
-            let f = kernel(&dev, "bwd_dq", q.dtype(), d)?;
+            let (f, smem) = kernel(&dev, "bwd_dq", q.dtype(), d)?;
             let mut b = stream.launch_builder(&f);
             b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&dlv).arg(&mut dq).arg(&tiles);
             b.arg(&ni).arg(&hqi).arg(&hkvi).arg(&sl2).arg(&op.scale);
             // SAFETY: argument types and order match attn_bwd_dq_* in kernels/attn.cu.
-            unsafe { b.launch(cfg(n_tiles(op), hq)) }.w()?;
-            let f = kernel(&dev, "bwd_dkv", q.dtype(), d)?;
+            unsafe { b.launch(cfg(n_tiles(op), hq, smem)) }.w()?;
+            let (f, smem) = kernel(&dev, "bwd_dkv", q.dtype(), d)?;
             let mut b = stream.launch_builder(&f);
             b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&dlv).arg(&mut dk).arg(&mut dv).arg(&tiles);
             b.arg(&ni).arg(&hqi).arg(&hkvi).arg(&sl2).arg(&op.scale);
             // SAFETY: argument types and order match attn_bwd_dkv_* in kernels/attn.cu.
-            unsafe { b.launch(cfg(n_tiles(op), hkv)) }.w()?;
+            unsafe { b.launch(cfg(n_tiles(op), hkv, smem)) }.w()?;
             let wrap = |s| CudaStorage::wrap_cuda_slice(s, dev.clone());
             Ok((wrap(dq), wrap(dk), wrap(dv)))
         })?;
@@ -281,12 +318,14 @@ mod tests {
     #[test]
     fn tiles_cover_every_row_once_within_its_sequence() {
         let seqs = [(0, 1), (1, 64), (65, 65), (130, 200), (330, 4)];
-        for hd in HEAD_DIMS {
-            let t = tiles(&seqs, hd);
+        for (hd, dt) in HEAD_DIMS.into_iter().flat_map(|hd| [(hd, DType::F32), (hd, DType::BF16)]) {
+            let t = tiles(&seqs, hd, dt);
+            let rows = if dt == DType::BF16 { 64 } else { 4096 / hd };
+            assert_eq!(tile_rows(hd, dt), rows);
             let mut seen = vec![0; 334];
             for c in t.chunks(4) {
                 let [a, b, s, e] = [c[0], c[1], c[2], c[3]].map(|x| x as usize);
-                assert!(a < b && b - a <= 4096 / hd, "{c:?}");
+                assert!(a < b && b - a <= rows, "{c:?}");
                 assert!(seqs.contains(&(s, e - s)) && s <= a && b <= e, "{c:?}");
                 (a..b).for_each(|i| seen[i] += 1);
             }
@@ -298,7 +337,7 @@ mod tests {
     fn not_used_off_cuda_or_for_other_dtypes_and_dims() -> candle_core::Result<()> {
         let q = Tensor::zeros((4, 2, 64), DType::F32, &Device::Cpu)?;
         assert!(!usable(&q));
-        let t = Tensor::from_vec(tiles(&[(0, 4)], 64), 4, &Device::Cpu)?;
+        let t = Tensor::from_vec(tiles(&[(0, 4)], 64, DType::F32), 4, &Device::Cpu)?;
         let err = attention(&q, &q, &q, &t, 0.125).expect_err("the CPU has no fused kernel");
         assert!(err.to_string().contains("CUDA only"), "{err}");
         let bad = Tensor::zeros((4, 3, 64), DType::F32, &Device::Cpu)?;
@@ -355,7 +394,8 @@ mod tests {
                 let (qr, kr, vr) = (back(&qg)?, back(&kg)?, back(&vg)?);
                 let want = reference(&qr, &kr, &vr, &seqs, scale)?;
                 let gw = (&want * &w)?.sum_all()?.backward()?;
-                let t = Tensor::from_vec(tiles(&seqs, d), tiles(&seqs, d).len(), &dev)?;
+                let tl = tiles(&seqs, d, dt);
+                let t = Tensor::from_vec(tl.clone(), tl.len(), &dev)?;
                 assert!(usable(&qg));
                 let got = attention(&qg, &kg, &vg, &t, scale)?;
                 let wg = w.to_dtype(DType::F32)?.to_device(&dev)?;

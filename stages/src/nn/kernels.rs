@@ -10,6 +10,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{DType, Layout, Result, Shape, Storage, Tensor};
 
 pub const ATTN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attn.ptx"));
+pub const ATTN_TC_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attn_tc.ptx"));
 pub const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 pub const OPTIM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
 pub const NF4_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));

@@ -178,11 +178,11 @@ pub struct Batch {
 }
 
 impl Batch {
-    fn attn_tiles(&self, hd: usize) -> Result<&Tensor> {
+    fn attn_tiles(&self, hd: usize, dt: DType) -> Result<&Tensor> {
         if let Some(t) = self.attn_tiles.get() {
             return Ok(t);
         }
-        let t = crate::nn::flash::tiles(&self.seqs, hd);
+        let t = crate::nn::flash::tiles(&self.seqs, hd, dt);
         let n = t.len();
         let t = Tensor::from_vec(t, n, self.ids.device())?;
         Ok(self.attn_tiles.get_or_init(|| t))
@@ -542,7 +542,7 @@ impl Llama {
         let k = rope(&k, &b.cos, &b.sin)?;
         let attn = if crate::nn::flash::usable(&q) {
             let scale = 1.0 / (hd as f64).sqrt();
-            crate::nn::flash::attention(&q, &k, &v, b.attn_tiles(hd)?, scale)?.reshape((n, h * hd))?
+            crate::nn::flash::attention(&q, &k, &v, b.attn_tiles(hd, q.dtype())?, scale)?.reshape((n, h * hd))?
         } else {
             let mut outs = Vec::with_capacity(b.seqs.len());
             for &(off, len) in &b.seqs {

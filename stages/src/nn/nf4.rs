@@ -441,9 +441,8 @@ impl Nf4Tensor {
             unsafe { b.launch(grid(nbytes.div_ceil(256).min(65_535), 1, 256)) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
         }
-        let out = with(&[&d.codes, &d.qabsmax, &d.scale, &d.tables], |s| {
-            by_dtype!(dtype, launch, s, self.offset, dtype)
-        })?;
+        let out =
+            with(&[&d.codes, &d.qabsmax, &d.scale, &d.tables], |s| by_dtype!(dtype, launch, s, self.offset, dtype))?;
         Ok(tensor(out, self.shape))
     }
 }
@@ -469,7 +468,8 @@ mod tests {
             let gpu = q.dequantize(&dev, dt)?;
             assert_eq!(gpu.dims(), [256, 192]);
             assert_eq!(gpu.dtype(), dt);
-            let d = (gpu.to_device(&Device::Cpu)?.to_dtype(DType::F64)? - host)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            let d =
+                (gpu.to_device(&Device::Cpu)?.to_dtype(DType::F64)? - host)?.abs()?.max_all()?.to_scalar::<f64>()?;
             assert_eq!(d, 0.0, "{dt:?}: the GPU's values differ from the host's by up to {d}");
         }
         assert!(q.on_device.get().is_some(), "uploaded once, kept");

@@ -1,0 +1,348 @@
+// Causal attention over packed variable-length sequences on tensor cores
+// (bf16 storage, f32 accumulation): the same contract as attn.cu (layouts,
+// tiles, log2-domain log-sum-exp, GQA), with the matrix products done by
+// `mma.sync.m16n8k16` (FlashAttention-2's scheme). attn.cu keeps f32.
+//
+// A block has 4 warps and takes a tile of 64 rows (queries for the forward
+// and dQ kernels, keys for dK/dV) of one head; each warp owns 16 of them.
+// Tiles of K, V, Q, dO are staged in shared memory as bf16 rows of D
+// values padded to D + 8 (16-byte aligned rows, few bank conflicts).
+//
+// Fragments of m16n8k16 (lane = 4 * gr + tg): A (16 x 16, row-major) holds
+// (gr, 2tg..2tg+1), (gr + 8, 2tg..), (gr, 8 + 2tg..), (gr + 8, 8 + 2tg..);
+// B (16 x 8) holds (k = 2tg..2tg+1, n = gr), (k = 8 + 2tg.., n = gr); C
+// (16 x 8, f32) holds (gr, 2tg..2tg+1), (gr + 8, 2tg..). Two neighbouring C
+// tiles are, packed to bf16, the A fragment of the next product (P, dS).
+
+#include "common.cuh"
+
+typedef __nv_bfloat16 bf16;
+
+namespace {
+
+constexpr int BR = 64; // rows per block
+
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t *>(&v);
+}
+
+// c += a * b (16 x 8 x 16, bf16 in, f32 accumulate)
+__device__ __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two neighbouring bf16 of a shared-memory row (col even).
+template <int S> __device__ __forceinline__ uint32_t ld32(const bf16 *t, int row, int col) {
+  return *reinterpret_cast<const uint32_t *>(t + row * S + col);
+}
+
+// The bf16 at (r, col) and (r + 1, col), packed (low half first).
+template <int S> __device__ __forceinline__ uint32_t ld2rows(const bf16 *t, int r, int col) {
+  const uint32_t lo = *reinterpret_cast<const uint16_t *>(t + r * S + col);
+  const uint32_t hi = *reinterpret_cast<const uint16_t *>(t + (r + 1) * S + col);
+  return lo | (hi << 16);
+}
+
+// A fragment of rows r0..r0+15, columns k0..k0+15 of a row-major tile.
+template <int S> __device__ __forceinline__ void frag_a(uint32_t *a, const bf16 *t, int r0, int k0, int gr, int tg) {
+  a[0] = ld32<S>(t, r0 + gr, k0 + 2 * tg);
+  a[1] = ld32<S>(t, r0 + gr + 8, k0 + 2 * tg);
+  a[2] = ld32<S>(t, r0 + gr, k0 + 8 + 2 * tg);
+  a[3] = ld32<S>(t, r0 + gr + 8, k0 + 8 + 2 * tg);
+}
+
+// The A fragment of C tiles j, j + 1 (columns 8j..8j+15) of a 16-row block.
+__device__ __forceinline__ void c_to_a(uint32_t *a, const float (*c)[4], int j) {
+  a[0] = pack(c[j][0], c[j][1]);
+  a[1] = pack(c[j][2], c[j][3]);
+  a[2] = pack(c[j + 1][0], c[j + 1][1]);
+  a[3] = pack(c[j + 1][2], c[j + 1][3]);
+}
+
+// acc (16 x 8*NJ) = A (rows r0.. of `a`, D columns) * B^T where B's rows
+// n0.. of `b` hold the columns of the product (both row-major, D wide).
+template <int D, int NJ>
+__device__ __forceinline__ void mm_abt(float (*acc)[4], const bf16 *a, int r0, const bf16 *b, int gr, int tg) {
+  constexpr int S = D + 8;
+#pragma unroll
+  for (int j = 0; j < NJ; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; kk++) {
+    uint32_t fa[4];
+    frag_a<S>(fa, a, r0, kk * 16, gr, tg);
+#pragma unroll
+    for (int j = 0; j < NJ; j++)
+      mma(acc[j], fa, ld32<S>(b, j * 8 + gr, kk * 16 + 2 * tg), ld32<S>(b, j * 8 + gr, kk * 16 + 8 + 2 * tg));
+  }
+}
+
+// acc (16 x D) += P (16 x 16*NK, as C tiles) * B, B's rows 0.. of `b`
+// (row-major, D wide) indexed by P's columns.
+template <int D, int NK>
+__device__ __forceinline__ void mm_cb(float (*acc)[4], const float (*p)[4], const bf16 *b, int gr, int tg) {
+  constexpr int S = D + 8;
+#pragma unroll
+  for (int kk = 0; kk < NK; kk++) {
+    uint32_t fa[4];
+    c_to_a(fa, p, 2 * kk);
+#pragma unroll
+    for (int nt = 0; nt < D / 8; nt++)
+      mma(acc[nt], fa, ld2rows<S>(b, kk * 16 + 2 * tg, nt * 8 + gr), ld2rows<S>(b, kk * 16 + 8 + 2 * tg, nt * 8 + gr));
+  }
+}
+
+// Rows r0..r0+rows-1 of head `head` of `src` (N, heads, D) into a padded
+// tile, zeros from row `end` on.
+template <int D>
+__device__ __forceinline__ void stage(bf16 *sh, const bf16 *src, int r0, int rows, int end, int heads, int head) {
+  constexpr int S = D + 8;
+  const bf16 zero = __float2bfloat16(0.f);
+  for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
+    const int r = idx / D, c = idx % D, row = r0 + r;
+    sh[r * S + c] = row < end ? src[((size_t)row * heads + head) * D + c] : zero;
+  }
+}
+
+// Rows `i0` (C halves 0, 1) and `i1` (halves 2, 3) of a 16 x D accumulator,
+// times f0 / f1, into `dst` (N, heads, D) where the row is below `end`.
+template <int D>
+__device__ __forceinline__ void store_rows(bf16 *dst, const float (*acc)[4], int i0, int i1, int end, int heads,
+                                           int head, float f0, float f1, int tg) {
+#pragma unroll
+  for (int nt = 0; nt < D / 8; nt++) {
+    const int c = nt * 8 + 2 * tg;
+    if (i0 < end)
+      *reinterpret_cast<uint32_t *>(dst + ((size_t)i0 * heads + head) * D + c) = pack(acc[nt][0] * f0, acc[nt][1] * f0);
+    if (i1 < end)
+      *reinterpret_cast<uint32_t *>(dst + ((size_t)i1 * heads + head) * D + c) = pack(acc[nt][2] * f1, acc[nt][3] * f1);
+  }
+}
+
+__device__ __forceinline__ float group_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float group_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+} // namespace
+
+// Shared memory: K and V tiles (the Q tile goes through K's first).
+template <int D>
+__device__ void fwd(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
+                    bf16 *__restrict__ o, float *__restrict__ lse, const int *__restrict__ tiles, int n, int hq, int hkv,
+                    float sl2) {
+  constexpr int S = D + 8, NT = D / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16 *ks = reinterpret_cast<bf16 *>(smem), *vs = ks + BR * S;
+  const int t = blockIdx.x, h = blockIdx.y, g = h / (hq / hkv);
+  const int q0 = tiles[4 * t], q1 = tiles[4 * t + 1], s0 = tiles[4 * t + 2];
+  const int w = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane >> 2, tg = lane & 3;
+  const int i0 = q0 + w * 16 + gr, i1 = i0 + 8;
+  stage<D>(ks, q, q0, BR, q1, hq, h);
+  __syncthreads();
+  uint32_t qa[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; kk++) frag_a<S>(qa[kk], ks, w * 16, kk * 16, gr, tg);
+  __syncthreads();
+  float oacc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; nt++) oacc[nt][0] = oacc[nt][1] = oacc[nt][2] = oacc[nt][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+  for (int kb = s0; kb < q1; kb += BR) {
+    stage<D>(ks, k, kb, BR, q1, hkv, g);
+    stage<D>(vs, v, kb, BR, q1, hkv, g);
+    __syncthreads();
+    float sc[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; j++) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++)
+#pragma unroll
+      for (int j = 0; j < 8; j++)
+        mma(sc[j], qa[kk], ld32<S>(ks, j * 8 + gr, kk * 16 + 2 * tg), ld32<S>(ks, j * 8 + gr, kk * 16 + 8 + 2 * tg));
+    float mx0 = m0, mx1 = m1;
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        const int kj = kb + j * 8 + 2 * tg + e;
+        sc[j][e] = kj <= i0 ? sc[j][e] * sl2 : -INFINITY;
+        sc[j][2 + e] = kj <= i1 ? sc[j][2 + e] * sl2 : -INFINITY;
+        mx0 = fmaxf(mx0, sc[j][e]);
+        mx1 = fmaxf(mx1, sc[j][2 + e]);
+      }
+    mx0 = group_max(mx0);
+    mx1 = group_max(mx1);
+    const float b0 = mx0 == -INFINITY ? 0.f : mx0, b1 = mx1 == -INFINITY ? 0.f : mx1;
+    const float c0 = exp2f(m0 - b0), c1 = exp2f(m1 - b1);
+    float r0 = 0.f, r1 = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        sc[j][e] = exp2f(sc[j][e] - b0);
+        sc[j][2 + e] = exp2f(sc[j][2 + e] - b1);
+        r0 += sc[j][e];
+        r1 += sc[j][2 + e];
+      }
+    l0 = l0 * c0 + r0; // per-thread partial sums: the group's are added at the end
+    l1 = l1 * c1 + r1;
+    m0 = mx0;
+    m1 = mx1;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+      oacc[nt][0] *= c0;
+      oacc[nt][1] *= c0;
+      oacc[nt][2] *= c1;
+      oacc[nt][3] *= c1;
+    }
+    mm_cb<D, 4>(oacc, sc, vs, gr, tg);
+    __syncthreads();
+  }
+  l0 = group_sum(l0);
+  l1 = group_sum(l1);
+  store_rows<D>(o, oacc, i0, i1, q1, hq, h, 1.f / l0, 1.f / l1, tg);
+  if (tg == 0) {
+    if (i0 < q1) lse[(size_t)h * n + i0] = m0 + log2f(l0);
+    if (i1 < q1) lse[(size_t)h * n + i1] = m1 + log2f(l1);
+  }
+}
+
+// dQ = scale * sum_j dS_ij K_j, dS = P * (dP - delta), dP = dO V^T.
+// Shared memory: Q, dO, K, V tiles.
+template <int D>
+__device__ void bwd_dq(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
+                       const bf16 *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ delta,
+                       bf16 *__restrict__ dq, const int *__restrict__ tiles, int n, int hq, int hkv, float sl2,
+                       float scale) {
+  constexpr int S = D + 8, NT = D / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16 *qs = reinterpret_cast<bf16 *>(smem), *dos = qs + BR * S, *ks = dos + BR * S, *vs = ks + BR * S;
+  const int t = blockIdx.x, h = blockIdx.y, g = h / (hq / hkv);
+  const int q0 = tiles[4 * t], q1 = tiles[4 * t + 1], s0 = tiles[4 * t + 2];
+  const int w = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane >> 2, tg = lane & 3;
+  const int i0 = q0 + w * 16 + gr, i1 = i0 + 8;
+  const int c0 = min(i0, q1 - 1), c1 = min(i1, q1 - 1);
+  const float lse0 = lse[(size_t)h * n + c0], lse1 = lse[(size_t)h * n + c1];
+  const float dl0 = delta[(size_t)c0 * hq + h], dl1 = delta[(size_t)c1 * hq + h];
+  stage<D>(qs, q, q0, BR, q1, hq, h);
+  stage<D>(dos, dout, q0, BR, q1, hq, h);
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+  for (int kb = s0; kb < q1; kb += BR) {
+    stage<D>(ks, k, kb, BR, q1, hkv, g);
+    stage<D>(vs, v, kb, BR, q1, hkv, g);
+    __syncthreads();
+    float sc[8][4], dp[8][4];
+    mm_abt<D, 8>(sc, qs, w * 16, ks, gr, tg);
+    mm_abt<D, 8>(dp, dos, w * 16, vs, gr, tg);
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        const int kj = kb + j * 8 + 2 * tg + e;
+        const float p0 = kj <= i0 ? exp2f(sc[j][e] * sl2 - lse0) : 0.f;
+        const float p1 = kj <= i1 ? exp2f(sc[j][2 + e] * sl2 - lse1) : 0.f;
+        sc[j][e] = p0 * (dp[j][e] - dl0);
+        sc[j][2 + e] = p1 * (dp[j][2 + e] - dl1);
+      }
+    mm_cb<D, 4>(acc, sc, ks, gr, tg);
+    __syncthreads();
+  }
+  store_rows<D>(dq, acc, i0, i1, q1, hq, h, scale, scale, tg);
+}
+
+// dV_j = sum_i P_ij dO_i, dK_j = scale * sum_i dS_ij Q_i over the query
+// heads of this key/value head and the queries i >= j of its sequence, BQ
+// at a time. Shared memory: K, V tiles (64 rows), Q, dO tiles (BQ rows),
+// then the BQ log-sum-exps and deltas.
+template <int D, int BQ>
+__device__ void bwd_dkv(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
+                        const bf16 *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ delta,
+                        bf16 *__restrict__ dk, bf16 *__restrict__ dv, const int *__restrict__ tiles, int n, int hq,
+                        int hkv, float sl2, float scale) {
+  constexpr int S = D + 8, NT = D / 8, NJ = BQ / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16 *kss = reinterpret_cast<bf16 *>(smem), *vss = kss + BR * S, *qs = vss + BR * S, *dos = qs + BQ * S;
+  float *ls = reinterpret_cast<float *>(dos + BQ * S), *dd = ls + BQ;
+  const int t = blockIdx.x, g = blockIdx.y, rep = hq / hkv;
+  const int j0 = tiles[4 * t], j1 = tiles[4 * t + 1], e = tiles[4 * t + 3];
+  const int w = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane >> 2, tg = lane & 3;
+  const int r0 = j0 + w * 16 + gr, r1 = r0 + 8; // this thread's key rows
+  stage<D>(kss, k, j0, BR, j1, hkv, g);
+  stage<D>(vss, v, j0, BR, j1, hkv, g);
+  float dka[NT][4], dva[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+    for (int x = 0; x < 4; x++) dka[nt][x] = dva[nt][x] = 0.f;
+  for (int hh = 0; hh < rep; hh++) {
+    const int h = g * rep + hh;
+    for (int qb = j0; qb < e; qb += BQ) {
+      __syncthreads(); // the previous tiles are consumed
+      stage<D>(qs, q, qb, BQ, e, hq, h);
+      stage<D>(dos, dout, qb, BQ, e, hq, h);
+      for (int r = threadIdx.x; r < BQ; r += blockDim.x) {
+        const bool in = qb + r < e;
+        ls[r] = in ? lse[(size_t)h * n + qb + r] : 0.f;
+        dd[r] = in ? delta[(size_t)(qb + r) * hq + h] : 0.f;
+      }
+      __syncthreads();
+      float st[NJ][4], dpt[NJ][4];
+      mm_abt<D, NJ>(st, kss, w * 16, qs, gr, tg); // S^T: keys x queries
+#pragma unroll
+      for (int j = 0; j < NJ; j++)
+#pragma unroll
+        for (int x = 0; x < 2; x++) {
+          const int c = j * 8 + 2 * tg + x, qi = qb + c;
+          const bool in = qi < e;
+          st[j][x] = in && qi >= r0 ? exp2f(st[j][x] * sl2 - ls[c]) : 0.f;
+          st[j][2 + x] = in && qi >= r1 ? exp2f(st[j][2 + x] * sl2 - ls[c]) : 0.f;
+        }
+      mm_cb<D, NJ / 2>(dva, st, dos, gr, tg);
+      mm_abt<D, NJ>(dpt, vss, w * 16, dos, gr, tg); // dP^T
+#pragma unroll
+      for (int j = 0; j < NJ; j++)
+#pragma unroll
+        for (int x = 0; x < 2; x++) {
+          const int c = j * 8 + 2 * tg + x;
+          st[j][x] *= dpt[j][x] - dd[c];
+          st[j][2 + x] *= dpt[j][2 + x] - dd[c];
+        }
+      mm_cb<D, NJ / 2>(dka, st, qs, gr, tg);
+    }
+  }
+  store_rows<D>(dk, dka, r0, r1, j1, hkv, g, scale, scale, tg);
+  store_rows<D>(dv, dva, r0, r1, j1, hkv, g, 1.f, 1.f, tg);
+}
+
+#define INSTANTIATE(D, BQ)                                                                                           \
+  extern "C" __global__ void __launch_bounds__(128)                                                                  \
+      attn_tc_fwd_##D##_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, const int *tiles,     \
+                             int n, int hq, int hkv, float sl2) {                                                    \
+    fwd<D>(q, k, v, o, lse, tiles, n, hq, hkv, sl2);                                                                 \
+  }                                                                                                                  \
+  extern "C" __global__ void __launch_bounds__(128)                                                                  \
+      attn_tc_bwd_dq_##D##_bf16(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,    \
+                                const float *delta, bf16 *dq, const int *tiles, int n, int hq, int hkv, float sl2,  \
+                                float scale) {                                                                       \
+    bwd_dq<D>(q, k, v, dout, lse, delta, dq, tiles, n, hq, hkv, sl2, scale);                                         \
+  }                                                                                                                  \
+  extern "C" __global__ void __launch_bounds__(128)                                                                  \
+      attn_tc_bwd_dkv_##D##_bf16(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,   \
+                                 const float *delta, bf16 *dk, bf16 *dv, const int *tiles, int n, int hq, int hkv,   \
+                                 float sl2, float scale) {                                                           \
+    bwd_dkv<D, BQ>(q, k, v, dout, lse, delta, dk, dv, tiles, n, hq, hkv, sl2, scale);                                \
+  }
+
+INSTANTIATE(64, 64)
+INSTANTIATE(128, 32)
