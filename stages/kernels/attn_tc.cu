@@ -6,7 +6,8 @@
 // A block has 4 warps and takes a tile of 64 rows (queries for the forward
 // and dQ kernels, keys for dK/dV) of one head; each warp owns 16 of them.
 // Tiles of K, V, Q, dO are staged in shared memory as bf16 rows of D
-// values padded to D + 8 (16-byte aligned rows, few bank conflicts).
+// values padded to D + 8 (16-byte aligned rows, conflict-free fragment
+// loads); fragments of tiles indexed [k][n] come through ldmatrix.trans.
 //
 // Fragments of m16n8k16 (lane = 4 * gr + tg): A (16 x 16, row-major) holds
 // (gr, 2tg..2tg+1), (gr + 8, 2tg..), (gr, 8 + 2tg..), (gr + 8, 8 + 2tg..);
@@ -38,13 +39,6 @@ __device__ __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0, ui
 // Two neighbouring bf16 of a shared-memory row (col even).
 template <int S> __device__ __forceinline__ uint32_t ld32(const bf16 *t, int row, int col) {
   return *reinterpret_cast<const uint32_t *>(t + row * S + col);
-}
-
-// The bf16 at (r, col) and (r + 1, col), packed (low half first).
-template <int S> __device__ __forceinline__ uint32_t ld2rows(const bf16 *t, int r, int col) {
-  const uint32_t lo = *reinterpret_cast<const uint16_t *>(t + r * S + col);
-  const uint32_t hi = *reinterpret_cast<const uint16_t *>(t + (r + 1) * S + col);
-  return lo | (hi << 16);
 }
 
 // A fragment of rows r0..r0+15, columns k0..k0+15 of a row-major tile.
@@ -80,26 +74,52 @@ __device__ __forceinline__ void mm_abt(float (*acc)[4], const bf16 *a, int r0, c
   }
 }
 
+// B fragments of two neighbouring n-tiles (columns n0..n0+15) for rows
+// k0..k0+15 of a row-major tile indexed [k][n]: ldmatrix.x4.trans, lanes
+// 0-7 / 8-15 / 16-23 / 24-31 addressing rows k0 + 0..7 / k0 + 8..15 at
+// column n0, then at column n0 + 8. b[0], b[1]: tile n0; b[2], b[3]: n0 + 8.
+template <int S> __device__ __forceinline__ void frag_b_kn(uint32_t *b, const bf16 *t, int k0, int n0, int lane) {
+  const bf16 *p = t + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + n0 + (lane >> 4) * 8;
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+               : "r"(a));
+}
+
 // acc (16 x D) += P (16 x 16*NK, as C tiles) * B, B's rows 0.. of `b`
 // (row-major, D wide) indexed by P's columns.
 template <int D, int NK>
-__device__ __forceinline__ void mm_cb(float (*acc)[4], const float (*p)[4], const bf16 *b, int gr, int tg) {
+__device__ __forceinline__ void mm_cb(float (*acc)[4], const float (*p)[4], const bf16 *b, int lane) {
   constexpr int S = D + 8;
 #pragma unroll
   for (int kk = 0; kk < NK; kk++) {
     uint32_t fa[4];
     c_to_a(fa, p, 2 * kk);
 #pragma unroll
-    for (int nt = 0; nt < D / 8; nt++)
-      mma(acc[nt], fa, ld2rows<S>(b, kk * 16 + 2 * tg, nt * 8 + gr), ld2rows<S>(b, kk * 16 + 8 + 2 * tg, nt * 8 + gr));
+    for (int nt = 0; nt < D / 8; nt += 2) {
+      uint32_t fb[4];
+      frag_b_kn<S>(fb, b, kk * 16, nt * 8, lane);
+      mma(acc[nt], fa, fb[0], fb[1]);
+      mma(acc[nt + 1], fa, fb[2], fb[3]);
+    }
   }
 }
 
 // Rows r0..r0+rows-1 of head `head` of `src` (N, heads, D) into a padded
-// tile, zeros from row `end` on.
+// tile, zeros from row `end` on: 16-byte loads and stores when `src` is
+// 16-byte aligned (every row of a head then is), else one bf16 at a time.
 template <int D>
 __device__ __forceinline__ void stage(bf16 *sh, const bf16 *src, int r0, int rows, int end, int heads, int head) {
-  constexpr int S = D + 8;
+  constexpr int S = D + 8, V = D / 8;
+  if ((reinterpret_cast<uintptr_t>(src) & 15) == 0) {
+    for (int idx = threadIdx.x; idx < rows * V; idx += blockDim.x) {
+      const int r = idx / V, c = (idx % V) * 8, row = r0 + r;
+      uint4 x = make_uint4(0u, 0u, 0u, 0u);
+      if (row < end) x = *reinterpret_cast<const uint4 *>(src + ((size_t)row * heads + head) * D + c);
+      *reinterpret_cast<uint4 *>(sh + r * S + c) = x;
+    }
+    return;
+  }
   const bf16 zero = __float2bfloat16(0.f);
   for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
     const int r = idx / D, c = idx % D, row = r0 + r;
@@ -204,7 +224,7 @@ __device__ void fwd(const bf16 *__restrict__ q, const bf16 *__restrict__ k, cons
       oacc[nt][2] *= c1;
       oacc[nt][3] *= c1;
     }
-    mm_cb<D, 4>(oacc, sc, vs, gr, tg);
+    mm_cb<D, 4>(oacc, sc, vs, lane);
     __syncthreads();
   }
   l0 = group_sum(l0);
@@ -255,7 +275,7 @@ __device__ void bwd_dq(const bf16 *__restrict__ q, const bf16 *__restrict__ k, c
         sc[j][e] = p0 * (dp[j][e] - dl0);
         sc[j][2 + e] = p1 * (dp[j][2 + e] - dl1);
       }
-    mm_cb<D, 4>(acc, sc, ks, gr, tg);
+    mm_cb<D, 4>(acc, sc, ks, lane);
     __syncthreads();
   }
   store_rows<D>(dq, acc, i0, i1, q1, hq, h, scale, scale, tg);
@@ -308,7 +328,7 @@ __device__ void bwd_dkv(const bf16 *__restrict__ q, const bf16 *__restrict__ k, 
           st[j][x] = in && qi >= r0 ? exp2f(st[j][x] * sl2 - ls[c]) : 0.f;
           st[j][2 + x] = in && qi >= r1 ? exp2f(st[j][2 + x] * sl2 - ls[c]) : 0.f;
         }
-      mm_cb<D, NJ / 2>(dva, st, dos, gr, tg);
+      mm_cb<D, NJ / 2>(dva, st, dos, lane);
       mm_abt<D, NJ>(dpt, vss, w * 16, dos, gr, tg); // dP^T
 #pragma unroll
       for (int j = 0; j < NJ; j++)
@@ -318,7 +338,7 @@ __device__ void bwd_dkv(const bf16 *__restrict__ q, const bf16 *__restrict__ k, 
           st[j][x] *= dpt[j][x] - dd[c];
           st[j][2 + x] *= dpt[j][2 + x] - dd[c];
         }
-      mm_cb<D, NJ / 2>(dka, st, qs, gr, tg);
+      mm_cb<D, NJ / 2>(dka, st, qs, lane);
     }
   }
   store_rows<D>(dk, dka, r0, r1, j1, hkv, g, scale, scale, tg);

@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::nn::config::LlamaConfig;
 use crate::nn::nf4::Nf4Tensor;
-use crate::nn::ops::{cross_entropy_sum, frozen_matmul, lm_head_cross_entropy, rms_norm, rope};
+use crate::nn::ops::{cross_entropy_sum, frozen_matmul, lm_head_cross_entropy, nf4_matmul, rms_norm, rope};
 
 /// Rows per chunk of the fused LM head + cross-entropy.
 const HEAD_CHUNK: usize = 128;
@@ -58,7 +58,7 @@ impl Weight {
     fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Weight::Frozen(w) => frozen_matmul(x, w)?,
-            Weight::Nf4(q, _, dev) => frozen_matmul(x, &q.dequantize(dev, x.dtype())?)?,
+            Weight::Nf4(q, _, _) => nf4_matmul(x, q)?,
             Weight::Train(w) => x.matmul(&w.t()?)?,
         })
     }

@@ -5,8 +5,13 @@
 //! computes the gradient for `x`. candle's own matmul backward also computes
 //! the (discarded) gradient of a frozen weight: a third matmul per linear.
 
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
+
+use crate::nn::nf4::Nf4Tensor;
 
 /// RMSNorm in f32 (or f64 when the input is f64), scaled by `w`. On CUDA:
 /// the fused kernel ([`crate::nn::fused`]).
@@ -90,17 +95,65 @@ fn cuda_storage(y: &Tensor, op: &str) -> Result<(candle_core::CudaStorage, Shape
 }
 
 /// `x @ w.T` for a weight that never trains: backward returns only dx.
+/// `x` is (m, k), `w` (n, k).
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         return x.matmul(&w.t()?);
     }
     // The op reads the storage from offset 0 with contiguous strides.
     let x = dense(x)?;
-    x.apply_op1(FrozenMatmul { w: w.clone() })
+    x.apply_op1(FrozenMatmul { w: FrozenWeight::Dense(w.clone()) })
+}
+
+/// [`frozen_matmul`] with an NF4 weight (QLoRA): dequantised for the
+/// forward product and again for the backward one, so no dequantised copy
+/// lives between them (bitsandbytes' scheme).
+pub fn nf4_matmul(x: &Tensor, q: &Arc<Nf4Tensor>) -> Result<Tensor> {
+    if !x.track_op() {
+        return x.matmul(&q.dequantize(x.device(), x.dtype())?.t()?);
+    }
+    let x = dense(x)?;
+    x.apply_op1(FrozenMatmul { w: FrozenWeight::Nf4(q.clone()) })
+}
+
+enum FrozenWeight {
+    Dense(Tensor),
+    Nf4(Arc<Nf4Tensor>),
+}
+
+impl FrozenWeight {
+    /// The (n, k) weight in `dtype` on `device`.
+    fn get(&self, device: &candle_core::Device, dtype: DType) -> Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(w) => Ok(w.clone()),
+            FrozenWeight::Nf4(q) => q.dequantize(device, dtype),
+        }
+    }
 }
 
 struct FrozenMatmul {
-    w: Tensor,
+    w: FrozenWeight,
+}
+
+impl FrozenMatmul {
+    /// `x @ w.T` on the storages (no copy of the input or the output): x
+    /// (m, k) contiguous, w (n, k).
+    fn product<S: BackendStorage>(
+        s: &S,
+        l: &Layout,
+        w: &Tensor,
+        pick: impl Fn(&Storage) -> Option<&S>,
+    ) -> Result<(S, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        let (n, k2) = w.dims2()?;
+        if k != k2 || m == 0 || n == 0 || k == 0 {
+            candle_core::bail!("frozen-matmul: x {:?} and weight {:?} do not fit", l.dims(), w.dims());
+        }
+        let (ws, wl) = w.storage_and_layout();
+        let Some(ws) = pick(&ws) else { candle_core::bail!("frozen-matmul: the weight is on another device") };
+        let y = s.matmul(ws, (1, m, n, k), l, &wl.transpose(0, 1)?)?;
+        Ok((y, Shape::from((m, n))))
+    }
 }
 
 impl CustomOp1 for FrozenMatmul {
@@ -109,16 +162,24 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_storage(&cpu_tensor(s, l).matmul(&self.w.t()?)?, self.name())
+        let w = self.w.get(&candle_core::Device::Cpu, s.dtype())?;
+        Self::product(s, l, &w, |st| match st {
+            Storage::Cpu(c) => Some(c),
+            _ => None,
+        })
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda_storage(&cuda_tensor(s, l)?.matmul(&self.w.t()?)?, self.name())
+        let w = self.w.get(&candle_core::Device::Cuda(s.device().clone()), s.dtype())?;
+        Self::product(s, l, &w, |st| match st {
+            Storage::Cuda(c) => Some(c),
+            _ => None,
+        })
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(dy.matmul(&self.w)?))
+        Ok(Some(dy.matmul(&self.w.get(dy.device(), dy.dtype())?)?))
     }
 }
 

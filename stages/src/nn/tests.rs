@@ -420,3 +420,33 @@ fn cuda_training_step_matches_the_cpu() -> Result<()> {
     }
     Ok(())
 }
+
+/// `frozen_matmul` and `nf4_matmul` (on the storages, no copies) give the
+/// plain product and its input gradient; the NF4 one equals the product
+/// with the dequantised weight; shapes that do not fit are refused.
+#[test]
+fn frozen_and_nf4_matmuls_match_the_plain_product() -> Result<()> {
+    use crate::nn::nf4::Nf4Tensor;
+    use crate::nn::ops::{frozen_matmul, nf4_matmul};
+    let dev = Device::Cpu;
+    let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 128), &dev)?)?;
+    let w = Tensor::randn(0f32, 1.0, (3, 128), &dev)?;
+    let dy = Tensor::randn(0f32, 1.0, (5, 3), &dev)?;
+    let want = x.matmul(&w.t()?)?;
+    let want_dx = (&want * &dy)?.sum_all()?.backward()?.remove(x.as_tensor()).expect("dx");
+    let got = frozen_matmul(x.as_tensor(), &w)?;
+    assert!(rel_err(&got, &want)? < 1e-6);
+    let dx = (&got * &dy)?.sum_all()?.backward()?.remove(x.as_tensor()).expect("dx");
+    assert!(rel_err(&dx, &want_dx)? < 1e-6);
+    let q = std::sync::Arc::new(Nf4Tensor::quantize(&w)?);
+    let wq = q.dequantize(&dev, DType::F32)?;
+    let want = x.matmul(&wq.t()?)?;
+    let want_dx = (&want * &dy)?.sum_all()?.backward()?.remove(x.as_tensor()).expect("dx");
+    let got = nf4_matmul(x.as_tensor(), &q)?;
+    assert!(rel_err(&got, &want)? < 1e-6);
+    let dx = (&got * &dy)?.sum_all()?.backward()?.remove(x.as_tensor()).expect("dx");
+    assert!(rel_err(&dx, &want_dx)? < 1e-6);
+    let bad = Tensor::zeros((3, 64), DType::F32, &dev)?;
+    assert!(frozen_matmul(x.as_tensor(), &bad).is_err(), "k 128 vs 64");
+    Ok(())
+}
