@@ -26,9 +26,13 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 QS=$REPO/gpu-qs
 STASH=/tmp/pipe-qs
-SETS=${QS_SETS:-"--set vars.train_samples=2000 --set vars.heldout_samples=200 --set vars.eval_limit=1219 \
---set vars.batch_size=8 --set vars.grad_accum=2 --set vars.precision=bf16 --set vars.grad_ckpt=true \
---set vars.eval_concurrency=64 --set vars.device=cuda --set vars.serve_device=cpu"}
+# Default vars: the Python reference job of docs/results.md section 3 (TRL's
+# LoRA run: 10,000 problems, lr 2e-4, batch 8 x 2, bf16, gradient
+# checkpointing; all 1,219 decontaminated GSM8K items), served on the GPU.
+SETS=${QS_SETS:-"--set vars.train_samples=10000 --set vars.heldout_samples=200 --set vars.heldout_limit=200 \
+--set vars.eval_limit=1219 --set vars.lr=2e-4 --set vars.batch_size=8 --set vars.grad_accum=2 \
+--set vars.precision=bf16 --set vars.grad_ckpt=true --set vars.eval_concurrency=64 --set vars.device=cuda \
+--set vars.serve_device=cuda"}
 # shellcheck disable=SC2086
 set -- "${1:-}" "${2:-540}"
 

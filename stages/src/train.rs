@@ -13,6 +13,7 @@
 //!   warmup_ratio: 0.1            # or warmup_steps: N
 //!   per_device_batch_size: 8     # packed rows per micro-batch
 //!   gradient_accumulation_steps: 2
+//!   devices: 1                   # data-parallel replicas (one per GPU)
 //!   num_epochs: 1                # or max_steps: N
 //!   max_grad_norm: 1.0
 //!   weight_decay: 0.0
@@ -44,6 +45,16 @@
 //! (after Ctrl-C, a crash or a kill) continues from there. The data order and
 //! dropout masks derive from `seed` and the step, so a resumed CPU run ends
 //! with the same weights, bit for bit, as an uninterrupted one.
+//!
+//! Data parallelism (`devices: N`): N replicas of the model, one per GPU the
+//! engine grants the stage (with `device: cpu`, N replicas on the CPU: for
+//! testing). Each optimizer step takes `per_device_batch_size x devices x
+//! gradient_accumulation_steps` rows, as `accelerate`/`torchrun` count
+//! them; micro-batch m runs on replica m mod N (threads), the replicas'
+//! gradients are summed (all-reduce) and every replica takes the same
+//! AdamW step, so N devices train like one device with N times the
+//! accumulation. The gradients are summed through replica 0's device
+//! (`to_device`); NCCL is the next step for GPUs.
 //!
 //! Key: all params, plus the model and data digests. Not marked
 //! deterministic: `metrics.jsonl` records wall-clock times.
@@ -164,6 +175,8 @@ struct Params {
     per_device_batch_size: usize,
     #[serde(default = "one")]
     gradient_accumulation_steps: usize,
+    #[serde(default = "one")]
+    devices: usize,
     #[serde(default = "d_epochs", alias = "num_train_epochs")]
     num_epochs: f64,
     #[serde(default)]
@@ -309,6 +322,7 @@ impl StageKind for TrainKind {
         for (k, v) in [
             ("per_device_batch_size", p.per_device_batch_size),
             ("gradient_accumulation_steps", p.gradient_accumulation_steps),
+            ("devices", p.devices),
             ("logging_steps", p.logging_steps),
         ] {
             if v == 0 {
@@ -403,11 +417,16 @@ struct Plan {
 impl Params {
     fn plan(&self, rows: usize) -> Plan {
         let micro_per_epoch = rows.div_ceil(self.per_device_batch_size);
-        let steps_per_epoch = micro_per_epoch.div_ceil(self.gradient_accumulation_steps).max(1);
+        let steps_per_epoch = micro_per_epoch.div_ceil(self.micro_per_step()).max(1);
         let total =
             self.max_steps.unwrap_or_else(|| ((steps_per_epoch as f64) * self.num_epochs).ceil() as usize).max(1);
         let warmup = self.warmup_steps.unwrap_or_else(|| (total as f64 * self.warmup_ratio).ceil() as usize);
         Plan { rows, micro_per_epoch, steps_per_epoch, total, warmup }
+    }
+
+    /// Micro-batches per optimizer step, over all replicas.
+    fn micro_per_step(&self) -> usize {
+        self.gradient_accumulation_steps * self.devices
     }
 
     fn adamw(&self) -> AdamWConfig {
@@ -425,8 +444,8 @@ impl Plan {
             o.shuffle(&mut ChaCha8Rng::seed_from_u64(p.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
             o
         });
-        let first = within * p.gradient_accumulation_steps;
-        let last = ((within + 1) * p.gradient_accumulation_steps).min(self.micro_per_epoch);
+        let first = within * p.micro_per_step();
+        let last = ((within + 1) * p.micro_per_step()).min(self.micro_per_epoch);
         (first..last)
             .map(|m| order[m * p.per_device_batch_size..((m + 1) * p.per_device_batch_size).min(self.rows)].to_vec())
             .collect()
@@ -445,7 +464,8 @@ impl Stage for TrainStage {
 
     fn resources(&self) -> pipe_engine::stage::Resources {
         // Without CUDA in this build, `run` explains that instead of waiting for a GPU slot.
-        pipe_engine::stage::Resources { gpus: u32::from(self.on_cuda() && candle_core::utils::cuda_is_available()) }
+        let gpu = self.on_cuda() && candle_core::utils::cuda_is_available();
+        pipe_engine::stage::Resources { gpus: if gpu { self.p.devices as u32 } else { 0 } }
     }
 
     fn run(&self, ctx: &RunCtx) -> Result<(), StageFailure> {
@@ -478,7 +498,8 @@ impl Stage for TrainStage {
             }
             None => None,
         };
-        let device = self.device(ctx)?;
+        let devices = self.p.device.devices(&ctx.gpus, p.devices)?;
+        let device = devices[0].clone();
         let dtype = match p.precision {
             Precision::F32 => DType::F32,
             Precision::Bf16 => DType::BF16,
@@ -495,6 +516,17 @@ impl Stage for TrainStage {
         let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
         let n_trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
         let mut opt = AdamW::new(named.clone(), p.adamw())?;
+        // Replicas 1.. (data parallelism): the same weights and LoRA init
+        // (seeded), each with its own optimizer taking the same steps.
+        let mut replicas = Vec::new();
+        for (r, d) in devices.iter().enumerate().skip(1) {
+            ctx.progress.message(&format!("loading replica {r} on {}", device_name(d)));
+            let m = Llama::load(model_dir, dtype, d, &spec).map_err(fail)?;
+            let named = m.trainable();
+            let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+            let opt = AdamW::new(named, p.adamw())?;
+            replicas.push(Replica { model: m, vars, opt });
+        }
         let plan = p.plan(rows.len());
 
         fs_err::create_dir_all(ctx.resume_dir)?;
@@ -503,6 +535,9 @@ impl Stage for TrainStage {
         let mut start = 0;
         let mut metrics = if ckpt.join("state.json").exists() {
             start = load_checkpoint(&ckpt, &mut opt)?;
+            for r in replicas.iter_mut() {
+                load_checkpoint(&ckpt, &mut r.opt)?;
+            }
             ctx.log_line(&format!("resumed from the checkpoint at step {start}"));
             ctx.progress.message(&format!("resumed at step {start}/{}", plan.total));
             Metrics::resume(&metrics_dir, start as u64)?
@@ -519,7 +554,7 @@ impl Stage for TrainStage {
             plan.steps_per_epoch,
             plan.warmup,
             n_trainable,
-            device_name(&device)
+            devices_name(&devices)
         ));
 
         let eval = |metrics: &mut Metrics, step: usize| -> Result<Option<f64>, StageFailure> {
@@ -552,9 +587,13 @@ impl Stage for TrainStage {
         for step in start..plan.total {
             prof.lap(&device, Phase::Other);
             let micro = plan.micro_batches(p, step, &mut orders);
+            let n_rep = devices.len();
+            // Micro-batch m runs on replica m mod n_rep.
+            let models: Vec<&Llama> = std::iter::once(&model).chain(replicas.iter().map(|r| &r.model)).collect();
             let batches: Vec<_> = micro
                 .iter()
-                .map(|idx| model.batch(&idx.iter().map(|&i| &rows[i]).collect::<Vec<_>>()))
+                .enumerate()
+                .map(|(m, idx)| models[m % n_rep].batch(&idx.iter().map(|&i| &rows[i]).collect::<Vec<_>>()))
                 .collect::<Result<_, _>>()?;
             let n_targets: usize = batches.iter().map(|b| b.n_targets).sum();
             let n_tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
@@ -563,33 +602,61 @@ impl Stage for TrainStage {
                 ctx.log_line(&format!("step {}: no trainable tokens, skipped", step + 1));
                 continue;
             }
-            let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-            let mut loss = 0.0;
-            for (m, b) in batches.iter().enumerate() {
-                if ctx.cancel.is_cancelled() {
-                    return Err(StageFailure::new("cancelled"));
-                }
-                let fx = Fwd { train: true, seed: p.seed ^ ((step as u64) << 20) ^ m as u64 };
-                let (l, g) = model.loss_and_grads(b, fx, 1.0 / n_targets as f64, &vars, p.gradient_checkpointing)?;
-                prof.lap(&device, Phase::ForwardBackward);
-                loss += l;
-                peak_gpu = peak_gpu.max(gpu_used_bytes(&device));
-                for (acc, g) in grads.iter_mut().zip(g) {
-                    if let Some(g) = g {
-                        *acc = Some(match acc.take() {
-                            Some(a) => (a + g).map_err(fail)?,
-                            None => g,
-                        });
+            let run_replica = |r: usize| -> Result<(f64, Vec<Option<Tensor>>), StageFailure> {
+                let vars_r = if r == 0 { &vars } else { &replicas[r - 1].vars };
+                let mut grads: Vec<Option<Tensor>> = vec![None; vars_r.len()];
+                let mut loss = 0.0;
+                for (m, b) in batches.iter().enumerate().skip(r).step_by(n_rep) {
+                    if ctx.cancel.is_cancelled() {
+                        return Err(StageFailure::new("cancelled"));
+                    }
+                    let fx = Fwd { train: true, seed: p.seed ^ ((step as u64) << 20) ^ m as u64 };
+                    let (l, g) =
+                        models[r].loss_and_grads(b, fx, 1.0 / n_targets as f64, vars_r, p.gradient_checkpointing)?;
+                    loss += l;
+                    for (acc, g) in grads.iter_mut().zip(g) {
+                        if let Some(g) = g {
+                            *acc = Some(match acc.take() {
+                                Some(a) => (a + g).map_err(fail)?,
+                                None => g,
+                            });
+                        }
                     }
                 }
+                Ok((loss, grads))
+            };
+            let results: Vec<Result<_, StageFailure>> = if n_rep == 1 {
+                vec![run_replica(0)]
+            } else {
+                std::thread::scope(|sc| {
+                    let run = &run_replica;
+                    let hs: Vec<_> = (0..n_rep).map(|r| sc.spawn(move || run(r))).collect();
+                    hs.into_iter()
+                        .map(|h| h.join().unwrap_or_else(|_| Err(StageFailure::new("a training replica panicked"))))
+                        .collect()
+                })
+            };
+            let mut loss = 0.0;
+            let mut per_replica = Vec::with_capacity(n_rep);
+            for r in results {
+                let (l, g) = r?;
+                loss += l;
+                per_replica.push(g);
             }
+            prof.lap(&device, Phase::ForwardBackward);
+            peak_gpu = peak_gpu.max(gpu_used_bytes(&device));
             if !loss.is_finite() {
                 return Err(StageFailure::new(format!("step {}: the loss is {loss}", step + 1))
                     .hint("lower learning_rate, or use precision: f32"));
             }
+            let mut per_replica = all_reduce_sum(per_replica, &devices)?.into_iter();
+            let grads = per_replica.next().expect("replica 0");
             prof.lap(&device, Phase::Other);
             let lr = lr_at(p.lr_scheduler, p.learning_rate, step, plan.warmup, plan.total);
             let norm = opt.clip_and_step(grads, p.max_grad_norm, lr)?;
+            for (r, g) in replicas.iter_mut().zip(per_replica) {
+                r.opt.clip_and_step(g, p.max_grad_norm, lr)?;
+            }
             prof.lap(&device, Phase::Optimizer);
             last_loss = loss;
             total_tokens += n_tokens;
@@ -663,7 +730,8 @@ impl Stage for TrainStage {
             "trainable_parameters": n_trainable,
             "tokens": total_tokens,
             "final_loss": last_loss,
-            "device": device_name(&device),
+            "device": devices_name(&devices),
+            "devices": devices.len(),
             "precision": format!("{:?}", p.precision).to_lowercase(),
             "seconds": train_s,
             "tokens_per_s": total_tokens as f64 / train_s.max(1e-9),
@@ -800,6 +868,50 @@ fn gpu_used_bytes(_: &Device) -> Option<u64> {
     None
 }
 
+/// A data-parallel replica after the first: its model, trainable
+/// variables (in the order of replica 0's) and optimizer.
+struct Replica {
+    model: Llama,
+    vars: Vec<Var>,
+    opt: AdamW,
+}
+
+/// The all-reduce of data parallelism: every replica's gradients summed,
+/// the sum given to each replica on its own device. A gradient no replica
+/// produced stays `None`. Summed in replica order on replica 0's device.
+fn all_reduce_sum(
+    per_replica: Vec<Vec<Option<Tensor>>>,
+    devices: &[Device],
+) -> Result<Vec<Vec<Option<Tensor>>>, StageFailure> {
+    if per_replica.len() <= 1 {
+        return Ok(per_replica);
+    }
+    let k = per_replica[0].len();
+    let mut out: Vec<Vec<Option<Tensor>>> = vec![Vec::with_capacity(k); per_replica.len()];
+    for i in 0..k {
+        let mut sum: Option<Tensor> = None;
+        for g in per_replica.iter().filter_map(|gs| gs[i].as_ref()) {
+            let g = g.to_device(&devices[0]).map_err(fail)?;
+            sum = Some(match sum {
+                Some(s) => (s + g).map_err(fail)?,
+                None => g,
+            });
+        }
+        for (o, d) in out.iter_mut().zip(devices) {
+            o.push(sum.as_ref().map(|s| s.to_device(d)).transpose().map_err(fail)?);
+        }
+    }
+    Ok(out)
+}
+
+/// `cuda`, or `cuda x2` for two replicas.
+fn devices_name(ds: &[Device]) -> String {
+    match ds.len() {
+        1 => device_name(&ds[0]),
+        n => format!("{} x{n}", device_name(&ds[0])),
+    }
+}
+
 fn device_name(d: &Device) -> String {
     match d {
         Device::Cpu => "cpu".into(),
@@ -861,13 +973,17 @@ impl DevicePref {
     }
 }
 
+impl DevicePref {
+    /// One device per data-parallel replica: the GPUs granted to the stage
+    /// (`gpus`), or `n` times the CPU.
+    pub fn devices(self, gpus: &[u32], n: usize) -> Result<Vec<Device>, StageFailure> {
+        (0..n).map(|i| self.device(gpus.get(i..).unwrap_or(&[]))).collect()
+    }
+}
+
 impl TrainStage {
     fn on_cuda(&self) -> bool {
         self.p.device.on_cuda()
-    }
-
-    fn device(&self, ctx: &RunCtx) -> Result<Device, StageFailure> {
-        self.p.device.device(&ctx.gpus)
     }
 
     /// Which parameters train. For Spectrum without `unfrozen_parameters`,

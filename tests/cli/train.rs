@@ -440,3 +440,52 @@ fn merge_folds_the_adapter_into_the_base() {
     assert_eq!(out.code, 1, "{out:?}");
     assert!(out.stderr.contains("no adapter_config.json") && out.stderr.contains("method lora"), "{out:?}");
 }
+
+/// `devices: 2` (two replicas, here on the CPU) trains like one device with
+/// twice the gradient accumulation: the same global batch and steps, the
+/// same losses and adapter weights up to the order the gradients are
+/// summed in. `devices: 0` is refused.
+#[test]
+fn two_replicas_train_like_one_device_with_twice_the_accumulation() {
+    let ws = Ws::new();
+    write_tiny_llama(&ws, "model", true);
+    let data: String = (0..16).map(|i| format!("{{\"q\": \"{i}+{i}?\", \"a\": \"{}\"}}\n", 2 * i)).collect();
+    ws.write("data/d.jsonl", &data);
+    let yaml = |devices: usize, accum: usize| {
+        pipeline(&format!(
+            "    method: lora\n    lora: {{r: 4, alpha: 8}}\n    learning_rate: 0.01\n    lr_scheduler: constant\n    \
+             per_device_batch_size: 2\n    gradient_accumulation_steps: {accum}\n    devices: {devices}\n    \
+             device: cpu\n    max_grad_norm: 0.5\n"
+        ))
+        .replace("max_seq_length: 64\n", "max_seq_length: 64\n    packing: none\n")
+    };
+    ws.write("one.yaml", &yaml(1, 4));
+    ws.write("two.yaml", &yaml(2, 2));
+    ws.ok(&["run", "one.yaml"]);
+    let out = ws.ok(&["run", "two.yaml"]);
+    assert!(out.stderr.contains("sft: running"), "the replicas are a different job: {out:?}");
+    let (a, b) = (ws.out_path("one.yaml", "sft"), ws.out_path("two.yaml", "sft"));
+    let (ja, jb) = (train_json(&a), train_json(&b));
+    assert_eq!((ja["steps"].as_u64(), ja["devices"].as_u64()), (Some(2), Some(1)), "{ja}");
+    assert_eq!((jb["steps"].as_u64(), jb["devices"].as_u64()), (Some(2), Some(2)), "{jb}");
+    assert_eq!(ja["tokens"], jb["tokens"]);
+    assert_eq!(jb["device"], "cpu x2");
+    for (ma, mb) in metrics(&a).iter().zip(metrics(&b)) {
+        let (la, lb) = (ma["loss"].as_f64().unwrap(), mb["loss"].as_f64().unwrap());
+        assert!((la - lb).abs() < 1e-5 * la.abs(), "step {}: loss {la} vs {lb}", ma["step"]);
+        let (ga, gb) = (ma["grad_norm"].as_f64().unwrap(), mb["grad_norm"].as_f64().unwrap());
+        assert!((ga - gb).abs() < 1e-4 * ga.abs(), "step {}: grad norm {ga} vs {gb}", ma["step"]);
+    }
+    let (ta, tb) = (tensors(&a.join("adapter_model.safetensors")), tensors(&b.join("adapter_model.safetensors")));
+    assert_eq!(ta.len(), tb.len());
+    for (k, x) in &ta {
+        let y = &tb[k];
+        let d = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let m = x.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d <= 1e-4 * m.max(1e-3), "{k}: differs by {d} (max |w| {m})");
+    }
+    ws.write("zero.yaml", &yaml(0, 2));
+    let out = ws.pipe(&["run", "zero.yaml"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("devices must be at least 1"), "{out:?}");
+}
