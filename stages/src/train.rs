@@ -256,8 +256,9 @@ impl StageKind for TrainKind {
         // 3: fused CUDA kernels (attention, RMSNorm, RoPE, SwiGLU) change
         // GPU results at rounding level; the gradient norm is summed on the
         // device. 4: on CUDA the LM head's cross-entropy and AdamW run as
-        // kernels (f32 clipping of bf16 gradients).
-        4
+        // kernels (f32 clipping of bf16 gradients). 5: a LoRA linear is one
+        // op (base + scaled update summed in another order: rounding).
+        5
     }
     fn summary(&self) -> &'static str {
         "fine-tune a model on packed data: full, LoRA, QLoRA or Spectrum"

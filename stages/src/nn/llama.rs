@@ -17,7 +17,9 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::nn::config::LlamaConfig;
 use crate::nn::nf4::Nf4Tensor;
-use crate::nn::ops::{cross_entropy_sum, frozen_matmul, lm_head_cross_entropy, nf4_matmul, rms_norm, rope};
+use crate::nn::ops::{
+    cross_entropy_sum, frozen_matmul, lm_head_cross_entropy, lora_linear, nf4_matmul, rms_norm, rope, FrozenWeight,
+};
 
 /// Rows per chunk of the fused LM head + cross-entropy.
 const HEAD_CHUNK: usize = 128;
@@ -106,6 +108,9 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, fx: Fwd) -> Result<Tensor> {
+        if let Some(y) = self.fused_lora(x, fx)? {
+            return Ok(y);
+        }
         let mut y = self.w.matmul_t(x)?;
         if let Some(b) = &self.b {
             y = y.broadcast_add(&b.tensor()?)?;
@@ -120,6 +125,34 @@ impl Linear {
             y = (y + d.affine(l.scale, 0.0)?)?;
         }
         Ok(y)
+    }
+}
+
+impl Linear {
+    /// The LoRA linear as one op ([`lora_linear`]) when it can be: a frozen
+    /// or NF4 base, a 2-D input, no dropout in this pass, and the adapter
+    /// in the input's dtype; `PIPE_FUSED_LORA=0` turns it off. Same values
+    /// as the composition (to rounding), a quarter of its saved (m, n)
+    /// activations.
+    fn fused_lora(&self, x: &Tensor, fx: Fwd) -> Result<Option<Tensor>> {
+        let Some(l) = &self.lora else { return Ok(None) };
+        if std::env::var_os("PIPE_FUSED_LORA").is_some_and(|v| v == "0") {
+            return Ok(None);
+        }
+        let w = match &self.w {
+            Weight::Frozen(w) => FrozenWeight::Dense(w.clone()),
+            Weight::Nf4(q, _, _) => FrozenWeight::Nf4(q.clone()),
+            Weight::Train(_) => return Ok(None),
+        };
+        let (a, b) = (l.a.as_tensor(), l.b.as_tensor());
+        if (fx.train && l.dropout > 0.0) || x.rank() != 2 || a.dtype() != x.dtype() || b.dtype() != x.dtype() {
+            return Ok(None);
+        }
+        let mut y = lora_linear(x, w, a, b, l.scale)?;
+        if let Some(bias) = &self.b {
+            y = y.broadcast_add(&bias.tensor()?)?;
+        }
+        Ok(Some(y))
     }
 }
 

@@ -116,21 +116,6 @@ pub fn nf4_matmul(x: &Tensor, q: &Arc<Nf4Tensor>) -> Result<Tensor> {
     x.apply_op1(FrozenMatmul { w: FrozenWeight::Nf4(q.clone()) })
 }
 
-enum FrozenWeight {
-    Dense(Tensor),
-    Nf4(Arc<Nf4Tensor>),
-}
-
-impl FrozenWeight {
-    /// The (n, k) weight in `dtype` on `device`.
-    fn get(&self, device: &candle_core::Device, dtype: DType) -> Result<Tensor> {
-        match self {
-            FrozenWeight::Dense(w) => Ok(w.clone()),
-            FrozenWeight::Nf4(q) => q.dequantize(device, dtype),
-        }
-    }
-}
-
 struct FrozenMatmul {
     w: FrozenWeight,
 }
@@ -142,7 +127,7 @@ impl FrozenMatmul {
         s: &S,
         l: &Layout,
         w: &Tensor,
-        pick: impl Fn(&Storage) -> Option<&S>,
+        pick: fn(&Storage) -> Option<&S>,
     ) -> Result<(S, Shape)> {
         let (m, k) = l.shape().dims2()?;
         let (n, k2) = w.dims2()?;
@@ -163,23 +148,174 @@ impl CustomOp1 for FrozenMatmul {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let w = self.w.get(&candle_core::Device::Cpu, s.dtype())?;
-        Self::product(s, l, &w, |st| match st {
-            Storage::Cpu(c) => Some(c),
-            _ => None,
-        })
+        Self::product(s, l, &w, cpu_of)
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         let w = self.w.get(&candle_core::Device::Cuda(s.device().clone()), s.dtype())?;
-        Self::product(s, l, &w, |st| match st {
-            Storage::Cuda(c) => Some(c),
-            _ => None,
-        })
+        Self::product(s, l, &w, cuda_of)
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(dy.matmul(&self.w.get(dy.device(), dy.dtype())?)?))
+    }
+}
+
+/// A LoRA linear in one op: `x @ w.T + scale * (x @ a.T) @ b.T` for a
+/// frozen (or NF4) `w` (n, k), `a` (r, k), `b` (n, r), `x` (m, k). Keeps
+/// for the backward pass only `scale * x @ a.T` (m, r) besides its inputs,
+/// where the composition's graph holds three more (m, n) tensors (the base
+/// product, the update and its scaled copy) per linear until the backward
+/// pass ends. Differentiable in x, a and b.
+pub fn lora_linear(x: &Tensor, w: FrozenWeight, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    let (r, ka) = a.dims2()?;
+    let (n, rb) = b.dims2()?;
+    let (nw, kw) = w.dims2()?;
+    if ka != k || rb != r || nw != n || kw != k || a.dtype() != x.dtype() || b.dtype() != x.dtype() || m == 0 {
+        candle_core::bail!(
+            "lora-linear: x {:?}, w ({nw}, {kw}), a {:?}, b {:?} do not fit (dtypes {:?}/{:?}/{:?})",
+            x.dims(),
+            a.dims(),
+            b.dims(),
+            x.dtype(),
+            a.dtype(),
+            b.dtype()
+        );
+    }
+    dense(x)?.apply_op3(&dense(a)?, &dense(b)?, LoraLinear { w, scale, xas: std::sync::Mutex::new(None) })
+}
+
+/// A frozen weight for [`frozen_matmul`]-style products: dense, or NF4
+/// (dequantised for each use).
+pub enum FrozenWeight {
+    Dense(Tensor),
+    Nf4(Arc<Nf4Tensor>),
+}
+
+impl FrozenWeight {
+    /// The (n, k) weight in `dtype` on `device`.
+    fn get(&self, device: &candle_core::Device, dtype: DType) -> Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(w) => Ok(w.clone()),
+            FrozenWeight::Nf4(q) => q.dequantize(device, dtype),
+        }
+    }
+
+    fn dims2(&self) -> Result<(usize, usize)> {
+        match self {
+            FrozenWeight::Dense(w) => w.dims2(),
+            FrozenWeight::Nf4(q) => Ok(q.shape()),
+        }
+    }
+}
+
+fn cpu_of(st: &Storage) -> Option<&CpuStorage> {
+    match st {
+        Storage::Cpu(c) => Some(c),
+        _ => None,
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_of(st: &Storage) -> Option<&candle_core::CudaStorage> {
+    match st {
+        Storage::Cuda(c) => Some(c),
+        _ => None,
+    }
+}
+
+struct LoraLinear {
+    w: FrozenWeight,
+    scale: f64,
+    /// `scale * x @ a.T` from the forward pass.
+    xas: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl LoraLinear {
+    #[allow(clippy::too_many_arguments)]
+    fn run<S: BackendStorage>(
+        &self,
+        (x, xl): (&S, &Layout),
+        (a, al): (&S, &Layout),
+        (b, bl): (&S, &Layout),
+        device: &candle_core::Device,
+        pick: fn(&Storage) -> Option<&S>,
+        wrap: impl Fn(S) -> Storage,
+    ) -> Result<(S, Shape)> {
+        let (m, k) = xl.shape().dims2()?;
+        let (r, _) = al.shape().dims2()?;
+        let (n, _) = bl.shape().dims2()?;
+        let w = self.w.get(device, x.dtype())?;
+        let (ws, wl) = w.storage_and_layout();
+        let Some(ws) = pick(&ws) else { candle_core::bail!("lora-linear: the weight is on another device") };
+        let base = x.matmul(ws, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
+        let mr = Layout::contiguous((m, r));
+        let xas = x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?.affine(&mr, self.scale, 0.0)?;
+        let up = xas.matmul(b, (1, m, n, r), &mr, &bl.transpose(0, 1)?)?;
+        let mn = Layout::contiguous((m, n));
+        let y = base.binary_impl::<candle_core::op::Add>(&up, &mn, &mn)?;
+        if let Ok(mut g) = self.xas.lock() {
+            *g = Some(Tensor::from_storage(wrap(xas), (m, r), BackpropOp::none(), false));
+        }
+        Ok((y, Shape::from((m, n))))
+    }
+}
+
+impl candle_core::CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((x, xl), (a, al), (b, bl), &candle_core::Device::Cpu, cpu_of, Storage::Cpu)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dev = candle_core::Device::Cuda(x.device().clone());
+        self.run((x, xl), (a, al), (b, bl), &dev, cuda_of, Storage::Cuda)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(xas) = self.xas.lock().ok().and_then(|g| g.clone()) else {
+            candle_core::bail!("lora-linear: backward before forward")
+        };
+        let dy = dy.to_dtype(x.dtype())?;
+        // d(x @ a.T) = scale * dy @ b
+        let dxa = dy.matmul(b)?.affine(self.scale, 0.0)?;
+        let da = if a.track_op() { Some(dxa.t()?.matmul(x)?) } else { None };
+        let db = if b.track_op() { Some(dy.t()?.matmul(&xas)?) } else { None };
+        let dx = if x.track_op() {
+            Some((dy.matmul(&self.w.get(dy.device(), dy.dtype())?)? + dxa.matmul(a)?)?)
+        } else {
+            None
+        };
+        Ok((dx, da, db))
     }
 }
 

@@ -450,3 +450,45 @@ fn frozen_and_nf4_matmuls_match_the_plain_product() -> Result<()> {
     assert!(frozen_matmul(x.as_tensor(), &bad).is_err(), "k 128 vs 64");
     Ok(())
 }
+
+/// `lora_linear` (one op) gives the composition's output and gradients for
+/// x, A and B, with a dense and an NF4 base, and refuses shapes that do
+/// not fit.
+#[test]
+fn fused_lora_linear_matches_the_composition() -> Result<()> {
+    use crate::nn::nf4::Nf4Tensor;
+    use crate::nn::ops::{lora_linear, FrozenWeight};
+    let dev = Device::Cpu;
+    let (m, k, n, r, scale) = (7, 64, 5, 3, 2.5);
+    let x = candle_core::Var::from_tensor(&Tensor::randn(0f64, 1.0, (m, k), &dev)?)?;
+    let a = candle_core::Var::from_tensor(&Tensor::randn(0f64, 1.0, (r, k), &dev)?)?;
+    let b = candle_core::Var::from_tensor(&Tensor::randn(0f64, 1.0, (n, r), &dev)?)?;
+    let dy = Tensor::randn(0f64, 1.0, (m, n), &dev)?;
+    let w = Tensor::randn(0f64, 1.0, (n, k), &dev)?;
+    let q = std::sync::Arc::new(Nf4Tensor::quantize(&w)?);
+    for (what, base, frozen) in [
+        ("dense", w.clone(), FrozenWeight::Dense(w.clone())),
+        ("nf4", q.dequantize(&dev, DType::F64)?, FrozenWeight::Nf4(q.clone())),
+    ] {
+        let want = (x.matmul(&base.t()?)? + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?)?;
+        let gw = (&want * &dy)?.sum_all()?.backward()?;
+        let got = lora_linear(x.as_tensor(), frozen, a.as_tensor(), b.as_tensor(), scale)?;
+        assert!(rel_err(&got, &want)? < 1e-12, "{what}: output");
+        let gg = (&got * &dy)?.sum_all()?.backward()?;
+        for (name, v) in [("dx", &x), ("da", &a), ("db", &b)] {
+            let (Some(g1), Some(g2)) = (gg.get(v.as_tensor()), gw.get(v.as_tensor())) else {
+                panic!("{what}: no {name}")
+            };
+            assert!(rel_err(g1, g2)? < 1e-12, "{what}: {name}");
+        }
+    }
+    // A frozen input gets no gradient, the adapter still does.
+    let xd = x.as_tensor().detach();
+    let g = (lora_linear(&xd, FrozenWeight::Dense(w.clone()), a.as_tensor(), b.as_tensor(), scale)? * &dy)?
+        .sum_all()?
+        .backward()?;
+    assert!(g.get(&xd).is_none() && g.get(a.as_tensor()).is_some() && g.get(b.as_tensor()).is_some());
+    let bad = Tensor::zeros((n, r + 1), DType::F64, &dev)?;
+    assert!(lora_linear(x.as_tensor(), FrozenWeight::Dense(w), a.as_tensor(), &bad, scale).is_err(), "r 3 vs 4");
+    Ok(())
+}
