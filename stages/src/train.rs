@@ -257,8 +257,10 @@ impl StageKind for TrainKind {
         // GPU results at rounding level; the gradient norm is summed on the
         // device. 4: on CUDA the LM head's cross-entropy and AdamW run as
         // kernels (f32 clipping of bf16 gradients). 5: a LoRA linear is one
-        // op (base + scaled update summed in another order: rounding).
-        5
+        // op (base + scaled update summed in another order: rounding). 6:
+        // RMSNorm and SwiGLU are one op each on the CPU too (f32; their
+        // backward passes round differently).
+        6
     }
     fn summary(&self) -> &'static str {
         "fine-tune a model on packed data: full, LoRA, QLoRA or Spectrum"

@@ -7,12 +7,26 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use crate::nn::ops::dense;
+use candle_core::backend::BackendStorage;
+use candle_core::D;
+
+use crate::nn::ops::{cpu_storage, cpu_tensor, dense};
 
 /// Whether the fused kernels run for `x`: a CUDA build, a CUDA tensor, f32
 /// or bf16, and not turned off with `PIPE_FUSED_KERNELS=0`.
 pub fn usable(x: &Tensor) -> bool {
     kernels_on(x, "PIPE_FUSED_KERNELS")
+}
+
+/// Whether [`rms_norm`] and [`swiglu`] take `x`: [`usable`], or an f32
+/// tensor on the CPU, where they run as one op each way too (candle's
+/// autograd through their compositions costs ~40 and ~110 ms a SmolLM2
+/// layer at 1,024 tokens on 2 cores, the ops themselves ~2 ms).
+pub fn usable_or_cpu(x: &Tensor) -> bool {
+    usable(x)
+        || (x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && std::env::var_os("PIPE_FUSED_KERNELS").is_none_or(|v| v != "0"))
 }
 
 /// Whether pipe's CUDA kernels can take `x` (a CUDA build, a CUDA tensor, f32
@@ -125,7 +139,6 @@ impl candle_core::InplaceOp2 for CeGrad {
     }
 }
 
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct RmsNorm {
     eps: f32,
     /// 1 / rms of each row (f32), from the forward pass.
@@ -146,14 +159,27 @@ impl candle_core::CustomOp2 for RmsNorm {
         "fused-rms-norm"
     }
 
+    /// f32 on the CPU: the composition's ops, in its order (the same
+    /// values), outside any graph.
     fn cpu_fwd(
         &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        ws: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        cuda_only(self.name())
+        if xs.dtype() != DType::F32 {
+            return cuda_only(self.name());
+        }
+        let (x, w) = (cpu_tensor(xs, xl), cpu_tensor(ws, wl));
+        let h = w.elem_count();
+        let x = x.reshape(((), h))?;
+        let inv = x.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, self.eps as f64)?.sqrt()?.recip()?;
+        let y = x.broadcast_mul(&inv)?.broadcast_mul(&w)?;
+        if let Ok(mut g) = self.rstd.lock() {
+            *g = Some(inv.squeeze(1)?);
+        }
+        cpu_storage(&y.reshape(xl.shape())?, self.name())
     }
 
     #[cfg(feature = "cuda")]
@@ -176,7 +202,11 @@ impl candle_core::CustomOp2 for RmsNorm {
             candle_core::bail!("fused rms_norm: backward before forward")
         };
         let dy = dense(&dy.to_dtype(x.dtype())?)?;
-        let dx = backward::rms_norm(x, w, &dy, &rstd)?;
+        let dx = if x.device().is_cpu() {
+            cpu_backward::rms_norm(x, w, &dy, &rstd)?
+        } else {
+            backward::rms_norm(x, w, &dy, &rstd)?
+        };
         let dw = if w.track_op() {
             // sum over rows of dy * T(x * rstd), in f32
             let h = w.dim(0)?;
@@ -240,14 +270,19 @@ impl candle_core::CustomOp2 for SwiGlu {
         "fused-swiglu"
     }
 
+    /// f32 on the CPU: the composition's ops (the same values), outside
+    /// any graph.
     fn cpu_fwd(
         &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
+        gs: &candle_core::CpuStorage,
+        gl: &candle_core::Layout,
+        us: &candle_core::CpuStorage,
+        ul: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        cuda_only(self.name())
+        if gs.dtype() != DType::F32 {
+            return cuda_only(self.name());
+        }
+        cpu_storage(&(cpu_tensor(gs, gl).silu()? * cpu_tensor(us, ul))?, self.name())
     }
 
     #[cfg(feature = "cuda")]
@@ -263,8 +298,35 @@ impl candle_core::CustomOp2 for SwiGlu {
 
     fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dense(&dy.to_dtype(g.dtype())?)?;
-        let (dg, du) = backward::swiglu(g, u, &dy)?;
+        let (dg, du) =
+            if g.device().is_cpu() { cpu_backward::swiglu(g, u, &dy)? } else { backward::swiglu(g, u, &dy)? };
         Ok((Some(dg), Some(du)))
+    }
+}
+
+/// The backward passes of the fused ops on the CPU, from candle ops on
+/// detached tensors (no graph).
+mod cpu_backward {
+    use candle_core::{Result, Tensor, D};
+
+    /// dx = rstd * (dn - xhat * mean(dn * xhat)), dn = dy * w, xhat = x * rstd.
+    pub fn rms_norm(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor) -> Result<Tensor> {
+        let h = w.elem_count();
+        let (x2, dy2, w) = (x.detach().reshape(((), h))?, dy.detach().reshape(((), h))?, w.detach());
+        let r = rstd.unsqueeze(1)?;
+        let xhat = x2.broadcast_mul(&r)?;
+        let dn = dy2.broadcast_mul(&w)?;
+        let c = (&dn * &xhat)?.mean_keepdim(D::Minus1)?;
+        (dn - xhat.broadcast_mul(&c)?)?.broadcast_mul(&r)?.reshape(x.shape())
+    }
+
+    /// dg = dy * u * s * (1 + g * (1 - s)), du = dy * g * s, s = sigmoid(g).
+    pub fn swiglu(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (g, u, dy) = (g.detach(), u.detach(), dy.detach());
+        let s = (g.neg()?.exp()? + 1.0)?.recip()?;
+        let du = (&dy * (&g * &s)?)?;
+        let dg = ((&dy * &u)? * &s)?.mul(&((&g * (1.0 - &s)?)? + 1.0)?)?;
+        Ok((dg, du))
     }
 }
 
@@ -478,9 +540,13 @@ mod tests {
     #[test]
     fn the_fused_kernels_are_cuda_only() -> Result<()> {
         let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu)?;
-        assert!(!usable(&x));
+        assert!(!usable(&x) && usable_or_cpu(&x));
         let w = Tensor::ones(4, DType::F32, &Device::Cpu)?;
-        assert!(rms_norm(&x, &w, 1e-5).unwrap_err().to_string().contains("CUDA only"));
+        let x64 = x.to_dtype(DType::F64)?;
+        assert!(!usable_or_cpu(&x64), "f64 on the CPU keeps the composition");
+        let err = rms_norm(&x64, &w.to_dtype(DType::F64)?, 1e-5).unwrap_err().to_string();
+        assert!(err.contains("CUDA only"), "{err}");
+        assert!(swiglu(&x64, &x64).unwrap_err().to_string().contains("CUDA only"));
         assert!(rms_norm(&x, &Tensor::ones(3, DType::F32, &Device::Cpu)?, 1e-5).is_err(), "weight of the wrong size");
         assert!(swiglu(&x, &w).is_err(), "shapes differ");
         let t = Tensor::zeros(2, DType::U32, &Device::Cpu)?;
@@ -488,6 +554,46 @@ mod tests {
         assert!(cross_entropy_grad_in_place(&x, &t.to_dtype(DType::F32)?).is_err(), "f32 targets");
         assert!(cross_entropy_grad_in_place(&x, &Tensor::zeros(3, DType::U32, &Device::Cpu)?).is_err(), "3 targets");
         assert!(cross_entropy_grad_in_place(&x.t()?, &t).is_err(), "non-contiguous logits");
+        Ok(())
+    }
+
+    /// RMSNorm and SwiGLU as one op each on the CPU (f32): the composition's
+    /// forward values, and its gradients (computed in f64) to f32 rounding.
+    #[test]
+    fn cpu_rms_norm_and_swiglu_match_the_compositions() -> Result<()> {
+        let cpu = Device::Cpu;
+        let (n, h) = (9, 48);
+        let var = |shape: &[usize], lo: f64| -> Result<(Var, Var)> {
+            let t = (Tensor::rand(lo, 1.0, shape, &cpu)? * 2.0)?.to_dtype(DType::F32)?;
+            Ok((Var::from_tensor(&t)?, Var::from_tensor(&t.to_dtype(DType::F64)?)?))
+        };
+        let (x, x64) = var(&[n, h], -1.0)?;
+        let (w, w64) = var(&[h], 0.0)?;
+        let dy = Tensor::randn(0f64, 1.0, (n, h), &cpu)?;
+        let got = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5)?;
+        let plain32 = {
+            let inv = x.as_tensor().sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, 1e-5)?.sqrt()?.recip()?;
+            x.as_tensor().broadcast_mul(&inv)?.broadcast_mul(w.as_tensor())?
+        };
+        assert_eq!(rel_err(&got, &plain32)?, 0.0, "the forward is the composition's, op for op");
+        let want = ops::rms_norm(x64.as_tensor(), w64.as_tensor(), 1e-5)?;
+        let gg = (got.to_dtype(DType::F64)? * &dy)?.sum_all()?.backward()?;
+        let gw = (&want * &dy)?.sum_all()?.backward()?;
+        for (name, a, b) in [("dx", &x, &x64), ("dw", &w, &w64)] {
+            let e = rel_err(gg.get(a.as_tensor()).expect(name), gw.get(b.as_tensor()).expect(name))?;
+            assert!(e < 1e-5, "rms_norm {name}: off by {e}");
+        }
+        let (g, g64) = var(&[n, h], -1.0)?;
+        let (u, u64_) = var(&[n, h], -1.0)?;
+        let got = swiglu(g.as_tensor(), u.as_tensor())?;
+        assert_eq!(rel_err(&got, &(g.as_tensor().silu()? * u.as_tensor())?)?, 0.0);
+        let want = (g64.as_tensor().silu()? * u64_.as_tensor())?;
+        let gg = (got.to_dtype(DType::F64)? * &dy)?.sum_all()?.backward()?;
+        let gw = (&want * &dy)?.sum_all()?.backward()?;
+        for (name, a, b) in [("dg", &g, &g64), ("du", &u, &u64_)] {
+            let e = rel_err(gg.get(a.as_tensor()).expect(name), gw.get(b.as_tensor()).expect(name))?;
+            assert!(e < 1e-5, "swiglu {name}: off by {e}");
+        }
         Ok(())
     }
 

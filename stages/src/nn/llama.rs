@@ -599,7 +599,7 @@ impl Llama {
         let hn = rms_norm(&x, &l.post_attention_layernorm.tensor()?, self.cfg.rms_norm_eps)?;
         let g = l.gate.forward(&hn, fx)?;
         let u = l.up.forward(&hn, fx)?;
-        let gu = if crate::nn::fused::usable(&g) { crate::nn::fused::swiglu(&g, &u)? } else { (g.silu()? * u)? };
+        let gu = if crate::nn::fused::usable_or_cpu(&g) { crate::nn::fused::swiglu(&g, &u)? } else { (g.silu()? * u)? };
         let m = l.down.forward(&gu, fx)?;
         Ok((x + m)?)
     }

@@ -16,7 +16,7 @@ use crate::nn::nf4::Nf4Tensor;
 /// RMSNorm in f32 (or f64 when the input is f64), scaled by `w`. On CUDA:
 /// the fused kernel ([`crate::nn::fused`]).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    if crate::nn::fused::usable(x) && w.dtype() == x.dtype() {
+    if crate::nn::fused::usable_or_cpu(x) && w.dtype() == x.dtype() {
         return crate::nn::fused::rms_norm(x, w, eps);
     }
     let dt = x.dtype();
@@ -65,12 +65,12 @@ pub(crate) fn dense(x: &Tensor) -> Result<Tensor> {
 
 /// A custom op's input storage as a tensor (no graph), to compute with
 /// tensor ops inside `cpu_fwd`.
-fn cpu_tensor(s: &CpuStorage, l: &Layout) -> Tensor {
+pub(crate) fn cpu_tensor(s: &CpuStorage, l: &Layout) -> Tensor {
     Tensor::from_storage(Storage::Cpu(s.clone()), l.shape().clone(), BackpropOp::none(), false)
 }
 
 /// A result tensor back as a custom op's output storage.
-fn cpu_storage(y: &Tensor, op: &str) -> Result<(CpuStorage, Shape)> {
+pub(crate) fn cpu_storage(y: &Tensor, op: &str) -> Result<(CpuStorage, Shape)> {
     let (st, _) = y.storage_and_layout();
     match &*st {
         Storage::Cpu(c) => Ok((c.clone(), y.shape().clone())),
