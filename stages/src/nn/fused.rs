@@ -8,7 +8,6 @@
 use candle_core::{DType, Result, Tensor};
 
 use candle_core::backend::BackendStorage;
-use candle_core::D;
 
 use crate::nn::ops::{cpu_storage, cpu_tensor, dense};
 
@@ -174,7 +173,7 @@ impl candle_core::CustomOp2 for RmsNorm {
         let (x, w) = (cpu_tensor(xs, xl), cpu_tensor(ws, wl));
         let h = w.elem_count();
         let x = x.reshape(((), h))?;
-        let inv = x.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, self.eps as f64)?.sqrt()?.recip()?;
+        let inv = crate::nn::ops::rms_inv(&x, self.eps as f64)?;
         let y = x.broadcast_mul(&inv)?.broadcast_mul(&w)?;
         if let Ok(mut g) = self.rstd.lock() {
             *g = Some(inv.squeeze(1)?);
@@ -356,14 +355,9 @@ mod cuda {
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{Layout, Result, Tensor};
 
-    use crate::nn::kernels::{by_dtype, device, func, grid, tensor, view, with, FUSED_PTX};
+    use crate::nn::kernels::{blocks, by_dtype, device, func, grid, tensor, view, with, FUSED_PTX};
 
     const MODULE: &str = "pipe_fused";
-
-    /// Blocks for an elementwise kernel over `n` items (grid-stride loops).
-    fn blocks(n: usize) -> usize {
-        n.div_ceil(256).min(65_535)
-    }
 
     pub(super) fn rms_norm_fwd(
         eps: f32,
@@ -572,7 +566,7 @@ mod tests {
         let dy = Tensor::randn(0f64, 1.0, (n, h), &cpu)?;
         let got = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5)?;
         let plain32 = {
-            let inv = x.as_tensor().sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, 1e-5)?.sqrt()?.recip()?;
+            let inv = ops::rms_inv(x.as_tensor(), 1e-5)?;
             x.as_tensor().broadcast_mul(&inv)?.broadcast_mul(w.as_tensor())?
         };
         assert_eq!(rel_err(&got, &plain32)?, 0.0, "the forward is the composition's, op for op");

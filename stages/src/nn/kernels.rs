@@ -63,6 +63,11 @@ macro_rules! by_dtype {
 }
 pub(crate) use by_dtype;
 
+/// Blocks of 256 threads for a grid-stride loop over `n` items.
+pub fn blocks(n: usize) -> usize {
+    n.div_ceil(256).min(65_535)
+}
+
 /// A grid of `blocks` x `y` blocks of `threads`.
 pub fn grid(blocks: usize, y: usize, threads: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks.max(1) as u32, y as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }

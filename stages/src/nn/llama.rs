@@ -18,7 +18,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::nn::config::LlamaConfig;
 use crate::nn::nf4::Nf4Tensor;
 use crate::nn::ops::{
-    cross_entropy_sum, frozen_matmul, lm_head_cross_entropy, lora_linear, nf4_matmul, rms_norm, rope, FrozenWeight,
+    cross_entropy_sum, frozen_product, lm_head_cross_entropy, lora_linear, rms_norm, rope, FrozenWeight,
 };
 
 /// Rows per chunk of the fused LM head + cross-entropy.
@@ -56,12 +56,20 @@ impl Weight {
         })
     }
 
+    /// The weight for the frozen products, unless it trains.
+    fn frozen(&self) -> Option<FrozenWeight> {
+        match self {
+            Weight::Frozen(w) => Some(FrozenWeight::Dense(w.clone())),
+            Weight::Nf4(q, _, _) => Some(FrozenWeight::Nf4(q.clone())),
+            Weight::Train(_) => None,
+        }
+    }
+
     /// `x @ w.T`, skipping the weight's gradient when it is frozen.
     fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Weight::Frozen(w) => frozen_matmul(x, w)?,
-            Weight::Nf4(q, _, _) => nf4_matmul(x, q)?,
-            Weight::Train(w) => x.matmul(&w.t()?)?,
+        Ok(match self.frozen() {
+            Some(w) => frozen_product(x, w)?,
+            None => x.matmul(&self.tensor()?.t()?)?,
         })
     }
 }
@@ -139,11 +147,7 @@ impl Linear {
         if std::env::var_os("PIPE_FUSED_LORA").is_some_and(|v| v == "0") {
             return Ok(None);
         }
-        let w = match &self.w {
-            Weight::Frozen(w) => FrozenWeight::Dense(w.clone()),
-            Weight::Nf4(q, _, _) => FrozenWeight::Nf4(q.clone()),
-            Weight::Train(_) => return Ok(None),
-        };
+        let Some(w) = self.w.frozen() else { return Ok(None) };
         let (a, b) = (l.a.as_tensor(), l.b.as_tensor());
         if (fx.train && l.dropout > 0.0) || x.rank() != 2 || a.dtype() != x.dtype() || b.dtype() != x.dtype() {
             return Ok(None);

@@ -398,7 +398,7 @@ impl Nf4Tensor {
         use candle_core::cuda::{CudaStorage, WrapErr};
         use candle_core::cuda_backend::CudaDType;
 
-        use crate::nn::kernels::{by_dtype, func, grid, tensor, view, with, NF4_PTX};
+        use crate::nn::kernels::{blocks, by_dtype, func, grid, tensor, view, with, NF4_PTX};
 
         let upload = || -> Result<OnDevice> {
             let mut tables = NF4_CODE.to_vec();
@@ -438,7 +438,7 @@ impl Nf4Tensor {
             let mut b = stream.launch_builder(&f);
             b.arg(&codes).arg(&qabsmax).arg(&scale).arg(&tables).arg(&offset).arg(&mut out).arg(&nbytes);
             // SAFETY: argument types and order match nf4_dequant_* in kernels/nf4.cu.
-            unsafe { b.launch(grid(nbytes.div_ceil(256).min(65_535), 1, 256)) }.w()?;
+            unsafe { b.launch(grid(blocks(nbytes), 1, 256)) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
         }
         let out =

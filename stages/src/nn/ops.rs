@@ -21,8 +21,13 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     }
     let dt = x.dtype();
     let xf = if dt == DType::F64 { x.clone() } else { x.to_dtype(DType::F32)? };
-    let inv = xf.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, eps)?.sqrt()?.recip()?;
+    let inv = rms_inv(&xf, eps)?;
     xf.broadcast_mul(&inv)?.to_dtype(dt)?.broadcast_mul(w)
+}
+
+/// `1 / sqrt(mean(x^2) + eps)` over the last dim (kept as a dim of 1).
+pub(crate) fn rms_inv(x: &Tensor, eps: f64) -> Result<Tensor> {
+    x.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, eps)?.sqrt()?.recip()
 }
 
 /// Softmax over the last dim. The max is detached: softmax does not depend
@@ -97,23 +102,23 @@ fn cuda_storage(y: &Tensor, op: &str) -> Result<(candle_core::CudaStorage, Shape
 /// `x @ w.T` for a weight that never trains: backward returns only dx.
 /// `x` is (m, k), `w` (n, k).
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if !x.track_op() {
-        return x.matmul(&w.t()?);
-    }
-    // The op reads the storage from offset 0 with contiguous strides.
-    let x = dense(x)?;
-    x.apply_op1(FrozenMatmul { w: FrozenWeight::Dense(w.clone()) })
+    frozen_product(x, FrozenWeight::Dense(w.clone()))
 }
 
 /// [`frozen_matmul`] with an NF4 weight (QLoRA): dequantised for the
 /// forward product and again for the backward one, so no dequantised copy
 /// lives between them (bitsandbytes' scheme).
 pub fn nf4_matmul(x: &Tensor, q: &Arc<Nf4Tensor>) -> Result<Tensor> {
+    frozen_product(x, FrozenWeight::Nf4(q.clone()))
+}
+
+/// `x @ w.T` for either kind of frozen weight (see [`frozen_matmul`]).
+pub fn frozen_product(x: &Tensor, w: FrozenWeight) -> Result<Tensor> {
     if !x.track_op() {
-        return x.matmul(&q.dequantize(x.device(), x.dtype())?.t()?);
+        return x.matmul(&w.get(x.device(), x.dtype())?.t()?);
     }
-    let x = dense(x)?;
-    x.apply_op1(FrozenMatmul { w: FrozenWeight::Nf4(q.clone()) })
+    // The op reads the storage from offset 0 with contiguous strides.
+    dense(x)?.apply_op1(FrozenMatmul { w })
 }
 
 struct FrozenMatmul {
@@ -247,10 +252,7 @@ impl LoraLinear {
         let (m, k) = xl.shape().dims2()?;
         let (r, _) = al.shape().dims2()?;
         let (n, _) = bl.shape().dims2()?;
-        let w = self.w.get(device, x.dtype())?;
-        let (ws, wl) = w.storage_and_layout();
-        let Some(ws) = pick(&ws) else { candle_core::bail!("lora-linear: the weight is on another device") };
-        let base = x.matmul(ws, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
+        let (base, _) = FrozenMatmul::product(x, xl, &self.w.get(device, x.dtype())?, pick)?;
         let mr = Layout::contiguous((m, r));
         let xas = x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?.affine(&mr, self.scale, 0.0)?;
         let up = xas.matmul(b, (1, m, n, r), &mr, &bl.transpose(0, 1)?)?;

@@ -186,8 +186,9 @@ mod cuda {
 
     const MODULE: &str = "pipe_optim";
 
+    /// At most 4096 blocks: `sumsq` adds one atomic per block.
     fn blocks(n: usize) -> usize {
-        n.div_ceil(256).min(4096)
+        crate::nn::kernels::blocks(n).min(4096)
     }
 
     /// sqrt of the sum of squares of every gradient (f32 on the device,
