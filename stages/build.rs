@@ -24,7 +24,7 @@ fn main() {
             .unwrap_or_else(|| PathBuf::from("nvcc"))
     });
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
-    for name in ["attn", "attn_tc", "fused", "optim", "nf4"] {
+    for name in ["attn", "attn_tc", "fused", "optim", "nf4", "decode"] {
         let src = PathBuf::from("kernels").join(format!("{name}.cu"));
         let ptx = out.join(format!("{name}.ptx"));
         let status = Command::new(&nvcc)

@@ -1,59 +1,118 @@
 #!/usr/bin/env bash
-# GPU serve benchmark (issue 5): `pipe serve` on CUDA vs transformers
-# `generate`, same card, same call, SmolLM2-135M shape (random init, bf16).
+# GPU serve benchmark (issue 7, benchmark 4): `pipe serve` on CUDA vs
+# transformers `generate`, same card, same call, SmolLM2-135M shape (random
+# init, bf16).
 #
-# Here (no GPU):  SMOL_DIR=<model stage output> scripts/gpu/train_smoke.sh prepare
-#   (builds the CUDA binary into gpu-smoke/ with SmolLM2's config + tokenizer).
-# On the GPU machine (the `device` tool; gpu-smoke/ is carried):
-#   bash scripts/gpu/serve_bench.sh
-#   random-init weights (f32 on disk, served in bf16 by both), then
-#   benches/serve/load.py against `pipe serve --device cuda` (batch-1 streamed
-#   decode tok/s; total tok/s at CONC concurrent requests), then
-#   benches/serve/hf_generate.py (cuda, bf16, sdpa) at the same batch sizes,
-#   and the HBM roofline for batch-1 decode (bf16 weight bytes / bandwidth).
-#   Results: $OUT/serve_bench.txt.
+# Here (no GPU):  scripts/gpu/serve_bench.sh prepare
+#   builds the CUDA binary and the CUDA lib tests (../shared/cuda/setup.sh;
+#   CARGO_TARGET_DIR default /var/tmp/pipe-cuda-target), stripped and
+#   xz-compressed into gpu-serve/ (git-ignored) with SmolLM2's config and
+#   tokenizer (from gpu-smoke/src or $SMOL_DIR, a `model` stage output).
+# On the GPU machine (the `device` tool, carry ["gpu-serve"]):
+#   bash scripts/gpu/serve_bench.sh run
+#   1. the CUDA tests matching TEST_FILTER (default "decode"; TESTS=0 skips);
+#   2. random-init weights (f32 on disk, served in bf16 by both);
+#   3. stages/examples/decode_bench.rs per variant: decode steps of the
+#      model alone (no HTTP, no prefills), tok/s and ms per step;
+#   4. for each of VARIANTS (default "graph candle"): benches/serve/load.py
+#      against `pipe serve --device cuda` (batch-1 streamed decode tok/s;
+#      total tok/s at CONC concurrent requests). graph: the fused decode
+#      step replayed as a CUDA graph (the default); nograph: the same
+#      kernels launched one by one; candle: PIPE_DECODE_GRAPH=0, decode
+#      through candle ops (the path before the fused step);
+#   5. benches/serve/hf_generate.py (cuda, bf16, sdpa) at the same batch
+#      sizes, and the HBM roofline for batch-1 decode (bf16 weight bytes /
+#      bandwidth).
+#   Results: $OUT/serve_bench.txt. Not a test: it asserts nothing about speed.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-SMOKE=$REPO/gpu-smoke
-M=${M:-128}
-CONC=${CONC:-1,8,32,64}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-R=$OUT/serve_bench.txt
-cd "$SMOKE"
-[ -x pipe ] || { gunzip -kf pipe.gz && chmod +x pipe; }
-S=$(python3 -c 'import nvidia,os;print(os.path.dirname(nvidia.__path__[0]))')
-export LD_LIBRARY_PATH=$(find "$S/nvidia" -name lib -type d | tr '\n' ':')${LD_LIBRARY_PATH:-}
-nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv,noheader | tee "$R"
-[ -f smol/model.safetensors ] || python3 "$REPO/scripts/gpu/gen_model.py" src smol | tee -a "$R"
+D=$REPO/gpu-serve
+case "${1:-}" in
+prepare)
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/pipe-cuda-target}
+  cd "$REPO"
+  source ../shared/cuda/setup.sh >/dev/null
+  cargo build --release --features cuda
+  cargo build --release --features cuda -p pipe-stages --example decode_bench
+  bin=$(cargo test --release --features cuda -p pipe-stages --lib --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["lib"]: print(m["executable"])' | tail -1)
+  src=${SMOL_DIR:-$REPO/gpu-smoke/src}
+  rm -rf "$D" && mkdir -p "$D/src"
+  cp "$src"/{config.json,tokenizer.json,tokenizer_config.json,generation_config.json} "$D/src/"
+  # The tree that travels is at most 64 MiB: binaries go stripped and xz'd.
+  strip -o "$D/pipe" "$CARGO_TARGET_DIR/release/pipe"
+  strip -o "$D/stages_test" "$bin"
+  strip -o "$D/decode_bench" "$CARGO_TARGET_DIR/release/examples/decode_bench"
+  xz -T0 -9 "$D/pipe" "$D/stages_test" "$D/decode_bench"
+  du -sh "$D"
+  ;;
+run)
+  M=${M:-128}
+  CONC=${CONC:-1,8,32,64}
+  OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+  R=$OUT/serve_bench.txt
+  cd "$D"
+  for f in pipe stages_test decode_bench; do
+    [ -x $f ] || { python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' $f.xz $f && chmod +x $f; }
+  done
+  S=$(python3 -c 'import nvidia,os;print(os.path.dirname(nvidia.__path__[0]))')
+  export LD_LIBRARY_PATH=$(find "$S/nvidia" -name lib -type d | tr '\n' ':')${LD_LIBRARY_PATH:-}
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv,noheader | tee "$R"
+  if [ "${TESTS:-1}" = 1 ]; then
+    (./stages_test --test-threads 1 --nocapture ${TEST_FILTER:-decode} 2>&1 || true) | grep -v "^$" | tail -25 | tee -a "$R"
+  fi
+  # The model side alone (no HTTP, no prefill in the timing), per path.
+  for v in ${VARIANTS:-graph candle}; do
+    case $v in candle) sw=0 ;; nograph) sw=nograph ;; *) sw=1 ;; esac
+    PIPE_DECODE_GRAPH=$sw ./decode_bench --config src/config.json --batches "$CONC" --prompt 100 --steps 64 | tee -a "$R" || true
+  done
+  [ -f smol/model.safetensors ] || python3 "$REPO/scripts/gpu/gen_model.py" src smol | tee -a "$R"
+  for v in ${VARIANTS:-graph candle}; do
+    case $v in candle) sw=0 ;; nograph) sw=nograph ;; *) sw=1 ;; esac
+    PIPE_LOG=info PIPE_DECODE_GRAPH=$sw ./pipe serve smol --device cuda --dtype bf16 --port 0 --max-batch 64 2> "serve_$v.log" &
+    SP=$!
+    for _ in $(seq 1 300); do grep -q "serving" "serve_$v.log" && break; sleep 0.2; done
+    URL=$(grep -o 'http://[0-9.:]*/v1' "serve_$v.log" | head -1)
+    echo "== pipe serve $v (cuda, bf16) at $URL, M=$M" | tee -a "$R"
+    python3 "$REPO/benches/serve/load.py" --base-url "$URL" --max-tokens "$M" --concurrency "$CONC" |
+      python3 -c 'import json,sys
+for l in sys.stdin:
+    if l.startswith("{"):
+        d=json.loads(l); d["variant"]=sys.argv[1]; print(json.dumps(d), flush=True)
+    else: print(l, end="")' "$v" | tee -a "$R"
+    kill -INT $SP; wait $SP || true
+    grep "engine:" "serve_$v.log" | tee -a "$R" || true
+  done
 
-./pipe serve smol --device cuda --dtype bf16 --port 0 --max-batch 64 2> serve.log &
-SP=$!
-for _ in $(seq 1 300); do grep -q "serving" serve.log && break; sleep 0.2; done
-URL=$(grep -o 'http://[0-9.:]*/v1' serve.log | head -1)
-echo "== pipe serve (cuda, bf16) at $URL, M=$M" | tee -a "$R"
-python3 "$REPO/benches/serve/load.py" --base-url "$URL" --max-tokens "$M" --concurrency "$CONC" | tee -a "$R"
-kill -INT $SP; wait $SP || true
-tail -3 serve.log >> "$R"
+  echo "== transformers generate (cuda, bf16, sdpa), M=$M" | tee -a "$R"
+  python3 "$REPO/benches/serve/hf_generate.py" --model smol --device cuda --dtype bfloat16 \
+    --max-new-tokens "$M" --batches "$CONC" | tee -a "$R"
 
-echo "== transformers generate (cuda, bf16, sdpa), M=$M" | tee -a "$R"
-python3 "$REPO/benches/serve/hf_generate.py" --model smol --device cuda --dtype bfloat16 \
-  --max-new-tokens "$M" --batches "$CONC" | tee -a "$R"
-
-python3 - "$R" <<'PY' | tee -a "$R"
+  python3 - "$R" <<'PY' | tee -a "$R"
 import json, subprocess, sys
 lines = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-p = {l["concurrency"]: l["total_tok_s"] for l in lines if l.get("event") == "concurrency"}
-s1 = next(l["decode_tok_s"] for l in lines if l.get("event") == "stream1")
 h = {l["batch"]: l for l in lines if l.get("bench") == "hf_generate" and "batch" in l}
 name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
 bw = 4.8e12 if "H200" in name else 3.35e12  # HBM3e H200 / HBM3 H100 SXM, bytes/s
 params = 134_515_008  # SmolLM2-135M (tied embeddings)
 roof = bw / (2 * params)
-print(f"card: {name}")
-print(f"batch-1 decode: pipe {s1:.1f} tok/s, transformers {h[1]['decode_tok_s']:.1f} tok/s "
-      f"(x{s1 / h[1]['decode_tok_s']:.2f}); HBM roofline {roof:.0f} tok/s (pipe at {100 * s1 / roof:.1f}%)")
-for c in sorted(p):
-    if c in h:
-        print(f"concurrency {c}: pipe {p[c]:.0f} tok/s, transformers generate batch {c} "
-              f"{h[c]['total_tok_s']:.0f} tok/s (x{p[c] / h[c]['total_tok_s']:.2f})")
+print(f"card: {name}; HBM roofline for batch-1 decode {roof:.0f} tok/s")
+print(f"transformers generate batch 1: {h[1]['decode_tok_s']:.1f} tok/s")
+for v in dict.fromkeys(l["variant"] for l in lines if "variant" in l):
+    mine = [l for l in lines if l.get("variant") == v]
+    p = {l["concurrency"]: l["total_tok_s"] for l in mine if l.get("event") == "concurrency"}
+    s1 = next((l["decode_tok_s"] for l in mine if l.get("event") == "stream1"), None)
+    if s1 is not None:
+        print(f"pipe {v}: batch-1 decode {s1:.1f} tok/s (x{s1 / h[1]['decode_tok_s']:.1f} generate; "
+              f"{100 * s1 / roof:.1f}% of the roofline)")
+    for c in sorted(p):
+        if c in h:
+            print(f"pipe {v}: concurrency {c}: {p[c]:.0f} tok/s vs generate batch {c} "
+                  f"{h[c]['total_tok_s']:.0f} tok/s (x{p[c] / h[c]['total_tok_s']:.2f})")
 PY
+  ;;
+*) echo "usage: $0 prepare|run" >&2; exit 2 ;;
+esac

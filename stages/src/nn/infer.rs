@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
 
+use crate::nn::decode::Next;
 use crate::nn::llama::{Fwd, Llama};
 use crate::nn::ops::{causal_mask, causal_softmax, rms_norm, rope, softmax};
 use crate::nn::{NnError, Result};
@@ -47,11 +48,16 @@ struct PoolInner {
     v: Vec<Tensor>,
     blocks: usize,
     free: Vec<u32>,
+    /// Bumped when the store is reallocated (the decode graphs hold its
+    /// addresses).
+    generation: u64,
 }
 
 impl KvPool {
     fn new() -> Self {
-        KvPool { inner: Mutex::new(PoolInner { k: Vec::new(), v: Vec::new(), blocks: 0, free: Vec::new() }) }
+        KvPool {
+            inner: Mutex::new(PoolInner { k: Vec::new(), v: Vec::new(), blocks: 0, free: Vec::new(), generation: 0 }),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolInner> {
@@ -59,7 +65,7 @@ impl KvPool {
     }
 
     /// `n` free block ids, growing the store when needed.
-    fn alloc(&self, m: &Llama, n: usize) -> Result<Vec<u32>> {
+    pub(crate) fn alloc(&self, m: &Llama, n: usize) -> Result<Vec<u32>> {
         let mut p = self.lock();
         if p.free.len() < n {
             let want = (p.blocks - p.free.len() + n).max(p.blocks * 2).max(if cfg!(test) { 4 } else { 256 });
@@ -76,6 +82,7 @@ impl KvPool {
             p.k = (0..layers).map(|i| grow(p.k.get(i))).collect::<Result<_>>()?;
             p.v = (0..layers).map(|i| grow(p.v.get(i))).collect::<Result<_>>()?;
             p.blocks = want;
+            p.generation += 1;
             p.free.extend((old as u32..want as u32).rev());
         }
         let at = p.free.len() - n;
@@ -90,6 +97,13 @@ impl KvPool {
     fn tensors(&self) -> (Vec<Tensor>, Vec<Tensor>) {
         let p = self.lock();
         (p.k.clone(), p.v.clone())
+    }
+
+    /// [`Self::tensors`] with the store's generation.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn snapshot(&self) -> (u64, Vec<Tensor>, Vec<Tensor>) {
+        let p = self.lock();
+        (p.generation, p.k.clone(), p.v.clone())
     }
 }
 
@@ -222,6 +236,60 @@ impl Llama {
 
     pub(crate) fn kv_pool(&self) -> Arc<KvPool> {
         self.kv_pool.get_or_init(|| Arc::new(KvPool::new())).clone()
+    }
+
+    /// [`Self::step`], returning each sequence's most likely next token and
+    /// the f32 logits of the sequences `logits_for` marks (those that
+    /// sample). Steps where every sequence feeds one token run through the
+    /// decode graph where the model allows it ([`Llama::decode_graph_ok`]),
+    /// with the argmax taken on the device.
+    pub fn step_next(&self, tokens: &[&[u32]], caches: &mut [&mut KvCache], logits_for: &[bool]) -> Result<Next> {
+        if logits_for.len() != tokens.len() {
+            return Err(NnError::Other("step: one logits flag per sequence".into()));
+        }
+        let paged = caches.iter().all(|c| matches!(c.store, Store::Paged { .. } | Store::Empty));
+        if !tokens.is_empty()
+            && tokens.len() == caches.len()
+            && tokens.iter().all(|t| t.len() == 1)
+            && paged
+            && self.decode_graph_ok()
+        {
+            let toks: Vec<u32> = tokens.iter().map(|t| t[0]).collect();
+            if let Some(bad) = toks.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+                return Err(NnError::Other(format!(
+                    "token id {bad} is outside the vocabulary ({})",
+                    self.cfg.vocab_size
+                )));
+            }
+            let mut pos = Vec::with_capacity(toks.len());
+            for c in caches.iter_mut() {
+                if c.len + 1 > self.cfg.max_position_embeddings {
+                    return Err(NnError::Other(format!(
+                        "a sequence would pass the model's {} positions",
+                        self.cfg.max_position_embeddings
+                    )));
+                }
+                c.reserve(self, 1)?;
+                pos.push(c.len as u32);
+            }
+            let tables: Vec<&[u32]> = caches
+                .iter()
+                .map(|c| match &c.store {
+                    Store::Paged { blocks, .. } => blocks.as_slice(),
+                    _ => &[],
+                })
+                .collect();
+            let next = self.graph_decode(&toks, &pos, &tables, logits_for)?;
+            for c in caches.iter_mut() {
+                c.len += 1;
+            }
+            return Ok(next);
+        }
+        let logits = self.step(tokens, caches)?;
+        let rows = rows_f32(&logits)?;
+        let argmax = rows.iter().map(|r| argmax(r)).collect();
+        let logits = rows.into_iter().zip(logits_for).map(|(r, &w)| w.then_some(r)).collect();
+        Ok(Next { argmax, logits })
     }
 
     /// Feed `tokens[i]` to sequence `i` (a whole prompt, or the one token

@@ -249,6 +249,9 @@ pub struct Llama {
     inv_freq: Vec<f64>,
     /// The paged KV store of inference (created on first use).
     pub(crate) kv_pool: std::sync::OnceLock<std::sync::Arc<crate::nn::infer::KvPool>>,
+    /// The decode graphs of serving on CUDA (created on first use).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) decode: crate::nn::decode::Slot,
 }
 
 /// Which parameters train, and how.
@@ -433,6 +436,7 @@ impl Llama {
             device: device.clone(),
             inv_freq,
             kv_pool: Default::default(),
+            decode: Default::default(),
         })
     }
 
@@ -534,6 +538,12 @@ impl Llama {
             n_targets,
             attn_tiles: Default::default(),
         })
+    }
+
+    /// The rotary frequencies (rope scaling applied).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn inv_freq(&self) -> &[f64] {
+        &self.inv_freq
     }
 
     /// cos/sin tables for the given positions, computed as `transformers`

@@ -4,6 +4,7 @@
 //! SNR scan ([`spectrum`]).
 
 pub mod config;
+pub mod decode;
 pub mod flash;
 pub mod fused;
 pub mod gpu;

@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::nn::infer::{argmax, rows_f32, KvCache};
+use crate::nn::infer::{argmax, KvCache};
 use crate::nn::llama::Llama;
 
 /// Sampling and stopping settings of one request.
@@ -134,7 +134,19 @@ impl Engine {
         let thread = std::thread::Builder::new()
             .name("pipe-engine".into())
             .spawn(move || {
-                Scheduler { model, tok, eos, opts, rx, held: None, active: Vec::new(), prefix: None, abort: flag }.run()
+                Scheduler {
+                    model,
+                    tok,
+                    eos,
+                    opts,
+                    rx,
+                    held: None,
+                    active: Vec::new(),
+                    prefix: None,
+                    abort: flag,
+                    stats: Stats::default(),
+                }
+                .run()
             })
             .expect("spawning the engine thread");
         Engine { tx: Some(tx), abort, thread: Some(thread), tokenizer, eos_ids, max_len, vocab_size, queue }
@@ -230,6 +242,33 @@ struct Scheduler {
     /// cache instead of recomputing it.
     prefix: Option<(Vec<u32>, KvCache)>,
     abort: Arc<AtomicBool>,
+    stats: Stats,
+}
+
+/// Steps run, split into decode-only steps (every sequence feeds one token)
+/// and the others (prefills, mixed), with their time: logged when the
+/// engine stops.
+#[derive(Default)]
+struct Stats {
+    decode: (usize, usize, f64),
+    other: (usize, usize, f64),
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        let (d, o) = (self.stats.decode, self.stats.other);
+        if d.0 + o.0 > 0 {
+            let each = |(n, _, s): (usize, usize, f64)| if n > 0 { s * 1e3 / n as f64 } else { 0.0 };
+            tracing::info!(
+                "engine: {} decode steps ({:.2} ms each, {:.1} sequences on average), {} prefill or mixed steps ({:.2} ms each)",
+                d.0,
+                each(d),
+                d.1 as f64 / d.0.max(1) as f64,
+                o.0,
+                each(o)
+            );
+        }
+    }
 }
 
 /// Shared prompt tokens worth reusing from the prefix cache.
@@ -373,9 +412,14 @@ impl Scheduler {
     fn step(&mut self) -> crate::nn::Result<()> {
         let feeds: Vec<Vec<u32>> = self.active.iter_mut().map(|s| std::mem::take(&mut s.feed)).collect();
         let refs: Vec<&[u32]> = feeds.iter().map(|f| f.as_slice()).collect();
+        // Greedy rows take the argmax (on the device in the decode graph);
+        // only sampling rows bring their logits back.
+        let sampling: Vec<bool> = self.active.iter().map(|s| !greedy(&s.req.params)).collect();
         let mut caches: Vec<&mut KvCache> = self.active.iter_mut().map(|s| &mut s.cache).collect();
-        let logits = self.model.step(&refs, &mut caches)?;
-        let rows = rows_f32(&logits)?;
+        let t0 = std::time::Instant::now();
+        let next = self.model.step_next(&refs, &mut caches, &sampling)?;
+        let st = if refs.iter().all(|f| f.len() == 1) { &mut self.stats.decode } else { &mut self.stats.other };
+        *st = (st.0 + 1, st.1 + refs.len(), st.2 + t0.elapsed().as_secs_f64());
         // A prompt unlike the cached prefix becomes the new prefix.
         if let Some(s) = self.active.iter().find(|s| s.out.is_empty() && s.req.prompt.len() >= MIN_PREFIX) {
             let keep = match &self.prefix {
@@ -387,8 +431,11 @@ impl Scheduler {
             }
         }
         let mut done = Vec::new();
-        for (i, (s, row)) in self.active.iter_mut().zip(rows).enumerate() {
-            let t = sample(&row, &s.req.params, &mut s.rng);
+        for (i, (s, (best, row))) in self.active.iter_mut().zip(next.argmax.into_iter().zip(next.logits)).enumerate() {
+            let t = match row {
+                Some(row) => sample(&row, &s.req.params, &mut s.rng),
+                None => best,
+            };
             s.out.push(t);
             s.feed = vec![t];
             let stop_token = s.stop_ids.contains(&t);
@@ -433,10 +480,15 @@ impl Scheduler {
     }
 }
 
+/// Whether `p` decodes greedily (the argmax, no randomness).
+fn greedy(p: &GenParams) -> bool {
+    p.temperature <= 0.0 || p.top_k == 1
+}
+
 /// Greedy at temperature 0; else temperature, top-k, then top-p (nucleus)
 /// sampling, as `transformers`' logits warpers order them.
 pub fn sample(logits: &[f32], p: &GenParams, rng: &mut ChaCha8Rng) -> u32 {
-    if p.temperature <= 0.0 || p.top_k == 1 {
+    if greedy(p) {
         return argmax(logits);
     }
     let t = p.temperature as f32;

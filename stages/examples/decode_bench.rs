@@ -1,0 +1,84 @@
+//! Decode-step benchmark of serving's model side (the pipe half of
+//! scripts/gpu/serve_bench.sh without HTTP): a random-init model in bf16,
+//! B sequences prefilled with PROMPT random tokens, then STEPS greedy decode
+//! steps through `Llama::step_next` (what `pipe serve`'s engine calls).
+//!
+//!   decode_bench [--config smollm2-135m|llama-1b|config.json] [--batches 1,8,32,64]
+//!                [--prompt 100] [--steps 64] [--device cuda|cpu]
+//!
+//! PIPE_DECODE_GRAPH picks the path as in serving (unset: the CUDA graph;
+//! nograph: the same kernels launched one by one; 0: candle ops). Prints one
+//! JSON line per batch size: tokens/s and milliseconds per step (median of
+//! the steps), plus the HBM roofline of batch-1 decode on an H200.
+use std::time::Instant;
+
+#[path = "common/mod.rs"]
+mod common;
+use common::{arg, config, median};
+
+use candle_core::{DType, Device, Tensor};
+use pipe_stages::nn::infer::KvCache;
+use pipe_stages::nn::llama::{Llama, TrainSpec};
+use rand::{Rng, SeedableRng};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cname: String = arg(&args, "--config", "smollm2-135m".to_string());
+    let batches: String = arg(&args, "--batches", "1,8,32,64".to_string());
+    let (prompt, steps) = (arg(&args, "--prompt", 100usize), arg(&args, "--steps", 64usize));
+    let device = match arg(&args, "--device", "cuda".to_string()).as_str() {
+        "cpu" => Device::Cpu,
+        _ => Device::new_cuda(0)?,
+    };
+    let cfg = config(&cname)?;
+    let dtype = if device.is_cpu() { DType::F32 } else { DType::BF16 };
+    let get = |name: &str| -> pipe_stages::nn::Result<Tensor> {
+        let s = cfg.param_shape(name);
+        let t = if name.contains("norm") {
+            Tensor::ones(s, DType::F32, &device)?
+        } else {
+            Tensor::randn(0f32, 0.02, s, &device)?
+        };
+        Ok(t.to_dtype(dtype)?)
+    };
+    let model = Llama::build(cfg.clone(), dtype, &device, &TrainSpec::default(), &get, &|_| false)?;
+    let (h, f, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+    let (q, kv) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);
+    let heads = if cfg.tie_word_embeddings { 1 } else { 2 };
+    let params = heads * cfg.vocab_size * h + cfg.num_hidden_layers * (2 * h * q + 2 * h * kv + 3 * h * f + 2 * h) + h;
+    let path = match std::env::var("PIPE_DECODE_GRAPH").as_deref() {
+        Ok("0") => "candle",
+        Ok("nograph") => "nograph",
+        _ if model.decode_graph_ok() => "graph",
+        _ => "candle",
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    for b in batches.split(',').filter_map(|s| s.trim().parse::<usize>().ok()) {
+        let mut caches: Vec<KvCache> = (0..b).map(|_| KvCache::new()).collect();
+        let prompts: Vec<Vec<u32>> =
+            (0..b).map(|_| (0..prompt).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect()).collect();
+        let refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+        let first = model.step_next(&refs, &mut caches.iter_mut().collect::<Vec<_>>(), &vec![false; b])?;
+        let mut feed = first.argmax;
+        let mut step_s = Vec::with_capacity(steps);
+        for i in 0..steps + 3 {
+            let toks: Vec<&[u32]> = feed.iter().map(std::slice::from_ref).collect();
+            let t = Instant::now();
+            let next = model.step_next(&toks, &mut caches.iter_mut().collect::<Vec<_>>(), &vec![false; b])?;
+            if i >= 3 {
+                step_s.push(t.elapsed().as_secs_f64());
+            }
+            feed = next.argmax;
+        }
+        let s = median(&step_s);
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "decode", "config": cname, "path": path, "batch": b, "prompt": prompt, "steps": steps,
+                "ms_per_step": s * 1e3, "tokens_per_s": b as f64 / s,
+                "roofline_h200_batch1": 4.8e12 / (2.0 * params as f64),
+            })
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,714 @@
+//! Decode steps of serving on CUDA as one CUDA graph per batch size.
+//!
+//! A decode step (every sequence feeds one token) of a bf16 model with plain
+//! frozen weights runs through `kernels/decode.cu`: five kernels per layer
+//! (RMSNorm + q/k/v + rotary + KV write; split attention over the paged
+//! pool; split combine + output projection + residual; RMSNorm + gate/up +
+//! SwiGLU; down projection + residual), then the final norm + LM head and
+//! the argmax. Buffers live as long as the model, so the launches of one
+//! step are captured once per batch size (rows padded to a power of two)
+//! and replayed: a step costs one graph launch instead of ~300 kernel
+//! launches and ~20 candle ops per layer. [`Llama::step`]'s candle path
+//! remains for prefills, mixed steps, other dtypes and devices.
+//!
+//! `PIPE_DECODE_GRAPH=0` turns the fast path off; `=nograph` runs the same
+//! kernels launched one by one (to measure what the graph saves).
+
+use crate::nn::llama::Llama;
+use crate::nn::Result;
+
+/// What [`Llama::step_next`] returns: every row's argmax, and the f32
+/// logits of the rows that asked for them (sampling).
+pub struct Next {
+    pub argmax: Vec<u32>,
+    pub logits: Vec<Option<Vec<f32>>>,
+}
+
+/// The model's decode-graph state (created on the first eligible step).
+#[derive(Default)]
+pub struct Slot {
+    #[cfg(feature = "cuda")]
+    inner: std::sync::Mutex<Option<imp::Graphs>>,
+}
+
+thread_local! {
+    /// Tests: launch the kernels one by one on this thread.
+    static GRAPHS_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The switch: `None` off, `Some(true)` graphs, `Some(false)` plain launches.
+fn mode() -> Option<bool> {
+    match std::env::var("PIPE_DECODE_GRAPH").as_deref() {
+        Ok("0") => None,
+        Ok("nograph") => Some(false),
+        _ => Some(true),
+    }
+}
+
+impl Llama {
+    /// Whether decode steps of this model can run through the fused
+    /// kernels: a CUDA build, the model in bf16 on CUDA, frozen dense
+    /// weights without LoRA or biases, head dims 64/128, at most 8 query
+    /// heads per kv head, widths a multiple of 8, the switch on.
+    pub fn decode_graph_ok(&self) -> bool {
+        cfg!(feature = "cuda") && mode().is_some() && self.decode_shape_ok()
+    }
+
+    fn decode_shape_ok(&self) -> bool {
+        use crate::nn::llama::{Linear, Weight};
+        let c = &self.cfg;
+        let plain_w = |w: &Weight| matches!(w, Weight::Frozen(t) if t.dtype() == candle_core::DType::BF16);
+        let plain = |l: &Linear| plain_w(&l.w) && l.b.is_none() && l.lora.is_none();
+        let (h, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        self.device.is_cuda()
+            && self.dtype == candle_core::DType::BF16
+            && matches!(hd, 64 | 128)
+            && kv > 0
+            && h.is_multiple_of(kv)
+            && h / kv <= 8
+            && c.hidden_size.is_multiple_of(8)
+            && c.intermediate_size.is_multiple_of(8)
+            && plain_w(&self.embed)
+            && plain_w(&self.norm)
+            && self.lm_head.as_ref().is_none_or(plain)
+            && self.layers.iter().all(|l| {
+                l.linears().into_iter().all(plain)
+                    && plain_w(&l.input_layernorm)
+                    && plain_w(&l.post_attention_layernorm)
+            })
+    }
+
+    /// One decode step through the graph: `toks[i]` at position `pos[i]`
+    /// of a sequence whose paged blocks are `tables[i]` (room reserved).
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub(crate) fn graph_decode(
+        &self,
+        toks: &[u32],
+        pos: &[u32],
+        tables: &[&[u32]],
+        logits_for: &[bool],
+    ) -> Result<Next> {
+        #[cfg(feature = "cuda")]
+        {
+            let mut g = self.decode.inner.lock().unwrap_or_else(|e| e.into_inner());
+            if g.is_none() {
+                *g = Some(imp::Graphs::new(self)?);
+            }
+            let g = g.as_mut().unwrap_or_else(|| unreachable!("set above"));
+            let graph = GRAPHS_OFF.with(|off| !off.get()) && mode() == Some(true);
+            g.step(self, toks, pos, tables, logits_for, graph)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Err(crate::nn::NnError::Other("the decode graph needs a CUDA build".into()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use candle_core::cuda::cudarc::driver::{
+        sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda::{CudaDevice, WrapErr};
+    use candle_core::{Storage, Tensor};
+
+    use crate::nn::infer::KV_BLOCK;
+    use crate::nn::kernels::DECODE_PTX;
+    use crate::nn::llama::{Llama, Weight};
+    use crate::nn::{NnError, Result};
+
+    use super::Next;
+
+    const MODULE: &str = "pipe_decode";
+    const GEMV_THREADS: u32 = 128;
+    const TILE: usize = 128;
+    /// Shared memory the projections may stage their batch rows in.
+    const SMEM_CAP: usize = 96 * 1024;
+    const SMS: usize = 132;
+
+    /// kernels/decode.cu's `Gemv` (by value).
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Gemv {
+        x: u64,
+        xin: u64,
+        norm: u64,
+        po: u64,
+        pml: u64,
+        w0: u64,
+        w1: u64,
+        w2: u64,
+        out: u64,
+        outb: u64,
+        kc: u64,
+        vc: u64,
+        pos: u64,
+        table: u64,
+        inv_freq: u64,
+        b: i32,
+        k: i32,
+        n: i32,
+        nh: i32,
+        kv: i32,
+        hd: i32,
+        maxb: i32,
+        nsplit: i32,
+        eps: f32,
+    }
+    // SAFETY: plain old data laid out as the kernels' C struct.
+    unsafe impl DeviceRepr for Gemv {}
+
+    /// kernels/decode.cu's `Attn` (by value).
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Attn {
+        q: u64,
+        kc: u64,
+        vc: u64,
+        pos: u64,
+        table: u64,
+        po: u64,
+        pml: u64,
+        nh: i32,
+        kv: i32,
+        maxb: i32,
+        nsplit: i32,
+        scale: f32,
+    }
+    // SAFETY: as for Gemv.
+    unsafe impl DeviceRepr for Attn {}
+
+    struct LayerPtrs {
+        ln1: u64,
+        q: u64,
+        k: u64,
+        v: u64,
+        o: u64,
+        ln2: u64,
+        gate: u64,
+        up: u64,
+        down: u64,
+    }
+
+    /// Device buffers for `cap` rows (some only owned here: the kernels
+    /// reach them through `p`).
+    #[allow(dead_code)]
+    struct Bufs {
+        cap: usize,
+        tok: CudaSlice<u32>,
+        pos: CudaSlice<u32>,
+        table: CudaSlice<u32>,
+        out_tok: CudaSlice<u32>,
+        x: CudaSlice<f32>,
+        q: CudaSlice<f32>,
+        po: CudaSlice<f32>,
+        pml: CudaSlice<f32>,
+        act: CudaSlice<half::bf16>,
+        logits: CudaSlice<f32>,
+        /// Their addresses, taken once: cudarc's event bookkeeping of
+        /// `device_ptr` must stay out of a stream capture.
+        p: BufPtrs,
+    }
+
+    #[derive(Clone, Copy)]
+    struct BufPtrs {
+        tok: u64,
+        pos: u64,
+        table: u64,
+        out_tok: u64,
+        x: u64,
+        q: u64,
+        po: u64,
+        pml: u64,
+        act: u64,
+        logits: u64,
+        inv_freq: u64,
+    }
+
+    /// One graph per padded batch size, for the pool layout it was
+    /// captured with.
+    struct Graph(CudaGraph);
+    // SAFETY: a graph is only used under the model's `decode` mutex, so
+    // never from two threads at once (what the CUDA docs ask of graphs).
+    unsafe impl Send for Graph {}
+
+    pub struct Graphs {
+        dev: CudaDevice,
+        stream: Arc<CudaStream>,
+        funcs: HashMap<String, CudaFunction>,
+        /// The weights (kept alive: the graphs hold their addresses).
+        _keep: Vec<Tensor>,
+        layers: Vec<LayerPtrs>,
+        embed: u64,
+        norm: u64,
+        head: u64,
+        inv_freq: CudaSlice<f32>,
+        bufs: Option<Bufs>,
+        /// The pool's generation and per-layer key/value addresses.
+        pool: (u64, Vec<(u64, u64)>, Vec<Tensor>),
+        scratch_block: u32,
+        graphs: HashMap<usize, Graph>,
+        maxb: usize,
+    }
+
+    // SAFETY: the CUDA handles inside are used only under the model's
+    // `decode` mutex; the device context is thread-safe.
+    unsafe impl Send for Graphs {}
+
+    fn addr(t: &Tensor, stream: &Arc<CudaStream>) -> Result<u64> {
+        let (s, l) = t.storage_and_layout();
+        let Storage::Cuda(c) = &*s else { return Err(NnError::Other("decode graph: a tensor is not on CUDA".into())) };
+        let Some((a, _)) = l.contiguous_offsets() else {
+            return Err(NnError::Other("decode graph: a weight is not contiguous".into()));
+        };
+        if !a.is_multiple_of(8) {
+            return Err(NnError::Other("decode graph: a weight is not 16-byte aligned".into()));
+        }
+        let sl = c.as_cuda_slice::<half::bf16>()?;
+        let (p, _sync) = sl.device_ptr(stream);
+        Ok(p + (a * 2) as u64)
+    }
+
+    fn ptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
+        let (p, _sync) = s.device_ptr(stream);
+        p
+    }
+
+    fn dense(w: &Weight) -> Result<Tensor> {
+        match w {
+            Weight::Frozen(t) => Ok(t.contiguous()?),
+            _ => Err(NnError::Other("decode graph: a weight is not frozen".into())),
+        }
+    }
+
+    impl Graphs {
+        pub fn new(m: &Llama) -> Result<Graphs> {
+            let dev = match &m.device {
+                candle_core::Device::Cuda(d) => d.clone(),
+                _ => return Err(NnError::Other("decode graph: the model is not on CUDA".into())),
+            };
+            let stream = dev.cuda_stream().context().new_stream().w()?;
+            let mut keep = Vec::new();
+            let mut a = |w: &Weight| -> Result<u64> {
+                let t = dense(w)?;
+                let p = addr(&t, &stream)?;
+                keep.push(t);
+                Ok(p)
+            };
+            let layers = m
+                .layers
+                .iter()
+                .map(|l| {
+                    Ok(LayerPtrs {
+                        ln1: a(&l.input_layernorm)?,
+                        q: a(&l.q.w)?,
+                        k: a(&l.k.w)?,
+                        v: a(&l.v.w)?,
+                        o: a(&l.o.w)?,
+                        ln2: a(&l.post_attention_layernorm)?,
+                        gate: a(&l.gate.w)?,
+                        up: a(&l.up.w)?,
+                        down: a(&l.down.w)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let embed = a(&m.embed)?;
+            let norm = a(&m.norm)?;
+            let head = match &m.lm_head {
+                Some(l) => a(&l.w)?,
+                None => embed,
+            };
+            let inv: Vec<f32> = m.inv_freq().iter().map(|&f| f as f32).collect();
+            let inv_freq = stream.clone_htod(&inv).w()?;
+            let scratch_block = m.kv_pool().alloc(m, 1)?[0];
+            let mut funcs = HashMap::new();
+            let mut names: Vec<String> = ["qkv", "o", "gateup", "down", "head"]
+                .iter()
+                .flat_map(|k| [1, 2, 4, 8, 16].map(|bt| format!("dec_{k}_{bt}")))
+                .collect();
+            names.extend(["dec_attn_64", "dec_attn_128", "dec_embed", "dec_argmax"].map(String::from));
+            for n in names {
+                let f = dev.get_or_load_custom_func(&n, MODULE, DECODE_PTX)?.into_cuda_function();
+                if n.starts_with("dec_") && !n.starts_with("dec_attn") {
+                    f.set_attribute(
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        SMEM_CAP as i32,
+                    )
+                    .w()?;
+                }
+                funcs.insert(n, f);
+            }
+            Ok(Graphs {
+                dev,
+                stream,
+                funcs,
+                _keep: keep,
+                layers,
+                embed,
+                norm,
+                head,
+                inv_freq,
+                bufs: None,
+                pool: (u64::MAX, Vec::new(), Vec::new()),
+                scratch_block,
+                graphs: HashMap::new(),
+                maxb: m.cfg.max_position_embeddings.div_ceil(KV_BLOCK),
+            })
+        }
+
+        fn alloc(&self, m: &Llama, cap: usize) -> Result<Bufs> {
+            let c = &m.cfg;
+            let (h, hd) = (c.num_attention_heads, c.head_dim());
+            let s = &self.stream;
+            let nsplit = nsplit(1, c.kv_heads());
+            let tok = s.alloc_zeros(cap).w()?;
+            let pos = s.alloc_zeros(cap).w()?;
+            let table = s.alloc_zeros(cap * self.maxb).w()?;
+            let out_tok = s.alloc_zeros(cap).w()?;
+            let x = s.alloc_zeros(cap * c.hidden_size).w()?;
+            let q = s.alloc_zeros(cap * h * hd).w()?;
+            let po = s.alloc_zeros(cap * h * nsplit * hd).w()?;
+            let pml = s.alloc_zeros(cap * h * nsplit * 2).w()?;
+            let act = s.alloc_zeros(cap * c.intermediate_size).w()?;
+            let logits = s.alloc_zeros(cap * c.vocab_size).w()?;
+            let p = BufPtrs {
+                tok: ptr(&tok, s),
+                pos: ptr(&pos, s),
+                table: ptr(&table, s),
+                out_tok: ptr(&out_tok, s),
+                x: ptr(&x, s),
+                q: ptr(&q, s),
+                po: ptr(&po, s),
+                pml: ptr(&pml, s),
+                act: ptr(&act, s),
+                logits: ptr(&logits, s),
+                inv_freq: ptr(&self.inv_freq, s),
+            };
+            Ok(Bufs { cap, tok, pos, table, out_tok, x, q, po, pml, act, logits, p })
+        }
+
+        pub fn step(
+            &mut self,
+            m: &Llama,
+            toks: &[u32],
+            pos: &[u32],
+            tables: &[&[u32]],
+            logits_for: &[bool],
+            use_graph: bool,
+        ) -> Result<Next> {
+            let n = toks.len();
+            let bucket = n.next_power_of_two();
+            if self.bufs.as_ref().is_none_or(|b| b.cap < bucket) {
+                self.graphs.clear();
+                self.bufs = Some(self.alloc(m, bucket.max(8))?);
+            }
+            let (gen, ks, vs) = m.kv_pool().snapshot();
+            if gen != self.pool.0 {
+                self.graphs.clear();
+                let kv = ks.iter().zip(&vs).map(|(k, v)| Ok((addr(k, &self.stream)?, addr(v, &self.stream)?)));
+                let kv = kv.collect::<Result<Vec<_>>>()?;
+                self.pool = (gen, kv, ks.into_iter().chain(vs).collect());
+            }
+            // Inputs: padded rows feed token 0 at position 0 of the scratch block.
+            let mut tok = vec![0u32; bucket];
+            let mut ps = vec![0u32; bucket];
+            let mut table = vec![self.scratch_block; bucket * self.maxb];
+            for i in 0..n {
+                tok[i] = toks[i];
+                ps[i] = pos[i];
+                let row = &mut table[i * self.maxb..(i + 1) * self.maxb];
+                row[..tables[i].len().min(self.maxb)].copy_from_slice(&tables[i][..tables[i].len().min(self.maxb)]);
+            }
+            let bufs = self.bufs.as_mut().unwrap_or_else(|| unreachable!("allocated above"));
+            // The pool's last writes (prefills) are on candle's stream.
+            self.stream.join(&self.dev.cuda_stream()).w()?;
+            self.stream.memcpy_htod(&tok, &mut bufs.tok.slice_mut(..bucket)).w()?;
+            self.stream.memcpy_htod(&ps, &mut bufs.pos.slice_mut(..bucket)).w()?;
+            self.stream.memcpy_htod(&table, &mut bufs.table.slice_mut(..bucket * self.maxb)).w()?;
+            if use_graph {
+                if !self.graphs.contains_key(&bucket) {
+                    self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
+                    let rec = self.record(m, bucket);
+                    let g = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+                    rec?;
+                    let g = g.w()?.ok_or_else(|| NnError::Other("decode graph: the capture was empty".into()))?;
+                    g.upload().w()?;
+                    self.graphs.insert(bucket, Graph(g));
+                }
+                self.graphs[&bucket].0.launch().w()?;
+            } else {
+                self.record(m, bucket)?;
+            }
+            let bufs = self.bufs.as_ref().unwrap_or_else(|| unreachable!("allocated above"));
+            let mut out = vec![0u32; bucket];
+            self.stream.memcpy_dtoh(&bufs.out_tok.slice(..bucket), &mut out).w()?;
+            let v = m.cfg.vocab_size;
+            let mut logits = Vec::with_capacity(n);
+            for (i, &want) in logits_for.iter().enumerate().take(n) {
+                logits.push(if want {
+                    let mut row = vec![0f32; v];
+                    self.stream.memcpy_dtoh(&bufs.logits.slice(i * v..(i + 1) * v), &mut row).w()?;
+                    Some(row)
+                } else {
+                    None
+                });
+            }
+            self.stream.synchronize().w()?;
+            out.truncate(n);
+            Ok(Next { argmax: out, logits })
+        }
+
+        fn f(&self, name: &str) -> Result<&CudaFunction> {
+            self.funcs.get(name).ok_or_else(|| NnError::Other(format!("decode graph: no kernel {name}")))
+        }
+
+        /// Enqueue one decode step for `b` rows (the buffers' inputs set).
+        fn record(&self, m: &Llama, b: usize) -> Result<()> {
+            let c = &m.cfg;
+            let p = self.bufs.as_ref().ok_or_else(|| NnError::Other("decode graph: no buffers".into()))?.p;
+            let s = &self.stream;
+            let (hid, inter, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+            let (nh, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+            let ns = nsplit(b, kv);
+            let x = p.x;
+            let base = Gemv {
+                x,
+                pos: p.pos,
+                table: p.table,
+                inv_freq: p.inv_freq,
+                po: p.po,
+                pml: p.pml,
+                b: b as i32,
+                nh: nh as i32,
+                kv: kv as i32,
+                hd: hd as i32,
+                maxb: self.maxb as i32,
+                nsplit: ns as i32,
+                eps: c.rms_norm_eps as f32,
+                ..Default::default()
+            };
+            let tok = p.tok;
+            let mut l = s.launch_builder(self.f("dec_embed")?);
+            let hid_i = hid as i32;
+            l.arg(&tok).arg(&self.embed).arg(&x).arg(&hid_i);
+            // SAFETY: arguments match dec_embed in kernels/decode.cu.
+            unsafe { l.launch(cfg(b, 1, 256, 0)) }.w()?;
+            let (q, act) = (p.q, p.act);
+            for (li, lp) in self.layers.iter().enumerate() {
+                let (kc, vc) = self.pool.1[li];
+                let qkv_units = (nh + 2 * kv) * hd / 2;
+                self.gemv(
+                    "qkv",
+                    Gemv {
+                        norm: lp.ln1,
+                        w0: lp.q,
+                        w1: lp.k,
+                        w2: lp.v,
+                        out: q,
+                        kc,
+                        vc,
+                        k: hid as i32,
+                        n: qkv_units as i32,
+                        ..base
+                    },
+                )?;
+                let at = Attn {
+                    q,
+                    kc,
+                    vc,
+                    pos: base.pos,
+                    table: base.table,
+                    po: base.po,
+                    pml: base.pml,
+                    nh: nh as i32,
+                    kv: kv as i32,
+                    maxb: self.maxb as i32,
+                    nsplit: ns as i32,
+                    scale: 1.0 / (hd as f32).sqrt(),
+                };
+                let mut l = s.launch_builder(self.f(&format!("dec_attn_{hd}"))?);
+                l.arg(&at);
+                // SAFETY: the argument matches dec_attn_* in kernels/decode.cu.
+                unsafe {
+                    l.launch(LaunchConfig {
+                        grid_dim: (ns as u32, kv as u32, b as u32),
+                        block_dim: (TILE as u32, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+                }
+                .w()?;
+                self.gemv("o", Gemv { w0: lp.o, out: x, k: (nh * hd) as i32, n: hid as i32, ..base })?;
+                self.gemv(
+                    "gateup",
+                    Gemv { norm: lp.ln2, w0: lp.gate, w1: lp.up, outb: act, k: hid as i32, n: inter as i32, ..base },
+                )?;
+                self.gemv("down", Gemv { xin: act, w0: lp.down, out: x, k: inter as i32, n: hid as i32, ..base })?;
+            }
+            let logits = p.logits;
+            self.gemv(
+                "head",
+                Gemv { norm: self.norm, w0: self.head, out: logits, k: hid as i32, n: v as i32, ..base },
+            )?;
+            let out_tok = p.out_tok;
+            let vi = v as i32;
+            let mut l = s.launch_builder(self.f("dec_argmax")?);
+            l.arg(&logits).arg(&out_tok).arg(&vi);
+            // SAFETY: arguments match dec_argmax in kernels/decode.cu.
+            unsafe { l.launch(cfg(b, 1, 1024, 0)) }.w()?;
+            Ok(())
+        }
+
+        /// A projection for `a.b` rows: batch chunks of BT rows staged in
+        /// shared memory (BT the largest power of two <= 16 that fits).
+        fn gemv(&self, kind: &str, a: Gemv) -> Result<()> {
+            let (b, k) = (a.b as usize, a.k as usize);
+            let mut bt = 16usize.min(b.next_power_of_two());
+            while bt > 1 && bt * k * 2 > SMEM_CAP {
+                bt /= 2;
+            }
+            if k * 2 > SMEM_CAP {
+                return Err(NnError::Other(format!("decode graph: width {k} is too wide to stage")));
+            }
+            let warps = (GEMV_THREADS / 32) as usize;
+            let blocks = (a.n as usize).div_ceil(warps).min(SMS * 4);
+            let mut l = self.stream.launch_builder(self.f(&format!("dec_{kind}_{bt}"))?);
+            l.arg(&a);
+            // SAFETY: the argument matches dec_{kind}_{bt} in kernels/decode.cu.
+            unsafe { l.launch(cfg(blocks, b.div_ceil(bt), GEMV_THREADS, (bt * k * 2) as u32)) }.w()?;
+            Ok(())
+        }
+    }
+
+    fn cfg(x: usize, y: usize, threads: u32, smem: u32) -> LaunchConfig {
+        LaunchConfig { grid_dim: (x as u32, y as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem }
+    }
+
+    /// Attention splits per (row, kv head): enough blocks to fill the GPU
+    /// at small batches, at most 16 (the buffers are sized for 1 row).
+    fn nsplit(b: usize, kv: usize) -> usize {
+        (2 * SMS).div_ceil(b * kv).clamp(1, 16)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use crate::nn::config::LlamaConfig;
+    use crate::nn::infer::{argmax, rows_f32, KvCache};
+    use crate::nn::llama::{Llama, TrainSpec};
+    use crate::nn::Result;
+
+    fn config(hidden: usize, heads: usize, kv: usize, tied: bool) -> LlamaConfig {
+        serde_json::from_value(serde_json::json!({
+            "model_type": "llama", "hidden_size": hidden, "intermediate_size": 2 * hidden,
+            "num_hidden_layers": 2, "num_attention_heads": heads, "num_key_value_heads": kv,
+            "vocab_size": 300, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": tied, "max_position_embeddings": 512,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        }))
+        .expect("valid config")
+    }
+
+    /// `n` sequences prefilled (lengths 3..~200: one and several attention
+    /// tiles), then `steps` decode steps through `step_next` on `m` (fast),
+    /// through the candle path on `m` (slow) and on `exact` (the same
+    /// weights in f64 on the CPU); returns the worst relative logit error of
+    /// the fast and of the slow path against the exact one.
+    fn compare(m: &Llama, exact: &Llama, n: usize, steps: usize, graphs: bool) -> Result<(f64, f64)> {
+        super::GRAPHS_OFF.with(|off| off.set(!graphs));
+        let prompts: Vec<Vec<u32>> =
+            (0..n).map(|i| (0..3 + (i * 37 + 11) % 200).map(|t| ((t * 13 + i * 7) % 300) as u32).collect()).collect();
+        let new = || (0..n).map(|_| KvCache::new()).collect::<Vec<_>>();
+        let (mut fast, mut slow, mut ex) = (new(), new(), new());
+        for (i, p) in prompts.iter().enumerate() {
+            m.step(&[p], &mut [&mut fast[i]])?;
+            m.step(&[p], &mut [&mut slow[i]])?;
+            exact.step(&[p], &mut [&mut ex[i]])?;
+        }
+        let mut feed: Vec<u32> = (0..n as u32).map(|i| i * 5 % 300).collect();
+        let rel = |a: &[f32], r: &[f32]| {
+            let scale = r.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+            a.iter().zip(r).fold(0f64, |acc, (x, y)| acc.max((x - y).abs() as f64)) / scale
+        };
+        let (mut worst_fast, mut worst_slow) = (0f64, 0f64);
+        for step in 0..steps {
+            let toks: Vec<&[u32]> = feed.iter().map(std::slice::from_ref).collect();
+            let want: Vec<bool> = (0..n).map(|i| (i + step) % 3 != 0).collect();
+            let next = m.step_next(&toks, &mut fast.iter_mut().collect::<Vec<_>>(), &want)?;
+            let sl = rows_f32(&m.step(&toks, &mut slow.iter_mut().collect::<Vec<_>>())?)?;
+            let r = rows_f32(&exact.step(&toks, &mut ex.iter_mut().collect::<Vec<_>>())?)?;
+            assert_eq!(next.argmax.len(), n);
+            for i in 0..n {
+                assert_eq!(next.logits[i].is_some(), want[i], "logits only where asked");
+                if let Some(l) = &next.logits[i] {
+                    assert_eq!(next.argmax[i], argmax(l), "the device argmax is the logits' argmax");
+                    worst_fast = worst_fast.max(rel(l, &r[i]));
+                    worst_slow = worst_slow.max(rel(&sl[i], &r[i]));
+                }
+                // Where the exact best token is clear, the fast path picks it.
+                let best = argmax(&r[i]) as usize;
+                let second = r[i].iter().enumerate().filter(|&(j, _)| j != best).fold(f32::MIN, |a, (_, &v)| a.max(v));
+                if r[i][best] - second > 0.1 * r[i][best].abs().max(1.0) {
+                    assert_eq!(next.argmax[i] as usize, best, "row {i} step {step}");
+                }
+            }
+            assert!(fast.iter().zip(&slow).all(|(a, b)| a.len() == b.len()));
+            feed = next.argmax;
+        }
+        super::GRAPHS_OFF.with(|off| off.set(false));
+        Ok((worst_fast, worst_slow))
+    }
+
+    /// The fused decode step against exact (f64) logits, no worse than the
+    /// candle path in bf16 (run on the GPU machine; skipped elsewhere): head
+    /// dims 64 and 128, 2 and 4 query heads per kv head, tied and untied
+    /// heads, batches of 1, 3 (padded to 4) and 20 (two chunks of 16 rows),
+    /// with the graph and without, and a pool that grows (recapture) on
+    /// the way.
+    #[test]
+    fn decode_graph_steps_match_the_candle_path_on_cuda() -> Result<()> {
+        if !candle_core::utils::cuda_is_available() {
+            eprintln!("no CUDA device: skipped");
+            return Ok(());
+        }
+        let dev = Device::new_cuda(0)?;
+        for cfg in [config(256, 4, 2, true), config(512, 4, 1, false)] {
+            let m = crate::nn::tests::tiny_model_on(&cfg, &TrainSpec::default(), DType::BF16, &dev)?;
+            let exact = crate::nn::tests::tiny_model(&cfg, &TrainSpec::default(), DType::F64)?;
+            assert!(m.decode_graph_ok());
+            for (n, graphs) in [(1, true), (3, true), (20, true), (3, false)] {
+                let (fast, slow) = compare(&m, &exact, n, 5, graphs)?;
+                eprintln!(
+                    "hidden {} batch {n} graphs {graphs}: max rel logit error fused {fast:.4}, candle {slow:.4}",
+                    cfg.hidden_size
+                );
+                assert!(fast < 1.5 * slow + 0.005, "fused {fast} against candle's {slow}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn step_next_off_the_gpu_is_the_argmax_of_step() -> Result<()> {
+        let cfg = crate::nn::tests::tiny_config("llama", true);
+        let m = crate::nn::tests::tiny_model(&cfg, &TrainSpec::default(), DType::F32)?;
+        assert!(!m.decode_graph_ok(), "CPU models take the candle path");
+        let (mut a, mut b) = (KvCache::new(), KvCache::new());
+        let p: &[u32] = &[1, 2, 3, 4];
+        m.step(&[p], &mut [&mut b])?;
+        let first = m.step_next(&[p], &mut [&mut a], &[true])?;
+        let l = first.logits[0].clone().expect("asked for");
+        assert_eq!(first.argmax[0], argmax(&l));
+        let next = m.step_next(&[&[first.argmax[0]]], &mut [&mut a], &[false])?;
+        let r = rows_f32(&m.step(&[&[first.argmax[0]]], &mut [&mut b])?)?;
+        assert_eq!(next.argmax[0], argmax(&r[0]));
+        assert!(next.logits[0].is_none());
+        assert!(m.step_next(&[&[1]], &mut [&mut a], &[true, false]).is_err(), "one flag per sequence");
+        assert!(m.step_next(&[&[400]], &mut [&mut a], &[false]).is_err(), "token outside the vocabulary");
+        Ok(())
+    }
+}
