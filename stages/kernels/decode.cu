@@ -17,6 +17,8 @@
 typedef __nv_bfloat16 bf16;
 
 #define KV_BLOCK 32
+// Positions per attention block (one per thread).
+#define TILE 128
 
 struct Gemv {
   const float *x;        // residual (B, K) f32 (norm inputs)
@@ -154,7 +156,9 @@ template <int OUT> __device__ __forceinline__ void epilogue(const Gemv &a, int u
   }
 }
 
-// Grid (row groups, batch chunks of BT); warps take output units in turn.
+// Grid (row groups, batch chunks of BT); each warp takes UN output units at
+// a time (four weight rows in flight: the loads of a decode step are
+// latency-bound, not bandwidth-bound, at small batches).
 template <int IN, int OUT, int BT> __device__ void gemv(const Gemv &a) {
   extern __shared__ __align__(16) unsigned char smem[];
   bf16 *xs = reinterpret_cast<bf16 *>(smem);
@@ -163,36 +167,57 @@ template <int IN, int OUT, int BT> __device__ void gemv(const Gemv &a) {
   stage<IN, BT>(a, xs, b0, nb);
   __syncthreads();
   constexpr int NR = (OUT == OUT_QKV || OUT == OUT_SWIGLU) ? 2 : 1;
+  constexpr int UN = 4 / NR;
   const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
   const int chunks = a.K / 8;
-  for (int u = blockIdx.x * warps + threadIdx.x / 32; u < a.N; u += gridDim.x * warps) {
-    const bf16 *r0, *r1;
-    rows<OUT>(a, u, r0, r1);
-    float acc[NR][BT];
+  for (int u0 = (blockIdx.x * warps + threadIdx.x / 32) * UN; u0 < a.N; u0 += gridDim.x * warps * UN) {
+    const uint4 *w[UN][NR];
 #pragma unroll
-    for (int r = 0; r < NR; r++)
+    for (int j = 0; j < UN; j++) {
+      const bf16 *r0, *r1;
+      rows<OUT>(a, min(u0 + j, a.N - 1), r0, r1);
+      w[j][0] = reinterpret_cast<const uint4 *>(r0);
+      w[j][NR - 1] = reinterpret_cast<const uint4 *>(r1);
+    }
+    float acc[UN][NR][BT];
 #pragma unroll
-      for (int b = 0; b < BT; b++) acc[r][b] = 0.f;
+    for (int j = 0; j < UN; j++)
+#pragma unroll
+      for (int r = 0; r < NR; r++)
+#pragma unroll
+        for (int b = 0; b < BT; b++) acc[j][r][b] = 0.f;
+#pragma unroll 2
     for (int c = lane; c < chunks; c += 32) {
-      float w0[8], w1[8];
-      unpack8(__ldg(reinterpret_cast<const uint4 *>(r0) + c), w0);
-      if (NR == 2) unpack8(__ldg(reinterpret_cast<const uint4 *>(r1) + c), w1);
+      uint4 raw[UN][NR];
+#pragma unroll
+      for (int j = 0; j < UN; j++)
+#pragma unroll
+        for (int r = 0; r < NR; r++) raw[j][r] = __ldg(w[j][r] + c);
+      float wf[UN][NR][8];
+#pragma unroll
+      for (int j = 0; j < UN; j++)
+#pragma unroll
+        for (int r = 0; r < NR; r++) unpack8(raw[j][r], wf[j][r]);
 #pragma unroll
       for (int b = 0; b < BT; b++) {
         float xv[8];
         unpack8(*reinterpret_cast<const uint4 *>(xs + b * a.K + c * 8), xv);
 #pragma unroll
-        for (int i = 0; i < 8; i++) {
-          acc[0][b] += w0[i] * xv[i];
-          if (NR == 2) acc[NR - 1][b] += w1[i] * xv[i];
-        }
+        for (int j = 0; j < UN; j++)
+#pragma unroll
+          for (int r = 0; r < NR; r++)
+#pragma unroll
+            for (int i = 0; i < 8; i++) acc[j][r][b] += wf[j][r][i] * xv[i];
       }
     }
 #pragma unroll
-    for (int b = 0; b < BT; b++) {
-      const float s0 = warp_sum(acc[0][b]);
-      const float s1 = NR == 2 ? warp_sum(acc[NR - 1][b]) : 0.f;
-      if (lane == b % 32 && b < nb) epilogue<OUT>(a, u, b0 + b, s0, s1);
+    for (int j = 0; j < UN; j++) {
+#pragma unroll
+      for (int b = 0; b < BT; b++) {
+        const float s0 = warp_sum(acc[j][0][b]);
+        const float s1 = NR == 2 ? warp_sum(acc[j][NR - 1][b]) : 0.f;
+        if (lane == b % 32 && b < nb && u0 + j < a.N) epilogue<OUT>(a, u0 + j, b0 + b, s0, s1);
+      }
     }
   }
 }
@@ -221,7 +246,6 @@ struct Attn {
   float scale;
 };
 
-#define TILE 128
 #define MAX_REP 8
 
 // Grid (nsplit, kv, B), TILE threads. Split s takes position tiles s,

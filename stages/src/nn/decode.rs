@@ -571,8 +571,10 @@ mod imp {
             if k * 2 > SMEM_CAP {
                 return Err(NnError::Other(format!("decode graph: width {k} is too wide to stage")));
             }
-            let warps = (GEMV_THREADS / 32) as usize;
-            let blocks = (a.n as usize).div_ceil(warps).min(SMS * 4);
+            // Four weight rows per warp at a time (decode.cu's UN units).
+            let rows_per_unit = if matches!(kind, "qkv" | "gateup") { 2 } else { 1 };
+            let units_per_block = (GEMV_THREADS / 32) as usize * 4 / rows_per_unit;
+            let blocks = (a.n as usize).div_ceil(units_per_block).min(SMS * 16);
             let mut l = self.stream.launch_builder(self.f(&format!("dec_{kind}_{bt}"))?);
             l.arg(&a);
             // SAFETY: the argument matches dec_{kind}_{bt} in kernels/decode.cu.
