@@ -14,6 +14,7 @@
 //!   per_device_batch_size: 8     # packed rows per micro-batch
 //!   gradient_accumulation_steps: 2
 //!   devices: 1                   # data-parallel replicas (one per GPU)
+//!   zero_stage: 0                # 1 or 2: optimizer state sharded over the replicas
 //!   num_epochs: 1                # or max_steps: N
 //!   max_grad_norm: 1.0
 //!   weight_decay: 0.0
@@ -55,6 +56,16 @@
 //! AdamW step, so N devices train like one device with N times the
 //! accumulation. The gradients are summed through replica 0's device
 //! (`to_device`); NCCL is the next step for GPUs.
+//!
+//! `zero_stage: 1` or `2` (DeepSpeed's ZeRO names) shards the optimizer
+//! over the replicas: each trainable tensor has one owner replica (tensors
+//! dealt out by size), whose AdamW alone holds its f32 master copy and
+//! moments, so optimizer memory per device falls with the device count.
+//! The summed gradients are reduce-scattered (each replica receives only
+//! the sums of the tensors it owns: stage 2's gradient sharding, so 1 and 2
+//! behave the same here), clipped by the global norm of all of them, each
+//! owner updates its tensors, and the new values are broadcast to the other
+//! replicas. Same results as `zero_stage: 0` up to summation order.
 //!
 //! Key: all params, plus the model and data digests. Not marked
 //! deterministic: `metrics.jsonl` records wall-clock times.
@@ -177,6 +188,8 @@ struct Params {
     gradient_accumulation_steps: usize,
     #[serde(default = "one")]
     devices: usize,
+    #[serde(default)]
+    zero_stage: u8,
     #[serde(default = "d_epochs", alias = "num_train_epochs")]
     num_epochs: f64,
     #[serde(default)]
@@ -331,6 +344,15 @@ impl StageKind for TrainKind {
             if v == 0 {
                 return Err(perr(k, format!("{k} must be at least 1")));
             }
+        }
+        if p.zero_stage > 2 {
+            return Err(perr(
+                "zero_stage",
+                format!(
+                    "zero_stage {} is not supported: 0 (replicated), 1 or 2 (optimizer state sharded)",
+                    p.zero_stage
+                ),
+            ));
         }
         if !(p.learning_rate > 0.0 && p.learning_rate.is_finite()) {
             return Err(perr("learning_rate", "learning_rate must be a positive number"));
@@ -518,16 +540,25 @@ impl Stage for TrainStage {
         }
         let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
         let n_trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
-        let mut opt = AdamW::new(named.clone(), p.adamw())?;
+        // ZeRO: the replica that owns each trainable tensor's optimizer state.
+        let owner = (p.zero_stage > 0 && devices.len() > 1).then(|| shard_owners(&vars, devices.len()));
+        let mine = |r: usize, named: Vec<(String, Var)>| -> Vec<(String, Var)> {
+            match &owner {
+                Some(o) => named.into_iter().enumerate().filter(|(i, _)| o[*i] == r).map(|(_, x)| x).collect(),
+                None => named,
+            }
+        };
+        let mut opt = AdamW::new(mine(0, named.clone()), p.adamw())?;
         // Replicas 1.. (data parallelism): the same weights and LoRA init
-        // (seeded), each with its own optimizer taking the same steps.
+        // (seeded), each with its own optimizer taking the same steps (or,
+        // sharded, the steps of the tensors it owns).
         let mut replicas = Vec::new();
         for (r, d) in devices.iter().enumerate().skip(1) {
             ctx.progress.message(&format!("loading replica {r} on {}", device_name(d)));
             let m = Llama::load(model_dir, dtype, d, &spec).map_err(fail)?;
             let named = m.trainable();
             let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
-            let opt = AdamW::new(named, p.adamw())?;
+            let opt = AdamW::new(mine(r, named), p.adamw())?;
             replicas.push(Replica { model: m, vars, opt });
         }
         let plan = p.plan(rows.len());
@@ -540,6 +571,10 @@ impl Stage for TrainStage {
             start = load_checkpoint(&ckpt, &mut opt)?;
             for r in replicas.iter_mut() {
                 load_checkpoint(&ckpt, &mut r.opt)?;
+            }
+            if let Some(o) = &owner {
+                // Each optimizer restored the tensors it owns.
+                broadcast_owned(&vars, &replicas, o)?;
             }
             ctx.log_line(&format!("resumed from the checkpoint at step {start}"));
             ctx.progress.message(&format!("resumed at step {start}/{}", plan.total));
@@ -652,14 +687,30 @@ impl Stage for TrainStage {
                 return Err(StageFailure::new(format!("step {}: the loss is {loss}", step + 1))
                     .hint("lower learning_rate, or use precision: f32"));
             }
-            let mut per_replica = all_reduce_sum(per_replica, &devices)?.into_iter();
-            let grads = per_replica.next().expect("replica 0");
-            prof.lap(&device, Phase::Other);
             let lr = lr_at(p.lr_scheduler, p.learning_rate, step, plan.warmup, plan.total);
-            let norm = opt.clip_and_step(grads, p.max_grad_norm, lr)?;
-            for (r, g) in replicas.iter_mut().zip(per_replica) {
-                r.opt.clip_and_step(g, p.max_grad_norm, lr)?;
-            }
+            let norm = match &owner {
+                None => {
+                    let mut per_replica = all_reduce_sum(per_replica, &devices)?.into_iter();
+                    let grads = per_replica.next().expect("replica 0");
+                    prof.lap(&device, Phase::Other);
+                    let norm = opt.clip_and_step(grads, p.max_grad_norm, lr)?;
+                    for (r, g) in replicas.iter_mut().zip(per_replica) {
+                        r.opt.clip_and_step(g, p.max_grad_norm, lr)?;
+                    }
+                    norm
+                }
+                Some(o) => {
+                    let (norm, mut shards) = reduce_scatter_clipped(per_replica, &devices, o, p.max_grad_norm)?;
+                    prof.lap(&device, Phase::Other);
+                    // Clipped already: the owners step without clipping again.
+                    opt.clip_and_step(std::mem::take(&mut shards[0]), 0.0, lr)?;
+                    for (r, g) in replicas.iter_mut().zip(shards.into_iter().skip(1)) {
+                        r.opt.clip_and_step(g, 0.0, lr)?;
+                    }
+                    broadcast_owned(&vars, &replicas, o)?;
+                    norm
+                }
+            };
             prof.lap(&device, Phase::Optimizer);
             last_loss = loss;
             total_tokens += n_tokens;
@@ -693,7 +744,11 @@ impl Stage for TrainStage {
                 window_t = Instant::now();
             }
             if p.checkpoint_every > 0 && done % p.checkpoint_every == 0 && done < plan.total {
-                save_checkpoint(&ckpt, &opt, done)?;
+                let opts: Vec<&AdamW> = match &owner {
+                    Some(_) => std::iter::once(&opt).chain(replicas.iter().map(|r| &r.opt)).collect(),
+                    None => vec![&opt],
+                };
+                save_checkpoint(&ckpt, &opts, done)?;
                 ctx.log_line(&format!("checkpoint at step {done}"));
             }
         }
@@ -735,6 +790,8 @@ impl Stage for TrainStage {
             "final_loss": last_loss,
             "device": devices_name(&devices),
             "devices": devices.len(),
+            "zero_stage": if owner.is_some() { p.zero_stage } else { 0 },
+            "optimizer_state_bytes": std::iter::once(&opt).chain(replicas.iter().map(|r| &r.opt)).map(|o| o.state_bytes()).collect::<Vec<_>>(),
             "precision": format!("{:?}", p.precision).to_lowercase(),
             "seconds": train_s,
             "tokens_per_s": total_tokens as f64 / train_s.max(1e-9),
@@ -905,6 +962,75 @@ fn all_reduce_sum(
         }
     }
     Ok(out)
+}
+
+/// ZeRO's sharding: the owner replica of each trainable tensor, dealt out
+/// largest first to the replica owning the fewest elements so far (ties to
+/// the lower index), so each holds about 1/n of the optimizer state.
+fn shard_owners(vars: &[Var], n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..vars.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(vars[i].elem_count()), i));
+    let mut load = vec![0usize; n];
+    let mut owner = vec![0usize; vars.len()];
+    for i in order {
+        let r = (0..n).min_by_key(|&r| (load[r], r)).unwrap_or(0);
+        owner[i] = r;
+        load[r] += vars[i].elem_count();
+    }
+    owner
+}
+
+/// ZeRO's gradient step: every replica's gradients summed on replica 0's
+/// device, clipped to global norm `max_norm` (0: no clipping) as
+/// [`AdamW::clip_and_step`] clips, and each sum sent only to its owner.
+/// Returns the norm before clipping and, per replica, the gradients of the
+/// tensors it owns in order (None: no replica reached it).
+#[allow(clippy::type_complexity)]
+fn reduce_scatter_clipped(
+    per_replica: Vec<Vec<Option<Tensor>>>,
+    devices: &[Device],
+    owner: &[usize],
+    max_norm: f64,
+) -> Result<(f64, Vec<Vec<Option<Tensor>>>), StageFailure> {
+    let mut sums: Vec<Option<Tensor>> = Vec::with_capacity(owner.len());
+    for i in 0..owner.len() {
+        let mut sum: Option<Tensor> = None;
+        for g in per_replica.iter().filter_map(|gs| gs[i].as_ref()) {
+            let g = g.to_device(&devices[0]).map_err(fail)?;
+            sum = Some(match sum {
+                Some(s) => (s + g).map_err(fail)?,
+                None => g,
+            });
+        }
+        sums.push(sum);
+    }
+    let present: Vec<Tensor> = sums.iter().flatten().cloned().collect();
+    let norm = crate::nn::optim::global_norm(&present).map_err(fail)?;
+    let scale = if max_norm > 0.0 && norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 };
+    let mut out: Vec<Vec<Option<Tensor>>> = vec![Vec::new(); devices.len()];
+    for (i, s) in sums.into_iter().enumerate() {
+        let o = owner[i];
+        let g = match s {
+            Some(s) if scale != 1.0 => Some((s * scale).map_err(fail)?),
+            s => s,
+        };
+        out[o].push(g.map(|g| g.to_device(&devices[o])).transpose().map_err(fail)?);
+    }
+    Ok((norm, out))
+}
+
+/// ZeRO's broadcast: each tensor's new value, from its owner to every other
+/// replica (replica 0's variables are `vars`).
+fn broadcast_owned(vars: &[Var], replicas: &[Replica], owner: &[usize]) -> Result<(), StageFailure> {
+    let var_of = |r: usize, i: usize| if r == 0 { &vars[i] } else { &replicas[r - 1].vars[i] };
+    for (i, &o) in owner.iter().enumerate() {
+        let src = var_of(o, i).as_tensor();
+        for r in (0..=replicas.len()).filter(|&r| r != o) {
+            let dst = var_of(r, i);
+            dst.set(&src.to_device(dst.device()).map_err(fail)?).map_err(fail)?;
+        }
+    }
+    Ok(())
 }
 
 /// `cuda`, or `cuda x2` for two replicas.
@@ -1164,14 +1290,16 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(),
 
 /// Checkpoint: trainable weights (and f32 masters), AdamW moments, step.
 /// Written to a fresh dir, then renamed over the previous one.
-fn save_checkpoint(dir: &Path, opt: &AdamW, step: usize) -> Result<(), StageFailure> {
+/// The optimizer state of every optimizer in `opts` (one, or the shards of
+/// ZeRO, whose parameter names are disjoint) and the step.
+fn save_checkpoint(dir: &Path, opts: &[&AdamW], step: usize) -> Result<(), StageFailure> {
     let tmp = dir.with_extension("tmp");
     if tmp.exists() {
         fs_err::remove_dir_all(&tmp)?;
     }
     fs_err::create_dir_all(&tmp)?;
     let mut t = Vec::new();
-    for p in &opt.params {
+    for p in opts.iter().flat_map(|o| &o.params) {
         t.push((format!("param.{}", p.name), p.var.as_tensor().clone()));
         t.push((format!("m.{}", p.name), p.m.clone()));
         t.push((format!("v.{}", p.name), p.v.clone()));
@@ -1180,7 +1308,7 @@ fn save_checkpoint(dir: &Path, opt: &AdamW, step: usize) -> Result<(), StageFail
         }
     }
     save_safetensors(&tmp.join("state.safetensors"), &t)?;
-    let state = json!({"schema": 1, "step": step, "adam_t": opt.t});
+    let state = json!({"schema": 1, "step": step, "adam_t": opts.first().map_or(0, |o| o.t)});
     fs_err::write(tmp.join("state.json"), serde_json::to_vec(&state).map_err(fail)?)?;
     let old = dir.with_extension("old");
     if dir.exists() {

@@ -441,36 +441,75 @@ fn merge_folds_the_adapter_into_the_base() {
     assert!(out.stderr.contains("no adapter_config.json") && out.stderr.contains("method lora"), "{out:?}");
 }
 
-/// `devices: 2` (two replicas, here on the CPU) trains like one device with
-/// twice the gradient accumulation: the same global batch and steps, the
-/// same losses and adapter weights up to the order the gradients are
-/// summed in. `devices: 0` is refused.
-#[test]
-fn two_replicas_train_like_one_device_with_twice_the_accumulation() {
-    let ws = Ws::new();
-    write_tiny_llama(&ws, "model", true);
+/// Two-replica (`devices: 2`, on the CPU) training data and pipelines:
+/// `yaml(devices, accumulation, zero_stage)`.
+fn replica_pipelines(ws: &Ws) -> impl Fn(usize, usize, u8) -> String {
+    write_tiny_llama(ws, "model", true);
     let data: String = (0..16).map(|i| format!("{{\"q\": \"{i}+{i}?\", \"a\": \"{}\"}}\n", 2 * i)).collect();
     ws.write("data/d.jsonl", &data);
-    let yaml = |devices: usize, accum: usize| {
+    |devices: usize, accum: usize, zero: u8| {
         pipeline(&format!(
             "    method: lora\n    lora: {{r: 4, alpha: 8}}\n    learning_rate: 0.01\n    lr_scheduler: constant\n    \
              per_device_batch_size: 2\n    gradient_accumulation_steps: {accum}\n    devices: {devices}\n    \
-             device: cpu\n    max_grad_norm: 0.5\n"
+             zero_stage: {zero}\n    device: cpu\n    max_grad_norm: 0.5\n"
         ))
         .replace("max_seq_length: 64\n", "max_seq_length: 64\n    packing: none\n")
-    };
-    ws.write("one.yaml", &yaml(1, 4));
-    ws.write("two.yaml", &yaml(2, 2));
+    }
+}
+
+/// `devices: 2` (two replicas, here on the CPU) trains like one device with
+/// twice the gradient accumulation: the same global batch and steps, the
+/// same losses and adapter weights up to the order the gradients are
+/// summed in; with `zero_stage: 2` too, each replica holding about half of
+/// the optimizer state. `devices: 0` and `zero_stage: 3` are refused.
+#[test]
+fn two_replicas_train_like_one_device_with_twice_the_accumulation() {
+    let ws = Ws::new();
+    let yaml = replica_pipelines(&ws);
+    ws.write("one.yaml", &yaml(1, 4, 0));
+    ws.write("two.yaml", &yaml(2, 2, 0));
+    ws.write("zero.yaml", &yaml(2, 2, 2));
     ws.ok(&["run", "one.yaml"]);
     let out = ws.ok(&["run", "two.yaml"]);
     assert!(out.stderr.contains("sft: running"), "the replicas are a different job: {out:?}");
-    let (a, b) = (ws.out_path("one.yaml", "sft"), ws.out_path("two.yaml", "sft"));
-    let (ja, jb) = (train_json(&a), train_json(&b));
+    ws.ok(&["run", "zero.yaml"]);
+    let a = ws.out_path("one.yaml", "sft");
+    let ja = train_json(&a);
     assert_eq!((ja["steps"].as_u64(), ja["devices"].as_u64()), (Some(2), Some(1)), "{ja}");
-    assert_eq!((jb["steps"].as_u64(), jb["devices"].as_u64()), (Some(2), Some(2)), "{jb}");
-    assert_eq!(ja["tokens"], jb["tokens"]);
-    assert_eq!(jb["device"], "cpu x2");
-    for (ma, mb) in metrics(&a).iter().zip(metrics(&b)) {
+    let state = |j: &serde_json::Value| -> Vec<u64> {
+        j["optimizer_state_bytes"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect()
+    };
+    let total = state(&ja)[0];
+    for (name, zero) in [("two.yaml", 0), ("zero.yaml", 2)] {
+        let b = ws.out_path(name, "sft");
+        let jb = train_json(&b);
+        assert_eq!((jb["steps"].as_u64(), jb["devices"].as_u64()), (Some(2), Some(2)), "{jb}");
+        assert_eq!(ja["tokens"], jb["tokens"]);
+        assert_eq!(jb["device"], "cpu x2");
+        assert_eq!(jb["zero_stage"], zero);
+        let per = state(&jb);
+        if zero == 0 {
+            assert_eq!(per, vec![total, total], "replicated optimizer state");
+        } else {
+            assert_eq!(per.iter().sum::<u64>(), total, "the shards cover the state once");
+            assert!(per.iter().all(|&b| b > 0 && b <= total * 6 / 10), "about half each: {per:?} of {total}");
+        }
+        same_training(&a, &b);
+    }
+    ws.write("zero3.yaml", &yaml(2, 2, 3));
+    let out = ws.pipe(&["run", "zero3.yaml"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("zero_stage 3 is not supported"), "{out:?}");
+    ws.write("none.yaml", &yaml(0, 2, 0));
+    let out = ws.pipe(&["run", "none.yaml"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("devices must be at least 1"), "{out:?}");
+}
+
+/// Two training outputs with the same losses, gradient norms and adapter
+/// weights, up to summation order.
+fn same_training(a: &Path, b: &Path) {
+    for (ma, mb) in metrics(a).iter().zip(metrics(b)) {
         let (la, lb) = (ma["loss"].as_f64().unwrap(), mb["loss"].as_f64().unwrap());
         assert!((la - lb).abs() < 1e-5 * la.abs(), "step {}: loss {la} vs {lb}", ma["step"]);
         let (ga, gb) = (ma["grad_norm"].as_f64().unwrap(), mb["grad_norm"].as_f64().unwrap());
@@ -484,8 +523,40 @@ fn two_replicas_train_like_one_device_with_twice_the_accumulation() {
         let m = x.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(d <= 1e-4 * m.max(1e-3), "{k}: differs by {d} (max |w| {m})");
     }
-    ws.write("zero.yaml", &yaml(0, 2));
-    let out = ws.pipe(&["run", "zero.yaml"]);
-    assert_eq!(out.code, 2, "{out:?}");
-    assert!(out.stderr.contains("devices must be at least 1"), "{out:?}");
+}
+
+/// A sharded (`zero_stage: 1`) two-replica run killed after a checkpoint
+/// resumes to the weights of an uninterrupted one, bit for bit: the
+/// checkpoint holds every shard's optimizer state, and each replica gets
+/// back the tensors it does not own.
+#[test]
+fn a_killed_sharded_run_resumes_to_identical_weights() {
+    let ws = Ws::new();
+    let yaml = replica_pipelines(&ws);
+    let long =
+        |y: String| y.replace("    device: cpu\n", "    device: cpu\n    max_steps: 120\n    checkpoint_every: 5\n");
+    ws.write("p.yaml", &long(yaml(2, 1, 1)));
+    let mut child = ws.cmd(&["run", "p.yaml"]).spawn().unwrap();
+    let resume = ws.path().join(".pipe/resume");
+    wait_for(120, "a checkpoint", || {
+        fs_err::read_dir(&resume)
+            .ok()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.path().join("checkpoint/state.json").exists())
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let resumed = ws.ok(&["run", "p.yaml"]);
+    assert_eq!(resumed.ran(), vec!["sft".to_string()], "{resumed:?}");
+    assert!(sft_logs(&ws).contains("resumed from the checkpoint at step"));
+    let fresh = Ws::new();
+    let yaml = replica_pipelines(&fresh);
+    fresh.write("p.yaml", &long(yaml(2, 1, 1)));
+    fresh.ok(&["run", "p.yaml"]);
+    let (a, b) = (ws.out_path("p.yaml", "sft"), fresh.out_path("p.yaml", "sft"));
+    assert!(train_json(&a)["resumed_at_step"].as_u64() > Some(0));
+    let read = |d: &Path| fs_err::read(d.join("adapter_model.safetensors")).unwrap();
+    assert!(read(&a) == read(&b), "resumed and uninterrupted sharded runs differ");
 }

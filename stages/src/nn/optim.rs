@@ -84,6 +84,12 @@ impl AdamW {
         Ok(AdamW { cfg, params, t: 0, fused })
     }
 
+    /// Bytes of optimizer state held: moments and f32 master copies.
+    pub fn state_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        self.params.iter().map(|p| bytes(&p.m) + bytes(&p.v) + p.master.as_ref().map_or(0, bytes)).sum()
+    }
+
     /// The step of a training loop: `grads[i]` for `params[i]` (None: the
     /// batch did not reach it, a zero gradient), clipped to global norm
     /// `max_norm` (0: no clipping), then [`Self::step`]. Returns the norm
