@@ -329,6 +329,13 @@ impl Llama {
         // prompts (many rows) one sequence at a time through gemm.
         let dec: Vec<usize> = (0..spans.len()).filter(|&i| spans[i].1 == 1).collect();
         let paged = if self.dense_kv() { None } else { Some(Paged::plan(self, &spans, caches, &dec)?) };
+        // Prompts after a cached prefix attend through a mask: built once for
+        // all layers (each is two uploads from the host and a few ops).
+        let mdt = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let masks: Vec<Option<Tensor>> = spans
+            .iter()
+            .map(|&(_, len, past)| (len > 1 && past > 0).then(|| causal_mask(len, past, mdt, &self.device)).transpose())
+            .collect::<candle_core::Result<_>>()?;
         for (li, l) in self.layers.iter().enumerate() {
             let hn = rms_norm(&x, &l.input_layernorm.tensor()?, c.rms_norm_eps)?;
             let q = l.q.forward(&hn, Fwd::EVAL)?.reshape((n, h, hd))?;
@@ -389,7 +396,7 @@ impl Llama {
                     ),
                     _ => unreachable!("dense"),
                 };
-                pieces.push(self.seq_attention(&q.narrow(0, off, len)?, &ki, &vi, past)?);
+                pieces.push(self.seq_attention(&q.narrow(0, off, len)?, &ki, &vi, past, masks[i].as_ref())?);
             }
             if run_len > 0 {
                 pieces.push(dec_out.as_ref().expect("decode rows").narrow(0, run_start, run_len)?);
@@ -529,9 +536,18 @@ impl Paged {
 impl Llama {
     /// Attention of one sequence: queries `q` (len, heads, head_dim) at
     /// positions `past..` against keys and values (kv_heads, past + len,
-    /// head_dim), causal; returns (len, heads * head_dim). The training
-    /// forward calls it with `past` 0.
-    pub(crate) fn seq_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Result<Tensor> {
+    /// head_dim), causal; returns (len, heads * head_dim). `mask`: the
+    /// step's [`causal_mask`] for (len, past) when past > 0 and len > 1
+    /// (built here when not given). The training forward calls it with
+    /// `past` 0.
+    pub(crate) fn seq_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        past: usize,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (len, h, hd) = q.dims3()?;
         let kv = k.dim(0)?;
         let rep = h / kv;
@@ -547,7 +563,10 @@ impl Llama {
             softmax(&s)?
         } else {
             let (g, r, total) = s.dims3()?;
-            let mask = causal_mask(len, past, s.dtype(), &self.device)?;
+            let mask = match mask {
+                Some(m) => m.clone(),
+                None => causal_mask(len, past, s.dtype(), &self.device)?,
+            };
             softmax(&s.contiguous()?.reshape((g, r / len, len, total))?.broadcast_add(&mask)?.reshape((g, r, total))?)?
         };
         let o = p.to_dtype(self.dtype)?.matmul(v)?;

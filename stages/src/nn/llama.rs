@@ -595,7 +595,7 @@ impl Llama {
             for &(off, len) in &b.seqs {
                 let ki = k.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?;
                 let vi = v.narrow(0, off, len)?.transpose(0, 1)?.contiguous()?;
-                outs.push(self.seq_attention(&q.narrow(0, off, len)?, &ki, &vi, 0)?);
+                outs.push(self.seq_attention(&q.narrow(0, off, len)?, &ki, &vi, 0, None)?);
             }
             if outs.len() == 1 {
                 outs.pop().unwrap_or_else(|| unreachable!())
