@@ -272,8 +272,9 @@ impl StageKind for TrainKind {
         // kernels (f32 clipping of bf16 gradients). 5: a LoRA linear is one
         // op (base + scaled update summed in another order: rounding). 6:
         // RMSNorm and SwiGLU are one op each on the CPU too (f32; their
-        // backward passes round differently).
-        6
+        // backward passes round differently). 7: on the CPU in f32 the LoRA
+        // update is accumulated into the base product by one gemm.
+        7
     }
     fn summary(&self) -> &'static str {
         "fine-tune a model on packed data: full, LoRA, QLoRA or Spectrum"

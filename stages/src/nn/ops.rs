@@ -265,6 +265,59 @@ impl LoraLinear {
     }
 }
 
+impl LoraLinear {
+    /// [`Self::run`] on the CPU in f32, with the update accumulated into
+    /// the base product by one gemm (`y += (s x a.T) @ b.T`) instead of a
+    /// separate (m, n) product and an add pass over both.
+    fn cpu_f32(
+        &self,
+        (x, xl): (&CpuStorage, &Layout),
+        (a, al): (&CpuStorage, &Layout),
+        b: &[f32],
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = xl.shape().dims2()?;
+        let (r, _) = al.shape().dims2()?;
+        let (n, _) = bl.shape().dims2()?;
+        let (base, _) = FrozenMatmul::product(x, xl, &self.w.get(&candle_core::Device::Cpu, DType::F32)?, cpu_of)?;
+        let CpuStorage::F32(mut y) = base else { candle_core::bail!("lora-linear: the base product is not f32") };
+        let mr = Layout::contiguous((m, r));
+        let xas = x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?.affine(&mr, self.scale, 0.0)?;
+        let CpuStorage::F32(xa) = &xas else { candle_core::bail!("lora-linear: x @ a.T is not f32") };
+        let threads = candle_core::utils::get_num_threads();
+        let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        // SAFETY: y is (m, n) row-major, xa (m, r) row-major, b (n, r)
+        // row-major read as b.T (r, n); the strides below stay inside them.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                r,
+                y.as_mut_ptr(),
+                1,
+                n as isize,
+                true,
+                xa.as_ptr(),
+                1,
+                r as isize,
+                b.as_ptr(),
+                r as isize,
+                1,
+                1.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                par,
+            )
+        }
+        if let Ok(mut g) = self.xas.lock() {
+            *g = Some(Tensor::from_storage(Storage::Cpu(xas), (m, r), BackpropOp::none(), false));
+        }
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+}
+
 impl candle_core::CustomOp3 for LoraLinear {
     fn name(&self) -> &'static str {
         "lora-linear"
@@ -279,6 +332,9 @@ impl candle_core::CustomOp3 for LoraLinear {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if let (CpuStorage::F32(_), CpuStorage::F32(bv), Some((b0, _))) = (x, b, bl.contiguous_offsets()) {
+            return self.cpu_f32((x, xl), (a, al), &bv[b0..], bl);
+        }
         self.run((x, xl), (a, al), (b, bl), &candle_core::Device::Cpu, cpu_of, Storage::Cpu)
     }
 

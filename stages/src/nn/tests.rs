@@ -490,5 +490,34 @@ fn fused_lora_linear_matches_the_composition() -> Result<()> {
     assert!(g.get(&xd).is_none() && g.get(a.as_tensor()).is_some() && g.get(b.as_tensor()).is_some());
     let bad = Tensor::zeros((n, r + 1), DType::F64, &dev)?;
     assert!(lora_linear(x.as_tensor(), FrozenWeight::Dense(w), a.as_tensor(), &bad, scale).is_err(), "r 3 vs 4");
+    // f32 on the CPU accumulates the update into the base product with one
+    // gemm: the same values (to f32 rounding) at a small and a larger size.
+    for (m, k, n, r) in [(7, 64, 5, 3), (300, 96, 72, 8)] {
+        let t = |shape: (usize, usize)| Tensor::randn(0f64, 1.0, shape, &dev);
+        let (x, a, b, w, dy) = (t((m, k))?, t((r, k))?, t((n, r))?, t((n, k))?, t((m, n))?);
+        let want = (x.matmul(&w.t()?)? + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?)?;
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let (xv, av, bv) = (
+            candle_core::Var::from_tensor(&f(&x)?)?,
+            candle_core::Var::from_tensor(&f(&a)?)?,
+            candle_core::Var::from_tensor(&f(&b)?)?,
+        );
+        let got = lora_linear(xv.as_tensor(), FrozenWeight::Dense(f(&w)?), av.as_tensor(), bv.as_tensor(), scale)?;
+        assert!(rel_err(&got, &want)? < 1e-5, "f32 {m}x{n}: output");
+        let gg = (&got * &f(&dy)?)?.sum_all()?.backward()?;
+        let (xw, aw, bw) = (
+            candle_core::Var::from_tensor(&x)?,
+            candle_core::Var::from_tensor(&a)?,
+            candle_core::Var::from_tensor(&b)?,
+        );
+        let want = (xw.matmul(&w.t()?)? + (xw.matmul(&aw.t()?)?.matmul(&bw.t()?)? * scale)?)?;
+        let gw = (&want * &dy)?.sum_all()?.backward()?;
+        for (name, v32, v64) in [("dx", &xv, &xw), ("da", &av, &aw), ("db", &bv, &bw)] {
+            let (Some(g1), Some(g2)) = (gg.get(v32.as_tensor()), gw.get(v64.as_tensor())) else {
+                panic!("f32: no {name}")
+            };
+            assert!(rel_err(g1, g2)? < 1e-5, "f32 {m}x{n}: {name}");
+        }
+    }
     Ok(())
 }
