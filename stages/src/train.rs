@@ -940,29 +940,41 @@ struct Replica {
 /// The all-reduce of data parallelism: every replica's gradients summed,
 /// the sum given to each replica on its own device. A gradient no replica
 /// produced stays `None`. Summed in replica order on replica 0's device.
-fn all_reduce_sum(
-    per_replica: Vec<Vec<Option<Tensor>>>,
-    devices: &[Device],
-) -> Result<Vec<Vec<Option<Tensor>>>, StageFailure> {
+fn all_reduce_sum(per_replica: Vec<Grads>, devices: &[Device]) -> Result<Vec<Grads>, StageFailure> {
     if per_replica.len() <= 1 {
         return Ok(per_replica);
     }
-    let k = per_replica[0].len();
-    let mut out: Vec<Vec<Option<Tensor>>> = vec![Vec::with_capacity(k); per_replica.len()];
-    for i in 0..k {
-        let mut sum: Option<Tensor> = None;
-        for g in per_replica.iter().filter_map(|gs| gs[i].as_ref()) {
-            let g = g.to_device(&devices[0]).map_err(fail)?;
-            sum = Some(match sum {
-                Some(s) => (s + g).map_err(fail)?,
-                None => g,
-            });
-        }
+    let sums = sum_on_first(&per_replica, devices)?;
+    let mut out: Vec<Grads> = vec![Vec::with_capacity(sums.len()); per_replica.len()];
+    for sum in &sums {
         for (o, d) in out.iter_mut().zip(devices) {
             o.push(sum.as_ref().map(|s| s.to_device(d)).transpose().map_err(fail)?);
         }
     }
     Ok(out)
+}
+
+/// One replica's gradients, in the order of its trainable variables (None:
+/// the step did not reach the variable).
+type Grads = Vec<Option<Tensor>>;
+
+/// Gradient i summed over the replicas that produced it, in replica order,
+/// on replica 0's device (None: none did).
+fn sum_on_first(per_replica: &[Grads], devices: &[Device]) -> Result<Grads, StageFailure> {
+    let k = per_replica.first().map_or(0, Vec::len);
+    (0..k)
+        .map(|i| {
+            let mut sum: Option<Tensor> = None;
+            for g in per_replica.iter().filter_map(|gs| gs[i].as_ref()) {
+                let g = g.to_device(&devices[0]).map_err(fail)?;
+                sum = Some(match sum {
+                    Some(s) => (s + g).map_err(fail)?,
+                    None => g,
+                });
+            }
+            Ok(sum)
+        })
+        .collect()
 }
 
 /// ZeRO's sharding: the owner replica of each trainable tensor, dealt out
@@ -986,29 +998,17 @@ fn shard_owners(vars: &[Var], n: usize) -> Vec<usize> {
 /// [`AdamW::clip_and_step`] clips, and each sum sent only to its owner.
 /// Returns the norm before clipping and, per replica, the gradients of the
 /// tensors it owns in order (None: no replica reached it).
-#[allow(clippy::type_complexity)]
 fn reduce_scatter_clipped(
-    per_replica: Vec<Vec<Option<Tensor>>>,
+    per_replica: Vec<Grads>,
     devices: &[Device],
     owner: &[usize],
     max_norm: f64,
-) -> Result<(f64, Vec<Vec<Option<Tensor>>>), StageFailure> {
-    let mut sums: Vec<Option<Tensor>> = Vec::with_capacity(owner.len());
-    for i in 0..owner.len() {
-        let mut sum: Option<Tensor> = None;
-        for g in per_replica.iter().filter_map(|gs| gs[i].as_ref()) {
-            let g = g.to_device(&devices[0]).map_err(fail)?;
-            sum = Some(match sum {
-                Some(s) => (s + g).map_err(fail)?,
-                None => g,
-            });
-        }
-        sums.push(sum);
-    }
+) -> Result<(f64, Vec<Grads>), StageFailure> {
+    let sums = sum_on_first(&per_replica, devices)?;
     let present: Vec<Tensor> = sums.iter().flatten().cloned().collect();
     let norm = crate::nn::optim::global_norm(&present).map_err(fail)?;
     let scale = if max_norm > 0.0 && norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 };
-    let mut out: Vec<Vec<Option<Tensor>>> = vec![Vec::new(); devices.len()];
+    let mut out: Vec<Grads> = vec![Vec::new(); devices.len()];
     for (i, s) in sums.into_iter().enumerate() {
         let o = owner[i];
         let g = match s {
