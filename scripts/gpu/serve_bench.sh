@@ -26,6 +26,7 @@
 #   Results: $OUT/serve_bench.txt. Not a test: it asserts nothing about speed.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+source "$REPO/scripts/gpu/lib.sh"
 D=$REPO/gpu-serve
 case "${1:-}" in
 prepare)
@@ -34,11 +35,7 @@ prepare)
   source ../shared/cuda/setup.sh >/dev/null
   cargo build --release --features cuda
   cargo build --release --features cuda -p pipe-stages --example decode_bench
-  bin=$(cargo test --release --features cuda -p pipe-stages --lib --no-run --message-format=json 2>/dev/null |
-    python3 -c 'import json,sys
-for l in sys.stdin:
-    m=json.loads(l)
-    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["lib"]: print(m["executable"])' | tail -1)
+  bin=$(cuda_lib_test_bin)
   src=${SMOL_DIR:-$REPO/gpu-smoke/src}
   rm -rf "$D" && mkdir -p "$D/src"
   cp "$src"/{config.json,tokenizer.json,tokenizer_config.json,generation_config.json} "$D/src/"
@@ -58,8 +55,7 @@ run)
   for f in pipe stages_test decode_bench; do
     [ -x $f ] || { python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' $f.xz $f && chmod +x $f; }
   done
-  S=$(python3 -c 'import nvidia,os;print(os.path.dirname(nvidia.__path__[0]))')
-  export LD_LIBRARY_PATH=$(find "$S/nvidia" -name lib -type d | tr '\n' ':')${LD_LIBRARY_PATH:-}
+  cuda_runtime_libs
   nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv,noheader | tee "$R"
   if [ "${TESTS:-1}" = 1 ]; then
     (./stages_test --test-threads 1 --nocapture ${TEST_FILTER:-decode} 2>&1 || true) | grep -v "^$" | tail -25 | tee -a "$R"

@@ -13,6 +13,7 @@
 #   prints each stage's losses, tokens/s and peak GPU memory to $OUT/smoke.txt.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+source "$REPO/scripts/gpu/lib.sh"
 SMOKE=$REPO/gpu-smoke
 case "${1:-}" in
 prepare)
@@ -37,8 +38,7 @@ PY
 run)
   cd "$SMOKE"
   [ -x pipe ] || { gunzip -kf pipe.gz && chmod +x pipe; }
-  S=$(python3 -c 'import nvidia,os;print(os.path.dirname(nvidia.__path__[0]))')
-  export LD_LIBRARY_PATH=$(find "$S/nvidia" -name lib -type d | tr '\n' ':')${LD_LIBRARY_PATH:-}
+  cuda_runtime_libs
   OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/smoke.txt"
   python3 "$REPO/scripts/gpu/gen_model.py" src smol | tee -a "$OUT/smoke.txt"

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{arg, config, median};
+use common::{arg, config, median, random_weights};
 
 use candle_core::{DType, Device, Tensor};
 use pipe_stages::nn::infer::KvCache;
@@ -32,15 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let cfg = config(&cname)?;
     let dtype = if device.is_cpu() { DType::F32 } else { DType::BF16 };
-    let get = |name: &str| -> pipe_stages::nn::Result<Tensor> {
-        let s = cfg.param_shape(name);
-        let t = if name.contains("norm") {
-            Tensor::ones(s, DType::F32, &device)?
-        } else {
-            Tensor::randn(0f32, 0.02, s, &device)?
-        };
-        Ok(t.to_dtype(dtype)?)
-    };
+    let get = random_weights(&cfg, dtype, &device);
     let model = Llama::build(cfg.clone(), dtype, &device, &TrainSpec::default(), &get, &|_| false)?;
     let (h, f, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
     let (q, kv) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{arg, config, median};
+use common::{arg, config, median, random_weights};
 
 use candle_core::{DType, Device, Tensor};
 use pipe_stages::nn::llama::{Fwd, Llama, LoraSpec, Row, TrainSpec, ALL_LINEAR};
@@ -68,15 +68,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         m => return Err(format!("--method {m}: lora, full or qlora").into()),
     }
     pipe_stages::nn::gpu::reset_peak(&device);
-    let get = |name: &str| -> pipe_stages::nn::Result<Tensor> {
-        let s = cfg.param_shape(name);
-        let t = if name.contains("norm") {
-            Tensor::ones(s, DType::F32, &device)?
-        } else {
-            Tensor::randn(0f32, 0.02, s, &device)?
-        };
-        Ok(t.to_dtype(dtype)?)
-    };
+    let get = random_weights(&cfg, dtype, &device);
     let model = Llama::build(cfg.clone(), dtype, &device, &spec, &get, &|_| false)?;
     let trainable = model.trainable();
     let n_train: usize = trainable.iter().map(|(_, v)| v.elem_count()).sum();

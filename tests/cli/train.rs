@@ -223,14 +223,10 @@ fn full_finetune_writes_an_hf_folder() {
     assert_eq!(cfg["hidden_size"], 32);
 }
 
-#[test]
-fn a_killed_run_resumes_to_identical_weights() {
-    let train = "    method: lora\n    lora: {r: 4, alpha: 8, dropout: 0.1}\n    learning_rate: 0.005\n    per_device_batch_size: 1\n    gradient_accumulation_steps: 2\n    max_steps: 300\n    checkpoint_every: 10\n";
-    let ws = Ws::new();
-    let with_eval = pipeline(train).replace("{model: base, data: pack}", "{model: base, data: pack, eval: pack}");
-    setup(&ws, true, train);
-    ws.write("p.yaml", &with_eval);
-    let mut child = ws.cmd(&["run", "p.yaml"]).spawn().unwrap();
+/// Starts `pipe run PIPELINE`, kills it once a training checkpoint exists,
+/// and returns the resume folder.
+fn kill_after_first_checkpoint(ws: &Ws, pipeline: &str) -> std::path::PathBuf {
+    let mut child = ws.cmd(&["run", pipeline]).spawn().unwrap();
     let resume = ws.path().join(".pipe/resume");
     wait_for(120, "a checkpoint", || {
         fs_err::read_dir(&resume)
@@ -242,6 +238,17 @@ fn a_killed_run_resumes_to_identical_weights() {
     });
     child.kill().unwrap();
     child.wait().unwrap();
+    resume
+}
+
+#[test]
+fn a_killed_run_resumes_to_identical_weights() {
+    let train = "    method: lora\n    lora: {r: 4, alpha: 8, dropout: 0.1}\n    learning_rate: 0.005\n    per_device_batch_size: 1\n    gradient_accumulation_steps: 2\n    max_steps: 300\n    checkpoint_every: 10\n";
+    let ws = Ws::new();
+    let with_eval = pipeline(train).replace("{model: base, data: pack}", "{model: base, data: pack, eval: pack}");
+    setup(&ws, true, train);
+    ws.write("p.yaml", &with_eval);
+    let resume = kill_after_first_checkpoint(&ws, "p.yaml");
     let st = ws.status_json("p.yaml");
     let sft = st["stages"].as_array().unwrap().iter().find(|s| s["name"] == "sft").unwrap().clone();
     assert_ne!(sft["state"], "fresh");
@@ -536,18 +543,7 @@ fn a_killed_sharded_run_resumes_to_identical_weights() {
     let long =
         |y: String| y.replace("    device: cpu\n", "    device: cpu\n    max_steps: 120\n    checkpoint_every: 5\n");
     ws.write("p.yaml", &long(yaml(2, 1, 1)));
-    let mut child = ws.cmd(&["run", "p.yaml"]).spawn().unwrap();
-    let resume = ws.path().join(".pipe/resume");
-    wait_for(120, "a checkpoint", || {
-        fs_err::read_dir(&resume)
-            .ok()
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| e.path().join("checkpoint/state.json").exists())
-    });
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_after_first_checkpoint(&ws, "p.yaml");
     let resumed = ws.ok(&["run", "p.yaml"]);
     assert_eq!(resumed.ran(), vec!["sft".to_string()], "{resumed:?}");
     assert!(sft_logs(&ws).contains("resumed from the checkpoint at step"));

@@ -1,6 +1,7 @@
 //! What the benchmark examples share: model shapes by name, arguments,
 //! medians.
 
+use candle_core::{DType, Device, Tensor};
 use pipe_stages::nn::config::LlamaConfig;
 
 /// `smollm2-135m`, `llama-1b` (random-init shapes), or a config.json path.
@@ -31,4 +32,22 @@ pub fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Random-init parameters by name for `Llama::build`: norms 1, the rest
+/// N(0, 0.02), in `dtype` on `device`.
+pub fn random_weights<'a>(
+    cfg: &'a LlamaConfig,
+    dtype: DType,
+    device: &'a Device,
+) -> impl Fn(&str) -> pipe_stages::nn::Result<Tensor> + 'a {
+    move |name: &str| {
+        let s = cfg.param_shape(name);
+        let t = if name.contains("norm") {
+            Tensor::ones(s, DType::F32, device)?
+        } else {
+            Tensor::randn(0f32, 0.02, s, device)?
+        };
+        Ok(t.to_dtype(dtype)?)
+    }
 }

@@ -673,11 +673,7 @@ mod tests {
     /// the way.
     #[test]
     fn decode_graph_steps_match_the_candle_path_on_cuda() -> Result<()> {
-        if !candle_core::utils::cuda_is_available() {
-            eprintln!("no CUDA device: skipped");
-            return Ok(());
-        }
-        let dev = Device::new_cuda(0)?;
+        let Some(dev) = crate::nn::tests::cuda_device()? else { return Ok(()) };
         for cfg in [config(256, 4, 2, true), config(512, 4, 1, false)] {
             let m = crate::nn::tests::tiny_model_on(&cfg, &TrainSpec::default(), DType::BF16, &dev)?;
             let exact = crate::nn::tests::tiny_model(&cfg, &TrainSpec::default(), DType::F64)?;

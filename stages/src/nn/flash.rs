@@ -371,11 +371,7 @@ mod tests {
     /// plain attention, head dims 64 and 128, f32 and bf16.
     #[test]
     fn fused_attention_matches_the_composition_on_cuda() -> Result<()> {
-        if !candle_core::utils::cuda_is_available() {
-            eprintln!("no CUDA device: skipped");
-            return Ok(());
-        }
-        let dev = Device::new_cuda(0)?;
+        let Some(dev) = crate::nn::tests::cuda_device()? else { return Ok(()) };
         let seqs = [(0, 1), (1, 5), (6, 64), (70, 65), (135, 130), (265, 300)];
         let n = 565;
         for (hq, hkv, d) in [(6, 2, 64), (4, 4, 64), (4, 1, 128)] {

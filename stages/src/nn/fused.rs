@@ -597,11 +597,7 @@ mod tests {
     /// the GPU machine; skipped elsewhere.
     #[test]
     fn fused_cross_entropy_matches_the_composition_on_cuda() -> Result<()> {
-        if !candle_core::utils::cuda_is_available() {
-            eprintln!("no CUDA device: skipped");
-            return Ok(());
-        }
-        let dev = Device::new_cuda(0)?;
+        let Some(dev) = crate::nn::tests::cuda_device()? else { return Ok(()) };
         let cpu = Device::Cpu;
         for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
             for (m, v) in [(37, 300), (9, 5003), (4, 49_152)] {
@@ -632,11 +628,7 @@ mod tests {
     /// machine; skipped elsewhere.
     #[test]
     fn fused_kernels_match_the_compositions_on_cuda() -> Result<()> {
-        if !candle_core::utils::cuda_is_available() {
-            eprintln!("no CUDA device: skipped");
-            return Ok(());
-        }
-        let dev = Device::new_cuda(0)?;
+        let Some(dev) = crate::nn::tests::cuda_device()? else { return Ok(()) };
         let cpu = Device::Cpu;
         let (n, heads, d, h) = (37, 3, 64, 576);
         for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {

@@ -95,12 +95,11 @@ impl KvPool {
 
     /// The per-layer store tensors (shared storage: writes land in the pool).
     fn tensors(&self) -> (Vec<Tensor>, Vec<Tensor>) {
-        let p = self.lock();
-        (p.k.clone(), p.v.clone())
+        let (_, k, v) = self.snapshot();
+        (k, v)
     }
 
     /// [`Self::tensors`] with the store's generation.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn snapshot(&self) -> (u64, Vec<Tensor>, Vec<Tensor>) {
         let p = self.lock();
         (p.generation, p.k.clone(), p.v.clone())
@@ -823,11 +822,7 @@ mod tests {
     /// The paged path on the GPU (run on the GPU machine; skipped elsewhere).
     #[test]
     fn cached_steps_on_cuda_match_the_cpu_full_forward() -> Result<()> {
-        if !candle_core::utils::cuda_is_available() {
-            eprintln!("no CUDA device: skipped");
-            return Ok(());
-        }
-        let dev = Device::new_cuda(0)?;
+        let Some(dev) = crate::nn::tests::cuda_device()? else { return Ok(()) };
         for (arch, tied) in [("llama", true), ("qwen2", false)] {
             let cfg = tiny_config(arch, tied);
             let r = tiny_model(&cfg, &TrainSpec::default(), DType::F64)?;

@@ -456,11 +456,7 @@ mod tests {
     /// skipped elsewhere.
     #[test]
     fn cuda_dequantisation_matches_the_host_bit_for_bit() -> Result<()> {
-        if !candle_core::utils::cuda_is_available() {
-            eprintln!("no CUDA device: skipped");
-            return Ok(());
-        }
-        let dev = Device::new_cuda(0)?;
+        let Some(dev) = crate::nn::tests::cuda_device()? else { return Ok(()) };
         let w = Tensor::from_vec(normal(256 * 192, 5), (256, 192), &Device::Cpu)?;
         let q = quantize(&w)?;
         for dt in [DType::F32, DType::BF16] {

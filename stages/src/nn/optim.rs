@@ -432,11 +432,7 @@ mod tests {
     /// skipped elsewhere.
     #[test]
     fn fused_adamw_matches_the_composed_step_on_cuda() -> Result<()> {
-        if !candle_core::utils::cuda_is_available() {
-            eprintln!("no CUDA device: skipped");
-            return Ok(());
-        }
-        let dev = Device::new_cuda(0)?;
+        let Some(dev) = crate::nn::tests::cuda_device()? else { return Ok(()) };
         let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
         for dt in [DType::F32, DType::BF16] {
             for max_norm in [0.0, 1.0] {

@@ -32,6 +32,16 @@ pub fn tiny_config(model_type: &str, tied: bool) -> LlamaConfig {
     .expect("valid config")
 }
 
+/// The first CUDA device, or None (with a note) where there is none: the
+/// CUDA tests run on the GPU machine and pass elsewhere.
+pub fn cuda_device() -> candle_core::Result<Option<Device>> {
+    if !candle_core::utils::cuda_is_available() {
+        eprintln!("no CUDA device: skipped");
+        return Ok(None);
+    }
+    Ok(Some(Device::new_cuda(0)?))
+}
+
 /// max |a - b| / max |b|, both moved to the CPU in f64.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
     let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
@@ -386,11 +396,7 @@ fn fused_causal_softmax_matches_the_masked_composition() -> Result<()> {
 /// gradient checkpointing. Run on the GPU machine; skipped elsewhere.
 #[test]
 fn cuda_training_step_matches_the_cpu() -> Result<()> {
-    if !candle_core::utils::cuda_is_available() {
-        eprintln!("no CUDA device: skipped");
-        return Ok(());
-    }
-    let dev = Device::new_cuda(0)?;
+    let Some(dev) = cuda_device()? else { return Ok(()) };
     let mut cfg = tiny_config("llama", true);
     (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) = (192, 3, Some(1));
     for spec in [
