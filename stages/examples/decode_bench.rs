@@ -16,7 +16,7 @@ use std::time::Instant;
 mod common;
 use common::{arg, config, median, random_weights};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use pipe_stages::nn::infer::KvCache;
 use pipe_stages::nn::llama::{Llama, TrainSpec};
 use rand::{Rng, SeedableRng};

@@ -596,7 +596,7 @@ mod imp {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device};
+    use candle_core::DType;
 
     use crate::nn::config::LlamaConfig;
     use crate::nn::infer::{argmax, rows_f32, KvCache};

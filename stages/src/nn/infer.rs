@@ -750,7 +750,6 @@ mod tests {
     use super::*;
     use crate::nn::llama::{Row, TrainSpec};
     use crate::nn::tests::{tiny_config, tiny_model};
-    use candle_core::Device;
 
     /// Logits of every position of `ids` from the training forward (no cache).
     fn full_logits(m: &Llama, ids: &[u32]) -> Result<Vec<Vec<f64>>> {
