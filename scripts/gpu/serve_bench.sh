@@ -14,11 +14,14 @@
 #   2. random-init weights (f32 on disk, served in bf16 by both);
 #   3. stages/examples/decode_bench.rs per variant: decode steps of the
 #      model alone (no HTTP, no prefills), tok/s and ms per step;
-#   4. for each of VARIANTS (default "graph candle"): benches/serve/load.py
+#      (BENCH_ARGS=--profile adds per-kernel GPU times);
+#   4. for each of SERVE_VARIANTS (default VARIANTS, default "graph candle"): benches/serve/load.py
 #      against `pipe serve --device cuda` (batch-1 streamed decode tok/s;
 #      total tok/s at CONC concurrent requests). graph: the fused decode
-#      step replayed as a CUDA graph (the default); nograph: the same
-#      kernels launched one by one; candle: PIPE_DECODE_GRAPH=0, decode
+#      step replayed as a CUDA graph, projections on tensor cores (the
+#      default); dot: the same with warp-per-row dot products
+#      (PIPE_DECODE_TC=0); nograph: the same kernels launched one by one;
+#      candle: PIPE_DECODE_GRAPH=0, decode
 #      through candle ops (the path before the fused step);
 #   5. benches/serve/hf_generate.py (cuda, bf16, sdpa) at the same batch
 #      sizes, and the HBM roofline for batch-1 decode (bf16 weight bytes /
@@ -47,6 +50,15 @@ prepare)
   du -sh "$D"
   ;;
 run)
+  # A variant's switches: graph (the default: the fused step in a CUDA
+  # graph, projections on tensor cores), dot (the same with warp-per-row
+  # dot products, PIPE_DECODE_TC=0), nopdl (no programmatic dependent
+  # launches, PIPE_DECODE_PDL=0), nograph (kernels launched one by one),
+  # candle (PIPE_DECODE_GRAPH=0: candle ops).
+  variant_env() {
+    tc=1 pdl=1
+    case $1 in candle) sw=0 ;; nograph) sw=nograph ;; dot) sw=1 tc=0 ;; nopdl) sw=1 pdl=0 ;; *) sw=1 ;; esac
+  }
   M=${M:-128}
   CONC=${CONC:-1,8,32,64}
   OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -62,13 +74,14 @@ run)
   fi
   # The model side alone (no HTTP, no prefill in the timing), per path.
   for v in ${VARIANTS:-graph candle}; do
-    case $v in candle) sw=0 ;; nograph) sw=nograph ;; *) sw=1 ;; esac
-    PIPE_DECODE_GRAPH=$sw ./decode_bench --config src/config.json --batches "$CONC" --prompt 100 --steps 64 | tee -a "$R" || true
+    variant_env "$v"
+    PIPE_DECODE_GRAPH=$sw PIPE_DECODE_TC=$tc PIPE_DECODE_PDL=$pdl ./decode_bench --config src/config.json --batches "$CONC" --prompt 100 \
+      --steps 64 ${BENCH_ARGS:-} | sed "s/^{/{\"variant\": \"$v\", /" | tee -a "$R" || true
   done
   [ -f smol/model.safetensors ] || python3 "$REPO/scripts/gpu/gen_model.py" src smol | tee -a "$R"
-  for v in ${VARIANTS:-graph candle}; do
-    case $v in candle) sw=0 ;; nograph) sw=nograph ;; *) sw=1 ;; esac
-    PIPE_LOG=info PIPE_DECODE_GRAPH=$sw ./pipe serve smol --device cuda --dtype bf16 --port 0 --max-batch 64 2> "serve_$v.log" &
+  for v in ${SERVE_VARIANTS:-${VARIANTS:-graph candle}}; do
+    variant_env "$v"
+    PIPE_LOG=info PIPE_DECODE_GRAPH=$sw PIPE_DECODE_TC=$tc PIPE_DECODE_PDL=$pdl ./pipe serve smol --device cuda --dtype bf16 --port 0 --max-batch 64 2> "serve_$v.log" &
     SP=$!
     for _ in $(seq 1 300); do grep -q "serving" "serve_$v.log" && break; sleep 0.2; done
     URL=$(grep -o 'http://[0-9.:]*/v1' "serve_$v.log" | head -1)

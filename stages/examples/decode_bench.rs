@@ -4,12 +4,14 @@
 //! steps through `Llama::step_next` (what `pipe serve`'s engine calls).
 //!
 //!   decode_bench [--config smollm2-135m|llama-1b|config.json] [--batches 1,8,32,64]
-//!                [--prompt 100] [--steps 64] [--device cuda|cpu]
+//!                [--prompt 100] [--steps 64] [--device cuda|cpu] [--profile]
 //!
 //! PIPE_DECODE_GRAPH picks the path as in serving (unset: the CUDA graph;
 //! nograph: the same kernels launched one by one; 0: candle ops). Prints one
 //! JSON line per batch size: tokens/s and milliseconds per step (median of
-//! the steps), plus the HBM roofline of batch-1 decode on an H200.
+//! the steps), the prefill's time, plus the HBM roofline of batch-1 decode
+//! on an H200. `--profile` adds each kernel's GPU time per launch
+//! (`Llama::decode_profile`) and their sum over a step.
 use std::time::Instant;
 
 #[path = "common/mod.rs"]
@@ -26,6 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cname: String = arg(&args, "--config", "smollm2-135m".to_string());
     let batches: String = arg(&args, "--batches", "1,8,32,64".to_string());
     let (prompt, steps) = (arg(&args, "--prompt", 100usize), arg(&args, "--steps", 64usize));
+    let profile = args.iter().any(|a| a == "--profile");
     let device = match arg(&args, "--device", "cuda".to_string()).as_str() {
         "cpu" => Device::Cpu,
         _ => Device::new_cuda(0)?,
@@ -50,7 +53,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let prompts: Vec<Vec<u32>> =
             (0..b).map(|_| (0..prompt).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect()).collect();
         let refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+        let t = Instant::now();
         let first = model.step_next(&refs, &mut caches.iter_mut().collect::<Vec<_>>(), &vec![false; b])?;
+        let prefill_s = t.elapsed().as_secs_f64();
         let mut feed = first.argmax;
         let mut step_s = Vec::with_capacity(steps);
         for i in 0..steps + 3 {
@@ -63,11 +68,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             feed = next.argmax;
         }
         let s = median(&step_s);
+        if profile && path != "candle" {
+            let us = model.decode_profile(b, 20)?;
+            let per_layer: f64 = us
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "embed" | "head" | "argmax" | "step_graph"))
+                .map(|x| x.1)
+                .sum();
+            let total = per_layer * cfg.num_hidden_layers as f64
+                + us.iter()
+                    .filter(|(k, _)| matches!(k.as_str(), "embed" | "head" | "argmax"))
+                    .map(|x| x.1)
+                    .sum::<f64>();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "bench": "decode_profile", "batch": b, "us_per_kernel": us.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+                    "us_per_layer": per_layer, "us_kernels_per_step": total, "us_measured_step": s * 1e6,
+                })
+            );
+        }
         println!(
             "{}",
             serde_json::json!({
                 "bench": "decode", "config": cname, "path": path, "batch": b, "prompt": prompt, "steps": steps,
                 "ms_per_step": s * 1e3, "tokens_per_s": b as f64 / s,
+                "prefill_ms": prefill_s * 1e3, "prefill_tokens_per_s": (b * prompt) as f64 / prefill_s,
                 "roofline_h200_batch1": 4.8e12 / (2.0 * params as f64),
             })
         );

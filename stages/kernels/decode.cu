@@ -4,14 +4,16 @@
 //   qkv:    RMSNorm + q/k/v projections + rotary; k and v go straight into the
 //           paged KV pool (blocks of 32 positions, (block, 32, kv, hd));
 //   attn:   attention of each row against its sequence's cache, split over
-//           position tiles (flash-decoding), partial (max, sum, output) per split;
-//   o:      the splits combined + output projection, added to the residual;
+//           position tiles (flash-decoding); the last split block of a row
+//           and kv head to finish combines the splits into bf16;
+//   o:      output projection, added to the residual;
 //   gateup: RMSNorm + gate and up projections + SwiGLU;
 //   down:   down projection, added to the residual;
-// then head (final RMSNorm + LM head into f32 logits) and argmax.
-// The projections are warp-per-output-row dot products (GEMV for small
-// batches): BT rows of the batch are staged in shared memory in bf16 and
-// every weight row is read once per BT rows.
+// then head (final RMSNorm + LM head into f32 logits, keeping each row's
+// argmax). The projections run on tensor cores (mma_proj: bf16 mma.sync
+// with f32 sums) or, as warp-per-output-row dot products (gemv), on CUDA
+// cores, with a separate argmax kernel. Both stage BT rows of the batch in
+// shared memory in bf16 and read every weight row once per BT rows.
 #include "common.cuh"
 
 typedef __nv_bfloat16 bf16;
@@ -24,8 +26,6 @@ struct Gemv {
   const float *x;        // residual (B, K) f32 (norm inputs)
   const bf16 *xin;       // (B, K) bf16 (plain input)
   const bf16 *norm;      // (K) RMSNorm weight
-  const float *po;       // attention partials (B, nh, nsplit, hd)
-  const float *pml;      // (B, nh, nsplit, 2): running max, sum
   const bf16 *w0, *w1, *w2;  // weights (rows, K): q/k/v, gate/up, or one
   float *out;            // f32 output (q, residual, logits)
   bf16 *outb;            // bf16 output (SwiGLU)
@@ -33,11 +33,12 @@ struct Gemv {
   const unsigned *pos;   // (B) position of the new token
   const unsigned *table; // (B, maxb) block ids
   const float *inv_freq; // (hd / 2)
-  int B, K, N, nh, kv, hd, maxb, nsplit;
+  unsigned long long *best; // (B) argmax keys of the LM head (argmax_key)
+  int B, K, N, nh, kv, hd, maxb;
   float eps;
 };
 
-enum { IN_NORM = 0, IN_PLAIN = 1, IN_ATTN = 2 };
+enum { IN_NORM = 0, IN_PLAIN = 1 };
 enum { OUT_QKV = 0, OUT_RESID = 1, OUT_SWIGLU = 2, OUT_LOGITS = 3 };
 
 __device__ __forceinline__ void unpack8(const uint4 &u, float f[8]) {
@@ -56,6 +57,14 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Programmatic dependent launch (sm_90): a kernel lets the next one start
+// at once (pdl_launch) and waits for the previous one to finish before it
+// touches what that one wrote (pdl_wait), so that launch latency and the
+// weight loads of a kernel overlap the kernel before it. Both are no-ops
+// for a launch without the attribute.
+__device__ __forceinline__ void pdl_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
 // Rows b0..b0+nb of the input, as bf16 (BT, K) in shared memory; rows past
 // nb are zero.
 template <int IN, int BT> __device__ void stage(const Gemv &a, bf16 *xs, int b0, int nb) {
@@ -73,26 +82,8 @@ template <int IN, int BT> __device__ void stage(const Gemv &a, bf16 *xs, int b0,
       const float inv = rsqrtf(block_sum(ss) / K + a.eps);
       for (int k = threadIdx.x; k < K; k += blockDim.x)
         xs[b * K + k] = __float2bfloat16(x[k] * inv * __bfloat162float(a.norm[k]));
-    } else if (IN == IN_PLAIN) {
-      for (int k = threadIdx.x; k < K; k += blockDim.x) xs[b * K + k] = a.xin[(size_t)row * K + k];
     } else {
-      // Combine the attention splits of each head: K = nh * hd.
-      const int S = a.nsplit;
-      for (int k = threadIdx.x; k < K; k += blockDim.x) {
-        const int h = k / a.hd, d = k % a.hd;
-        const size_t base = ((size_t)row * a.nh + h) * S;
-        float m = -INFINITY;
-        for (int s = 0; s < S; s++) m = fmaxf(m, a.pml[(base + s) * 2]);
-        float l = 0.f, o = 0.f;
-        for (int s = 0; s < S; s++) {
-          const float ms = a.pml[(base + s) * 2];
-          if (ms == -INFINITY) continue;
-          const float c = __expf(ms - m);
-          l += a.pml[(base + s) * 2 + 1] * c;
-          o += a.po[(base + s) * a.hd + d] * c;
-        }
-        xs[b * K + k] = __float2bfloat16(l > 0.f ? o / l : 0.f);
-      }
+      for (int k = threadIdx.x; k < K; k += blockDim.x) xs[b * K + k] = a.xin[(size_t)row * K + k];
     }
   }
 }
@@ -164,6 +155,8 @@ template <int IN, int OUT, int BT> __device__ void gemv(const Gemv &a) {
   bf16 *xs = reinterpret_cast<bf16 *>(smem);
   const int b0 = blockIdx.y * BT;
   const int nb = min(BT, a.B - b0);
+  pdl_launch();
+  pdl_wait();
   stage<IN, BT>(a, xs, b0, nb);
   __syncthreads();
   constexpr int NR = (OUT == OUT_QKV || OUT == OUT_SWIGLU) ? 2 : 1;
@@ -230,10 +223,246 @@ template <int IN, int OUT, int BT> __device__ void gemv(const Gemv &a) {
   extern "C" __global__ void dec_##name##_16(Gemv a) { gemv<IN, OUT, 16>(a); }
 
 GEMV(qkv, IN_NORM, OUT_QKV)
-GEMV(o, IN_ATTN, OUT_RESID)
+GEMV(o, IN_PLAIN, OUT_RESID)
 GEMV(gateup, IN_NORM, OUT_SWIGLU)
 GEMV(down, IN_PLAIN, OUT_RESID)
 GEMV(head, IN_NORM, OUT_LOGITS)
+
+// ---- The same projections on tensor cores (bf16 mma.sync, f32 sums) ----
+//
+// A block takes a tile of 16 weight rows: for paired outputs (q/k/v rotary
+// halves, gate/up) rows 0-7 are the first rows of 8 units and rows 8-15
+// their partners, so a thread ends with both values of a unit for its
+// batch columns; otherwise 16 units. The block's warps split K in chunks
+// of 32; the batch (BT rows, a multiple of 8) is staged once per block in
+// shared memory with a padded row stride. Weights are the MMA's A operand
+// (16 x 16, row-major = the weight's own layout), the batch its B operand
+// (16 x 8, "col" = a batch row's own layout). Because a dot product does
+// not care about the order of k, each thread loads 8 consecutive k of a
+// row (one 16-byte load) and feeds them as the k of its fragments in two
+// MMAs: A and B see the same permutation of k.
+
+__device__ __forceinline__ void mma16816(float c[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                         unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Rows b0..b0+nb of the input as bf16 (BT, SK) in shared memory; rows past
+// nb are zero. Norm rows go a warp per row, two rows at a time with the
+// row in registers (K <= 1024: one round trip to memory per row pair).
+template <int IN> __device__ void stage_rows(const Gemv &a, bf16 *xs, int SK, int b0, int nb, int BT) {
+  const int K = a.K, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+  if (IN == IN_NORM && K <= 1024) {
+    constexpr int V = 8;
+    for (int b = (threadIdx.x / 32) * 2; b < BT; b += nw * 2) {
+      float4 v[2][V];
+      float ss[2] = {0.f, 0.f};
+#pragma unroll
+      for (int r = 0; r < 2; r++)
+#pragma unroll
+        for (int i = 0; i < V; i++) {
+          const int k = (lane + i * 32) * 4;
+          v[r][i] = b + r < nb && k < K ? *reinterpret_cast<const float4 *>(a.x + (size_t)(b0 + b + r) * K + k)
+                                        : make_float4(0.f, 0.f, 0.f, 0.f);
+          ss[r] += v[r][i].x * v[r][i].x + v[r][i].y * v[r][i].y + v[r][i].z * v[r][i].z + v[r][i].w * v[r][i].w;
+        }
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        if (b + r >= BT) break;
+        const float inv = rsqrtf(warp_sum(ss[r]) / K + a.eps);
+        bf16 *dst = xs + (size_t)(b + r) * SK;
+#pragma unroll
+        for (int i = 0; i < V; i++) {
+          const int k = (lane + i * 32) * 4;
+          if (k >= K) break;
+          const __nv_bfloat162 *g = reinterpret_cast<const __nv_bfloat162 *>(a.norm + k);
+          const float2 g0 = __bfloat1622float2(g[0]), g1 = __bfloat1622float2(g[1]);
+          __nv_bfloat162 *d = reinterpret_cast<__nv_bfloat162 *>(dst + k);
+          d[0] = __floats2bfloat162_rn(v[r][i].x * inv * g0.x, v[r][i].y * inv * g0.y);
+          d[1] = __floats2bfloat162_rn(v[r][i].z * inv * g1.x, v[r][i].w * inv * g1.y);
+        }
+      }
+    }
+    return;
+  }
+  for (int b = threadIdx.x / 32; b < BT; b += nw) {
+    bf16 *dst = xs + (size_t)b * SK;
+    if (b >= nb) {
+      for (int k = lane * 8; k < K; k += 256) *reinterpret_cast<uint4 *>(dst + k) = make_uint4(0, 0, 0, 0);
+      continue;
+    }
+    const int row = b0 + b;
+    if (IN == IN_NORM) {
+      const float *x = a.x + (size_t)row * K;
+      float ss = 0.f;
+      for (int k = lane * 4; k < K; k += 128) {
+        const float4 v = *reinterpret_cast<const float4 *>(x + k);
+        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+      }
+      const float inv = rsqrtf(warp_sum(ss) / K + a.eps);
+      for (int k = lane * 4; k < K; k += 128) {
+        const float4 v = *reinterpret_cast<const float4 *>(x + k);
+        const __nv_bfloat162 *g = reinterpret_cast<const __nv_bfloat162 *>(a.norm + k);
+        const float2 g0 = __bfloat1622float2(g[0]), g1 = __bfloat1622float2(g[1]);
+        __nv_bfloat162 *d = reinterpret_cast<__nv_bfloat162 *>(dst + k);
+        d[0] = __floats2bfloat162_rn(v.x * inv * g0.x, v.y * inv * g0.y);
+        d[1] = __floats2bfloat162_rn(v.z * inv * g1.x, v.w * inv * g1.y);
+      }
+    } else {
+      const uint4 *src = reinterpret_cast<const uint4 *>(a.xin + (size_t)row * K);
+      for (int c = lane; c < K / 8; c += 32) reinterpret_cast<uint4 *>(dst)[c] = src[c];
+    }
+  }
+}
+
+// A logit and its index as one orderable 64-bit key: the larger logit
+// wins, then the smaller index (torch.argmax's first on ties).
+__device__ __forceinline__ unsigned long long argmax_key(float v, unsigned i) {
+  if (isnan(v)) return 0xffffffffu - i;  // below every number (as the CUDA-core argmax skips NaN)
+  const unsigned bits = __float_as_uint(v);
+  const unsigned key = (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
+  return ((unsigned long long)key << 32) | (0xffffffffu - i);
+}
+
+// Grid (blocks, batch chunks of BT); a block stages its batch chunk once,
+// then takes tiles blockIdx.x, + gridDim.x, ...; blockDim.x / 32 warps
+// split K. Shared memory: the staged rows, then the warps' partial sums.
+// The LM head also keeps each row's running argmax (shared, then one
+// global atomicMax per block and row into a.best).
+template <int IN, int OUT, int BT> __device__ void mma_proj(const Gemv &a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16 *xs = reinterpret_cast<bf16 *>(smem);
+  constexpr int NT = BT / 8;
+  constexpr bool PAIR = OUT == OUT_QKV || OUT == OUT_SWIGLU;
+  constexpr int UNITS = PAIR ? 8 : 16;
+  pdl_launch();
+  const int SK = a.K + 8;
+  const int b0 = blockIdx.y * BT;
+  const int nb = min(BT, a.B - b0);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+  const int g = lane / 4, t = lane % 4;
+  float *red = reinterpret_cast<float *>(smem + (((size_t)BT * SK * 2 + 15) / 16) * 16);
+  __shared__ unsigned long long best[BT];
+  if (OUT == OUT_LOGITS)
+    for (int i = threadIdx.x; i < BT; i += blockDim.x) best[i] = 0ull;
+  const int chunks = (a.K + 31) / 32;
+  const int tiles = (a.N + UNITS - 1) / UNITS;
+  // This thread's weight rows of a tile: g and g + 8.
+  auto tile_rows = [&](int tile, const bf16 *&ra, const bf16 *&rb) {
+    if (PAIR) {
+      rows<OUT>(a, min(tile * 8 + g, a.N - 1), ra, rb);
+    } else {
+      const bf16 *unused;
+      rows<OUT>(a, min(tile * 16 + g, a.N - 1), ra, unused);
+      rows<OUT>(a, min(tile * 16 + 8 + g, a.N - 1), rb, unused);
+    }
+  };
+  // Warp w takes chunks w, w + nw, ...; the first P of them are loaded
+  // at once (for the first tile before waiting on the previous kernel:
+  // no kernel writes weights), the rest as they come.
+  constexpr int P = 6;
+  uint4 wa[P], wb[P];
+  const bf16 *ra, *rb;
+  auto prefetch = [&]() {
+#pragma unroll
+    for (int i = 0; i < P; i++) {
+      const int k = (warp + i * nw) * 32 + t * 8;
+      const bool ok = k < a.K;
+      wa[i] = ok ? __ldg(reinterpret_cast<const uint4 *>(ra + k)) : make_uint4(0, 0, 0, 0);
+      wb[i] = ok ? __ldg(reinterpret_cast<const uint4 *>(rb + k)) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  int tile = blockIdx.x;
+  if (tile < tiles) {
+    tile_rows(tile, ra, rb);
+    prefetch();
+  }
+  pdl_wait();
+  stage_rows<IN>(a, xs, SK, b0, nb, BT);
+  __syncthreads();
+  for (; tile < tiles; tile += gridDim.x) {
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    auto step = [&](int c, const uint4 &ua, const uint4 &ub) {
+      const int k = c * 32 + t * 8;
+#pragma unroll
+      for (int j = 0; j < NT; j++) {
+        const uint4 x =
+            k < a.K ? *reinterpret_cast<const uint4 *>(xs + (size_t)(j * 8 + g) * SK + k) : make_uint4(0, 0, 0, 0);
+        mma16816(acc[j], ua.x, ub.x, ua.y, ub.y, x.x, x.y);
+        mma16816(acc[j], ua.z, ub.z, ua.w, ub.w, x.z, x.w);
+      }
+    };
+#pragma unroll
+    for (int i = 0; i < P; i++) {
+      const int c = warp + i * nw;
+      if (c < chunks) step(c, wa[i], wb[i]);  // warp-uniform: mma.sync needs every lane
+    }
+    for (int c = warp + P * nw; c < chunks; c += nw) {
+      const int k = c * 32 + t * 8;
+      const bool ok = k < a.K;
+      const uint4 ua = ok ? __ldg(reinterpret_cast<const uint4 *>(ra + k)) : make_uint4(0, 0, 0, 0);
+      const uint4 ub = ok ? __ldg(reinterpret_cast<const uint4 *>(rb + k)) : make_uint4(0, 0, 0, 0);
+      step(c, ua, ub);
+    }
+    // The next tile's weights load while this one's sums are added.
+    if (tile + (int)gridDim.x < tiles) {
+      tile_rows(tile + gridDim.x, ra, rb);
+      prefetch();
+    }
+    // Sum the warps' partials.
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) red[((warp * NT + j) * 4 + e) * 32 + lane] = acc[j][e];
+    __syncthreads();
+    // Fragment (j, lane, e): e < 2 is row g, column 2t + e of n-tile j;
+    // e >= 2 is row g + 8, the same column.
+    for (int i = threadIdx.x; i < NT * 32 * 2; i += blockDim.x) {
+      const int j = i / 64, ln = (i / 2) % 32, e = i % 2;
+      const int col = j * 8 + (ln % 4) * 2 + e, gg = ln / 4;
+      if (col >= nb) continue;
+      float v0 = 0.f, v1 = 0.f;
+      for (int w = 0; w < nw; w++) {
+        v0 += red[((w * NT + j) * 4 + e) * 32 + ln];
+        v1 += red[((w * NT + j) * 4 + e + 2) * 32 + ln];
+      }
+      if (PAIR) {
+        const int u = tile * 8 + gg;
+        if (u < a.N) epilogue<OUT>(a, u, b0 + col, v0, v1);
+      } else {
+        const int u = tile * 16 + gg;
+        if (u < a.N) epilogue<OUT>(a, u, b0 + col, v0, 0.f);
+        if (u + 8 < a.N) epilogue<OUT>(a, u + 8, b0 + col, v1, 0.f);
+        if (OUT == OUT_LOGITS) {
+          unsigned long long k = 0ull;
+          if (u < a.N) k = argmax_key(v0, u);
+          if (u + 8 < a.N) k = max(k, argmax_key(v1, u + 8));
+          atomicMax(&best[col], k);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if (OUT == OUT_LOGITS)
+    for (int i = threadIdx.x; i < nb; i += blockDim.x) atomicMax(a.best + b0 + i, best[i]);
+}
+
+#define MMA(name, IN, OUT)                                                                        \
+  extern "C" __global__ void tc_##name##_8(Gemv a) { mma_proj<IN, OUT, 8>(a); }                    \
+  extern "C" __global__ void tc_##name##_16(Gemv a) { mma_proj<IN, OUT, 16>(a); }                  \
+  extern "C" __global__ void tc_##name##_32(Gemv a) { mma_proj<IN, OUT, 32>(a); }                  \
+  extern "C" __global__ void tc_##name##_64(Gemv a) { mma_proj<IN, OUT, 64>(a); }
+
+MMA(qkv, IN_NORM, OUT_QKV)
+MMA(o, IN_PLAIN, OUT_RESID)
+MMA(gateup, IN_NORM, OUT_SWIGLU)
+MMA(down, IN_PLAIN, OUT_RESID)
+MMA(head, IN_NORM, OUT_LOGITS)
 
 struct Attn {
   const float *q;        // (B, nh, hd), rotated
@@ -242,19 +471,29 @@ struct Attn {
   const unsigned *table; // (B, maxb)
   float *po;             // (B, nh, nsplit, hd)
   float *pml;            // (B, nh, nsplit, 2)
+  bf16 *ao;              // (B, nh * hd) the combined output
+  unsigned *count;       // (B, kv) splits done (zero between steps)
   int nh, kv, maxb, nsplit;
   float scale;
 };
 
 #define MAX_REP 8
 
-// Grid (nsplit, kv, B), TILE threads. Split s takes position tiles s,
-// s + nsplit, ... of its row's sequence (positions 0..=pos), for the rep
-// query heads of kv head g, with an online softmax across its tiles.
+// Grid (nsplit, kv, B), TILE threads. Of the S splits that take part (one
+// per tile of the sequence, at most nsplit), split s takes
+// position tiles s, s + S, ... of its row's sequence (positions 0..=pos),
+// for the rep query heads of kv head g, with an online softmax across its
+// tiles.
 template <int HD> __device__ void attn(const Attn &a) {
   const int s0 = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
   const int rep = a.nh / a.kv, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  pdl_launch();
+  pdl_wait();
   const int len = a.pos[b] + 1;
+  // Splits that take part: one per tile up to nsplit (a single split
+  // writes the output itself; more are combined by the last to finish).
+  const int S = min((int)gridDim.x, (len + TILE - 1) / TILE);
+  if (s0 >= S) return;
   __shared__ float qs[MAX_REP][HD];
   __shared__ float sc[MAX_REP][TILE];
   // The tile's values, staged by the threads that score their keys (the
@@ -273,7 +512,7 @@ template <int HD> __device__ void attn(const Attn &a) {
   for (int j = 0; j < PER; j++) acc[j] = 0.f;
   const size_t row = (size_t)a.kv * HD;
   __syncthreads();
-  for (int t0 = s0 * TILE; t0 < len; t0 += a.nsplit * TILE) {
+  for (int t0 = s0 * TILE; t0 < len; t0 += S * TILE) {
     const int p = t0 + tid;
     if (p < len) {
       const unsigned slot = a.table[(size_t)b * a.maxb + p / KV_BLOCK] * KV_BLOCK + p % KV_BLOCK;
@@ -329,12 +568,29 @@ template <int HD> __device__ void attn(const Attn &a) {
       const int k = tid + j * TILE;
       if (k < rep * HD) {
         const int r = k / HD, d = k % HD;
-        float o = acc[j] * corr[r];
-        for (int t = 0; t < n; t++) o += sc[r][t] * __bfloat162float(vs[t][d]);
-        acc[j] = o;
+        // Four running sums: the shared-memory loads of one do not wait
+        // for the previous product.
+        float o[4] = {acc[j] * corr[r], 0.f, 0.f, 0.f};
+        int t = 0;
+        for (; t + 4 <= n; t += 4)
+#pragma unroll
+          for (int u = 0; u < 4; u++) o[u] += sc[r][t + u] * __bfloat162float(vs[t + u][d]);
+        for (; t < n; t++) o[0] += sc[r][t] * __bfloat162float(vs[t][d]);
+        acc[j] = (o[0] + o[1]) + (o[2] + o[3]);
       }
     }
     __syncthreads();
+  }
+  if (S == 1) {
+#pragma unroll
+    for (int j = 0; j < PER; j++) {
+      const int k = tid + j * TILE;
+      if (k < rep * HD) {
+        const float l = lrun[k / HD];
+        a.ao[((size_t)b * a.nh + g * rep) * HD + k] = __float2bfloat16(l > 0.f ? acc[j] / l : 0.f);
+      }
+    }
+    return;
   }
 #pragma unroll
   for (int j = 0; j < PER; j++) {
@@ -349,21 +605,61 @@ template <int HD> __device__ void attn(const Attn &a) {
     a.pml[i * 2] = mrun[tid];
     a.pml[i * 2 + 1] = lrun[tid];
   }
+  // The last split block of (row, group) to finish combines the splits
+  // into the bf16 attention output (and resets the counter for the next
+  // step).
+  __shared__ bool last;
+  __shared__ float wts[MAX_REP][32];
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    last = atomicAdd(a.count + (size_t)b * a.kv + g, 1u) == (unsigned)S - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int r = warp; r < rep; r += TILE / 32) {
+    const size_t base = ((size_t)b * a.nh + g * rep + r) * a.nsplit;
+    const float ms = lane < S ? __ldcg(a.pml + (base + lane) * 2) : -INFINITY;
+    float m = ms;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    const float e = ms == -INFINITY ? 0.f : __expf(ms - m);
+    const float l = warp_sum(lane < S ? e * __ldcg(a.pml + (base + lane) * 2 + 1) : 0.f);
+    wts[r][lane] = l > 0.f ? e / l : 0.f;
+  }
+  __syncthreads();
+  for (int k = tid; k < rep * HD; k += TILE) {
+    const int r = k / HD, d = k % HD;
+    const size_t base = ((size_t)b * a.nh + g * rep + r) * a.nsplit;
+    float o = 0.f;
+    for (int s = 0; s < S; s++) o += wts[r][s] * __ldcg(a.po + (base + s) * HD + d);
+    a.ao[((size_t)b * a.nh + g * rep + r) * HD + d] = __float2bfloat16(o);
+  }
+  if (tid == 0) a.count[(size_t)b * a.kv + g] = 0u;
 }
 
 extern "C" __global__ void dec_attn_64(Attn a) { attn<64>(a); }
 extern "C" __global__ void dec_attn_128(Attn a) { attn<128>(a); }
 
-// x (B, H) f32 = embed rows of the tokens.
-extern "C" __global__ void dec_embed(const unsigned *tok, const bf16 *embed, float *x, int H) {
+// x (B, H) f32 = embed rows of the tokens; the rows' argmax keys reset.
+extern "C" __global__ void dec_embed(const unsigned *tok, const bf16 *embed, float *x, int H,
+                                     unsigned long long *best) {
   const int b = blockIdx.x;
+  pdl_launch();
+  pdl_wait();
+  if (threadIdx.x == 0) best[b] = 0ull;
   const bf16 *e = embed + (size_t)tok[b] * H;
   for (int k = threadIdx.x; k < H; k += blockDim.x) x[(size_t)b * H + k] = __bfloat162float(e[k]);
 }
 
-// Index of the largest logit of each row (the first on ties, as torch.argmax).
-extern "C" __global__ void dec_argmax(const float *logits, unsigned *out, int V) {
+// The largest logit of each row and its index (the first on ties, as
+// torch.argmax) as an argmax_key (for the LM head on CUDA cores; the
+// tensor-core head keeps the key itself).
+extern "C" __global__ void dec_argmax(const float *logits, unsigned long long *out, int V) {
   const int b = blockIdx.x;
+  pdl_launch();
+  pdl_wait();
   const float *l = logits + (size_t)b * V;
   float best = -INFINITY;
   int at = 0x7fffffff;
@@ -398,6 +694,6 @@ extern "C" __global__ void dec_argmax(const float *logits, unsigned *out, int V)
         at = bi[i];
       }
     if (at == 0x7fffffff) at = 0;  // all NaN
-    out[b] = (unsigned)at;
+    out[b] = argmax_key(l[at], (unsigned)at);
   }
 }

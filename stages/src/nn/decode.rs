@@ -29,11 +29,17 @@ pub struct Next {
 pub struct Slot {
     #[cfg(feature = "cuda")]
     inner: std::sync::Mutex<Option<imp::Graphs>>,
+    /// [`Llama::decode_shape_ok`], worked out once (weights do not change).
+    shape_ok: std::sync::OnceLock<bool>,
 }
 
 thread_local! {
     /// Tests: launch the kernels one by one on this thread.
     static GRAPHS_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Tests: this thread's `PIPE_DECODE_PDL`.
+    static PDL: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// Tests: this thread's `PIPE_DECODE_TC`.
+    static TC_FROM: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
 
 /// The switch: `None` off, `Some(true)` graphs, `Some(false)` plain launches.
@@ -51,7 +57,7 @@ impl Llama {
     /// weights without LoRA or biases, head dims 64/128, at most 8 query
     /// heads per kv head, widths a multiple of 8, the switch on.
     pub fn decode_graph_ok(&self) -> bool {
-        cfg!(feature = "cuda") && mode().is_some() && self.decode_shape_ok()
+        cfg!(feature = "cuda") && mode().is_some() && *self.decode.shape_ok.get_or_init(|| self.decode_shape_ok())
     }
 
     fn decode_shape_ok(&self) -> bool {
@@ -101,15 +107,34 @@ impl Llama {
         #[cfg(not(feature = "cuda"))]
         Err(crate::nn::NnError::Other("the decode graph needs a CUDA build".into()))
     }
+
+    /// Microseconds of GPU time per launch of each kernel of a decode step
+    /// for `b` rows (one layer's; embed, qkv, attn, o, gateup, down, head,
+    /// argmax), each measured as `reps` launches in a graph. Run a decode
+    /// step of `b` rows first (the buffers and the cache it reads).
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn decode_profile(&self, b: usize, reps: usize) -> Result<Vec<(String, f64)>> {
+        #[cfg(feature = "cuda")]
+        {
+            let mut g = self.decode.inner.lock().unwrap_or_else(|e| e.into_inner());
+            match g.as_mut() {
+                Some(g) => g.profile(self, b.next_power_of_two(), reps.max(1)),
+                None => Err(crate::nn::NnError::Other("decode profile: no decode step has run".into())),
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        Err(crate::nn::NnError::Other("the decode graph needs a CUDA build".into()))
+    }
 }
 
 #[cfg(feature = "cuda")]
 mod imp {
     use std::collections::HashMap;
+    use std::ffi::c_void;
     use std::sync::Arc;
 
     use candle_core::cuda::cudarc::driver::{
-        sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+        sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
     };
     use candle_core::cuda::{CudaDevice, WrapErr};
     use candle_core::{Storage, Tensor};
@@ -125,7 +150,7 @@ mod imp {
     const GEMV_THREADS: u32 = 128;
     const TILE: usize = 128;
     /// Shared memory the projections may stage their batch rows in.
-    const SMEM_CAP: usize = 96 * 1024;
+    const SMEM_CAP: usize = 160 * 1024;
     const SMS: usize = 132;
 
     /// kernels/decode.cu's `Gemv` (by value).
@@ -135,8 +160,6 @@ mod imp {
         x: u64,
         xin: u64,
         norm: u64,
-        po: u64,
-        pml: u64,
         w0: u64,
         w1: u64,
         w2: u64,
@@ -147,6 +170,7 @@ mod imp {
         pos: u64,
         table: u64,
         inv_freq: u64,
+        best: u64,
         b: i32,
         k: i32,
         n: i32,
@@ -154,7 +178,6 @@ mod imp {
         kv: i32,
         hd: i32,
         maxb: i32,
-        nsplit: i32,
         eps: f32,
     }
     // SAFETY: plain old data laid out as the kernels' C struct.
@@ -171,6 +194,8 @@ mod imp {
         table: u64,
         po: u64,
         pml: u64,
+        ao: u64,
+        count: u64,
         nh: i32,
         kv: i32,
         maxb: i32,
@@ -197,14 +222,16 @@ mod imp {
     #[allow(dead_code)]
     struct Bufs {
         cap: usize,
-        tok: CudaSlice<u32>,
-        pos: CudaSlice<u32>,
-        table: CudaSlice<u32>,
-        out_tok: CudaSlice<u32>,
+        /// The step's inputs, uploaded at once: tokens (cap), positions
+        /// (cap), block tables (cap, maxb).
+        inp: CudaSlice<u32>,
+        best: CudaSlice<u64>,
         x: CudaSlice<f32>,
         q: CudaSlice<f32>,
         po: CudaSlice<f32>,
         pml: CudaSlice<f32>,
+        ao: CudaSlice<half::bf16>,
+        count: CudaSlice<u32>,
         act: CudaSlice<half::bf16>,
         logits: CudaSlice<f32>,
         /// Their addresses, taken once: cudarc's event bookkeeping of
@@ -217,11 +244,13 @@ mod imp {
         tok: u64,
         pos: u64,
         table: u64,
-        out_tok: u64,
+        best: u64,
         x: u64,
         q: u64,
         po: u64,
         pml: u64,
+        ao: u64,
+        count: u64,
         act: u64,
         logits: u64,
         inv_freq: u64,
@@ -328,10 +357,15 @@ mod imp {
                 .iter()
                 .flat_map(|k| [1, 2, 4, 8, 16].map(|bt| format!("dec_{k}_{bt}")))
                 .collect();
+            names.extend(
+                ["qkv", "o", "gateup", "down", "head"]
+                    .iter()
+                    .flat_map(|k| [8, 16, 32, 64].map(|bt| format!("tc_{k}_{bt}"))),
+            );
             names.extend(["dec_attn_64", "dec_attn_128", "dec_embed", "dec_argmax"].map(String::from));
             for n in names {
                 let f = dev.get_or_load_custom_func(&n, MODULE, DECODE_PTX)?.into_cuda_function();
-                if n.starts_with("dec_") && !n.starts_with("dec_attn") {
+                if n.starts_with("tc_") || (n.starts_with("dec_") && !n.starts_with("dec_attn")) {
                     f.set_attribute(
                         sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                         SMEM_CAP as i32,
@@ -363,30 +397,33 @@ mod imp {
             let (h, hd) = (c.num_attention_heads, c.head_dim());
             let s = &self.stream;
             let nsplit = nsplit(1, c.kv_heads());
-            let tok = s.alloc_zeros(cap).w()?;
-            let pos = s.alloc_zeros(cap).w()?;
-            let table = s.alloc_zeros(cap * self.maxb).w()?;
-            let out_tok = s.alloc_zeros(cap).w()?;
+            let inp = s.alloc_zeros(cap * (2 + self.maxb)).w()?;
+            let best = s.alloc_zeros(cap).w()?;
             let x = s.alloc_zeros(cap * c.hidden_size).w()?;
             let q = s.alloc_zeros(cap * h * hd).w()?;
             let po = s.alloc_zeros(cap * h * nsplit * hd).w()?;
             let pml = s.alloc_zeros(cap * h * nsplit * 2).w()?;
+            let ao = s.alloc_zeros(cap * h * hd).w()?;
+            let count = s.alloc_zeros(cap * c.kv_heads()).w()?;
             let act = s.alloc_zeros(cap * c.intermediate_size).w()?;
             let logits = s.alloc_zeros(cap * c.vocab_size).w()?;
+            let base = ptr(&inp, s);
             let p = BufPtrs {
-                tok: ptr(&tok, s),
-                pos: ptr(&pos, s),
-                table: ptr(&table, s),
-                out_tok: ptr(&out_tok, s),
+                tok: base,
+                pos: base + 4 * cap as u64,
+                table: base + 8 * cap as u64,
+                best: ptr(&best, s),
                 x: ptr(&x, s),
                 q: ptr(&q, s),
                 po: ptr(&po, s),
                 pml: ptr(&pml, s),
+                ao: ptr(&ao, s),
+                count: ptr(&count, s),
                 act: ptr(&act, s),
                 logits: ptr(&logits, s),
                 inv_freq: ptr(&self.inv_freq, s),
             };
-            Ok(Bufs { cap, tok, pos, table, out_tok, x, q, po, pml, act, logits, p })
+            Ok(Bufs { cap, inp, best, x, q, po, pml, ao, count, act, logits, p })
         }
 
         pub fn step(
@@ -411,22 +448,23 @@ mod imp {
                 let kv = kv.collect::<Result<Vec<_>>>()?;
                 self.pool = (gen, kv, ks.into_iter().chain(vs).collect());
             }
-            // Inputs: padded rows feed token 0 at position 0 of the scratch block.
-            let mut tok = vec![0u32; bucket];
-            let mut ps = vec![0u32; bucket];
-            let mut table = vec![self.scratch_block; bucket * self.maxb];
-            for i in 0..n {
-                tok[i] = toks[i];
-                ps[i] = pos[i];
-                let row = &mut table[i * self.maxb..(i + 1) * self.maxb];
-                row[..tables[i].len().min(self.maxb)].copy_from_slice(&tables[i][..tables[i].len().min(self.maxb)]);
-            }
+            // Inputs in Bufs::inp's layout: padded rows feed token 0 at
+            // position 0 of the scratch block.
             let bufs = self.bufs.as_mut().unwrap_or_else(|| unreachable!("allocated above"));
+            let cap = bufs.cap;
+            let mut inp = vec![0u32; 2 * cap + bucket * self.maxb];
+            inp[2 * cap..].fill(self.scratch_block);
+            for i in 0..n {
+                inp[i] = toks[i];
+                inp[cap + i] = pos[i];
+                let row = &mut inp[2 * cap + i * self.maxb..2 * cap + (i + 1) * self.maxb];
+                let t = &tables[i][..tables[i].len().min(self.maxb)];
+                row[..t.len()].copy_from_slice(t);
+            }
             // The pool's last writes (prefills) are on candle's stream.
             self.stream.join(&self.dev.cuda_stream()).w()?;
-            self.stream.memcpy_htod(&tok, &mut bufs.tok.slice_mut(..bucket)).w()?;
-            self.stream.memcpy_htod(&ps, &mut bufs.pos.slice_mut(..bucket)).w()?;
-            self.stream.memcpy_htod(&table, &mut bufs.table.slice_mut(..bucket * self.maxb)).w()?;
+            let len = inp.len();
+            self.stream.memcpy_htod(&inp, &mut bufs.inp.slice_mut(..len)).w()?;
             if use_graph {
                 if !self.graphs.contains_key(&bucket) {
                     self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
@@ -442,8 +480,8 @@ mod imp {
                 self.record(m, bucket)?;
             }
             let bufs = self.bufs.as_ref().unwrap_or_else(|| unreachable!("allocated above"));
-            let mut out = vec![0u32; bucket];
-            self.stream.memcpy_dtoh(&bufs.out_tok.slice(..bucket), &mut out).w()?;
+            let mut keys = vec![0u64; bucket];
+            self.stream.memcpy_dtoh(&bufs.best.slice(..bucket), &mut keys).w()?;
             let v = m.cfg.vocab_size;
             let mut logits = Vec::with_capacity(n);
             for (i, &want) in logits_for.iter().enumerate().take(n) {
@@ -456,19 +494,59 @@ mod imp {
                 });
             }
             self.stream.synchronize().w()?;
-            out.truncate(n);
-            Ok(Next { argmax: out, logits })
+            // decode.cu's argmax_key: the index is in the low half, inverted.
+            let argmax = keys[..n].iter().map(|k| u32::MAX - (*k as u32)).collect();
+            Ok(Next { argmax, logits })
         }
 
         fn f(&self, name: &str) -> Result<&CudaFunction> {
             self.funcs.get(name).ok_or_else(|| NnError::Other(format!("decode graph: no kernel {name}")))
         }
 
+        /// Launch kernel `name` on the decode stream; `args` point at the
+        /// argument values. With `pdl` (and `PIPE_DECODE_PDL` not 0) as a
+        /// programmatic dependent launch: it may start while the kernel
+        /// before it runs (decode.cu's pdl_wait orders what matters).
+        ///
+        /// # Safety
+        /// `args` must match the kernel's parameters and outlive the call.
+        unsafe fn go(&self, name: &str, c: LaunchConfig, args: &mut [*mut c_void], pdl: bool) -> Result<()> {
+            let f = self.f(name)?;
+            // SAFETY: a plain C struct; zero is a valid value of every field.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let lc = sys::CUlaunchConfig {
+                gridDimX: c.grid_dim.0,
+                gridDimY: c.grid_dim.1,
+                gridDimZ: c.grid_dim.2,
+                blockDimX: c.block_dim.0,
+                blockDimY: c.block_dim.1,
+                blockDimZ: c.block_dim.2,
+                sharedMemBytes: c.shared_mem_bytes,
+                hStream: self.stream.cu_stream(),
+                attrs: &mut attr,
+                numAttrs: u32::from(pdl && pdl_on()),
+            };
+            self.stream.context().bind_to_thread().w()?;
+            // SAFETY: the caller vouches for `args`; the config is complete.
+            unsafe { sys::cuLaunchKernelEx(&lc, f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }
+                .result()
+                .w()?;
+            Ok(())
+        }
+
         /// Enqueue one decode step for `b` rows (the buffers' inputs set).
         fn record(&self, m: &Llama, b: usize) -> Result<()> {
+            self.record_only(m, b, None)
+        }
+
+        /// [`Self::record`], or with `only` just that kind's kernel of the
+        /// first layer (profiling).
+        fn record_only(&self, m: &Llama, b: usize, only: Option<&str>) -> Result<()> {
+            let on = |k: &str| only.is_none_or(|o| o == k);
             let c = &m.cfg;
             let p = self.bufs.as_ref().ok_or_else(|| NnError::Other("decode graph: no buffers".into()))?.p;
-            let s = &self.stream;
             let (hid, inter, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
             let (nh, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
             let ns = nsplit(b, kv);
@@ -478,28 +556,30 @@ mod imp {
                 pos: p.pos,
                 table: p.table,
                 inv_freq: p.inv_freq,
-                po: p.po,
-                pml: p.pml,
+                best: p.best,
                 b: b as i32,
                 nh: nh as i32,
                 kv: kv as i32,
                 hd: hd as i32,
                 maxb: self.maxb as i32,
-                nsplit: ns as i32,
                 eps: c.rms_norm_eps as f32,
                 ..Default::default()
             };
             let tok = p.tok;
-            let mut l = s.launch_builder(self.f("dec_embed")?);
             let hid_i = hid as i32;
-            l.arg(&tok).arg(&self.embed).arg(&x).arg(&hid_i);
-            // SAFETY: arguments match dec_embed in kernels/decode.cu.
-            unsafe { l.launch(cfg(b, 1, 256, 0)) }.w()?;
+            if on("embed") {
+                let mut args = [arg(&tok), arg(&self.embed), arg(&x), arg(&hid_i), arg(&p.best)];
+                // SAFETY: arguments match dec_embed in kernels/decode.cu. The
+                // step's first kernel waits for the uploads before it.
+                unsafe { self.go("dec_embed", cfg(b, 1, 256, 0), &mut args, false) }?;
+            }
             let (q, act) = (p.q, p.act);
-            for (li, lp) in self.layers.iter().enumerate() {
+            let layers = if only.is_some() { 1 } else { self.layers.len() };
+            for (li, lp) in self.layers.iter().enumerate().take(layers) {
                 let (kc, vc) = self.pool.1[li];
                 let qkv_units = (nh + 2 * kv) * hd / 2;
-                self.gemv(
+                self.gemv_if(
+                    on("qkv"),
                     "qkv",
                     Gemv {
                         norm: lp.ln1,
@@ -520,49 +600,112 @@ mod imp {
                     vc,
                     pos: base.pos,
                     table: base.table,
-                    po: base.po,
-                    pml: base.pml,
+                    po: p.po,
+                    pml: p.pml,
+                    ao: p.ao,
+                    count: p.count,
                     nh: nh as i32,
                     kv: kv as i32,
                     maxb: self.maxb as i32,
                     nsplit: ns as i32,
                     scale: 1.0 / (hd as f32).sqrt(),
                 };
-                let mut l = s.launch_builder(self.f(&format!("dec_attn_{hd}"))?);
-                l.arg(&at);
-                // SAFETY: the argument matches dec_attn_* in kernels/decode.cu.
-                unsafe {
-                    l.launch(LaunchConfig {
+                if on("attn") {
+                    let c = LaunchConfig {
                         grid_dim: (ns as u32, kv as u32, b as u32),
                         block_dim: (TILE as u32, 1, 1),
                         shared_mem_bytes: 0,
-                    })
+                    };
+                    // SAFETY: the argument matches dec_attn_* in kernels/decode.cu.
+                    unsafe { self.go(&format!("dec_attn_{hd}"), c, &mut [arg(&at)], true) }?;
                 }
-                .w()?;
-                self.gemv("o", Gemv { w0: lp.o, out: x, k: (nh * hd) as i32, n: hid as i32, ..base })?;
-                self.gemv(
+                let o = Gemv { xin: p.ao, w0: lp.o, out: x, k: (nh * hd) as i32, n: hid as i32, ..base };
+                self.gemv_if(on("o"), "o", o)?;
+                self.gemv_if(
+                    on("gateup"),
                     "gateup",
                     Gemv { norm: lp.ln2, w0: lp.gate, w1: lp.up, outb: act, k: hid as i32, n: inter as i32, ..base },
                 )?;
-                self.gemv("down", Gemv { xin: act, w0: lp.down, out: x, k: inter as i32, n: hid as i32, ..base })?;
+                self.gemv_if(
+                    on("down"),
+                    "down",
+                    Gemv { xin: act, w0: lp.down, out: x, k: inter as i32, n: hid as i32, ..base },
+                )?;
             }
             let logits = p.logits;
-            self.gemv(
+            self.gemv_if(
+                on("head"),
                 "head",
                 Gemv { norm: self.norm, w0: self.head, out: logits, k: hid as i32, n: v as i32, ..base },
             )?;
-            let out_tok = p.out_tok;
-            let vi = v as i32;
-            let mut l = s.launch_builder(self.f("dec_argmax")?);
-            l.arg(&logits).arg(&out_tok).arg(&vi);
-            // SAFETY: arguments match dec_argmax in kernels/decode.cu.
-            unsafe { l.launch(cfg(b, 1, 1024, 0)) }.w()?;
+            // The tensor-core head keeps the argmax itself.
+            if on("argmax") && b < tc_from() {
+                let vi = v as i32;
+                let mut args = [arg(&logits), arg(&p.best), arg(&vi)];
+                // SAFETY: arguments match dec_argmax in kernels/decode.cu.
+                unsafe { self.go("dec_argmax", cfg(b, 1, 1024, 0), &mut args, true) }?;
+            }
             Ok(())
         }
 
-        /// A projection for `a.b` rows: batch chunks of BT rows staged in
-        /// shared memory (BT the largest power of two <= 16 that fits).
+        fn gemv_if(&self, on: bool, kind: &str, a: Gemv) -> Result<()> {
+            if on {
+                self.gemv(kind, a)
+            } else {
+                Ok(())
+            }
+        }
+
+        /// GPU time of each kernel of a step for `b` rows (after a step of
+        /// that size): `reps` launches of one kernel captured into a graph,
+        /// timed with events; microseconds per launch. Then `step_graph`:
+        /// the step's own graph replayed back to back (GPU time per step).
+        pub fn profile(&mut self, m: &Llama, b: usize, reps: usize) -> Result<Vec<(String, f64)>> {
+            if self.bufs.as_ref().is_none_or(|x| x.cap < b) || self.pool.1.is_empty() {
+                return Err(NnError::Other("decode profile: run a step of this size first".into()));
+            }
+            let mut out = Vec::new();
+            for kind in ["embed", "qkv", "attn", "o", "gateup", "down", "head", "argmax"] {
+                self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
+                let mut rec = Ok(());
+                for _ in 0..reps {
+                    rec = rec.and_then(|_| self.record_only(m, b, Some(kind)));
+                }
+                let g = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+                rec?;
+                // (The tensor-core head keeps the argmax: no argmax kernel.)
+                let Some(g) = g.w()? else { continue };
+                g.upload().w()?;
+                g.launch().w()?;
+                let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+                let start = self.stream.record_event(flags).w()?;
+                for _ in 0..5 {
+                    g.launch().w()?;
+                }
+                let end = self.stream.record_event(flags).w()?;
+                let ms = start.elapsed_ms(&end).w()? as f64;
+                out.push((kind.to_string(), ms * 1e3 / (5 * reps) as f64));
+            }
+            // The whole step as replayed (the graph of this size).
+            if let Some(g) = self.graphs.get(&b) {
+                let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+                let start = self.stream.record_event(flags).w()?;
+                for _ in 0..10 {
+                    g.0.launch().w()?;
+                }
+                let end = self.stream.record_event(flags).w()?;
+                out.push(("step_graph".to_string(), start.elapsed_ms(&end).w()? as f64 * 1e3 / 10.0));
+            }
+            self.stream.synchronize().w()?;
+            Ok(out)
+        }
+
+        /// A projection for `a.b` rows: on tensor cores from
+        /// [`tc_from`] rows up, else warp-per-row dot products.
         fn gemv(&self, kind: &str, a: Gemv) -> Result<()> {
+            if (a.b as usize) >= tc_from() {
+                return self.mma(kind, a);
+            }
             let (b, k) = (a.b as usize, a.k as usize);
             let mut bt = 16usize.min(b.next_power_of_two());
             while bt > 1 && bt * k * 2 > SMEM_CAP {
@@ -575,12 +718,66 @@ mod imp {
             let rows_per_unit = if matches!(kind, "qkv" | "gateup") { 2 } else { 1 };
             let units_per_block = (GEMV_THREADS / 32) as usize * 4 / rows_per_unit;
             let blocks = (a.n as usize).div_ceil(units_per_block).min(SMS * 16);
-            let mut l = self.stream.launch_builder(self.f(&format!("dec_{kind}_{bt}"))?);
-            l.arg(&a);
+            let c = cfg(blocks, b.div_ceil(bt), GEMV_THREADS, (bt * k * 2) as u32);
             // SAFETY: the argument matches dec_{kind}_{bt} in kernels/decode.cu.
-            unsafe { l.launch(cfg(blocks, b.div_ceil(bt), GEMV_THREADS, (bt * k * 2) as u32)) }.w()?;
-            Ok(())
+            unsafe { self.go(&format!("dec_{kind}_{bt}"), c, &mut [arg(&a)], true) }
         }
+    }
+
+    impl Graphs {
+        /// A projection on tensor cores: tiles of 16 weight rows, batch
+        /// chunks of BT rows (the smallest of 8..64 that holds the batch
+        /// and fits in shared memory with the warps' partial sums), 4 or 8
+        /// warps splitting K.
+        fn mma(&self, kind: &str, a: Gemv) -> Result<()> {
+            let (b, k, n) = (a.b as usize, a.k as usize, a.n as usize);
+            let row = (k + 8) * 2;
+            let mut bt = b.next_power_of_two().clamp(8, 64);
+            while bt > 8 && bt * row + 8 * (bt / 8) * 512 > SMEM_CAP {
+                bt /= 2;
+            }
+            if 8 * row + 8 * 512 > SMEM_CAP {
+                return Err(NnError::Other(format!("decode graph: width {k} is too wide to stage")));
+            }
+            // 8 warps for long rows (K split 8 ways) and big chunks (8
+            // warps staging); blocks loop over tiles from 16 rows up, so
+            // that fewer blocks stage the chunk.
+            let warps = if k.div_ceil(32) >= 32 || bt >= 32 { 8 } else { 4 };
+            let smem = (bt * row).next_multiple_of(16) + warps * (bt / 8) * 4 * 32 * 4;
+            let tiles = if matches!(kind, "qkv" | "gateup") { n.div_ceil(8) } else { n.div_ceil(16) };
+            // (The head's blocks also merge their argmax into one key per
+            // row with a global atomic each: fewer blocks, less contention.)
+            let blocks = if kind == "head" || bt > 8 { tiles.min(SMS * 256 / bt.max(32)) } else { tiles };
+            let c = cfg(blocks, b.div_ceil(bt), warps as u32 * 32, smem as u32);
+            // SAFETY: the argument matches tc_{kind}_{bt} in kernels/decode.cu.
+            unsafe { self.go(&format!("tc_{kind}_{bt}"), c, &mut [arg(&a)], true) }
+        }
+    }
+
+    /// Programmatic dependent launches (`PIPE_DECODE_PDL`, default on).
+    fn pdl_on() -> bool {
+        if let Some(on) = super::PDL.with(|t| t.get()) {
+            return on;
+        }
+        std::env::var("PIPE_DECODE_PDL").map_or(true, |v| v != "0")
+    }
+
+    /// Batch size from which projections run on tensor cores
+    /// (`PIPE_DECODE_TC`: a size, or 0 for never; default 1: always).
+    fn tc_from() -> usize {
+        if let Some(n) = super::TC_FROM.with(|t| t.get()) {
+            return n;
+        }
+        match std::env::var("PIPE_DECODE_TC").ok().and_then(|v| v.parse::<usize>().ok()) {
+            Some(0) => usize::MAX,
+            Some(n) => n,
+            None => 1,
+        }
+    }
+
+    /// A kernel argument for [`Graphs::go`].
+    fn arg<T>(v: &T) -> *mut c_void {
+        v as *const T as *mut c_void
     }
 
     fn cfg(x: usize, y: usize, threads: u32, smem: u32) -> LaunchConfig {
@@ -668,9 +865,10 @@ mod tests {
     /// The fused decode step against exact (f64) logits, no worse than the
     /// candle path in bf16 (run on the GPU machine; skipped elsewhere): head
     /// dims 64 and 128, 2 and 4 query heads per kv head, tied and untied
-    /// heads, batches of 1, 3 (padded to 4) and 20 (two chunks of 16 rows),
-    /// with the graph and without, and a pool that grows (recapture) on
-    /// the way.
+    /// heads, batches of 1, 3 (padded to 4), 20 and 70 (padded to 128: two
+    /// chunks of 64 rows on tensor cores; 20 is two chunks of 16 for the
+    /// dot products), tensor cores and dot products, with the graph and
+    /// without, and a pool that grows (recapture) on the way.
     #[test]
     fn decode_graph_steps_match_the_candle_path_on_cuda() -> Result<()> {
         let Some(dev) = crate::nn::tests::cuda_device()? else { return Ok(()) };
@@ -678,14 +876,31 @@ mod tests {
             let m = crate::nn::tests::tiny_model_on(&cfg, &TrainSpec::default(), DType::BF16, &dev)?;
             let exact = crate::nn::tests::tiny_model(&cfg, &TrainSpec::default(), DType::F64)?;
             assert!(m.decode_graph_ok());
-            for (n, graphs) in [(1, true), (3, true), (20, true), (3, false)] {
+            // Tensor-core projections (the default), then warp-per-row dot
+            // products (other batch sizes: a graph is captured per size).
+            // Programmatic dependent launches on, except in the last case.
+            for (n, graphs, tc) in
+                [(1, true, true), (3, true, true), (20, true, true), (3, false, true), (70, true, true)]
+                    .into_iter()
+                    .chain([(2, true, false), (20, false, false), (1, false, false), (8, true, true)])
+            {
+                super::TC_FROM.with(|t| t.set(Some(if tc { 1 } else { usize::MAX })));
+                super::PDL.with(|t| t.set(Some(n != 8)));
                 let (fast, slow) = compare(&m, &exact, n, 5, graphs)?;
                 eprintln!(
-                    "hidden {} batch {n} graphs {graphs}: max rel logit error fused {fast:.4}, candle {slow:.4}",
+                    "hidden {} batch {n} graphs {graphs} tensor cores {tc}: max rel logit error fused {fast:.4}, candle {slow:.4}",
                     cfg.hidden_size
                 );
                 assert!(fast < 1.5 * slow + 0.005, "fused {fast} against candle's {slow}");
             }
+            super::TC_FROM.with(|t| t.set(None));
+            super::PDL.with(|t| t.set(None));
+            let prof = m.decode_profile(1, 3)?;
+            // (The tensor-core head keeps the argmax: its graph is empty.
+            // The last entry, the whole step's graph, exists for batch 1
+            // only when the last steps of that size ran through a graph.)
+            assert!(prof.len() >= 8, "{prof:?}");
+            assert!(prof.iter().filter(|(k, _)| k != "argmax").all(|(_, us)| *us > 0.0), "{prof:?}");
         }
         Ok(())
     }
