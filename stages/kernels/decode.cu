@@ -116,7 +116,11 @@ template <int OUT> __device__ __forceinline__ void rows(const Gemv &a, int u, co
   }
 }
 
-template <int OUT> __device__ __forceinline__ void epilogue(const Gemv &a, int u, int b, float v0, float v1) {
+// For q/k/v, `p` is row b's position and `blk` the block that holds it
+// (looked up by the caller).
+template <int OUT>
+__device__ __forceinline__ void epilogue(const Gemv &a, int u, int b, float v0, float v1, unsigned p = 0,
+                                         unsigned blk = 0) {
   if (OUT == OUT_RESID) {
     a.out[(size_t)b * a.N + u] += v0;
   } else if (OUT == OUT_LOGITS) {
@@ -125,7 +129,6 @@ template <int OUT> __device__ __forceinline__ void epilogue(const Gemv &a, int u
     a.outb[(size_t)b * a.N + u] = __float2bfloat16(v0 / (1.f + __expf(-v0)) * v1);
   } else {
     const int half = a.hd / 2, hh = u / half, i = u % half;
-    const unsigned p = a.pos[b];
     if (hh < a.nh + a.kv) {
       float s, c;
       sincosf((float)p * a.inv_freq[i], &s, &c);
@@ -138,7 +141,7 @@ template <int OUT> __device__ __forceinline__ void epilogue(const Gemv &a, int u
       q[i] = v0;
       q[i + half] = v1;
     } else {
-      const unsigned slot = a.table[(size_t)b * a.maxb + p / KV_BLOCK] * KV_BLOCK + p % KV_BLOCK;
+      const unsigned slot = blk * KV_BLOCK + p % KV_BLOCK;
       const int g = hh < a.nh + a.kv ? hh - a.nh : hh - a.nh - a.kv;
       bf16 *c = (hh < a.nh + a.kv ? a.kc : a.vc) + ((size_t)slot * a.kv + g) * a.hd;
       c[i] = __float2bfloat16(v0);
@@ -209,7 +212,11 @@ template <int IN, int OUT, int BT> __device__ void gemv(const Gemv &a) {
       for (int b = 0; b < BT; b++) {
         const float s0 = warp_sum(acc[j][0][b]);
         const float s1 = NR == 2 ? warp_sum(acc[j][NR - 1][b]) : 0.f;
-        if (lane == b % 32 && b < nb && u0 + j < a.N) epilogue<OUT>(a, u0 + j, b0 + b, s0, s1);
+        if (lane == b % 32 && b < nb && u0 + j < a.N) {
+          const unsigned p = OUT == OUT_QKV ? a.pos[b0 + b] : 0u;
+          const unsigned blk = OUT == OUT_QKV ? a.table[(size_t)(b0 + b) * a.maxb + p / KV_BLOCK] : 0u;
+          epilogue<OUT>(a, u0 + j, b0 + b, s0, s1, p, blk);
+        }
       }
     }
   }
@@ -348,6 +355,14 @@ template <int IN, int OUT, int BT> __device__ void mma_proj(const Gemv &a) {
   __shared__ unsigned long long best[BT];
   if (OUT == OUT_LOGITS)
     for (int i = threadIdx.x; i < BT; i += blockDim.x) best[i] = 0ull;
+  // q/k/v: each row's position and the block that holds it (inputs of the
+  // step, uploaded before its first kernel: read before the wait below).
+  __shared__ unsigned spos[PAIR ? BT : 1], sblk[PAIR ? BT : 1];
+  if (OUT == OUT_QKV)
+    for (int i = threadIdx.x; i < nb; i += blockDim.x) {
+      spos[i] = a.pos[b0 + i];
+      sblk[i] = a.table[(size_t)(b0 + i) * a.maxb + spos[i] / KV_BLOCK];
+    }
   const int chunks = (a.K + 31) / 32;
   const int tiles = (a.N + UNITS - 1) / UNITS;
   // This thread's weight rows of a tile: g and g + 8.
@@ -433,7 +448,7 @@ template <int IN, int OUT, int BT> __device__ void mma_proj(const Gemv &a) {
       }
       if (PAIR) {
         const int u = tile * 8 + gg;
-        if (u < a.N) epilogue<OUT>(a, u, b0 + col, v0, v1);
+        if (u < a.N) epilogue<OUT>(a, u, b0 + col, v0, v1, spos[col], sblk[col]);
       } else {
         const int u = tile * 16 + gg;
         if (u < a.N) epilogue<OUT>(a, u, b0 + col, v0, 0.f);
@@ -488,12 +503,15 @@ template <int HD> __device__ void attn(const Attn &a) {
   const int s0 = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
   const int rep = a.nh / a.kv, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   pdl_launch();
-  pdl_wait();
+  // The step's inputs (positions, block tables) were uploaded before its
+  // first kernel: read them before waiting for the kernel before this one.
   const int len = a.pos[b] + 1;
   // Splits that take part: one per tile up to nsplit (a single split
   // writes the output itself; more are combined by the last to finish).
   const int S = min((int)gridDim.x, (len + TILE - 1) / TILE);
   if (s0 >= S) return;
+  const unsigned first = s0 * TILE + tid < len ? a.table[(size_t)b * a.maxb + (s0 * TILE + tid) / KV_BLOCK] : 0u;
+  pdl_wait();
   __shared__ float qs[MAX_REP][HD];
   __shared__ float sc[MAX_REP][TILE];
   // The tile's values, staged by the threads that score their keys (the
@@ -515,7 +533,8 @@ template <int HD> __device__ void attn(const Attn &a) {
   for (int t0 = s0 * TILE; t0 < len; t0 += S * TILE) {
     const int p = t0 + tid;
     if (p < len) {
-      const unsigned slot = a.table[(size_t)b * a.maxb + p / KV_BLOCK] * KV_BLOCK + p % KV_BLOCK;
+      const unsigned blk = t0 == s0 * TILE ? first : a.table[(size_t)b * a.maxb + p / KV_BLOCK];
+      const unsigned slot = blk * KV_BLOCK + p % KV_BLOCK;
       const uint4 *kr = reinterpret_cast<const uint4 *>(a.kc + slot * row + (size_t)g * HD);
       const uint4 *vr = reinterpret_cast<const uint4 *>(a.vc + slot * row + (size_t)g * HD);
 #pragma unroll
