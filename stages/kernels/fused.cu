@@ -41,6 +41,21 @@ __device__ void rmsnorm_bwd(const T *x, const T *w, const T *dy, const float *rs
   }
 }
 
+// The weight's gradient of RMSNorm: column sums of dy * T(x * rstd) in f32
+// over rows blockIdx.x, + gridDim.x, ...: part (gridDim.x, h), which the
+// caller sums over blocks (deterministic, no atomics).
+template <typename T>
+__device__ void rmsnorm_dw(const T *x, const T *dy, const float *rstd, float *part, int m, int h) {
+  for (int c = threadIdx.x; c < h; c += blockDim.x) {
+    float s = 0.f;
+    for (int row = blockIdx.x; row < m; row += gridDim.x) {
+      const size_t i = (size_t)row * h + c;
+      s += ld(dy, i) * rnd(ld(x, i) * rstd[row], x);
+    }
+    part[(size_t)blockIdx.x * h + c] = s;
+  }
+}
+
 // Rotary embedding, rotate_half layout: x (n, heads, d), cos/sin (n, d/2).
 // sign = 1: forward; sign = -1: the backward (rotation by the opposite angle).
 template <typename T>
@@ -109,6 +124,10 @@ template <typename T> __device__ void ce_grad(T *x, const uint32_t *tgt, float *
   extern "C" __global__ void rmsnorm_bwd_##TN(const T *x, const T *w, const T *dy, const float *rstd, T *dx,        \
                                               int h) {                                                              \
     rmsnorm_bwd<T>(x, w, dy, rstd, dx, h);                                                                          \
+  }                                                                                                                 \
+  extern "C" __global__ void rmsnorm_dw_##TN(const T *x, const T *dy, const float *rstd, float *part, int m,       \
+                                             int h) {                                                               \
+    rmsnorm_dw<T>(x, dy, rstd, part, m, h);                                                                         \
   }                                                                                                                 \
   extern "C" __global__ void rope_##TN(const T *x, const T *cs, const T *sn, T *y, int n, int heads, int d,        \
                                        float sign) {                                                                \

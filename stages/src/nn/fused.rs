@@ -206,7 +206,9 @@ impl candle_core::CustomOp2 for RmsNorm {
         } else {
             backward::rms_norm(x, w, &dy, &rstd)?
         };
-        let dw = if w.track_op() {
+        let dw = if w.track_op() && !x.device().is_cpu() {
+            Some(backward::rms_norm_dw(x, &dy, &rstd)?.to_dtype(w.dtype())?)
+        } else if w.track_op() {
             // sum over rows of dy * T(x * rstd), in f32
             let h = w.dim(0)?;
             let x2 = x.detach().reshape(((), h))?;
@@ -336,6 +338,9 @@ mod backward {
     pub fn rms_norm(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
         super::cuda_only("fused rms_norm")
     }
+    pub fn rms_norm_dw(_: &Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
+        super::cuda_only("fused rms_norm")
+    }
     pub fn rope_t(_: &Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
         super::cuda_only("fused rope")
     }
@@ -412,6 +417,34 @@ mod cuda {
             Ok(CudaStorage::wrap_cuda_slice(dx, dev))
         })?;
         Ok(tensor(dx, x.shape().clone()))
+    }
+
+    /// The weight's gradient of RMSNorm, (h) f32: rmsnorm_dw's per-block
+    /// column sums, then their sum.
+    pub fn rms_norm_dw(x: &Tensor, dy: &Tensor, rstd: &Tensor) -> Result<Tensor> {
+        by_dtype!(x.dtype(), rms_norm_dw_t, x, dy, rstd)
+    }
+
+    fn rms_norm_dw_t<T: CudaDType + DeviceRepr>(x: &Tensor, dy: &Tensor, rstd: &Tensor) -> Result<Tensor> {
+        let m = rstd.elem_count();
+        let h = x.elem_count() / m.max(1);
+        let nb = m.clamp(1, 264);
+        let part = with(&[x, dy, rstd], |s| {
+            let dev = device(s[0].0);
+            let (xv, dyv) = (view::<T>(s[0].0, s[0].1)?, view::<T>(s[1].0, s[1].1)?);
+            let rv = view::<f32>(s[2].0, s[2].1)?;
+            // SAFETY: the kernel writes every element.
+            let mut part = unsafe { dev.alloc::<f32>(nb * h)? };
+            let f = func(&dev, MODULE, FUSED_PTX, "rmsnorm_dw", x.dtype())?;
+            let stream = dev.cuda_stream();
+            let (mi, hi) = (m as i32, h as i32);
+            let mut b = stream.launch_builder(&f);
+            b.arg(&xv).arg(&dyv).arg(&rv).arg(&mut part).arg(&mi).arg(&hi);
+            // SAFETY: argument types and order match rmsnorm_dw_* in kernels/fused.cu.
+            unsafe { b.launch(grid(nb, 1, 256)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(part, dev))
+        })?;
+        tensor(part, (nb, h)).sum(0)
     }
 
     pub(super) fn rope(
@@ -656,6 +689,16 @@ mod tests {
                 let (Some(ga), Some(gb)) = (gg.get(a.as_tensor()), gw.get(b.as_tensor())) else { panic!("no {name}") };
                 check(name, ga, gb, tol * 2.0)?;
             }
+            // More rows than the weight-gradient kernel has blocks (264).
+            let (xg, xc) = var(&[600, 96], -1.0)?;
+            let (wg, wc) = var(&[96], 0.0)?;
+            let dy = Tensor::randn(0f64, 1.0, (600, 96), &cpu)?;
+            let want = ops::rms_norm(xc.as_tensor(), wc.as_tensor(), 1e-5)?;
+            let got = rms_norm(xg.as_tensor(), wg.as_tensor(), 1e-5)?;
+            let gw = (&want * &dy)?.sum_all()?.backward()?;
+            let gg = (got.to_dtype(DType::F32)? * dy.to_dtype(DType::F32)?.to_device(&dev)?)?.sum_all()?.backward()?;
+            let (Some(ga), Some(gb)) = (gg.get(wg.as_tensor()), gw.get(wc.as_tensor())) else { panic!("no dw") };
+            check("rms_norm dw, 600 rows", ga, gb, tol * 2.0)?;
             // RoPE (cos/sin of real angles)
             let (xg, xc) = var(&[n, heads, d], -1.0)?;
             let ang = Tensor::rand(0f64, 6.0, (n, d / 2), &cpu)?;

@@ -69,7 +69,14 @@ impl Weight {
     fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self.frozen() {
             Some(w) => frozen_product(x, w)?,
-            None => x.matmul(&self.tensor()?.t()?)?,
+            None => {
+                let w = self.tensor()?;
+                if x.rank() == 2 && w.rank() == 2 && x.dtype() == w.dtype() && (x.track_op() || w.track_op()) {
+                    crate::nn::ops::trained_matmul(x, &w)?
+                } else {
+                    x.matmul(&w.t()?)?
+                }
+            }
         })
     }
 }

@@ -167,6 +167,62 @@ impl CustomOp1 for FrozenMatmul {
     }
 }
 
+/// `x @ w.T` for a weight that trains (full fine-tuning), as one op whose
+/// backward writes `dw = dy.T @ x` in the weight's own (n, k) layout: the
+/// composition `x.matmul(&w.t())` hands back the transposed product and
+/// candle then adds it to the weight's gradient through a strided
+/// (transposed) pass over every weight, each step. x (m, k), w (n, k).
+pub fn trained_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let ((m, k), (n, k2)) = (x.dims2()?, w.dims2()?);
+    if k != k2 || m == 0 || n == 0 || x.dtype() != w.dtype() {
+        candle_core::bail!(
+            "trained-matmul: x {:?} {:?} and weight {:?} {:?} do not fit",
+            x.dims(),
+            x.dtype(),
+            w.dims(),
+            w.dtype()
+        );
+    }
+    dense(x)?.apply_op2(&dense(w)?, TrainedMatmul)
+}
+
+struct TrainedMatmul;
+
+impl TrainedMatmul {
+    fn product<S: BackendStorage>(s: &S, l: &Layout, ws: &S, wl: &Layout) -> Result<(S, Shape)> {
+        let ((m, k), (n, _)) = (l.shape().dims2()?, wl.shape().dims2()?);
+        Ok((s.matmul(ws, (1, m, n, k), l, &wl.transpose(0, 1)?)?, Shape::from((m, n))))
+    }
+}
+
+impl candle_core::CustomOp2 for TrainedMatmul {
+    fn name(&self) -> &'static str {
+        "trained-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        Self::product(s, l, ws, wl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Self::product(s, l, ws, wl)
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dense(dy)?;
+        let dx = if x.track_op() { Some(dy.matmul(w)?) } else { None };
+        let dw = if w.track_op() { Some(dy.t()?.matmul(x)?) } else { None };
+        Ok((dx, dw))
+    }
+}
+
 /// A LoRA linear in one op: `x @ w.T + scale * (x @ a.T) @ b.T` for a
 /// frozen (or NF4) `w` (n, k), `a` (r, k), `b` (n, r), `x` (m, k). Keeps
 /// for the backward pass only `scale * x @ a.T` (m, r) besides its inputs,

@@ -457,6 +457,41 @@ fn frozen_and_nf4_matmuls_match_the_plain_product() -> Result<()> {
     Ok(())
 }
 
+/// `trained_matmul` gives the composition's product and both gradients
+/// (the weight's in its own layout), on the CPU in f32 and on CUDA in f32
+/// and bf16 where there is a GPU; bad shapes and dtypes are refused.
+#[test]
+fn trained_matmul_matches_the_composition() -> Result<()> {
+    use crate::nn::ops::trained_matmul;
+    let mut cases = vec![(Device::Cpu, DType::F32, 1e-5)];
+    if let Some(d) = cuda_device()? {
+        cases.extend([(d.clone(), DType::F32, 1e-4), (d, DType::BF16, 2e-2)]);
+    }
+    for (dev, dt, tol) in cases {
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (37, 64), &dev)?.to_dtype(dt)?)?;
+        let w = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (24, 64), &dev)?.to_dtype(dt)?)?;
+        let dy = Tensor::randn(0f32, 1.0, (37, 24), &dev)?.to_dtype(dt)?;
+        let want = x.matmul(&w.t()?)?;
+        let mut g = (&want * &dy)?.sum_all()?.backward()?;
+        let (want_dx, want_dw) = (g.remove(x.as_tensor()).expect("dx"), g.remove(w.as_tensor()).expect("dw"));
+        let got = trained_matmul(x.as_tensor(), w.as_tensor())?;
+        assert!(rel_err(&got, &want)? < tol, "{dt:?} product");
+        let mut g = (&got * &dy)?.sum_all()?.backward()?;
+        let (dx, dw) = (g.remove(x.as_tensor()).expect("dx"), g.remove(w.as_tensor()).expect("dw"));
+        assert!(rel_err(&dx, &want_dx)? < tol, "{dt:?} dx");
+        assert_eq!(dw.dims(), w.dims());
+        assert!(rel_err(&dw, &want_dw)? < tol, "{dt:?} dw");
+        // Only the gradients asked for: a frozen input gets none.
+        let xc = x.as_tensor().detach();
+        let g = trained_matmul(&xc, w.as_tensor())?.sum_all()?.backward()?;
+        assert!(g.get(&xc).is_none() && g.get(w.as_tensor()).is_some());
+    }
+    let x = Tensor::zeros((5, 64), DType::F32, &Device::Cpu)?;
+    assert!(trained_matmul(&x, &Tensor::zeros((3, 32), DType::F32, &Device::Cpu)?).is_err(), "k 64 vs 32");
+    assert!(trained_matmul(&x, &Tensor::zeros((3, 64), DType::F64, &Device::Cpu)?).is_err(), "dtypes");
+    Ok(())
+}
+
 /// `lora_linear` (one op) gives the composition's output and gradients for
 /// x, A and B, with a dense and an NF4 base, and refuses shapes that do
 /// not fit.
