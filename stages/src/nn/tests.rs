@@ -457,6 +457,31 @@ fn frozen_and_nf4_matmuls_match_the_plain_product() -> Result<()> {
     Ok(())
 }
 
+/// The CPU's small-batch product equals candle's matmul (odd widths, rows
+/// 1..8, a row count past one task) and steps aside where it does not
+/// apply (more rows, f64, a tracked input).
+#[test]
+fn cpu_small_matmul_matches_the_plain_product() -> Result<()> {
+    use crate::nn::ops::cpu_small_matmul;
+    let dev = Device::Cpu;
+    for (m, k, n) in [(1, 576, 1536), (3, 37, 70), (8, 100, 33), (5, 16, 1)] {
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+        let got = cpu_small_matmul(&x, &w)?.expect("applies");
+        assert_eq!(got.dims(), [m, n]);
+        assert!(rel_err(&got, &x.matmul(&w.t()?)?)? < 1e-5, "{m}x{k} @ {n}x{k}");
+        // A strided view of x (every other column) is not taken.
+        let wide = Tensor::randn(0f32, 1.0, (m, 2 * k), &dev)?;
+        assert!(cpu_small_matmul(&wide.narrow(1, 0, k)?, &w)?.is_none() || m == 1);
+    }
+    let w = Tensor::randn(0f32, 1.0, (4, 8), &dev)?;
+    assert!(cpu_small_matmul(&Tensor::zeros((9, 8), DType::F32, &dev)?, &w)?.is_none(), "9 rows");
+    assert!(cpu_small_matmul(&Tensor::zeros((2, 8), DType::F64, &dev)?, &w)?.is_none(), "f64");
+    let v = candle_core::Var::from_tensor(&Tensor::zeros((2, 8), DType::F32, &dev)?)?;
+    assert!(cpu_small_matmul(v.as_tensor(), &w)?.is_none(), "tracked input");
+    Ok(())
+}
+
 /// `trained_matmul` gives the composition's product and both gradients
 /// (the weight's in its own layout), on the CPU in f32 and on CUDA in f32
 /// and bf16 where there is a GPU; bad shapes and dtypes are refused.

@@ -266,7 +266,10 @@ impl StageKind for ServeKind {
         "serve"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: CUDA decode projections on tensor cores and packed prefill;
+        // small-batch CPU products by row (greedy outputs may differ at
+        // near-ties).
+        2
     }
     fn summary(&self) -> &'static str {
         "an OpenAI-compatible endpoint for a model (a service: started for the stages that use it)"
