@@ -85,7 +85,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::metrics::{plot_loss, series, EventWriter, Metrics, MetricsLog, METRICS_FILE, TB_DIR};
-use crate::nn::llama::{Fwd, Llama, LoraSpec, Row, TrainSpec, ALL_LINEAR};
+use crate::nn::dist::GradSync;
+use crate::nn::llama::{Batch, Fwd, Llama, LoraSpec, Row, TrainSpec, ALL_LINEAR};
 use crate::nn::optim::{lr_at, AdamW, AdamWConfig, Schedule};
 use crate::nn::{spectrum, NnError};
 use crate::table;
@@ -622,8 +623,23 @@ impl Stage for TrainStage {
         let (mut window_tokens, mut window_t) = (0usize, Instant::now());
         let mut last_loss = f64::NAN;
         let mut total_tokens = 0usize;
-        let mut peak_gpu: Option<u64> = gpu_used_bytes(&device);
+        // Device memory in use, the most seen, per device (CUDA only).
+        let mut peak_gpu: Vec<Option<u64>> = devices.iter().map(gpu_used_bytes).collect();
+        // Data parallelism: each replica's gradient all-reduce (see nn::dist).
+        let mut syncs = if devices.len() > 1 { GradSync::group(&devices, &named).map_err(fail)? } else { Vec::new() };
+        if let Some(s) = syncs.first() {
+            ctx.log_line(&format!(
+                "data parallel: {} replicas, gradients all-reduced over {} in {} buckets",
+                devices.len(),
+                s.transport(),
+                s.n_buckets()
+            ));
+        }
+        let mut dp_wait_s = 0.0;
         for step in start..plan.total {
+            if ctx.cancel.is_cancelled() {
+                return Err(StageFailure::new("cancelled"));
+            }
             prof.lap(&device, Phase::Other);
             let micro = plan.micro_batches(p, step, &mut orders);
             let n_rep = devices.len();
@@ -641,35 +657,66 @@ impl Stage for TrainStage {
                 ctx.log_line(&format!("step {}: no trainable tokens, skipped", step + 1));
                 continue;
             }
-            let run_replica = |r: usize| -> Result<(f64, Vec<Option<Tensor>>), StageFailure> {
+            let recompute = p.gradient_checkpointing;
+            // One replica's micro-batches: forward and backward passes, the
+            // gradients accumulated and (data parallelism) all-reduced, the
+            // last micro-batch's buckets while its backward pass goes on.
+            let run_replica = |r: usize, sync: Option<&mut GradSync>| -> Result<(f64, Grads, f64), StageFailure> {
                 let vars_r = if r == 0 { &vars } else { &replicas[r - 1].vars };
-                let mut grads: Vec<Option<Tensor>> = vec![None; vars_r.len()];
-                let mut loss = 0.0;
-                for (m, b) in batches.iter().enumerate().skip(r).step_by(n_rep) {
-                    if ctx.cancel.is_cancelled() {
-                        return Err(StageFailure::new("cancelled"));
-                    }
-                    let fx = Fwd { train: true, seed: p.seed ^ ((step as u64) << 20) ^ m as u64 };
-                    let (l, g) =
-                        models[r].loss_and_grads(b, fx, 1.0 / n_targets as f64, vars_r, p.gradient_checkpointing)?;
-                    loss += l;
-                    for (acc, g) in grads.iter_mut().zip(g) {
-                        if let Some(g) = g {
-                            *acc = Some(match acc.take() {
-                                Some(a) => (a + g).map_err(fail)?,
-                                None => g,
-                            });
+                let mut grads: Grads = vec![None; vars_r.len()];
+                let mine: Vec<(usize, &Batch)> = batches.iter().enumerate().skip(r).step_by(n_rep).collect();
+                let scale = 1.0 / n_targets as f64;
+                let mut sync = sync;
+                let mut body = || -> Result<(f64, f64), StageFailure> {
+                    let mut loss = 0.0;
+                    for (k, &(m, b)) in mine.iter().enumerate() {
+                        // Several replicas stop together, between steps: one
+                        // leaving in the middle would strand the others in
+                        // an all-reduce.
+                        if n_rep == 1 && ctx.cancel.is_cancelled() {
+                            return Err(StageFailure::new("cancelled"));
                         }
+                        let fx = Fwd { train: true, seed: p.seed ^ ((step as u64) << 20) ^ m as u64 };
+                        let model = models[r];
+                        loss += match sync.as_deref_mut() {
+                            Some(s) if k + 1 == mine.len() => {
+                                let mut hook = |i: usize, g: &mut [Option<Tensor>]| s.layer_done(i, g);
+                                model.loss_and_grads_into(
+                                    b,
+                                    fx,
+                                    scale,
+                                    vars_r,
+                                    recompute,
+                                    &mut grads,
+                                    Some(&mut hook),
+                                )?
+                            }
+                            _ => model.loss_and_grads_into(b, fx, scale, vars_r, recompute, &mut grads, None)?,
+                        };
+                    }
+                    let waited = match sync.as_deref_mut() {
+                        Some(s) => s.finish(&mut grads)?,
+                        None => 0.0,
+                    };
+                    Ok((loss, waited))
+                };
+                match body() {
+                    Ok((loss, waited)) => Ok((loss, grads, waited)),
+                    Err(e) => {
+                        if let Some(s) = sync.as_deref() {
+                            s.abort();
+                        }
+                        Err(e)
                     }
                 }
-                Ok((loss, grads))
             };
             let results: Vec<Result<_, StageFailure>> = if n_rep == 1 {
-                vec![run_replica(0)]
+                vec![run_replica(0, None)]
             } else {
                 std::thread::scope(|sc| {
                     let run = &run_replica;
-                    let hs: Vec<_> = (0..n_rep).map(|r| sc.spawn(move || run(r))).collect();
+                    let hs: Vec<_> =
+                        syncs.iter_mut().enumerate().map(|(r, s)| sc.spawn(move || run(r, Some(s)))).collect();
                     hs.into_iter()
                         .map(|h| h.join().unwrap_or_else(|_| Err(StageFailure::new("a training replica panicked"))))
                         .collect()
@@ -678,40 +725,82 @@ impl Stage for TrainStage {
             let mut loss = 0.0;
             let mut per_replica = Vec::with_capacity(n_rep);
             for r in results {
-                let (l, g) = r?;
+                let (l, g, w) = r?;
                 loss += l;
+                dp_wait_s += w;
                 per_replica.push(g);
             }
             prof.lap(&device, Phase::ForwardBackward);
-            peak_gpu = peak_gpu.max(gpu_used_bytes(&device));
+            for (p, d) in peak_gpu.iter_mut().zip(&devices) {
+                *p = (*p).max(gpu_used_bytes(d));
+            }
             if !loss.is_finite() {
                 return Err(StageFailure::new(format!("step {}: the loss is {loss}", step + 1))
                     .hint("lower learning_rate, or use precision: f32"));
             }
             let lr = lr_at(p.lr_scheduler, p.learning_rate, step, plan.warmup, plan.total);
-            let norm = match &owner {
-                None => {
-                    let mut per_replica = all_reduce_sum(per_replica, &devices)?.into_iter();
-                    let grads = per_replica.next().expect("replica 0");
-                    prof.lap(&device, Phase::Other);
-                    let norm = opt.clip_and_step(grads, p.max_grad_norm, lr)?;
-                    for (r, g) in replicas.iter_mut().zip(per_replica) {
-                        r.opt.clip_and_step(g, p.max_grad_norm, lr)?;
-                    }
-                    norm
-                }
-                Some(o) => {
-                    let (norm, mut shards) = reduce_scatter_clipped(per_replica, &devices, o, p.max_grad_norm)?;
-                    prof.lap(&device, Phase::Other);
-                    // Clipped already: the owners step without clipping again.
-                    opt.clip_and_step(std::mem::take(&mut shards[0]), 0.0, lr)?;
-                    for (r, g) in replicas.iter_mut().zip(shards.into_iter().skip(1)) {
-                        r.opt.clip_and_step(g, 0.0, lr)?;
-                    }
-                    broadcast_owned(&vars, &replicas, o)?;
-                    norm
-                }
+            // Every replica holds the summed gradients: each steps its
+            // optimizer (sharded: clipped by the global norm, the tensors
+            // it owns), all at once.
+            let step_one = |r: usize, opt: &mut AdamW, grads: Grads| -> Result<f64, StageFailure> {
+                let Some(o) = &owner else { return Ok(opt.clip_and_step(grads, p.max_grad_norm, lr)?) };
+                let present: Vec<Tensor> = grads.iter().flatten().cloned().collect();
+                let norm = crate::nn::optim::global_norm(&present).map_err(fail)?;
+                drop(present);
+                let max = p.max_grad_norm;
+                let scale = if max > 0.0 && norm > max { max / (norm + 1e-6) } else { 1.0 };
+                let owned = grads
+                    .into_iter()
+                    .zip(o)
+                    .filter(|(_, &w)| w == r)
+                    .map(|(g, _)| g.map(|g| if scale != 1.0 { g * scale } else { Ok(g) }).transpose())
+                    .collect::<Result<Grads, _>>()
+                    .map_err(fail)?;
+                // Clipped already: the owner steps without clipping again.
+                opt.clip_and_step(owned, 0.0, lr)?;
+                Ok(norm)
             };
+            let (mut opts, vars_of): (Vec<&mut AdamW>, Vec<&[Var]>) = std::iter::once((&mut opt, &vars[..]))
+                .chain(replicas.iter_mut().map(|r| (&mut r.opt, &r.vars[..])))
+                .unzip();
+            let norms: Vec<Result<f64, StageFailure>> = if n_rep == 1 {
+                let g = per_replica.pop().expect("one replica");
+                vec![step_one(0, opts.pop().expect("one optimizer"), g)]
+            } else {
+                let owner = owner.as_deref();
+                std::thread::scope(|sc| {
+                    let step_one = &step_one;
+                    let hs: Vec<_> = opts
+                        .into_iter()
+                        .zip(per_replica)
+                        .zip(syncs.iter_mut().zip(vars_of))
+                        .enumerate()
+                        .map(|(r, ((o, g), (s, v)))| {
+                            sc.spawn(move || {
+                                let norm = step_one(r, o, g)?;
+                                // ZeRO over NCCL: each tensor from its owner to the others.
+                                if let (Some(owner), "nccl") = (owner, s.transport()) {
+                                    s.broadcast_owned(v, owner).map_err(fail)?;
+                                }
+                                Ok(norm)
+                            })
+                        })
+                        .collect();
+                    hs.into_iter()
+                        .map(|h| h.join().unwrap_or_else(|_| Err(StageFailure::new("an optimizer step panicked"))))
+                        .collect()
+                })
+            };
+            let mut norm = f64::NAN;
+            for (r, n) in norms.into_iter().enumerate() {
+                let n = n?;
+                if r == 0 {
+                    norm = n;
+                }
+            }
+            if let (Some(o), Some("host")) = (&owner, syncs.first().map(GradSync::transport)) {
+                broadcast_owned(&vars, &replicas, o)?;
+            }
             prof.lap(&device, Phase::Optimizer);
             last_loss = loss;
             total_tokens += n_tokens;
@@ -754,6 +843,11 @@ impl Stage for TrainStage {
             }
         }
         let train_s = t0.elapsed().as_secs_f64() - eval_s;
+        if syncs.first().is_some_and(|s| s.transport() == "host") {
+            ctx.log_line(&format!(
+                "data parallel: the replicas waited {dp_wait_s:.2} s in all, summed over replicas, for each other's gradients"
+            ));
+        }
         if let Some(line) = prof.report() {
             ctx.log_line(&line);
         }
@@ -799,7 +893,8 @@ impl Stage for TrainStage {
             "eval_loss_before": eval_before,
             "eval_loss_after": eval_after,
             "eval_rows": eval_rows.as_ref().map(Vec::len),
-            "peak_gpu_mib": peak_gpu.map(|b| b as f64 / 1048576.0),
+            "peak_gpu_mib": peak_gpu[0].map(|b| b as f64 / 1048576.0),
+            "peak_gpu_mib_per_device": peak_gpu.iter().map(|p| p.map(|b| b as f64 / 1048576.0)).collect::<Vec<_>>(),
         });
         fs_err::write(ctx.out_dir.join("train.json"), serde_json::to_vec_pretty(&summary).map_err(fail)?)?;
         fs_err::write(ctx.out_dir.join("summary.txt"), summary_text(&summary))?;
@@ -937,45 +1032,9 @@ struct Replica {
     opt: AdamW,
 }
 
-/// The all-reduce of data parallelism: every replica's gradients summed,
-/// the sum given to each replica on its own device. A gradient no replica
-/// produced stays `None`. Summed in replica order on replica 0's device.
-fn all_reduce_sum(per_replica: Vec<Grads>, devices: &[Device]) -> Result<Vec<Grads>, StageFailure> {
-    if per_replica.len() <= 1 {
-        return Ok(per_replica);
-    }
-    let sums = sum_on_first(&per_replica, devices)?;
-    let mut out: Vec<Grads> = vec![Vec::with_capacity(sums.len()); per_replica.len()];
-    for sum in &sums {
-        for (o, d) in out.iter_mut().zip(devices) {
-            o.push(sum.as_ref().map(|s| s.to_device(d)).transpose().map_err(fail)?);
-        }
-    }
-    Ok(out)
-}
-
 /// One replica's gradients, in the order of its trainable variables (None:
 /// the step did not reach the variable).
 type Grads = Vec<Option<Tensor>>;
-
-/// Gradient i summed over the replicas that produced it, in replica order,
-/// on replica 0's device (None: none did).
-fn sum_on_first(per_replica: &[Grads], devices: &[Device]) -> Result<Grads, StageFailure> {
-    let k = per_replica.first().map_or(0, Vec::len);
-    (0..k)
-        .map(|i| {
-            let mut sum: Option<Tensor> = None;
-            for g in per_replica.iter().filter_map(|gs| gs[i].as_ref()) {
-                let g = g.to_device(&devices[0]).map_err(fail)?;
-                sum = Some(match sum {
-                    Some(s) => (s + g).map_err(fail)?,
-                    None => g,
-                });
-            }
-            Ok(sum)
-        })
-        .collect()
-}
 
 /// ZeRO's sharding: the owner replica of each trainable tensor, dealt out
 /// largest first to the replica owning the fewest elements so far (ties to
@@ -991,33 +1050,6 @@ fn shard_owners(vars: &[Var], n: usize) -> Vec<usize> {
         load[r] += vars[i].elem_count();
     }
     owner
-}
-
-/// ZeRO's gradient step: every replica's gradients summed on replica 0's
-/// device, clipped to global norm `max_norm` (0: no clipping) as
-/// [`AdamW::clip_and_step`] clips, and each sum sent only to its owner.
-/// Returns the norm before clipping and, per replica, the gradients of the
-/// tensors it owns in order (None: no replica reached it).
-fn reduce_scatter_clipped(
-    per_replica: Vec<Grads>,
-    devices: &[Device],
-    owner: &[usize],
-    max_norm: f64,
-) -> Result<(f64, Vec<Grads>), StageFailure> {
-    let sums = sum_on_first(&per_replica, devices)?;
-    let present: Vec<Tensor> = sums.iter().flatten().cloned().collect();
-    let norm = crate::nn::optim::global_norm(&present).map_err(fail)?;
-    let scale = if max_norm > 0.0 && norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 };
-    let mut out: Vec<Grads> = vec![Vec::new(); devices.len()];
-    for (i, s) in sums.into_iter().enumerate() {
-        let o = owner[i];
-        let g = match s {
-            Some(s) if scale != 1.0 => Some((s * scale).map_err(fail)?),
-            s => s,
-        };
-        out[o].push(g.map(|g| g.to_device(&devices[o])).transpose().map_err(fail)?);
-    }
-    Ok((norm, out))
 }
 
 /// ZeRO's broadcast: each tensor's new value, from its owner to every other

@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use pipe_stages::nn::llama::{Fwd, Llama, TrainSpec};
 
-use crate::common::{wait_for, Ws};
+use crate::common::{wait_for, Out, Ws};
 use crate::pack::write_byte_model;
 
 /// A tiny random Llama (byte-level vocab of `write_byte_model`: 258 tokens).
@@ -513,16 +513,51 @@ fn two_replicas_train_like_one_device_with_twice_the_accumulation() {
     assert!(out.stderr.contains("devices must be at least 1"), "{out:?}");
 }
 
+/// Data parallelism's bucketed all-reduce overlapping the backward pass:
+/// two replicas doing full fine-tuning with gradient checkpointing (the
+/// backward pass one layer at a time, each layer's buckets reduced as soon
+/// as it is done) in buckets of ~500 bytes (several per layer) train like
+/// one device with twice the accumulation.
+#[test]
+fn bucketed_all_reduce_during_the_backward_pass_trains_like_one_device() {
+    let ws = Ws::new();
+    let yaml = replica_pipelines(&ws);
+    let full = |y: String| {
+        y.replace(
+            "    method: lora\n    lora: {r: 4, alpha: 8}\n",
+            "    method: full\n    gradient_checkpointing: true\n",
+        )
+    };
+    ws.write("one.yaml", &full(yaml(1, 4, 0)));
+    ws.write("two.yaml", &full(yaml(2, 2, 0)));
+    ws.ok(&["run", "one.yaml"]);
+    let out: Out = ws.cmd(&["run", "two.yaml"]).env("PIPE_DDP_BUCKET_MB", "0.0005").output().unwrap().into();
+    assert_eq!(out.code, 0, "{out:?}");
+    let logs = sft_logs(&ws);
+    let line = logs.lines().find(|l| l.contains("gradients all-reduced over host in")).expect("the data-parallel line");
+    let buckets: usize = line.split(" in ").last().unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(buckets >= 8, "{line}");
+    assert!(logs.contains("for each other's gradients"), "{logs}");
+    let (a, b) = (ws.out_path("one.yaml", "sft"), ws.out_path("two.yaml", "sft"));
+    assert_eq!(train_json(&b)["devices"].as_u64(), Some(2));
+    same_training_in(&a, &b, "model.safetensors");
+}
+
 /// Two training outputs with the same losses, gradient norms and adapter
 /// weights, up to summation order.
 fn same_training(a: &Path, b: &Path) {
+    same_training_in(a, b, "adapter_model.safetensors")
+}
+
+/// [`same_training`] comparing the weights of `file`.
+fn same_training_in(a: &Path, b: &Path, file: &str) {
     for (ma, mb) in metrics(a).iter().zip(metrics(b)) {
         let (la, lb) = (ma["loss"].as_f64().unwrap(), mb["loss"].as_f64().unwrap());
         assert!((la - lb).abs() < 1e-5 * la.abs(), "step {}: loss {la} vs {lb}", ma["step"]);
         let (ga, gb) = (ma["grad_norm"].as_f64().unwrap(), mb["grad_norm"].as_f64().unwrap());
         assert!((ga - gb).abs() < 1e-4 * ga.abs(), "step {}: grad norm {ga} vs {gb}", ma["step"]);
     }
-    let (ta, tb) = (tensors(&a.join("adapter_model.safetensors")), tensors(&b.join("adapter_model.safetensors")));
+    let (ta, tb) = (tensors(&a.join(file)), tensors(&b.join(file)));
     assert_eq!(ta.len(), tb.len());
     for (k, x) in &ta {
         let y = &tb[k];

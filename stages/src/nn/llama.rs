@@ -698,8 +698,30 @@ impl Llama {
         checkpoint: bool,
     ) -> Result<(f64, Vec<Option<Tensor>>)> {
         let mut out: Vec<Option<Tensor>> = vec![None; vars.len()];
-        let mut collect = |g: &candle_core::backprop::GradStore| -> Result<()> {
-            for (o, v) in out.iter_mut().zip(vars) {
+        let loss = self.loss_and_grads_into(b, fx, scale, vars, checkpoint, &mut out, None)?;
+        Ok((loss, out))
+    }
+
+    /// [`Self::loss_and_grads`] with the gradients added into `acc`
+    /// (gradient accumulation), and `layer_done(i, acc)` called once the
+    /// backward pass has finished decoder layer `i` (last layer first):
+    /// from then on this batch adds nothing to that layer's variables, so
+    /// data parallelism can start reducing them while the earlier layers'
+    /// gradients are computed. Without `checkpoint` the whole backward pass
+    /// is one call, and the layers are reported after it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_and_grads_into(
+        &self,
+        b: &Batch,
+        fx: Fwd,
+        scale: f64,
+        vars: &[Var],
+        checkpoint: bool,
+        acc: &mut [Option<Tensor>],
+        mut layer_done: Option<LayerDone<'_>>,
+    ) -> Result<f64> {
+        fn collect(acc: &mut [Option<Tensor>], vars: &[Var], g: &candle_core::backprop::GradStore) -> Result<()> {
+            for (o, v) in acc.iter_mut().zip(vars) {
                 if let Some(t) = g.get(v.as_tensor()) {
                     // Detached: a gradient built by ops on tracked tensors
                     // would otherwise keep this step's graph (activations)
@@ -712,12 +734,21 @@ impl Llama {
                 }
             }
             Ok(())
+        }
+        let mut done = |i: usize, acc: &mut [Option<Tensor>]| -> Result<()> {
+            match layer_done.as_mut() {
+                Some(f) => f(i, acc),
+                None => Ok(()),
+            }
         };
         if !checkpoint {
             let loss = (self.loss_sum(b, fx)? * scale)?;
             let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            collect(&loss.backward()?)?;
-            return Ok((value, out));
+            collect(acc, vars, &loss.backward()?)?;
+            for i in (0..self.layers.len()).rev() {
+                done(i, acc)?;
+            }
+            return Ok(value);
         }
         let emb = self.embed(b)?;
         let mut inputs = Vec::with_capacity(self.layers.len());
@@ -731,22 +762,47 @@ impl Llama {
         let loss = (self.loss_sum_from_hidden(&h, b, fx)? * scale)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let g = loss.backward()?;
-        collect(&g)?;
+        // The head's gradients (and, tied, the embedding's two parts) are
+        // summed apart and added to `acc` at the end: the same order of
+        // additions as one backward pass over the whole batch.
+        let mut head: Vec<Option<Tensor>> = vec![None; vars.len()];
+        collect(&mut head, vars, &g)?;
         let mut dx = g.get(xv.as_tensor()).cloned();
+        drop(g);
         for i in (0..self.layers.len()).rev() {
-            let Some(d) = dx.take() else { break };
+            let Some(d) = dx.take() else {
+                // Nothing flows further down: the remaining layers are done.
+                for j in (0..=i).rev() {
+                    done(j, acc)?;
+                }
+                break;
+            };
             let xv = Var::from_tensor(&inputs[i])?;
             let y = self.block(i, xv.as_tensor(), b, fx)?;
             let g = (y * d)?.sum_all()?.backward()?;
-            collect(&g)?;
+            collect(acc, vars, &g)?;
             dx = g.get(xv.as_tensor()).cloned();
+            drop(g);
+            done(i, acc)?;
         }
         if let (Some(d), true) = (dx, emb.track_op()) {
-            collect(&(emb * d)?.sum_all()?.backward()?)?;
+            collect(&mut head, vars, &(emb * d)?.sum_all()?.backward()?)?;
         }
-        Ok((value, out))
+        for (a, h) in acc.iter_mut().zip(head) {
+            if let Some(h) = h {
+                *a = Some(match a.take() {
+                    Some(prev) => (prev + h)?,
+                    None => h,
+                });
+            }
+        }
+        Ok(value)
     }
 }
+
+/// The callback of [`Llama::loss_and_grads_into`]: decoder layer `i`'s
+/// gradients are final for this batch.
+pub type LayerDone<'a> = &'a mut dyn FnMut(usize, &mut [Option<Tensor>]) -> Result<()>;
 
 /// The [`TrainSpec`] (LoRA settings, `modules_to_save`) of a PEFT LoRA
 /// adapter folder's `adapter_config.json`.

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod decode;
+pub mod dist;
 pub mod flash;
 pub mod fused;
 pub mod gpu;
