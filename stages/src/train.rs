@@ -54,18 +54,21 @@
 //! them; micro-batch m runs on replica m mod N (threads), the replicas'
 //! gradients are summed (all-reduce) and every replica takes the same
 //! AdamW step, so N devices train like one device with N times the
-//! accumulation. The gradients are summed through replica 0's device
-//! (`to_device`); NCCL is the next step for GPUs.
+//! accumulation. The all-reduce runs in buckets of ~25 MB as the backward
+//! pass of the step's last micro-batch finishes each layer (see
+//! [`crate::nn::dist`]): over NCCL on GPUs when built with the `nccl`
+//! feature, through host memory otherwise (CPU replicas, or CUDA without
+//! NCCL). The replicas' optimizer steps run in parallel too.
 //!
 //! `zero_stage: 1` or `2` (DeepSpeed's ZeRO names) shards the optimizer
 //! over the replicas: each trainable tensor has one owner replica (tensors
 //! dealt out by size), whose AdamW alone holds its f32 master copy and
 //! moments, so optimizer memory per device falls with the device count.
-//! The summed gradients are reduce-scattered (each replica receives only
-//! the sums of the tensors it owns: stage 2's gradient sharding, so 1 and 2
-//! behave the same here), clipped by the global norm of all of them, each
-//! owner updates its tensors, and the new values are broadcast to the other
-//! replicas. Same results as `zero_stage: 0` up to summation order.
+//! Every replica gets the summed gradients (an all-reduce, so stage 2's
+//! gradient sharding is not done: 1 and 2 behave the same here) and their
+//! global norm; each owner clips and updates its tensors, and the new
+//! values are broadcast to the other replicas (NCCL broadcasts, or copies
+//! between devices). Same results as `zero_stage: 0` up to summation order.
 //!
 //! Key: all params, plus the model and data digests. Not marked
 //! deterministic: `metrics.jsonl` records wall-clock times.

@@ -366,6 +366,7 @@ impl HostGroup {
 #[cfg(feature = "nccl")]
 mod nccl {
     use super::{NnError, Result};
+    use candle_core::backend::BackendStorage;
     use candle_core::cuda::cudarc::driver::CudaStream;
     use candle_core::cuda::cudarc::nccl::safe::{group_end, group_start, Comm, NcclType, ReduceOp};
     use candle_core::cuda_backend::CudaDType;

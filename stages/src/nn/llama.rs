@@ -707,8 +707,9 @@ impl Llama {
     /// backward pass has finished decoder layer `i` (last layer first):
     /// from then on this batch adds nothing to that layer's variables, so
     /// data parallelism can start reducing them while the earlier layers'
-    /// gradients are computed. Without `checkpoint` the whole backward pass
-    /// is one call, and the layers are reported after it.
+    /// gradients are computed. With `layer_done` and without `checkpoint`,
+    /// the forward pass keeps every block's graph as one backward pass
+    /// would, and the backward pass runs a block at a time.
     #[allow(clippy::too_many_arguments)]
     pub fn loss_and_grads_into(
         &self,
@@ -735,27 +736,37 @@ impl Llama {
             }
             Ok(())
         }
+        let waiting = layer_done.is_some();
         let mut done = |i: usize, acc: &mut [Option<Tensor>]| -> Result<()> {
             match layer_done.as_mut() {
                 Some(f) => f(i, acc),
                 None => Ok(()),
             }
         };
-        if !checkpoint {
+        if !checkpoint && !waiting {
             let loss = (self.loss_sum(b, fx)? * scale)?;
             let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             collect(acc, vars, &loss.backward()?)?;
-            for i in (0..self.layers.len()).rev() {
-                done(i, acc)?;
-            }
             return Ok(value);
         }
+        // One backward pass per layer, last first: with `checkpoint` each
+        // block is recomputed from its kept input; otherwise (a caller
+        // waiting for layers) each block's graph is kept from the forward
+        // pass, cut at its input, and only the backward pass is split.
         let emb = self.embed(b)?;
         let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut kept: Vec<Option<(Var, Tensor)>> = Vec::with_capacity(self.layers.len());
         let mut x = emb.detach();
         for i in 0..self.layers.len() {
-            inputs.push(x.clone());
-            x = self.block(i, &x, b, fx)?.detach();
+            if checkpoint {
+                inputs.push(x.clone());
+                x = self.block(i, &x, b, fx)?.detach();
+            } else {
+                let xin = Var::from_tensor(&x)?;
+                let y = self.block(i, xin.as_tensor(), b, fx)?;
+                x = y.detach();
+                kept.push(Some((xin, y)));
+            }
         }
         let xv = Var::from_tensor(&x)?;
         let h = self.final_norm(xv.as_tensor())?;
@@ -777,8 +788,14 @@ impl Llama {
                 }
                 break;
             };
-            let xv = Var::from_tensor(&inputs[i])?;
-            let y = self.block(i, xv.as_tensor(), b, fx)?;
+            let (xv, y) = match kept.get_mut(i).and_then(Option::take) {
+                Some(k) => k,
+                None => {
+                    let xv = Var::from_tensor(&inputs[i])?;
+                    let y = self.block(i, xv.as_tensor(), b, fx)?;
+                    (xv, y)
+                }
+            };
             let g = (y * d)?.sum_all()?.backward()?;
             collect(acc, vars, &g)?;
             dx = g.get(xv.as_tensor()).cloned();
