@@ -584,6 +584,86 @@ mod tests {
         }
     }
 
+    /// Over NCCL, one replica per GPU the machine has (one is enough to
+    /// load NCCL and run the streams): bf16 gradients reduced bucket by
+    /// bucket as layers finish, the sums in place on every replica, a
+    /// gradient one replica lacks counted as zeros; then ZeRO's broadcast
+    /// gives each replica the owners' values.
+    #[cfg(feature = "nccl")]
+    #[test]
+    fn nccl_replicas_get_the_sums_and_the_owners_values() {
+        use candle_core::cuda::cudarc::driver::CudaContext;
+        let Some(_) = crate::nn::tests::cuda_device().unwrap() else { return };
+        let n = CudaContext::device_count().unwrap() as usize;
+        let devices: Vec<Device> = (0..n).map(|i| Device::new_cuda(i).unwrap()).collect();
+        let names = ["model.layers.0.a", "model.layers.1.a", "model.norm.weight"];
+        let shapes: [&[usize]; 3] = [&[64, 32], &[3000], &[32]];
+        let per: Vec<Vec<(String, Var)>> = devices
+            .iter()
+            .map(|d| {
+                names
+                    .iter()
+                    .zip(shapes)
+                    .map(|(nm, s)| (nm.to_string(), Var::zeros(s, DType::BF16, d).unwrap()))
+                    .collect()
+            })
+            .collect();
+        let syncs = GradSync::group_with(&devices, &per[0], 4096, false).unwrap();
+        assert_eq!(syncs[0].transport(), "nccl");
+        let grad = |r: usize, i: usize, d: &Device| -> Option<Tensor> {
+            (i != 1 || r == 0).then(|| {
+                let k: usize = shapes[i].iter().product();
+                let v: Vec<f32> = (0..k).map(|j| ((j % 7) as f32 - 3.0) * (r + 1) as f32).collect();
+                Tensor::from_vec(v, shapes[i], d).unwrap().to_dtype(DType::BF16).unwrap()
+            })
+        };
+        let owner: Vec<usize> = (0..3).map(|i| i % n).collect();
+        let out: Vec<Vec<Option<Tensor>>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = syncs
+                .into_iter()
+                .zip(&devices)
+                .zip(&per)
+                .enumerate()
+                .map(|(r, ((mut s, d), vars))| {
+                    let owner = &owner;
+                    sc.spawn(move || {
+                        let mut g: Vec<Option<Tensor>> = (0..3).map(|i| grad(r, i, d)).collect();
+                        s.layer_done(1, &mut g).unwrap();
+                        s.layer_done(0, &mut g).unwrap();
+                        s.finish(&mut g).unwrap();
+                        for (i, v) in vars.iter().enumerate() {
+                            v.1.set(
+                                &Tensor::full((r * 10 + i) as f32, shapes[i], d)
+                                    .unwrap()
+                                    .to_dtype(DType::BF16)
+                                    .unwrap(),
+                            )
+                            .unwrap();
+                        }
+                        let vs: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+                        s.broadcast_owned(&vs, owner).unwrap();
+                        g
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let host = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (r, g) in out.iter().enumerate() {
+            for i in 0..3 {
+                let want: Vec<f32> = if i == 1 {
+                    host(&grad(0, 1, &Device::Cpu).unwrap())
+                } else {
+                    let parts: Vec<Vec<f32>> = (0..n).map(|q| host(&grad(q, i, &Device::Cpu).unwrap())).collect();
+                    (0..parts[0].len()).map(|k| parts.iter().map(|p| p[k]).sum()).collect()
+                };
+                assert_eq!(host(g[i].as_ref().unwrap()), want, "replica {r}, variable {i}");
+                let v = host(per[r][i].1.as_tensor());
+                assert!(v.iter().all(|&x| x == (owner[i] * 10 + i) as f32), "replica {r}, variable {i}: {:?}", &v[..4]);
+            }
+        }
+    }
+
     /// A replica that fails tells the others, which stop waiting for it
     /// with an error instead of hanging.
     #[test]
