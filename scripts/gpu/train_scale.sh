@@ -30,9 +30,13 @@ case "${1:-}" in
 prepare)
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/pipe-cuda-target}
   cd "$REPO"
-  (PIPE_CUDA_NCCL=2.28.9 source ../shared/cuda/setup.sh >/dev/null && cargo build --release --features nccl)
+  # PIPE_BIN=path: that binary instead (e.g. a CPU build, to try the script here).
+  bin=${PIPE_BIN:-$CARGO_TARGET_DIR/release/pipe}
+  if [ -z "${PIPE_BIN:-}" ]; then
+    (PIPE_CUDA_NCCL=2.28.9 source ../shared/cuda/setup.sh >/dev/null && cargo build --release --features nccl)
+  fi
   rm -rf "$S" && mkdir -p "$S"
-  strip -o "$S/pipe" "$CARGO_TARGET_DIR/release/pipe" && gzip -9 "$S/pipe"
+  strip -o "$S/pipe" "$bin" && gzip -9 "$S/pipe"
   # SmolLM2's config and tokenizer: the GGUF test asset through a model stage.
   sh scripts/fetch-test-assets.sh >/dev/null
   W=$(mktemp -d)
@@ -81,20 +85,27 @@ run)
   R=$OUT/scale.txt
   cd "$S"
   [ -x pipe ] || { gunzip -kf pipe.gz && chmod +x pipe; }
-  cuda_runtime_libs
+  [ "${DEVICE:-cuda}" = cpu ] || cuda_runtime_libs
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$R"
-  NGPU=$(nvidia-smi -L | wc -l)
+  # DEVICE=cpu NGPU=2 runs the same flow with CPU replicas (to try the script).
+  DEVICE=${DEVICE:-cuda}
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$R"
+    NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}
+  else
+    echo "no nvidia-smi: DEVICE=$DEVICE" | tee "$R"
+    NGPU=${NGPU:-1}
+  fi
   # The workspace of the runs: sources must live inside it.
-  mkdir -p ws && cp data.jsonl ws/
-  for m in smol llama1b; do
+  mkdir -p ws/.pipe && cp data.jsonl ws/
+  IFS=, read -ra cases <<< "${CASES:-smol:lora:0,llama1b:full:0}"
+  for m in $(printf '%s\n' "${cases[@]}" | cut -d: -f1 | sort -u); do
     [ -f "ws/$m-model/model.safetensors" ] || [ -f "ws/$m-model/model.safetensors.index.json" ] ||
       python3 "$REPO/scripts/gpu/gen_model.py" "$m" "ws/$m-model" | tee -a "$R"
   done
   BATCH=${BATCH:-8}; STEPS=${STEPS:-12}
   read -ra counts <<< "${GPUS:-1 2 4 8}"
   read -ra zeros <<< "${ZERO:-0}"
-  IFS=, read -ra cases <<< "${CASES:-smol:lora:0,llama1b:full:0}"
   J=$OUT/scale.jsonl; : > "$J"
   runone() { # shape method ckpt n zero transport
     local shape=$1 method=$2 ckpt=$3 n=$4 zero=$5 tr=$6
@@ -106,16 +117,16 @@ stages:
   base: {kind: model, source: $shape-model}
   ds: {kind: dataset, source: data.jsonl}
   chat: {kind: messages, inputs: {data: ds}, user: "{{ q }}", assistant: "{{ a }}"}
-  pack: {kind: pack, inputs: {data: chat, model: base}, max_seq_length: 1024}
+  pack: {kind: pack, inputs: {data: chat, model: base}, max_seq_length: ${SEQ:-1024}}
   sft:
     kind: train
     inputs: {model: base, data: pack}
     method: $method
 $lora
-    device: cuda
+    device: $DEVICE
     devices: $n
     zero_stage: $zero
-    precision: bf16
+    precision: ${PRECISION:-bf16}
     gradient_checkpointing: $([ "$ckpt" = 1 ] && echo true || echo false)
     per_device_batch_size: $BATCH
     max_steps: $STEPS
@@ -124,7 +135,7 @@ $lora
     lr_scheduler: constant
 EOF
     local env=(); [ "$tr" = host ] && env=(PIPE_DDP=host)
-    if env "${env[@]}" ../pipe run --jobs 1 "$name.yaml" > "$OUT/$name.log" 2>&1; then
+    if env "${env[@]}" ../pipe run --jobs 1 --force sft "$name.yaml" > "$OUT/$name.log" 2>&1; then
       local d; d=$(../pipe show "$name.yaml" sft --path)
       python3 - "$d" "$name" "$shape" "$method" "$n" "$zero" "$tr" >> "$J" <<'PY'
 import json, sys
@@ -132,11 +143,13 @@ d, name, shape, method, n, zero, tr = sys.argv[1:]
 m = [json.loads(l) for l in open(f"{d}/metrics.jsonl") if '"tokens_per_s"' in l]
 t = json.load(open(f"{d}/train.json"))
 tps = sorted(r["tokens_per_s"] for r in m[2:]) or [m[-1]["tokens_per_s"]]
+tr = (t.get("all_reduce") or {}).get("transport", "-")
 print(json.dumps({"name": name, "shape": shape, "method": method, "gpus": int(n), "zero": int(zero), "transport": tr,
                   "tokens_per_s": tps[len(tps) // 2], "peak_mib": t.get("peak_gpu_mib_per_device"),
                   "opt_state_bytes": t.get("optimizer_state_bytes"), "loss": [round(r["loss"], 4) for r in m]}))
 PY
-      grep -h "data parallel" "$OUT/$name.log" .pipe/logs/sft/* 2>/dev/null | sort -u | tail -2 >> "$R" || true
+      # The stage's own log of this run (the newest), its data-parallel lines.
+      grep -h "data parallel" "$(ls -t .pipe/logs/sft/* | head -1)" 2>/dev/null | sed "s/^/$name: /" >> "$R" || true
     else
       echo "$name failed: $(tail -3 "$OUT/$name.log")" | tee -a "$R"
     fi

@@ -889,6 +889,7 @@ impl Stage for TrainStage {
             "device": devices_name(&devices),
             "devices": devices.len(),
             "zero_stage": if owner.is_some() { p.zero_stage } else { 0 },
+            "all_reduce": syncs.first().map(|s| json!({"transport": s.transport(), "buckets": s.n_buckets()})),
             "optimizer_state_bytes": std::iter::once(&opt).chain(replicas.iter().map(|r| &r.opt)).map(|o| o.state_bytes()).collect::<Vec<_>>(),
             "precision": format!("{:?}", p.precision).to_lowercase(),
             "seconds": train_s,
