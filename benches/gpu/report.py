@@ -32,6 +32,7 @@ def main():
                 impl += f" docs={r.get('docs', 1)}" + ("" if r.get("fused_attention", True) else " unfused")
                 impl += " no-events" if r.get("no_events") else ""
                 impl += " no-tc" if r.get("tensor_cores") is False else ""
+                impl += f" head={r['head_logits']}" if r.get("head_logits") else ""
             tps = r["tokens_per_s"]
             mfu = ""
             if method == "full" and cfg in SHAPES:

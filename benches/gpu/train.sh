@@ -13,7 +13,8 @@
 #   2. for each case of CASES ("config:method:ckpt:docs", comma-separated),
 #      pipe (fused attention), then transformers eager and, with COMPILE=1,
 #      torch.compile; with NOTC=1 also pipe with PIPE_ATTENTION_TC=0 (bf16
-#      attention on CUDA cores); with UNFUSED=1 also pipe with PIPE_FUSED_ATTENTION=0 and
+#      attention on CUDA cores); with HEADS="N ..." also pipe with
+#      PIPE_HEAD_LOGITS=N (logits per chunk of the LM head); with UNFUSED=1 also pipe with PIPE_FUSED_ATTENTION=0 and
 #      PIPE_FUSED_KERNELS=0; with NOEVENTS=1 also pipe --no-events.
 #   Random-init weights, bf16, batch BATCH x SEQ (default 8 x 1024).
 #   Prints one JSON line per run and a table with pipe / torch ratios to
@@ -59,6 +60,10 @@ run)
     if [ "${NOTC:-0}" = 1 ]; then
       PIPE_ATTENTION_TC=0 ./train_bench "${common[@]}" --docs "${docs:-1}" 2>>"$OUT/stderr.txt" | tee -a "$J" || true
     fi
+    # HEADS="268435456 ...": pipe again with PIPE_HEAD_LOGITS (logits per chunk of the LM head's loss).
+    for hl in ${HEADS:-}; do
+      PIPE_HEAD_LOGITS=$hl ./train_bench "${common[@]}" --docs "${docs:-1}" 2>>"$OUT/stderr.txt" | tee -a "$J" || true
+    done
     if [ "${UNFUSED:-0}" = 1 ]; then
       PIPE_FUSED_ATTENTION=0 PIPE_FUSED_KERNELS=0 ./train_bench "${common[@]}" --docs "${docs:-1}" --steps 3 2>>"$OUT/stderr.txt" | tee -a "$J" || true
     fi

@@ -120,6 +120,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "batch": batch, "seq": seq, "docs": docs, "ckpt": ckpt, "no_events": no_events,
         "fused_attention": pipe_stages::nn::flash::usable(&Tensor::zeros((1, 1, cfg.head_dim()), dtype, &device)?),
         "tensor_cores": std::env::var("PIPE_ATTENTION_TC").map_or(true, |v| v != "0"),
+        "head_logits": std::env::var("PIPE_HEAD_LOGITS").ok(),
         "trainable": n_train,
         "tokens_per_s": tokens as f64 / median(&step_s),
         "step_s": median(&step_s), "fwd_bwd_s": median(&fb_s), "optimizer_s": median(&opt_s),

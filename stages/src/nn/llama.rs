@@ -23,6 +23,19 @@ use crate::nn::ops::{
 
 /// Rows per chunk of the fused LM head + cross-entropy.
 const HEAD_CHUNK: usize = 128;
+
+/// Logits per chunk of the LM head's loss on a GPU: `PIPE_HEAD_LOGITS`
+/// (a count; read once), 2^26 unless set.
+fn head_logits_per_chunk() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("PIPE_HEAD_LOGITS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or(1 << 26)
+    })
+}
 use crate::nn::{NnError, Result};
 
 /// One parameter tensor.
@@ -668,9 +681,13 @@ impl Llama {
         };
         match plain {
             Some(w @ (Weight::Frozen(_) | Weight::Train(_))) => {
-                // A GPU wants bigger chunks: up to 2^26 logits (256 MiB in f32).
-                let chunk =
-                    if self.device.is_cuda() { ((1 << 26) / self.cfg.vocab_size).max(HEAD_CHUNK) } else { HEAD_CHUNK };
+                // A GPU wants bigger chunks: up to 2^26 logits (128 MiB in
+                // bf16) unless PIPE_HEAD_LOGITS says how many (to measure).
+                let chunk = if self.device.is_cuda() {
+                    (head_logits_per_chunk() / self.cfg.vocab_size).max(HEAD_CHUNK)
+                } else {
+                    HEAD_CHUNK
+                };
                 Ok(lm_head_cross_entropy(&hs, &w.tensor()?, &b.targets, chunk)?)
             }
             _ => Ok(cross_entropy_sum(&self.head(&hs, fx)?, &b.targets)?),
