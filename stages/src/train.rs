@@ -661,6 +661,7 @@ impl Stage for TrainStage {
                 continue;
             }
             let recompute = p.gradient_checkpointing;
+            let cancellable = syncs.first().is_none_or(|s| s.transport() == "host");
             // One replica's micro-batches: forward and backward passes, the
             // gradients accumulated and (data parallelism) all-reduced, the
             // last micro-batch's buckets while its backward pass goes on.
@@ -673,10 +674,10 @@ impl Stage for TrainStage {
                 let mut body = || -> Result<(f64, f64), StageFailure> {
                     let mut loss = 0.0;
                     for (k, &(m, b)) in mine.iter().enumerate() {
-                        // Several replicas stop together, between steps: one
-                        // leaving in the middle would strand the others in
-                        // an all-reduce.
-                        if n_rep == 1 && ctx.cancel.is_cancelled() {
+                        // Over NCCL the replicas stop together, between steps:
+                        // one leaving in the middle would strand the others in
+                        // an all-reduce (host exchanges are released by abort).
+                        if cancellable && ctx.cancel.is_cancelled() {
                             return Err(StageFailure::new("cancelled"));
                         }
                         let fx = Fwd { train: true, seed: p.seed ^ ((step as u64) << 20) ^ m as u64 };
