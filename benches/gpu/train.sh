@@ -27,8 +27,10 @@ case "${1:-}" in
 prepare)
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/pipe-cuda-target}
   cd "$REPO"
-  source ../shared/cuda/setup.sh >/dev/null
-  cargo build --release --features cuda -p pipe-stages --example train_bench
+  # With NCCL: the test binary holds the multi-GPU tests too (one GPU is enough to run them).
+  PIPE_CUDA_NCCL=2.28.9 source ../shared/cuda/setup.sh >/dev/null
+  export PIPE_FEATURES=${PIPE_FEATURES:-nccl}
+  cargo build --release --features "$PIPE_FEATURES" -p pipe-stages --example train_bench
   bin=$(cuda_lib_test_bin)
   rm -rf "$B" && mkdir -p "$B"
   strip -o "$B/train_bench" "$CARGO_TARGET_DIR/release/examples/train_bench" && gzip -9 "$B/train_bench"
@@ -41,10 +43,11 @@ run)
   cd "$B"
   for f in train_bench stages_test; do [ -x $f ] || { gunzip -kf $f.gz && chmod +x $f; }; done
   cuda_runtime_libs
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$R"
   python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)' | tee -a "$R"
   if [ "${TESTS:-1}" = 1 ]; then
-    ./stages_test --test-threads 1 ${TEST_FILTER:-cuda} 2>&1 | tail -15 | tee -a "$R"
+    ./stages_test --test-threads 1 ${TEST_FILTER:-cuda nccl} 2>&1 | tail -15 | tee -a "$R"
   fi
   BATCH=${BATCH:-8}; SEQ=${SEQ:-1024}; STEPS=${STEPS:-10}
   J=$OUT/train_bench.jsonl; : > "$J"

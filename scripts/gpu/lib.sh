@@ -1,10 +1,11 @@
 # Shared by the GPU scripts (sourced): scripts/gpu/*.sh and benches/gpu/*.sh.
 
-# cuda_lib_test_bin: build pipe-stages' lib tests with --features cuda (no
-# run) and print the test binary's path. Needs CARGO_TARGET_DIR and the
+# cuda_lib_test_bin: build pipe-stages' lib tests with --features
+# ${PIPE_FEATURES:-cuda} (no run; `nccl` adds the multi-GPU tests and needs
+# PIPE_CUDA_NCCL at setup) and print the test binary's path. Needs CARGO_TARGET_DIR and the
 # environment of ../shared/cuda/setup.sh.
 cuda_lib_test_bin() {
-  cargo test --release --features cuda -p pipe-stages --lib --no-run --message-format=json 2>/dev/null |
+  cargo test --release --features "${PIPE_FEATURES:-cuda}" -p pipe-stages --lib --no-run --message-format=json 2>/dev/null |
     python3 -c 'import json,sys
 for l in sys.stdin:
     m=json.loads(l)
