@@ -21,7 +21,10 @@
 #   ZERO="0 2" adds zero_stage 2 rows, HOST=1 adds the host transport at the
 #   largest count. Table in $OUT/scale.txt: tokens/s (median of the steps
 #   after the first 2), per GPU, scaling efficiency against 1 GPU, peak MiB
-#   per GPU, optimizer state per GPU. Not a test: it asserts nothing.
+#   per GPU, optimizer state per GPU. QS=1 (default) first times the
+#   quickstart's math training at the seed's size (10,000 problems) on 1 GPU
+#   and on all of them (QS_GPUS), QS_STEPS caps its steps (default: the epoch).
+#   Not a test: it asserts nothing.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 source "$REPO/scripts/gpu/lib.sh"
@@ -78,6 +81,13 @@ with open(sys.argv[1], "w") as f:
         r = f"Sam starts with {a} {w} and gets {b}, so {a} + {b} = {t}. {steps} He gives away {t // c}, keeping {t - t // c}. The answer is {t - t // c}."
         f.write(json.dumps({"q": q, "a": r}) + "\n")
 PY
+  # The quickstart's training data at the seed's size (QS=1 on the device):
+  # 10,000 gsm_symbolic problems (reasoning-gym needs PyPI, so made here) and
+  # the quickstart's system prompt.
+  if [ "${QS:-1}" = 1 ]; then
+    python3 "$REPO/pipelines/quickstart/gsm_symbolic.py" --seed 42 --n 10000 --out "$S/qs.jsonl"
+    cp "$REPO/pipelines/prompts/math_system.txt" "$S/math_system.txt"
+  fi
   du -sh "$S"/*
   ;;
 run)
@@ -98,6 +108,7 @@ run)
   fi
   # The workspace of the runs: sources must live inside it.
   mkdir -p ws/.pipe && cp data.jsonl ws/
+  if [ -f qs.jsonl ]; then cp qs.jsonl math_system.txt ws/; fi
   IFS=, read -ra cases <<< "${CASES:-smol:lora:0,llama1b:full:0}"
   for m in $(printf '%s\n' "${cases[@]}" | cut -d: -f1 | sort -u); do
     [ -f "ws/$m-model/model.safetensors" ] || [ -f "ws/$m-model/model.safetensors.index.json" ] ||
@@ -155,6 +166,53 @@ PY
     fi
     cd ..
   }
+  # The quickstart's math training at the seed's size (10,000 problems,
+  # sequences of 1,024, LoRA r16, batch 8 x 2 per GPU, bf16, checkpointing,
+  # one epoch) on a random-init SmolLM2: the wall time of the train stage.
+  runqs() { # n
+    local n=$1 name="qs_${1}gpu"
+    cd ws
+    cat > "$name.yaml" <<EOF
+stages:
+  base: {kind: model, source: smol-model}
+  ds: {kind: dataset, source: qs.jsonl}
+  chat:
+    kind: messages
+    inputs: {data: ds}
+    system_file: math_system.txt
+    user: "{{ question }}"
+    assistant: "{{ answer.split('####')[0].rstrip() }}\nThe answer is {{ answer_value }}."
+  pack: {kind: pack, inputs: {data: chat, model: base}, max_seq_length: 1024}
+  sft:
+    kind: train
+    inputs: {model: base, data: pack}
+    method: lora
+    lora: {r: 16, alpha: 16, target: all-linear}
+    device: $DEVICE
+    devices: $n
+    precision: ${PRECISION:-bf16}
+    gradient_checkpointing: true
+    per_device_batch_size: ${QS_BATCH:-8}
+    gradient_accumulation_steps: 2
+    num_epochs: 1
+    learning_rate: 2.0e-4
+    lr_scheduler: constant
+$([ -n "${QS_STEPS:-}" ] && echo "    max_steps: $QS_STEPS")
+EOF
+    if ../pipe run --jobs 1 --force sft "$name.yaml" > "$OUT/$name.log" 2>&1; then
+      local d; d=$(../pipe show "$name.yaml" sft --path)
+      python3 "$REPO/scripts/gpu/train_scale_qs.py" "$d" "$n" | tee -a "$R"
+    else
+      echo "$name failed: $(tail -3 "$OUT/$name.log")" | tee -a "$R"
+    fi
+    cd ..
+  }
+  if [ -f ws/qs.jsonl ] && [ "${QS:-1}" = 1 ]; then
+    [ -f ws/smol-model/model.safetensors ] || python3 "$REPO/scripts/gpu/gen_model.py" smol ws/smol-model
+    for n in ${QS_GPUS:-1 $NGPU}; do
+      if [ "$n" -le "$NGPU" ]; then runqs "$n"; fi
+    done
+  fi
   for c in "${cases[@]}"; do
     IFS=: read -r shape method ckpt <<< "$c"
     for n in "${counts[@]}"; do
