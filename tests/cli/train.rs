@@ -591,3 +591,38 @@ fn a_killed_sharded_run_resumes_to_identical_weights() {
     let read = |d: &Path| fs_err::read(d.join("adapter_model.safetensors")).unwrap();
     assert!(read(&a) == read(&b), "resumed and uninterrupted sharded runs differ");
 }
+
+/// Ctrl-C while two replicas train: both stop (the host exchange releases
+/// the replica still waiting for the other), `pipe` exits 130 without
+/// publishing the stage, and a rerun trains from the start.
+#[test]
+fn ctrl_c_stops_data_parallel_training() {
+    let ws = Ws::new();
+    let yaml = replica_pipelines(&ws);
+    ws.write("p.yaml", &yaml(2, 1, 0).replace("    device: cpu\n", "    device: cpu\n    max_steps: 100000\n"));
+    let child = ws
+        .cmd(&["run", "p.yaml"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics_written = || {
+        fs_err::read_dir(ws.path().join(".pipe/resume")).ok().into_iter().flatten().flatten().any(|e| {
+            fs_err::read_to_string(e.path().join("metrics/metrics.jsonl")).is_ok_and(|m| m.lines().count() >= 3)
+        })
+    };
+    wait_for(120, "a few training steps", metrics_written);
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let o: Out = child.wait_with_output().unwrap().into();
+    assert_eq!(o.code, 130, "{o:?}");
+    assert!(o.stderr.contains("sft (cancelled)"), "{o:?}");
+    let st = ws.status_json("p.yaml");
+    let sft = st["stages"].as_array().unwrap().iter().find(|s| s["name"] == "sft").unwrap().clone();
+    assert_ne!(sft["state"], "fresh", "{sft}");
+    ws.write("p.yaml", &yaml(2, 1, 0).replace("    device: cpu\n", "    device: cpu\n    max_steps: 2\n"));
+    let again = ws.ok(&["run", "p.yaml"]);
+    assert_eq!(again.ran(), vec!["sft".to_string()], "{again:?}");
+}
