@@ -19,9 +19,11 @@
 #   count of GPUS (default 1 2 4 8, those the machine has) a `pipe run` of one
 #   train stage (per-device batch BATCH x 1,024, STEPS steps, bf16, CUDA);
 #   ZERO="0 2" adds zero_stage 2 rows, HOST=1 adds the host transport at the
-#   largest count. Table in $OUT/scale.txt: tokens/s (median of the steps
-#   after the first 2), per GPU, scaling efficiency against 1 GPU, peak MiB
-#   per GPU, optimizer state per GPU. QS=1 (default) first times the
+#   largest count; EQUIV=1 (default, 2+ GPUs) first compares the losses of
+#   the same global batch on 1 GPU (accumulating 2) and on 2. Table in
+#   $OUT/scale.txt: tokens/s (median of the steps after the first 2), per
+#   GPU, scaling efficiency against 1 GPU, peak MiB per GPU, optimizer state
+#   per GPU. QS=1 (default) first times the
 #   quickstart's math training at the seed's size (10,000 problems) on 1 GPU
 #   and on all of them (QS_GPUS), QS_STEPS caps its steps (default: the epoch).
 #   Not a test: it asserts nothing.
@@ -118,9 +120,9 @@ run)
   read -ra counts <<< "${GPUS:-1 2 4 8}"
   read -ra zeros <<< "${ZERO:-0}"
   J=$OUT/scale.jsonl; : > "$J"
-  runone() { # shape method ckpt n zero transport
-    local shape=$1 method=$2 ckpt=$3 n=$4 zero=$5 tr=$6
-    local name="${shape}_${method}_${n}gpu_z${zero}_${tr}"
+  runone() { # shape method ckpt n zero transport [accumulation]
+    local shape=$1 method=$2 ckpt=$3 n=$4 zero=$5 tr=$6 accum=${7:-1}
+    local name="${shape}_${method}_${n}gpu_z${zero}_${tr}_a${accum}"
     local lora=""; [ "$method" = lora ] && lora="    lora: {r: 16, alpha: 16, target: all-linear}"
     cd ws
     cat > "$name.yaml" <<EOF
@@ -140,6 +142,7 @@ $lora
     precision: ${PRECISION:-bf16}
     gradient_checkpointing: $([ "$ckpt" = 1 ] && echo true || echo false)
     per_device_batch_size: $BATCH
+    gradient_accumulation_steps: $accum
     max_steps: $STEPS
     logging_steps: 1
     learning_rate: 1.0e-4
@@ -212,6 +215,25 @@ EOF
     for n in ${QS_GPUS:-1 $NGPU}; do
       if [ "$n" -le "$NGPU" ]; then runqs "$n"; fi
     done
+  fi
+  # The same global batch on 1 GPU (accumulating 2) and on 2 (EQUIV=1,
+  # default): the losses should agree to bf16 rounding.
+  if [ "${EQUIV:-1}" = 1 ] && [ "$NGPU" -ge 2 ]; then
+    IFS=: read -r shape method ckpt <<< "${cases[0]}"
+    runone "$shape" "$method" "$ckpt" 1 0 nccl 2
+    runone "$shape" "$method" "$ckpt" 2 0 nccl 1
+    python3 - "$J" <<'PY' | tee -a "$R"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+a = [r for r in rows if r["name"].endswith("_a2") and r["gpus"] == 1]
+b = [r for r in rows if r["name"].endswith("_a1") and r["gpus"] == 2]
+if a and b:
+    la, lb = a[-1]["loss"], b[-1]["loss"]
+    rel = max(abs(x - y) / max(abs(x), 1e-9) for x, y in zip(la, lb))
+    print(f"same global batch, 1 GPU x accumulation 2 vs 2 GPUs: losses {la} vs {lb}, max relative difference {rel:.2e}")
+PY
+    # Not scaling rows: keep them out of the table.
+    mv "$J" "$OUT/equiv.jsonl"; : > "$J"
   fi
   for c in "${cases[@]}"; do
     IFS=: read -r shape method ckpt <<< "$c"
