@@ -671,6 +671,8 @@ impl Stage for TrainStage {
                 let mine: Vec<(usize, &Batch)> = batches.iter().enumerate().skip(r).step_by(n_rep).collect();
                 let scale = 1.0 / n_targets as f64;
                 let mut sync = sync;
+                // A failed or panicking replica releases the others.
+                let release = sync.as_deref().map(GradSync::abort_handle);
                 let mut body = || -> Result<(f64, f64), StageFailure> {
                     let mut loss = 0.0;
                     for (k, &(m, b)) in mine.iter().enumerate() {
@@ -707,8 +709,8 @@ impl Stage for TrainStage {
                 match body() {
                     Ok((loss, waited)) => Ok((loss, grads, waited)),
                     Err(e) => {
-                        if let Some(s) = sync.as_deref() {
-                            s.abort();
+                        if let Some(r) = &release {
+                            r.abort();
                         }
                         Err(e)
                     }

@@ -221,9 +221,16 @@ impl GradSync {
     /// step any more (it failed): their host exchanges return an error
     /// instead of waiting for it forever.
     pub fn abort(&self) {
-        #[allow(irrefutable_let_patterns)] // without the nccl feature
-        if let Link::Host(g) = &self.link {
-            g.abort();
+        self.abort_handle().abort();
+    }
+
+    /// What [`Self::abort`] does, held apart from this `GradSync` (for a
+    /// guard that aborts when the replica's thread panics).
+    pub fn abort_handle(&self) -> AbortHandle {
+        match &self.link {
+            Link::Host(g) => AbortHandle(Some(g.clone())),
+            #[cfg(feature = "nccl")]
+            Link::Nccl(_) => AbortHandle(None),
         }
     }
 
@@ -284,6 +291,26 @@ fn nccl_links(devices: &[Device]) -> Result<Vec<Link>> {
 #[cfg(not(feature = "nccl"))]
 fn nccl_links(_: &[Device]) -> Result<Vec<Link>> {
     unreachable!("only called with the nccl feature")
+}
+
+/// Releases the other replicas' host exchanges ([`GradSync::abort`]); on
+/// drop during a panic, it does so by itself.
+pub struct AbortHandle(Option<Arc<HostGroup>>);
+
+impl AbortHandle {
+    pub fn abort(&self) {
+        if let Some(g) = &self.0 {
+            g.abort();
+        }
+    }
+}
+
+impl Drop for AbortHandle {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.abort();
+        }
+    }
 }
 
 /// The replicas' meeting point for host-memory all-reduces: a barrier that
@@ -662,6 +689,32 @@ mod tests {
                 assert!(v.iter().all(|&x| x == (owner[i] * 10 + i) as f32), "replica {r}, variable {i}: {:?}", &v[..4]);
             }
         }
+    }
+
+    /// A replica that panics releases the others through its abort handle.
+    #[test]
+    fn a_panicking_replica_releases_the_others() {
+        let v = vars(&[("model.layers.0.a", &[4])]);
+        let syncs = GradSync::group_with(&[Device::Cpu, Device::Cpu], &v, 16, true).unwrap();
+        let results: Vec<bool> = std::thread::scope(|sc| {
+            let hs: Vec<_> = syncs
+                .into_iter()
+                .enumerate()
+                .map(|(r, mut s)| {
+                    sc.spawn(move || {
+                        let _release = s.abort_handle();
+                        if r == 1 {
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            panic!("replica 1 fails");
+                        }
+                        let mut g = vec![Some(Tensor::ones(4, DType::F32, &Device::Cpu).unwrap())];
+                        s.finish(&mut g).is_ok()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(false)).collect()
+        });
+        assert_eq!(results, vec![false, false]);
     }
 
     /// A replica that fails tells the others, which stop waiting for it
