@@ -14,7 +14,7 @@
 //!   per_device_batch_size: 8     # packed rows per micro-batch
 //!   gradient_accumulation_steps: 2
 //!   devices: 1                   # data-parallel replicas (one per GPU)
-//!   zero_stage: 0                # 1 or 2: optimizer state sharded over the replicas
+//!   zero_stage: 0                # 1: optimizer state sharded over the replicas; 2: gradients too
 //!   num_epochs: 1                # or max_steps: N
 //!   max_grad_norm: 1.0
 //!   weight_decay: 0.0
@@ -64,11 +64,14 @@
 //! over the replicas: each trainable tensor has one owner replica (tensors
 //! dealt out by size), whose AdamW alone holds its f32 master copy and
 //! moments, so optimizer memory per device falls with the device count.
-//! Every replica gets the summed gradients (an all-reduce, so stage 2's
-//! gradient sharding is not done: 1 and 2 behave the same here) and their
-//! global norm; each owner clips and updates its tensors, and the new
-//! values are broadcast to the other replicas (NCCL broadcasts, or copies
-//! between devices). Same results as `zero_stage: 0` up to summation order.
+//! Stage 1: every replica gets the summed gradients (an all-reduce) and
+//! their global norm. Stage 2 shards the gradients too: each gradient
+//! bucket has an owner (buckets dealt out by size), the bucket's sum goes
+//! to its owner only (a reduce), the others free their share once it is
+//! sent, and the global norm is the sum of the owners' parts. Each owner
+//! clips and updates its tensors, and the new values are broadcast to the
+//! other replicas (NCCL broadcasts, or copies between devices). Same
+//! results as `zero_stage: 0` up to summation order.
 //!
 //! Key: all params, plus the model and data digests. Not marked
 //! deterministic: `metrics.jsonl` records wall-clock times.
@@ -546,7 +549,11 @@ impl Stage for TrainStage {
         let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
         let n_trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
         // ZeRO: the replica that owns each trainable tensor's optimizer state.
-        let owner = (p.zero_stage > 0 && devices.len() > 1).then(|| shard_owners(&vars, devices.len()));
+        // (Stage 2: the owner of each gradient bucket, which alone receives its sum.)
+        let owner = (p.zero_stage > 0 && devices.len() > 1).then(|| match p.zero_stage {
+            2 => crate::nn::dist::zero2_owners(&named, devices.len()),
+            _ => shard_owners(&vars, devices.len()),
+        });
         let mine = |r: usize, named: Vec<(String, Var)>| -> Vec<(String, Var)> {
             match &owner {
                 Some(o) => named.into_iter().enumerate().filter(|(i, _)| o[*i] == r).map(|(_, x)| x).collect(),
@@ -630,6 +637,9 @@ impl Stage for TrainStage {
         let mut peak_gpu: Vec<Option<u64>> = devices.iter().map(gpu_used_bytes).collect();
         // Data parallelism: each replica's gradient all-reduce (see nn::dist).
         let mut syncs = if devices.len() > 1 { GradSync::group(&devices, &named).map_err(fail)? } else { Vec::new() };
+        if owner.is_some() && p.zero_stage == 2 {
+            syncs.iter_mut().for_each(GradSync::shard_gradients);
+        }
         if let Some(s) = syncs.first() {
             ctx.log_line(&format!(
                 "data parallel: {} replicas, gradients all-reduced over {} in {} buckets",
@@ -748,30 +758,36 @@ impl Stage for TrainStage {
             // Every replica holds the summed gradients: each steps its
             // optimizer (sharded: clipped by the global norm, the tensors
             // it owns), all at once.
-            let step_one = |r: usize, opt: &mut AdamW, grads: Grads| -> Result<f64, StageFailure> {
-                let Some(o) = &owner else { return Ok(opt.clip_and_step(grads, p.max_grad_norm, lr)?) };
-                let present: Vec<Tensor> = grads.iter().flatten().cloned().collect();
-                let norm = crate::nn::optim::global_norm(&present).map_err(fail)?;
-                drop(present);
-                let max = p.max_grad_norm;
-                let scale = if max > 0.0 && norm > max { max / (norm + 1e-6) } else { 1.0 };
-                let owned = grads
-                    .into_iter()
-                    .zip(o)
-                    .filter(|(_, &w)| w == r)
-                    .map(|(g, _)| g.map(|g| if scale != 1.0 { g * scale } else { Ok(g) }).transpose())
-                    .collect::<Result<Grads, _>>()
-                    .map_err(fail)?;
-                // Clipped already: the owner steps without clipping again.
-                opt.clip_and_step(owned, 0.0, lr)?;
-                Ok(norm)
-            };
+            let step_one =
+                |r: usize, opt: &mut AdamW, grads: Grads, sync: Option<&mut GradSync>| -> Result<f64, StageFailure> {
+                    let Some(o) = &owner else { return Ok(opt.clip_and_step(grads, p.max_grad_norm, lr)?) };
+                    let present: Vec<Tensor> = grads.iter().flatten().cloned().collect();
+                    let norm = crate::nn::optim::global_norm(&present).map_err(fail)?;
+                    drop(present);
+                    // Stage 2: this replica holds only its buckets' sums.
+                    let norm = match sync {
+                        Some(s) if p.zero_stage == 2 => s.sum_scalar(norm * norm).map_err(fail)?.max(0.0).sqrt(),
+                        _ => norm,
+                    };
+                    let max = p.max_grad_norm;
+                    let scale = if max > 0.0 && norm > max { max / (norm + 1e-6) } else { 1.0 };
+                    let owned = grads
+                        .into_iter()
+                        .zip(o)
+                        .filter(|(_, &w)| w == r)
+                        .map(|(g, _)| g.map(|g| if scale != 1.0 { g * scale } else { Ok(g) }).transpose())
+                        .collect::<Result<Grads, _>>()
+                        .map_err(fail)?;
+                    // Clipped already: the owner steps without clipping again.
+                    opt.clip_and_step(owned, 0.0, lr)?;
+                    Ok(norm)
+                };
             let (mut opts, vars_of): (Vec<&mut AdamW>, Vec<&[Var]>) = std::iter::once((&mut opt, &vars[..]))
                 .chain(replicas.iter_mut().map(|r| (&mut r.opt, &r.vars[..])))
                 .unzip();
             let norms: Vec<Result<f64, StageFailure>> = if n_rep == 1 {
                 let g = per_replica.pop().expect("one replica");
-                vec![step_one(0, opts.pop().expect("one optimizer"), g)]
+                vec![step_one(0, opts.pop().expect("one optimizer"), g, None)]
             } else {
                 let owner = owner.as_deref();
                 std::thread::scope(|sc| {
@@ -783,7 +799,7 @@ impl Stage for TrainStage {
                         .enumerate()
                         .map(|(r, ((o, g), (s, v)))| {
                             sc.spawn(move || {
-                                let norm = step_one(r, o, g)?;
+                                let norm = step_one(r, o, g, Some(&mut *s))?;
                                 // ZeRO over NCCL: each tensor from its owner to the others.
                                 if let (Some(owner), "nccl") = (owner, s.transport()) {
                                     s.broadcast_owned(v, owner).map_err(fail)?;
@@ -893,6 +909,7 @@ impl Stage for TrainStage {
             "devices": devices.len(),
             "zero_stage": if owner.is_some() { p.zero_stage } else { 0 },
             "all_reduce": syncs.first().map(|s| json!({"transport": s.transport(), "buckets": s.n_buckets()})),
+            "gradient_bytes_per_replica": (!syncs.is_empty()).then(|| syncs.iter().map(GradSync::held_bytes).collect::<Vec<_>>()),
             "optimizer_state_bytes": std::iter::once(&opt).chain(replicas.iter().map(|r| &r.opt)).map(|o| o.state_bytes()).collect::<Vec<_>>(),
             "precision": format!("{:?}", p.precision).to_lowercase(),
             "seconds": train_s,

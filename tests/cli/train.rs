@@ -479,7 +479,10 @@ fn two_replicas_train_like_one_device_with_twice_the_accumulation() {
     ws.ok(&["run", "one.yaml"]);
     let out = ws.ok(&["run", "two.yaml"]);
     assert!(out.stderr.contains("sft: running"), "the replicas are a different job: {out:?}");
-    ws.ok(&["run", "zero.yaml"]);
+    // Buckets of ~200 bytes: the tiny model's gradients fill several, dealt
+    // out to the two replicas (stage 2 shards by bucket).
+    let out: Out = ws.cmd(&["run", "zero.yaml"]).env("PIPE_DDP_BUCKET_MB", "0.0002").output().unwrap().into();
+    assert_eq!(out.code, 0, "{out:?}");
     let a = ws.out_path("one.yaml", "sft");
     let ja = train_json(&a);
     assert_eq!((ja["steps"].as_u64(), ja["devices"].as_u64()), (Some(2), Some(1)), "{ja}");
@@ -495,11 +498,17 @@ fn two_replicas_train_like_one_device_with_twice_the_accumulation() {
         assert_eq!(jb["device"], "cpu x2");
         assert_eq!(jb["zero_stage"], zero);
         let per = state(&jb);
+        let grads: Vec<u64> =
+            jb["gradient_bytes_per_replica"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
         if zero == 0 {
             assert_eq!(per, vec![total, total], "replicated optimizer state");
+            assert!(grads[0] > 0 && grads[0] == grads[1], "every replica holds every summed gradient: {grads:?}");
         } else {
             assert_eq!(per.iter().sum::<u64>(), total, "the shards cover the state once");
             assert!(per.iter().all(|&b| b > 0 && b <= total * 6 / 10), "about half each: {per:?} of {total}");
+            let all = train_json(&ws.out_path("two.yaml", "sft"))["gradient_bytes_per_replica"][0].as_u64().unwrap();
+            assert_eq!(grads.iter().sum::<u64>(), all, "stage 2: each bucket's sum on one replica: {grads:?} of {all}");
+            assert!(grads.iter().all(|&b| b > 0 && b <= all * 6 / 10), "about half each: {grads:?} of {all}");
         }
         same_training(&a, &b);
     }

@@ -35,6 +35,19 @@ pub fn bucket_bytes() -> usize {
         .map_or(25_000_000, |mb| (mb * 1e6) as usize)
 }
 
+/// ZeRO-2's owner replica of each of `vars` among `n`: that of its bucket
+/// (of [`bucket_bytes`]), as [`GradSync::var_owners`] gives it.
+pub fn zero2_owners(vars: &[(String, Var)], n: usize) -> Vec<usize> {
+    let layout = Layout::new(vars, bucket_bytes());
+    let mut out = vec![0; vars.len()];
+    for (b, o) in layout.buckets.iter().zip(layout.owners(n)) {
+        for &i in &b.vars {
+            out[i] = o;
+        }
+    }
+    out
+}
+
 /// The decoder layer a variable belongs to, from its name
 /// (`model.layers.{i}.…`, also under a PEFT prefix); None outside them.
 pub fn layer_of(name: &str) -> Option<usize> {
@@ -83,6 +96,24 @@ impl Layout {
         }
         Layout { layer, shapes: vars.iter().map(|(_, v)| v.dims().to_vec()).collect(), buckets }
     }
+
+    /// ZeRO-2's owner of each bucket among `n` replicas: largest first to
+    /// the replica holding the fewest bytes so far (ties to the lower index).
+    fn owners(&self, n: usize) -> Vec<usize> {
+        let bytes = |b: &Bucket| -> usize {
+            b.vars.iter().map(|&i| self.shapes[i].iter().product::<usize>()).sum::<usize>() * b.dtype.size_in_bytes()
+        };
+        let mut order: Vec<usize> = (0..self.buckets.len()).collect();
+        order.sort_by_key(|&k| (std::cmp::Reverse(bytes(&self.buckets[k])), k));
+        let mut load = vec![0usize; n];
+        let mut owner = vec![0usize; self.buckets.len()];
+        for k in order {
+            let r = (0..n).min_by_key(|&r| (load[r], r)).unwrap_or(0);
+            owner[k] = r;
+            load[r] += bytes(&self.buckets[k]);
+        }
+        owner
+    }
 }
 
 /// How the replicas exchange their buffers.
@@ -104,8 +135,13 @@ pub struct GradSync {
     present: Vec<bool>,
     /// The next bucket to reduce.
     next: usize,
-    /// The reduced (or, over NCCL, being reduced) buffer of each bucket so far.
-    sums: Vec<Tensor>,
+    /// The reduced (or, over NCCL, being reduced) buffer of each bucket so
+    /// far; None: sharded, another replica's bucket.
+    sums: Vec<Option<Tensor>>,
+    /// ZeRO-2: each bucket's sum goes only to its owner (None: to everyone).
+    bucket_owner: Option<Vec<usize>>,
+    /// Bytes of summed gradients this replica held after the last step.
+    held: usize,
     /// Seconds spent blocked in host exchanges this step.
     waited: f64,
 }
@@ -141,9 +177,54 @@ impl GradSync {
                 present: vec![false; vars.len()],
                 next: 0,
                 sums: Vec::new(),
+                bucket_owner: None,
+                held: 0,
                 waited: 0.0,
             })
             .collect())
+    }
+
+    /// ZeRO-2: from now on each bucket's sum goes only to the replica that
+    /// owns it ([`Self::var_owners`]); the others drop their share once it
+    /// is sent, so each holds about 1/n of the summed gradients.
+    pub fn shard_gradients(&mut self) {
+        self.bucket_owner = Some(self.layout.owners(self.world()));
+    }
+
+    /// ZeRO-2's owner replica of each variable: its bucket's.
+    pub fn var_owners(&self) -> Vec<usize> {
+        let owners = self.layout.owners(self.world());
+        let mut out = vec![0; self.layout.shapes.len()];
+        for (b, o) in self.layout.buckets.iter().zip(owners) {
+            for &i in &b.vars {
+                out[i] = o;
+            }
+        }
+        out
+    }
+
+    /// Bytes of summed gradients this replica held after its last step.
+    pub fn held_bytes(&self) -> usize {
+        self.held
+    }
+
+    /// The sum of `x` over the replicas (e.g. the parts of a squared
+    /// gradient norm), the same on every replica.
+    pub fn sum_scalar(&mut self, x: f64) -> Result<f64> {
+        let t = self.all_reduce(Tensor::new(&[x as f32], &self.device)?)?;
+        #[cfg(feature = "nccl")]
+        if let Link::Nccl(r) = &self.link {
+            r.join()?;
+        }
+        Ok(t.to_device(&Device::Cpu)?.to_vec1::<f32>()?[0] as f64)
+    }
+
+    fn world(&self) -> usize {
+        match &self.link {
+            Link::Host(g) => g.n,
+            #[cfg(feature = "nccl")]
+            Link::Nccl(r) => r.world(),
+        }
     }
 
     /// `nccl` or `host`: what carries the sums.
@@ -188,7 +269,10 @@ impl GradSync {
         }
         let present = present.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
         let layout = self.layout.clone();
+        self.held = 0;
         for (b, flat) in layout.buckets.iter().zip(std::mem::take(&mut self.sums)) {
+            let Some(flat) = flat else { continue };
+            self.held += flat.elem_count() * flat.dtype().size_in_bytes();
             let mut off = 0;
             for &i in &b.vars {
                 let shape = &layout.shapes[i];
@@ -254,11 +338,36 @@ impl GradSync {
             for &i in &b.vars {
                 self.present[i] = grads[i].take().is_some();
             }
-            let sum = self.all_reduce(flat)?;
+            let sum = match self.bucket_owner.as_ref().map(|o| o[self.next]) {
+                Some(root) => self.reduce(flat, root)?,
+                None => Some(self.all_reduce(flat)?),
+            };
             self.sums.push(sum);
             self.next += 1;
         }
         Ok(())
+    }
+
+    /// The sum of `flat` over the replicas on replica `root` only (None on
+    /// the others, whose buffer is freed once the send is done).
+    fn reduce(&mut self, flat: Tensor, root: usize) -> Result<Option<Tensor>> {
+        match &self.link {
+            Link::Host(g) => {
+                let dtype = flat.dtype();
+                let mine = flat.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+                let n = mine.len();
+                let t = std::time::Instant::now();
+                let sum = g.reduce(self.rank, root, mine)?;
+                self.waited += t.elapsed().as_secs_f64();
+                sum.map(|s| Ok(Tensor::from_vec(s, n, &Device::Cpu)?.to_dtype(dtype)?.to_device(&self.device)?))
+                    .transpose()
+            }
+            #[cfg(feature = "nccl")]
+            Link::Nccl(r) => {
+                r.reduce(&flat, root)?;
+                Ok((root == self.rank).then_some(flat))
+            }
+        }
     }
 
     /// The sum of `flat` over the replicas: over NCCL, `flat` itself
@@ -367,6 +476,20 @@ impl HostGroup {
         Ok(s)
     }
 
+    /// Every replica's `mine`, summed in replica order, on replica `root`
+    /// (None elsewhere).
+    fn reduce(&self, rank: usize, root: usize, mine: Vec<f32>) -> Result<Option<Vec<f32>>> {
+        if rank == root {
+            return Ok(Some(self.all_reduce(rank, mine)?));
+        }
+        // Post, then wait while the root takes the buffers.
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.slots[rank] = Some(Arc::new(mine));
+        let s = self.barrier(s)?;
+        drop(self.barrier(s)?);
+        Ok(None)
+    }
+
     /// Every replica's `mine`, summed in replica order (the same bits on
     /// every replica).
     fn all_reduce(&self, rank: usize, mine: Vec<f32>) -> Result<Vec<f32>> {
@@ -441,6 +564,18 @@ mod nccl {
             Ok(())
         }
 
+        /// Sums `flat` over the ranks into rank `root`'s copy, in place, on
+        /// the communication stream.
+        pub fn reduce(&self, flat: &Tensor, root: usize) -> Result<()> {
+            self.comm.stream().join(&self.compute).map_err(err)?;
+            flat.inplace_op1(&Collective(&self.comm, Op::Reduce(root as i32)))?;
+            Ok(())
+        }
+
+        pub fn world(&self) -> usize {
+            self.comm.world_size()
+        }
+
         /// Each tensor's value from rank `root` to the others, in place, as
         /// one NCCL group; candle's stream then waits for it.
         pub fn broadcast<'t>(&self, items: impl Iterator<Item = (&'t Tensor, usize)>) -> Result<()> {
@@ -467,6 +602,7 @@ mod nccl {
     #[derive(Clone, Copy)]
     enum Op {
         Sum,
+        Reduce(i32),
         Broadcast(i32),
     }
 
@@ -478,6 +614,7 @@ mod nccl {
             let mut v = s.as_cuda_slice_mut::<T>()?.slice_mut(a..b);
             let r = match self.1 {
                 Op::Sum => self.0.all_reduce_in_place(&mut v, &ReduceOp::Sum),
+                Op::Reduce(root) => self.0.reduce_in_place(&mut v, &ReduceOp::Sum, root),
                 Op::Broadcast(root) => self.0.broadcast_in_place(&mut v, root),
             };
             r.map(|_| ()).map_err(|e| candle_core::Error::Msg(format!("nccl: {e:?}")))
@@ -645,7 +782,8 @@ mod tests {
             })
         };
         let owner: Vec<usize> = (0..3).map(|i| i % n).collect();
-        let out: Vec<Vec<Option<Tensor>>> = std::thread::scope(|sc| {
+        type Out = (Vec<Option<Tensor>>, Vec<Option<Tensor>>, Vec<usize>);
+        let out: Vec<Out> = std::thread::scope(|sc| {
             let hs: Vec<_> = syncs
                 .into_iter()
                 .zip(&devices)
@@ -669,14 +807,21 @@ mod tests {
                         }
                         let vs: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
                         s.broadcast_owned(&vs, owner).unwrap();
-                        g
+                        // ZeRO-2: each bucket's sum on its owner only.
+                        s.shard_gradients();
+                        let mut g2: Vec<Option<Tensor>> = (0..3).map(|i| grad(r, i, d)).collect();
+                        s.layer_done(1, &mut g2).unwrap();
+                        s.layer_done(0, &mut g2).unwrap();
+                        s.finish(&mut g2).unwrap();
+                        assert_eq!(s.sum_scalar(1.5).unwrap(), 1.5 * n as f64);
+                        (g, g2, s.var_owners())
                     })
                 })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         let host = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        for (r, g) in out.iter().enumerate() {
+        for (r, (g, g2, owners)) in out.iter().enumerate() {
             for i in 0..3 {
                 let want: Vec<f32> = if i == 1 {
                     host(&grad(0, 1, &Device::Cpu).unwrap())
@@ -685,6 +830,12 @@ mod tests {
                     (0..parts[0].len()).map(|k| parts.iter().map(|p| p[k]).sum()).collect()
                 };
                 assert_eq!(host(g[i].as_ref().unwrap()), want, "replica {r}, variable {i}");
+                match &g2[i] {
+                    Some(t) => {
+                        assert_eq!((owners[i], host(t)), (r, want.clone()), "sharded: replica {r}, variable {i}")
+                    }
+                    None => assert_ne!(owners[i], r, "sharded: replica {r} owns variable {i} but has no sum"),
+                }
                 let v = host(per[r][i].1.as_tensor());
                 assert!(v.iter().all(|&x| x == (owner[i] * 10 + i) as f32), "replica {r}, variable {i}: {:?}", &v[..4]);
             }
