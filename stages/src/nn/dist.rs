@@ -548,6 +548,12 @@ mod nccl {
         for d in devices {
             let Device::Cuda(c) = d else { return Err(NnError::Other("nccl needs CUDA devices".into())) };
             let compute = c.cuda_stream();
+            // Buffers a reduce has sent are freed at once on candle's stream:
+            // safe because their uses on the communication stream are
+            // tracked by events (cudarc's default).
+            if !compute.context().is_event_tracking() {
+                return Err(NnError::Other("NCCL data parallelism needs cudarc's event tracking".into()));
+            }
             streams.push(compute.fork().map_err(err)?);
             computes.push(compute);
         }
