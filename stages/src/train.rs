@@ -671,7 +671,6 @@ impl Stage for TrainStage {
                 continue;
             }
             let recompute = p.gradient_checkpointing;
-            let cancellable = syncs.first().is_none_or(|s| s.transport() == "host");
             // One replica's micro-batches: forward and backward passes, the
             // gradients accumulated and (data parallelism) all-reduced, the
             // last micro-batch's buckets while its backward pass goes on.
@@ -686,10 +685,9 @@ impl Stage for TrainStage {
                 let mut body = || -> Result<(f64, f64), StageFailure> {
                     let mut loss = 0.0;
                     for (k, &(m, b)) in mine.iter().enumerate() {
-                        // Over NCCL the replicas stop together, between steps:
-                        // one leaving in the middle would strand the others in
-                        // an all-reduce (host exchanges are released by abort).
-                        if cancellable && ctx.cancel.is_cancelled() {
+                        // A replica leaving mid-step releases (host) or drains
+                        // (NCCL) the step's exchanges: see the error path.
+                        if ctx.cancel.is_cancelled() {
                             return Err(StageFailure::new("cancelled"));
                         }
                         let fx = Fwd { train: true, seed: p.seed ^ ((step as u64) << 20) ^ m as u64 };
@@ -719,8 +717,16 @@ impl Stage for TrainStage {
                 match body() {
                     Ok((loss, waited)) => Ok((loss, grads, waited)),
                     Err(e) => {
-                        if let Some(r) = &release {
-                            r.abort();
+                        // Over NCCL the others may be inside a collective:
+                        // finish the step's exchanges with zeros so they
+                        // can stop; host exchanges are simply released.
+                        match sync {
+                            Some(s) if s.transport() == "nccl" => s.drain(),
+                            _ => {
+                                if let Some(r) = &release {
+                                    r.abort();
+                                }
+                            }
                         }
                         Err(e)
                     }

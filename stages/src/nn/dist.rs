@@ -142,6 +142,8 @@ pub struct GradSync {
     bucket_owner: Option<Vec<usize>>,
     /// Bytes of summed gradients this replica held after the last step.
     held: usize,
+    /// This step's exchange of which gradients exist has been sent.
+    presence_sent: bool,
     /// Seconds spent blocked in host exchanges this step.
     waited: f64,
 }
@@ -179,6 +181,7 @@ impl GradSync {
                 sums: Vec::new(),
                 bucket_owner: None,
                 held: 0,
+                presence_sent: false,
                 waited: 0.0,
             })
             .collect())
@@ -262,6 +265,7 @@ impl GradSync {
         // Which gradients some replica produced (a count per variable).
         let present: Vec<f32> = self.present.iter().map(|&p| if p { 1.0 } else { 0.0 }).collect();
         let n = present.len();
+        self.presence_sent = true;
         let present = self.all_reduce(Tensor::from_vec(present, n, &self.device)?)?;
         #[cfg(feature = "nccl")]
         if let Link::Nccl(r) = &self.link {
@@ -282,10 +286,37 @@ impl GradSync {
                 off += len;
             }
         }
+        self.reset();
+        Ok(std::mem::take(&mut self.waited))
+    }
+
+    /// This replica failed (or was cancelled) during the step: take part in
+    /// the step's remaining exchanges with zeros, so the other replicas
+    /// finish it instead of waiting in a collective forever; then forget
+    /// the step. Errors here are ignored (the step is lost anyway).
+    pub fn drain(&mut self) {
+        let mut none: Vec<Option<Tensor>> = vec![None; self.ready.len()];
+        self.ready.iter_mut().for_each(|r| *r = true);
+        let _ = self.flush(&mut none);
+        if !self.presence_sent {
+            let n = self.present.len();
+            if let Ok(t) = Tensor::zeros(n, DType::F32, &self.device) {
+                let _ = self.all_reduce(t);
+            }
+        }
+        #[cfg(feature = "nccl")]
+        if let Link::Nccl(r) = &self.link {
+            let _ = r.join();
+        }
+        self.sums.clear();
+        self.reset();
+    }
+
+    fn reset(&mut self) {
         self.ready.iter_mut().for_each(|r| *r = false);
         self.present.iter_mut().for_each(|p| *p = false);
         self.next = 0;
-        Ok(std::mem::take(&mut self.waited))
+        self.presence_sent = false;
     }
 
     /// ZeRO's broadcast over NCCL: variable i's value (`vars[i]`, this
@@ -846,6 +877,46 @@ mod tests {
                 assert!(v.iter().all(|&x| x == (owner[i] * 10 + i) as f32), "replica {r}, variable {i}: {:?}", &v[..4]);
             }
         }
+    }
+
+    /// A replica that fails mid-step drains: it takes part in the rest of
+    /// the step's exchanges with zeros, so the others finish the step (with
+    /// its contribution missing) instead of waiting; the next step works.
+    #[test]
+    fn a_failed_replica_drains_the_step() {
+        let v = vars(&[("model.layers.0.a", &[4]), ("model.layers.1.a", &[4]), ("lm_head.weight", &[2])]);
+        let syncs = GradSync::group_with(&[Device::Cpu, Device::Cpu], &v, 8, true).unwrap();
+        let ones = |n: usize| Some(Tensor::ones(n, DType::F32, &Device::Cpu).unwrap());
+        let out: Vec<Vec<Vec<f32>>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = syncs
+                .into_iter()
+                .enumerate()
+                .map(|(r, mut s)| {
+                    sc.spawn(move || {
+                        let mut g = vec![ones(4), ones(4), ones(2)];
+                        s.layer_done(1, &mut g).unwrap();
+                        if r == 1 {
+                            s.drain(); // fails after its first bucket
+                        } else {
+                            s.layer_done(0, &mut g).unwrap();
+                            s.finish(&mut g).unwrap();
+                        }
+                        let first: Vec<f32> =
+                            g.iter().flatten().flat_map(|t| t.to_vec1::<f32>().unwrap()).collect::<Vec<_>>();
+                        // The next step, both whole.
+                        let mut g = vec![ones(4), ones(4), ones(2)];
+                        s.finish(&mut g).unwrap();
+                        let second = g.iter().flatten().flat_map(|t| t.to_vec1::<f32>().unwrap()).collect();
+                        vec![first, second]
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        // Replica 0: layer 1 summed with replica 1's ones, the rest with zeros.
+        assert_eq!(out[0][0], vec![1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 1.0, 1.0]);
+        assert_eq!(out[0][1], vec![2.0; 10]);
+        assert_eq!(out[1][1], vec![2.0; 10]);
     }
 
     /// A replica that panics releases the others through its abort handle.
