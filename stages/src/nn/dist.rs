@@ -38,14 +38,7 @@ pub fn bucket_bytes() -> usize {
 /// ZeRO-2's owner replica of each of `vars` among `n`: that of its bucket
 /// (of [`bucket_bytes`]), as [`GradSync::var_owners`] gives it.
 pub fn zero2_owners(vars: &[(String, Var)], n: usize) -> Vec<usize> {
-    let layout = Layout::new(vars, bucket_bytes());
-    let mut out = vec![0; vars.len()];
-    for (b, o) in layout.buckets.iter().zip(layout.owners(n)) {
-        for &i in &b.vars {
-            out[i] = o;
-        }
-    }
-    out
+    Layout::new(vars, bucket_bytes()).var_owners(n)
 }
 
 /// The decoder layer a variable belongs to, from its name
@@ -113,6 +106,17 @@ impl Layout {
             load[r] += bytes(&self.buckets[k]);
         }
         owner
+    }
+
+    /// [`Self::owners`] per variable: its bucket's owner.
+    fn var_owners(&self, n: usize) -> Vec<usize> {
+        let mut out = vec![0; self.shapes.len()];
+        for (b, o) in self.buckets.iter().zip(self.owners(n)) {
+            for &i in &b.vars {
+                out[i] = o;
+            }
+        }
+        out
     }
 }
 
@@ -196,14 +200,7 @@ impl GradSync {
 
     /// ZeRO-2's owner replica of each variable: its bucket's.
     pub fn var_owners(&self) -> Vec<usize> {
-        let owners = self.layout.owners(self.world());
-        let mut out = vec![0; self.layout.shapes.len()];
-        for (b, o) in self.layout.buckets.iter().zip(owners) {
-            for &i in &b.vars {
-                out[i] = o;
-            }
-        }
-        out
+        self.layout.var_owners(self.world())
     }
 
     /// Bytes of summed gradients this replica held after its last step.
@@ -379,19 +376,30 @@ impl GradSync {
         Ok(())
     }
 
+    /// `flat` through host memory: as f32 into `exchange(rank, values)`, its
+    /// sum (if this replica gets one) back in `flat`'s dtype on this
+    /// replica's device; the time spent in the exchange counted as waiting.
+    fn host_exchange(
+        &mut self,
+        flat: &Tensor,
+        exchange: impl FnOnce(usize, Vec<f32>) -> Result<Option<Vec<f32>>>,
+    ) -> Result<Option<Tensor>> {
+        let mine = flat.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        let n = mine.len();
+        let t = std::time::Instant::now();
+        let sum = exchange(self.rank, mine)?;
+        self.waited += t.elapsed().as_secs_f64();
+        sum.map(|s| Ok(Tensor::from_vec(s, n, &Device::Cpu)?.to_dtype(flat.dtype())?.to_device(&self.device)?))
+            .transpose()
+    }
+
     /// The sum of `flat` over the replicas on replica `root` only (None on
     /// the others, whose buffer is freed once the send is done).
     fn reduce(&mut self, flat: Tensor, root: usize) -> Result<Option<Tensor>> {
         match &self.link {
             Link::Host(g) => {
-                let dtype = flat.dtype();
-                let mine = flat.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
-                let n = mine.len();
-                let t = std::time::Instant::now();
-                let sum = g.reduce(self.rank, root, mine)?;
-                self.waited += t.elapsed().as_secs_f64();
-                sum.map(|s| Ok(Tensor::from_vec(s, n, &Device::Cpu)?.to_dtype(dtype)?.to_device(&self.device)?))
-                    .transpose()
+                let g = g.clone();
+                self.host_exchange(&flat, |rank, mine| g.reduce(rank, root, mine))
             }
             #[cfg(feature = "nccl")]
             Link::Nccl(r) => {
@@ -406,13 +414,9 @@ impl GradSync {
     fn all_reduce(&mut self, flat: Tensor) -> Result<Tensor> {
         match &self.link {
             Link::Host(g) => {
-                let dtype = flat.dtype();
-                let mine = flat.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
-                let n = mine.len();
-                let t = std::time::Instant::now();
-                let sum = g.all_reduce(self.rank, mine)?;
-                self.waited += t.elapsed().as_secs_f64();
-                Ok(Tensor::from_vec(sum, n, &Device::Cpu)?.to_dtype(dtype)?.to_device(&self.device)?)
+                let g = g.clone();
+                let sum = self.host_exchange(&flat, |rank, mine| g.all_reduce(rank, mine).map(Some))?;
+                Ok(sum.expect("an all-reduce returns the sum"))
             }
             #[cfg(feature = "nccl")]
             Link::Nccl(r) => {

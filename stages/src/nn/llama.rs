@@ -744,11 +744,7 @@ impl Llama {
                     // Detached: a gradient built by ops on tracked tensors
                     // would otherwise keep this step's graph (activations)
                     // alive in the optimizer's moments, step after step.
-                    let t = t.detach();
-                    *o = Some(match o.take() {
-                        Some(prev) => (prev + t)?,
-                        None => t,
-                    });
+                    add_into(o, t.detach())?;
                 }
             }
             Ok(())
@@ -824,14 +820,20 @@ impl Llama {
         }
         for (a, h) in acc.iter_mut().zip(head) {
             if let Some(h) = h {
-                *a = Some(match a.take() {
-                    Some(prev) => (prev + h)?,
-                    None => h,
-                });
+                add_into(a, h)?;
             }
         }
         Ok(value)
     }
+}
+
+/// `acc += t` for an accumulated gradient (None: nothing yet).
+fn add_into(acc: &mut Option<Tensor>, t: Tensor) -> Result<()> {
+    *acc = Some(match acc.take() {
+        Some(prev) => (prev + t)?,
+        None => t,
+    });
+    Ok(())
 }
 
 /// The callback of [`Llama::loss_and_grads_into`]: decoder layer `i`'s
