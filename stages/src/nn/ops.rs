@@ -317,9 +317,11 @@ impl candle_core::CustomOp2 for TrainedMatmul {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dense(dy)?;
-        let dx = if x.track_op() { Some(dy.matmul(w)?) } else { None };
-        let dw = if w.track_op() { Some(dy.t()?.matmul(x)?) } else { None };
+        // From detached inputs: a weight's gradient that kept this graph
+        // (`x`, `dy`) would hold it until the whole backward pass is over.
+        let dy = dense(dy)?.detach();
+        let dx = if x.track_op() { Some(dy.matmul(&w.detach())?) } else { None };
+        let dw = if w.track_op() { Some(dy.t()?.matmul(&x.detach())?) } else { None };
         Ok((dx, dw))
     }
 }
@@ -520,13 +522,17 @@ impl candle_core::CustomOp3 for LoraLinear {
         let Some(xas) = self.xas.lock().ok().and_then(|g| g.clone()) else {
             candle_core::bail!("lora-linear: backward before forward")
         };
-        let dy = dy.to_dtype(x.dtype())?;
+        // The gradients are computed from detached inputs: a gradient that
+        // keeps a graph (of `x`, `dy`, the adapter) would hold those tensors
+        // in the gradient store until the whole backward pass is over.
+        let (xd, ad, bd) = (x.detach(), a.detach(), b.detach());
+        let dy = dy.detach().to_dtype(x.dtype())?;
         // d(x @ a.T) = scale * dy @ b
-        let dxa = dy.matmul(b)?.affine(self.scale, 0.0)?;
-        let da = if a.track_op() { Some(dxa.t()?.matmul(x)?) } else { None };
+        let dxa = dy.matmul(&bd)?.affine(self.scale, 0.0)?;
+        let da = if a.track_op() { Some(dxa.t()?.matmul(&xd)?) } else { None };
         let db = if b.track_op() { Some(dy.t()?.matmul(&xas)?) } else { None };
         let dx = if x.track_op() {
-            Some((dy.matmul(&self.w.get(dy.device(), dy.dtype())?)? + dxa.matmul(a)?)?)
+            Some((dy.matmul(&self.w.get(dy.device(), dy.dtype())?)? + dxa.matmul(&ad)?)?)
         } else {
             None
         };

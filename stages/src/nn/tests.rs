@@ -531,6 +531,8 @@ fn trained_matmul_matches_the_composition() -> Result<()> {
         assert!(rel_err(&dx, &want_dx)? < tol, "{dt:?} dx");
         assert_eq!(dw.dims(), w.dims());
         assert!(rel_err(&dw, &want_dw)? < tol, "{dt:?} dw");
+        // Held in the gradient store for the whole backward pass: no graph.
+        assert!(!dx.track_op() && !dw.track_op(), "{dt:?} gradients keep a graph");
         // Only the gradients asked for: a frozen input gets none.
         let xc = x.as_tensor().detach();
         let g = trained_matmul(&xc, w.as_tensor())?.sum_all()?.backward()?;
@@ -571,6 +573,8 @@ fn fused_lora_linear_matches_the_composition() -> Result<()> {
                 panic!("{what}: no {name}")
             };
             assert!(rel_err(g1, g2)? < 1e-12, "{what}: {name}");
+            // Held in the gradient store for the whole backward pass: no graph.
+            assert!(!g1.track_op(), "{what}: {name} keeps a graph");
         }
     }
     // A frozen input gets no gradient, the adapter still does.
