@@ -214,6 +214,28 @@ fn profile(model: &Llama, rows: &[Row], device: &Device) -> pipe_stages::nn::Res
         "head_loss_fwd_bwd_ms",
         time_ms(device, 5, || Ok(model.loss_sum_from_hidden(hf.as_tensor(), &b, fx)?.backward()?))?,
     );
+    // The parts of the LM head's loss, one chunk of rows (as the model
+    // chunks on a GPU: 2^26 logits) timed alone; x head_chunks a step.
+    let w = match &model.lm_head {
+        Some(l) => l.w.tensor()?,
+        None => model.embed.tensor()?,
+    };
+    let vocab = w.dim(0)?;
+    let rows = ((1usize << 26) / vocab).max(128).min(n);
+    let hc = hf.as_tensor().narrow(0, 0, rows)?.detach();
+    let t = Tensor::from_vec((0..rows as u32).map(|i| i % vocab as u32).collect::<Vec<_>>(), rows, device)?;
+    put("head_chunks", n.div_ceil(rows) as f64);
+    put("head_logits_mm_ms", time_ms(device, reps, || Ok(hc.matmul(&w.t()?)?))?);
+    let p = hc.matmul(&w.t()?)?;
+    if pipe_stages::nn::fused::usable(&p) {
+        put("head_ce_ms", time_ms(device, reps, || Ok(pipe_stages::nn::fused::cross_entropy_grad_in_place(&p, &t)?))?);
+    }
+    put("head_dh_mm_ms", time_ms(device, reps, || Ok(p.matmul(&w)?))?);
+    put("head_dw_mm_ms", time_ms(device, reps, || Ok(p.t()?.matmul(&hc)?))?);
+    let dw = p.t()?.matmul(&hc)?;
+    put("head_dw_add_ms", time_ms(device, reps, || Ok((&dw + &dw)?))?);
+    let big = l.gate.forward(hv.as_tensor(), Fwd::EVAL)?;
+    put("sum_all_gate_out_ms", time_ms(device, reps, || Ok(big.sum_all()?))?);
     put("layers", model.layers.len() as f64);
     Ok(serde_json::Value::Object(out))
 }

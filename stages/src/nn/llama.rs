@@ -809,14 +809,14 @@ impl Llama {
                     (xv, y)
                 }
             };
-            let g = (y * d)?.sum_all()?.backward()?;
+            let g = crate::nn::ops::backward_from(&y, &d)?;
             collect(acc, vars, &g)?;
             dx = g.get(xv.as_tensor()).cloned();
             drop(g);
             done(i, acc)?;
         }
         if let (Some(d), true) = (dx, emb.track_op()) {
-            collect(&mut head, vars, &(emb * d)?.sum_all()?.backward()?)?;
+            collect(&mut head, vars, &crate::nn::ops::backward_from(&emb, &d)?)?;
         }
         for (a, h) in acc.iter_mut().zip(head) {
             if let Some(h) = h {

@@ -326,6 +326,42 @@ impl candle_core::CustomOp2 for TrainedMatmul {
     }
 }
 
+/// The backward pass of `y` seeded with the gradient `d` (same shape): the
+/// gradients of `sum(y * d)`, without that product and sum (candle's sum
+/// of every element runs in a single block on CUDA: 3.4 ms for 67M bf16
+/// values on an H200). The values are those of the composition: its
+/// gradient for `y` is `d * 1`.
+pub fn backward_from(y: &Tensor, d: &Tensor) -> Result<candle_core::backprop::GradStore> {
+    if y.dims() != d.dims() {
+        candle_core::bail!("backward_from: gradient {:?} for a tensor {:?}", d.dims(), y.dims());
+    }
+    y.apply_op1(Seed { d: d.detach() })?.backward()
+}
+
+/// A scalar (zero) whose gradient, sent back to its input, is `d`.
+struct Seed {
+    d: Tensor,
+}
+
+impl CustomOp1 for Seed {
+    fn name(&self) -> &'static str {
+        "seed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_storage(&Tensor::zeros((), s.dtype(), &candle_core::Device::Cpu)?, self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda_storage(&Tensor::zeros((), s.dtype(), &candle_core::Device::Cuda(s.device().clone()))?, self.name())
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.d.to_dtype(x.dtype())?.broadcast_mul(&grad.to_dtype(x.dtype())?)?))
+    }
+}
+
 /// A LoRA linear in one op: `x @ w.T + scale * (x @ a.T) @ b.T` for a
 /// frozen (or NF4) `w` (n, k), `a` (r, k), `b` (n, r), `x` (m, k). Keeps
 /// for the backward pass only `scale * x @ a.T` (m, r) besides its inputs,
@@ -614,10 +650,15 @@ impl FusedHeadCe {
             };
             dh.push(p.matmul(&w)?);
             if self.w_grad {
-                let g = p.t()?.matmul(&hc)?;
                 dw = Some(match dw {
-                    Some(a) => (a + g)?,
-                    None => g,
+                    // On CUDA, dw += p.T @ hc in place (cuBLAS with beta 1):
+                    // no (vocab, d) product and add pass per chunk.
+                    Some(a) if a.device().is_cuda() && matches!(a.dtype(), DType::F32 | DType::BF16) => {
+                        a.inplace_op3(&p, &hc, &AddMatmulT)?;
+                        a
+                    }
+                    Some(a) => (a + p.t()?.matmul(&hc)?)?,
+                    None => p.t()?.matmul(&hc)?,
                 });
             }
             start += n;
@@ -627,6 +668,82 @@ impl FusedHeadCe {
             *g = Some((dh, dw));
         }
         Ok(total)
+    }
+}
+
+/// `acc += p.T @ h` in place: `acc` (v, d), `p` (n, v), `h` (n, d), all
+/// dense in one dtype (f32 or bf16) on CUDA; one cuBLAS product with
+/// beta = 1 (f32 sums for bf16).
+struct AddMatmulT;
+
+impl candle_core::InplaceOp3 for AddMatmulT {
+    fn name(&self) -> &'static str {
+        "add-matmul-t"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
+        candle_core::bail!("add-matmul-t: CUDA only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        acc: &mut candle_core::CudaStorage,
+        al: &Layout,
+        p: &candle_core::CudaStorage,
+        pl: &Layout,
+        h: &candle_core::CudaStorage,
+        hl: &Layout,
+    ) -> Result<()> {
+        use candle_core::cuda::cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
+        use candle_core::cuda::WrapErr;
+        let ((v, d), (n, v2), (n2, d2)) = (al.shape().dims2()?, pl.shape().dims2()?, hl.shape().dims2()?);
+        if v != v2 || n != n2 || d != d2 || !al.is_contiguous() || !pl.is_contiguous() || !hl.is_contiguous() {
+            candle_core::bail!("add-matmul-t: {:?} += {:?}.T @ {:?} (dense)", al.dims(), pl.dims(), hl.dims());
+        }
+        let (Some((a0, a1)), Some((p0, p1)), Some((h0, h1))) =
+            (al.contiguous_offsets(), pl.contiguous_offsets(), hl.contiguous_offsets())
+        else {
+            candle_core::bail!("add-matmul-t: non-contiguous input")
+        };
+        let blas = acc.device().cublas_handle();
+        // Column-major: acc.T (d, v) += h.T (d, n) @ p (n, v), p read transposed.
+        macro_rules! run {
+            ($t:ty, $one:expr) => {{
+                let cfg = GemmConfig {
+                    transa: cublasOperation_t::CUBLAS_OP_N,
+                    transb: cublasOperation_t::CUBLAS_OP_T,
+                    m: d as i32,
+                    n: v as i32,
+                    k: n as i32,
+                    alpha: $one,
+                    lda: d as i32,
+                    ldb: v as i32,
+                    beta: $one,
+                    ldc: d as i32,
+                };
+                let ps = p.as_cuda_slice::<$t>()?.slice(p0..p1);
+                let hs = h.as_cuda_slice::<$t>()?.slice(h0..h1);
+                let mut cs = acc.as_cuda_slice_mut::<$t>()?.slice_mut(a0..a1);
+                // SAFETY: the shapes and leading dimensions above describe
+                // dense buffers of exactly these sizes.
+                unsafe { blas.gemm(cfg, &hs, &ps, &mut cs) }.w()?;
+            }};
+        }
+        match acc.dtype() {
+            DType::F32 => run!(f32, 1f32),
+            DType::BF16 => run!(half::bf16, half::bf16::ONE),
+            dt => candle_core::bail!("add-matmul-t: {dt:?} (f32, bf16)"),
+        }
+        Ok(())
     }
 }
 

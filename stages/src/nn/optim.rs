@@ -61,7 +61,8 @@ pub struct AdamW {
     /// Optimizer steps taken.
     pub t: usize,
     /// Whether [`Self::clip_and_step`] runs the CUDA kernels (kernels/optim.cu:
-    /// one launch per tensor for the norm and one for the update) instead of
+    /// one launch for the norm and one for the update of all the parameters
+    /// of a dtype) instead of
     /// the composition: every parameter on CUDA in f32 or bf16, and not
     /// turned off with `PIPE_FUSED_KERNELS=0`.
     pub fused: bool,
@@ -150,25 +151,22 @@ impl AdamW {
             .zip(&self.params)
             .map(|(g, p)| crate::nn::ops::dense(&g.to_dtype(p.var.dtype())?))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let norm = cuda::global_norm(&grads)?;
-        let gscale = if max_norm > 0.0 && norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 };
         self.t += 1;
         let c = self.cfg;
-        for (p, g) in self.params.iter().zip(&grads) {
-            let decay = if p.decay && c.weight_decay > 0.0 { 1.0 - lr * c.weight_decay } else { 1.0 };
-            let h = cuda::Hyper {
-                lr: lr as f32,
-                b1: c.beta1 as f32,
-                b2: c.beta2 as f32,
-                eps: c.eps as f32,
-                decay: decay as f32,
-                bc1: (1.0 - c.beta1.powi(self.t as i32)) as f32,
-                bc2: (1.0 - c.beta2.powi(self.t as i32)) as f32,
-                gscale: gscale as f32,
-            };
-            cuda::adamw(p, g, h)?;
-        }
-        Ok(norm)
+        let decays: Vec<f32> = self
+            .params
+            .iter()
+            .map(|p| if p.decay && c.weight_decay > 0.0 { (1.0 - lr * c.weight_decay) as f32 } else { 1.0 })
+            .collect();
+        let h = cuda::Hyper {
+            lr: lr as f32,
+            b1: c.beta1 as f32,
+            b2: c.beta2 as f32,
+            eps: c.eps as f32,
+            bc1: (1.0 - c.beta1.powi(self.t as i32)) as f32,
+            bc2: (1.0 - c.beta2.powi(self.t as i32)) as f32,
+        };
+        Ok(cuda::clip_and_step(&self.params, &grads, &decays, max_norm, h)?)
     }
 
     #[cfg(not(feature = "cuda"))]
@@ -181,50 +179,17 @@ impl AdamW {
 mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda::cudarc::driver::{
-        CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg, SyncOnDrop,
+        CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg, SyncOnDrop,
     };
     use candle_core::cuda::{CudaStorage, WrapErr};
-    use candle_core::cuda_backend::CudaDType;
     use candle_core::{DType, Layout, Result, Tensor};
 
     use super::Param;
-    use crate::nn::kernels::{by_dtype, device, func, grid, view, with, OPTIM_PTX};
+    use crate::nn::kernels::{cuda_of, func, OPTIM_PTX};
 
     const MODULE: &str = "pipe_optim";
-
-    /// At most 4096 blocks: `sumsq` adds one atomic per block.
-    fn blocks(n: usize) -> usize {
-        crate::nn::kernels::blocks(n).min(4096)
-    }
-
-    /// sqrt of the sum of squares of every gradient (f32 on the device,
-    /// one read back).
-    pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
-        let Some(first) = grads.first() else { return Ok(0.0) };
-        let acc = Tensor::zeros(1, DType::F32, first.device())?;
-        for g in grads {
-            by_dtype!(g.dtype(), sumsq, g, &acc)?;
-        }
-        Ok((acc.to_vec1::<f32>()?[0] as f64).sqrt())
-    }
-
-    fn sumsq<T: CudaDType + DeviceRepr>(g: &Tensor, acc: &Tensor) -> Result<()> {
-        with(&[g, acc], |s| {
-            let dev = device(s[0].0);
-            let n = s[0].1.shape().elem_count();
-            let gv = view::<T>(s[0].0, s[0].1)?;
-            let stream = dev.cuda_stream();
-            // `acc` is this function's caller's own fresh buffer: written
-            // (atomically) through its pointer.
-            let (out, _sync) = s[1].0.as_cuda_slice::<f32>()?.device_ptr(&stream);
-            let f = func(&dev, MODULE, OPTIM_PTX, "sumsq", g.dtype())?;
-            let mut b = stream.launch_builder(&f);
-            b.arg(&gv).arg(&n).arg(&out);
-            // SAFETY: argument types and order match sumsq_* in kernels/optim.cu.
-            unsafe { b.launch(grid(blocks(n), 1, 256)) }.w()?;
-            Ok(())
-        })
-    }
+    /// Elements per block of the multi-tensor kernels (MT_CHUNK in kernels/optim.cu).
+    const CHUNK: usize = 65536;
 
     #[derive(Clone, Copy)]
     pub struct Hyper {
@@ -232,103 +197,127 @@ mod cuda {
         pub b1: f32,
         pub b2: f32,
         pub eps: f32,
-        pub decay: f32,
         pub bc1: f32,
         pub bc2: f32,
-        pub gscale: f32,
     }
 
-    /// The update of one parameter, in place: the parameter (write-locked
-    /// through an in-place op), its f32 master copy and moments (this
-    /// optimizer's own tensors, never shared, written through their
-    /// pointers).
-    pub fn adamw(p: &Param, g: &Tensor, h: Hyper) -> Result<()> {
-        if g.dims() != p.var.dims() || g.dtype() != p.var.dtype() {
-            candle_core::bail!(
-                "fused AdamW: gradient {:?} {:?} for {} {:?}",
-                g.dims(),
-                g.dtype(),
-                p.name,
-                p.var.dims()
-            );
-        }
-        let op = Update { m: &p.m, v: &p.v, master: p.master.as_ref(), h };
-        p.var.as_tensor().inplace_op2(g, &op)
+    /// The device address of a dense tensor's first element, and the guard
+    /// that records the stream's use of it when dropped.
+    fn addr<'a>(st: &'a CudaStorage, l: &Layout, stream: &'a CudaStream) -> Result<(u64, SyncOnDrop<'a>)> {
+        let Some((a, _)) = l.contiguous_offsets() else { candle_core::bail!("fused AdamW: a non-contiguous tensor") };
+        let (p, sync) = match st.dtype() {
+            DType::F32 => st.as_cuda_slice::<f32>()?.device_ptr(stream),
+            DType::BF16 => st.as_cuda_slice::<half::bf16>()?.device_ptr(stream),
+            dt => candle_core::bail!("fused AdamW: {dt:?} (f32, bf16)"),
+        };
+        Ok((p + (a * st.dtype().size_in_bytes()) as u64, sync))
     }
 
-    struct Update<'a> {
-        m: &'a Tensor,
-        v: &'a Tensor,
-        master: Option<&'a Tensor>,
-        h: Hyper,
-    }
-
-    impl candle_core::InplaceOp2 for Update<'_> {
-        fn name(&self) -> &'static str {
-            "fused-adamw"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &mut candle_core::CpuStorage,
-            _: &Layout,
-            _: &candle_core::CpuStorage,
-            _: &Layout,
-        ) -> Result<()> {
-            crate::nn::fused::cuda_only(self.name())
-        }
-
-        fn cuda_fwd(&self, ws: &mut CudaStorage, wl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<()> {
-            by_dtype!(ws.dtype(), update, self, (ws, wl), (gs, gl))
-        }
-    }
-
-    /// The device address of a dense f32 storage's first element.
-    fn ptr<'a>((st, l): (&'a CudaStorage, &Layout), stream: &'a CudaStream) -> Result<(u64, SyncOnDrop<'a>)> {
-        let (p, sync) = st.as_cuda_slice::<f32>()?.device_ptr(stream);
-        Ok((p + (l.start_offset() * 4) as u64, sync))
-    }
-
-    fn update<T: CudaDType + DeviceRepr>(
-        u: &Update<'_>,
-        (ws, wl): (&mut CudaStorage, &Layout),
-        (gs, gl): (&CudaStorage, &Layout),
-    ) -> Result<()> {
-        let dt = ws.dtype();
-        let mut state = vec![u.m, u.v];
-        state.extend(u.master);
-        with(&state, |s| {
-            let dev = device(gs);
-            let n = wl.shape().elem_count();
-            if s.iter().any(|(st, l)| st.dtype() != DType::F32 || l.shape().elem_count() != n || !l.is_contiguous()) {
-                candle_core::bail!("fused AdamW: optimizer state is not dense f32 of {n} elements");
+    /// The global norm of `grads` (`grads[i]` for `params[i]`, in its
+    /// dtype), then AdamW on every parameter with the gradients scaled to
+    /// `max_norm` (0: no clipping): two launches per dtype of parameters
+    /// (`multi_sumsq`, `multi_adamw`), whatever their number, and one read
+    /// back (the norm). Parameters, f32 master copies and moments are
+    /// updated in place. Returns the norm before clipping.
+    pub fn clip_and_step(params: &[Param], grads: &[Tensor], decays: &[f32], max_norm: f64, h: Hyper) -> Result<f64> {
+        let Some(first) = grads.first() else { return Ok(0.0) };
+        let candle_core::Device::Cuda(dev) = first.device() else { candle_core::bail!("fused AdamW: not on CUDA") };
+        for (p, g) in params.iter().zip(grads) {
+            let n = p.var.elem_count();
+            if g.dims() != p.var.dims() || g.dtype() != p.var.dtype() || !g.device().same_device(first.device()) {
+                candle_core::bail!(
+                    "fused AdamW: gradient {:?} {:?} for {} {:?} {:?}",
+                    g.dims(),
+                    g.dtype(),
+                    p.name,
+                    p.var.dims(),
+                    p.var.dtype()
+                );
             }
-            let Some((a, b)) = wl.contiguous_offsets() else {
-                candle_core::bail!("fused AdamW: non-contiguous parameter")
-            };
-            let stream = dev.cuda_stream();
-            let g = view::<T>(gs, gl)?;
-            let (m, _sm) = ptr(s[0], &stream)?;
-            let (v, _sv) = ptr(s[1], &stream)?;
-            let mut w = ws.as_cuda_slice_mut::<T>()?.slice_mut(a..b);
-            let (wp, _sw) = w.device_ptr_mut(&stream);
-            let (w32, _s32) = match s.get(2) {
-                Some(master) => {
-                    let (p, sync) = ptr(*master, &stream)?;
-                    (p, Some(sync))
+            let state = [Some(&p.m), Some(&p.v), p.master.as_ref()];
+            if state.into_iter().flatten().any(|t| t.dtype() != DType::F32 || t.elem_count() != n) {
+                candle_core::bail!("fused AdamW: optimizer state of {} is not f32 of {n} elements", p.name);
+            }
+        }
+        let stream = dev.cuda_stream();
+        let acc = Tensor::zeros(1, DType::F32, first.device())?;
+        // Read guards on every tensor for the whole step. The parameters,
+        // masters and moments are written through their addresses: this
+        // optimizer's own tensors, used by nothing else during its step, on
+        // this device's one stream (the guards record that use).
+        let ts: Vec<[Option<&Tensor>; 5]> = params
+            .iter()
+            .zip(grads)
+            .map(|(p, g)| [p.master.as_ref(), Some(p.var.as_tensor()), Some(&p.m), Some(&p.v), Some(g)])
+            .collect();
+        let guards: Vec<Vec<Option<_>>> =
+            ts.iter().map(|row| row.iter().map(|t| t.map(|t| t.storage_and_layout())).collect()).collect();
+        let acc_guard = acc.storage_and_layout();
+        let mut syncs = Vec::with_capacity(params.len() * 5 + 1);
+        let mut words: Vec<[u64; 8]> = Vec::with_capacity(params.len());
+        for ((row, p), decay) in guards.iter().zip(params).zip(decays) {
+            let mut a = [0u64; 5];
+            for (slot, g) in a.iter_mut().zip(row) {
+                if let Some((st, l)) = g {
+                    let (ptr, sync) = addr(cuda_of(st)?, l, &stream)?;
+                    *slot = ptr;
+                    syncs.push(sync);
                 }
-                None => (wp, None),
-            };
-            let f = func(&dev, MODULE, OPTIM_PTX, "adamw", dt)?;
-            let h = u.h;
+            }
+            // No master: the parameter is f32 and is its own master.
+            let w32 = if p.master.is_some() { a[0] } else { a[1] };
+            words.push([w32, a[1], a[2], a[3], a[4], p.var.elem_count() as u64, decay.to_bits() as u64, 0]);
+        }
+        let (out, sync) = addr(cuda_of(&acc_guard.0)?, acc_guard.1, &stream)?;
+        syncs.push(sync);
+        // One table per dtype of parameters.
+        let mut groups: Vec<(DType, CudaSlice<u64>, CudaSlice<u64>, usize)> = Vec::new();
+        for dt in [DType::F32, DType::BF16] {
+            let (mut tab, mut chunks) = (Vec::new(), Vec::new());
+            for (p, w) in params.iter().zip(&words) {
+                if p.var.dtype() != dt {
+                    continue;
+                }
+                let t = (tab.len() / 8) as u64;
+                tab.extend_from_slice(w);
+                chunks.extend((0..p.var.elem_count().div_ceil(CHUNK) as u64).map(|c| t << 32 | c));
+            }
+            if !chunks.is_empty() {
+                let n = chunks.len();
+                groups.push((dt, stream.clone_htod(&tab).w()?, stream.clone_htod(&chunks).w()?, n));
+            }
+        }
+        let cfg = |n: usize| LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        for (dt, tab, chunks, n) in &groups {
+            let f = func(dev, MODULE, OPTIM_PTX, "multi_sumsq", *dt)?;
             let mut b = stream.launch_builder(&f);
-            b.arg(&w32).arg(&wp).arg(&m).arg(&v).arg(&g).arg(&n);
-            b.arg(&h.lr).arg(&h.b1).arg(&h.b2).arg(&h.eps).arg(&h.decay).arg(&h.bc1).arg(&h.bc2).arg(&h.gscale);
-            // SAFETY: argument types and order match adamw_* in kernels/optim.cu;
-            // w32 is the parameter itself (f32) or its master copy.
-            unsafe { b.launch(grid(blocks(n), 1, 256)) }.w()?;
-            Ok(())
-        })
+            b.arg(tab).arg(chunks).arg(&out);
+            // SAFETY: argument types and order match multi_sumsq_* in kernels/optim.cu;
+            // the table's addresses are of live, dense tensors of the group's dtype.
+            unsafe { b.launch(cfg(*n)) }.w()?;
+        }
+        drop(syncs);
+        drop(acc_guard);
+        let norm = (acc.to_vec1::<f32>()?[0] as f64).sqrt();
+        let gscale = if max_norm > 0.0 && norm > max_norm { (max_norm / (norm + 1e-6)) as f32 } else { 1.0 };
+        let mut syncs = Vec::with_capacity(params.len() * 5);
+        for row in &guards {
+            for (st, l) in row.iter().flatten() {
+                syncs.push(addr(cuda_of(st)?, l, &stream)?.1);
+            }
+        }
+        for (dt, tab, chunks, n) in &groups {
+            let f = func(dev, MODULE, OPTIM_PTX, "multi_adamw", *dt)?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(tab).arg(chunks);
+            b.arg(&h.lr).arg(&h.b1).arg(&h.b2).arg(&h.eps).arg(&h.bc1).arg(&h.bc2).arg(&gscale);
+            // SAFETY: argument types and order match multi_adamw_* in kernels/optim.cu;
+            // w32, m and v are dense f32 and w and g of the group's dtype, each
+            // of the table's n elements.
+            unsafe { b.launch(cfg(*n)) }.w()?;
+        }
+        drop(syncs);
+        Ok(norm)
     }
 }
 
@@ -436,14 +425,17 @@ mod tests {
         let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
         for dt in [DType::F32, DType::BF16] {
             for max_norm in [0.0, 1.0] {
-                let shapes: [&[usize]; 3] = [&[64, 300], &[300], &[5, 7]];
+                // [300, 300]: two chunks of the multi-tensor kernels; with
+                // bf16, p1 stays f32 (two groups of parameters).
+                let shapes: [&[usize]; 4] = [&[64, 300], &[300], &[5, 7], &[300, 300]];
                 let make = || -> Result<Vec<(String, Var)>> {
                     shapes
                         .iter()
                         .enumerate()
                         .map(|(i, sh)| {
                             let t = Tensor::randn(0f32, 1.0, *sh, &Device::Cpu)?;
-                            Ok((format!("p{i}"), Var::from_tensor(&t.to_dtype(dt)?.to_device(&dev)?)?))
+                            let dti = if i == 1 { DType::F32 } else { dt };
+                            Ok((format!("p{i}"), Var::from_tensor(&t.to_dtype(dti)?.to_device(&dev)?)?))
                         })
                         .collect()
                 };
@@ -485,7 +477,7 @@ mod tests {
                         let e = crate::nn::tests::rel_err(x, y)?;
                         assert!(e < mtol, "{} master {dt:?}: off by {e}", a.name);
                     }
-                    assert_eq!(a.master.is_some(), dt == DType::BF16);
+                    assert_eq!(a.master.is_some(), a.var.dtype() == DType::BF16);
                 }
             }
         }

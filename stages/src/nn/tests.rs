@@ -371,6 +371,48 @@ fn fused_chunked_head_cross_entropy_matches_the_plain_composition() -> Result<()
     let w1 = w0.as_tensor().detach();
     let g = lm_head_cross_entropy(h0.as_tensor(), &w1, &t, 4)?.backward()?;
     assert!(g.get(&w1).is_none() && g.get(h0.as_tensor()).is_some());
+    // On CUDA (f32, bf16): the CE kernel, and the head's gradient summed
+    // over the chunks in place (cuBLAS, beta 1).
+    if let Some(cd) = cuda_device()? {
+        for (dt, tol) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
+            let h = candle_core::Var::from_tensor(&h0.as_tensor().to_dtype(dt)?.to_device(&cd)?)?;
+            let w = candle_core::Var::from_tensor(&w0.as_tensor().to_dtype(dt)?.to_device(&cd)?)?;
+            let tc = t.to_device(&cd)?;
+            for chunk in [1, 3, 10] {
+                let fused = (lm_head_cross_entropy(h.as_tensor(), w.as_tensor(), &tc, chunk)? * 0.3)?;
+                let loss = fused.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let want = plain.to_scalar::<f64>()?;
+                assert!((loss - want).abs() < tol * want.abs(), "{dt:?} chunk {chunk}: loss {loss} vs {want}");
+                let gf = fused.backward()?;
+                for (var, var0) in [(&h, &h0), (&w, &w0)] {
+                    let b = gf.get(var.as_tensor()).expect("cuda grad").to_device(&dev)?.to_dtype(DType::F64)?;
+                    let e = rel_err(&b, gp.get(var0.as_tensor()).expect("plain grad"))?;
+                    assert!(e < tol, "{dt:?} chunk {chunk}: gradient off by {e}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `backward_from(y, d)` gives the gradients of `sum(y * d)` exactly, and
+/// refuses a gradient of another shape.
+#[test]
+fn backward_from_a_seed_matches_the_summed_product() -> Result<()> {
+    use crate::nn::ops::backward_from;
+    let dev = Device::Cpu;
+    let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 5), &dev)?)?;
+    let w = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 3), &dev)?)?;
+    let y = x.as_tensor().matmul(w.as_tensor())?.tanh()?;
+    let d = Tensor::randn(0f32, 1.0, (7, 3), &dev)?;
+    let want = (&y * &d)?.sum_all()?.backward()?;
+    let got = backward_from(&y, &d)?;
+    for v in [&x, &w] {
+        let (a, b) = (got.get(v.as_tensor()).expect("grad"), want.get(v.as_tensor()).expect("grad"));
+        assert_eq!(a.to_vec2::<f32>()?, b.to_vec2::<f32>()?);
+    }
+    let err = backward_from(&y, &Tensor::zeros((3, 7), DType::F32, &dev)?).unwrap_err().to_string();
+    assert!(err.contains("[3, 7]") && err.contains("[7, 3]"), "{err}");
     Ok(())
 }
 
