@@ -164,30 +164,41 @@ fn profile(model: &Llama, rows: &[Row], device: &Device) -> pipe_stages::nn::Res
     let mut put = |k: &str, v: f64| {
         out.insert(k.to_string(), serde_json::json!((v * 1000.0).round() / 1000.0));
     };
+    // Backward passes are seeded with random gradients (`backward_from`),
+    // not through a sum of every element (one block on CUDA: slow).
+    let rand_like = |t: &Tensor| -> pipe_stages::nn::Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, t.shape(), device)?.to_dtype(t.dtype())?)
+    };
+    let dx = rand_like(x.as_tensor())?;
     put("add_ms", time_ms(device, reps, || Ok((x.as_tensor() + x.as_tensor())?))?);
     put(
         "rms_norm_fwd_bwd_ms",
         time_ms(device, reps, || {
             let y = ops::rms_norm(x.as_tensor(), &w_ln, 1e-5)?;
-            Ok(y.sum_all()?.backward()?)
+            Ok(ops::backward_from(&y, &dx)?)
         })?,
     );
     let hn = ops::rms_norm(x.as_tensor(), &w_ln, 1e-5)?.detach();
     let hv = Var::from_tensor(&hn)?;
     put("lora_gate_fwd_ms", time_ms(device, reps, || l.gate.forward(hv.as_tensor(), fx))?);
+    let dg = rand_like(&l.gate.forward(hv.as_tensor(), fx)?)?;
     put(
         "lora_gate_fwd_bwd_ms",
-        time_ms(device, reps, || Ok(l.gate.forward(hv.as_tensor(), fx)?.sum_all()?.backward()?))?,
+        time_ms(device, reps, || Ok(ops::backward_from(&l.gate.forward(hv.as_tensor(), fx)?, &dg)?))?,
     );
     let wg = l.gate.w.tensor()?;
     put("frozen_matmul_fwd_ms", time_ms(device, reps, || Ok(ops::frozen_matmul(hv.as_tensor(), &wg)?))?);
     put("plain_matmul_fwd_ms", time_ms(device, reps, || Ok(hn.matmul(&wg.t()?)?))?);
+    // The gate's two backward products alone: dx = dy @ w, dw = dy.T @ x.
+    put("gate_dx_mm_ms", time_ms(device, reps, || Ok(dg.matmul(&wg)?))?);
+    put("gate_dw_mm_ms", time_ms(device, reps, || Ok(dg.t()?.matmul(&hn)?))?);
     let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, h, hd), device)?.to_dtype(model.dtype)?)?;
     let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, kv, hd), device)?.to_dtype(model.dtype)?)?;
     let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, kv, hd), device)?.to_dtype(model.dtype)?)?;
     let tiles = pipe_stages::nn::flash::tiles(&b.seqs, hd, model.dtype);
     let tl = tiles.len();
     let tiles = Tensor::from_vec(tiles, tl, device)?;
+    let dq = rand_like(q.as_tensor())?;
     if pipe_stages::nn::flash::usable(q.as_tensor()) {
         let s = 1.0 / (hd as f64).sqrt();
         put(
@@ -200,14 +211,14 @@ fn profile(model: &Llama, rows: &[Row], device: &Device) -> pipe_stages::nn::Res
             "attn_fwd_bwd_ms",
             time_ms(device, reps, || {
                 let o = pipe_stages::nn::flash::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &tiles, s)?;
-                Ok(o.sum_all()?.backward()?)
+                Ok(ops::backward_from(&o, &dq)?)
             })?,
         );
     }
     put("block_fwd_ms", time_ms(device, reps, || model.block(0, x.as_tensor(), &b, fx))?);
     put(
         "block_fwd_bwd_ms",
-        time_ms(device, reps, || Ok(model.block(0, x.as_tensor(), &b, fx)?.sum_all()?.backward()?))?,
+        time_ms(device, reps, || Ok(ops::backward_from(&model.block(0, x.as_tensor(), &b, fx)?, &dx)?))?,
     );
     let hf = Var::from_tensor(&model.final_norm(x.as_tensor())?.detach())?;
     put(

@@ -25,13 +25,45 @@ __device__ __forceinline__ MtChunk mt_chunk(const unsigned long long *tab, const
   return MtChunk{t, start, start + MT_CHUNK < n ? start + MT_CHUNK : n};
 }
 
+// Four consecutive elements as f32: one 16-byte load of f32, one 8-byte
+// load of bf16 (the addresses aligned to that).
+__device__ __forceinline__ float4 ld4(const float *p, size_t i) { return *(const float4 *)(p + i); }
+__device__ __forceinline__ float4 ld4(const __nv_bfloat16 *p, size_t i) {
+  const uint2 a = *(const uint2 *)(p + i);
+  const float2 lo = __bfloat1622float2(*(const __nv_bfloat162 *)&a.x);
+  const float2 hi = __bfloat1622float2(*(const __nv_bfloat162 *)&a.y);
+  return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+__device__ __forceinline__ void st4(float *p, size_t i, float4 v) { *(float4 *)(p + i) = v; }
+__device__ __forceinline__ void st4(__nv_bfloat16 *p, size_t i, float4 v) {
+  const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+  uint2 a;
+  a.x = *(const unsigned *)&lo;
+  a.y = *(const unsigned *)&hi;
+  *(uint2 *)(p + i) = a;
+}
+template <typename T> __device__ __forceinline__ bool aligned4(const T *p) {
+  return ((uintptr_t)p % (4 * sizeof(T))) == 0;
+}
+
+// Where a chunk's 4-wide part ends: the elements after it (all of them
+// when the addresses do not allow 4-wide access) go one at a time.
+__device__ __forceinline__ size_t vec_end(const MtChunk &c, bool vec) {
+  return vec ? c.start + ((c.end - c.start) & ~(size_t)3) : c.start;
+}
+
 // out[0] += sum of g^2 over every tensor of the table (one atomic per block).
 template <typename T>
 __device__ void multi_sumsq(const unsigned long long *tab, const unsigned long long *chunks, float *out) {
   const MtChunk c = mt_chunk(tab, chunks);
   const T *g = (const T *)c.t[4];
+  const size_t e4 = vec_end(c, aligned4(g));
   float s = 0.f;
-  for (size_t i = c.start + threadIdx.x; i < c.end; i += blockDim.x) {
+  for (size_t i = c.start + 4 * threadIdx.x; i < e4; i += 4 * blockDim.x) {
+    const float4 a = ld4(g, i);
+    s += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+  }
+  for (size_t i = e4 + threadIdx.x; i < c.end; i += blockDim.x) {
     const float a = ld(g, i);
     s += a * a;
   }
@@ -39,11 +71,23 @@ __device__ void multi_sumsq(const unsigned long long *tab, const unsigned long l
   if (threadIdx.x == 0) atomicAdd(out, s);
 }
 
+struct Adam {
+  float lr, b1, b2, eps, bc1, bc2, gscale, decay;
+  // One element: updates m and v, returns the new f32 weight.
+  __device__ __forceinline__ float step(float w32, float &m, float &v, float g) const {
+    const float gi = g * gscale;
+    m = m * b1 + gi * (1.f - b1);
+    v = v * b2 + (gi * gi) * (1.f - b2);
+    return w32 * decay - (m / bc1) / (sqrtf(v / bc2) + eps) * lr;
+  }
+};
+
 // One AdamW step of every tensor of the table: g' = g * gscale (clipping);
 // m, v the moments (f32); w32 the f32 weights (the master copy, or the
 // parameter itself when it is f32), w the parameter (may alias w32).
 // Decoupled decay first, as torch:
 // w32 = w32 * decay - lr * (m / bc1) / (sqrt(v / bc2) + eps); w = T(w32).
+// Four elements a thread at a time where the addresses allow.
 template <typename T>
 __device__ void multi_adamw(const unsigned long long *tab, const unsigned long long *chunks, float lr, float b1,
                             float b2, float eps, float bc1, float bc2, float gscale) {
@@ -52,14 +96,24 @@ __device__ void multi_adamw(const unsigned long long *tab, const unsigned long l
   T *w = (T *)c.t[1];
   float *m = (float *)c.t[2], *v = (float *)c.t[3];
   const T *g = (const T *)c.t[4];
-  const float decay = __uint_as_float((unsigned)c.t[6]);
-  for (size_t i = c.start + threadIdx.x; i < c.end; i += blockDim.x) {
-    const float gi = ld(g, i) * gscale;
-    const float mi = m[i] * b1 + gi * (1.f - b1);
-    const float vi = v[i] * b2 + (gi * gi) * (1.f - b2);
+  const Adam a{lr, b1, b2, eps, bc1, bc2, gscale, __uint_as_float((unsigned)c.t[6])};
+  const bool vec = aligned4(w32) && aligned4(w) && aligned4(m) && aligned4(v) && aligned4(g);
+  const size_t e4 = vec_end(c, vec);
+  for (size_t i = c.start + 4 * threadIdx.x; i < e4; i += 4 * blockDim.x) {
+    const float4 gi = ld4(g, i), wi = ld4(w32, i);
+    float4 mi = ld4(m, i), vi = ld4(v, i);
+    const float4 wo = make_float4(a.step(wi.x, mi.x, vi.x, gi.x), a.step(wi.y, mi.y, vi.y, gi.y),
+                                  a.step(wi.z, mi.z, vi.z, gi.z), a.step(wi.w, mi.w, vi.w, gi.w));
+    st4(m, i, mi);
+    st4(v, i, vi);
+    st4(w32, i, wo);
+    if ((const void *)w != (const void *)w32) st4(w, i, wo);
+  }
+  for (size_t i = e4 + threadIdx.x; i < c.end; i += blockDim.x) {
+    float mi = m[i], vi = v[i];
+    const float wi = a.step(w32[i], mi, vi, ld(g, i));
     m[i] = mi;
     v[i] = vi;
-    const float wi = w32[i] * decay - (mi / bc1) / (sqrtf(vi / bc2) + eps) * lr;
     w32[i] = wi;
     st(w, i, wi);
   }
