@@ -181,7 +181,7 @@ mod cuda {
     use candle_core::cuda::cudarc::driver::{
         CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg, SyncOnDrop,
     };
-    use candle_core::cuda::{CudaStorage, WrapErr};
+    use candle_core::cuda::{CudaDevice, CudaStorage, WrapErr};
     use candle_core::{DType, Layout, Result, Tensor};
 
     use super::Param;
@@ -211,6 +211,76 @@ mod cuda {
             dt => candle_core::bail!("fused AdamW: {dt:?} (f32, bf16)"),
         };
         Ok((p + (a * st.dtype().size_in_bytes()) as u64, sync))
+    }
+
+    /// One table per dtype: (dtype, table, chunk list, chunks) from each
+    /// tensor's dtype and 8 words (its `n` in word 5).
+    type Groups = Vec<(DType, CudaSlice<u64>, CudaSlice<u64>, usize)>;
+
+    fn tables(
+        stream: &std::sync::Arc<CudaStream>,
+        rows: impl Iterator<Item = (DType, [u64; 8])> + Clone,
+    ) -> Result<Groups> {
+        let mut groups = Vec::new();
+        for dt in [DType::F32, DType::BF16] {
+            let (mut tab, mut chunks) = (Vec::new(), Vec::new());
+            for (_, w) in rows.clone().filter(|(d, _)| *d == dt) {
+                let t = (tab.len() / 8) as u64;
+                tab.extend_from_slice(&w);
+                chunks.extend((0..(w[5] as usize).div_ceil(CHUNK) as u64).map(|c| t << 32 | c));
+            }
+            if !chunks.is_empty() {
+                let n = chunks.len();
+                groups.push((dt, stream.clone_htod(&tab).w()?, stream.clone_htod(&chunks).w()?, n));
+            }
+        }
+        Ok(groups)
+    }
+
+    fn chunk_grid(n: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// `*out += ` the sum of squares of every table's gradients (word 4).
+    fn sumsq(dev: &CudaDevice, stream: &CudaStream, groups: &Groups, out: u64) -> Result<()> {
+        for (dt, tab, chunks, n) in groups {
+            let f = func(dev, MODULE, OPTIM_PTX, "multi_sumsq", *dt)?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(tab).arg(chunks).arg(&out);
+            // SAFETY: argument types and order match multi_sumsq_* in kernels/optim.cu;
+            // the table's addresses are of live, dense tensors of the group's dtype.
+            unsafe { b.launch(chunk_grid(*n)) }.w()?;
+        }
+        Ok(())
+    }
+
+    /// The sum of the squares of every element of `grads` (f32 or bf16, on
+    /// one CUDA device): one launch per dtype, one read back.
+    pub fn sum_squares(grads: &[Tensor]) -> Result<f64> {
+        let Some(first) = grads.first() else { return Ok(0.0) };
+        let candle_core::Device::Cuda(dev) = first.device() else { candle_core::bail!("sum of squares: not on CUDA") };
+        if grads.iter().any(|g| !g.device().same_device(first.device())) {
+            candle_core::bail!("sum of squares: gradients on several devices");
+        }
+        let stream = dev.cuda_stream();
+        let grads = grads.iter().map(crate::nn::ops::dense).collect::<Result<Vec<_>>>()?;
+        let acc = Tensor::zeros(1, DType::F32, first.device())?;
+        let guards: Vec<_> = grads.iter().map(|g| g.storage_and_layout()).collect();
+        let acc_guard = acc.storage_and_layout();
+        let mut syncs = Vec::with_capacity(grads.len() + 1);
+        let mut rows = Vec::with_capacity(grads.len());
+        for (g, (st, l)) in grads.iter().zip(&guards) {
+            let (ptr, sync) = addr(cuda_of(st)?, l, &stream)?;
+            syncs.push(sync);
+            rows.push((g.dtype(), [0, 0, 0, 0, ptr, g.elem_count() as u64, 0, 0]));
+        }
+        let (out, sync) = addr(cuda_of(&acc_guard.0)?, acc_guard.1, &stream)?;
+        syncs.push(sync);
+        let groups = tables(&stream, rows.into_iter())?;
+        sumsq(dev, &stream, &groups, out)?;
+        drop(syncs);
+        drop(acc_guard);
+        Ok(acc.to_vec1::<f32>()?[0] as f64)
     }
 
     /// The global norm of `grads` (`grads[i]` for `params[i]`, in its
@@ -270,32 +340,8 @@ mod cuda {
         }
         let (out, sync) = addr(cuda_of(&acc_guard.0)?, acc_guard.1, &stream)?;
         syncs.push(sync);
-        // One table per dtype of parameters.
-        let mut groups: Vec<(DType, CudaSlice<u64>, CudaSlice<u64>, usize)> = Vec::new();
-        for dt in [DType::F32, DType::BF16] {
-            let (mut tab, mut chunks) = (Vec::new(), Vec::new());
-            for (p, w) in params.iter().zip(&words) {
-                if p.var.dtype() != dt {
-                    continue;
-                }
-                let t = (tab.len() / 8) as u64;
-                tab.extend_from_slice(w);
-                chunks.extend((0..p.var.elem_count().div_ceil(CHUNK) as u64).map(|c| t << 32 | c));
-            }
-            if !chunks.is_empty() {
-                let n = chunks.len();
-                groups.push((dt, stream.clone_htod(&tab).w()?, stream.clone_htod(&chunks).w()?, n));
-            }
-        }
-        let cfg = |n: usize| LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        for (dt, tab, chunks, n) in &groups {
-            let f = func(dev, MODULE, OPTIM_PTX, "multi_sumsq", *dt)?;
-            let mut b = stream.launch_builder(&f);
-            b.arg(tab).arg(chunks).arg(&out);
-            // SAFETY: argument types and order match multi_sumsq_* in kernels/optim.cu;
-            // the table's addresses are of live, dense tensors of the group's dtype.
-            unsafe { b.launch(cfg(*n)) }.w()?;
-        }
+        let groups = tables(&stream, params.iter().map(|p| p.var.dtype()).zip(words))?;
+        sumsq(dev, &stream, &groups, out)?;
         drop(syncs);
         drop(acc_guard);
         let norm = (acc.to_vec1::<f32>()?[0] as f64).sqrt();
@@ -314,7 +360,7 @@ mod cuda {
             // SAFETY: argument types and order match multi_adamw_* in kernels/optim.cu;
             // w32, m and v are dense f32 and w and g of the group's dtype, each
             // of the table's n elements.
-            unsafe { b.launch(cfg(*n)) }.w()?;
+            unsafe { b.launch(chunk_grid(*n)) }.w()?;
         }
         drop(syncs);
         Ok(norm)
@@ -333,6 +379,11 @@ fn state_dtype(dt: DType) -> DType {
 /// One device round trip, however many gradients (each one a sync would
 /// stall a GPU between hundreds of tiny kernels).
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    // On CUDA: one launch (kernels/optim.cu multi_sumsq), not a sum per tensor.
+    #[cfg(feature = "cuda")]
+    if !grads.is_empty() && grads.iter().all(crate::nn::fused::usable) {
+        return Ok(cuda::sum_squares(grads)?.sqrt());
+    }
     let sums = grads
         .iter()
         .map(|g| g.to_dtype(state_dtype(g.dtype()))?.sqr()?.sum_all()?.to_dtype(DType::F64))
@@ -457,6 +508,11 @@ mod tests {
                             Ok((i != 2 || step != 1).then_some(g))
                         })
                         .collect::<Result<_>>()?;
+                    // The norm alone (the sharded optimizer's), against the CPU's.
+                    let present: Vec<Tensor> = grads.iter().flatten().cloned().collect();
+                    let on_cpu = present.iter().map(|g| g.to_device(&Device::Cpu)).collect::<Result<Vec<_>, _>>()?;
+                    let (gn, cn) = (global_norm(&present)?, global_norm(&on_cpu)?);
+                    assert!((gn - cn).abs() < 1e-4 * cn, "{dt:?} global norm {gn} vs {cn}");
                     let na = fused.clip_and_step(grads.clone(), max_norm, 1e-2)?;
                     let nb = composed.clip_and_step(grads, max_norm, 1e-2)?;
                     assert!((na - nb).abs() < 1e-4 * nb, "{dt:?} step {step}: norm {na} vs {nb}");
