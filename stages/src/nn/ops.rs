@@ -690,7 +690,7 @@ impl candle_core::InplaceOp3 for AddMatmulT {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<()> {
-        candle_core::bail!("add-matmul-t: CUDA only")
+        crate::nn::fused::cuda_only(self.name())
     }
 
     #[cfg(feature = "cuda")]
