@@ -15,7 +15,8 @@
 #      torch.compile; with NOTC=1 also pipe with PIPE_ATTENTION_TC=0 (bf16
 #      attention on CUDA cores); with HEADS="N ..." also pipe with
 #      PIPE_HEAD_LOGITS=N (logits per chunk of the LM head); with UNFUSED=1 also pipe with PIPE_FUSED_ATTENTION=0 and
-#      PIPE_FUSED_KERNELS=0; with NOEVENTS=1 also pipe --no-events.
+#      PIPE_FUSED_KERNELS=0; with NOEVENTS=1 also pipe --no-events;
+#   3. with PROFILE="config:method ...", train_bench --profile for each.
 #   Random-init weights, bf16, batch BATCH x SEQ (default 8 x 1024).
 #   Prints one JSON line per run and a table with pipe / torch ratios to
 #   $OUT/train_bench.txt. Not a test: it asserts nothing about speed.
@@ -77,6 +78,13 @@ run)
     fi
   done
   python3 "$REPO/benches/gpu/report.py" "$J" | tee -a "$R"
+  # PROFILE="llama-1b:full smollm2-135m:lora": train_bench --profile per
+  # config:method (each part of a block and of the LM head, timed alone).
+  for pc in ${PROFILE:-}; do
+    IFS=: read -r cfg method <<< "$pc"
+    ./train_bench --config "$cfg" --method "$method" --batch "$BATCH" --seq "$SEQ" --profile 2>>"$OUT/stderr.txt" \
+      | sed "s/^{/{\"config\": \"$cfg\", \"method\": \"$method\", /" | tee -a "$R" || echo "profile $pc failed" | tee -a "$R"
+  done
   ;;
 *) echo "usage: $0 prepare|run" >&2; exit 2 ;;
 esac
