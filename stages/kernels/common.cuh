@@ -9,6 +9,35 @@ __device__ __forceinline__ float ld(const __nv_bfloat16 *p, size_t i) { return _
 __device__ __forceinline__ void st(float *p, size_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(__nv_bfloat16 *p, size_t i, float v) { p[i] = __float2bfloat16(v); }
 
+// Eight consecutive elements as f32 (16-byte accesses: one for bf16, two
+// for f32; the address 16-byte aligned).
+__device__ __forceinline__ void ld8(const float *p, float *o) {
+  const float4 a = *(const float4 *)p, b = *(const float4 *)(p + 4);
+  o[0] = a.x, o[1] = a.y, o[2] = a.z, o[3] = a.w, o[4] = b.x, o[5] = b.y, o[6] = b.z, o[7] = b.w;
+}
+__device__ __forceinline__ void ld8(const __nv_bfloat16 *p, float *o) {
+  const uint4 a = *(const uint4 *)p;
+  const unsigned w[4] = {a.x, a.y, a.z, a.w};
+  for (int j = 0; j < 4; j++) {
+    const float2 f = __bfloat1622float2(*(const __nv_bfloat162 *)&w[j]);
+    o[2 * j] = f.x, o[2 * j + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void st8(float *p, const float *o) {
+  *(float4 *)p = make_float4(o[0], o[1], o[2], o[3]);
+  *(float4 *)(p + 4) = make_float4(o[4], o[5], o[6], o[7]);
+}
+__device__ __forceinline__ void st8(__nv_bfloat16 *p, const float *o) {
+  unsigned w[4];
+  for (int j = 0; j < 4; j++) {
+    const __nv_bfloat162 b = __floats2bfloat162_rn(o[2 * j], o[2 * j + 1]);
+    w[j] = *(const unsigned *)&b;
+  }
+  *(uint4 *)p = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+__device__ __forceinline__ bool aligned16(const void *p) { return ((uintptr_t)p % 16) == 0; }
+
 struct Sum {
   __device__ float operator()(float a, float b) const { return a + b; }
 };

@@ -74,48 +74,47 @@ __device__ void rope(const T *x, const T *cs, const T *sn, T *y, int n, int head
 
 __device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + __expf(-g)); }
 
-// y = silu(g) * u
+// y = silu(g) * u; 8 elements a thread where the addresses allow (16-byte
+// accesses), the rest one at a time.
 template <typename T> __device__ void swiglu_fwd(const T *g, const T *u, T *y, size_t n) {
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+  const size_t n8 = aligned16(g) && aligned16(u) && aligned16(y) ? n & ~(size_t)7 : 0;
+  const size_t id = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+  for (size_t i = 8 * id; i < n8; i += 8 * stride) {
+    float a[8], b[8];
+    ld8(g + i, a);
+    ld8(u + i, b);
+    for (int j = 0; j < 8; j++) b[j] *= rnd(a[j] * sigmoid(a[j]), g);
+    st8(y + i, b);
+  }
+  for (size_t i = n8 + id; i < n; i += stride) {
     const float a = ld(g, i);
     st(y, i, rnd(a * sigmoid(a), g) * ld(u, i));
   }
 }
 
-// dg = dy * u * silu'(g), du = dy * silu(g)
+// dg = dy * u * silu'(g), du = dy * silu(g); as swiglu_fwd, 8 at a time.
 template <typename T> __device__ void swiglu_bwd(const T *g, const T *u, const T *dy, T *dg, T *du, size_t n) {
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+  const bool vec = aligned16(g) && aligned16(u) && aligned16(dy) && aligned16(dg) && aligned16(du);
+  const size_t n8 = vec ? n & ~(size_t)7 : 0;
+  const size_t id = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+  for (size_t i = 8 * id; i < n8; i += 8 * stride) {
+    float a[8], b[8], d[8], o[8];
+    ld8(g + i, a);
+    ld8(u + i, b);
+    ld8(dy + i, d);
+    for (int j = 0; j < 8; j++) {
+      const float s = sigmoid(a[j]);
+      o[j] = d[j] * b[j] * s * (1.f + a[j] * (1.f - s));
+      b[j] = d[j] * rnd(a[j] * s, g);
+    }
+    st8(dg + i, o);
+    st8(du + i, b);
+  }
+  for (size_t i = n8 + id; i < n; i += stride) {
     const float a = ld(g, i), s = sigmoid(a), d = ld(dy, i);
     st(dg, i, d * ld(u, i) * s * (1.f + a * (1.f - s)));
     st(du, i, d * rnd(a * s, g));
   }
-}
-
-// Eight consecutive elements as f32 (16-byte accesses: one for bf16, two
-// for f32; the address 16-byte aligned).
-__device__ __forceinline__ void ld8(const float *p, float *o) {
-  const float4 a = *(const float4 *)p, b = *(const float4 *)(p + 4);
-  o[0] = a.x, o[1] = a.y, o[2] = a.z, o[3] = a.w, o[4] = b.x, o[5] = b.y, o[6] = b.z, o[7] = b.w;
-}
-__device__ __forceinline__ void ld8(const __nv_bfloat16 *p, float *o) {
-  const uint4 a = *(const uint4 *)p;
-  const unsigned w[4] = {a.x, a.y, a.z, a.w};
-  for (int j = 0; j < 4; j++) {
-    const float2 f = __bfloat1622float2(*(const __nv_bfloat162 *)&w[j]);
-    o[2 * j] = f.x, o[2 * j + 1] = f.y;
-  }
-}
-__device__ __forceinline__ void st8(float *p, const float *o) {
-  *(float4 *)p = make_float4(o[0], o[1], o[2], o[3]);
-  *(float4 *)(p + 4) = make_float4(o[4], o[5], o[6], o[7]);
-}
-__device__ __forceinline__ void st8(__nv_bfloat16 *p, const float *o) {
-  unsigned w[4];
-  for (int j = 0; j < 4; j++) {
-    const __nv_bfloat162 b = __floats2bfloat162_rn(o[2 * j], o[2 * j + 1]);
-    w[j] = *(const unsigned *)&b;
-  }
-  *(uint4 *)p = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 // Softmax cross-entropy of one row of logits per block, and its gradient in
@@ -129,7 +128,7 @@ template <typename T> __device__ void ce_grad(T *x, const uint32_t *tgt, float *
   T *xr = x + row * v;
   const uint32_t t = tgt[row];
   const float xt = ld(xr, t); // read before any thread overwrites it (the reductions sync)
-  const bool vec = v % 8 == 0 && ((uintptr_t)x % 16) == 0;
+  const bool vec = v % 8 == 0 && aligned16(x);
   float mx = -INFINITY, s = 0.f;
   if (vec) {
     for (int c = 8 * threadIdx.x; c < v; c += 8 * blockDim.x) {

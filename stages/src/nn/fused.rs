@@ -500,7 +500,8 @@ mod cuda {
         let mut b = stream.launch_builder(&f);
         b.arg(&g).arg(&u).arg(&mut y).arg(&n);
         // SAFETY: argument types and order match swiglu_fwd_* in kernels/fused.cu.
-        unsafe { b.launch(grid(blocks(n), 1, 256)) }.w()?;
+        // Eight elements a thread.
+        unsafe { b.launch(grid(blocks(n.div_ceil(8)), 1, 256)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev))
     }
 
@@ -549,7 +550,8 @@ mod cuda {
             let mut b = stream.launch_builder(&f);
             b.arg(&gv).arg(&uv).arg(&dyv).arg(&mut dg).arg(&mut du).arg(&n);
             // SAFETY: argument types and order match swiglu_bwd_* in kernels/fused.cu.
-            unsafe { b.launch(grid(blocks(n), 1, 256)) }.w()?;
+            // Eight elements a thread.
+            unsafe { b.launch(grid(blocks(n.div_ceil(8)), 1, 256)) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(dg, dev.clone()), CudaStorage::wrap_cuda_slice(du, dev)))
         })?;
         Ok((tensor(dg, g.shape().clone()), tensor(du, u.shape().clone())))
@@ -712,18 +714,23 @@ mod tests {
             let gw = (&want * &dy)?.sum_all()?.backward()?;
             let gg = (got.to_dtype(DType::F32)? * dy.to_dtype(DType::F32)?.to_device(&dev)?)?.sum_all()?.backward()?;
             check("rope dx", gg.get(xg.as_tensor()).expect("dx"), gw.get(xc.as_tensor()).expect("dx"), tol * 2.0)?;
-            // SwiGLU
-            let (gg_, gc) = var(&[n, h], -3.0)?;
-            let (ug, uc) = var(&[n, h], -1.0)?;
-            let want = (gc.as_tensor().silu()? * uc.as_tensor())?;
-            let got = swiglu(gg_.as_tensor(), ug.as_tensor())?;
-            check("swiglu", &got, &want, tol)?;
-            let dy = Tensor::randn(0f64, 1.0, (n, h), &cpu)?;
-            let gw = (&want * &dy)?.sum_all()?.backward()?;
-            let g2 = (got.to_dtype(DType::F32)? * dy.to_dtype(DType::F32)?.to_device(&dev)?)?.sum_all()?.backward()?;
-            for (name, a, b) in [("swiglu dg", &gg_, &gc), ("swiglu du", &ug, &uc)] {
-                let (Some(ga), Some(gb)) = (g2.get(a.as_tensor()), gw.get(b.as_tensor())) else { panic!("no {name}") };
-                check(name, ga, gb, tol * 2.0)?;
+            // SwiGLU: 8 elements a thread, and (5 x 13) one at a time.
+            for (r, c) in [(n, h), (5, 13)] {
+                let (gg_, gc) = var(&[r, c], -3.0)?;
+                let (ug, uc) = var(&[r, c], -1.0)?;
+                let want = (gc.as_tensor().silu()? * uc.as_tensor())?;
+                let got = swiglu(gg_.as_tensor(), ug.as_tensor())?;
+                check("swiglu", &got, &want, tol)?;
+                let dy = Tensor::randn(0f64, 1.0, (r, c), &cpu)?;
+                let gw = (&want * &dy)?.sum_all()?.backward()?;
+                let g2 =
+                    (got.to_dtype(DType::F32)? * dy.to_dtype(DType::F32)?.to_device(&dev)?)?.sum_all()?.backward()?;
+                for (name, a, b) in [("swiglu dg", &gg_, &gc), ("swiglu du", &ug, &uc)] {
+                    let (Some(ga), Some(gb)) = (g2.get(a.as_tensor()), gw.get(b.as_tensor())) else {
+                        panic!("no {name}")
+                    };
+                    check(name, ga, gb, tol * 2.0)?;
+                }
             }
         }
         Ok(())
