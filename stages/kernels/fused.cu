@@ -11,33 +11,79 @@ __device__ __forceinline__ float rnd(float v, const float *) { return v; }
 __device__ __forceinline__ float rnd(float v, const __nv_bfloat16 *) { return __bfloat162float(__float2bfloat16(v)); }
 
 // y = T(x * rstd) * w, rstd = 1 / sqrt(mean(x^2) + eps); one block per row.
+// Rows of a multiple of 8 values at 16-byte aligned addresses go 8 values a
+// thread (16-byte accesses), others one at a time.
 template <typename T>
 __device__ void rmsnorm_fwd(const T *x, const T *w, T *y, float *rstd, int h, float eps) {
   const size_t row = blockIdx.x;
   const T *xr = x + row * h;
+  T *yr = y + row * h;
+  const bool vec = h % 8 == 0 && aligned16(x) && aligned16(w) && aligned16(y);
   float s = 0.f;
-  for (int c = threadIdx.x; c < h; c += blockDim.x) {
-    const float v = ld(xr, c);
-    s += v * v;
+  if (vec) {
+    for (int c = 8 * threadIdx.x; c < h; c += 8 * blockDim.x) {
+      float a[8];
+      ld8(xr + c, a);
+      for (int j = 0; j < 8; j++) s += a[j] * a[j];
+    }
+  } else {
+    for (int c = threadIdx.x; c < h; c += blockDim.x) {
+      const float v = ld(xr, c);
+      s += v * v;
+    }
   }
   s = block_sum(s);
   const float r = rsqrtf(s / h + eps);
   if (threadIdx.x == 0) rstd[row] = r;
-  for (int c = threadIdx.x; c < h; c += blockDim.x) st(y, row * h + c, rnd(ld(xr, c) * r, xr) * ld(w, c));
+  if (vec) {
+    for (int c = 8 * threadIdx.x; c < h; c += 8 * blockDim.x) {
+      float a[8], b[8];
+      ld8(xr + c, a);
+      ld8(w + c, b);
+      for (int j = 0; j < 8; j++) a[j] = rnd(a[j] * r, xr) * b[j];
+      st8(yr + c, a);
+    }
+  } else {
+    for (int c = threadIdx.x; c < h; c += blockDim.x) st(yr, c, rnd(ld(xr, c) * r, xr) * ld(w, c));
+  }
 }
 
-// dx = rstd * (dn - xhat * mean(dn * xhat)), dn = dy * w, xhat = x * rstd.
+// dx = rstd * (dn - xhat * mean(dn * xhat)), dn = dy * w, xhat = x * rstd;
+// 8 values a thread as rmsnorm_fwd.
 template <typename T>
 __device__ void rmsnorm_bwd(const T *x, const T *w, const T *dy, const float *rstd, T *dx, int h) {
   const size_t row = blockIdx.x;
   const float r = rstd[row];
+  const T *xr = x + row * h, *dyr = dy + row * h;
+  T *dxr = dx + row * h;
+  const bool vec = h % 8 == 0 && aligned16(x) && aligned16(w) && aligned16(dy) && aligned16(dx);
   float s = 0.f;
-  for (int c = threadIdx.x; c < h; c += blockDim.x)
-    s += ld(dy, row * h + c) * ld(w, c) * ld(x, row * h + c) * r;
+  if (vec) {
+    for (int c = 8 * threadIdx.x; c < h; c += 8 * blockDim.x) {
+      float a[8], b[8], d[8];
+      ld8(xr + c, a);
+      ld8(w + c, b);
+      ld8(dyr + c, d);
+      for (int j = 0; j < 8; j++) s += d[j] * b[j] * a[j] * r;
+    }
+  } else {
+    for (int c = threadIdx.x; c < h; c += blockDim.x) s += ld(dyr, c) * ld(w, c) * ld(xr, c) * r;
+  }
   s = block_sum(s) / h;
-  for (int c = threadIdx.x; c < h; c += blockDim.x) {
-    const float xh = ld(x, row * h + c) * r;
-    st(dx, row * h + c, r * (ld(dy, row * h + c) * ld(w, c) - xh * s));
+  if (vec) {
+    for (int c = 8 * threadIdx.x; c < h; c += 8 * blockDim.x) {
+      float a[8], b[8], d[8];
+      ld8(xr + c, a);
+      ld8(w + c, b);
+      ld8(dyr + c, d);
+      for (int j = 0; j < 8; j++) a[j] = r * (d[j] * b[j] - a[j] * r * s);
+      st8(dxr + c, a);
+    }
+  } else {
+    for (int c = threadIdx.x; c < h; c += blockDim.x) {
+      const float xh = ld(xr, c) * r;
+      st(dxr, c, r * (ld(dyr, c) * ld(w, c) - xh * s));
+    }
   }
 }
 
