@@ -25,31 +25,10 @@ __device__ __forceinline__ MtChunk mt_chunk(const unsigned long long *tab, const
   return MtChunk{t, start, start + MT_CHUNK < n ? start + MT_CHUNK : n};
 }
 
-// Four consecutive elements as f32: one 16-byte load of f32, one 8-byte
-// load of bf16 (the addresses aligned to that).
-__device__ __forceinline__ float4 ld4(const float *p, size_t i) { return *(const float4 *)(p + i); }
-__device__ __forceinline__ float4 ld4(const __nv_bfloat16 *p, size_t i) {
-  const uint2 a = *(const uint2 *)(p + i);
-  const float2 lo = __bfloat1622float2(*(const __nv_bfloat162 *)&a.x);
-  const float2 hi = __bfloat1622float2(*(const __nv_bfloat162 *)&a.y);
-  return make_float4(lo.x, lo.y, hi.x, hi.y);
-}
-__device__ __forceinline__ void st4(float *p, size_t i, float4 v) { *(float4 *)(p + i) = v; }
-__device__ __forceinline__ void st4(__nv_bfloat16 *p, size_t i, float4 v) {
-  const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
-  uint2 a;
-  a.x = *(const unsigned *)&lo;
-  a.y = *(const unsigned *)&hi;
-  *(uint2 *)(p + i) = a;
-}
-template <typename T> __device__ __forceinline__ bool aligned4(const T *p) {
-  return ((uintptr_t)p % (4 * sizeof(T))) == 0;
-}
-
-// Where a chunk's 4-wide part ends: the elements after it (all of them
-// when the addresses do not allow 4-wide access) go one at a time.
+// Where a chunk's 8-wide part ends: the elements after it (all of them
+// when the addresses do not allow 16-byte access) go one at a time.
 __device__ __forceinline__ size_t vec_end(const MtChunk &c, bool vec) {
-  return vec ? c.start + ((c.end - c.start) & ~(size_t)3) : c.start;
+  return vec ? c.start + ((c.end - c.start) & ~(size_t)7) : c.start;
 }
 
 // out[0] += sum of g^2 over every tensor of the table (one atomic per block).
@@ -57,13 +36,14 @@ template <typename T>
 __device__ void multi_sumsq(const unsigned long long *tab, const unsigned long long *chunks, float *out) {
   const MtChunk c = mt_chunk(tab, chunks);
   const T *g = (const T *)c.t[4];
-  const size_t e4 = vec_end(c, aligned4(g));
+  const size_t e8 = vec_end(c, aligned16(g));
   float s = 0.f;
-  for (size_t i = c.start + 4 * threadIdx.x; i < e4; i += 4 * blockDim.x) {
-    const float4 a = ld4(g, i);
-    s += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+  for (size_t i = c.start + 8 * threadIdx.x; i < e8; i += 8 * blockDim.x) {
+    float a[8];
+    ld8(g + i, a);
+    for (int j = 0; j < 8; j++) s += a[j] * a[j];
   }
-  for (size_t i = e4 + threadIdx.x; i < c.end; i += blockDim.x) {
+  for (size_t i = e8 + threadIdx.x; i < c.end; i += blockDim.x) {
     const float a = ld(g, i);
     s += a * a;
   }
@@ -87,7 +67,7 @@ struct Adam {
 // parameter itself when it is f32), w the parameter (may alias w32).
 // Decoupled decay first, as torch:
 // w32 = w32 * decay - lr * (m / bc1) / (sqrt(v / bc2) + eps); w = T(w32).
-// Four elements a thread at a time where the addresses allow.
+// Eight elements a thread at a time where the addresses allow.
 template <typename T>
 __device__ void multi_adamw(const unsigned long long *tab, const unsigned long long *chunks, float lr, float b1,
                             float b2, float eps, float bc1, float bc2, float gscale) {
@@ -97,19 +77,21 @@ __device__ void multi_adamw(const unsigned long long *tab, const unsigned long l
   float *m = (float *)c.t[2], *v = (float *)c.t[3];
   const T *g = (const T *)c.t[4];
   const Adam a{lr, b1, b2, eps, bc1, bc2, gscale, __uint_as_float((unsigned)c.t[6])};
-  const bool vec = aligned4(w32) && aligned4(w) && aligned4(m) && aligned4(v) && aligned4(g);
-  const size_t e4 = vec_end(c, vec);
-  for (size_t i = c.start + 4 * threadIdx.x; i < e4; i += 4 * blockDim.x) {
-    const float4 gi = ld4(g, i), wi = ld4(w32, i);
-    float4 mi = ld4(m, i), vi = ld4(v, i);
-    const float4 wo = make_float4(a.step(wi.x, mi.x, vi.x, gi.x), a.step(wi.y, mi.y, vi.y, gi.y),
-                                  a.step(wi.z, mi.z, vi.z, gi.z), a.step(wi.w, mi.w, vi.w, gi.w));
-    st4(m, i, mi);
-    st4(v, i, vi);
-    st4(w32, i, wo);
-    if ((const void *)w != (const void *)w32) st4(w, i, wo);
+  const bool vec = aligned16(w32) && aligned16(w) && aligned16(m) && aligned16(v) && aligned16(g);
+  const size_t e8 = vec_end(c, vec);
+  for (size_t i = c.start + 8 * threadIdx.x; i < e8; i += 8 * blockDim.x) {
+    float gi[8], wi[8], mi[8], vi[8];
+    ld8(g + i, gi);
+    ld8(w32 + i, wi);
+    ld8(m + i, mi);
+    ld8(v + i, vi);
+    for (int j = 0; j < 8; j++) wi[j] = a.step(wi[j], mi[j], vi[j], gi[j]);
+    st8(m + i, mi);
+    st8(v + i, vi);
+    st8(w32 + i, wi);
+    if ((const void *)w != (const void *)w32) st8(w + i, wi);
   }
-  for (size_t i = e4 + threadIdx.x; i < c.end; i += blockDim.x) {
+  for (size_t i = e8 + threadIdx.x; i < c.end; i += blockDim.x) {
     float mi = m[i], vi = v[i];
     const float wi = a.step(w32[i], mi, vi, ld(g, i));
     m[i] = mi;

@@ -181,7 +181,7 @@ mod cuda {
     use candle_core::cuda::cudarc::driver::{
         CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg, SyncOnDrop,
     };
-    use candle_core::cuda::{CudaDevice, CudaStorage, WrapErr};
+    use candle_core::cuda::{CudaStorage, WrapErr};
     use candle_core::{DType, Layout, Result, Tensor};
 
     use super::Param;
@@ -213,10 +213,11 @@ mod cuda {
         Ok((p + (a * st.dtype().size_in_bytes()) as u64, sync))
     }
 
-    /// One table per dtype: (dtype, table, chunk list, chunks) from each
-    /// tensor's dtype and 8 words (its `n` in word 5).
+    /// Per dtype: the table on the device, its chunk list, and the chunks' count.
     type Groups = Vec<(DType, CudaSlice<u64>, CudaSlice<u64>, usize)>;
 
+    /// One table per dtype, from each tensor's dtype and 8 words (kernels/optim.cu;
+    /// its `n` in word 5), uploaded with its chunk list.
     fn tables(
         stream: &std::sync::Arc<CudaStream>,
         rows: impl Iterator<Item = (DType, [u64; 8])> + Clone,
@@ -241,19 +242,6 @@ mod cuda {
         LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
     }
 
-    /// `*out += ` the sum of squares of every table's gradients (word 4).
-    fn sumsq(dev: &CudaDevice, stream: &CudaStream, groups: &Groups, out: u64) -> Result<()> {
-        for (dt, tab, chunks, n) in groups {
-            let f = func(dev, MODULE, OPTIM_PTX, "multi_sumsq", *dt)?;
-            let mut b = stream.launch_builder(&f);
-            b.arg(tab).arg(chunks).arg(&out);
-            // SAFETY: argument types and order match multi_sumsq_* in kernels/optim.cu;
-            // the table's addresses are of live, dense tensors of the group's dtype.
-            unsafe { b.launch(chunk_grid(*n)) }.w()?;
-        }
-        Ok(())
-    }
-
     /// The sum of the squares of every element of `grads` (f32 or bf16, on
     /// one CUDA device): one launch per dtype, one read back.
     pub fn sum_squares(grads: &[Tensor]) -> Result<f64> {
@@ -276,8 +264,14 @@ mod cuda {
         }
         let (out, sync) = addr(cuda_of(&acc_guard.0)?, acc_guard.1, &stream)?;
         syncs.push(sync);
-        let groups = tables(&stream, rows.into_iter())?;
-        sumsq(dev, &stream, &groups, out)?;
+        for (dt, tab, chunks, n) in &tables(&stream, rows.into_iter())? {
+            let f = func(dev, MODULE, OPTIM_PTX, "multi_sumsq", *dt)?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(tab).arg(chunks).arg(&out);
+            // SAFETY: argument types and order match multi_sumsq_* in kernels/optim.cu;
+            // the table's addresses are of live, dense tensors of the group's dtype.
+            unsafe { b.launch(chunk_grid(*n)) }.w()?;
+        }
         drop(syncs);
         drop(acc_guard);
         Ok(acc.to_vec1::<f32>()?[0] as f64)
@@ -309,9 +303,10 @@ mod cuda {
                 candle_core::bail!("fused AdamW: optimizer state of {} is not f32 of {n} elements", p.name);
             }
         }
+        let norm = sum_squares(grads)?.sqrt();
+        let gscale = if max_norm > 0.0 && norm > max_norm { (max_norm / (norm + 1e-6)) as f32 } else { 1.0 };
         let stream = dev.cuda_stream();
-        let acc = Tensor::zeros(1, DType::F32, first.device())?;
-        // Read guards on every tensor for the whole step. The parameters,
+        // Read guards on every tensor for the update. The parameters,
         // masters and moments are written through their addresses: this
         // optimizer's own tensors, used by nothing else during its step, on
         // this device's one stream (the guards record that use).
@@ -322,8 +317,7 @@ mod cuda {
             .collect();
         let guards: Vec<Vec<Option<_>>> =
             ts.iter().map(|row| row.iter().map(|t| t.map(|t| t.storage_and_layout())).collect()).collect();
-        let acc_guard = acc.storage_and_layout();
-        let mut syncs = Vec::with_capacity(params.len() * 5 + 1);
+        let mut syncs = Vec::with_capacity(params.len() * 5);
         let mut words: Vec<[u64; 8]> = Vec::with_capacity(params.len());
         for ((row, p), decay) in guards.iter().zip(params).zip(decays) {
             let mut a = [0u64; 5];
@@ -338,21 +332,7 @@ mod cuda {
             let w32 = if p.master.is_some() { a[0] } else { a[1] };
             words.push([w32, a[1], a[2], a[3], a[4], p.var.elem_count() as u64, decay.to_bits() as u64, 0]);
         }
-        let (out, sync) = addr(cuda_of(&acc_guard.0)?, acc_guard.1, &stream)?;
-        syncs.push(sync);
-        let groups = tables(&stream, params.iter().map(|p| p.var.dtype()).zip(words))?;
-        sumsq(dev, &stream, &groups, out)?;
-        drop(syncs);
-        drop(acc_guard);
-        let norm = (acc.to_vec1::<f32>()?[0] as f64).sqrt();
-        let gscale = if max_norm > 0.0 && norm > max_norm { (max_norm / (norm + 1e-6)) as f32 } else { 1.0 };
-        let mut syncs = Vec::with_capacity(params.len() * 5);
-        for row in &guards {
-            for (st, l) in row.iter().flatten() {
-                syncs.push(addr(cuda_of(st)?, l, &stream)?.1);
-            }
-        }
-        for (dt, tab, chunks, n) in &groups {
+        for (dt, tab, chunks, n) in &tables(&stream, params.iter().map(|p| p.var.dtype()).zip(words))? {
             let f = func(dev, MODULE, OPTIM_PTX, "multi_adamw", *dt)?;
             let mut b = stream.launch_builder(&f);
             b.arg(tab).arg(chunks);
