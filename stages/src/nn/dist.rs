@@ -693,6 +693,19 @@ mod tests {
         shapes.iter().map(|(n, s)| (n.to_string(), Var::zeros(*s, DType::F32, &Device::Cpu).unwrap())).collect()
     }
 
+    /// `f(r, sync)` for every replica, each on a thread of its own, all at
+    /// once; each thread's result (Err where it panicked).
+    fn on_replicas<T: Send>(
+        syncs: Vec<GradSync>,
+        f: impl Fn(usize, GradSync) -> T + Sync,
+    ) -> Vec<std::thread::Result<T>> {
+        let f = &f;
+        std::thread::scope(|sc| {
+            let hs: Vec<_> = syncs.into_iter().enumerate().map(|(r, s)| sc.spawn(move || f(r, s))).collect();
+            hs.into_iter().map(|h| h.join()).collect()
+        })
+    }
+
     #[test]
     fn layer_numbers_come_from_the_names() {
         assert_eq!(layer_of("model.layers.12.mlp.up_proj.weight"), Some(12));
@@ -748,24 +761,18 @@ mod tests {
         };
         let run = |layered: bool| -> Vec<Vec<Option<Tensor>>> {
             let syncs = GradSync::group_with(&devices, &v, 16, true).unwrap();
-            std::thread::scope(|sc| {
-                let hs: Vec<_> = syncs
-                    .into_iter()
-                    .enumerate()
-                    .map(|(r, mut s)| {
-                        sc.spawn(move || {
-                            let mut g: Vec<Option<Tensor>> = (0..5).map(|i| grad(r, i)).collect();
-                            if layered {
-                                s.layer_done(1, &mut g).unwrap();
-                                s.layer_done(0, &mut g).unwrap();
-                            }
-                            s.finish(&mut g).unwrap();
-                            g
-                        })
-                    })
-                    .collect();
-                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            on_replicas(syncs, |r, mut s| {
+                let mut g: Vec<Option<Tensor>> = (0..5).map(|i| grad(r, i)).collect();
+                if layered {
+                    s.layer_done(1, &mut g).unwrap();
+                    s.layer_done(0, &mut g).unwrap();
+                }
+                s.finish(&mut g).unwrap();
+                g
             })
+            .into_iter()
+            .map(Result::unwrap)
+            .collect()
         };
         let flat = |t: &Option<Tensor>| t.as_ref().map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         for layered in [false, true] {
@@ -824,43 +831,30 @@ mod tests {
         };
         let owner: Vec<usize> = (0..3).map(|i| i % n).collect();
         type Out = (Vec<Option<Tensor>>, Vec<Option<Tensor>>, Vec<usize>);
-        let out: Vec<Out> = std::thread::scope(|sc| {
-            let hs: Vec<_> = syncs
-                .into_iter()
-                .zip(&devices)
-                .zip(&per)
-                .enumerate()
-                .map(|(r, ((mut s, d), vars))| {
-                    let owner = &owner;
-                    sc.spawn(move || {
-                        let mut g: Vec<Option<Tensor>> = (0..3).map(|i| grad(r, i, d)).collect();
-                        s.layer_done(1, &mut g).unwrap();
-                        s.layer_done(0, &mut g).unwrap();
-                        s.finish(&mut g).unwrap();
-                        for (i, v) in vars.iter().enumerate() {
-                            v.1.set(
-                                &Tensor::full((r * 10 + i) as f32, shapes[i], d)
-                                    .unwrap()
-                                    .to_dtype(DType::BF16)
-                                    .unwrap(),
-                            )
-                            .unwrap();
-                        }
-                        let vs: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
-                        s.broadcast_owned(&vs, owner).unwrap();
-                        // ZeRO-2: each bucket's sum on its owner only.
-                        s.shard_gradients();
-                        let mut g2: Vec<Option<Tensor>> = (0..3).map(|i| grad(r, i, d)).collect();
-                        s.layer_done(1, &mut g2).unwrap();
-                        s.layer_done(0, &mut g2).unwrap();
-                        s.finish(&mut g2).unwrap();
-                        assert_eq!(s.sum_scalar(1.5).unwrap(), 1.5 * n as f64);
-                        (g, g2, s.var_owners())
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let out: Vec<Out> = on_replicas(syncs, |r, mut s| {
+            let (d, vars) = (&devices[r], &per[r]);
+            let mut g: Vec<Option<Tensor>> = (0..3).map(|i| grad(r, i, d)).collect();
+            s.layer_done(1, &mut g).unwrap();
+            s.layer_done(0, &mut g).unwrap();
+            s.finish(&mut g).unwrap();
+            for (i, v) in vars.iter().enumerate() {
+                v.1.set(&Tensor::full((r * 10 + i) as f32, shapes[i], d).unwrap().to_dtype(DType::BF16).unwrap())
+                    .unwrap();
+            }
+            let vs: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+            s.broadcast_owned(&vs, &owner).unwrap();
+            // ZeRO-2: each bucket's sum on its owner only.
+            s.shard_gradients();
+            let mut g2: Vec<Option<Tensor>> = (0..3).map(|i| grad(r, i, d)).collect();
+            s.layer_done(1, &mut g2).unwrap();
+            s.layer_done(0, &mut g2).unwrap();
+            s.finish(&mut g2).unwrap();
+            assert_eq!(s.sum_scalar(1.5).unwrap(), 1.5 * n as f64);
+            (g, g2, s.var_owners())
+        })
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
         let host = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (r, (g, g2, owners)) in out.iter().enumerate() {
             for i in 0..3 {
@@ -891,32 +885,25 @@ mod tests {
         let v = vars(&[("model.layers.0.a", &[4]), ("model.layers.1.a", &[4]), ("lm_head.weight", &[2])]);
         let syncs = GradSync::group_with(&[Device::Cpu, Device::Cpu], &v, 8, true).unwrap();
         let ones = |n: usize| Some(Tensor::ones(n, DType::F32, &Device::Cpu).unwrap());
-        let out: Vec<Vec<Vec<f32>>> = std::thread::scope(|sc| {
-            let hs: Vec<_> = syncs
-                .into_iter()
-                .enumerate()
-                .map(|(r, mut s)| {
-                    sc.spawn(move || {
-                        let mut g = vec![ones(4), ones(4), ones(2)];
-                        s.layer_done(1, &mut g).unwrap();
-                        if r == 1 {
-                            s.drain(); // fails after its first bucket
-                        } else {
-                            s.layer_done(0, &mut g).unwrap();
-                            s.finish(&mut g).unwrap();
-                        }
-                        let first: Vec<f32> =
-                            g.iter().flatten().flat_map(|t| t.to_vec1::<f32>().unwrap()).collect::<Vec<_>>();
-                        // The next step, both whole.
-                        let mut g = vec![ones(4), ones(4), ones(2)];
-                        s.finish(&mut g).unwrap();
-                        let second = g.iter().flatten().flat_map(|t| t.to_vec1::<f32>().unwrap()).collect();
-                        vec![first, second]
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let out: Vec<Vec<Vec<f32>>> = on_replicas(syncs, |r, mut s| {
+            let mut g = vec![ones(4), ones(4), ones(2)];
+            s.layer_done(1, &mut g).unwrap();
+            if r == 1 {
+                s.drain(); // fails after its first bucket
+            } else {
+                s.layer_done(0, &mut g).unwrap();
+                s.finish(&mut g).unwrap();
+            }
+            let first: Vec<f32> = g.iter().flatten().flat_map(|t| t.to_vec1::<f32>().unwrap()).collect::<Vec<_>>();
+            // The next step, both whole.
+            let mut g = vec![ones(4), ones(4), ones(2)];
+            s.finish(&mut g).unwrap();
+            let second = g.iter().flatten().flat_map(|t| t.to_vec1::<f32>().unwrap()).collect();
+            vec![first, second]
+        })
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
         // Replica 0: layer 1 summed with replica 1's ones, the rest with zeros.
         assert_eq!(out[0][0], vec![1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 1.0, 1.0]);
         assert_eq!(out[0][1], vec![2.0; 10]);
@@ -928,24 +915,18 @@ mod tests {
     fn a_panicking_replica_releases_the_others() {
         let v = vars(&[("model.layers.0.a", &[4])]);
         let syncs = GradSync::group_with(&[Device::Cpu, Device::Cpu], &v, 16, true).unwrap();
-        let results: Vec<bool> = std::thread::scope(|sc| {
-            let hs: Vec<_> = syncs
-                .into_iter()
-                .enumerate()
-                .map(|(r, mut s)| {
-                    sc.spawn(move || {
-                        let _release = s.abort_handle();
-                        if r == 1 {
-                            std::thread::sleep(std::time::Duration::from_millis(50));
-                            panic!("replica 1 fails");
-                        }
-                        let mut g = vec![Some(Tensor::ones(4, DType::F32, &Device::Cpu).unwrap())];
-                        s.finish(&mut g).is_ok()
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap_or(false)).collect()
-        });
+        let results: Vec<bool> = on_replicas(syncs, |r, mut s| {
+            let _release = s.abort_handle();
+            if r == 1 {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                panic!("replica 1 fails");
+            }
+            let mut g = vec![Some(Tensor::ones(4, DType::F32, &Device::Cpu).unwrap())];
+            s.finish(&mut g).is_ok()
+        })
+        .into_iter()
+        .map(|r| r.unwrap_or(false))
+        .collect();
         assert_eq!(results, vec![false, false]);
     }
 
@@ -956,24 +937,18 @@ mod tests {
         let v = vars(&[("model.layers.0.a", &[4])]);
         let devices = vec![Device::Cpu; 2];
         let syncs = GradSync::group(&devices, &v).unwrap();
-        let results: Vec<bool> = std::thread::scope(|sc| {
-            let hs: Vec<_> = syncs
-                .into_iter()
-                .enumerate()
-                .map(|(r, mut s)| {
-                    sc.spawn(move || {
-                        if r == 1 {
-                            std::thread::sleep(std::time::Duration::from_millis(50));
-                            s.abort();
-                            return false;
-                        }
-                        let mut g = vec![Some(Tensor::ones(4, DType::F32, &Device::Cpu).unwrap())];
-                        s.finish(&mut g).is_ok()
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let results: Vec<bool> = on_replicas(syncs, |r, mut s| {
+            if r == 1 {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                s.abort();
+                return false;
+            }
+            let mut g = vec![Some(Tensor::ones(4, DType::F32, &Device::Cpu).unwrap())];
+            s.finish(&mut g).is_ok()
+        })
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
         assert_eq!(results, vec![false, false]);
     }
 }
