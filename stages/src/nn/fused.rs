@@ -678,6 +678,20 @@ mod tests {
                 assert!(e < t, "{what} {dt:?}: off by {e}");
                 Ok(())
             };
+            // The gradients of sum(out * dy) for each (name, GPU var, CPU
+            // var), from the kernel's output and the composition's.
+            let grads_match = |got: &Tensor, want: &Tensor, dy: &Tensor, vars: &[(&str, &Var, &Var)]| -> Result<()> {
+                let gw = (want * dy)?.sum_all()?.backward()?;
+                let gg =
+                    (got.to_dtype(DType::F32)? * dy.to_dtype(DType::F32)?.to_device(&dev)?)?.sum_all()?.backward()?;
+                for (name, a, b) in vars {
+                    let (Some(ga), Some(gb)) = (gg.get(a.as_tensor()), gw.get(b.as_tensor())) else {
+                        panic!("no {name}")
+                    };
+                    check(name, ga, gb, tol * 2.0)?;
+                }
+                Ok(())
+            };
             // RMSNorm, trainable weight: rows of 576 go 8 values a thread,
             // rows of 13 one at a time.
             for hh in [h, 13] {
@@ -687,15 +701,7 @@ mod tests {
                 let want = ops::rms_norm(xc.as_tensor(), wc.as_tensor(), 1e-5)?;
                 let got = rms_norm(xg.as_tensor(), wg.as_tensor(), 1e-5)?;
                 check("rms_norm", &got, &want, tol)?;
-                let gw = (&want * &dy)?.sum_all()?.backward()?;
-                let gg =
-                    (got.to_dtype(DType::F32)? * dy.to_dtype(DType::F32)?.to_device(&dev)?)?.sum_all()?.backward()?;
-                for (name, a, b) in [("rms_norm dx", &xg, &xc), ("rms_norm dw", &wg, &wc)] {
-                    let (Some(ga), Some(gb)) = (gg.get(a.as_tensor()), gw.get(b.as_tensor())) else {
-                        panic!("no {name}")
-                    };
-                    check(name, ga, gb, tol * 2.0)?;
-                }
+                grads_match(&got, &want, &dy, &[("rms_norm dx", &xg, &xc), ("rms_norm dw", &wg, &wc)])?;
             }
             // More rows than the weight-gradient kernel has blocks (264).
             let (xg, xc) = var(&[600, 96], -1.0)?;
@@ -703,10 +709,7 @@ mod tests {
             let dy = Tensor::randn(0f64, 1.0, (600, 96), &cpu)?;
             let want = ops::rms_norm(xc.as_tensor(), wc.as_tensor(), 1e-5)?;
             let got = rms_norm(xg.as_tensor(), wg.as_tensor(), 1e-5)?;
-            let gw = (&want * &dy)?.sum_all()?.backward()?;
-            let gg = (got.to_dtype(DType::F32)? * dy.to_dtype(DType::F32)?.to_device(&dev)?)?.sum_all()?.backward()?;
-            let (Some(ga), Some(gb)) = (gg.get(wg.as_tensor()), gw.get(wc.as_tensor())) else { panic!("no dw") };
-            check("rms_norm dw, 600 rows", ga, gb, tol * 2.0)?;
+            grads_match(&got, &want, &dy, &[("rms_norm dw, 600 rows", &wg, &wc)])?;
             // RoPE (cos/sin of real angles)
             let (xg, xc) = var(&[n, heads, d], -1.0)?;
             let ang = Tensor::rand(0f64, 6.0, (n, d / 2), &cpu)?;
@@ -717,26 +720,16 @@ mod tests {
             let got = rope(xg.as_tensor(), &on(&cos)?, &on(&sin)?)?;
             check("rope", &got, &want, tol)?;
             let dy = Tensor::randn(0f64, 1.0, (n, heads, d), &cpu)?;
-            let gw = (&want * &dy)?.sum_all()?.backward()?;
-            let gg = (got.to_dtype(DType::F32)? * dy.to_dtype(DType::F32)?.to_device(&dev)?)?.sum_all()?.backward()?;
-            check("rope dx", gg.get(xg.as_tensor()).expect("dx"), gw.get(xc.as_tensor()).expect("dx"), tol * 2.0)?;
+            grads_match(&got, &want, &dy, &[("rope dx", &xg, &xc)])?;
             // SwiGLU: 8 elements a thread, and (5 x 13) one at a time.
             for (r, c) in [(n, h), (5, 13)] {
-                let (gg_, gc) = var(&[r, c], -3.0)?;
+                let (gv, gc) = var(&[r, c], -3.0)?;
                 let (ug, uc) = var(&[r, c], -1.0)?;
                 let want = (gc.as_tensor().silu()? * uc.as_tensor())?;
-                let got = swiglu(gg_.as_tensor(), ug.as_tensor())?;
+                let got = swiglu(gv.as_tensor(), ug.as_tensor())?;
                 check("swiglu", &got, &want, tol)?;
                 let dy = Tensor::randn(0f64, 1.0, (r, c), &cpu)?;
-                let gw = (&want * &dy)?.sum_all()?.backward()?;
-                let g2 =
-                    (got.to_dtype(DType::F32)? * dy.to_dtype(DType::F32)?.to_device(&dev)?)?.sum_all()?.backward()?;
-                for (name, a, b) in [("swiglu dg", &gg_, &gc), ("swiglu du", &ug, &uc)] {
-                    let (Some(ga), Some(gb)) = (g2.get(a.as_tensor()), gw.get(b.as_tensor())) else {
-                        panic!("no {name}")
-                    };
-                    check(name, ga, gb, tol * 2.0)?;
-                }
+                grads_match(&got, &want, &dy, &[("swiglu dg", &gv, &gc), ("swiglu du", &ug, &uc)])?;
             }
         }
         Ok(())
