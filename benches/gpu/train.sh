@@ -26,10 +26,8 @@ source "$REPO/scripts/gpu/lib.sh"
 B=$REPO/gpu-bench
 case "${1:-}" in
 prepare)
-  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/pipe-cuda-target}
-  cd "$REPO"
   # With NCCL: the test binary holds the multi-GPU tests too (one GPU is enough to run them).
-  PIPE_CUDA_NCCL=2.28.9 source ../shared/cuda/setup.sh >/dev/null
+  cuda_build_env nccl
   export PIPE_FEATURES=${PIPE_FEATURES:-nccl}
   cargo build --release --features "$PIPE_FEATURES" -p pipe-stages --example train_bench
   bin=$(cuda_lib_test_bin)

@@ -40,7 +40,7 @@ set -- "${1:-}" "${2:-540}"
 case "$1" in
 prepare)
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/pipe-cuda-target}
-  (cd "$REPO" && source ../shared/cuda/setup.sh >/dev/null && cargo build --release --features cuda)
+  (cuda_build_env && cargo build --release --features cuda)
   rm -rf "$QS" && mkdir -p "$QS/a" "$QS/b/cache/runs-v1" "$QS/b/cache/objects-v1"
   strip -o "$QS/a/pipe" "$CARGO_TARGET_DIR/release/pipe" && gzip -9 "$QS/a/pipe"
   wheels=${PIPE_WHEEL_CACHE:-$HOME/.cache/pipe/wheels}

@@ -33,9 +33,7 @@ source "$REPO/scripts/gpu/lib.sh"
 D=$REPO/gpu-serve
 case "${1:-}" in
 prepare)
-  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/pipe-cuda-target}
-  cd "$REPO"
-  source ../shared/cuda/setup.sh >/dev/null
+  cuda_build_env
   cargo build --release --features cuda
   cargo build --release --features cuda -p pipe-stages --example decode_bench
   bin=$(cuda_lib_test_bin)

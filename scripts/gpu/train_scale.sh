@@ -6,7 +6,7 @@
 #
 # Here (no GPU):  scripts/gpu/train_scale.sh prepare
 #   builds `pipe` with `--features nccl` (../shared/cuda/setup.sh with
-#   PIPE_CUDA_NCCL=2.28.9; CARGO_TARGET_DIR default /var/tmp/pipe-cuda-target),
+#   PIPE_CUDA_NCCL=$GPU_NCCL; CARGO_TARGET_DIR default /var/tmp/pipe-cuda-target),
 #   strips and gzips it into gpu-scale/ (git-ignored) with SmolLM2-135M's
 #   config and tokenizer (converted from the GGUF test asset by a `model`
 #   stage), a Llama-3.2-1B-shaped config using the same tokenizer, and
@@ -38,7 +38,7 @@ prepare)
   # PIPE_BIN=path: that binary instead (e.g. a CPU build, to try the script here).
   bin=${PIPE_BIN:-$CARGO_TARGET_DIR/release/pipe}
   if [ -z "${PIPE_BIN:-}" ]; then
-    (PIPE_CUDA_NCCL=2.28.9 source ../shared/cuda/setup.sh >/dev/null && cargo build --release --features nccl)
+    (cuda_build_env nccl && cargo build --release --features nccl)
   fi
   rm -rf "$S" && mkdir -p "$S"
   strip -o "$S/pipe" "$bin" && gzip -9 "$S/pipe"

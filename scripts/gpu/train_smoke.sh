@@ -19,7 +19,7 @@ case "${1:-}" in
 prepare)
   : "${SMOL_DIR:?set SMOL_DIR to a model stage output of SmolLM2-135M-Instruct}"
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/pipe-cuda-target}
-  (cd "$REPO" && source ../shared/cuda/setup.sh >/dev/null && cargo build --release --features cuda)
+  (cuda_build_env && cargo build --release --features cuda)
   rm -rf "$SMOKE" && mkdir -p "$SMOKE/src"
   # The tree that travels is at most 64 MiB: the stripped CUDA binary (~80 MB) goes gzipped.
   strip -o "$SMOKE/pipe" "$CARGO_TARGET_DIR/release/pipe" && gzip -9 "$SMOKE/pipe"
