@@ -18,34 +18,28 @@ __device__ void rmsnorm_fwd(const T *x, const T *w, T *y, float *rstd, int h, fl
   const size_t row = blockIdx.x;
   const T *xr = x + row * h;
   T *yr = y + row * h;
-  const bool vec = h % 8 == 0 && aligned16(x) && aligned16(w) && aligned16(y);
+  const int h8 = h % 8 == 0 && aligned16(x) && aligned16(w) && aligned16(y) ? h : 0;
   float s = 0.f;
-  if (vec) {
-    for (int c = 8 * threadIdx.x; c < h; c += 8 * blockDim.x) {
-      float a[8];
-      ld8(xr + c, a);
-      for (int j = 0; j < 8; j++) s += a[j] * a[j];
-    }
-  } else {
-    for (int c = threadIdx.x; c < h; c += blockDim.x) {
-      const float v = ld(xr, c);
-      s += v * v;
-    }
+  for (int c = 8 * threadIdx.x; c < h8; c += 8 * blockDim.x) {
+    float a[8];
+    ld8(xr + c, a);
+    for (int j = 0; j < 8; j++) s += a[j] * a[j];
+  }
+  for (int c = h8 + threadIdx.x; c < h; c += blockDim.x) {
+    const float v = ld(xr, c);
+    s += v * v;
   }
   s = block_sum(s);
   const float r = rsqrtf(s / h + eps);
   if (threadIdx.x == 0) rstd[row] = r;
-  if (vec) {
-    for (int c = 8 * threadIdx.x; c < h; c += 8 * blockDim.x) {
-      float a[8], b[8];
-      ld8(xr + c, a);
-      ld8(w + c, b);
-      for (int j = 0; j < 8; j++) a[j] = rnd(a[j] * r, xr) * b[j];
-      st8(yr + c, a);
-    }
-  } else {
-    for (int c = threadIdx.x; c < h; c += blockDim.x) st(yr, c, rnd(ld(xr, c) * r, xr) * ld(w, c));
+  for (int c = 8 * threadIdx.x; c < h8; c += 8 * blockDim.x) {
+    float a[8], b[8];
+    ld8(xr + c, a);
+    ld8(w + c, b);
+    for (int j = 0; j < 8; j++) a[j] = rnd(a[j] * r, xr) * b[j];
+    st8(yr + c, a);
   }
+  for (int c = h8 + threadIdx.x; c < h; c += blockDim.x) st(yr, c, rnd(ld(xr, c) * r, xr) * ld(w, c));
 }
 
 // dx = rstd * (dn - xhat * mean(dn * xhat)), dn = dy * w, xhat = x * rstd;
@@ -56,34 +50,28 @@ __device__ void rmsnorm_bwd(const T *x, const T *w, const T *dy, const float *rs
   const float r = rstd[row];
   const T *xr = x + row * h, *dyr = dy + row * h;
   T *dxr = dx + row * h;
-  const bool vec = h % 8 == 0 && aligned16(x) && aligned16(w) && aligned16(dy) && aligned16(dx);
+  const int h8 = h % 8 == 0 && aligned16(x) && aligned16(w) && aligned16(dy) && aligned16(dx) ? h : 0;
   float s = 0.f;
-  if (vec) {
-    for (int c = 8 * threadIdx.x; c < h; c += 8 * blockDim.x) {
-      float a[8], b[8], d[8];
-      ld8(xr + c, a);
-      ld8(w + c, b);
-      ld8(dyr + c, d);
-      for (int j = 0; j < 8; j++) s += d[j] * b[j] * a[j] * r;
-    }
-  } else {
-    for (int c = threadIdx.x; c < h; c += blockDim.x) s += ld(dyr, c) * ld(w, c) * ld(xr, c) * r;
+  for (int c = 8 * threadIdx.x; c < h8; c += 8 * blockDim.x) {
+    float a[8], b[8], d[8];
+    ld8(xr + c, a);
+    ld8(w + c, b);
+    ld8(dyr + c, d);
+    for (int j = 0; j < 8; j++) s += d[j] * b[j] * a[j] * r;
   }
+  for (int c = h8 + threadIdx.x; c < h; c += blockDim.x) s += ld(dyr, c) * ld(w, c) * ld(xr, c) * r;
   s = block_sum(s) / h;
-  if (vec) {
-    for (int c = 8 * threadIdx.x; c < h; c += 8 * blockDim.x) {
-      float a[8], b[8], d[8];
-      ld8(xr + c, a);
-      ld8(w + c, b);
-      ld8(dyr + c, d);
-      for (int j = 0; j < 8; j++) a[j] = r * (d[j] * b[j] - a[j] * r * s);
-      st8(dxr + c, a);
-    }
-  } else {
-    for (int c = threadIdx.x; c < h; c += blockDim.x) {
-      const float xh = ld(xr, c) * r;
-      st(dxr, c, r * (ld(dyr, c) * ld(w, c) - xh * s));
-    }
+  for (int c = 8 * threadIdx.x; c < h8; c += 8 * blockDim.x) {
+    float a[8], b[8], d[8];
+    ld8(xr + c, a);
+    ld8(w + c, b);
+    ld8(dyr + c, d);
+    for (int j = 0; j < 8; j++) a[j] = r * (d[j] * b[j] - a[j] * r * s);
+    st8(dxr + c, a);
+  }
+  for (int c = h8 + threadIdx.x; c < h; c += blockDim.x) {
+    const float xh = ld(xr, c) * r;
+    st(dxr, c, r * (ld(dyr, c) * ld(w, c) - xh * s));
   }
 }
 
@@ -174,45 +162,39 @@ template <typename T> __device__ void ce_grad(T *x, const uint32_t *tgt, float *
   T *xr = x + row * v;
   const uint32_t t = tgt[row];
   const float xt = ld(xr, t); // read before any thread overwrites it (the reductions sync)
-  const bool vec = v % 8 == 0 && aligned16(x);
+  const int v8 = v % 8 == 0 && aligned16(x) ? v : 0;
   float mx = -INFINITY, s = 0.f;
-  if (vec) {
-    for (int c = 8 * threadIdx.x; c < v; c += 8 * blockDim.x) {
-      float a[8];
-      ld8(xr + c, a);
-      float cm = a[0];
-      for (int j = 1; j < 8; j++) cm = fmaxf(cm, a[j]);
-      if (cm > mx) {
-        s *= expf(mx - cm);
-        mx = cm;
-      }
-      for (int j = 0; j < 8; j++) s += expf(a[j] - mx);
+  for (int c = 8 * threadIdx.x; c < v8; c += 8 * blockDim.x) {
+    float a[8];
+    ld8(xr + c, a);
+    float cm = a[0];
+    for (int j = 1; j < 8; j++) cm = fmaxf(cm, a[j]);
+    if (cm > mx) {
+      s *= expf(mx - cm);
+      mx = cm;
     }
-  } else {
-    for (int c = threadIdx.x; c < v; c += blockDim.x) {
-      const float a = ld(xr, c);
-      if (a > mx) {
-        s = s * expf(mx - a) + 1.f;
-        mx = a;
-      } else {
-        s += expf(a - mx);
-      }
+    for (int j = 0; j < 8; j++) s += expf(a[j] - mx);
+  }
+  for (int c = v8 + threadIdx.x; c < v; c += blockDim.x) {
+    const float a = ld(xr, c);
+    if (a > mx) {
+      s = s * expf(mx - a) + 1.f;
+      mx = a;
+    } else {
+      s += expf(a - mx);
     }
   }
   const float m = block_max(mx);
   s = block_sum(mx == -INFINITY ? 0.f : s * expf(mx - m));
   const float lse = m + logf(s);
   if (threadIdx.x == 0) loss[row] = lse - xt;
-  if (vec) {
-    for (int c = 8 * threadIdx.x; c < v; c += 8 * blockDim.x) {
-      float a[8];
-      ld8(xr + c, a);
-      for (int j = 0; j < 8; j++) a[j] = expf(a[j] - lse) - (c + j == (int)t ? 1.f : 0.f);
-      st8(xr + c, a);
-    }
-  } else {
-    for (int c = threadIdx.x; c < v; c += blockDim.x) st(xr, c, expf(ld(xr, c) - lse) - (c == (int)t ? 1.f : 0.f));
+  for (int c = 8 * threadIdx.x; c < v8; c += 8 * blockDim.x) {
+    float a[8];
+    ld8(xr + c, a);
+    for (int j = 0; j < 8; j++) a[j] = expf(a[j] - lse) - (c + j == (int)t ? 1.f : 0.f);
+    st8(xr + c, a);
   }
+  for (int c = v8 + threadIdx.x; c < v; c += blockDim.x) st(xr, c, expf(ld(xr, c) - lse) - (c == (int)t ? 1.f : 0.f));
 }
 
 #define INSTANTIATE(T, TN)                                                                                          \
