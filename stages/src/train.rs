@@ -775,17 +775,9 @@ impl Stage for TrainStage {
                         Some(s) if p.zero_stage == 2 => s.sum_scalar(norm * norm).map_err(fail)?.max(0.0).sqrt(),
                         _ => norm,
                     };
-                    let max = p.max_grad_norm;
-                    let scale = if max > 0.0 && norm > max { max / (norm + 1e-6) } else { 1.0 };
-                    let owned = grads
-                        .into_iter()
-                        .zip(o)
-                        .filter(|(_, &w)| w == r)
-                        .map(|(g, _)| g.map(|g| if scale != 1.0 { g * scale } else { Ok(g) }).transpose())
-                        .collect::<Result<Grads, _>>()
-                        .map_err(fail)?;
-                    // Clipped already: the owner steps without clipping again.
-                    opt.clip_and_step(owned, 0.0, lr)?;
+                    let owned: Grads = grads.into_iter().zip(o).filter(|(_, &w)| w == r).map(|(g, _)| g).collect();
+                    // Clipped by the norm of all the replicas' gradients.
+                    opt.step_with_norm(owned, norm, p.max_grad_norm, lr)?;
                     Ok(norm)
                 };
             let (mut opts, vars_of): (Vec<&mut AdamW>, Vec<&[Var]>) = std::iter::once((&mut opt, &vars[..]))

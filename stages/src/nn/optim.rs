@@ -96,18 +96,27 @@ impl AdamW {
     /// `max_norm` (0: no clipping), then [`Self::step`]. Returns the norm
     /// before clipping.
     pub fn clip_and_step(&mut self, grads: Vec<Option<Tensor>>, max_norm: f64, lr: f64) -> Result<f64> {
+        let present: Vec<Tensor> = grads.iter().flatten().cloned().collect();
+        let norm = global_norm(&present)?;
+        drop(present);
+        self.step_with_norm(grads, norm, max_norm, lr)?;
+        Ok(norm)
+    }
+
+    /// [`Self::clip_and_step`] for gradients whose global norm `norm` is
+    /// known (with sharded optimizer state, the norm over every replica's
+    /// gradients, not only the ones this optimizer steps).
+    pub fn step_with_norm(&mut self, grads: Vec<Option<Tensor>>, norm: f64, max_norm: f64, lr: f64) -> Result<()> {
         let mut grads: Vec<Tensor> = grads
             .into_iter()
             .zip(&self.params)
             .map(|(g, p)| g.map_or_else(|| p.var.zeros_like(), Ok))
             .collect::<candle_core::Result<_>>()?;
         if self.fused {
-            return self.fused_clip_and_step(grads, max_norm, lr);
+            return self.fused_step(grads, clip_scale(norm, max_norm).unwrap_or(1.0), lr);
         }
-        let norm = global_norm(&grads)?;
         clip(&mut grads, norm, max_norm)?;
-        self.step(&grads, lr)?;
-        Ok(norm)
+        self.step(&grads, lr)
     }
 
     /// One update with gradients `grads[i]` for `params[i]` (already
@@ -145,7 +154,8 @@ impl AdamW {
 
 impl AdamW {
     #[cfg(feature = "cuda")]
-    fn fused_clip_and_step(&mut self, grads: Vec<Tensor>, max_norm: f64, lr: f64) -> Result<f64> {
+    /// The update on CUDA, the gradients scaled by `gscale` (clipping).
+    fn fused_step(&mut self, grads: Vec<Tensor>, gscale: f64, lr: f64) -> Result<()> {
         let grads = grads
             .iter()
             .zip(&self.params)
@@ -166,11 +176,11 @@ impl AdamW {
             bc1: (1.0 - c.beta1.powi(self.t as i32)) as f32,
             bc2: (1.0 - c.beta2.powi(self.t as i32)) as f32,
         };
-        Ok(cuda::clip_and_step(&self.params, &grads, &decays, max_norm, h)?)
+        Ok(cuda::step(&self.params, &grads, &decays, gscale as f32, h)?)
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn fused_clip_and_step(&mut self, _: Vec<Tensor>, _: f64, _: f64) -> Result<f64> {
+    fn fused_step(&mut self, _: Vec<Tensor>, _: f64, _: f64) -> Result<()> {
         Ok(crate::nn::fused::cuda_only("fused AdamW")?)
     }
 }
@@ -277,14 +287,12 @@ mod cuda {
         Ok(acc.to_vec1::<f32>()?[0] as f64)
     }
 
-    /// The global norm of `grads` (`grads[i]` for `params[i]`, in its
-    /// dtype), then AdamW on every parameter with the gradients scaled to
-    /// `max_norm` (0: no clipping): two launches per dtype of parameters
-    /// (`multi_sumsq`, `multi_adamw`), whatever their number, and one read
-    /// back (the norm). Parameters, f32 master copies and moments are
-    /// updated in place. Returns the norm before clipping.
-    pub fn clip_and_step(params: &[Param], grads: &[Tensor], decays: &[f32], max_norm: f64, h: Hyper) -> Result<f64> {
-        let Some(first) = grads.first() else { return Ok(0.0) };
+    /// AdamW on every parameter with `grads[i]` (for `params[i]`, in its
+    /// dtype) scaled by `gscale`: one launch per dtype of parameters
+    /// (`multi_adamw`), whatever their number. Parameters, f32 master
+    /// copies and moments are updated in place.
+    pub fn step(params: &[Param], grads: &[Tensor], decays: &[f32], gscale: f32, h: Hyper) -> Result<()> {
+        let Some(first) = grads.first() else { return Ok(()) };
         let candle_core::Device::Cuda(dev) = first.device() else { candle_core::bail!("fused AdamW: not on CUDA") };
         for (p, g) in params.iter().zip(grads) {
             let n = p.var.elem_count();
@@ -303,8 +311,6 @@ mod cuda {
                 candle_core::bail!("fused AdamW: optimizer state of {} is not f32 of {n} elements", p.name);
             }
         }
-        let norm = sum_squares(grads)?.sqrt();
-        let gscale = if max_norm > 0.0 && norm > max_norm { (max_norm / (norm + 1e-6)) as f32 } else { 1.0 };
         let stream = dev.cuda_stream();
         // Read guards on every tensor for the update. The parameters,
         // masters and moments are written through their addresses: this
@@ -343,7 +349,7 @@ mod cuda {
             unsafe { b.launch(chunk_grid(*n)) }.w()?;
         }
         drop(syncs);
-        Ok(norm)
+        Ok(())
     }
 }
 
@@ -374,11 +380,17 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     Ok(Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt())
 }
 
-/// Scale gradients so their global norm is at most `max_norm` (as
-/// `torch.nn.utils.clip_grad_norm_`: factor max_norm / (norm + 1e-6)).
+/// The factor that scales gradients of global norm `norm` to at most
+/// `max_norm` (0: no clipping), as `torch.nn.utils.clip_grad_norm_`:
+/// max_norm / (norm + 1e-6); None when they are within it.
+fn clip_scale(norm: f64, max_norm: f64) -> Option<f64> {
+    (max_norm > 0.0 && norm > max_norm).then(|| max_norm / (norm + 1e-6))
+}
+
+/// Scale gradients of global norm `norm` to at most `max_norm` (the factor
+/// of [`clip_scale`]).
 pub fn clip(grads: &mut [Tensor], norm: f64, max_norm: f64) -> Result<()> {
-    if max_norm > 0.0 && norm > max_norm {
-        let f = max_norm / (norm + 1e-6);
+    if let Some(f) = clip_scale(norm, max_norm) {
         for g in grads.iter_mut() {
             *g = (&*g * f)?;
         }
