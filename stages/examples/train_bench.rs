@@ -226,13 +226,13 @@ fn profile(model: &Llama, rows: &[Row], device: &Device) -> pipe_stages::nn::Res
         time_ms(device, 5, || Ok(model.loss_sum_from_hidden(hf.as_tensor(), &b, fx)?.backward()?))?,
     );
     // The parts of the LM head's loss, one chunk of rows (as the model
-    // chunks on a GPU: 2^26 logits) timed alone; x head_chunks a step.
+    // chunks them) timed alone; x head_chunks a step.
     let w = match &model.lm_head {
         Some(l) => l.w.tensor()?,
         None => model.embed.tensor()?,
     };
     let vocab = w.dim(0)?;
-    let rows = ((1usize << 26) / vocab).max(128).min(n);
+    let rows = model.head_chunk_rows().min(n);
     let hc = hf.as_tensor().narrow(0, 0, rows)?.detach();
     let t = Tensor::from_vec((0..rows as u32).map(|i| i % vocab as u32).collect::<Vec<_>>(), rows, device)?;
     put("head_chunks", n.div_ceil(rows) as f64);

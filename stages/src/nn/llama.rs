@@ -681,16 +681,20 @@ impl Llama {
         };
         match plain {
             Some(w @ (Weight::Frozen(_) | Weight::Train(_))) => {
-                // A GPU wants bigger chunks: up to 2^26 logits (128 MiB in
-                // bf16) unless PIPE_HEAD_LOGITS says how many (to measure).
-                let chunk = if self.device.is_cuda() {
-                    (head_logits_per_chunk() / self.cfg.vocab_size).max(HEAD_CHUNK)
-                } else {
-                    HEAD_CHUNK
-                };
-                Ok(lm_head_cross_entropy(&hs, &w.tensor()?, &b.targets, chunk)?)
+                Ok(lm_head_cross_entropy(&hs, &w.tensor()?, &b.targets, self.head_chunk_rows())?)
             }
             _ => Ok(cross_entropy_sum(&self.head(&hs, fx)?, &b.targets)?),
+        }
+    }
+
+    /// Rows per chunk of the fused LM head's loss. A GPU wants bigger
+    /// chunks: up to 2^26 logits (128 MiB in bf16) unless PIPE_HEAD_LOGITS
+    /// says how many (to measure).
+    pub fn head_chunk_rows(&self) -> usize {
+        if self.device.is_cuda() {
+            (head_logits_per_chunk() / self.cfg.vocab_size).max(HEAD_CHUNK)
+        } else {
+            HEAD_CHUNK
         }
     }
 
