@@ -6,14 +6,22 @@
 // A block has 4 warps and takes a tile of 64 rows (queries for the forward
 // and dQ kernels, keys for dK/dV) of one head; each warp owns 16 of them.
 // Tiles of K, V, Q, dO are staged in shared memory as bf16 rows of D
-// values padded to D + 8 (16-byte aligned rows, conflict-free fragment
-// loads); fragments of tiles indexed [k][n] come through ldmatrix.trans.
+// values padded to D + 8 (16-byte aligned rows, conflict-free ldmatrix).
+// The tiles a loop walks through are double-buffered: `cp.async` copies
+// the next while the warps compute on the current one. Every operand
+// fragment comes through `ldmatrix` (`.trans` for tiles indexed [k][n]).
+// The causal mask is applied only to the tiles that cross a warp's
+// diagonal; rows past a sequence's end are staged as zeros, which the mask
+// (keys) or zero gradients (queries) make harmless.
 //
 // Fragments of m16n8k16 (lane = 4 * gr + tg): A (16 x 16, row-major) holds
 // (gr, 2tg..2tg+1), (gr + 8, 2tg..), (gr, 8 + 2tg..), (gr + 8, 8 + 2tg..);
 // B (16 x 8) holds (k = 2tg..2tg+1, n = gr), (k = 8 + 2tg.., n = gr); C
 // (16 x 8, f32) holds (gr, 2tg..2tg+1), (gr + 8, 2tg..). Two neighbouring C
 // tiles are, packed to bf16, the A fragment of the next product (P, dS).
+//
+// The scale (sl2 = scale * log2 e) must be positive: maxima are taken over
+// the unscaled scores.
 
 #include "common.cuh"
 
@@ -28,6 +36,12 @@ __device__ __forceinline__ uint32_t pack(float lo, float hi) {
   return *reinterpret_cast<uint32_t *>(&v);
 }
 
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // c += a * b (16 x 8 x 16, bf16 in, f32 accumulate)
 __device__ __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -36,17 +50,38 @@ __device__ __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0, ui
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Two neighbouring bf16 of a shared-memory row (col even).
-template <int S> __device__ __forceinline__ uint32_t ld32(const bf16 *t, int row, int col) {
-  return *reinterpret_cast<const uint32_t *>(t + row * S + col);
+__device__ __forceinline__ uint32_t saddr(const void *p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// A fragment of rows r0..r0+15, columns k0..k0+15 of a row-major tile.
-template <int S> __device__ __forceinline__ void frag_a(uint32_t *a, const bf16 *t, int r0, int k0, int gr, int tg) {
-  a[0] = ld32<S>(t, r0 + gr, k0 + 2 * tg);
-  a[1] = ld32<S>(t, r0 + gr + 8, k0 + 2 * tg);
-  a[2] = ld32<S>(t, r0 + gr, k0 + 8 + 2 * tg);
-  a[3] = ld32<S>(t, r0 + gr + 8, k0 + 8 + 2 * tg);
+// Four 8 x 8 bf16 matrices from shared memory; lane L addresses a row of
+// matrix L / 8.
+__device__ __forceinline__ void ldm4(uint32_t *r, const bf16 *p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(saddr(p)));
+}
+__device__ __forceinline__ void ldm4t(uint32_t *r, const bf16 *p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(saddr(p)));
+}
+
+// The A fragment of rows r0..r0+15, columns k0..k0+15 of a row-major tile.
+template <int S> __device__ __forceinline__ void frag_a(uint32_t *a, const bf16 *t, int r0, int k0, int lane) {
+  ldm4(a, t + (r0 + (lane & 15)) * S + k0 + (lane >> 4) * 8);
+}
+
+// B fragments of two neighbouring n-tiles (n0.., n0 + 8..) for k0..k0+15
+// of a tile indexed [n][k] (row n holds column n of B): b[0], b[1] for n0,
+// b[2], b[3] for n0 + 8.
+template <int S> __device__ __forceinline__ void frag_b_nk(uint32_t *b, const bf16 *t, int n0, int k0, int lane) {
+  ldm4(b, t + (n0 + (lane & 7) + (lane >> 4) * 8) * S + k0 + ((lane >> 3) & 1) * 8);
+}
+
+// The same from a tile indexed [k][n] (ldmatrix.trans).
+template <int S> __device__ __forceinline__ void frag_b_kn(uint32_t *b, const bf16 *t, int k0, int n0, int lane) {
+  ldm4t(b, t + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + n0 + (lane >> 4) * 8);
 }
 
 // The A fragment of C tiles j, j + 1 (columns 8j..8j+15) of a 16-row block.
@@ -57,33 +92,29 @@ __device__ __forceinline__ void c_to_a(uint32_t *a, const float (*c)[4], int j) 
   a[3] = pack(c[j + 1][2], c[j + 1][3]);
 }
 
-// acc (16 x 8*NJ) = A (rows r0.. of `a`, D columns) * B^T where B's rows
-// n0.. of `b` hold the columns of the product (both row-major, D wide).
-template <int D, int NJ>
-__device__ __forceinline__ void mm_abt(float (*acc)[4], const bf16 *a, int r0, const bf16 *b, int gr, int tg) {
-  constexpr int S = D + 8;
+template <int NJ> __device__ __forceinline__ void zero(float (*acc)[4]) {
 #pragma unroll
   for (int j = 0; j < NJ; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+}
+
+// acc (16 x 8*NJ) = A (rows r0.. of `a`, D columns) * B^T where B's rows
+// 0.. of `b` hold the columns of the product (both row-major, D wide).
+template <int D, int NJ>
+__device__ __forceinline__ void mm_abt(float (*acc)[4], const bf16 *a, int r0, const bf16 *b, int lane) {
+  constexpr int S = D + 8;
+  zero<NJ>(acc);
 #pragma unroll
   for (int kk = 0; kk < D / 16; kk++) {
     uint32_t fa[4];
-    frag_a<S>(fa, a, r0, kk * 16, gr, tg);
+    frag_a<S>(fa, a, r0, kk * 16, lane);
 #pragma unroll
-    for (int j = 0; j < NJ; j++)
-      mma(acc[j], fa, ld32<S>(b, j * 8 + gr, kk * 16 + 2 * tg), ld32<S>(b, j * 8 + gr, kk * 16 + 8 + 2 * tg));
+    for (int j = 0; j < NJ; j += 2) {
+      uint32_t fb[4];
+      frag_b_nk<S>(fb, b, j * 8, kk * 16, lane);
+      mma(acc[j], fa, fb[0], fb[1]);
+      mma(acc[j + 1], fa, fb[2], fb[3]);
+    }
   }
-}
-
-// B fragments of two neighbouring n-tiles (columns n0..n0+15) for rows
-// k0..k0+15 of a row-major tile indexed [k][n]: ldmatrix.x4.trans, lanes
-// 0-7 / 8-15 / 16-23 / 24-31 addressing rows k0 + 0..7 / k0 + 8..15 at
-// column n0, then at column n0 + 8. b[0], b[1]: tile n0; b[2], b[3]: n0 + 8.
-template <int S> __device__ __forceinline__ void frag_b_kn(uint32_t *b, const bf16 *t, int k0, int n0, int lane) {
-  const bf16 *p = t + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + n0 + (lane >> 4) * 8;
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-               : "r"(a));
 }
 
 // acc (16 x D) += P (16 x 16*NK, as C tiles) * B, B's rows 0.. of `b`
@@ -105,18 +136,30 @@ __device__ __forceinline__ void mm_cb(float (*acc)[4], const float (*p)[4], cons
   }
 }
 
+// 16 bytes global -> shared without the registers; zeros when !valid.
+__device__ __forceinline__ void cp16(void *dst, const void *src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp4(void *dst, const void *src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(saddr(dst)), "l"(src), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Wait until at most N of the committed groups are in flight.
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
 // Rows r0..r0+rows-1 of head `head` of `src` (N, heads, D) into a padded
-// tile, zeros from row `end` on: 16-byte loads and stores when `src` is
-// 16-byte aligned (every row of a head then is), else one bf16 at a time.
+// tile, zeros from row `end` on: asynchronous 16-byte copies when `al`
+// (`src` 16-byte aligned: every row of a head then is), else one bf16 at
+// a time, synchronously.
 template <int D>
-__device__ __forceinline__ void stage(bf16 *sh, const bf16 *src, int r0, int rows, int end, int heads, int head) {
+__device__ __forceinline__ void stage(bf16 *sh, const bf16 *src, int r0, int rows, int end, int heads, int head,
+                                      bool al) {
   constexpr int S = D + 8, V = D / 8;
-  if ((reinterpret_cast<uintptr_t>(src) & 15) == 0) {
+  if (al) {
     for (int idx = threadIdx.x; idx < rows * V; idx += blockDim.x) {
       const int r = idx / V, c = (idx % V) * 8, row = r0 + r;
-      uint4 x = make_uint4(0u, 0u, 0u, 0u);
-      if (row < end) x = *reinterpret_cast<const uint4 *>(src + ((size_t)row * heads + head) * D + c);
-      *reinterpret_cast<uint4 *>(sh + r * S + c) = x;
+      const bool in = row < end;
+      cp16(sh + r * S + c, in ? src + ((size_t)row * heads + head) * D + c : src, in);
     }
     return;
   }
@@ -152,64 +195,89 @@ __device__ __forceinline__ float group_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// -inf for the keys (columns) after row i0 (C halves 0, 1) or i1 (2, 3).
+template <int NJ> __device__ __forceinline__ void mask_keys(float (*s)[4], int kb, int i0, int i1, int tg) {
+#pragma unroll
+  for (int j = 0; j < NJ; j++)
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+      const int kj = kb + j * 8 + 2 * tg + e;
+      if (kj > i0) s[j][e] = -INFINITY;
+      if (kj > i1) s[j][2 + e] = -INFINITY;
+    }
+}
+
 } // namespace
 
-// Shared memory: K and V tiles (the Q tile goes through K's first).
+// Shared memory: two buffers of K and V tiles (the Q tile goes through the
+// second K).
 template <int D>
 __device__ void fwd(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                     bf16 *__restrict__ o, float *__restrict__ lse, const int *__restrict__ tiles, int n, int hq, int hkv,
                     float sl2) {
-  constexpr int S = D + 8, NT = D / 8;
+  constexpr int S = D + 8, NT = D / 8, T = BR * S;
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16 *ks = reinterpret_cast<bf16 *>(smem), *vs = ks + BR * S;
+  bf16 *buf = reinterpret_cast<bf16 *>(smem); // K0, V0, K1, V1
   const int t = blockIdx.x, h = blockIdx.y, g = h / (hq / hkv);
   const int q0 = tiles[4 * t], q1 = tiles[4 * t + 1], s0 = tiles[4 * t + 2];
   const int w = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane >> 2, tg = lane & 3;
   const int i0 = q0 + w * 16 + gr, i1 = i0 + 8;
-  stage<D>(ks, q, q0, BR, q1, hq, h);
+  const bool al = aligned16(q) && aligned16(k) && aligned16(v);
+  stage<D>(buf + 2 * T, q, q0, BR, q1, hq, h, al);
+  cp_commit();
+  stage<D>(buf, k, s0, BR, q1, hkv, g, al);
+  stage<D>(buf + T, v, s0, BR, q1, hkv, g, al);
+  cp_commit();
+  cp_wait<1>();
   __syncthreads();
   uint32_t qa[D / 16][4];
 #pragma unroll
-  for (int kk = 0; kk < D / 16; kk++) frag_a<S>(qa[kk], ks, w * 16, kk * 16, gr, tg);
-  __syncthreads();
+  for (int kk = 0; kk < D / 16; kk++) frag_a<S>(qa[kk], buf + 2 * T, w * 16, kk * 16, lane);
+  __syncthreads(); // Q is read before the second buffer is refilled
   float oacc[NT][4];
-#pragma unroll
-  for (int nt = 0; nt < NT; nt++) oacc[nt][0] = oacc[nt][1] = oacc[nt][2] = oacc[nt][3] = 0.f;
+  zero<NT>(oacc);
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
-  for (int kb = s0; kb < q1; kb += BR) {
-    stage<D>(ks, k, kb, BR, q1, hkv, g);
-    stage<D>(vs, v, kb, BR, q1, hkv, g);
+  const int nb = (q1 - s0 + BR - 1) / BR;
+  for (int it = 0; it < nb; it++) {
+    const int kb = s0 + it * BR;
+    const bf16 *ks = buf + (it & 1) * 2 * T, *vs = ks + T;
+    if (it + 1 < nb) {
+      bf16 *nk = buf + ((it + 1) & 1) * 2 * T;
+      stage<D>(nk, k, kb + BR, BR, q1, hkv, g, al);
+      stage<D>(nk + T, v, kb + BR, BR, q1, hkv, g, al);
+    }
+    cp_commit();
+    cp_wait<1>();
     __syncthreads();
     float sc[8][4];
-#pragma unroll
-    for (int j = 0; j < 8; j++) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+    zero<8>(sc);
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++)
 #pragma unroll
-      for (int j = 0; j < 8; j++)
-        mma(sc[j], qa[kk], ld32<S>(ks, j * 8 + gr, kk * 16 + 2 * tg), ld32<S>(ks, j * 8 + gr, kk * 16 + 8 + 2 * tg));
-    float mx0 = m0, mx1 = m1;
-#pragma unroll
-    for (int j = 0; j < 8; j++)
-#pragma unroll
-      for (int e = 0; e < 2; e++) {
-        const int kj = kb + j * 8 + 2 * tg + e;
-        sc[j][e] = kj <= i0 ? sc[j][e] * sl2 : -INFINITY;
-        sc[j][2 + e] = kj <= i1 ? sc[j][2 + e] * sl2 : -INFINITY;
-        mx0 = fmaxf(mx0, sc[j][e]);
-        mx1 = fmaxf(mx1, sc[j][2 + e]);
+      for (int j = 0; j < 8; j += 2) {
+        uint32_t fb[4];
+        frag_b_nk<S>(fb, ks, j * 8, kk * 16, lane);
+        mma(sc[j], qa[kk], fb[0], fb[1]);
+        mma(sc[j + 1], qa[kk], fb[2], fb[3]);
       }
-    mx0 = group_max(mx0);
-    mx1 = group_max(mx1);
+    if (kb + BR - 1 > q0 + w * 16) mask_keys<8>(sc, kb, i0, i1, tg);
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      mx0 = fmaxf(mx0, fmaxf(sc[j][0], sc[j][1]));
+      mx1 = fmaxf(mx1, fmaxf(sc[j][2], sc[j][3]));
+    }
+    mx0 = fmaxf(m0, group_max(mx0) * sl2);
+    mx1 = fmaxf(m1, group_max(mx1) * sl2);
     const float b0 = mx0 == -INFINITY ? 0.f : mx0, b1 = mx1 == -INFINITY ? 0.f : mx1;
-    const float c0 = exp2f(m0 - b0), c1 = exp2f(m1 - b1);
+    const float c0 = ex2(m0 - b0), c1 = ex2(m1 - b1);
     float r0 = 0.f, r1 = 0.f;
 #pragma unroll
     for (int j = 0; j < 8; j++)
 #pragma unroll
       for (int e = 0; e < 2; e++) {
-        sc[j][e] = exp2f(sc[j][e] - b0);
-        sc[j][2 + e] = exp2f(sc[j][2 + e] - b1);
+        sc[j][e] = ex2(fmaf(sc[j][e], sl2, -b0));
+        sc[j][2 + e] = ex2(fmaf(sc[j][2 + e], sl2, -b1));
         r0 += sc[j][e];
         r1 += sc[j][2 + e];
       }
@@ -225,55 +293,64 @@ __device__ void fwd(const bf16 *__restrict__ q, const bf16 *__restrict__ k, cons
       oacc[nt][3] *= c1;
     }
     mm_cb<D, 4>(oacc, sc, vs, lane);
-    __syncthreads();
+    __syncthreads(); // this buffer is consumed before the next iteration refills it
   }
   l0 = group_sum(l0);
   l1 = group_sum(l1);
   store_rows<D>(o, oacc, i0, i1, q1, hq, h, 1.f / l0, 1.f / l1, tg);
   if (tg == 0) {
-    if (i0 < q1) lse[(size_t)h * n + i0] = m0 + log2f(l0);
-    if (i1 < q1) lse[(size_t)h * n + i1] = m1 + log2f(l1);
+    if (i0 < q1) lse[(size_t)h * n + i0] = m0 + __log2f(l0);
+    if (i1 < q1) lse[(size_t)h * n + i1] = m1 + __log2f(l1);
   }
 }
 
 // dQ = scale * sum_j dS_ij K_j, dS = P * (dP - delta), dP = dO V^T.
-// Shared memory: Q, dO, K, V tiles.
+// Shared memory: Q, dO tiles, then two buffers of K and V tiles.
 template <int D>
 __device__ void bwd_dq(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                        const bf16 *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ delta,
                        bf16 *__restrict__ dq, const int *__restrict__ tiles, int n, int hq, int hkv, float sl2,
                        float scale) {
-  constexpr int S = D + 8, NT = D / 8;
+  constexpr int S = D + 8, NT = D / 8, T = BR * S;
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16 *qs = reinterpret_cast<bf16 *>(smem), *dos = qs + BR * S, *ks = dos + BR * S, *vs = ks + BR * S;
+  bf16 *qs = reinterpret_cast<bf16 *>(smem), *dos = qs + T, *buf = dos + T;
   const int t = blockIdx.x, h = blockIdx.y, g = h / (hq / hkv);
   const int q0 = tiles[4 * t], q1 = tiles[4 * t + 1], s0 = tiles[4 * t + 2];
   const int w = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane >> 2, tg = lane & 3;
   const int i0 = q0 + w * 16 + gr, i1 = i0 + 8;
   const int c0 = min(i0, q1 - 1), c1 = min(i1, q1 - 1);
+  const bool al = aligned16(q) && aligned16(k) && aligned16(v) && aligned16(dout);
+  stage<D>(qs, q, q0, BR, q1, hq, h, al);
+  stage<D>(dos, dout, q0, BR, q1, hq, h, al);
+  stage<D>(buf, k, s0, BR, q1, hkv, g, al);
+  stage<D>(buf + T, v, s0, BR, q1, hkv, g, al);
+  cp_commit();
   const float lse0 = lse[(size_t)h * n + c0], lse1 = lse[(size_t)h * n + c1];
   const float dl0 = delta[(size_t)c0 * hq + h], dl1 = delta[(size_t)c1 * hq + h];
-  stage<D>(qs, q, q0, BR, q1, hq, h);
-  stage<D>(dos, dout, q0, BR, q1, hq, h);
   float acc[NT][4];
-#pragma unroll
-  for (int nt = 0; nt < NT; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
-  for (int kb = s0; kb < q1; kb += BR) {
-    stage<D>(ks, k, kb, BR, q1, hkv, g);
-    stage<D>(vs, v, kb, BR, q1, hkv, g);
+  zero<NT>(acc);
+  const int nb = (q1 - s0 + BR - 1) / BR;
+  for (int it = 0; it < nb; it++) {
+    const int kb = s0 + it * BR;
+    const bf16 *ks = buf + (it & 1) * 2 * T, *vs = ks + T;
+    if (it + 1 < nb) {
+      bf16 *nk = buf + ((it + 1) & 1) * 2 * T;
+      stage<D>(nk, k, kb + BR, BR, q1, hkv, g, al);
+      stage<D>(nk + T, v, kb + BR, BR, q1, hkv, g, al);
+    }
+    cp_commit();
+    cp_wait<1>();
     __syncthreads();
     float sc[8][4], dp[8][4];
-    mm_abt<D, 8>(sc, qs, w * 16, ks, gr, tg);
-    mm_abt<D, 8>(dp, dos, w * 16, vs, gr, tg);
+    mm_abt<D, 8>(sc, qs, w * 16, ks, lane);
+    mm_abt<D, 8>(dp, dos, w * 16, vs, lane);
+    if (kb + BR - 1 > q0 + w * 16) mask_keys<8>(sc, kb, i0, i1, tg);
 #pragma unroll
     for (int j = 0; j < 8; j++)
 #pragma unroll
       for (int e = 0; e < 2; e++) {
-        const int kj = kb + j * 8 + 2 * tg + e;
-        const float p0 = kj <= i0 ? exp2f(sc[j][e] * sl2 - lse0) : 0.f;
-        const float p1 = kj <= i1 ? exp2f(sc[j][2 + e] * sl2 - lse1) : 0.f;
-        sc[j][e] = p0 * (dp[j][e] - dl0);
-        sc[j][2 + e] = p1 * (dp[j][2 + e] - dl1);
+        sc[j][e] = ex2(fmaf(sc[j][e], sl2, -lse0)) * (dp[j][e] - dl0);
+        sc[j][2 + e] = ex2(fmaf(sc[j][2 + e], sl2, -lse1)) * (dp[j][2 + e] - dl1);
       }
     mm_cb<D, 4>(acc, sc, ks, lane);
     __syncthreads();
@@ -283,66 +360,104 @@ __device__ void bwd_dq(const bf16 *__restrict__ q, const bf16 *__restrict__ k, c
 
 // dV_j = sum_i P_ij dO_i, dK_j = scale * sum_i dS_ij Q_i over the query
 // heads of this key/value head and the queries i >= j of its sequence, BQ
-// at a time. Shared memory: K, V tiles (64 rows), Q, dO tiles (BQ rows),
-// then the BQ log-sum-exps and deltas.
+// at a time. Shared memory: K, V tiles (64 rows), then two buffers of Q,
+// dO tiles (BQ rows) and their BQ log-sum-exps and deltas.
 template <int D, int BQ>
 __device__ void bwd_dkv(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                         const bf16 *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ delta,
                         bf16 *__restrict__ dk, bf16 *__restrict__ dv, const int *__restrict__ tiles, int n, int hq,
                         int hkv, float sl2, float scale) {
-  constexpr int S = D + 8, NT = D / 8, NJ = BQ / 8;
+  constexpr int S = D + 8, NT = D / 8, NJ = BQ / 8, TQ = BQ * S;
+  // One buffer: Q, dO tiles, BQ log-sum-exps, BQ deltas.
+  constexpr int QB = 2 * TQ * 2 + 2 * BQ * 4;
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16 *kss = reinterpret_cast<bf16 *>(smem), *vss = kss + BR * S, *qs = vss + BR * S, *dos = qs + BQ * S;
-  float *ls = reinterpret_cast<float *>(dos + BQ * S), *dd = ls + BQ;
+  bf16 *kss = reinterpret_cast<bf16 *>(smem), *vss = kss + BR * S;
+  unsigned char *qbuf = reinterpret_cast<unsigned char *>(vss + BR * S);
   const int t = blockIdx.x, g = blockIdx.y, rep = hq / hkv;
   const int j0 = tiles[4 * t], j1 = tiles[4 * t + 1], e = tiles[4 * t + 3];
   const int w = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane >> 2, tg = lane & 3;
   const int r0 = j0 + w * 16 + gr, r1 = r0 + 8; // this thread's key rows
-  stage<D>(kss, k, j0, BR, j1, hkv, g);
-  stage<D>(vss, v, j0, BR, j1, hkv, g);
-  float dka[NT][4], dva[NT][4];
-#pragma unroll
-  for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-    for (int x = 0; x < 4; x++) dka[nt][x] = dva[nt][x] = 0.f;
-  for (int hh = 0; hh < rep; hh++) {
-    const int h = g * rep + hh;
-    for (int qb = j0; qb < e; qb += BQ) {
-      __syncthreads(); // the previous tiles are consumed
-      stage<D>(qs, q, qb, BQ, e, hq, h);
-      stage<D>(dos, dout, qb, BQ, e, hq, h);
-      for (int r = threadIdx.x; r < BQ; r += blockDim.x) {
-        const bool in = qb + r < e;
-        ls[r] = in ? lse[(size_t)h * n + qb + r] : 0.f;
-        dd[r] = in ? delta[(size_t)(qb + r) * hq + h] : 0.f;
-      }
-      __syncthreads();
-      float st[NJ][4], dpt[NJ][4];
-      mm_abt<D, NJ>(st, kss, w * 16, qs, gr, tg); // S^T: keys x queries
-#pragma unroll
-      for (int j = 0; j < NJ; j++)
-#pragma unroll
-        for (int x = 0; x < 2; x++) {
-          const int c = j * 8 + 2 * tg + x, qi = qb + c;
-          const bool in = qi < e;
-          st[j][x] = in && qi >= r0 ? exp2f(st[j][x] * sl2 - ls[c]) : 0.f;
-          st[j][2 + x] = in && qi >= r1 ? exp2f(st[j][2 + x] * sl2 - ls[c]) : 0.f;
-        }
-      mm_cb<D, NJ / 2>(dva, st, dos, lane);
-      mm_abt<D, NJ>(dpt, vss, w * 16, dos, gr, tg); // dP^T
-#pragma unroll
-      for (int j = 0; j < NJ; j++)
-#pragma unroll
-        for (int x = 0; x < 2; x++) {
-          const int c = j * 8 + 2 * tg + x;
-          st[j][x] *= dpt[j][x] - dd[c];
-          st[j][2 + x] *= dpt[j][2 + x] - dd[c];
-        }
-      mm_cb<D, NJ / 2>(dka, st, qs, lane);
+  const bool al = aligned16(q) && aligned16(k) && aligned16(v) && aligned16(dout);
+  // Query tiles per query head; iteration `it` is head it / per, tile it % per.
+  const int per = (e - j0 + BQ - 1) / BQ, total = rep * per;
+  auto issue = [&](int it) {
+    unsigned char *b = qbuf + (it & 1) * QB;
+    bf16 *qs = reinterpret_cast<bf16 *>(b), *dos = qs + TQ;
+    float *ls = reinterpret_cast<float *>(dos + TQ), *dd = ls + BQ;
+    const int h = g * rep + it / per, qb = j0 + (it % per) * BQ;
+    stage<D>(qs, q, qb, BQ, e, hq, h, al);
+    stage<D>(dos, dout, qb, BQ, e, hq, h, al);
+    for (int r = threadIdx.x; r < BQ; r += blockDim.x) {
+      const bool in = qb + r < e;
+      cp4(ls + r, in ? lse + (size_t)h * n + qb + r : lse, in);
+      cp4(dd + r, in ? delta + (size_t)(qb + r) * hq + h : delta, in);
     }
+  };
+  stage<D>(kss, k, j0, BR, j1, hkv, g, al);
+  stage<D>(vss, v, j0, BR, j1, hkv, g, al);
+  issue(0);
+  cp_commit();
+  float dka[NT][4], dva[NT][4];
+  zero<NT>(dka);
+  zero<NT>(dva);
+  for (int it = 0; it < total; it++) {
+    if (it + 1 < total) issue(it + 1);
+    cp_commit();
+    cp_wait<1>();
+    __syncthreads();
+    const unsigned char *b = qbuf + (it & 1) * QB;
+    const bf16 *qs = reinterpret_cast<const bf16 *>(b), *dos = qs + TQ;
+    const float *ls = reinterpret_cast<const float *>(dos + TQ), *dd = ls + BQ;
+    const int qb = j0 + (it % per) * BQ;
+    float st[NJ][4], dpt[NJ][4];
+    mm_abt<D, NJ>(st, kss, w * 16, qs, lane); // S^T: keys x queries
+    // Queries before a key of this warp: P = 0 there. (Queries past the
+    // sequence's end have zero dO and delta: their P and dS add nothing.)
+    const bool diag = qb < j0 + w * 16 + 15;
+#pragma unroll
+    for (int j = 0; j < NJ; j++)
+#pragma unroll
+      for (int x = 0; x < 2; x++) {
+        const int c = j * 8 + 2 * tg + x, qi = qb + c;
+        const float p0 = ex2(fmaf(st[j][x], sl2, -ls[c])), p1 = ex2(fmaf(st[j][2 + x], sl2, -ls[c]));
+        st[j][x] = diag && qi < r0 ? 0.f : p0;
+        st[j][2 + x] = diag && qi < r1 ? 0.f : p1;
+      }
+    mm_cb<D, NJ / 2>(dva, st, dos, lane);
+    mm_abt<D, NJ>(dpt, vss, w * 16, dos, lane); // dP^T
+#pragma unroll
+    for (int j = 0; j < NJ; j++)
+#pragma unroll
+      for (int x = 0; x < 2; x++) {
+        const int c = j * 8 + 2 * tg + x;
+        st[j][x] *= dpt[j][x] - dd[c];
+        st[j][2 + x] *= dpt[j][2 + x] - dd[c];
+      }
+    mm_cb<D, NJ / 2>(dka, st, qs, lane);
+    __syncthreads(); // this buffer is consumed before the next iteration refills it
   }
   store_rows<D>(dk, dka, r0, r1, j1, hkv, g, scale, scale, tg);
   store_rows<D>(dv, dva, r0, r1, j1, hkv, g, 1.f, 1.f, tg);
+}
+
+// delta (rows) = the row sums of dO * O, both (rows, D) bf16 and 16-byte
+// aligned: D / 8 neighbouring threads a row, 8 values each.
+template <int D>
+__device__ void delta_rows(const bf16 *__restrict__ o, const bf16 *__restrict__ dout, float *__restrict__ delta,
+                           int rows) {
+  constexpr int G = D / 8;
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x, r = idx / G, c = (idx % G) * 8;
+  float s = 0.f;
+  if (r < rows) {
+    float a[8], b[8];
+    ld8(o + (size_t)r * D + c, a);
+    ld8(dout + (size_t)r * D + c, b);
+#pragma unroll
+    for (int i = 0; i < 8; i++) s = fmaf(a[i], b[i], s);
+  }
+#pragma unroll
+  for (int m = G / 2; m > 0; m >>= 1) s += __shfl_xor_sync(0xffffffffu, s, m);
+  if (r < rows && idx % G == 0) delta[r] = s;
 }
 
 #define INSTANTIATE(D, BQ)                                                                                           \
@@ -362,6 +477,9 @@ __device__ void bwd_dkv(const bf16 *__restrict__ q, const bf16 *__restrict__ k, 
                                  const float *delta, bf16 *dk, bf16 *dv, const int *tiles, int n, int hq, int hkv,   \
                                  float sl2, float scale) {                                                           \
     bwd_dkv<D, BQ>(q, k, v, dout, lse, delta, dk, dv, tiles, n, hq, hkv, sl2, scale);                                \
+  }                                                                                                                  \
+  extern "C" __global__ void attn_tc_delta_##D##_bf16(const bf16 *o, const bf16 *dout, float *delta, int rows) {     \
+    delta_rows<D>(o, dout, delta, rows);                                                                             \
   }
 
 INSTANTIATE(64, 64)

@@ -138,12 +138,32 @@ impl candle_core::CustomOp3 for Attn {
             candle_core::bail!("fused attention: backward before forward")
         };
         let dout = super::ops::dense(&dout.to_dtype(q.dtype())?)?;
-        // delta_i = rowsum(dO_i * O_i), (N, Hq)
-        let delta = (dout.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum(candle_core::D::Minus1)?;
-        let delta = super::ops::dense(&delta)?;
+        // delta_i = rowsum(dO_i * O_i), (N, Hq): one kernel on tensor cores' path.
+        let delta = match delta(o, &dout)? {
+            Some(d) => d,
+            None => {
+                let d = (dout.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum(candle_core::D::Minus1)?;
+                super::ops::dense(&d)?
+            }
+        };
         let (dq, dk, dv) = backward(self, q, k, v, &dout, &lse, &delta)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
+}
+
+/// The row sums of `dout * o` (N, Hq, D) as (N, Hq) f32 in one kernel,
+/// for bf16 on CUDA (the tensor-core path); `None` elsewhere.
+#[cfg(feature = "cuda")]
+fn delta(o: &Tensor, dout: &Tensor) -> Result<Option<Tensor>> {
+    if !o.device().is_cuda() || !tensor_cores(o.dtype()) || dout.dtype() != o.dtype() {
+        return Ok(None);
+    }
+    cuda::delta(&super::ops::dense(o)?, dout).map(Some)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn delta(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+    Ok(None)
 }
 
 #[cfg(feature = "cuda")]
@@ -193,14 +213,15 @@ mod cuda {
             return Ok((func(dev, "pipe_attn", ATTN_PTX, &format!("attn_{what}_{d}"), dt)?, 0));
         }
         let f = func(dev, "pipe_attn_tc", ATTN_TC_PTX, &format!("attn_tc_{what}_{d}"), dt)?;
-        // Padded bf16 tiles of d + 8 (attn_tc.cu): forward K, V; dQ Q, dO,
-        // K, V; dK/dV K, V (64 rows) and Q, dO (bq rows) + bq lse and delta.
+        // Padded bf16 tiles of d + 8 (attn_tc.cu): forward two buffers of
+        // K, V; dQ Q, dO and two buffers of K, V; dK/dV K, V (64 rows) and
+        // two buffers of Q, dO (bq rows) + bq lse and delta.
         let row = (d + 8) * 2;
         let bq = if d == 128 { 32 } else { 64 };
         let bytes = match what {
-            "fwd" => 2 * 64 * row,
-            "bwd_dq" => 4 * 64 * row,
-            _ => 2 * 64 * row + 2 * bq * row + 2 * bq * 4,
+            "fwd" => 4 * 64 * row,
+            "bwd_dq" => 6 * 64 * row,
+            _ => 2 * 64 * row + 2 * (2 * bq * row + 2 * bq * 4),
         };
         f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32).w()?;
         Ok((f, bytes as u32))
@@ -250,6 +271,26 @@ mod cuda {
         unsafe { b.launch(cfg(n_tiles(op), hq, smem)) }.w()?;
         let lse = tensor(CudaStorage::wrap_cuda_slice(lse, dev.clone()), (hq, n));
         Ok(((CudaStorage::wrap_cuda_slice(o, dev), Shape::from((n, hq, d))), lse))
+    }
+
+    pub(super) fn delta(o: &Tensor, dout: &Tensor) -> Result<Tensor> {
+        let (n, hq, d) = o.dims3()?;
+        let rows = n * hq;
+        let out = with(&[o, dout], |st| {
+            let dev = device(st[0].0);
+            let (ov, dv) = (view::<half::bf16>(st[0].0, st[0].1)?, view::<half::bf16>(st[1].0, st[1].1)?);
+            // SAFETY: the kernel writes every row.
+            let mut out = unsafe { dev.alloc::<f32>(rows)? };
+            let f = func(&dev, "pipe_attn_tc", ATTN_TC_PTX, &format!("attn_tc_delta_{d}"), DType::BF16)?;
+            let rows_i = rows as i32;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            b.arg(&ov).arg(&dv).arg(&mut out).arg(&rows_i);
+            // SAFETY: argument types and order match attn_tc_delta_* in kernels/attn_tc.cu.
+            unsafe { b.launch(crate::nn::kernels::grid((rows * d / 8).div_ceil(256), 1, 256)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev))
+        })?;
+        Ok(tensor(out, (n, hq)))
     }
 
     pub(super) fn backward(
