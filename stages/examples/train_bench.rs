@@ -178,6 +178,16 @@ fn profile(model: &Llama, rows: &[Row], device: &Device) -> pipe_stages::nn::Res
             Ok(ops::backward_from(&y, &dx)?)
         })?,
     );
+    put("rms_norm_fwd_ms", time_ms(device, reps, || Ok(ops::rms_norm(x.as_tensor(), &w_ln, 1e-5)?))?);
+    // Without the weight's gradient (the difference is the dw kernel and its sum).
+    let w_frozen = w_ln.detach();
+    put(
+        "rms_norm_fwd_bwd_no_dw_ms",
+        time_ms(device, reps, || {
+            let y = ops::rms_norm(x.as_tensor(), &w_frozen, 1e-5)?;
+            Ok(ops::backward_from(&y, &dx)?)
+        })?,
+    );
     let hn = ops::rms_norm(x.as_tensor(), &w_ln, 1e-5)?.detach();
     let hv = Var::from_tensor(&hn)?;
     put("lora_gate_fwd_ms", time_ms(device, reps, || l.gate.forward(hv.as_tensor(), fx))?);
@@ -192,6 +202,28 @@ fn profile(model: &Llama, rows: &[Row], device: &Device) -> pipe_stages::nn::Res
     // The gate's two backward products alone: dx = dy @ w, dw = dy.T @ x.
     put("gate_dx_mm_ms", time_ms(device, reps, || Ok(dg.matmul(&wg)?))?);
     put("gate_dw_mm_ms", time_ms(device, reps, || Ok(dg.t()?.matmul(&hn)?))?);
+    // The gate adapter's products alone (x @ a.T, the update, and the
+    // backward's skinny ones), and the weight-gradient products split over
+    // 16 slices of the rows (a batched product, then a sum).
+    if let Some(lo) = &l.gate.lora {
+        let (a, bm) = (lo.a.as_tensor().to_dtype(hn.dtype())?, lo.b.as_tensor().to_dtype(hn.dtype())?);
+        let xa = hn.matmul(&a.t()?)?;
+        let (m, k, r, nn) = (hn.dim(0)?, hn.dim(1)?, a.dim(0)?, bm.dim(0)?);
+        put("lora_xa_mm_ms", time_ms(device, reps, || Ok(hn.matmul(&a.t()?)?))?);
+        put("lora_up_mm_ms", time_ms(device, reps, || Ok(xa.matmul(&bm.t()?)?))?);
+        put("lora_dxa_mm_ms", time_ms(device, reps, || Ok(dg.matmul(&bm)?))?);
+        put("lora_da_mm_ms", time_ms(device, reps, || Ok(xa.t()?.matmul(&hn)?))?);
+        put("lora_db_mm_ms", time_ms(device, reps, || Ok(dg.t()?.matmul(&xa)?))?);
+        if m % 16 == 0 {
+            let c = 16;
+            let split = |p: &Tensor, q: &Tensor, pc: usize, qc: usize| -> pipe_stages::nn::Result<Tensor> {
+                let pp = p.reshape((c, m / c, pc))?.transpose(1, 2)?;
+                Ok(pp.matmul(&q.reshape((c, m / c, qc))?)?.sum(0)?)
+            };
+            put("lora_da_split_ms", time_ms(device, reps, || split(&xa, &hn, r, k))?);
+            put("lora_db_split_ms", time_ms(device, reps, || split(&dg, &xa, nn, r))?);
+        }
+    }
     let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, h, hd), device)?.to_dtype(model.dtype)?)?;
     let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, kv, hd), device)?.to_dtype(model.dtype)?)?;
     let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, kv, hd), device)?.to_dtype(model.dtype)?)?;

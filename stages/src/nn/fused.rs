@@ -429,12 +429,15 @@ mod cuda {
         let m = rstd.elem_count();
         let h = x.elem_count() / m.max(1);
         let nb = m.clamp(1, 264);
+        // Row lanes per block of 256 threads (rmsnorm_dw in kernels/fused.cu).
+        let lanes = (256 / h.div_ceil(8).max(1)).max(1);
+        let rows = nb * lanes;
         let part = with(&[x, dy, rstd], |s| {
             let dev = device(s[0].0);
             let (xv, dyv) = (view::<T>(s[0].0, s[0].1)?, view::<T>(s[1].0, s[1].1)?);
             let rv = view::<f32>(s[2].0, s[2].1)?;
             // SAFETY: the kernel writes every element.
-            let mut part = unsafe { dev.alloc::<f32>(nb * h)? };
+            let mut part = unsafe { dev.alloc::<f32>(rows * h)? };
             let f = func(&dev, MODULE, FUSED_PTX, "rmsnorm_dw", x.dtype())?;
             let stream = dev.cuda_stream();
             let (mi, hi) = (m as i32, h as i32);
@@ -444,7 +447,7 @@ mod cuda {
             unsafe { b.launch(grid(nb, 1, 256)) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(part, dev))
         })?;
-        tensor(part, (nb, h)).sum(0)
+        tensor(part, (rows, h)).sum(0)
     }
 
     pub(super) fn rope(

@@ -357,14 +357,16 @@ impl CustomOp1 for Seed {
         cuda_storage(&Tensor::zeros((), s.dtype(), &candle_core::Device::Cuda(s.device().clone()))?, self.name())
     }
 
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.d.to_dtype(x.dtype())?.broadcast_mul(&grad.to_dtype(x.dtype())?)?))
+    /// `d` itself: the seed is only ever the root of `backward_from`, whose
+    /// gradient is 1 (a broadcast product by it was a pass over `d`).
+    fn bwd(&self, x: &Tensor, _res: &Tensor, _grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.d.to_dtype(x.dtype())?))
     }
 }
 
 /// A LoRA linear in one op: `x @ w.T + scale * (x @ a.T) @ b.T` for a
 /// frozen (or NF4) `w` (n, k), `a` (r, k), `b` (n, r), `x` (m, k). Keeps
-/// for the backward pass only `scale * x @ a.T` (m, r) besides its inputs,
+/// for the backward pass only `x @ a.T` (m, r) besides its inputs,
 /// where the composition's graph holds three more (m, n) tensors (the base
 /// product, the update and its scaled copy) per linear until the backward
 /// pass ends. Differentiable in x, a and b.
@@ -384,7 +386,7 @@ pub fn lora_linear(x: &Tensor, w: FrozenWeight, a: &Tensor, b: &Tensor, scale: f
             b.dtype()
         );
     }
-    dense(x)?.apply_op3(&dense(a)?, &dense(b)?, LoraLinear { w, scale, xas: std::sync::Mutex::new(None) })
+    dense(x)?.apply_op3(&dense(a)?, &dense(b)?, LoraLinear { w, scale, xa: std::sync::Mutex::new(None) })
 }
 
 /// A frozen weight for [`frozen_matmul`]-style products: dense, or NF4
@@ -429,8 +431,8 @@ fn cuda_of(st: &Storage) -> Option<&candle_core::CudaStorage> {
 struct LoraLinear {
     w: FrozenWeight,
     scale: f64,
-    /// `scale * x @ a.T` from the forward pass.
-    xas: std::sync::Mutex<Option<Tensor>>,
+    /// `x @ a.T` (unscaled) from the forward pass.
+    xa: std::sync::Mutex<Option<Tensor>>,
 }
 
 impl LoraLinear {
@@ -449,20 +451,25 @@ impl LoraLinear {
         let (n, _) = bl.shape().dims2()?;
         let (base, _) = FrozenMatmul::product(x, xl, &self.w.get(device, x.dtype())?, pick)?;
         let mr = Layout::contiguous((m, r));
-        let xas = x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?.affine(&mr, self.scale, 0.0)?;
+        let xa = x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?;
+        let xas = xa.affine(&mr, self.scale, 0.0)?;
         let up = xas.matmul(b, (1, m, n, r), &mr, &bl.transpose(0, 1)?)?;
         let mn = Layout::contiguous((m, n));
         let y = base.binary_impl::<candle_core::op::Add>(&up, &mn, &mn)?;
-        if let Ok(mut g) = self.xas.lock() {
-            *g = Some(Tensor::from_storage(wrap(xas), (m, r), BackpropOp::none(), false));
-        }
+        self.keep_xa(wrap(xa), m, r);
         Ok((y, Shape::from((m, n))))
+    }
+
+    fn keep_xa(&self, xa: Storage, m: usize, r: usize) {
+        if let Ok(mut g) = self.xa.lock() {
+            *g = Some(Tensor::from_storage(xa, (m, r), BackpropOp::none(), false));
+        }
     }
 }
 
 impl LoraLinear {
     /// [`Self::run`] on the CPU in f32, with the update accumulated into
-    /// the base product by one gemm (`y += (s x a.T) @ b.T`) instead of a
+    /// the base product by one gemm (`y += s (x a.T) @ b.T`) instead of a
     /// separate (m, n) product and an add pass over both.
     fn cpu_f32(
         &self,
@@ -476,9 +483,8 @@ impl LoraLinear {
         let (n, _) = bl.shape().dims2()?;
         let (base, _) = FrozenMatmul::product(x, xl, &self.w.get(&candle_core::Device::Cpu, DType::F32)?, cpu_of)?;
         let CpuStorage::F32(mut y) = base else { candle_core::bail!("lora-linear: the base product is not f32") };
-        let mr = Layout::contiguous((m, r));
-        let xas = x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?.affine(&mr, self.scale, 0.0)?;
-        let CpuStorage::F32(xa) = &xas else { candle_core::bail!("lora-linear: x @ a.T is not f32") };
+        let xa_st = x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?;
+        let CpuStorage::F32(xa) = &xa_st else { candle_core::bail!("lora-linear: x @ a.T is not f32") };
         let threads = candle_core::utils::get_num_threads();
         let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
         // SAFETY: y is (m, n) row-major, xa (m, r) row-major, b (n, r)
@@ -499,16 +505,14 @@ impl LoraLinear {
                 r as isize,
                 1,
                 1.0f32,
-                1.0f32,
+                self.scale as f32,
                 false,
                 false,
                 false,
                 par,
             )
         }
-        if let Ok(mut g) = self.xas.lock() {
-            *g = Some(Tensor::from_storage(Storage::Cpu(xas), (m, r), BackpropOp::none(), false));
-        }
+        self.keep_xa(Storage::Cpu(xa_st), m, r);
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 }
@@ -543,8 +547,18 @@ impl candle_core::CustomOp3 for LoraLinear {
         b: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        // As the CPU's f32 path: the update accumulated into the base
+        // product by one cuBLAS product with beta = 1.
         let dev = candle_core::Device::Cuda(x.device().clone());
-        self.run((x, xl), (a, al), (b, bl), &dev, cuda_of, Storage::Cuda)
+        let (m, k) = xl.shape().dims2()?;
+        let (r, _) = al.shape().dims2()?;
+        let (n, _) = bl.shape().dims2()?;
+        let (mut y, _) = FrozenMatmul::product(x, xl, &self.w.get(&dev, x.dtype())?, cuda_of)?;
+        let xa = x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?;
+        let (mn, mr) = (Layout::contiguous((m, n)), Layout::contiguous((m, r)));
+        add_matmul_cuda(&mut y, &mn, (&xa, &mr, false), (b, bl, true), self.scale)?;
+        self.keep_xa(Storage::Cuda(xa), m, r);
+        Ok((y, Shape::from((m, n))))
     }
 
     fn bwd(
@@ -555,7 +569,7 @@ impl candle_core::CustomOp3 for LoraLinear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let Some(xas) = self.xas.lock().ok().and_then(|g| g.clone()) else {
+        let Some(xa) = self.xa.lock().ok().and_then(|g| g.clone()) else {
             candle_core::bail!("lora-linear: backward before forward")
         };
         // The gradients are computed from detached inputs: a gradient that
@@ -566,9 +580,16 @@ impl candle_core::CustomOp3 for LoraLinear {
         // d(x @ a.T) = scale * dy @ b
         let dxa = dy.matmul(&bd)?.affine(self.scale, 0.0)?;
         let da = if a.track_op() { Some(dxa.t()?.matmul(&xd)?) } else { None };
-        let db = if b.track_op() { Some(dy.t()?.matmul(&xas)?) } else { None };
+        let db = if b.track_op() { Some(dy.t()?.matmul(&xa)?.affine(self.scale, 0.0)?) } else { None };
         let dx = if x.track_op() {
-            Some((dy.matmul(&self.w.get(dy.device(), dy.dtype())?)? + dxa.matmul(&ad)?)?)
+            let dx = dy.matmul(&self.w.get(dy.device(), dy.dtype())?)?;
+            // On CUDA, dx += dxa @ a in place (no (m, k) product and add pass).
+            if dx.device().is_cuda() && matches!(dx.dtype(), DType::F32 | DType::BF16) && dx.is_contiguous() {
+                dx.inplace_op3(&dense(&dxa)?, &dense(&ad)?, &AddMatmul { ta: false, tb: false, alpha: 1.0 })?;
+                Some(dx)
+            } else {
+                Some((dx + dxa.matmul(&ad)?)?)
+            }
         } else {
             None
         };
@@ -654,7 +675,7 @@ impl FusedHeadCe {
                     // On CUDA, dw += p.T @ hc in place (cuBLAS with beta 1):
                     // no (vocab, d) product and add pass per chunk.
                     Some(a) if a.device().is_cuda() && matches!(a.dtype(), DType::F32 | DType::BF16) => {
-                        a.inplace_op3(&p, &hc, &AddMatmulT)?;
+                        a.inplace_op3(&p, &hc, &AddMatmul { ta: true, tb: false, alpha: 1.0 })?;
                         a
                     }
                     Some(a) => (a + p.t()?.matmul(&hc)?)?,
@@ -671,14 +692,20 @@ impl FusedHeadCe {
     }
 }
 
-/// `acc += p.T @ h` in place: `acc` (v, d), `p` (n, v), `h` (n, d), all
-/// dense in one dtype (f32 or bf16) on CUDA; one cuBLAS product with
-/// beta = 1 (f32 sums for bf16).
-struct AddMatmulT;
+/// `acc += alpha * op(p) @ op(q)` in place, `op` transposing where `ta` /
+/// `tb` say: `acc` (m, n), op(p) (m, k), op(q) (k, n), all dense and
+/// row-major in one dtype (f32 or bf16) on CUDA; one cuBLAS product with
+/// beta = 1 (f32 sums, alpha in f32).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct AddMatmul {
+    pub ta: bool,
+    pub tb: bool,
+    pub alpha: f64,
+}
 
-impl candle_core::InplaceOp3 for AddMatmulT {
+impl candle_core::InplaceOp3 for AddMatmul {
     fn name(&self) -> &'static str {
-        "add-matmul-t"
+        "add-matmul"
     }
 
     fn cpu_fwd(
@@ -700,51 +727,88 @@ impl candle_core::InplaceOp3 for AddMatmulT {
         al: &Layout,
         p: &candle_core::CudaStorage,
         pl: &Layout,
-        h: &candle_core::CudaStorage,
-        hl: &Layout,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
     ) -> Result<()> {
-        use candle_core::cuda::cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
-        use candle_core::cuda::WrapErr;
-        let ((v, d), (n, v2), (n2, d2)) = (al.shape().dims2()?, pl.shape().dims2()?, hl.shape().dims2()?);
-        if v != v2 || n != n2 || d != d2 || !al.is_contiguous() || !pl.is_contiguous() || !hl.is_contiguous() {
-            candle_core::bail!("add-matmul-t: {:?} += {:?}.T @ {:?} (dense)", al.dims(), pl.dims(), hl.dims());
-        }
-        let (Some((a0, a1)), Some((p0, p1)), Some((h0, h1))) =
-            (al.contiguous_offsets(), pl.contiguous_offsets(), hl.contiguous_offsets())
-        else {
-            candle_core::bail!("add-matmul-t: non-contiguous input")
-        };
-        let blas = acc.device().cublas_handle();
-        // Column-major: acc.T (d, v) += h.T (d, n) @ p (n, v), p read transposed.
-        macro_rules! run {
-            ($t:ty, $one:expr) => {{
-                let cfg = GemmConfig {
-                    transa: cublasOperation_t::CUBLAS_OP_N,
-                    transb: cublasOperation_t::CUBLAS_OP_T,
-                    m: d as i32,
-                    n: v as i32,
-                    k: n as i32,
-                    alpha: $one,
-                    lda: d as i32,
-                    ldb: v as i32,
-                    beta: $one,
-                    ldc: d as i32,
-                };
-                let ps = p.as_cuda_slice::<$t>()?.slice(p0..p1);
-                let hs = h.as_cuda_slice::<$t>()?.slice(h0..h1);
-                let mut cs = acc.as_cuda_slice_mut::<$t>()?.slice_mut(a0..a1);
-                // SAFETY: the shapes and leading dimensions above describe
-                // dense buffers of exactly these sizes.
-                unsafe { blas.gemm(cfg, &hs, &ps, &mut cs) }.w()?;
-            }};
-        }
-        match acc.dtype() {
-            DType::F32 => run!(f32, 1f32),
-            DType::BF16 => run!(half::bf16, half::bf16::ONE),
-            dt => candle_core::bail!("add-matmul-t: {dt:?} (f32, bf16)"),
-        }
-        Ok(())
+        add_matmul_cuda(acc, al, (p, pl, self.ta), (q, ql, self.tb), self.alpha)
     }
+}
+
+/// [`AddMatmul`] on the storages: `acc += alpha * op(p) @ op(q)`, each
+/// operand with its layout and whether it is transposed.
+#[cfg(feature = "cuda")]
+fn add_matmul_cuda(
+    acc: &mut candle_core::CudaStorage,
+    al: &Layout,
+    (p, pl, ta): (&candle_core::CudaStorage, &Layout, bool),
+    (q, ql, tb): (&candle_core::CudaStorage, &Layout, bool),
+    alpha: f64,
+) -> Result<()> {
+    use candle_core::cuda::cudarc::cublas::{result::gemm_ex, sys};
+    use candle_core::cuda::cudarc::driver::{DevicePtr, DevicePtrMut};
+    use candle_core::cuda::WrapErr;
+    let ((m, n), (pr, pc), (qr, qc)) = (al.shape().dims2()?, pl.shape().dims2()?, ql.shape().dims2()?);
+    let ((pm, pk), (qk, qn)) = (if ta { (pc, pr) } else { (pr, pc) }, if tb { (qc, qr) } else { (qr, qc) });
+    let offsets = (al.contiguous_offsets(), pl.contiguous_offsets(), ql.contiguous_offsets());
+    let (Some((a0, a1)), Some((p0, p1)), Some((q0, q1))) = offsets else {
+        candle_core::bail!("add-matmul: non-contiguous input")
+    };
+    if pm != m || qn != n || pk != qk || p.dtype() != acc.dtype() || q.dtype() != acc.dtype() {
+        candle_core::bail!(
+            "add-matmul: {:?} += op({:?}) @ op({:?}) (ta {ta}, tb {tb})",
+            al.dims(),
+            pl.dims(),
+            ql.dims()
+        );
+    }
+    let dev = acc.device().clone();
+    let (stream, blas) = (dev.cuda_stream(), dev.cublas_handle());
+    let (alpha, beta) = (alpha as f32, 1f32);
+    let op = |t: bool| if t { sys::cublasOperation_t::CUBLAS_OP_T } else { sys::cublasOperation_t::CUBLAS_OP_N };
+    // Column-major: acc.T (n, m) += op(q).T (n, k) @ op(p).T (k, m); a
+    // row-major (r, c) buffer is a column-major (c, r) one, leading dim c.
+    macro_rules! run {
+        ($t:ty, $dt:expr) => {{
+            let ps = p.as_cuda_slice::<$t>()?.slice(p0..p1);
+            let qs = q.as_cuda_slice::<$t>()?.slice(q0..q1);
+            let mut cs = acc.as_cuda_slice_mut::<$t>()?.slice_mut(a0..a1);
+            let (pp, _rp) = ps.device_ptr(&stream);
+            let (qp, _rq) = qs.device_ptr(&stream);
+            let (cp, _rc) = cs.device_ptr_mut(&stream);
+            // SAFETY: the shapes and leading dimensions describe dense
+            // buffers of exactly these sizes, on the handle's stream.
+            unsafe {
+                gemm_ex(
+                    *blas.handle(),
+                    op(tb),
+                    op(ta),
+                    n as i32,
+                    m as i32,
+                    pk as i32,
+                    (&alpha) as *const f32 as *const _,
+                    qp as *const _,
+                    $dt,
+                    qc as i32,
+                    pp as *const _,
+                    $dt,
+                    pc as i32,
+                    (&beta) as *const f32 as *const _,
+                    cp as *mut _,
+                    $dt,
+                    n as i32,
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .w()?;
+        }};
+    }
+    match acc.dtype() {
+        DType::F32 => run!(f32, sys::cudaDataType_t::CUDA_R_32F),
+        DType::BF16 => run!(half::bf16, sys::cudaDataType_t::CUDA_R_16BF),
+        dt => candle_core::bail!("add-matmul: {dt:?} (f32, bf16)"),
+    }
+    Ok(())
 }
 
 impl candle_core::CustomOp2 for FusedHeadCe {

@@ -343,6 +343,39 @@ fn merging_lora_into_the_weights_gives_the_same_logits() -> Result<()> {
     Ok(())
 }
 
+/// `AddMatmul` (acc += alpha * op(p) @ op(q) in place, cuBLAS with beta
+/// one) against the product on the CPU in f64, for each pair of
+/// transposes, in f32 and bf16; a misfit is an error. On the GPU machine;
+/// skipped elsewhere.
+#[test]
+fn add_matmul_matches_the_product_on_cuda() -> Result<()> {
+    use crate::nn::ops::AddMatmul;
+    let Some(dev) = cuda_device()? else { return Ok(()) };
+    let (m, n, k, alpha) = (37, 21, 13, 0.37);
+    for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+        let p = Tensor::randn(0f64, 1.0, if ta { (k, m) } else { (m, k) }, &Device::Cpu)?;
+        let q = Tensor::randn(0f64, 1.0, if tb { (n, k) } else { (k, n) }, &Device::Cpu)?;
+        let acc = Tensor::randn(0f64, 1.0, (m, n), &Device::Cpu)?;
+        for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            let on = |t: &Tensor| t.to_dtype(dt)?.to_device(&dev);
+            let (pg, qg, ag) = (on(&p)?, on(&q)?, on(&acc)?);
+            ag.inplace_op3(&pg, &qg, &AddMatmul { ta, tb, alpha })?;
+            // The reference from the same (rounded) inputs.
+            let back = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
+            let (pr, qr) = (back(&pg)?, back(&qg)?);
+            let (pr, qr) = (if ta { pr.t()? } else { pr }, if tb { qr.t()? } else { qr });
+            let want = (back(&on(&acc)?)? + (pr.matmul(&qr)? * alpha)?)?;
+            let e = rel_err(&ag, &want)?;
+            assert!(e < tol, "ta {ta} tb {tb} {dt:?}: off by {e}");
+        }
+    }
+    let a = Tensor::zeros((3, 4), DType::F32, &dev)?;
+    let p = Tensor::zeros((3, 5), DType::F32, &dev)?;
+    let bad = a.inplace_op3(&p, &p, &AddMatmul { ta: false, tb: false, alpha: 1.0 });
+    assert!(bad.is_err(), "(3, 5) @ (3, 5) does not fit");
+    Ok(())
+}
+
 #[test]
 fn fused_chunked_head_cross_entropy_matches_the_plain_composition() -> Result<()> {
     use crate::nn::ops::{cross_entropy_sum, lm_head_cross_entropy};
