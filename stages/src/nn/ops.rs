@@ -550,6 +550,9 @@ impl candle_core::CustomOp3 for LoraLinear {
         // As the CPU's f32 path: the update accumulated into the base
         // product by one cuBLAS product with beta = 1.
         let dev = candle_core::Device::Cuda(x.device().clone());
+        if !matches!(x.dtype(), DType::F32 | DType::BF16) {
+            return self.run((x, xl), (a, al), (b, bl), &dev, cuda_of, Storage::Cuda);
+        }
         let (m, k) = xl.shape().dims2()?;
         let (r, _) = al.shape().dims2()?;
         let (n, _) = bl.shape().dims2()?;
