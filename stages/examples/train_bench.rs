@@ -171,23 +171,15 @@ fn profile(model: &Llama, rows: &[Row], device: &Device) -> pipe_stages::nn::Res
     };
     let dx = rand_like(x.as_tensor())?;
     put("add_ms", time_ms(device, reps, || Ok((x.as_tensor() + x.as_tensor())?))?);
-    put(
-        "rms_norm_fwd_bwd_ms",
-        time_ms(device, reps, || {
-            let y = ops::rms_norm(x.as_tensor(), &w_ln, 1e-5)?;
-            Ok(ops::backward_from(&y, &dx)?)
-        })?,
-    );
+    let norm_fwd_bwd = |w: &Tensor| -> pipe_stages::nn::Result<_> {
+        let y = ops::rms_norm(x.as_tensor(), w, 1e-5)?;
+        Ok(ops::backward_from(&y, &dx)?)
+    };
+    put("rms_norm_fwd_bwd_ms", time_ms(device, reps, || norm_fwd_bwd(&w_ln))?);
     put("rms_norm_fwd_ms", time_ms(device, reps, || Ok(ops::rms_norm(x.as_tensor(), &w_ln, 1e-5)?))?);
     // Without the weight's gradient (the difference is the dw kernel and its sum).
     let w_frozen = w_ln.detach();
-    put(
-        "rms_norm_fwd_bwd_no_dw_ms",
-        time_ms(device, reps, || {
-            let y = ops::rms_norm(x.as_tensor(), &w_frozen, 1e-5)?;
-            Ok(ops::backward_from(&y, &dx)?)
-        })?,
-    );
+    put("rms_norm_fwd_bwd_no_dw_ms", time_ms(device, reps, || norm_fwd_bwd(&w_frozen))?);
     let hn = ops::rms_norm(x.as_tensor(), &w_ln, 1e-5)?.detach();
     let hv = Var::from_tensor(&hn)?;
     put("lora_gate_fwd_ms", time_ms(device, reps, || l.gate.forward(hv.as_tensor(), fx))?);

@@ -170,6 +170,27 @@ __device__ __forceinline__ void stage(bf16 *sh, const bf16 *src, int r0, int row
   }
 }
 
+// Tile `it` of a key loop (keys kb.. of kv head g, zeros from `end` on)
+// into the K, V pair `it & 1` of the two at `buf`.
+template <int D>
+__device__ __forceinline__ void stage_kv(bf16 *buf, const bf16 *k, const bf16 *v, int it, int kb, int end, int hkv,
+                                         int g, bool al) {
+  constexpr int T = BR * (D + 8);
+  bf16 *b = buf + (it & 1) * 2 * T;
+  stage<D>(b, k, kb, BR, end, hkv, g, al);
+  stage<D>(b + T, v, kb, BR, end, hkv, g, al);
+}
+
+// Start copying tile it + 1 of `nb` (if any), then wait for tile it.
+template <int D>
+__device__ __forceinline__ void next_kv(bf16 *buf, const bf16 *k, const bf16 *v, int it, int nb, int kb, int end,
+                                        int hkv, int g, bool al) {
+  if (it + 1 < nb) stage_kv<D>(buf, k, v, it + 1, kb + BR, end, hkv, g, al);
+  cp_commit();
+  cp_wait<1>();
+  __syncthreads();
+}
+
 // Rows `i0` (C halves 0, 1) and `i1` (halves 2, 3) of a 16 x D accumulator,
 // times f0 / f1, into `dst` (N, heads, D) where the row is below `end`.
 template <int D>
@@ -225,8 +246,7 @@ __device__ void fwd(const bf16 *__restrict__ q, const bf16 *__restrict__ k, cons
   const bool al = aligned16(q) && aligned16(k) && aligned16(v);
   stage<D>(buf + 2 * T, q, q0, BR, q1, hq, h, al);
   cp_commit();
-  stage<D>(buf, k, s0, BR, q1, hkv, g, al);
-  stage<D>(buf + T, v, s0, BR, q1, hkv, g, al);
+  stage_kv<D>(buf, k, v, 0, s0, q1, hkv, g, al);
   cp_commit();
   cp_wait<1>();
   __syncthreads();
@@ -241,14 +261,7 @@ __device__ void fwd(const bf16 *__restrict__ q, const bf16 *__restrict__ k, cons
   for (int it = 0; it < nb; it++) {
     const int kb = s0 + it * BR;
     const bf16 *ks = buf + (it & 1) * 2 * T, *vs = ks + T;
-    if (it + 1 < nb) {
-      bf16 *nk = buf + ((it + 1) & 1) * 2 * T;
-      stage<D>(nk, k, kb + BR, BR, q1, hkv, g, al);
-      stage<D>(nk + T, v, kb + BR, BR, q1, hkv, g, al);
-    }
-    cp_commit();
-    cp_wait<1>();
-    __syncthreads();
+    next_kv<D>(buf, k, v, it, nb, kb, q1, hkv, g, al);
     float sc[8][4];
     zero<8>(sc);
 #pragma unroll
@@ -322,8 +335,7 @@ __device__ void bwd_dq(const bf16 *__restrict__ q, const bf16 *__restrict__ k, c
   const bool al = aligned16(q) && aligned16(k) && aligned16(v) && aligned16(dout);
   stage<D>(qs, q, q0, BR, q1, hq, h, al);
   stage<D>(dos, dout, q0, BR, q1, hq, h, al);
-  stage<D>(buf, k, s0, BR, q1, hkv, g, al);
-  stage<D>(buf + T, v, s0, BR, q1, hkv, g, al);
+  stage_kv<D>(buf, k, v, 0, s0, q1, hkv, g, al);
   cp_commit();
   const float lse0 = lse[(size_t)h * n + c0], lse1 = lse[(size_t)h * n + c1];
   const float dl0 = delta[(size_t)c0 * hq + h], dl1 = delta[(size_t)c1 * hq + h];
@@ -333,14 +345,7 @@ __device__ void bwd_dq(const bf16 *__restrict__ q, const bf16 *__restrict__ k, c
   for (int it = 0; it < nb; it++) {
     const int kb = s0 + it * BR;
     const bf16 *ks = buf + (it & 1) * 2 * T, *vs = ks + T;
-    if (it + 1 < nb) {
-      bf16 *nk = buf + ((it + 1) & 1) * 2 * T;
-      stage<D>(nk, k, kb + BR, BR, q1, hkv, g, al);
-      stage<D>(nk + T, v, kb + BR, BR, q1, hkv, g, al);
-    }
-    cp_commit();
-    cp_wait<1>();
-    __syncthreads();
+    next_kv<D>(buf, k, v, it, nb, kb, q1, hkv, g, al);
     float sc[8][4], dp[8][4];
     mm_abt<D, 8>(sc, qs, w * 16, ks, lane);
     mm_abt<D, 8>(dp, dos, w * 16, vs, lane);
