@@ -1,6 +1,7 @@
 """Table of benches/gpu/train.sh results: one row per run, grouped by case,
 with pipe's tokens/s and peak memory against transformers eager and
-torch.compile of the same case, and model FLOPs utilisation for full
+torch.compile of the same case (and against "pipe-old", an earlier
+build run in the same call, when there is one), and model FLOPs utilisation for full
 fine-tuning (6 N FLOPs a token plus causal attention, 6 L d_attn T, against
 the card's dense bf16 peak: 989 TFLOP/s for H100/H200 SXM).
 
@@ -22,15 +23,16 @@ def main():
     cases = {}
     for r in runs:
         cases.setdefault((r["config"], r["method"], r["ckpt"], r["batch"], r["seq"]), []).append(r)
-    print(f"{'case':42} {'impl':28} {'tok/s':>9} {'peak MiB':>9} {'MFU':>6} {'x torch':>8} {'x compile':>9} {'mem x torch':>11}")
+    print(f"{'case':42} {'impl':28} {'tok/s':>9} {'peak MiB':>9} {'MFU':>6} {'x torch':>8} {'x compile':>9} {'mem x torch':>11} {'x old':>6}")
     for (cfg, method, ckpt, batch, seq), rs in cases.items():
-        base = {r["impl"]: r for r in rs if r["impl"].startswith("torch")}
+        base = {r["impl"]: r for r in rs if r["impl"].startswith("torch") or r["impl"] == "pipe-old"}
         name = f"{cfg} {method} {batch}x{seq}{' ckpt' if ckpt else ''}"
         for r in rs:
             impl = r["impl"]
             if impl == "pipe":
                 impl += f" docs={r.get('docs', 1)}" + ("" if r.get("fused_attention", True) else " unfused")
                 impl += " no-events" if r.get("no_events") else ""
+                impl += " no-keep-pool" if r.get("keep_pool") is False else ""
                 impl += " no-tc" if r.get("tensor_cores") is False else ""
                 impl += f" head={r['head_logits']}" if r.get("head_logits") else ""
             tps = r["tokens_per_s"]
@@ -44,7 +46,8 @@ def main():
             if r["impl"] == "pipe" and "torch" in base and r.get("peak_mib") and base["torch"].get("peak_mib"):
                 mem = f"{r['peak_mib'] / base['torch']['peak_mib']:.2f}"
             peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") else "-"
-            print(f"{name:42} {impl:28} {tps:9.0f} {peak:>9} {mfu:>6} {ratio('torch'):>8} {ratio('torch-compile'):>9} {mem:>11}")
+            row = f"{name:42} {impl:28} {tps:9.0f} {peak:>9} {mfu:>6} {ratio('torch'):>8} {ratio('torch-compile'):>9}"
+            print(f"{row} {mem:>11} {ratio('pipe-old'):>6}")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,15 @@
 #   benches/gpu/train.sh run
 #   1. the CUDA tests of the fused kernels (TESTS=0 skips them);
 #   2. for each case of CASES ("config:method:ckpt:docs", comma-separated),
-#      pipe (fused attention), then transformers eager and, with COMPILE=1,
-#      torch.compile; with NOTC=1 also pipe with PIPE_ATTENTION_TC=0 (bf16
+#      pipe (fused attention), then (unless TORCH=0) transformers eager and,
+#      with COMPILE=1, torch.compile; with NOTC=1 also pipe with PIPE_ATTENTION_TC=0 (bf16
 #      attention on CUDA cores); with HEADS="N ..." also pipe with
 #      PIPE_HEAD_LOGITS=N (logits per chunk of the LM head); with UNFUSED=1 also pipe with PIPE_FUSED_ATTENTION=0 and
-#      PIPE_FUSED_KERNELS=0; with NOEVENTS=1 also pipe --no-events;
+#      PIPE_FUSED_KERNELS=0; with NOEVENTS=1 also pipe --no-events; with
+#      NOPOOL=1 also pipe with PIPE_KEEP_POOL=0 (the CUDA memory pool hands
+#      freed memory back at each synchronisation, the driver's default); when
+#      gpu-bench/old_train_bench.gz is there (an earlier build, put there
+#      by hand), also that build, as "pipe-old" (an A/B in one call);
 #   3. with PROFILE="config:method ...", train_bench --profile for each.
 #   Random-init weights, bf16, batch BATCH x SEQ (default 8 x 1024).
 #   Prints one JSON line per run and a table with pipe / torch ratios to
@@ -41,12 +45,14 @@ run)
   R=$OUT/train_bench.txt
   cd "$B"
   for f in train_bench stages_test; do [ -x $f ] || { gunzip -kf $f.gz && chmod +x $f; }; done
+  [ -f old_train_bench.gz ] && { [ -x old_train_bench ] || { gunzip -kf old_train_bench.gz && chmod +x old_train_bench; }; }
   cuda_runtime_libs
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$R"
   python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)' | tee -a "$R"
   if [ "${TESTS:-1}" = 1 ]; then
-    ./stages_test --test-threads 1 ${TEST_FILTER:-cuda nccl} 2>&1 | tail -15 | tee -a "$R"
+    # A failing test is reported, and the benches still run.
+    ./stages_test --test-threads 1 ${TEST_FILTER:-cuda nccl} 2>&1 | tee "$OUT/tests.txt" | tail -25 | tee -a "$R" || echo "TESTS FAILED" | tee -a "$R"
   fi
   BATCH=${BATCH:-8}; SEQ=${SEQ:-1024}; STEPS=${STEPS:-10}
   J=$OUT/train_bench.jsonl; : > "$J"
@@ -56,6 +62,12 @@ run)
     ck=(); [ "$ckpt" = 1 ] && ck=(--ckpt)
     common=(--config "$cfg" --method "$method" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" "${ck[@]}")
     ./train_bench "${common[@]}" --docs "${docs:-1}" 2>>"$OUT/stderr.txt" | tee -a "$J" || echo "pipe $c failed" | tee -a "$R"
+    if [ -x old_train_bench ]; then
+      ./old_train_bench "${common[@]}" --docs "${docs:-1}" 2>>"$OUT/stderr.txt" | sed 's/"impl":"pipe"/"impl":"pipe-old"/' | tee -a "$J" || true
+    fi
+    if [ "${NOPOOL:-0}" = 1 ]; then
+      PIPE_KEEP_POOL=0 ./train_bench "${common[@]}" --docs "${docs:-1}" 2>>"$OUT/stderr.txt" | tee -a "$J" || true
+    fi
     if [ "${NOEVENTS:-0}" = 1 ]; then
       ./train_bench "${common[@]}" --docs "${docs:-1}" --no-events | tee -a "$J" || true
     fi
@@ -69,7 +81,7 @@ run)
     if [ "${UNFUSED:-0}" = 1 ]; then
       PIPE_FUSED_ATTENTION=0 PIPE_FUSED_KERNELS=0 ./train_bench "${common[@]}" --docs "${docs:-1}" --steps 3 2>>"$OUT/stderr.txt" | tee -a "$J" || true
     fi
-    [ "$method" = qlora ] && continue
+    [ "$method" = qlora ] || [ "${TORCH:-1}" = 0 ] && continue
     python3 "$REPO/benches/gpu/torch_train.py" "${common[@]}" | tee -a "$J" || echo "torch $c failed" | tee -a "$R"
     if [ "${COMPILE:-0}" = 1 ]; then
       python3 "$REPO/benches/gpu/torch_train.py" "${common[@]}" --compile 2>/dev/null | tee -a "$J" || echo "torch.compile $c failed" | tee -a "$R"
@@ -82,6 +94,10 @@ run)
     IFS=: read -r cfg method <<< "$pc"
     ./train_bench --config "$cfg" --method "$method" --batch "$BATCH" --seq "$SEQ" --profile 2>>"$OUT/stderr.txt" \
       | sed "s/^{/{\"config\": \"$cfg\", \"method\": \"$method\", /" | tee -a "$R" || echo "profile $pc failed" | tee -a "$R"
+    if [ -x old_train_bench ]; then
+      ./old_train_bench --config "$cfg" --method "$method" --batch "$BATCH" --seq "$SEQ" --profile 2>>"$OUT/stderr.txt" \
+        | sed "s/^{/{\"build\": \"old\", \"config\": \"$cfg\", \"method\": \"$method\", /" | tee -a "$R" || true
+    fi
   done
   ;;
 *) echo "usage: $0 prepare|run" >&2; exit 2 ;;

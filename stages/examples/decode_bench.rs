@@ -33,6 +33,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "cpu" => Device::Cpu,
         _ => Device::new_cuda(0)?,
     };
+    // As the stages do (`PIPE_KEEP_POOL=0`: the driver's default).
+    let keep_pool = pipe_stages::nn::gpu::keep_pool_memory(&device);
     let cfg = config(&cname)?;
     let dtype = if device.is_cpu() { DType::F32 } else { DType::BF16 };
     let get = random_weights(&cfg, dtype, &device);
@@ -91,7 +93,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!(
             "{}",
             serde_json::json!({
-                "bench": "decode", "config": cname, "path": path, "batch": b, "prompt": prompt, "steps": steps,
+                "bench": "decode", "config": cname, "path": path, "batch": b, "prompt": prompt, "steps": steps, "keep_pool": keep_pool,
                 "ms_per_step": s * 1e3, "tokens_per_s": b as f64 / s,
                 "prefill_ms": prefill_s * 1e3, "prefill_tokens_per_s": (b * prompt) as f64 / prefill_s,
                 "roofline_h200_batch1": 4.8e12 / (2.0 * params as f64),

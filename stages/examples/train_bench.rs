@@ -44,6 +44,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "cpu" => Device::Cpu,
         _ => Device::new_cuda(0)?,
     };
+    // As the stages do (`PIPE_KEEP_POOL=0`: the driver's default).
+    let keep_pool = pipe_stages::nn::gpu::keep_pool_memory(&device);
     let no_events = args.iter().any(|a| a == "--no-events");
     #[cfg(feature = "cuda")]
     if let (true, Device::Cuda(c)) = (no_events, &device) {
@@ -117,7 +119,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = serde_json::json!({
         "impl": "pipe",
         "config": cname, "method": method, "dtype": format!("{dtype:?}").to_lowercase(),
-        "batch": batch, "seq": seq, "docs": docs, "ckpt": ckpt, "no_events": no_events,
+        "batch": batch, "seq": seq, "docs": docs, "ckpt": ckpt, "no_events": no_events, "keep_pool": keep_pool,
         "fused_attention": pipe_stages::nn::flash::usable(&Tensor::zeros((1, 1, cfg.head_dim()), dtype, &device)?),
         "tensor_cores": std::env::var("PIPE_ATTENTION_TC").map_or(true, |v| v != "0"),
         "head_logits": std::env::var("PIPE_HEAD_LOGITS").ok(),

@@ -1153,7 +1153,9 @@ impl DevicePref {
             .ok()
             .and_then(|v| v.split(',').position(|x| x.trim().parse() == Ok(id)))
             .unwrap_or(id as usize);
-        Device::new_cuda(ordinal).map_err(|e| fail(format!("CUDA device {ordinal}: {e}")))
+        let d = Device::new_cuda(ordinal).map_err(|e| fail(format!("CUDA device {ordinal}: {e}")))?;
+        crate::nn::gpu::keep_pool_memory(&d);
+        Ok(d)
     }
 }
 

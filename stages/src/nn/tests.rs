@@ -449,6 +449,70 @@ fn backward_from_a_seed_matches_the_summed_product() -> Result<()> {
     Ok(())
 }
 
+/// The data pointer of a CPU f32 tensor's storage (which buffer it is).
+fn f32_buffer(t: &Tensor) -> *const f32 {
+    let (s, _) = t.storage_and_layout();
+    match &*s {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => v.as_ptr(),
+        _ => panic!("not a CPU f32 tensor"),
+    }
+}
+
+/// The backward pass stores a tensor's first gradient as is (the patch in
+/// vendor/candle-core/PIPE-PATCH.md: candle added it to a new tensor of
+/// zeros), sums later ones, and still refuses a gradient of the wrong
+/// shape or dtype from an op's backward.
+#[test]
+fn backward_stores_a_first_gradient_as_is() -> Result<()> {
+    use crate::nn::ops::backward_from;
+    let dev = Device::Cpu;
+    let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3), &dev)?)?;
+    let d = Tensor::randn(0f32, 1.0, 6, &dev)?;
+    // reshape's backward is a view of `d`: the same buffer, not a sum with zeros.
+    let g = backward_from(&x.as_tensor().reshape(6)?, &d)?;
+    let gx = g.get(x.as_tensor()).expect("grad");
+    assert_eq!(f32_buffer(gx), f32_buffer(&d), "the gradient was copied");
+    assert_eq!(gx.flatten_all()?.to_vec1::<f32>()?, d.to_vec1::<f32>()?);
+    // A transpose's backward is a strided view: stored contiguous, as the
+    // sum with zeros was (scatter_add and index_add need that).
+    let dt = Tensor::randn(0f32, 1.0, (3, 2), &dev)?;
+    let g = backward_from(&x.as_tensor().t()?, &dt)?;
+    let gx = g.get(x.as_tensor()).expect("grad");
+    assert!(gx.is_contiguous());
+    assert_eq!(gx.to_vec2::<f32>()?, dt.t()?.to_vec2::<f32>()?);
+    // Two uses: the second gradient is added to the first.
+    let y = (x.as_tensor() + x.as_tensor().affine(2.0, 0.0)?)?.reshape(6)?;
+    let g = backward_from(&y, &d)?;
+    let want = (&d * 3.0)?.to_vec1::<f32>()?;
+    assert_eq!(g.get(x.as_tensor()).expect("grad").flatten_all()?.to_vec1::<f32>()?, want);
+
+    // An op whose backward returns a gradient that does not fit its input.
+    struct Bad(Tensor);
+    impl candle_core::CustomOp1 for Bad {
+        fn name(&self) -> &'static str {
+            "bad-grad"
+        }
+        fn cpu_fwd(
+            &self,
+            s: &candle_core::CpuStorage,
+            l: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            Ok((s.clone(), l.shape().clone()))
+        }
+        fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> candle_core::Result<Option<Tensor>> {
+            Ok(Some(self.0.clone()))
+        }
+    }
+    for (bad, want) in [
+        (Tensor::zeros(3, DType::F32, &dev)?, "shape mismatch"),
+        (Tensor::zeros((2, 3), DType::F64, &dev)?, "dtype mismatch"),
+    ] {
+        let y = x.as_tensor().apply_op1(Bad(bad))?;
+        let err = backward_from(&y, &Tensor::zeros((2, 3), DType::F32, &dev)?).unwrap_err().to_string();
+        assert!(err.contains(want), "{err}");
+    }
+    Ok(())
+}
 #[test]
 fn fused_causal_softmax_matches_the_masked_composition() -> Result<()> {
     use crate::nn::ops::{causal_softmax, softmax};
