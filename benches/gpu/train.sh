@@ -44,8 +44,9 @@ run)
   OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
   R=$OUT/train_bench.txt
   cd "$B"
-  for f in train_bench stages_test; do [ -x $f ] || { gunzip -kf $f.gz && chmod +x $f; }; done
-  [ -f old_train_bench.gz ] && { [ -x old_train_bench ] || { gunzip -kf old_train_bench.gz && chmod +x old_train_bench; }; }
+  for f in train_bench stages_test old_train_bench; do
+    [ -x $f ] || [ ! -f $f.gz ] || { gunzip -kf $f.gz && chmod +x $f; }
+  done
   cuda_runtime_libs
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$R"

@@ -17,20 +17,13 @@ pub fn keep_pool_memory(d: &Device) -> bool {
     if std::env::var_os("PIPE_KEEP_POOL").is_some_and(|v| v == "0") {
         return false;
     }
-    let Some(pool) = pool(d) else { return false };
-    let mut max = u64::MAX;
-    // SAFETY: a valid pool handle and a u64 for a cuuint64_t attribute.
-    let r = unsafe { sys::cuMemPoolSetAttribute(pool, RELEASE_THRESHOLD, (&mut max as *mut u64).cast()) };
-    r == sys::CUresult::CUDA_SUCCESS
+    set_attr(d, RELEASE_THRESHOLD, u64::MAX)
 }
 
 /// The pool's release threshold (bytes it keeps at a synchronisation).
 #[cfg(feature = "cuda")]
 pub fn pool_release_threshold(d: &Device) -> Option<u64> {
-    let mut v: u64 = 0;
-    // SAFETY: a valid pool handle and a u64 for a cuuint64_t attribute.
-    let r = unsafe { sys::cuMemPoolGetAttribute(pool(d)?, RELEASE_THRESHOLD, (&mut v as *mut u64).cast()) };
-    (r == sys::CUresult::CUDA_SUCCESS).then_some(v)
+    get_attr(d, RELEASE_THRESHOLD)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -42,19 +35,13 @@ pub fn keep_pool_memory(_: &Device) -> bool {
 /// (None off CUDA, or when the driver does not say).
 #[cfg(feature = "cuda")]
 pub fn peak_bytes(d: &Device) -> Option<u64> {
-    let mut v: u64 = 0;
-    // SAFETY: a valid pool handle and a u64 for a cuuint64_t attribute.
-    let r = unsafe { sys::cuMemPoolGetAttribute(pool(d)?, USED_HIGH, (&mut v as *mut u64).cast()) };
-    (r == sys::CUresult::CUDA_SUCCESS).then_some(v)
+    get_attr(d, USED_HIGH)
 }
 
 /// Start a new peak measurement.
 #[cfg(feature = "cuda")]
 pub fn reset_peak(d: &Device) {
-    let Some(pool) = pool(d) else { return };
-    let mut zero: u64 = 0;
-    // SAFETY: a valid pool handle and a u64 for a cuuint64_t attribute.
-    unsafe { sys::cuMemPoolSetAttribute(pool, USED_HIGH, (&mut zero as *mut u64).cast()) };
+    set_attr(d, USED_HIGH, 0);
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -72,6 +59,24 @@ use candle_core::cuda::cudarc::driver::sys;
 const USED_HIGH: sys::CUmemPool_attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
 #[cfg(feature = "cuda")]
 const RELEASE_THRESHOLD: sys::CUmemPool_attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+
+/// A u64 attribute of `d`'s memory pool (None off CUDA or on a driver error).
+#[cfg(feature = "cuda")]
+fn get_attr(d: &Device, attr: sys::CUmemPool_attribute) -> Option<u64> {
+    let mut v: u64 = 0;
+    // SAFETY: a valid pool handle and a u64 for the cuuint64_t attributes this module uses.
+    let r = unsafe { sys::cuMemPoolGetAttribute(pool(d)?, attr, (&mut v as *mut u64).cast()) };
+    (r == sys::CUresult::CUDA_SUCCESS).then_some(v)
+}
+
+/// Set a u64 attribute of `d`'s memory pool; whether it was set.
+#[cfg(feature = "cuda")]
+fn set_attr(d: &Device, attr: sys::CUmemPool_attribute, mut v: u64) -> bool {
+    let Some(pool) = pool(d) else { return false };
+    // SAFETY: a valid pool handle and a u64 for the cuuint64_t attributes this module uses.
+    let r = unsafe { sys::cuMemPoolSetAttribute(pool, attr, (&mut v as *mut u64).cast()) };
+    r == sys::CUresult::CUDA_SUCCESS
+}
 
 #[cfg(feature = "cuda")]
 fn pool(d: &Device) -> Option<sys::CUmemoryPool> {

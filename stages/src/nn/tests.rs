@@ -513,6 +513,7 @@ fn backward_stores_a_first_gradient_as_is() -> Result<()> {
     }
     Ok(())
 }
+
 #[test]
 fn fused_causal_softmax_matches_the_masked_composition() -> Result<()> {
     use crate::nn::ops::{causal_softmax, softmax};
