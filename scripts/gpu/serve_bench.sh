@@ -13,14 +13,19 @@
 #   1. the CUDA tests matching TEST_FILTER (default "decode"; TESTS=0 skips);
 #   2. random-init weights (f32 on disk, served in bf16 by both);
 #   3. stages/examples/decode_bench.rs per variant: decode steps of the
-#      model alone (no HTTP, no prefills), tok/s and ms per step;
-#      (BENCH_ARGS=--profile adds per-kernel GPU times);
+#      model alone (no HTTP, no prefills), tok/s and ms per step at the
+#      BATCHES (default CONC) for CONFIG (default src/config.json, or a
+#      built-in shape: smollm2-135m, llama-1b); BENCH_ARGS=--profile adds
+#      per-kernel GPU times. Without the pipe binary or src/ it stops here;
 #   4. for each of SERVE_VARIANTS (default VARIANTS, default "graph candle"): benches/serve/load.py
 #      against `pipe serve --device cuda` (batch-1 streamed decode tok/s;
 #      total tok/s at CONC concurrent requests). graph: the fused decode
 #      step replayed as a CUDA graph, projections on tensor cores (the
 #      default); dot: the same with warp-per-row dot products
-#      (PIPE_DECODE_TC=0); nograph: the same kernels launched one by one;
+#      (PIPE_DECODE_TC=0); mega: steps of up to 8 rows as one persistent
+#      kernel (PIPE_DECODE_MEGA=1); nocoop: the same launched without the
+#      cooperative attribute;
+#      nograph: the same kernels launched one by one;
 #      candle: PIPE_DECODE_GRAPH=0, decode
 #      through candle ops (the path before the fused step);
 #   5. benches/serve/hf_generate.py (cuda, bf16, sdpa) at the same batch
@@ -54,8 +59,11 @@ run)
   # launches, PIPE_DECODE_PDL=0), nograph (kernels launched one by one),
   # candle (PIPE_DECODE_GRAPH=0: candle ops).
   variant_env() {
-    tc=1 pdl=1
-    case $1 in candle) sw=0 ;; nograph) sw=nograph ;; dot) sw=1 tc=0 ;; nopdl) sw=1 pdl=0 ;; *) sw=1 ;; esac
+    tc=1 pdl=1 mega=0 coop=1
+    case $1 in
+    candle) sw=0 ;; nograph) sw=nograph ;; dot) sw=1 tc=0 ;; nopdl) sw=1 pdl=0 ;; mega) sw=1 mega=1 ;;
+    nocoop) sw=1 mega=1 coop=0 ;; *) sw=1 ;;
+    esac
   }
   M=${M:-128}
   CONC=${CONC:-1,8,32,64}
@@ -63,23 +71,28 @@ run)
   R=$OUT/serve_bench.txt
   cd "$D"
   for f in pipe stages_test decode_bench; do
-    [ -x $f ] || { python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' $f.xz $f && chmod +x $f; }
+    [ -x $f ] || [ ! -f $f.xz ] || { python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' $f.xz $f && chmod +x $f; }
   done
   cuda_runtime_libs
   nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv,noheader | tee "$R"
   if [ "${TESTS:-1}" = 1 ]; then
-    (./stages_test --test-threads 1 --nocapture ${TEST_FILTER:-decode} 2>&1 || true) | grep -v "^$" | tail -25 | tee -a "$R"
+    (timeout 300 ./stages_test --test-threads 1 --nocapture ${TEST_FILTER:-decode} 2>&1 || echo "TESTS FAILED") |
+      grep -v "^$" | tail -40 | tee -a "$R"
   fi
   # The model side alone (no HTTP, no prefill in the timing), per path.
   for v in ${VARIANTS:-graph candle}; do
     variant_env "$v"
-    PIPE_DECODE_GRAPH=$sw PIPE_DECODE_TC=$tc PIPE_DECODE_PDL=$pdl ./decode_bench --config src/config.json --batches "$CONC" --prompt 100 \
-      --steps 64 ${BENCH_ARGS:-} | sed "s/^{/{\"variant\": \"$v\", /" | tee -a "$R" || true
+    PIPE_DECODE_GRAPH=$sw PIPE_DECODE_TC=$tc PIPE_DECODE_PDL=$pdl PIPE_DECODE_MEGA=$mega PIPE_DECODE_COOP=$coop timeout 120 ./decode_bench \
+      --config "${CONFIG:-src/config.json}" --batches "${BATCHES:-$CONC}" --prompt 100 --steps 64 ${BENCH_ARGS:-} |
+      sed "s/^{/{\"variant\": \"$v\", /" | tee -a "$R" || true
   done
+  # Without the binary and SmolLM2's files (a model-side run): no serving.
+  [ -x pipe ] && [ -f src/config.json ] || exit 0
   [ -f smol/model.safetensors ] || python3 "$REPO/scripts/gpu/gen_model.py" src smol | tee -a "$R"
   for v in ${SERVE_VARIANTS:-${VARIANTS:-graph candle}}; do
     variant_env "$v"
-    PIPE_LOG=info PIPE_DECODE_GRAPH=$sw PIPE_DECODE_TC=$tc PIPE_DECODE_PDL=$pdl ./pipe serve smol --device cuda --dtype bf16 --port 0 --max-batch 64 2> "serve_$v.log" &
+    PIPE_LOG=info PIPE_DECODE_GRAPH=$sw PIPE_DECODE_TC=$tc PIPE_DECODE_PDL=$pdl PIPE_DECODE_MEGA=$mega PIPE_DECODE_COOP=$coop \
+      ./pipe serve smol --device cuda --dtype bf16 --port 0 --max-batch 64 2> "serve_$v.log" &
     SP=$!
     for _ in $(seq 1 300); do grep -q "serving" "serve_$v.log" && break; sleep 0.2; done
     URL=$(grep -o 'http://[0-9.:]*/v1' "serve_$v.log" | head -1)

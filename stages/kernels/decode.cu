@@ -334,12 +334,14 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, unsigned i) {
   return ((unsigned long long)key << 32) | (0xffffffffu - i);
 }
 
-// Grid (blocks, batch chunks of BT); a block stages its batch chunk once,
-// then takes tiles blockIdx.x, + gridDim.x, ...; blockDim.x / 32 warps
-// split K. Shared memory: the staged rows, then the warps' partial sums.
+// Block (bx, by) of (nbx tile blocks, batch chunks of BT): it loads its
+// first tile's weights, waits (`wait`: for the kernel before, or a grid
+// barrier in the persistent step), stages its batch chunk once, then takes
+// tiles bx, bx + nbx, ...; blockDim.x / 32 warps split K. Shared memory: the staged rows, then the warps' partial sums.
 // The LM head also keeps each row's running argmax (shared, then one
 // global atomicMax per block and row into a.best).
-template <int IN, int OUT, int BT> __device__ void mma_proj(const Gemv &a) {
+template <int IN, int OUT, int BT, class Wait>
+__device__ void mma_proj(const Gemv &a, int bx, int nbx, int by, Wait wait) {
   extern __shared__ __align__(16) unsigned char smem[];
   bf16 *xs = reinterpret_cast<bf16 *>(smem);
   constexpr int NT = BT / 8;
@@ -347,7 +349,7 @@ template <int IN, int OUT, int BT> __device__ void mma_proj(const Gemv &a) {
   constexpr int UNITS = PAIR ? 8 : 16;
   pdl_launch();
   const int SK = a.K + 8;
-  const int b0 = blockIdx.y * BT;
+  const int b0 = by * BT;
   const int nb = min(BT, a.B - b0);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
   const int g = lane / 4, t = lane % 4;
@@ -390,15 +392,16 @@ template <int IN, int OUT, int BT> __device__ void mma_proj(const Gemv &a) {
       wb[i] = ok ? __ldg(reinterpret_cast<const uint4 *>(rb + k)) : make_uint4(0, 0, 0, 0);
     }
   };
-  int tile = blockIdx.x;
+  int tile = bx;
   if (tile < tiles) {
     tile_rows(tile, ra, rb);
     prefetch();
   }
-  pdl_wait();
+  wait();
+  if (tile >= tiles) return;  // (a persistent kernel's block without a tile here)
   stage_rows<IN>(a, xs, SK, b0, nb, BT);
   __syncthreads();
-  for (; tile < tiles; tile += gridDim.x) {
+  for (; tile < tiles; tile += nbx) {
     float acc[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
@@ -425,8 +428,8 @@ template <int IN, int OUT, int BT> __device__ void mma_proj(const Gemv &a) {
       step(c, ua, ub);
     }
     // The next tile's weights load while this one's sums are added.
-    if (tile + (int)gridDim.x < tiles) {
-      tile_rows(tile + gridDim.x, ra, rb);
+    if (tile + nbx < tiles) {
+      tile_rows(tile + nbx, ra, rb);
       prefetch();
     }
     // Sum the warps' partials.
@@ -467,11 +470,17 @@ template <int IN, int OUT, int BT> __device__ void mma_proj(const Gemv &a) {
     for (int i = threadIdx.x; i < nb; i += blockDim.x) atomicMax(a.best + b0 + i, best[i]);
 }
 
+// A launch of its own: blocks (x: tiles, y: batch chunks) and waiting for
+// the kernel before it (programmatic dependent launch).
+template <int IN, int OUT, int BT> __device__ void mma_kernel(const Gemv &a) {
+  mma_proj<IN, OUT, BT>(a, blockIdx.x, gridDim.x, blockIdx.y, [] { pdl_wait(); });
+}
+
 #define MMA(name, IN, OUT)                                                                        \
-  extern "C" __global__ void tc_##name##_8(Gemv a) { mma_proj<IN, OUT, 8>(a); }                    \
-  extern "C" __global__ void tc_##name##_16(Gemv a) { mma_proj<IN, OUT, 16>(a); }                  \
-  extern "C" __global__ void tc_##name##_32(Gemv a) { mma_proj<IN, OUT, 32>(a); }                  \
-  extern "C" __global__ void tc_##name##_64(Gemv a) { mma_proj<IN, OUT, 64>(a); }
+  extern "C" __global__ void tc_##name##_8(Gemv a) { mma_kernel<IN, OUT, 8>(a); }                  \
+  extern "C" __global__ void tc_##name##_16(Gemv a) { mma_kernel<IN, OUT, 16>(a); }                \
+  extern "C" __global__ void tc_##name##_32(Gemv a) { mma_kernel<IN, OUT, 32>(a); }                \
+  extern "C" __global__ void tc_##name##_64(Gemv a) { mma_kernel<IN, OUT, 64>(a); }
 
 MMA(qkv, IN_NORM, OUT_QKV)
 MMA(o, IN_PLAIN, OUT_RESID)
@@ -494,13 +503,13 @@ struct Attn {
 
 #define MAX_REP 8
 
-// Grid (nsplit, kv, B), TILE threads. Of the S splits that take part (one
+// Block (s0, g, b) of a grid (nsplit, kv, B), TILE threads. Of the S
+// splits that take part (one
 // per tile of the sequence, at most nsplit), split s takes
 // position tiles s, s + S, ... of its row's sequence (positions 0..=pos),
 // for the rep query heads of kv head g, with an online softmax across its
 // tiles.
-template <int HD> __device__ void attn(const Attn &a) {
-  const int s0 = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+template <int HD> __device__ void attn(const Attn &a, int s0, int g, int b, int nsplit) {
   const int rep = a.nh / a.kv, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   pdl_launch();
   // The step's inputs (positions, block tables) were uploaded before its
@@ -508,7 +517,7 @@ template <int HD> __device__ void attn(const Attn &a) {
   const int len = a.pos[b] + 1;
   // Splits that take part: one per tile up to nsplit (a single split
   // writes the output itself; more are combined by the last to finish).
-  const int S = min((int)gridDim.x, (len + TILE - 1) / TILE);
+  const int S = min(nsplit, (len + TILE - 1) / TILE);
   if (s0 >= S) return;
   const unsigned first = s0 * TILE + tid < len ? a.table[(size_t)b * a.maxb + (s0 * TILE + tid) / KV_BLOCK] : 0u;
   pdl_wait();
@@ -658,8 +667,8 @@ template <int HD> __device__ void attn(const Attn &a) {
   if (tid == 0) a.count[(size_t)b * a.kv + g] = 0u;
 }
 
-extern "C" __global__ void dec_attn_64(Attn a) { attn<64>(a); }
-extern "C" __global__ void dec_attn_128(Attn a) { attn<128>(a); }
+extern "C" __global__ void dec_attn_64(Attn a) { attn<64>(a, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.x); }
+extern "C" __global__ void dec_attn_128(Attn a) { attn<128>(a, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.x); }
 
 // x (B, H) f32 = embed rows of the tokens; the rows' argmax keys reset.
 extern "C" __global__ void dec_embed(const unsigned *tok, const bf16 *embed, float *x, int H,
@@ -716,3 +725,134 @@ extern "C" __global__ void dec_argmax(const float *logits, unsigned long long *o
     out[b] = argmax_key(l[at], (unsigned)at);
   }
 }
+
+// ---- The whole step as one persistent kernel (small batches) ----
+//
+// One block per SM, TILE threads, looping over the step's phases (embed,
+// then per layer qkv, attn, o, gateup, down, then the head) with a grid
+// barrier between phases instead of a kernel boundary. A block loads the
+// weights of its first tile of a projection before it waits at the barrier
+// (weights never change), so the barrier's latency hides that of the
+// loads. The grid must be co-resident (a cooperative launch) and
+// `bar` zero at the start.
+
+struct MegaLayer {
+  const bf16 *ln1, *q, *k, *v, *o, *ln2, *gate, *up, *down;
+  bf16 *kc, *vc;
+};
+
+struct Mega {
+  Gemv g;    // x, pos, table, inv_freq, best, B, nh, kv, hd, maxb, eps
+  Attn at;   // q, pos, table, po, pml, ao, count, nh, kv, maxb, nsplit, scale
+  const MegaLayer *layers;
+  const unsigned *tok;
+  const bf16 *embed, *norm, *head;
+  float *logits;
+  bf16 *act;
+  unsigned *bar;
+  int L, H, I, V;
+  // Profiling (PIPE_DECODE_MEGA_MASK; wrong results when not all set):
+  // the phases that run (1 qkv, 2 attn, 4 o, 8 gateup, 16 down, 32 head;
+  // a skipped phase still has its barrier).
+  int mask;
+};
+
+// Every block arrives, then waits for all gridDim.x of them: arrivals
+// counted in *bar, `epoch` (the same in every thread) the barriers passed.
+// The block's writes are ordered before thread 0's release by the
+// __syncthreads; the acquire orders the block's later reads after every
+// block's release. (Fences around a plain atomicAdd instead: 1.23 against
+// 1.17 ms a SmolLM2 step; a __nanosleep in the poll: no better.)
+__device__ __forceinline__ void grid_sync(unsigned *bar, unsigned &epoch) {
+  epoch += gridDim.x;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(bar) : "memory");
+    unsigned seen;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(bar) : "memory");
+    } while (seen < epoch);
+  }
+  __syncthreads();
+}
+
+template <int HD> __device__ void mega(const Mega &m) {
+  unsigned epoch = 0;
+  const int B = m.g.B, H = m.H;
+  auto sync = [&] { grid_sync(m.bar, epoch); };
+  // Embed (the step's inputs were uploaded before the launch).
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < B * H; i += gridDim.x * blockDim.x)
+    const_cast<float *>(m.g.x)[i] = __bfloat162float(m.embed[(size_t)m.tok[i / H] * H + i % H]);
+  if (blockIdx.x == 0 && threadIdx.x < B) m.g.best[threadIdx.x] = 0ull;
+  const int nh = m.g.nh, kv = m.g.kv;
+  for (int l = 0; l < m.L; l++) {
+    const MegaLayer &w = m.layers[l];
+    Gemv a = m.g;
+    a.norm = w.ln1;
+    a.w0 = w.q;
+    a.w1 = w.k;
+    a.w2 = w.v;
+    a.out = const_cast<float *>(m.at.q);
+    a.kc = w.kc;
+    a.vc = w.vc;
+    a.K = H;
+    a.N = (nh + 2 * kv) * HD / 2;
+    if (m.mask & 1)
+      mma_proj<IN_NORM, OUT_QKV, 8>(a, blockIdx.x, gridDim.x, 0, sync);
+    else
+      sync();
+    Attn at = m.at;
+    at.kc = w.kc;
+    at.vc = w.vc;
+    sync();
+    const int items = m.mask & 2 ? at.nsplit * kv * B : 0;
+    for (int it = blockIdx.x; it < items; it += gridDim.x) {
+      attn<HD>(at, it % at.nsplit, (it / at.nsplit) % kv, it / (at.nsplit * kv), at.nsplit);
+      __syncthreads();
+    }
+    a = m.g;
+    a.xin = at.ao;
+    a.out = const_cast<float *>(m.g.x);
+    a.w0 = w.o;
+    a.K = nh * HD;
+    a.N = H;
+    if (m.mask & 4)
+      mma_proj<IN_PLAIN, OUT_RESID, 8>(a, blockIdx.x, gridDim.x, 0, sync);
+    else
+      sync();
+    a = m.g;
+    a.norm = w.ln2;
+    a.w0 = w.gate;
+    a.w1 = w.up;
+    a.outb = m.act;
+    a.K = H;
+    a.N = m.I;
+    if (m.mask & 8)
+      mma_proj<IN_NORM, OUT_SWIGLU, 8>(a, blockIdx.x, gridDim.x, 0, sync);
+    else
+      sync();
+    a = m.g;
+    a.xin = m.act;
+    a.out = const_cast<float *>(m.g.x);
+    a.w0 = w.down;
+    a.K = m.I;
+    a.N = H;
+    if (m.mask & 16)
+      mma_proj<IN_PLAIN, OUT_RESID, 8>(a, blockIdx.x, gridDim.x, 0, sync);
+    else
+      sync();
+  }
+  Gemv a = m.g;
+  a.norm = m.norm;
+  a.w0 = m.head;
+  a.out = m.logits;
+  a.K = H;
+  a.N = m.V;
+  if (m.mask & 32)
+    mma_proj<IN_NORM, OUT_LOGITS, 8>(a, blockIdx.x, gridDim.x, 0, sync);
+  else
+    sync();
+}
+
+extern "C" __global__ void __launch_bounds__(TILE, 1) dec_mega_64(Mega m) { mega<64>(m); }
+extern "C" __global__ void __launch_bounds__(TILE, 1) dec_mega_128(Mega m) { mega<128>(m); }

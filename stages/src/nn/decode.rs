@@ -11,6 +11,11 @@
 //! launches and ~20 candle ops per layer. [`Llama::step`]'s candle path
 //! remains for prefills, mixed steps, other dtypes and devices.
 //!
+//! With `PIPE_DECODE_MEGA=1`, steps of up to 8 rows run instead as one
+//! persistent kernel (one block per SM, a grid barrier between the phases
+//! above, each block loading its next weights before it waits), captured
+//! the same way. Off by default: slower so far (docs/results.md §5).
+//!
 //! `PIPE_DECODE_GRAPH=0` turns the fast path off; `=nograph` runs the same
 //! kernels launched one by one (to measure what the graph saves).
 
@@ -40,6 +45,8 @@ thread_local! {
     static PDL: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// Tests: this thread's `PIPE_DECODE_TC`.
     static TC_FROM: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    /// Tests: this thread's `PIPE_DECODE_MEGA`.
+    static MEGA: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
 /// The switch: `None` off, `Some(true)` graphs, `Some(false)` plain launches.
@@ -185,7 +192,7 @@ mod imp {
 
     /// kernels/decode.cu's `Attn` (by value).
     #[repr(C)]
-    #[derive(Clone, Copy)]
+    #[derive(Clone, Copy, Default)]
     struct Attn {
         q: u64,
         kc: u64,
@@ -204,6 +211,29 @@ mod imp {
     }
     // SAFETY: as for Gemv.
     unsafe impl DeviceRepr for Attn {}
+
+    /// kernels/decode.cu's `Mega` (by value): the persistent step.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Mega {
+        g: Gemv,
+        at: Attn,
+        layers: u64,
+        tok: u64,
+        embed: u64,
+        norm: u64,
+        head: u64,
+        logits: u64,
+        act: u64,
+        bar: u64,
+        l: i32,
+        h: i32,
+        i: i32,
+        v: i32,
+        mask: i32,
+    }
+    // SAFETY: as for Gemv.
+    unsafe impl DeviceRepr for Mega {}
 
     struct LayerPtrs {
         ln1: u64,
@@ -234,6 +264,8 @@ mod imp {
         count: CudaSlice<u32>,
         act: CudaSlice<half::bf16>,
         logits: CudaSlice<f32>,
+        /// The persistent step's grid barrier (zeroed before each step).
+        bar: CudaSlice<u32>,
         /// Their addresses, taken once: cudarc's event bookkeeping of
         /// `device_ptr` must stay out of a stream capture.
         p: BufPtrs,
@@ -253,6 +285,7 @@ mod imp {
         count: u64,
         act: u64,
         logits: u64,
+        bar: u64,
         inv_freq: u64,
     }
 
@@ -280,6 +313,12 @@ mod imp {
         scratch_block: u32,
         graphs: HashMap<usize, Graph>,
         maxb: usize,
+        /// The persistent step's per-layer weights and this pool's key and
+        /// value addresses (decode.cu's `MegaLayer`, 11 addresses a layer),
+        /// and its address (taken once: outside any capture).
+        mega_layers: Option<(CudaSlice<u64>, u64)>,
+        /// Streaming multiprocessors: the persistent step's blocks.
+        sms: u32,
     }
 
     // SAFETY: the CUDA handles inside are used only under the model's
@@ -362,7 +401,10 @@ mod imp {
                     .iter()
                     .flat_map(|k| [8, 16, 32, 64].map(|bt| format!("tc_{k}_{bt}"))),
             );
-            names.extend(["dec_attn_64", "dec_attn_128", "dec_embed", "dec_argmax"].map(String::from));
+            names.extend(
+                ["dec_attn_64", "dec_attn_128", "dec_embed", "dec_argmax", "dec_mega_64", "dec_mega_128"]
+                    .map(String::from),
+            );
             for n in names {
                 let f = dev.get_or_load_custom_func(&n, MODULE, DECODE_PTX)?.into_cuda_function();
                 if n.starts_with("tc_") || (n.starts_with("dec_") && !n.starts_with("dec_attn")) {
@@ -374,6 +416,9 @@ mod imp {
                 }
                 funcs.insert(n, f);
             }
+            let sms =
+                stream.context().attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?
+                    as u32;
             Ok(Graphs {
                 dev,
                 stream,
@@ -389,6 +434,8 @@ mod imp {
                 scratch_block,
                 graphs: HashMap::new(),
                 maxb: m.cfg.max_position_embeddings.div_ceil(KV_BLOCK),
+                mega_layers: None,
+                sms,
             })
         }
 
@@ -407,6 +454,7 @@ mod imp {
             let count = s.alloc_zeros(cap * c.kv_heads()).w()?;
             let act = s.alloc_zeros(cap * c.intermediate_size).w()?;
             let logits = s.alloc_zeros(cap * c.vocab_size).w()?;
+            let bar = s.alloc_zeros(1).w()?;
             let base = ptr(&inp, s);
             let p = BufPtrs {
                 tok: base,
@@ -421,9 +469,10 @@ mod imp {
                 count: ptr(&count, s),
                 act: ptr(&act, s),
                 logits: ptr(&logits, s),
+                bar: ptr(&bar, s),
                 inv_freq: ptr(&self.inv_freq, s),
             };
-            Ok(Bufs { cap, inp, best, x, q, po, pml, ao, count, act, logits, p })
+            Ok(Bufs { cap, inp, best, x, q, po, pml, ao, count, act, logits, bar, p })
         }
 
         pub fn step(
@@ -446,6 +495,15 @@ mod imp {
                 self.graphs.clear();
                 let kv = ks.iter().zip(&vs).map(|(k, v)| Ok((addr(k, &self.stream)?, addr(v, &self.stream)?)));
                 let kv = kv.collect::<Result<Vec<_>>>()?;
+                let table: Vec<u64> = self
+                    .layers
+                    .iter()
+                    .zip(&kv)
+                    .flat_map(|(l, &(k, v))| [l.ln1, l.q, l.k, l.v, l.o, l.ln2, l.gate, l.up, l.down, k, v])
+                    .collect();
+                let table = self.stream.clone_htod(&table).w()?;
+                let at = ptr(&table, &self.stream);
+                self.mega_layers = Some((table, at));
                 self.pool = (gen, kv, ks.into_iter().chain(vs).collect());
             }
             // Inputs in Bufs::inp's layout: padded rows feed token 0 at
@@ -511,11 +569,27 @@ mod imp {
         /// # Safety
         /// `args` must match the kernel's parameters and outlive the call.
         unsafe fn go(&self, name: &str, c: LaunchConfig, args: &mut [*mut c_void], pdl: bool) -> Result<()> {
-            let f = self.f(name)?;
             // SAFETY: a plain C struct; zero is a valid value of every field.
             let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
             attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
             attr.value.programmaticStreamSerializationAllowed = 1;
+            let n = usize::from(pdl && pdl_on());
+            // SAFETY: passed on from the caller.
+            unsafe { self.go_with(name, c, args, &mut [attr][..n]) }
+        }
+
+        /// [`Self::go`] with these launch attributes.
+        ///
+        /// # Safety
+        /// As for [`Self::go`].
+        unsafe fn go_with(
+            &self,
+            name: &str,
+            c: LaunchConfig,
+            args: &mut [*mut c_void],
+            attrs: &mut [sys::CUlaunchAttribute],
+        ) -> Result<()> {
+            let f = self.f(name)?;
             let lc = sys::CUlaunchConfig {
                 gridDimX: c.grid_dim.0,
                 gridDimY: c.grid_dim.1,
@@ -525,8 +599,8 @@ mod imp {
                 blockDimZ: c.block_dim.2,
                 sharedMemBytes: c.shared_mem_bytes,
                 hStream: self.stream.cu_stream(),
-                attrs: &mut attr,
-                numAttrs: u32::from(pdl && pdl_on()),
+                attrs: attrs.as_mut_ptr(),
+                numAttrs: attrs.len() as u32,
             };
             self.stream.context().bind_to_thread().w()?;
             // SAFETY: the caller vouches for `args`; the config is complete.
@@ -547,6 +621,9 @@ mod imp {
             let on = |k: &str| only.is_none_or(|o| o == k);
             let c = &m.cfg;
             let p = self.bufs.as_ref().ok_or_else(|| NnError::Other("decode graph: no buffers".into()))?.p;
+            if only.is_none() && self.mega_fits(m, b) {
+                return self.record_mega(m, b, p);
+            }
             let (hid, inter, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
             let (nh, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
             let ns = nsplit(b, kv);
@@ -646,6 +723,81 @@ mod imp {
                 unsafe { self.go("dec_argmax", cfg(b, 1, 1024, 0), &mut args, true) }?;
             }
             Ok(())
+        }
+
+        /// Whether a step of `b` rows runs as the persistent kernel: up
+        /// to one batch chunk of 8 rows, tensor cores, the switch on, and
+        /// the widest projection input staged within [`SMEM_CAP`].
+        fn mega_fits(&self, m: &Llama, b: usize) -> bool {
+            let c = &m.cfg;
+            b <= 8 && b >= tc_from() && mega_on() && self.mega_layers.is_some() && mega_smem(c) <= SMEM_CAP
+        }
+
+        /// The whole step of `b` rows as one persistent kernel
+        /// (decode.cu's `dec_mega_*`): its barrier zeroed, then one block
+        /// per SM, launched cooperatively (all blocks resident at once).
+        fn record_mega(&self, m: &Llama, b: usize, p: BufPtrs) -> Result<()> {
+            let c = &m.cfg;
+            let (nh, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+            let layers =
+                self.mega_layers.as_ref().ok_or_else(|| NnError::Other("decode graph: no layer table".into()))?.1;
+            let mg = Mega {
+                g: Gemv {
+                    x: p.x,
+                    pos: p.pos,
+                    table: p.table,
+                    inv_freq: p.inv_freq,
+                    best: p.best,
+                    b: b as i32,
+                    nh: nh as i32,
+                    kv: kv as i32,
+                    hd: hd as i32,
+                    maxb: self.maxb as i32,
+                    eps: c.rms_norm_eps as f32,
+                    ..Default::default()
+                },
+                at: Attn {
+                    q: p.q,
+                    pos: p.pos,
+                    table: p.table,
+                    po: p.po,
+                    pml: p.pml,
+                    ao: p.ao,
+                    count: p.count,
+                    nh: nh as i32,
+                    kv: kv as i32,
+                    maxb: self.maxb as i32,
+                    nsplit: nsplit(b, kv) as i32,
+                    scale: 1.0 / (hd as f32).sqrt(),
+                    ..Default::default()
+                },
+                layers,
+                tok: p.tok,
+                embed: self.embed,
+                norm: self.norm,
+                head: self.head,
+                logits: p.logits,
+                act: p.act,
+                bar: p.bar,
+                l: self.layers.len() as i32,
+                h: c.hidden_size as i32,
+                i: c.intermediate_size as i32,
+                v: c.vocab_size as i32,
+                mask: std::env::var("PIPE_DECODE_MEGA_MASK").ok().and_then(|v| v.parse().ok()).unwrap_or(63),
+            };
+            self.stream.context().bind_to_thread().w()?;
+            // SAFETY: one u32 of the buffers, on the decode stream.
+            unsafe { sys::cuMemsetD32Async(p.bar, 0, 1, self.stream.cu_stream()) }.result().w()?;
+            // SAFETY: a plain C struct; zero is a valid value of every field.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+            attr.value.cooperative = 1;
+            let lc = cfg(self.sms as usize, 1, TILE as u32, mega_smem(c) as u32);
+            // (`PIPE_DECODE_COOP=0`: a plain launch; one block per SM is
+            // resident at once on a GPU no other kernel occupies.)
+            let n = usize::from(std::env::var("PIPE_DECODE_COOP").map_or(true, |v| v != "0"));
+            // SAFETY: the argument matches dec_mega_* in kernels/decode.cu.
+            unsafe { self.go_with(&format!("dec_mega_{hd}"), lc, &mut [arg(&mg)], &mut [attr][..n]) }
         }
 
         fn gemv_if(&self, on: bool, kind: &str, a: Gemv) -> Result<()> {
@@ -752,6 +904,26 @@ mod imp {
             // SAFETY: the argument matches tc_{kind}_{bt} in kernels/decode.cu.
             unsafe { self.go(&format!("tc_{kind}_{bt}"), c, &mut [arg(&a)], true) }
         }
+    }
+
+    /// Steps of up to 8 rows as one persistent kernel (`PIPE_DECODE_MEGA=1`;
+    /// off by default: on an H200 it is slower than the five launches per
+    /// layer, 1.17 against 0.90 ms a SmolLM2-135M step at batch 1).
+    /// `PIPE_DECODE_MEGA_MASK` (profiling; wrong results unless 63) picks
+    /// the phases that run: decode.cu's `Mega::mask`.
+    fn mega_on() -> bool {
+        if let Some(on) = super::MEGA.with(|t| t.get()) {
+            return on;
+        }
+        std::env::var("PIPE_DECODE_MEGA").is_ok_and(|v| v == "1")
+    }
+
+    /// Dynamic shared memory of the persistent step: 8 staged rows of the
+    /// widest projection input (padded as in [`Graphs::mma`]) and 4 warps'
+    /// partial sums.
+    fn mega_smem(c: &crate::nn::config::LlamaConfig) -> usize {
+        let k = c.hidden_size.max(c.intermediate_size).max(c.num_attention_heads * c.head_dim());
+        (8 * (k + 8) * 2).next_multiple_of(16) + 4 * 4 * 32 * 4
     }
 
     /// Programmatic dependent launches (`PIPE_DECODE_PDL`, default on).
@@ -876,25 +1048,39 @@ mod tests {
             let m = crate::nn::tests::tiny_model_on(&cfg, &TrainSpec::default(), DType::BF16, &dev)?;
             let exact = crate::nn::tests::tiny_model(&cfg, &TrainSpec::default(), DType::F64)?;
             assert!(m.decode_graph_ok());
-            // Tensor-core projections (the default), then warp-per-row dot
-            // products (other batch sizes: a graph is captured per size).
-            // Programmatic dependent launches on, except in the last case.
-            for (n, graphs, tc) in
-                [(1, true, true), (3, true, true), (20, true, true), (3, false, true), (70, true, true)]
-                    .into_iter()
-                    .chain([(2, true, false), (20, false, false), (1, false, false), (8, true, true)])
-            {
+            // Tensor-core projections (the default; up to 8 rows as the
+            // persistent kernel unless `mega` is off), then warp-per-row
+            // dot products (other batch sizes: a graph is captured per
+            // size). Programmatic dependent launches on, except for 8 rows.
+            for (n, graphs, tc, mega) in [
+                (1, true, true, true),
+                (3, true, true, true),
+                (1, true, true, false),
+                (3, false, true, false),
+                (20, true, true, true),
+                (3, false, true, true),
+                (70, true, true, true),
+            ]
+            .into_iter()
+            .chain([
+                (2, true, false, true),
+                (20, false, false, true),
+                (1, false, false, true),
+                (8, true, true, true),
+            ]) {
                 super::TC_FROM.with(|t| t.set(Some(if tc { 1 } else { usize::MAX })));
                 super::PDL.with(|t| t.set(Some(n != 8)));
+                super::MEGA.with(|t| t.set(Some(mega)));
                 let (fast, slow) = compare(&m, &exact, n, 5, graphs)?;
                 eprintln!(
-                    "hidden {} batch {n} graphs {graphs} tensor cores {tc}: max rel logit error fused {fast:.4}, candle {slow:.4}",
+                    "hidden {} batch {n} graphs {graphs} tensor cores {tc} persistent {mega}: max rel logit error fused {fast:.4}, candle {slow:.4}",
                     cfg.hidden_size
                 );
                 assert!(fast < 1.5 * slow + 0.005, "fused {fast} against candle's {slow}");
             }
             super::TC_FROM.with(|t| t.set(None));
             super::PDL.with(|t| t.set(None));
+            super::MEGA.with(|t| t.set(None));
             let prof = m.decode_profile(1, 3)?;
             // (The tensor-core head keeps the argmax: its graph is empty.
             // The last entry, the whole step's graph, exists for batch 1
