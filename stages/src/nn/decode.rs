@@ -628,20 +628,7 @@ mod imp {
             let (nh, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
             let ns = nsplit(b, kv);
             let x = p.x;
-            let base = Gemv {
-                x,
-                pos: p.pos,
-                table: p.table,
-                inv_freq: p.inv_freq,
-                best: p.best,
-                b: b as i32,
-                nh: nh as i32,
-                kv: kv as i32,
-                hd: hd as i32,
-                maxb: self.maxb as i32,
-                eps: c.rms_norm_eps as f32,
-                ..Default::default()
-            };
+            let (base, at0) = self.step_args(m, b, p);
             let tok = p.tok;
             let hid_i = hid as i32;
             if on("embed") {
@@ -671,22 +658,7 @@ mod imp {
                         ..base
                     },
                 )?;
-                let at = Attn {
-                    q,
-                    kc,
-                    vc,
-                    pos: base.pos,
-                    table: base.table,
-                    po: p.po,
-                    pml: p.pml,
-                    ao: p.ao,
-                    count: p.count,
-                    nh: nh as i32,
-                    kv: kv as i32,
-                    maxb: self.maxb as i32,
-                    nsplit: ns as i32,
-                    scale: 1.0 / (hd as f32).sqrt(),
-                };
+                let at = Attn { kc, vc, ..at0 };
                 if on("attn") {
                     let c = LaunchConfig {
                         grid_dim: (ns as u32, kv as u32, b as u32),
@@ -725,6 +697,44 @@ mod imp {
             Ok(())
         }
 
+        /// What every kernel of a step of `b` rows shares: the
+        /// projections' arguments (no weights, outputs or widths yet) and
+        /// the attention's (no layer's keys and values yet).
+        fn step_args(&self, m: &Llama, b: usize, p: BufPtrs) -> (Gemv, Attn) {
+            let c = &m.cfg;
+            let (nh, kv, hd) = (c.num_attention_heads as i32, c.kv_heads() as i32, c.head_dim());
+            let g = Gemv {
+                x: p.x,
+                pos: p.pos,
+                table: p.table,
+                inv_freq: p.inv_freq,
+                best: p.best,
+                b: b as i32,
+                nh,
+                kv,
+                hd: hd as i32,
+                maxb: self.maxb as i32,
+                eps: c.rms_norm_eps as f32,
+                ..Default::default()
+            };
+            let at = Attn {
+                q: p.q,
+                pos: p.pos,
+                table: p.table,
+                po: p.po,
+                pml: p.pml,
+                ao: p.ao,
+                count: p.count,
+                nh,
+                kv,
+                maxb: self.maxb as i32,
+                nsplit: nsplit(b, kv as usize) as i32,
+                scale: 1.0 / (hd as f32).sqrt(),
+                ..Default::default()
+            };
+            (g, at)
+        }
+
         /// Whether a step of `b` rows runs as the persistent kernel: up
         /// to one batch chunk of 8 rows, tensor cores, the switch on, and
         /// the widest projection input staged within [`SMEM_CAP`].
@@ -738,39 +748,13 @@ mod imp {
         /// per SM, launched cooperatively (all blocks resident at once).
         fn record_mega(&self, m: &Llama, b: usize, p: BufPtrs) -> Result<()> {
             let c = &m.cfg;
-            let (nh, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+            let hd = c.head_dim();
             let layers =
                 self.mega_layers.as_ref().ok_or_else(|| NnError::Other("decode graph: no layer table".into()))?.1;
+            let (g, at) = self.step_args(m, b, p);
             let mg = Mega {
-                g: Gemv {
-                    x: p.x,
-                    pos: p.pos,
-                    table: p.table,
-                    inv_freq: p.inv_freq,
-                    best: p.best,
-                    b: b as i32,
-                    nh: nh as i32,
-                    kv: kv as i32,
-                    hd: hd as i32,
-                    maxb: self.maxb as i32,
-                    eps: c.rms_norm_eps as f32,
-                    ..Default::default()
-                },
-                at: Attn {
-                    q: p.q,
-                    pos: p.pos,
-                    table: p.table,
-                    po: p.po,
-                    pml: p.pml,
-                    ao: p.ao,
-                    count: p.count,
-                    nh: nh as i32,
-                    kv: kv as i32,
-                    maxb: self.maxb as i32,
-                    nsplit: nsplit(b, kv) as i32,
-                    scale: 1.0 / (hd as f32).sqrt(),
-                    ..Default::default()
-                },
+                g,
+                at,
                 layers,
                 tok: p.tok,
                 embed: self.embed,
