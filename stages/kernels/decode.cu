@@ -776,6 +776,15 @@ __device__ __forceinline__ void grid_sync(unsigned *bar, unsigned &epoch) {
   __syncthreads();
 }
 
+// A projection phase of the step (or, when the profiling mask skips it,
+// just its barrier).
+template <int IN, int OUT, class Sync> __device__ void phase(const Mega &m, int bit, const Gemv &a, Sync sync) {
+  if (m.mask & bit)
+    mma_proj<IN, OUT, 8>(a, blockIdx.x, gridDim.x, 0, sync);
+  else
+    sync();
+}
+
 template <int HD> __device__ void mega(const Mega &m) {
   unsigned epoch = 0;
   const int B = m.g.B, H = m.H;
@@ -797,10 +806,7 @@ template <int HD> __device__ void mega(const Mega &m) {
     a.vc = w.vc;
     a.K = H;
     a.N = (nh + 2 * kv) * HD / 2;
-    if (m.mask & 1)
-      mma_proj<IN_NORM, OUT_QKV, 8>(a, blockIdx.x, gridDim.x, 0, sync);
-    else
-      sync();
+    phase<IN_NORM, OUT_QKV>(m, 1, a, sync);
     Attn at = m.at;
     at.kc = w.kc;
     at.vc = w.vc;
@@ -816,10 +822,7 @@ template <int HD> __device__ void mega(const Mega &m) {
     a.w0 = w.o;
     a.K = nh * HD;
     a.N = H;
-    if (m.mask & 4)
-      mma_proj<IN_PLAIN, OUT_RESID, 8>(a, blockIdx.x, gridDim.x, 0, sync);
-    else
-      sync();
+    phase<IN_PLAIN, OUT_RESID>(m, 4, a, sync);
     a = m.g;
     a.norm = w.ln2;
     a.w0 = w.gate;
@@ -827,20 +830,14 @@ template <int HD> __device__ void mega(const Mega &m) {
     a.outb = m.act;
     a.K = H;
     a.N = m.I;
-    if (m.mask & 8)
-      mma_proj<IN_NORM, OUT_SWIGLU, 8>(a, blockIdx.x, gridDim.x, 0, sync);
-    else
-      sync();
+    phase<IN_NORM, OUT_SWIGLU>(m, 8, a, sync);
     a = m.g;
     a.xin = m.act;
     a.out = const_cast<float *>(m.g.x);
     a.w0 = w.down;
     a.K = m.I;
     a.N = H;
-    if (m.mask & 16)
-      mma_proj<IN_PLAIN, OUT_RESID, 8>(a, blockIdx.x, gridDim.x, 0, sync);
-    else
-      sync();
+    phase<IN_PLAIN, OUT_RESID>(m, 16, a, sync);
   }
   Gemv a = m.g;
   a.norm = m.norm;
@@ -848,10 +845,7 @@ template <int HD> __device__ void mega(const Mega &m) {
   a.out = m.logits;
   a.K = H;
   a.N = m.V;
-  if (m.mask & 32)
-    mma_proj<IN_NORM, OUT_LOGITS, 8>(a, blockIdx.x, gridDim.x, 0, sync);
-  else
-    sync();
+  phase<IN_NORM, OUT_LOGITS>(m, 32, a, sync);
 }
 
 extern "C" __global__ void __launch_bounds__(TILE, 1) dec_mega_64(Mega m) { mega<64>(m); }
