@@ -24,7 +24,8 @@
 #      default); dot: the same with warp-per-row dot products
 #      (PIPE_DECODE_TC=0); mega: steps of up to 8 rows as one persistent
 #      kernel (PIPE_DECODE_MEGA=1); nocoop: the same launched without the
-#      cooperative attribute;
+#      cooperative attribute; tile: the five-launch step with the older
+#      attention (PIPE_DECODE_ATTN=tile: a thread per position of a tile);
 #      nograph: the same kernels launched one by one;
 #      candle: PIPE_DECODE_GRAPH=0, decode
 #      through candle ops (the path before the fused step);
@@ -57,12 +58,12 @@ run)
   # graph, projections on tensor cores), dot (the same with warp-per-row
   # dot products, PIPE_DECODE_TC=0), nopdl (no programmatic dependent
   # launches, PIPE_DECODE_PDL=0), nograph (kernels launched one by one),
-  # candle (PIPE_DECODE_GRAPH=0: candle ops).
+  # candle (PIPE_DECODE_GRAPH=0: candle ops), mega, nocoop and tile (above).
   variant_env() {
-    tc=1 pdl=1 mega=0 coop=1
+    tc=1 pdl=1 mega=0 coop=1 attn=chunk
     case $1 in
     candle) sw=0 ;; nograph) sw=nograph ;; dot) sw=1 tc=0 ;; nopdl) sw=1 pdl=0 ;; mega) sw=1 mega=1 ;;
-    nocoop) sw=1 mega=1 coop=0 ;; *) sw=1 ;;
+    nocoop) sw=1 mega=1 coop=0 ;; tile) sw=1 attn=tile ;; *) sw=1 ;;
     esac
   }
   M=${M:-128}
@@ -82,7 +83,8 @@ run)
   # The model side alone (no HTTP, no prefill in the timing), per path.
   for v in ${VARIANTS:-graph candle}; do
     variant_env "$v"
-    PIPE_DECODE_GRAPH=$sw PIPE_DECODE_TC=$tc PIPE_DECODE_PDL=$pdl PIPE_DECODE_MEGA=$mega PIPE_DECODE_COOP=$coop timeout 120 ./decode_bench \
+    PIPE_DECODE_GRAPH=$sw PIPE_DECODE_TC=$tc PIPE_DECODE_PDL=$pdl PIPE_DECODE_MEGA=$mega PIPE_DECODE_COOP=$coop PIPE_DECODE_ATTN=$attn \
+      timeout 120 ./decode_bench \
       --config "${CONFIG:-src/config.json}" --batches "${BATCHES:-$CONC}" --prompt 100 --steps 64 ${BENCH_ARGS:-} |
       sed "s/^{/{\"variant\": \"$v\", /" | tee -a "$R" || true
   done
@@ -92,6 +94,7 @@ run)
   for v in ${SERVE_VARIANTS:-${VARIANTS:-graph candle}}; do
     variant_env "$v"
     PIPE_LOG=info PIPE_DECODE_GRAPH=$sw PIPE_DECODE_TC=$tc PIPE_DECODE_PDL=$pdl PIPE_DECODE_MEGA=$mega PIPE_DECODE_COOP=$coop \
+      PIPE_DECODE_ATTN=$attn \
       ./pipe serve smol --device cuda --dtype bf16 --port 0 --max-batch 64 2> "serve_$v.log" &
     SP=$!
     for _ in $(seq 1 300); do grep -q "serving" "serve_$v.log" && break; sleep 0.2; done

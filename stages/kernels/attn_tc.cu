@@ -50,10 +50,6 @@ __device__ __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0, ui
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint32_t saddr(const void *p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // Four 8 x 8 bf16 matrices from shared memory; lane L addresses a row of
 // matrix L / 8.
 __device__ __forceinline__ void ldm4(uint32_t *r, const bf16 *p) {
@@ -135,17 +131,6 @@ __device__ __forceinline__ void mm_cb(float (*acc)[4], const float (*p)[4], cons
     }
   }
 }
-
-// 16 bytes global -> shared without the registers; zeros when !valid.
-__device__ __forceinline__ void cp16(void *dst, const void *src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr(dst)), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp4(void *dst, const void *src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(saddr(dst)), "l"(src), "r"(valid ? 4 : 0));
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-// Wait until at most N of the committed groups are in flight.
-template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // Rows r0..r0+rows-1 of head `head` of `src` (N, heads, D) into a padded
 // tile, zeros from row `end` on: asynchronous 16-byte copies when `al`

@@ -503,6 +503,43 @@ struct Attn {
 
 #define MAX_REP 8
 
+// After a split block of (row b, kv head g) has written its partial
+// output and (max, sum): the last of the S split blocks to finish combines
+// the splits into the bf16 attention output (and resets the counter for
+// the next step). NT threads a block.
+template <int HD, int NT> __device__ void finish_splits(const Attn &a, int g, int b, int S) {
+  const int rep = a.nh / a.kv, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  __shared__ bool last;
+  __shared__ float wts[MAX_REP][32];
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    last = atomicAdd(a.count + (size_t)b * a.kv + g, 1u) == (unsigned)S - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int r = warp; r < rep; r += NT / 32) {
+    const size_t base = ((size_t)b * a.nh + g * rep + r) * a.nsplit;
+    const float ms = lane < S ? __ldcg(a.pml + (base + lane) * 2) : -INFINITY;
+    float m = ms;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    const float e = ms == -INFINITY ? 0.f : __expf(ms - m);
+    const float l = warp_sum(lane < S ? e * __ldcg(a.pml + (base + lane) * 2 + 1) : 0.f);
+    wts[r][lane] = l > 0.f ? e / l : 0.f;
+  }
+  __syncthreads();
+  for (int k = tid; k < rep * HD; k += NT) {
+    const int r = k / HD, d = k % HD;
+    const size_t base = ((size_t)b * a.nh + g * rep + r) * a.nsplit;
+    float o = 0.f;
+    for (int s = 0; s < S; s++) o += wts[r][s] * __ldcg(a.po + (base + s) * HD + d);
+    a.ao[((size_t)b * a.nh + g * rep + r) * HD + d] = __float2bfloat16(o);
+  }
+  if (tid == 0) a.count[(size_t)b * a.kv + g] = 0u;
+}
+
 // Block (s0, g, b) of a grid (nsplit, kv, B), TILE threads. Of the S
 // splits that take part (one
 // per tile of the sequence, at most nsplit), split s takes
@@ -633,42 +670,188 @@ template <int HD> __device__ void attn(const Attn &a, int s0, int g, int b, int 
     a.pml[i * 2] = mrun[tid];
     a.pml[i * 2 + 1] = lrun[tid];
   }
-  // The last split block of (row, group) to finish combines the splits
-  // into the bf16 attention output (and resets the counter for the next
-  // step).
-  __shared__ bool last;
-  __shared__ float wts[MAX_REP][32];
-  __syncthreads();
-  if (tid == 0) {
-    __threadfence();
-    last = atomicAdd(a.count + (size_t)b * a.kv + g, 1u) == (unsigned)S - 1;
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  for (int r = warp; r < rep; r += TILE / 32) {
-    const size_t base = ((size_t)b * a.nh + g * rep + r) * a.nsplit;
-    const float ms = lane < S ? __ldcg(a.pml + (base + lane) * 2) : -INFINITY;
-    float m = ms;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    const float e = ms == -INFINITY ? 0.f : __expf(ms - m);
-    const float l = warp_sum(lane < S ? e * __ldcg(a.pml + (base + lane) * 2 + 1) : 0.f);
-    wts[r][lane] = l > 0.f ? e / l : 0.f;
-  }
-  __syncthreads();
-  for (int k = tid; k < rep * HD; k += TILE) {
-    const int r = k / HD, d = k % HD;
-    const size_t base = ((size_t)b * a.nh + g * rep + r) * a.nsplit;
-    float o = 0.f;
-    for (int s = 0; s < S; s++) o += wts[r][s] * __ldcg(a.po + (base + s) * HD + d);
-    a.ao[((size_t)b * a.nh + g * rep + r) * HD + d] = __float2bfloat16(o);
-  }
-  if (tid == 0) a.count[(size_t)b * a.kv + g] = 0u;
+  finish_splits<HD, TILE>(a, g, b, S);
 }
 
 extern "C" __global__ void dec_attn_64(Attn a) { attn<64>(a, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.x); }
 extern "C" __global__ void dec_attn_128(Attn a) { attn<128>(a, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.x); }
+
+// Attention of each row against its cache, built for latency (the
+// five-launch step's; the persistent step runs `attn` above). Block
+// (s0, g, b) of a grid (nsplit, kv, B) has NW warps and takes chunks of
+// CH = 32 NW positions: chunk s0, s0 + S, ... of its row's sequence. Before
+// it waits for the q/k/v kernel it copies its first chunk's keys and
+// values (all but the new position, which that kernel writes) into shared
+// memory with cp.async, so the copies overlap that kernel. Each warp then
+// scores 32 positions (a lane each), keeps its own online softmax and P.V
+// sums (a lane holds HD / 32 dimensions of every query head of the group),
+// and the warps meet once at the end. REP query heads a kv head (a
+// template argument: the heads' loops unroll without guards, so their
+// shuffles and exponentials overlap). Shared memory: ATTNC_SMEM below.
+template <int HD, int NW, int REP> __device__ void attn_chunked(const Attn &a) {
+  constexpr int CH = 32 * NW, RS = HD + 8, PIECES = HD / 8, DL = HD / 32;
+  static_assert(DL == 2 || DL == 4, "head dims 64 and 128");
+  extern __shared__ __align__(16) unsigned char dyn[];
+  // Keys and values (CH, RS): rows padded by 16 bytes, so a quarter warp's
+  // 16-byte loads of eight rows hit distinct banks.
+  bf16 *ks = reinterpret_cast<bf16 *>(dyn), *vs = ks + CH * RS;
+  float *qs = reinterpret_cast<float *>(vs + CH * RS); // (MAX_REP, HD), scaled
+  float *part = qs + MAX_REP * HD;                     // (NW, MAX_REP, HD)
+  float *wml = part + NW * MAX_REP * HD;               // (NW, MAX_REP, 2)
+  const int s0 = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+  constexpr int rep = REP;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  pdl_launch();
+  // Positions and block tables were uploaded before the step's first kernel.
+  const int len = a.pos[b] + 1;
+  const int S = min(a.nsplit, (len + CH - 1) / CH);
+  if (s0 >= S) return;
+  const size_t row = (size_t)a.kv * HD;
+  // Positions lo..hi-1 of the chunk that starts at c0 into shared memory.
+  auto stage = [&](int c0, int lo, int hi) {
+    for (int i = tid; i < (hi - lo) * PIECES; i += 32 * NW) {
+      const int p = lo + i / PIECES, c = i % PIECES;
+      const unsigned blk = a.table[(size_t)b * a.maxb + p / KV_BLOCK];
+      const size_t off = (size_t)(blk * KV_BLOCK + p % KV_BLOCK) * row + (size_t)g * HD + c * 8;
+      cp16(ks + (p - c0) * RS + c * 8, a.kc + off, true);
+      cp16(vs + (p - c0) * RS + c * 8, a.vc + off, true);
+    }
+    cp_commit();
+  };
+  int c0 = s0 * CH;
+  stage(c0, c0, min(c0 + CH, len - 1));
+  pdl_wait();
+  if (len - 1 < c0 + CH) stage(c0, len - 1, len);
+  for (int k = tid; k < rep * HD; k += 32 * NW) qs[k] = a.q[((size_t)b * a.nh + g * rep) * HD + k] * a.scale;
+  float m[REP], l[REP], acc[REP][DL];
+#pragma unroll
+  for (int r = 0; r < REP; r++) {
+    m[r] = -INFINITY;
+    l[r] = 0.f;
+#pragma unroll
+    for (int d = 0; d < DL; d++) acc[r][d] = 0.f;
+  }
+  for (;;) {
+    cp_wait<0>();
+    __syncthreads();
+    const int p = c0 + warp * 32 + lane;
+    float s[REP];
+#pragma unroll
+    for (int r = 0; r < REP; r++) s[r] = 0.f;
+    if (p < len) {
+      const bf16 *kr = ks + (warp * 32 + lane) * RS;
+#pragma unroll
+      for (int c = 0; c < PIECES; c++) {
+        float k8[8];
+        unpack8(*reinterpret_cast<const uint4 *>(kr + c * 8), k8);
+#pragma unroll
+        for (int r = 0; r < REP; r++)
+#pragma unroll
+          for (int i = 0; i < 8; i++) s[r] += qs[r * HD + c * 8 + i] * k8[i];
+      }
+    }
+    // The warp's online softmax, per query head: s becomes the
+    // probabilities (relative to the warp's running max).
+#pragma unroll
+    for (int r = 0; r < REP; r++) {
+      const float x = p < len ? s[r] : -INFINITY;
+      float mx = x;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float mn = fmaxf(m[r], mx);
+      const float e = x == -INFINITY ? 0.f : __expf(x - mn);
+      const float corr = m[r] == -INFINITY ? 0.f : __expf(m[r] - mn);
+      l[r] = l[r] * corr + warp_sum(e);
+      m[r] = mn;
+#pragma unroll
+      for (int d = 0; d < DL; d++) acc[r][d] *= corr;
+      s[r] = e;
+    }
+    // P.V over the warp's positions: position j's probabilities from lane j.
+    const int n = min(32, len - (c0 + warp * 32));
+#pragma unroll 8
+    for (int j = 0; j < n; j++) {
+      const bf16 *vr = vs + (warp * 32 + j) * RS + lane * DL;
+      float v[DL];
+      if constexpr (DL == 2) {
+        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(vr));
+        v[0] = f.x;
+        v[1] = f.y;
+      } else {
+        const uint2 u = *reinterpret_cast<const uint2 *>(vr);
+        const float2 f0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
+        const float2 f1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
+        v[0] = f0.x;
+        v[1] = f0.y;
+        v[2] = f1.x;
+        v[3] = f1.y;
+      }
+#pragma unroll
+      for (int r = 0; r < REP; r++) {
+        const float pr = __shfl_sync(0xffffffffu, s[r], j);
+#pragma unroll
+        for (int d = 0; d < DL; d++) acc[r][d] += pr * v[d];
+      }
+    }
+    c0 += S * CH;
+    if (c0 >= len) break;
+    __syncthreads(); // every warp is done with this chunk's keys and values
+    stage(c0, c0, min(c0 + CH, len));
+  }
+  // The warps' partial results meet: a thread per output of the group.
+#pragma unroll
+  for (int r = 0; r < REP; r++) {
+    if (lane == 0) {
+      wml[(warp * MAX_REP + r) * 2] = m[r];
+      wml[(warp * MAX_REP + r) * 2 + 1] = l[r];
+    }
+#pragma unroll
+    for (int d = 0; d < DL; d++) part[(warp * MAX_REP + r) * HD + lane * DL + d] = acc[r][d];
+  }
+  __syncthreads();
+  for (int k = tid; k < rep * HD; k += 32 * NW) {
+    const int r = k / HD, d = k % HD;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NW; w++) mx = fmaxf(mx, wml[(w * MAX_REP + r) * 2]);
+    float o = 0.f, sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; w++) {
+      const float mw = wml[(w * MAX_REP + r) * 2];
+      if (mw != -INFINITY) {
+        const float e = __expf(mw - mx);
+        o += e * part[(w * MAX_REP + r) * HD + d];
+        sum += e * wml[(w * MAX_REP + r) * 2 + 1];
+      }
+    }
+    const size_t h = (size_t)b * a.nh + g * rep + r;
+    if (S == 1) {
+      a.ao[h * HD + d] = __float2bfloat16(sum > 0.f ? o / sum : 0.f);
+    } else {
+      a.po[(h * a.nsplit + s0) * HD + d] = o;
+      if (d == 0) {
+        a.pml[(h * a.nsplit + s0) * 2] = mx;
+        a.pml[(h * a.nsplit + s0) * 2 + 1] = sum;
+      }
+    }
+  }
+  if (S > 1) finish_splits<HD, 32 * NW>(a, g, b, S);
+}
+
+// Warps of the chunked attention: 8 (256 positions a chunk) at head dim 64,
+// 4 (128) at 128. Its shared memory, in bytes: keys and values, the scaled
+// queries, the warps' partial outputs and (max, sum)s.
+#define ATTNC_WARPS(HD) ((HD) <= 64 ? 8 : 4)
+#define ATTNC_SMEM(HD, NW) (2 * 32 * (NW) * ((HD) + 8) * 2 + 8 * (HD) * 4 + (NW) * 8 * (HD) * 4 + (NW) * 8 * 2 * 4)
+// One kernel per head dim and query heads a kv head (each gets its own
+// register budget): dec_attnc_<HD>_<REP>.
+#define ATTNC(HD, REP)                                                                                  \
+  extern "C" __global__ void __launch_bounds__(32 * ATTNC_WARPS(HD), 1) dec_attnc_##HD##_##REP(Attn a) { \
+    attn_chunked<HD, ATTNC_WARPS(HD), REP>(a);                                                          \
+  }
+#define ATTNC_REPS(HD) ATTNC(HD, 1) ATTNC(HD, 2) ATTNC(HD, 3) ATTNC(HD, 4) ATTNC(HD, 5) ATTNC(HD, 6) ATTNC(HD, 7) ATTNC(HD, 8)
+ATTNC_REPS(64)
+ATTNC_REPS(128)
 
 // x (B, H) f32 = embed rows of the tokens; the rows' argmax keys reset.
 extern "C" __global__ void dec_embed(const unsigned *tok, const bf16 *embed, float *x, int H,

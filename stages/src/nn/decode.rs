@@ -47,6 +47,10 @@ thread_local! {
     static TC_FROM: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
     /// Tests: this thread's `PIPE_DECODE_MEGA`.
     static MEGA: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// Tests: this thread's `PIPE_DECODE_ATTN` (`Some(true)`: chunked).
+    static ATTN_CHUNKED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// Tests: attention splits per (row, kv head), at most [`imp`]'s `nsplit`.
+    static NSPLIT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
 
 /// The switch: `None` off, `Some(true)` graphs, `Some(false)` plain launches.
@@ -405,9 +409,10 @@ mod imp {
                 ["dec_attn_64", "dec_attn_128", "dec_embed", "dec_argmax", "dec_mega_64", "dec_mega_128"]
                     .map(String::from),
             );
+            names.extend([64, 128].iter().flat_map(|hd| (1..=8).map(move |r| format!("dec_attnc_{hd}_{r}"))));
             for n in names {
                 let f = dev.get_or_load_custom_func(&n, MODULE, DECODE_PTX)?.into_cuda_function();
-                if n.starts_with("tc_") || (n.starts_with("dec_") && !n.starts_with("dec_attn")) {
+                if n.starts_with("tc_") || (n.starts_with("dec_") && !n.starts_with("dec_attn_")) {
                     f.set_attribute(
                         sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                         SMEM_CAP as i32,
@@ -443,7 +448,7 @@ mod imp {
             let c = &m.cfg;
             let (h, hd) = (c.num_attention_heads, c.head_dim());
             let s = &self.stream;
-            let nsplit = nsplit(1, c.kv_heads());
+            let nsplit = nsplit_max(1, c.kv_heads());
             let inp = s.alloc_zeros(cap * (2 + self.maxb)).w()?;
             let best = s.alloc_zeros(cap).w()?;
             let x = s.alloc_zeros(cap * c.hidden_size).w()?;
@@ -660,13 +665,20 @@ mod imp {
                 )?;
                 let at = Attn { kc, vc, ..at0 };
                 if on("attn") {
+                    let (name, threads, smem) = if attn_chunked() {
+                        (format!("dec_attnc_{hd}_{}", nh / kv), 32 * attnc_warps(hd), attnc_smem(hd))
+                    } else {
+                        (format!("dec_attn_{hd}"), TILE, 0)
+                    };
                     let c = LaunchConfig {
                         grid_dim: (ns as u32, kv as u32, b as u32),
-                        block_dim: (TILE as u32, 1, 1),
-                        shared_mem_bytes: 0,
+                        block_dim: (threads as u32, 1, 1),
+                        shared_mem_bytes: smem as u32,
                     };
-                    // SAFETY: the argument matches dec_attn_* in kernels/decode.cu.
-                    unsafe { self.go(&format!("dec_attn_{hd}"), c, &mut [arg(&at)], true) }?;
+                    // SAFETY: the argument matches dec_attn_* / dec_attnc_*
+                    // in kernels/decode.cu (decode_shape_ok: 1 to 8 query
+                    // heads a kv head); the shared memory is theirs.
+                    unsafe { self.go(&name, c, &mut [arg(&at)], true) }?;
                 }
                 let o = Gemv { xin: p.ao, w0: lp.o, out: x, k: (nh * hd) as i32, n: hid as i32, ..base };
                 self.gemv_if(on("o"), "o", o)?;
@@ -902,6 +914,36 @@ mod imp {
         std::env::var("PIPE_DECODE_MEGA").is_ok_and(|v| v == "1")
     }
 
+    /// The five-launch step's attention: chunked (decode.cu's
+    /// `attn_chunked`: a block's first keys and values copied before it
+    /// waits for the q/k/v kernel, a warp's own softmax per 32 positions)
+    /// unless `PIPE_DECODE_ATTN=tile` (`attn`: a thread per position of a
+    /// 128-position tile, as the persistent step runs it).
+    fn attn_chunked() -> bool {
+        if let Some(on) = super::ATTN_CHUNKED.with(|t| t.get()) {
+            return on;
+        }
+        std::env::var("PIPE_DECODE_ATTN").map_or(true, |v| v != "tile")
+    }
+
+    /// Warps of a chunked attention block (decode.cu's `ATTNC_WARPS`).
+    fn attnc_warps(hd: usize) -> usize {
+        if hd <= 64 {
+            8
+        } else {
+            4
+        }
+    }
+
+    /// Dynamic shared memory of a chunked attention block (decode.cu's
+    /// `ATTNC_SMEM`): keys and values of 32 positions a warp (rows padded
+    /// by 8 elements), the scaled queries of up to 8 heads, and each
+    /// warp's partial outputs and (max, sum)s.
+    fn attnc_smem(hd: usize) -> usize {
+        let nw = attnc_warps(hd);
+        2 * 32 * nw * (hd + 8) * 2 + 8 * hd * 4 + nw * 8 * hd * 4 + nw * 8 * 2 * 4
+    }
+
     /// Dynamic shared memory of the persistent step: 8 staged rows of the
     /// widest projection input (padded as in [`Graphs::mma`]) and 4 warps'
     /// partial sums.
@@ -942,8 +984,14 @@ mod imp {
 
     /// Attention splits per (row, kv head): enough blocks to fill the GPU
     /// at small batches, at most 16 (the buffers are sized for 1 row).
-    fn nsplit(b: usize, kv: usize) -> usize {
+    fn nsplit_max(b: usize, kv: usize) -> usize {
         (2 * SMS).div_ceil(b * kv).clamp(1, 16)
+    }
+
+    /// [`nsplit_max`], or fewer where a test says.
+    fn nsplit(b: usize, kv: usize) -> usize {
+        let n = nsplit_max(b, kv);
+        super::NSPLIT.with(|t| t.get()).map_or(n, |o| o.clamp(1, n))
     }
 }
 
@@ -968,15 +1016,16 @@ mod tests {
         .expect("valid config")
     }
 
-    /// `n` sequences prefilled (lengths 3..~200: one and several attention
-    /// tiles), then `steps` decode steps through `step_next` on `m` (fast),
+    /// `n` sequences prefilled (lengths `extra` + 3..~200: one and several
+    /// attention tiles or chunks), then `steps` decode steps through `step_next` on `m` (fast),
     /// through the candle path on `m` (slow) and on `exact` (the same
     /// weights in f64 on the CPU); returns the worst relative logit error of
     /// the fast and of the slow path against the exact one.
-    fn compare(m: &Llama, exact: &Llama, n: usize, steps: usize, graphs: bool) -> Result<(f64, f64)> {
+    fn compare(m: &Llama, exact: &Llama, n: usize, steps: usize, graphs: bool, extra: usize) -> Result<(f64, f64)> {
         super::GRAPHS_OFF.with(|off| off.set(!graphs));
-        let prompts: Vec<Vec<u32>> =
-            (0..n).map(|i| (0..3 + (i * 37 + 11) % 200).map(|t| ((t * 13 + i * 7) % 300) as u32).collect()).collect();
+        let prompts: Vec<Vec<u32>> = (0..n)
+            .map(|i| (0..extra + 3 + (i * 37 + 11) % 200).map(|t| ((t * 13 + i * 7) % 300) as u32).collect())
+            .collect();
         let new = || (0..n).map(|_| KvCache::new()).collect::<Vec<_>>();
         let (mut fast, mut slow, mut ex) = (new(), new(), new());
         for (i, p) in prompts.iter().enumerate() {
@@ -1055,7 +1104,7 @@ mod tests {
                 super::TC_FROM.with(|t| t.set(Some(if tc { 1 } else { usize::MAX })));
                 super::PDL.with(|t| t.set(Some(n != 8)));
                 super::MEGA.with(|t| t.set(Some(mega)));
-                let (fast, slow) = compare(&m, &exact, n, 5, graphs)?;
+                let (fast, slow) = compare(&m, &exact, n, 5, graphs, 0)?;
                 eprintln!(
                     "hidden {} batch {n} graphs {graphs} tensor cores {tc} persistent {mega}: max rel logit error fused {fast:.4}, candle {slow:.4}",
                     cfg.hidden_size
@@ -1065,6 +1114,30 @@ mod tests {
             super::TC_FROM.with(|t| t.set(None));
             super::PDL.with(|t| t.set(None));
             super::MEGA.with(|t| t.set(None));
+            // The five-launch step's attention kinds on long prompts (314,
+            // 351 and 388 positions and 3 steps: 2 chunks of 256 at head
+            // dim 64, 3 or 4 of 128 at 128), without the graph (the splits
+            // change between runs): chunked with a split per chunk, with
+            // one split walking every chunk, with 3 splits (at head dim 128
+            // the first walks chunks 0 and 3 of the third row), then the
+            // tile kind.
+            for (n, chunked, splits) in [(1, true, None), (2, true, Some(1)), (3, true, Some(3)), (1, false, None)] {
+                super::ATTN_CHUNKED.with(|t| t.set(Some(chunked)));
+                super::NSPLIT.with(|t| t.set(splits));
+                let (fast, slow) = compare(&m, &exact, n, 3, false, 300)?;
+                eprintln!(
+                    "hidden {} batch {n} long prompts, chunked {chunked} splits {splits:?}: max rel logit error fused {fast:.4}, candle {slow:.4}",
+                    cfg.hidden_size
+                );
+                assert!(fast < 1.5 * slow + 0.005, "fused {fast} against candle's {slow}");
+            }
+            super::ATTN_CHUNKED.with(|t| t.set(None));
+            super::NSPLIT.with(|t| t.set(None));
+            // The tile kind through a graph (12 rows: a padded size of its own).
+            super::ATTN_CHUNKED.with(|t| t.set(Some(false)));
+            let (fast, slow) = compare(&m, &exact, 12, 3, true, 0)?;
+            assert!(fast < 1.5 * slow + 0.005, "tile attention: fused {fast} against candle's {slow}");
+            super::ATTN_CHUNKED.with(|t| t.set(None));
             let prof = m.decode_profile(1, 3)?;
             // (The tensor-core head keeps the argmax: its graph is empty.
             // The last entry, the whole step's graph, exists for batch 1
