@@ -271,6 +271,16 @@ fn profile(model: &Llama, rows: &[Row], device: &Device) -> pipe_stages::nn::Res
     put("head_dw_mm_ms", time_ms(device, reps, || Ok(p.t()?.matmul(&hc)?))?);
     let dw = p.t()?.matmul(&hc)?;
     put("head_dw_add_ms", time_ms(device, reps, || Ok((&dw + &dw)?))?);
+    // The embedding lookup's forward and backward: pipe's gather (a block
+    // per distinct token in the backward) and candle's index_select (its
+    // index_add backward: a thread per column walks every token).
+    let table = model.embed.tensor()?;
+    let dy_e = rand_like(&model.embed(&b)?)?;
+    put("embed_fwd_bwd_ms", time_ms(device, reps, || Ok(ops::backward_from(&b.ids.gather(&table)?, &dy_e)?))?);
+    put(
+        "embed_index_select_fwd_bwd_ms",
+        time_ms(device, reps, || Ok(ops::backward_from(&table.index_select(&b.ids.ids, 0)?, &dy_e)?))?,
+    );
     let big = l.gate.forward(hv.as_tensor(), Fwd::EVAL)?;
     put("sum_all_gate_out_ms", time_ms(device, reps, || Ok(big.sum_all()?))?);
     put("layers", model.layers.len() as f64);

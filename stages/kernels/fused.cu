@@ -214,6 +214,49 @@ template <typename T> __device__ void ce_grad(T *x, const uint32_t *tgt, float *
   for (int c = v8 + threadIdx.x; c < v; c += blockDim.x) st(xr, c, expf(ld(xr, c) - lse) - (c == (int)t ? 1.f : 0.f));
 }
 
+// out (n, d) = rows ids of table (V, d): a block a row.
+template <typename T> __device__ void gather_rows(const T *table, const uint32_t *ids, T *out, int d) {
+  const T *src = table + (size_t)ids[blockIdx.x] * d;
+  T *dst = out + (size_t)blockIdx.x * d;
+  const int d8 = d / 8 * 8;
+  if (aligned16(src) && aligned16(dst))
+    for (int c = 8 * threadIdx.x; c < d8; c += 8 * blockDim.x) {
+      float a[8];
+      ld8(src + c, a);
+      st8(dst + c, a);
+    }
+  else
+    for (int c = threadIdx.x; c < d8; c += blockDim.x) st(dst, c, ld(src, c));
+  for (int c = d8 + threadIdx.x; c < d; c += blockDim.x) st(dst, c, ld(src, c));
+}
+
+// The backward of gather_rows: dt (V, d) += the rows of g (n, d) summed per
+// distinct id, a block per id. seg holds nseg + 1 starts, then the nseg
+// distinct ids, then the n row numbers sorted by id (stably): block s sums
+// rows order[starts[s]..starts[s + 1]] in that order in f32, so the result
+// does not depend on scheduling.
+template <typename T> __device__ void segment_add(T *dt, const T *g, const uint32_t *seg, int nseg, int d) {
+  const uint32_t *starts = seg, *uniq = seg + nseg + 1, *order = uniq + nseg;
+  const uint32_t a = starts[blockIdx.x], b = starts[blockIdx.x + 1];
+  T *dst = dt + (size_t)uniq[blockIdx.x] * d;
+  const int d8 = aligned16(dt) && aligned16(g) && d % 8 == 0 ? d : 0;
+  for (int c = 8 * threadIdx.x; c < d8; c += 8 * blockDim.x) {
+    float acc[8], v[8];
+    ld8(dst + c, acc);
+    for (uint32_t j = a; j < b; j++) {
+      ld8(g + (size_t)order[j] * d + c, v);
+#pragma unroll
+      for (int i = 0; i < 8; i++) acc[i] += v[i];
+    }
+    st8(dst + c, acc);
+  }
+  for (int c = d8 + threadIdx.x; c < d; c += blockDim.x) {
+    float acc = ld(dst, c);
+    for (uint32_t j = a; j < b; j++) acc += ld(g, (size_t)order[j] * d + c);
+    st(dst, c, acc);
+  }
+}
+
 #define INSTANTIATE(T, TN)                                                                                          \
   extern "C" __global__ void rmsnorm_fwd_##TN(const T *x, const T *w, T *y, float *rstd, int h, float eps) {       \
     rmsnorm_fwd<T>(x, w, y, rstd, h, eps);                                                                          \
@@ -234,7 +277,13 @@ template <typename T> __device__ void ce_grad(T *x, const uint32_t *tgt, float *
   extern "C" __global__ void swiglu_bwd_##TN(const T *g, const T *u, const T *dy, T *dg, T *du, size_t n) {        \
     swiglu_bwd<T>(g, u, dy, dg, du, n);                                                                             \
   }                                                                                                                 \
-  extern "C" __global__ void ce_grad_##TN(T *x, const uint32_t *tgt, float *loss, int v) { ce_grad<T>(x, tgt, loss, v); }
+  extern "C" __global__ void ce_grad_##TN(T *x, const uint32_t *tgt, float *loss, int v) { ce_grad<T>(x, tgt, loss, v); } \
+  extern "C" __global__ void gather_rows_##TN(const T *t, const uint32_t *ids, T *out, int d) {                    \
+    gather_rows<T>(t, ids, out, d);                                                                                 \
+  }                                                                                                                 \
+  extern "C" __global__ void segment_add_##TN(T *dt, const T *g, const uint32_t *seg, int nseg, int d) {           \
+    segment_add<T>(dt, g, seg, nseg, d);                                                                            \
+  }
 
 INSTANTIATE(float, f32)
 INSTANTIATE(__nv_bfloat16, bf16)

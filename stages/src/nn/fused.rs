@@ -5,7 +5,7 @@
 //! composition rounds) and which the CPU keeps using. [`usable`] says
 //! whether a tensor takes this path; `PIPE_FUSED_KERNELS=0` turns it off.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Shape, Tensor};
 
 use candle_core::backend::BackendStorage;
 
@@ -135,6 +135,142 @@ impl candle_core::InplaceOp2 for CeGrad {
             *g = Some(loss);
         }
         Ok(())
+    }
+}
+
+/// Rows of a table picked by ids (an embedding lookup, or the rows of the
+/// hidden states that predict a label), made once per batch: the ids on
+/// the device and, on CUDA, their segments for the backward pass.
+pub struct RowGather {
+    pub ids: Tensor,
+    /// On CUDA: `nseg + 1` starts, the `nseg` distinct ids, then the
+    /// positions sorted by id (stably), as fused.cu's `segment_add` reads
+    /// them; and `nseg`.
+    seg: Option<(Tensor, usize)>,
+    /// The largest id (a table must have more rows).
+    max: Option<u32>,
+}
+
+impl RowGather {
+    pub fn new(ids: Vec<u32>, device: &candle_core::Device) -> Result<Self> {
+        let seg = if device.is_cuda() {
+            let (layout, nseg) = segments(&ids);
+            Some((Tensor::from_vec(layout.clone(), layout.len(), device)?, nseg))
+        } else {
+            None
+        };
+        let (n, max) = (ids.len(), ids.iter().max().copied());
+        Ok(RowGather { ids: Tensor::from_vec(ids, n, device)?, seg, max })
+    }
+
+    /// Rows `ids` of `table` (V, d): `index_select` on dim 0, whose
+    /// backward on CUDA ([`usable`]) sums the gradient's rows per distinct
+    /// id with a block each, in f32 and in position order (candle's
+    /// `index_add` walks every id in one thread per column: milliseconds
+    /// for a batch of tokens, in the table's dtype).
+    pub fn gather(&self, table: &Tensor) -> Result<Tensor> {
+        match &self.seg {
+            Some((seg, nseg))
+                if usable(table)
+                    && table.rank() == 2
+                    && self.max.is_none_or(|m| table.dims().first().is_some_and(|&v| (m as usize) < v)) =>
+            {
+                let op = GatherRows { ids: self.ids.clone(), seg: seg.clone(), nseg: *nseg };
+                dense(table)?.apply_op1(op)
+            }
+            _ => table.index_select(&self.ids, 0),
+        }
+    }
+}
+
+/// [`RowGather`]'s segment layout for `ids`, and the number of distinct ids.
+pub(crate) fn segments(ids: &[u32]) -> (Vec<u32>, usize) {
+    let mut order: Vec<u32> = (0..ids.len() as u32).collect();
+    order.sort_by_key(|&i| ids[i as usize]);
+    let (mut starts, mut uniq) = (Vec::new(), Vec::new());
+    for (k, &i) in order.iter().enumerate() {
+        if uniq.last() != Some(&ids[i as usize]) {
+            starts.push(k as u32);
+            uniq.push(ids[i as usize]);
+        }
+    }
+    let nseg = uniq.len();
+    starts.push(ids.len() as u32);
+    starts.extend(uniq);
+    starts.extend(order);
+    (starts, nseg)
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct GatherRows {
+    ids: Tensor,
+    seg: Tensor,
+    nseg: usize,
+}
+
+impl candle_core::CustomOp1 for GatherRows {
+    fn name(&self) -> &'static str {
+        "gather-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        cuda_only(self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ts: &candle_core::CudaStorage,
+        tl: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (_, d) = tl.shape().dims2()?;
+        let n = self.ids.dim(0)?;
+        let out = crate::nn::kernels::with(&[&self.ids], |s| cuda::gather_rows((ts, tl), s[0]))?;
+        Ok((out, Shape::from((n, d))))
+    }
+
+    fn bwd(&self, table: &Tensor, _: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let dt = table.zeros_like()?;
+        dt.inplace_op2(&dense(g)?, &SegmentAdd { seg: self.seg.clone(), nseg: self.nseg })?;
+        Ok(Some(dt))
+    }
+}
+
+/// `dt += ` the rows of `g` summed per distinct id (fused.cu's `segment_add`).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct SegmentAdd {
+    seg: Tensor,
+    nseg: usize,
+}
+
+impl candle_core::InplaceOp2 for SegmentAdd {
+    fn name(&self) -> &'static str {
+        "segment-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<()> {
+        cuda_only(self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ds: &mut candle_core::CudaStorage,
+        dl: &candle_core::Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &candle_core::Layout,
+    ) -> Result<()> {
+        crate::nn::kernels::with(&[&self.seg], |s| cuda::segment_add((ds, dl), (gs, gl), s[0], self.nseg))
     }
 }
 
@@ -540,6 +676,65 @@ mod cuda {
         Ok(tensor(CudaStorage::wrap_cuda_slice(loss, dev), m))
     }
 
+    pub(super) fn gather_rows(t: (&CudaStorage, &Layout), ids: (&CudaStorage, &Layout)) -> Result<CudaStorage> {
+        by_dtype!(t.0.dtype(), gather_rows_t, t, ids)
+    }
+
+    fn gather_rows_t<T: CudaDType + DeviceRepr>(
+        (ts, tl): (&CudaStorage, &Layout),
+        (is, il): (&CudaStorage, &Layout),
+    ) -> Result<CudaStorage> {
+        let dev = device(ts);
+        let (_, d) = tl.shape().dims2()?;
+        let n = il.shape().elem_count();
+        let (t, ids) = (view::<T>(ts, tl)?, view::<u32>(is, il)?);
+        // SAFETY: the kernel writes every element.
+        let mut out = unsafe { dev.alloc::<T>(n * d)? };
+        let f = func(&dev, MODULE, FUSED_PTX, "gather_rows", ts.dtype())?;
+        let stream = dev.cuda_stream();
+        let di = d as i32;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&t).arg(&ids).arg(&mut out).arg(&di);
+        // SAFETY: argument types and order match gather_rows_* in kernels/fused.cu.
+        unsafe { b.launch(grid(n, 1, 256)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+
+    pub(super) fn segment_add(
+        dt: (&mut CudaStorage, &Layout),
+        g: (&CudaStorage, &Layout),
+        seg: (&CudaStorage, &Layout),
+        nseg: usize,
+    ) -> Result<()> {
+        by_dtype!(g.0.dtype(), segment_add_t, dt, g, seg, nseg)
+    }
+
+    fn segment_add_t<T: CudaDType + DeviceRepr>(
+        (ds, dl): (&mut CudaStorage, &Layout),
+        (gs, gl): (&CudaStorage, &Layout),
+        (ss, sl): (&CudaStorage, &Layout),
+        nseg: usize,
+    ) -> Result<()> {
+        let dev = device(gs);
+        let (_, d) = dl.shape().dims2()?;
+        if gl.shape().dims2()?.1 != d || ds.dtype() != gs.dtype() {
+            candle_core::bail!("segment-add: gradient {:?} {:?} for a table {:?}", gl.dims(), gs.dtype(), dl.dims());
+        }
+        let (g, seg) = (view::<T>(gs, gl)?, view::<u32>(ss, sl)?);
+        let Some((a, b)) = dl.contiguous_offsets() else { candle_core::bail!("segment-add: non-contiguous table") };
+        let mut dt = ds.as_cuda_slice_mut::<T>()?.slice_mut(a..b);
+        let f = func(&dev, MODULE, FUSED_PTX, "segment_add", gs.dtype())?;
+        let stream = dev.cuda_stream();
+        let (ni, di) = (nseg as i32, d as i32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut dt).arg(&g).arg(&seg).arg(&ni).arg(&di);
+        // SAFETY: argument types and order match segment_add_* in
+        // kernels/fused.cu; seg holds nseg segments over g's rows, whose ids
+        // are rows of dt (the batch checked them against the vocabulary).
+        unsafe { b.launch(grid(nseg, 1, 256)) }.w()?;
+        Ok(())
+    }
+
     fn swiglu_bwd_t<T: CudaDType + DeviceRepr>(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = g.elem_count();
         let (dg, du) = with(&[g, u, dy], |s| {
@@ -586,6 +781,63 @@ mod tests {
         assert!(cross_entropy_grad_in_place(&x, &t.to_dtype(DType::F32)?).is_err(), "f32 targets");
         assert!(cross_entropy_grad_in_place(&x, &Tensor::zeros(3, DType::U32, &Device::Cpu)?).is_err(), "3 targets");
         assert!(cross_entropy_grad_in_place(&x.t()?, &t).is_err(), "non-contiguous logits");
+        Ok(())
+    }
+
+    /// The segments of a batch's ids: distinct ids in order, each one's
+    /// positions in order; on the CPU a gather is `index_select` (and fails
+    /// as it does on an id past the table).
+    #[test]
+    fn row_gather_segments_ids_and_gathers_rows() -> Result<()> {
+        let (seg, nseg) = segments(&[5, 2, 5, 0, 2, 5]);
+        assert_eq!(nseg, 3);
+        assert_eq!(seg, [0, 1, 3, 6, 0, 2, 5, 3, 1, 4, 0, 2, 5]);
+        assert_eq!(segments(&[]), (vec![0], 0));
+        let cpu = Device::Cpu;
+        let t = Tensor::arange(0f32, 18.0, &cpu)?.reshape((6, 3))?;
+        let g = RowGather::new(vec![5, 2, 5, 0], &cpu)?;
+        let want = t.index_select(&Tensor::new(&[5u32, 2, 5, 0], &cpu)?, 0)?;
+        assert_eq!(g.gather(&t)?.to_vec2::<f32>()?, want.to_vec2::<f32>()?);
+        assert!(g.gather(&t.narrow(0, 0, 5)?).is_err(), "id 5 of a 5-row table");
+        Ok(())
+    }
+
+    /// The CUDA gather and its per-id backward against `index_select` and
+    /// its `index_add` backward (f64 on the CPU), f32 and bf16, widths with
+    /// and without 16-byte rows, ids repeated (an embedding) and distinct.
+    /// Run on the GPU machine; skipped elsewhere.
+    #[test]
+    fn row_gather_matches_index_select_on_cuda() -> Result<()> {
+        let Some(dev) = crate::nn::tests::cuda_device()? else { return Ok(()) };
+        let cpu = Device::Cpu;
+        for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 8e-3)] {
+            for (v, d) in [(300, 64), (97, 70), (1000, 2048)] {
+                for ids in [
+                    (0..700u32).map(|i| (i * i + 3 * i) % v as u32 % 41).collect::<Vec<_>>(),
+                    (0..v as u32).rev().step_by(3).collect(),
+                ] {
+                    let n = ids.len();
+                    let table = Tensor::randn(0f64, 1.0, (v, d), &cpu)?.to_dtype(dt)?;
+                    let dy = Tensor::randn(0f64, 1.0, (n, d), &cpu)?.to_dtype(dt)?;
+                    let idx = Tensor::from_vec(ids.clone(), n, &cpu)?;
+                    let t64 = Var::from_tensor(&table.to_dtype(DType::F64)?)?;
+                    let y64 = t64.as_tensor().index_select(&idx, 0)?;
+                    let want = ops::backward_from(&y64, &dy.to_dtype(DType::F64)?)?;
+                    let want = want.get(t64.as_tensor()).expect("a gradient").clone();
+                    let tv = Var::from_tensor(&table.to_device(&dev)?)?;
+                    let g = RowGather::new(ids, &dev)?;
+                    let y = g.gather(tv.as_tensor())?;
+                    assert_eq!(y.dims(), [n, d]);
+                    let e = rel_err(&y, &y64)?;
+                    assert!(e == 0.0, "gather {dt:?} {v}x{d}: off by {e}");
+                    let got = ops::backward_from(&y, &dy.to_device(&dev)?)?;
+                    let got = got.get(tv.as_tensor()).expect("a gradient");
+                    assert_eq!(got.dtype(), dt);
+                    let e = rel_err(got, &want)?;
+                    assert!(e < tol, "backward {dt:?} {v}x{d} {n} ids: off by {e}");
+                }
+            }
+        }
         Ok(())
     }
 

@@ -36,6 +36,7 @@ fn head_logits_per_chunk() -> usize {
             .unwrap_or(1 << 26)
     })
 }
+use crate::nn::fused::RowGather;
 use crate::nn::{NnError, Result};
 
 /// One parameter tensor.
@@ -218,14 +219,15 @@ impl Block {
 
 /// A batch as a flat token stream; see the module docs.
 pub struct Batch {
-    pub ids: Tensor,
+    /// The tokens (an embedding lookup each).
+    pub ids: RowGather,
     /// cos/sin of each token's rotary angles, (N, head_dim/2).
     pub cos: Tensor,
     pub sin: Tensor,
     /// (offset, length) of every sequence in the stream.
     pub seqs: Vec<(usize, usize)>,
     /// Stream positions whose next token is a label, and those labels.
-    pub pred_idx: Tensor,
+    pub pred_idx: RowGather,
     pub targets: Tensor,
     pub n_tokens: usize,
     pub n_targets: usize,
@@ -241,7 +243,7 @@ impl Batch {
         }
         let t = crate::nn::flash::tiles(&self.seqs, hd, dt);
         let n = t.len();
-        let t = Tensor::from_vec(t, n, self.ids.device())?;
+        let t = Tensor::from_vec(t, n, self.ids.ids.device())?;
         Ok(self.attn_tiles.get_or_init(|| t))
     }
 }
@@ -548,11 +550,11 @@ impl Llama {
         let (cos, sin) = self.rotary(&pos)?;
         let (n_tokens, n_targets) = (ids.len(), targets.len());
         Ok(Batch {
-            ids: Tensor::from_vec(ids, n_tokens, &self.device)?,
+            ids: RowGather::new(ids, &self.device)?,
             cos,
             sin,
             seqs,
-            pred_idx: Tensor::from_vec(pred, n_targets, &self.device)?,
+            pred_idx: RowGather::new(pred, &self.device)?,
             targets: Tensor::from_vec(targets, n_targets, &self.device)?,
             n_tokens,
             n_targets,
@@ -591,7 +593,7 @@ impl Llama {
     }
 
     pub fn embed(&self, b: &Batch) -> Result<Tensor> {
-        Ok(self.embed.tensor()?.index_select(&b.ids, 0)?)
+        Ok(b.ids.gather(&self.embed.tensor()?)?)
     }
 
     /// One decoder block on the stream `x` (N, hidden).
@@ -672,7 +674,7 @@ impl Llama {
         if b.n_targets == 0 {
             return Ok(Tensor::zeros((), DType::F32, &self.device)?);
         }
-        let hs = h.index_select(&b.pred_idx, 0)?;
+        let hs = b.pred_idx.gather(h)?;
         // A plain head (tied, or lm_head without LoRA or bias): fused and chunked.
         let plain = match &self.lm_head {
             None => Some(&self.embed),
