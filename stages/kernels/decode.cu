@@ -687,7 +687,8 @@ extern "C" __global__ void dec_attn_128(Attn a) { attn<128>(a, blockIdx.x, block
 // sums (a lane holds HD / 32 dimensions of every query head of the group),
 // and the warps meet once at the end. REP query heads a kv head (a
 // template argument: the heads' loops unroll without guards, so their
-// shuffles and exponentials overlap). Shared memory: ATTNC_SMEM below.
+// shuffles and exponentials overlap). Shared memory: ks, vs, qs, part and
+// wml below (src/nn/decode.rs's attnc_smem sizes it).
 template <int HD, int NW, int REP> __device__ void attn_chunked(const Attn &a) {
   constexpr int CH = 32 * NW, RS = HD + 8, PIECES = HD / 8, DL = HD / 32;
   static_assert(DL == 2 || DL == 4, "head dims 64 and 128");
@@ -839,10 +840,8 @@ template <int HD, int NW, int REP> __device__ void attn_chunked(const Attn &a) {
 }
 
 // Warps of the chunked attention: 8 (256 positions a chunk) at head dim 64,
-// 4 (128) at 128. Its shared memory, in bytes: keys and values, the scaled
-// queries, the warps' partial outputs and (max, sum)s.
+// 4 (128) at 128.
 #define ATTNC_WARPS(HD) ((HD) <= 64 ? 8 : 4)
-#define ATTNC_SMEM(HD, NW) (2 * 32 * (NW) * ((HD) + 8) * 2 + 8 * (HD) * 4 + (NW) * 8 * (HD) * 4 + (NW) * 8 * 2 * 4)
 // One kernel per head dim and query heads a kv head (each gets its own
 // register budget): dec_attnc_<HD>_<REP>.
 #define ATTNC(HD, REP)                                                                                  \

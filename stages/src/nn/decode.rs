@@ -631,7 +631,6 @@ mod imp {
             }
             let (hid, inter, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
             let (nh, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-            let ns = nsplit(b, kv);
             let x = p.x;
             let (base, at0) = self.step_args(m, b, p);
             let tok = p.tok;
@@ -671,7 +670,7 @@ mod imp {
                         (format!("dec_attn_{hd}"), TILE, 0)
                     };
                     let c = LaunchConfig {
-                        grid_dim: (ns as u32, kv as u32, b as u32),
+                        grid_dim: (at.nsplit as u32, kv as u32, b as u32),
                         block_dim: (threads as u32, 1, 1),
                         shared_mem_bytes: smem as u32,
                     };
@@ -908,10 +907,15 @@ mod imp {
     /// `PIPE_DECODE_MEGA_MASK` (profiling; wrong results unless 63) picks
     /// the phases that run: decode.cu's `Mega::mask`.
     fn mega_on() -> bool {
-        if let Some(on) = super::MEGA.with(|t| t.get()) {
-            return on;
-        }
-        std::env::var("PIPE_DECODE_MEGA").is_ok_and(|v| v == "1")
+        switch(&super::MEGA, || std::env::var("PIPE_DECODE_MEGA").is_ok_and(|v| v == "1"))
+    }
+
+    /// A switch: this thread's test setting, else what `env` reads.
+    fn switch<T: Copy + 'static>(
+        test: &'static std::thread::LocalKey<std::cell::Cell<Option<T>>>,
+        env: impl FnOnce() -> T,
+    ) -> T {
+        test.with(|t| t.get()).unwrap_or_else(env)
     }
 
     /// The five-launch step's attention: chunked (decode.cu's
@@ -920,10 +924,7 @@ mod imp {
     /// unless `PIPE_DECODE_ATTN=tile` (`attn`: a thread per position of a
     /// 128-position tile, as the persistent step runs it).
     fn attn_chunked() -> bool {
-        if let Some(on) = super::ATTN_CHUNKED.with(|t| t.get()) {
-            return on;
-        }
-        std::env::var("PIPE_DECODE_ATTN").map_or(true, |v| v != "tile")
+        switch(&super::ATTN_CHUNKED, || std::env::var("PIPE_DECODE_ATTN").map_or(true, |v| v != "tile"))
     }
 
     /// Warps of a chunked attention block (decode.cu's `ATTNC_WARPS`).
@@ -936,7 +937,7 @@ mod imp {
     }
 
     /// Dynamic shared memory of a chunked attention block (decode.cu's
-    /// `ATTNC_SMEM`): keys and values of 32 positions a warp (rows padded
+    /// `attn_chunked`): keys and values of 32 positions a warp (rows padded
     /// by 8 elements), the scaled queries of up to 8 heads, and each
     /// warp's partial outputs and (max, sum)s.
     fn attnc_smem(hd: usize) -> usize {
@@ -954,23 +955,17 @@ mod imp {
 
     /// Programmatic dependent launches (`PIPE_DECODE_PDL`, default on).
     fn pdl_on() -> bool {
-        if let Some(on) = super::PDL.with(|t| t.get()) {
-            return on;
-        }
-        std::env::var("PIPE_DECODE_PDL").map_or(true, |v| v != "0")
+        switch(&super::PDL, || std::env::var("PIPE_DECODE_PDL").map_or(true, |v| v != "0"))
     }
 
     /// Batch size from which projections run on tensor cores
     /// (`PIPE_DECODE_TC`: a size, or 0 for never; default 1: always).
     fn tc_from() -> usize {
-        if let Some(n) = super::TC_FROM.with(|t| t.get()) {
-            return n;
-        }
-        match std::env::var("PIPE_DECODE_TC").ok().and_then(|v| v.parse::<usize>().ok()) {
+        switch(&super::TC_FROM, || match std::env::var("PIPE_DECODE_TC").ok().and_then(|v| v.parse::<usize>().ok()) {
             Some(0) => usize::MAX,
             Some(n) => n,
             None => 1,
-        }
+        })
     }
 
     /// A kernel argument for [`Graphs::go`].
@@ -1081,6 +1076,14 @@ mod tests {
             let m = crate::nn::tests::tiny_model_on(&cfg, &TrainSpec::default(), DType::BF16, &dev)?;
             let exact = crate::nn::tests::tiny_model(&cfg, &TrainSpec::default(), DType::F64)?;
             assert!(m.decode_graph_ok());
+            // The fused step no worse than the candle path (both against
+            // the exact logits).
+            let check = |what: &str, n: usize, steps: usize, graphs: bool, extra: usize| -> Result<()> {
+                let (fast, slow) = compare(&m, &exact, n, steps, graphs, extra)?;
+                eprintln!("hidden {} {what}: max rel logit error fused {fast:.4}, candle {slow:.4}", cfg.hidden_size);
+                assert!(fast < 1.5 * slow + 0.005, "{what}: fused {fast} against candle's {slow}");
+                Ok(())
+            };
             // Tensor-core projections (the default; up to 8 rows as the
             // persistent kernel unless `mega` is off), then warp-per-row
             // dot products (other batch sizes: a graph is captured per
@@ -1104,12 +1107,7 @@ mod tests {
                 super::TC_FROM.with(|t| t.set(Some(if tc { 1 } else { usize::MAX })));
                 super::PDL.with(|t| t.set(Some(n != 8)));
                 super::MEGA.with(|t| t.set(Some(mega)));
-                let (fast, slow) = compare(&m, &exact, n, 5, graphs, 0)?;
-                eprintln!(
-                    "hidden {} batch {n} graphs {graphs} tensor cores {tc} persistent {mega}: max rel logit error fused {fast:.4}, candle {slow:.4}",
-                    cfg.hidden_size
-                );
-                assert!(fast < 1.5 * slow + 0.005, "fused {fast} against candle's {slow}");
+                check(&format!("batch {n} graphs {graphs} tensor cores {tc} persistent {mega}"), n, 5, graphs, 0)?;
             }
             super::TC_FROM.with(|t| t.set(None));
             super::PDL.with(|t| t.set(None));
@@ -1124,19 +1122,13 @@ mod tests {
             for (n, chunked, splits) in [(1, true, None), (2, true, Some(1)), (3, true, Some(3)), (1, false, None)] {
                 super::ATTN_CHUNKED.with(|t| t.set(Some(chunked)));
                 super::NSPLIT.with(|t| t.set(splits));
-                let (fast, slow) = compare(&m, &exact, n, 3, false, 300)?;
-                eprintln!(
-                    "hidden {} batch {n} long prompts, chunked {chunked} splits {splits:?}: max rel logit error fused {fast:.4}, candle {slow:.4}",
-                    cfg.hidden_size
-                );
-                assert!(fast < 1.5 * slow + 0.005, "fused {fast} against candle's {slow}");
+                check(&format!("batch {n} long prompts, chunked {chunked} splits {splits:?}"), n, 3, false, 300)?;
             }
             super::ATTN_CHUNKED.with(|t| t.set(None));
             super::NSPLIT.with(|t| t.set(None));
             // The tile kind through a graph (12 rows: a padded size of its own).
             super::ATTN_CHUNKED.with(|t| t.set(Some(false)));
-            let (fast, slow) = compare(&m, &exact, 12, 3, true, 0)?;
-            assert!(fast < 1.5 * slow + 0.005, "tile attention: fused {fast} against candle's {slow}");
+            check("batch 12 tile attention", 12, 3, true, 0)?;
             super::ATTN_CHUNKED.with(|t| t.set(None));
             let prof = m.decode_profile(1, 3)?;
             // (The tensor-core head keeps the argmax: its graph is empty.

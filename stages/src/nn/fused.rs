@@ -155,7 +155,8 @@ impl RowGather {
     pub fn new(ids: Vec<u32>, device: &candle_core::Device) -> Result<Self> {
         let seg = if device.is_cuda() {
             let (layout, nseg) = segments(&ids);
-            Some((Tensor::from_vec(layout.clone(), layout.len(), device)?, nseg))
+            let len = layout.len();
+            Some((Tensor::from_vec(layout, len, device)?, nseg))
         } else {
             None
         };
