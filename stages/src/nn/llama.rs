@@ -25,7 +25,7 @@ use crate::nn::ops::{
 const HEAD_CHUNK: usize = 128;
 
 /// Logits per chunk of the LM head's loss on a GPU: `PIPE_HEAD_LOGITS`
-/// (a count; read once), 2^26 unless set.
+/// (a count; read once), 2^28 unless set.
 fn head_logits_per_chunk() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *N.get_or_init(|| {
@@ -33,7 +33,7 @@ fn head_logits_per_chunk() -> usize {
             .ok()
             .and_then(|v| v.parse().ok())
             .filter(|&n: &usize| n > 0)
-            .unwrap_or(1 << 26)
+            .unwrap_or(1 << 28)
     })
 }
 use crate::nn::fused::RowGather;
@@ -690,7 +690,7 @@ impl Llama {
     }
 
     /// Rows per chunk of the fused LM head's loss. A GPU wants bigger
-    /// chunks: up to 2^26 logits (128 MiB in bf16) unless PIPE_HEAD_LOGITS
+    /// chunks: up to 2^28 logits (512 MiB in bf16) unless PIPE_HEAD_LOGITS
     /// says how many (to measure).
     pub fn head_chunk_rows(&self) -> usize {
         if self.device.is_cuda() {
