@@ -173,6 +173,7 @@ fn profile(model: &Llama, rows: &[Row], device: &Device) -> pipe_stages::nn::Res
     };
     let dx = rand_like(x.as_tensor())?;
     put("add_ms", time_ms(device, reps, || Ok((x.as_tensor() + x.as_tensor())?))?);
+    put("fused_add_ms", time_ms(device, reps, || Ok(pipe_stages::nn::fused::add(x.as_tensor(), x.as_tensor())?))?);
     let norm_fwd_bwd = |w: &Tensor| -> pipe_stages::nn::Result<_> {
         let y = ops::rms_norm(x.as_tensor(), w, 1e-5)?;
         Ok(ops::backward_from(&y, &dx)?)
@@ -265,7 +266,10 @@ fn profile(model: &Llama, rows: &[Row], device: &Device) -> pipe_stages::nn::Res
     put("head_logits_mm_ms", time_ms(device, reps, || Ok(hc.matmul(&w.t()?)?))?);
     let p = hc.matmul(&w.t()?)?;
     if pipe_stages::nn::fused::usable(&p) {
-        put("head_ce_ms", time_ms(device, reps, || Ok(pipe_stages::nn::fused::cross_entropy_grad_in_place(&p, &t)?))?);
+        put(
+            "head_ce_ms",
+            time_ms(device, reps, || Ok(pipe_stages::nn::fused::cross_entropy_grad_in_place(&p, &t, 1.0)?))?,
+        );
     }
     put("head_dh_mm_ms", time_ms(device, reps, || Ok(p.matmul(&w)?))?);
     put("head_dw_mm_ms", time_ms(device, reps, || Ok(p.t()?.matmul(&hc)?))?);

@@ -143,6 +143,21 @@ template <typename T> __device__ void swiglu_fwd(const T *g, const T *u, T *y, s
   }
 }
 
+// y = a + b (in f32, rounded once to T); as swiglu_fwd, 8 at a time.
+// candle's add goes 2 bytes a thread (~1.4 TB/s on an H200 in bf16).
+template <typename T> __device__ void add_vec(const T *a, const T *b, T *y, size_t n) {
+  const size_t n8 = aligned16(a) && aligned16(b) && aligned16(y) ? n & ~(size_t)7 : 0;
+  const size_t id = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+  for (size_t i = 8 * id; i < n8; i += 8 * stride) {
+    float x[8], z[8];
+    ld8(a + i, x);
+    ld8(b + i, z);
+    for (int j = 0; j < 8; j++) z[j] += x[j];
+    st8(y + i, z);
+  }
+  for (size_t i = n8 + id; i < n; i += stride) st(y, i, ld(a, i) + ld(b, i));
+}
+
 // dg = dy * u * silu'(g), du = dy * silu(g); as swiglu_fwd, 8 at a time.
 template <typename T> __device__ void swiglu_bwd(const T *g, const T *u, const T *dy, T *dg, T *du, size_t n) {
   const bool vec = aligned16(g) && aligned16(u) && aligned16(dy) && aligned16(dg) && aligned16(du);
@@ -169,12 +184,14 @@ template <typename T> __device__ void swiglu_bwd(const T *g, const T *u, const T
 }
 
 // Softmax cross-entropy of one row of logits per block, and its gradient in
-// place: loss[row] = logsumexp(x) - x[t]; x <- softmax(x) - onehot(t).
+// place: loss[row] = logsumexp(x) - x[t]; x <- gs * (softmax(x) - onehot(t))
+// (gs: the factor the loss will be scaled by, so that no later pass scales
+// the gradients).
 // Both in f32 from the stored logits (the loss is the end of the graph, so
 // the gradient is known in the forward pass). Rows of a multiple of 8
 // values at 16-byte aligned addresses go 8 values a thread at a time (the
 // kernel is bound by memory: scalar 2-byte loads reached ~1.3 TB/s).
-template <typename T> __device__ void ce_grad(T *x, const uint32_t *tgt, float *loss, int v) {
+template <typename T> __device__ void ce_grad(T *x, const uint32_t *tgt, float *loss, int v, float gs) {
   const size_t row = blockIdx.x;
   T *xr = x + row * v;
   const uint32_t t = tgt[row];
@@ -208,10 +225,11 @@ template <typename T> __device__ void ce_grad(T *x, const uint32_t *tgt, float *
   for (int c = 8 * threadIdx.x; c < v8; c += 8 * blockDim.x) {
     float a[8];
     ld8(xr + c, a);
-    for (int j = 0; j < 8; j++) a[j] = expf(a[j] - lse) - (c + j == (int)t ? 1.f : 0.f);
+    for (int j = 0; j < 8; j++) a[j] = gs * (expf(a[j] - lse) - (c + j == (int)t ? 1.f : 0.f));
     st8(xr + c, a);
   }
-  for (int c = v8 + threadIdx.x; c < v; c += blockDim.x) st(xr, c, expf(ld(xr, c) - lse) - (c == (int)t ? 1.f : 0.f));
+  for (int c = v8 + threadIdx.x; c < v; c += blockDim.x)
+    st(xr, c, gs * (expf(ld(xr, c) - lse) - (c == (int)t ? 1.f : 0.f)));
 }
 
 // out (n, d) = rows ids of table (V, d): a block a row.
@@ -274,10 +292,13 @@ template <typename T> __device__ void segment_add(T *dt, const T *g, const uint3
     rope<T>(x, cs, sn, y, n, heads, d, sign);                                                                       \
   }                                                                                                                 \
   extern "C" __global__ void swiglu_fwd_##TN(const T *g, const T *u, T *y, size_t n) { swiglu_fwd<T>(g, u, y, n); } \
+  extern "C" __global__ void add_vec_##TN(const T *a, const T *b, T *y, size_t n) { add_vec<T>(a, b, y, n); }      \
   extern "C" __global__ void swiglu_bwd_##TN(const T *g, const T *u, const T *dy, T *dg, T *du, size_t n) {        \
     swiglu_bwd<T>(g, u, dy, dg, du, n);                                                                             \
   }                                                                                                                 \
-  extern "C" __global__ void ce_grad_##TN(T *x, const uint32_t *tgt, float *loss, int v) { ce_grad<T>(x, tgt, loss, v); } \
+  extern "C" __global__ void ce_grad_##TN(T *x, const uint32_t *tgt, float *loss, int v, float gs) {               \
+    ce_grad<T>(x, tgt, loss, v, gs);                                                                                \
+  }                                                                                                                 \
   extern "C" __global__ void gather_rows_##TN(const T *t, const uint32_t *ids, T *out, int d) {                    \
     gather_rows<T>(t, ids, out, d);                                                                                 \
   }                                                                                                                 \

@@ -70,6 +70,73 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     dense(x)?.apply_op3(&cos, &sin, Rope)
 }
 
+/// `a + b`, differentiable in both: on CUDA (f32, bf16, same shape) one
+/// kernel that moves 16 bytes a thread (the residual stream's adds);
+/// candle's add elsewhere.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !usable(a) || a.dims() != b.dims() || a.dtype() != b.dtype() || !a.device().same_device(b.device()) {
+        return a + b;
+    }
+    dense(a)?.apply_op2(&dense(b)?, Add)
+}
+
+/// The sum `GradStore::accumulate` uses (candle-core's pipe patch): [`add`]
+/// for two dense gradients it can take, `None` (candle's add) otherwise.
+fn grad_add(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    let fits = usable(a)
+        && a.dims() == b.dims()
+        && a.dtype() == b.dtype()
+        && a.device().same_device(b.device())
+        && a.is_contiguous()
+        && b.is_contiguous();
+    if !fits {
+        return Ok(None);
+    }
+    Ok(Some(a.apply_op2_no_bwd(b, &Add)?))
+}
+
+/// Has backward passes sum a tensor's gradients with [`add`]'s kernel
+/// (once per process; the first caller sets it).
+pub fn install_grad_add() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        candle_core::backprop::set_accumulate_add(grad_add);
+    });
+}
+
+struct Add;
+
+impl candle_core::CustomOp2 for Add {
+    fn name(&self) -> &'static str {
+        "fused-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        cuda_only(self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &candle_core::Layout,
+        b: &candle_core::CudaStorage,
+        bl: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        Ok((cuda::add((a, al), (b, bl))?, al.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(g.clone()), Some(g.clone())))
+    }
+}
+
 /// `silu(g) * u`; differentiable in both.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if g.dims() != u.dims() || g.dtype() != u.dtype() {
@@ -81,10 +148,11 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 /// Softmax cross-entropy of each row of `logits` (M, V) against `targets`
 /// (M, u32), with the gradient written over the logits: returns the loss
 /// per row (M, f32, `logsumexp - logit[target]`), and `logits` then holds
-/// `softmax - onehot(target)` in its own dtype. One kernel pass instead of
-/// the composition's dozen over an f32 copy (for the chunked LM head, where
-/// the loss ends the graph). CUDA only.
-pub fn cross_entropy_grad_in_place(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+/// `grad_scale * (softmax - onehot(target))` in its own dtype (`grad_scale`:
+/// what the caller will scale the loss by, so the gradient needs no second
+/// pass). One kernel pass instead of the composition's dozen over an f32
+/// copy (for the chunked LM head, where the loss ends the graph). CUDA only.
+pub fn cross_entropy_grad_in_place(logits: &Tensor, targets: &Tensor, grad_scale: f32) -> Result<Tensor> {
     let (m, _) = logits.dims2()?;
     if targets.dims() != [m] || targets.dtype() != DType::U32 || !logits.is_contiguous() {
         candle_core::bail!(
@@ -95,7 +163,7 @@ pub fn cross_entropy_grad_in_place(logits: &Tensor, targets: &Tensor) -> Result<
             targets.dtype()
         );
     }
-    let op = CeGrad { loss: Default::default() };
+    let op = CeGrad { loss: Default::default(), grad_scale };
     logits.inplace_op2(&dense(targets)?, &op)?;
     match op.loss.lock().ok().and_then(|mut g| g.take()) {
         Some(l) => Ok(l),
@@ -105,6 +173,8 @@ pub fn cross_entropy_grad_in_place(logits: &Tensor, targets: &Tensor) -> Result<
 
 struct CeGrad {
     loss: std::sync::Mutex<Option<Tensor>>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    grad_scale: f32,
 }
 
 impl candle_core::InplaceOp2 for CeGrad {
@@ -130,7 +200,7 @@ impl candle_core::InplaceOp2 for CeGrad {
         ts: &candle_core::CudaStorage,
         tl: &candle_core::Layout,
     ) -> Result<()> {
-        let loss = cuda::ce_grad((xs, xl), (ts, tl))?;
+        let loss = cuda::ce_grad((xs, xl), (ts, tl), self.grad_scale)?;
         if let Ok(mut g) = self.loss.lock() {
             *g = Some(loss);
         }
@@ -622,6 +692,28 @@ mod cuda {
         Ok(tensor(out, dy.shape().clone()))
     }
 
+    pub(super) fn add(a: (&CudaStorage, &Layout), b: (&CudaStorage, &Layout)) -> Result<CudaStorage> {
+        by_dtype!(a.0.dtype(), add_t, a, b)
+    }
+
+    fn add_t<T: CudaDType + DeviceRepr>(
+        (as_, al): (&CudaStorage, &Layout),
+        (bs, bl): (&CudaStorage, &Layout),
+    ) -> Result<CudaStorage> {
+        let dev = device(as_);
+        let n = al.shape().elem_count();
+        let (a, b) = (view::<T>(as_, al)?, view::<T>(bs, bl)?);
+        // SAFETY: the kernel writes every element.
+        let mut y = unsafe { dev.alloc::<T>(n)? };
+        let f = func(&dev, MODULE, FUSED_PTX, "add_vec", as_.dtype())?;
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&a).arg(&b).arg(&mut y).arg(&n);
+        // SAFETY: argument types and order match add_vec_* in kernels/fused.cu.
+        unsafe { lb.launch(grid(blocks(n.div_ceil(8)), 1, 256)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev))
+    }
+
     pub(super) fn swiglu_fwd(g: (&CudaStorage, &Layout), u: (&CudaStorage, &Layout)) -> Result<CudaStorage> {
         by_dtype!(g.0.dtype(), swiglu_fwd_t, g, u)
     }
@@ -649,13 +741,14 @@ mod cuda {
         by_dtype!(g.dtype(), swiglu_bwd_t, g, u, dy)
     }
 
-    pub(super) fn ce_grad(x: (&mut CudaStorage, &Layout), t: (&CudaStorage, &Layout)) -> Result<Tensor> {
-        by_dtype!(x.0.dtype(), ce_grad_t, x, t)
+    pub(super) fn ce_grad(x: (&mut CudaStorage, &Layout), t: (&CudaStorage, &Layout), gs: f32) -> Result<Tensor> {
+        by_dtype!(x.0.dtype(), ce_grad_t, x, t, gs)
     }
 
     fn ce_grad_t<T: CudaDType + DeviceRepr>(
         (xs, xl): (&mut CudaStorage, &Layout),
         (ts, tl): (&CudaStorage, &Layout),
+        gs: f32,
     ) -> Result<Tensor> {
         let dev = device(xs);
         let dt = xs.dtype();
@@ -671,7 +764,7 @@ mod cuda {
         let stream = dev.cuda_stream();
         let vi = v as i32;
         let mut b = stream.launch_builder(&f);
-        b.arg(&mut x).arg(&t).arg(&mut loss).arg(&vi);
+        b.arg(&mut x).arg(&t).arg(&mut loss).arg(&vi).arg(&gs);
         // SAFETY: argument types and order match ce_grad_* in kernels/fused.cu.
         unsafe { b.launch(grid(m, 1, 512)) }.w()?;
         Ok(tensor(CudaStorage::wrap_cuda_slice(loss, dev), m))
@@ -765,6 +858,39 @@ mod tests {
     use crate::nn::ops;
     use crate::nn::tests::rel_err;
 
+    /// The residual add: candle's add on the CPU; on CUDA the same sums as
+    /// candle's (f32 exactly), 16 bytes a thread or (an odd size at an
+    /// unaligned offset) one at a time, and a tensor used twice gets its
+    /// two gradients summed through the same kernel (the accumulate hook).
+    #[test]
+    fn fused_add_and_gradient_sums_match_candle() -> Result<()> {
+        let cpu = Device::Cpu;
+        let a = Tensor::randn(0f32, 1.0, (37, 70), &cpu)?;
+        let b = Tensor::randn(0f32, 1.0, (37, 70), &cpu)?;
+        let d = (add(&a, &b)? - (&a + &b)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(d, 0.0);
+        assert!(add(&a, &b.narrow(0, 0, 5)?).is_err(), "shapes must match");
+        let Some(dev) = crate::nn::tests::cuda_device()? else { return Ok(()) };
+        install_grad_add();
+        for dt in [DType::F32, DType::BF16] {
+            let (ag, bg) = (a.to_dtype(dt)?.to_device(&dev)?, b.to_dtype(dt)?.to_device(&dev)?);
+            for (x, y) in [(ag.clone(), bg.clone()), (ag.narrow(0, 1, 35)?, bg.narrow(0, 2, 35)?)] {
+                let want = (&x + &y)?.to_dtype(DType::F64)?;
+                let got = add(&x, &y)?.to_dtype(DType::F64)?;
+                let e = (got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert!(e <= if dt == DType::F32 { 0.0 } else { 1e-2 }, "{dt:?} {:?}: off by {e}", x.dims());
+            }
+            let v = Var::from_tensor(&ag)?;
+            let dy = bg.clone();
+            let g = ops::backward_from(&add(v.as_tensor(), v.as_tensor())?, &dy)?;
+            let got = g.get(v.as_tensor()).expect("a gradient").to_dtype(DType::F64)?;
+            let want = (&dy + &dy)?.to_dtype(DType::F64)?;
+            let e = (got - want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert_eq!(e, 0.0, "{dt:?}: the summed gradient");
+        }
+        Ok(())
+    }
+
     #[test]
     fn the_fused_kernels_are_cuda_only() -> Result<()> {
         let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu)?;
@@ -778,10 +904,13 @@ mod tests {
         assert!(rms_norm(&x, &Tensor::ones(3, DType::F32, &Device::Cpu)?, 1e-5).is_err(), "weight of the wrong size");
         assert!(swiglu(&x, &w).is_err(), "shapes differ");
         let t = Tensor::zeros(2, DType::U32, &Device::Cpu)?;
-        assert!(cross_entropy_grad_in_place(&x, &t).unwrap_err().to_string().contains("CUDA only"));
-        assert!(cross_entropy_grad_in_place(&x, &t.to_dtype(DType::F32)?).is_err(), "f32 targets");
-        assert!(cross_entropy_grad_in_place(&x, &Tensor::zeros(3, DType::U32, &Device::Cpu)?).is_err(), "3 targets");
-        assert!(cross_entropy_grad_in_place(&x.t()?, &t).is_err(), "non-contiguous logits");
+        assert!(cross_entropy_grad_in_place(&x, &t, 1.0).unwrap_err().to_string().contains("CUDA only"));
+        assert!(cross_entropy_grad_in_place(&x, &t.to_dtype(DType::F32)?, 1.0).is_err(), "f32 targets");
+        assert!(
+            cross_entropy_grad_in_place(&x, &Tensor::zeros(3, DType::U32, &Device::Cpu)?, 1.0).is_err(),
+            "3 targets"
+        );
+        assert!(cross_entropy_grad_in_place(&x.t()?, &t, 1.0).is_err(), "non-contiguous logits");
         Ok(())
     }
 
@@ -902,9 +1031,11 @@ mod tests {
                     &Tensor::ones((m, 1), DType::F64, &cpu)?,
                     1,
                 )?;
-                let want_grad = (xc.broadcast_sub(&lse)?.exp()? - onehot)?;
+                // The gradient made for the loss's scale (here 1/m).
+                let gs = 1.0 / m as f64;
+                let want_grad = ((xc.broadcast_sub(&lse)?.exp()? - onehot)? * gs)?;
                 let xg = x.to_device(&dev)?;
-                let loss = cross_entropy_grad_in_place(&xg, &t.to_device(&dev)?)?;
+                let loss = cross_entropy_grad_in_place(&xg, &t.to_device(&dev)?, gs as f32)?;
                 let e = rel_err(&loss, &want_loss)?;
                 assert!(e < 1e-5, "loss {dt:?} {m}x{v}: off by {e}");
                 let e = rel_err(&xg, &want_grad)?;

@@ -631,13 +631,13 @@ impl Llama {
     /// The rest of a decoder block after attention: output projection and
     /// residual, then the SwiGLU MLP and its residual.
     pub(crate) fn block_tail(&self, l: &Block, x: &Tensor, attn: &Tensor, fx: Fwd) -> Result<Tensor> {
-        let x = (x + l.o.forward(attn, fx)?)?;
+        let x = crate::nn::fused::add(x, &l.o.forward(attn, fx)?)?;
         let hn = rms_norm(&x, &l.post_attention_layernorm.tensor()?, self.cfg.rms_norm_eps)?;
         let g = l.gate.forward(&hn, fx)?;
         let u = l.up.forward(&hn, fx)?;
         let gu = if crate::nn::fused::usable_or_cpu(&g) { crate::nn::fused::swiglu(&g, &u)? } else { (g.silu()? * u)? };
         let m = l.down.forward(&gu, fx)?;
-        Ok((x + m)?)
+        Ok(crate::nn::fused::add(&x, &m)?)
     }
 
     /// Final norm of the stream.
@@ -671,6 +671,19 @@ impl Llama {
     /// Summed cross-entropy over the batch's targets, from the final hidden
     /// states (only the rows that predict a label go through the head).
     pub fn loss_sum_from_hidden(&self, h: &Tensor, b: &Batch, fx: Fwd) -> Result<Tensor> {
+        self.head_loss(h, b, fx, 1.0)
+    }
+
+    /// `scale * loss_sum_from_hidden`, whose backward pass does not scale
+    /// the head's gradients a second time (the fused head makes them for
+    /// `scale`).
+    fn scaled_loss_from_hidden(&self, h: &Tensor, b: &Batch, fx: Fwd, scale: f64) -> Result<Tensor> {
+        Ok((self.head_loss(h, b, fx, scale)? * scale)?)
+    }
+
+    /// The summed loss, its gradients made for `grad_scale` where the head
+    /// is fused (see [`lm_head_cross_entropy`]).
+    fn head_loss(&self, h: &Tensor, b: &Batch, fx: Fwd, grad_scale: f64) -> Result<Tensor> {
         if b.n_targets == 0 {
             return Ok(Tensor::zeros((), DType::F32, &self.device)?);
         }
@@ -683,7 +696,7 @@ impl Llama {
         };
         match plain {
             Some(w @ (Weight::Frozen(_) | Weight::Train(_))) => {
-                Ok(lm_head_cross_entropy(&hs, &w.tensor()?, &b.targets, self.head_chunk_rows())?)
+                Ok(lm_head_cross_entropy(&hs, &w.tensor()?, &b.targets, self.head_chunk_rows(), grad_scale)?)
             }
             _ => Ok(cross_entropy_sum(&self.head(&hs, fx)?, &b.targets)?),
         }
@@ -755,6 +768,7 @@ impl Llama {
             }
             Ok(())
         }
+        crate::nn::fused::install_grad_add();
         let waiting = layer_done.is_some();
         let mut done = |i: usize, acc: &mut [Option<Tensor>]| -> Result<()> {
             match layer_done.as_mut() {
@@ -763,7 +777,7 @@ impl Llama {
             }
         };
         if !checkpoint && !waiting {
-            let loss = (self.loss_sum(b, fx)? * scale)?;
+            let loss = self.scaled_loss_from_hidden(&self.hidden(b, fx)?, b, fx, scale)?;
             let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             collect(acc, vars, &loss.backward()?)?;
             return Ok(value);
@@ -789,7 +803,7 @@ impl Llama {
         }
         let xv = Var::from_tensor(&x)?;
         let h = self.final_norm(xv.as_tensor())?;
-        let loss = (self.loss_sum_from_hidden(&h, b, fx)? * scale)?;
+        let loss = self.scaled_loss_from_hidden(&h, b, fx, scale)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let g = loss.backward()?;
         // The head's gradients (and, tied, the embedding's two parts) are

@@ -335,6 +335,7 @@ pub fn backward_from(y: &Tensor, d: &Tensor) -> Result<candle_core::backprop::Gr
     if y.dims() != d.dims() {
         candle_core::bail!("backward_from: gradient {:?} for a tensor {:?}", d.dims(), y.dims());
     }
+    crate::nn::fused::install_grad_add();
     y.apply_op1(Seed { d: d.detach() })?.backward()
 }
 
@@ -615,12 +616,26 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// is one chunk of logits instead of several full copies.
 ///
 /// `h` (M, d), `w` (V, d), `targets` (M) u32. Softmax in f32 (f64 for f64).
-pub fn lm_head_cross_entropy(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) -> Result<Tensor> {
+///
+/// `grad_scale` is the gradient the caller expects back for the loss (what
+/// it multiplies the loss by; 1 for a plain `backward`): the chunks'
+/// gradients are made with it, so the backward pass does not scale the
+/// (V, d) weight gradient again. Any other gradient is still right, at the
+/// cost of that pass.
+pub fn lm_head_cross_entropy(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    chunk: usize,
+    grad_scale: f64,
+) -> Result<Tensor> {
+    let grad_scale = if grad_scale.is_finite() && grad_scale != 0.0 { grad_scale } else { 1.0 };
     let op = FusedHeadCe {
         w: w.clone(),
         targets: targets.clone(),
         chunk: chunk.max(1),
         w_grad: w.track_op(),
+        grad_scale,
         grads: std::sync::Mutex::new(None),
     };
     let h = dense(h)?;
@@ -632,7 +647,10 @@ struct FusedHeadCe {
     targets: Tensor,
     chunk: usize,
     w_grad: bool,
-    /// d(loss)/dh and d(loss)/dw, computed by the forward pass.
+    /// The gradient `grads` are made for (see [`lm_head_cross_entropy`]).
+    grad_scale: f64,
+    /// grad_scale * d(loss)/dh and grad_scale * d(loss)/dw, computed by
+    /// the forward pass.
     grads: std::sync::Mutex<Option<(Tensor, Option<Tensor>)>>,
 }
 
@@ -654,7 +672,8 @@ impl FusedHeadCe {
             let p = if fused {
                 // One kernel: the loss per row, and softmax - onehot over the logits.
                 let logits = hc.matmul(&w.t()?)?;
-                total = (total + crate::nn::fused::cross_entropy_grad_in_place(&logits, &t)?.sum_all()?)?;
+                let rows = crate::nn::fused::cross_entropy_grad_in_place(&logits, &t, self.grad_scale as f32)?;
+                total = (total + rows.sum_all()?)?;
                 logits
             } else {
                 let logits = hc.matmul(&w.t()?)?.to_dtype(acc)?;
@@ -670,7 +689,9 @@ impl FusedHeadCe {
                     &Tensor::ones((n, 1), acc, h.device())?,
                     1,
                 )?;
-                (e.broadcast_div(&sum)? - onehot)?.to_dtype(h.dtype())?
+                let p = (e.broadcast_div(&sum)? - onehot)?;
+                let p = if self.grad_scale == 1.0 { p } else { p.affine(self.grad_scale, 0.0)? };
+                p.to_dtype(h.dtype())?
             };
             dh.push(p.matmul(&w)?);
             if self.w_grad {
@@ -834,17 +855,20 @@ impl candle_core::CustomOp2 for FusedHeadCe {
         cuda_storage(&self.run(&cuda_tensor(s, l)?)?, self.name())
     }
 
-    fn bwd(&self, h: &Tensor, _w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, _h: &Tensor, _w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let Some((dh, dw)) = self.grads.lock().ok().and_then(|x| x.clone()) else {
             candle_core::bail!("fused-head-cross-entropy: backward before forward")
         };
-        let g = g.to_dtype(h.dtype())?;
-        let dh = dh.broadcast_mul(&g)?;
-        let dw = match dw {
-            Some(d) if self.w_grad => Some(d.broadcast_mul(&g)?),
-            _ => None,
-        };
-        Ok((Some(dh), dw))
+        // The loss is a scalar: its gradient read back (the training step
+        // has already synchronised to read the loss). The gradients were
+        // made for grad_scale; scale them only for another factor.
+        let gv = g.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let dw = if self.w_grad { dw } else { None };
+        if gv as f32 == self.grad_scale as f32 {
+            return Ok((Some(dh), dw));
+        }
+        let f = gv / self.grad_scale;
+        Ok((Some(dh.affine(f, 0.0)?), dw.map(|d| d.affine(f, 0.0)).transpose()?))
     }
 }
 

@@ -388,8 +388,10 @@ fn fused_chunked_head_cross_entropy_matches_the_plain_composition() -> Result<()
     let t = Tensor::from_vec((0..m as u32).map(|i| (i * 7) % v as u32).collect::<Vec<_>>(), m, &dev)?;
     let plain = (cross_entropy_sum(&h0.matmul(&w0.t()?)?, &t)? * 0.3)?;
     let gp = plain.backward()?;
-    for chunk in [1, 3, 10, 64] {
-        let fused = (lm_head_cross_entropy(h0.as_tensor(), w0.as_tensor(), &t, chunk)? * 0.3)?;
+    // Told the loss's scale (the gradients made for it), or not (scaled
+    // again in the backward pass), or told a wrong one: the same gradients.
+    for (chunk, gs) in [(1, 0.3), (3, 0.3), (10, 1.0), (64, 0.3), (3, 2.0), (4, 0.0)] {
+        let fused = (lm_head_cross_entropy(h0.as_tensor(), w0.as_tensor(), &t, chunk, gs)? * 0.3)?;
         let d0 = (fused.to_scalar::<f64>()? - plain.to_scalar::<f64>()?).abs();
         assert!(d0 < 1e-12, "chunk {chunk}: loss differs by {d0}");
         let gf = fused.backward()?;
@@ -397,12 +399,12 @@ fn fused_chunked_head_cross_entropy_matches_the_plain_composition() -> Result<()
             let a = gp.get(var.as_tensor()).expect("plain grad");
             let b = gf.get(var.as_tensor()).expect("fused grad");
             let dd = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
-            assert!(dd < 1e-12, "chunk {chunk}: gradient differs by {dd}");
+            assert!(dd < 1e-12, "chunk {chunk}, grad_scale {gs}: gradient differs by {dd}");
         }
     }
     // A frozen head gets no gradient.
     let w1 = w0.as_tensor().detach();
-    let g = lm_head_cross_entropy(h0.as_tensor(), &w1, &t, 4)?.backward()?;
+    let g = lm_head_cross_entropy(h0.as_tensor(), &w1, &t, 4, 1.0)?.backward()?;
     assert!(g.get(&w1).is_none() && g.get(h0.as_tensor()).is_some());
     // On CUDA (f32, bf16): the CE kernel, and the head's gradient summed
     // over the chunks in place (cuBLAS, beta 1).
@@ -411,8 +413,8 @@ fn fused_chunked_head_cross_entropy_matches_the_plain_composition() -> Result<()
             let h = candle_core::Var::from_tensor(&h0.as_tensor().to_dtype(dt)?.to_device(&cd)?)?;
             let w = candle_core::Var::from_tensor(&w0.as_tensor().to_dtype(dt)?.to_device(&cd)?)?;
             let tc = t.to_device(&cd)?;
-            for chunk in [1, 3, 10] {
-                let fused = (lm_head_cross_entropy(h.as_tensor(), w.as_tensor(), &tc, chunk)? * 0.3)?;
+            for (chunk, gs) in [(1, 0.3), (3, 1.0), (10, 0.3)] {
+                let fused = (lm_head_cross_entropy(h.as_tensor(), w.as_tensor(), &tc, chunk, gs)? * 0.3)?;
                 let loss = fused.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 let want = plain.to_scalar::<f64>()?;
                 assert!((loss - want).abs() < tol * want.abs(), "{dt:?} chunk {chunk}: loss {loss} vs {want}");
