@@ -125,37 +125,31 @@ __device__ void rope(const T *x, const T *cs, const T *sn, T *y, int n, int head
 
 __device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + __expf(-g)); }
 
-// y = silu(g) * u; 8 elements a thread where the addresses allow (16-byte
-// accesses), the rest one at a time.
-template <typename T> __device__ void swiglu_fwd(const T *g, const T *u, T *y, size_t n) {
-  const size_t n8 = aligned16(g) && aligned16(u) && aligned16(y) ? n & ~(size_t)7 : 0;
-  const size_t id = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
-  for (size_t i = 8 * id; i < n8; i += 8 * stride) {
-    float a[8], b[8];
-    ld8(g + i, a);
-    ld8(u + i, b);
-    for (int j = 0; j < 8; j++) b[j] *= rnd(a[j] * sigmoid(a[j]), g);
-    st8(y + i, b);
-  }
-  for (size_t i = n8 + id; i < n; i += stride) {
-    const float a = ld(g, i);
-    st(y, i, rnd(a * sigmoid(a), g) * ld(u, i));
-  }
-}
-
-// y = a + b (in f32, rounded once to T); as swiglu_fwd, 8 at a time.
-// candle's add goes 2 bytes a thread (~1.4 TB/s on an H200 in bf16).
-template <typename T> __device__ void add_vec(const T *a, const T *b, T *y, size_t n) {
+// y = f(a, b) element by element, in f32 rounded once to T; 8 elements a
+// thread where the addresses allow (16-byte accesses), the rest one at a
+// time. (candle's binary kernels go one element a thread: ~1.4 TB/s on an
+// H200 in bf16.)
+template <typename T, typename F> __device__ void map2(const T *a, const T *b, T *y, size_t n, F f) {
   const size_t n8 = aligned16(a) && aligned16(b) && aligned16(y) ? n & ~(size_t)7 : 0;
   const size_t id = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
   for (size_t i = 8 * id; i < n8; i += 8 * stride) {
     float x[8], z[8];
     ld8(a + i, x);
     ld8(b + i, z);
-    for (int j = 0; j < 8; j++) z[j] += x[j];
+    for (int j = 0; j < 8; j++) z[j] = f(x[j], z[j]);
     st8(y + i, z);
   }
-  for (size_t i = n8 + id; i < n; i += stride) st(y, i, ld(a, i) + ld(b, i));
+  for (size_t i = n8 + id; i < n; i += stride) st(y, i, f(ld(a, i), ld(b, i)));
+}
+
+// y = silu(g) * u (silu rounded to T, as the composition does).
+template <typename T> __device__ void swiglu_fwd(const T *g, const T *u, T *y, size_t n) {
+  map2(g, u, y, n, [g](float a, float b) { return b * rnd(a * sigmoid(a), g); });
+}
+
+// y = a + b.
+template <typename T> __device__ void add_vec(const T *a, const T *b, T *y, size_t n) {
+  map2(a, b, y, n, [](float x, float z) { return x + z; });
 }
 
 // dg = dy * u * silu'(g), du = dy * silu(g); as swiglu_fwd, 8 at a time.

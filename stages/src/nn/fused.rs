@@ -74,22 +74,21 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// kernel that moves 16 bytes a thread (the residual stream's adds);
 /// candle's add elsewhere.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if !usable(a) || a.dims() != b.dims() || a.dtype() != b.dtype() || !a.device().same_device(b.device()) {
+    if !add_takes(a, b) {
         return a + b;
     }
     dense(a)?.apply_op2(&dense(b)?, Add)
 }
 
+/// Whether [`add`]'s kernel takes `a` and `b`.
+fn add_takes(a: &Tensor, b: &Tensor) -> bool {
+    usable(a) && a.dims() == b.dims() && a.dtype() == b.dtype() && a.device().same_device(b.device())
+}
+
 /// The sum `GradStore::accumulate` uses (candle-core's pipe patch): [`add`]
 /// for two dense gradients it can take, `None` (candle's add) otherwise.
 fn grad_add(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
-    let fits = usable(a)
-        && a.dims() == b.dims()
-        && a.dtype() == b.dtype()
-        && a.device().same_device(b.device())
-        && a.is_contiguous()
-        && b.is_contiguous();
-    if !fits {
+    if !(add_takes(a, b) && a.is_contiguous() && b.is_contiguous()) {
         return Ok(None);
     }
     Ok(Some(a.apply_op2_no_bwd(b, &Add)?))
@@ -693,10 +692,17 @@ mod cuda {
     }
 
     pub(super) fn add(a: (&CudaStorage, &Layout), b: (&CudaStorage, &Layout)) -> Result<CudaStorage> {
-        by_dtype!(a.0.dtype(), add_t, a, b)
+        by_dtype!(a.0.dtype(), map2_t, "add_vec", a, b)
     }
 
-    fn add_t<T: CudaDType + DeviceRepr>(
+    pub(super) fn swiglu_fwd(g: (&CudaStorage, &Layout), u: (&CudaStorage, &Layout)) -> Result<CudaStorage> {
+        by_dtype!(g.0.dtype(), map2_t, "swiglu_fwd", g, u)
+    }
+
+    /// y = f(a, b) element by element through one of fused.cu's `map2`
+    /// kernels, `what` (add_vec, swiglu_fwd: `(a, b, y, n)`).
+    fn map2_t<T: CudaDType + DeviceRepr>(
+        what: &str,
         (as_, al): (&CudaStorage, &Layout),
         (bs, bl): (&CudaStorage, &Layout),
     ) -> Result<CudaStorage> {
@@ -705,35 +711,13 @@ mod cuda {
         let (a, b) = (view::<T>(as_, al)?, view::<T>(bs, bl)?);
         // SAFETY: the kernel writes every element.
         let mut y = unsafe { dev.alloc::<T>(n)? };
-        let f = func(&dev, MODULE, FUSED_PTX, "add_vec", as_.dtype())?;
+        let f = func(&dev, MODULE, FUSED_PTX, what, as_.dtype())?;
         let stream = dev.cuda_stream();
         let mut lb = stream.launch_builder(&f);
         lb.arg(&a).arg(&b).arg(&mut y).arg(&n);
-        // SAFETY: argument types and order match add_vec_* in kernels/fused.cu.
+        // SAFETY: argument types and order match add_vec_* and swiglu_fwd_*
+        // in kernels/fused.cu. Eight elements a thread.
         unsafe { lb.launch(grid(blocks(n.div_ceil(8)), 1, 256)) }.w()?;
-        Ok(CudaStorage::wrap_cuda_slice(y, dev))
-    }
-
-    pub(super) fn swiglu_fwd(g: (&CudaStorage, &Layout), u: (&CudaStorage, &Layout)) -> Result<CudaStorage> {
-        by_dtype!(g.0.dtype(), swiglu_fwd_t, g, u)
-    }
-
-    fn swiglu_fwd_t<T: CudaDType + DeviceRepr>(
-        (gs, gl): (&CudaStorage, &Layout),
-        (us, ul): (&CudaStorage, &Layout),
-    ) -> Result<CudaStorage> {
-        let dev = device(gs);
-        let n = gl.shape().elem_count();
-        let (g, u) = (view::<T>(gs, gl)?, view::<T>(us, ul)?);
-        // SAFETY: the kernel writes every element.
-        let mut y = unsafe { dev.alloc::<T>(n)? };
-        let f = func(&dev, MODULE, FUSED_PTX, "swiglu_fwd", gs.dtype())?;
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        b.arg(&g).arg(&u).arg(&mut y).arg(&n);
-        // SAFETY: argument types and order match swiglu_fwd_* in kernels/fused.cu.
-        // Eight elements a thread.
-        unsafe { b.launch(grid(blocks(n.div_ceil(8)), 1, 256)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev))
     }
 

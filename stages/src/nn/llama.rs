@@ -16,10 +16,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::nn::config::LlamaConfig;
+use crate::nn::fused::RowGather;
 use crate::nn::nf4::Nf4Tensor;
 use crate::nn::ops::{
     cross_entropy_sum, frozen_product, lm_head_cross_entropy, lora_linear, rms_norm, rope, FrozenWeight,
 };
+use crate::nn::{NnError, Result};
 
 /// Rows per chunk of the fused LM head + cross-entropy.
 const HEAD_CHUNK: usize = 128;
@@ -36,8 +38,6 @@ fn head_logits_per_chunk() -> usize {
             .unwrap_or(1 << 28)
     })
 }
-use crate::nn::fused::RowGather;
-use crate::nn::{NnError, Result};
 
 /// One parameter tensor.
 #[derive(Clone)]
