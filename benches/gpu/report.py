@@ -35,6 +35,7 @@ def main():
                 impl += " no-keep-pool" if r.get("keep_pool") is False else ""
                 impl += " no-tc" if r.get("tensor_cores") is False else ""
                 impl += f" head={r['head_logits']}" if r.get("head_logits") else ""
+                impl += f" bwd={r['attn_bwd']}" if r.get("attn_bwd") else ""
             tps = r["tokens_per_s"]
             mfu = ""
             if method == "full" and cfg in SHAPES:

@@ -14,7 +14,9 @@
 #      pipe (fused attention), then (unless TORCH=0) transformers eager and,
 #      with COMPILE=1, torch.compile; with NOTC=1 also pipe with PIPE_ATTENTION_TC=0 (bf16
 #      attention on CUDA cores); with HEADS="N ..." also pipe with
-#      PIPE_HEAD_LOGITS=N (logits per chunk of the LM head); with UNFUSED=1 also pipe with PIPE_FUSED_ATTENTION=0 and
+#      PIPE_HEAD_LOGITS=N (logits per chunk of the LM head); with VARS="K=V ..."
+#      also pipe with each assignment (e.g. PIPE_ATTN_BWD=split; "+" joins
+#      several: PIPE_ATTN_BWD=split+PIPE_HEAD_LOGITS=67108864); with UNFUSED=1 also pipe with PIPE_FUSED_ATTENTION=0 and
 #      PIPE_FUSED_KERNELS=0; with NOEVENTS=1 also pipe --no-events; with
 #      NOPOOL=1 also pipe with PIPE_KEEP_POOL=0 (the CUDA memory pool hands
 #      freed memory back at each synchronisation, the driver's default); when
@@ -75,6 +77,10 @@ run)
     if [ "${NOTC:-0}" = 1 ]; then
       PIPE_ATTENTION_TC=0 ./train_bench "${common[@]}" --docs "${docs:-1}" 2>>"$OUT/stderr.txt" | tee -a "$J" || true
     fi
+    # VARS="PIPE_ATTN_BWD=split A=1+B=2 ...": pipe again with each environment assignment ("+" joins several).
+    for kv in ${VARS:-}; do
+      env ${kv//+/ } ./train_bench "${common[@]}" --docs "${docs:-1}" 2>>"$OUT/stderr.txt" | tee -a "$J" || true
+    done
     # HEADS="268435456 ...": pipe again with PIPE_HEAD_LOGITS (logits per chunk of the LM head's loss).
     for hl in ${HEADS:-}; do
       PIPE_HEAD_LOGITS=$hl ./train_bench "${common[@]}" --docs "${docs:-1}" 2>>"$OUT/stderr.txt" | tee -a "$J" || true

@@ -123,6 +123,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "fused_attention": pipe_stages::nn::flash::usable(&Tensor::zeros((1, 1, cfg.head_dim()), dtype, &device)?),
         "tensor_cores": std::env::var("PIPE_ATTENTION_TC").map_or(true, |v| v != "0"),
         "head_logits": std::env::var("PIPE_HEAD_LOGITS").ok(),
+        "attn_bwd": std::env::var("PIPE_ATTN_BWD").ok(),
         "trainable": n_train,
         "tokens_per_s": tokens as f64 / median(&step_s),
         "step_s": median(&step_s), "fwd_bwd_s": median(&fb_s), "optimizer_s": median(&opt_s),
@@ -234,13 +235,12 @@ fn profile(model: &Llama, rows: &[Row], device: &Device) -> pipe_stages::nn::Res
                 Ok(pipe_stages::nn::flash::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &tiles, s)?)
             })?,
         );
-        put(
-            "attn_fwd_bwd_ms",
-            time_ms(device, reps, || {
-                let o = pipe_stages::nn::flash::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &tiles, s)?;
-                Ok(ops::backward_from(&o, &dq)?)
-            })?,
-        );
+        for (name, split) in [("attn_fwd_bwd_ms", false), ("attn_fwd_bwd_split_ms", true)] {
+            let attn = || {
+                pipe_stages::nn::flash::attention_with(q.as_tensor(), k.as_tensor(), v.as_tensor(), &tiles, s, split)
+            };
+            put(name, time_ms(device, reps, || Ok(ops::backward_from(&attn()?, &dq)?))?);
+        }
     }
     put("block_fwd_ms", time_ms(device, reps, || model.block(0, x.as_tensor(), &b, fx))?);
     put(

@@ -5,6 +5,13 @@
 //
 // A block has 4 warps and takes a tile of 64 rows (queries for the forward
 // and dQ kernels, keys for dK/dV) of one head; each warp owns 16 of them.
+// The backward pass is one kernel by default (attn_tc_bwd_*, FlashAttention-2's
+// scheme): 8 warps take 128 keys of one query head, walk its queries, and
+// compute the scores, P, dP and dS once for all three gradients; dQ (from
+// every key tile), dK and dV (from every query head of a group) are summed
+// in f32 with 16-byte reductions and turned to bf16 by attn_tc_finish. The
+// split pair (dQ; dK and dV, each recomputing the scores and dP) stays for
+// comparison (PIPE_ATTN_BWD=split).
 // Tiles of K, V, Q, dO are staged in shared memory as bf16 rows of D
 // values padded to D + 8 (16-byte aligned rows, conflict-free ldmatrix).
 // The tiles a loop walks through are double-buffered: `cp.async` copies
@@ -91,6 +98,20 @@ __device__ __forceinline__ void c_to_a(uint32_t *a, const float (*c)[4], int j) 
 template <int NJ> __device__ __forceinline__ void zero(float (*acc)[4]) {
 #pragma unroll
   for (int j = 0; j < NJ; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+}
+
+// *p += (a, b, c, d): one vector reduction on sm_90 (p 16-byte aligned),
+// four before.
+__device__ __forceinline__ void red_add4(float *p, float a, float b, float c, float d) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(a), "f"(b), "f"(c), "f"(d)
+               : "memory");
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+  atomicAdd(p + 2, c);
+  atomicAdd(p + 3, d);
+#endif
 }
 
 // acc (16 x 8*NJ) = A (rows r0.. of `a`, D columns) * B^T where B's rows
@@ -348,33 +369,101 @@ __device__ void bwd_dq(const bf16 *__restrict__ q, const bf16 *__restrict__ k, c
   store_rows<D>(dq, acc, i0, i1, q1, hq, h, scale, scale, tg);
 }
 
+// dst (f32, (N, heads, D)), head `head` += a warp's 16 x 8 NC tile of C
+// fragments (this lane's rows r0 (halves 0, 1) and r0 + 8 (2, 3), columns
+// c0 + 8 nt + 2 tg..), rows below `end`: lanes 2u and 2u + 1 swap halves,
+// the even one then holding 4 columns of row r0, the odd one the same 4 of
+// r0 + 8, one 16-byte reduction each.
+template <int D, int NC>
+__device__ __forceinline__ void red_tile(float *__restrict__ dst, const float (*acc)[4], int r0, int c0, int end,
+                                         int heads, int head, int tg) {
+  const bool odd = tg & 1;
+  const int row = r0 + (odd ? 8 : 0);
+#pragma unroll
+  for (int nt = 0; nt < NC; nt++) {
+    const float x = __shfl_xor_sync(0xffffffffu, odd ? acc[nt][0] : acc[nt][2], 1);
+    const float y = __shfl_xor_sync(0xffffffffu, odd ? acc[nt][1] : acc[nt][3], 1);
+    float *p = dst + ((size_t)row * heads + head) * D + c0 + nt * 8 + 4 * (tg >> 1);
+    if (row < end) {
+      if (odd)
+        red_add4(p, x, y, acc[nt][2], acc[nt][3]);
+      else
+        red_add4(p, acc[nt][0], acc[nt][1], x, y);
+    }
+  }
+}
+
+// dQ_acc (BQ rows from qb of head h, f32, (N, heads, D)) += dS K over the
+// KB keys of this block, dS^T (keys x queries, bf16, BQ + 8 a row) in
+// shared memory: each of the KB / 16 warps takes 16 query rows and a share
+// of the columns, summed into global memory with vector reductions.
+template <int D, int BQ, int KB>
+__device__ __forceinline__ void dq_from_ds(float *__restrict__ dq_acc, const bf16 *dss, const bf16 *kss, int qb,
+                                           int e, int hq, int h, int w, int lane) {
+  constexpr int S = D + 8, SQ = BQ + 8, RG = BQ / 16, NC = D / (KB / 16 / RG) / 8;
+  const int m0 = (w % RG) * 16, n0 = (w / RG) * NC * 8, gr = lane >> 2, tg = lane & 3;
+  float acc[NC][4];
+  zero<NC>(acc);
+#pragma unroll
+  for (int kk = 0; kk < KB / 16; kk++) {
+    // dS rows m0.. (queries), columns 16kk.. (keys) from the [key][query]
+    // tile: ldmatrix.trans of matrices (keys +0/+8) x (queries +0/+8).
+    uint32_t fa[4];
+    const int mi = lane >> 3, r = lane & 7;
+    ldm4t(fa, dss + (kk * 16 + r + (mi >> 1) * 8) * SQ + m0 + (mi & 1) * 8);
+#pragma unroll
+    for (int nt = 0; nt < NC; nt += 2) {
+      uint32_t fb[4];
+      frag_b_kn<S>(fb, kss, kk * 16, n0 + nt * 8, lane);
+      mma(acc[nt], fa, fb[0], fb[1]);
+      mma(acc[nt + 1], fa, fb[2], fb[3]);
+    }
+  }
+  red_tile<D, NC>(dq_acc, acc, qb + m0 + gr, n0, e, hq, h, tg);
+}
+
 // dV_j = sum_i P_ij dO_i, dK_j = scale * sum_i dS_ij Q_i over the query
 // heads of this key/value head and the queries i >= j of its sequence, BQ
-// at a time. Shared memory: K, V tiles (64 rows), then two buffers of Q,
-// dO tiles (BQ rows) and their BQ log-sum-exps and deltas.
-template <int D, int BQ>
+// at a time, for KB keys (KB / 16 warps, 16 keys each). Shared memory: K,
+// V tiles (KB rows), then two buffers of Q, dO tiles (BQ rows) and their
+// BQ log-sum-exps and deltas. Blocks follow the 64-row tiles; with KB =
+// 128 a block takes its tile and the next of the sequence, and the block
+// of that next tile has nothing to do.
+//
+// With DQ (the fused backward pass) a block takes one query head (grid y),
+// not a key/value head's group, and sums into f32 buffers zeroed by the
+// caller, unscaled: dQ_acc += dS K (see dq_from_ds, through a dS^T tile
+// after the buffers), dK_acc, dV_acc += this head's share. The scores and
+// dP are computed once for the three gradients, and the grid has a block
+// per query head (more blocks for grouped-query attention).
+template <int D, int BQ, int KB, bool DQ>
 __device__ void bwd_dkv(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                         const bf16 *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ delta,
-                        bf16 *__restrict__ dk, bf16 *__restrict__ dv, const int *__restrict__ tiles, int n, int hq,
-                        int hkv, float sl2, float scale) {
-  constexpr int S = D + 8, NT = D / 8, NJ = BQ / 8, TQ = BQ * S;
+                        bf16 *__restrict__ dk, bf16 *__restrict__ dv, float *__restrict__ dq_acc,
+                        float *__restrict__ dk_acc, float *__restrict__ dv_acc, const int *__restrict__ tiles, int n,
+                        int hq, int hkv, float sl2, float scale) {
+  constexpr int S = D + 8, NT = D / 8, NJ = BQ / 8, TQ = BQ * S, SQ = BQ + 8;
   // One buffer: Q, dO tiles, BQ log-sum-exps, BQ deltas.
   constexpr int QB = 2 * TQ * 2 + 2 * BQ * 4;
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16 *kss = reinterpret_cast<bf16 *>(smem), *vss = kss + BR * S;
-  unsigned char *qbuf = reinterpret_cast<unsigned char *>(vss + BR * S);
-  const int t = blockIdx.x, g = blockIdx.y, rep = hq / hkv;
-  const int j0 = tiles[4 * t], j1 = tiles[4 * t + 1], e = tiles[4 * t + 3];
+  bf16 *kss = reinterpret_cast<bf16 *>(smem), *vss = kss + KB * S;
+  unsigned char *qbuf = reinterpret_cast<unsigned char *>(vss + KB * S);
+  bf16 *dss = reinterpret_cast<bf16 *>(qbuf + 2 * QB);
+  const int t = blockIdx.x, rep = hq / hkv, g = DQ ? blockIdx.y / rep : blockIdx.y;
+  const int h0 = DQ ? blockIdx.y : g * rep; // the first query head of the loop
+  const int j0 = tiles[4 * t], e = tiles[4 * t + 3];
+  if ((j0 - tiles[4 * t + 2]) % KB) return; // (KB > 64) the block before takes these keys
+  const int j1 = min(j0 + KB, e);
   const int w = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane >> 2, tg = lane & 3;
   const int r0 = j0 + w * 16 + gr, r1 = r0 + 8; // this thread's key rows
   const bool al = aligned16(q) && aligned16(k) && aligned16(v) && aligned16(dout);
-  // Query tiles per query head; iteration `it` is head it / per, tile it % per.
-  const int per = (e - j0 + BQ - 1) / BQ, total = rep * per;
+  // Query tiles per query head; iteration `it` is head h0 + it / per, tile it % per.
+  const int per = (e - j0 + BQ - 1) / BQ, total = (DQ ? 1 : rep) * per;
   auto issue = [&](int it) {
     unsigned char *b = qbuf + (it & 1) * QB;
     bf16 *qs = reinterpret_cast<bf16 *>(b), *dos = qs + TQ;
     float *ls = reinterpret_cast<float *>(dos + TQ), *dd = ls + BQ;
-    const int h = g * rep + it / per, qb = j0 + (it % per) * BQ;
+    const int h = h0 + it / per, qb = j0 + (it % per) * BQ;
     stage<D>(qs, q, qb, BQ, e, hq, h, al);
     stage<D>(dos, dout, qb, BQ, e, hq, h, al);
     for (int r = threadIdx.x; r < BQ; r += blockDim.x) {
@@ -383,8 +472,8 @@ __device__ void bwd_dkv(const bf16 *__restrict__ q, const bf16 *__restrict__ k, 
       cp4(dd + r, in ? delta + (size_t)(qb + r) * hq + h : delta, in);
     }
   };
-  stage<D>(kss, k, j0, BR, j1, hkv, g, al);
-  stage<D>(vss, v, j0, BR, j1, hkv, g, al);
+  stage<D>(kss, k, j0, KB, j1, hkv, g, al);
+  stage<D>(vss, v, j0, KB, j1, hkv, g, al);
   issue(0);
   cp_commit();
   float dka[NT][4], dva[NT][4];
@@ -424,7 +513,21 @@ __device__ void bwd_dkv(const bf16 *__restrict__ q, const bf16 *__restrict__ k, 
         st[j][2 + x] *= dpt[j][2 + x] - dd[c];
       }
     mm_cb<D, NJ / 2>(dka, st, qs, lane);
-    __syncthreads(); // this buffer is consumed before the next iteration refills it
+    if (DQ) {
+#pragma unroll
+      for (int j = 0; j < NJ; j++) {
+        *reinterpret_cast<uint32_t *>(dss + (w * 16 + gr) * SQ + j * 8 + 2 * tg) = pack(st[j][0], st[j][1]);
+        *reinterpret_cast<uint32_t *>(dss + (w * 16 + gr + 8) * SQ + j * 8 + 2 * tg) = pack(st[j][2], st[j][3]);
+      }
+      __syncthreads();
+      dq_from_ds<D, BQ, KB>(dq_acc, dss, kss, qb, e, hq, h0, w, lane);
+    }
+    __syncthreads(); // this buffer (and dS^T) is consumed before the next iteration refills it
+  }
+  if (DQ) {
+    red_tile<D, NT>(dk_acc, dka, r0, 0, j1, hkv, g, tg);
+    red_tile<D, NT>(dv_acc, dva, r0, 0, j1, hkv, g, tg);
+    return;
   }
   store_rows<D>(dk, dka, r0, r1, j1, hkv, g, scale, scale, tg);
   store_rows<D>(dv, dva, r0, r1, j1, hkv, g, 1.f, 1.f, tg);
@@ -466,7 +569,15 @@ __device__ void delta_rows(const bf16 *__restrict__ o, const bf16 *__restrict__ 
       attn_tc_bwd_dkv_##D##_bf16(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,   \
                                  const float *delta, bf16 *dk, bf16 *dv, const int *tiles, int n, int hq, int hkv,   \
                                  float sl2, float scale) {                                                           \
-    bwd_dkv<D, BQ>(q, k, v, dout, lse, delta, dk, dv, tiles, n, hq, hkv, sl2, scale);                                \
+    bwd_dkv<D, BQ, 64, false>(q, k, v, dout, lse, delta, dk, dv, nullptr, nullptr, nullptr, tiles, n, hq, hkv, sl2,  \
+                              scale);                                                                                \
+  }                                                                                                                  \
+  extern "C" __global__ void __launch_bounds__(256)                                                                  \
+      attn_tc_bwd_##D##_bf16(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,       \
+                             const float *delta, float *dq_acc, float *dk_acc, float *dv_acc, const int *tiles,      \
+                             int n, int hq, int hkv, float sl2, float scale) {                                       \
+    bwd_dkv<D, BQ, 128, true>(q, k, v, dout, lse, delta, nullptr, nullptr, dq_acc, dk_acc, dv_acc, tiles, n, hq, hkv, \
+                              sl2, scale);                                                                           \
   }                                                                                                                  \
   extern "C" __global__ void attn_tc_delta_##D##_bf16(const bf16 *o, const bf16 *dout, float *delta, int rows) {     \
     delta_rows<D>(o, dout, delta, rows);                                                                             \
@@ -474,3 +585,26 @@ __device__ void delta_rows(const bf16 *__restrict__ o, const bf16 *__restrict__ 
 
 INSTANTIATE(64, 64)
 INSTANTIATE(128, 32)
+
+// The fused backward pass's sums to bf16, 8 values a thread: dq = scale *
+// dq_acc (nq values), dk = scale * dk_acc and dv = dv_acc (nk values each;
+// nk <= nq); nq and nk multiples of 8, every buffer 16-byte aligned.
+extern "C" __global__ void attn_tc_finish_bf16(const float *dq_acc, bf16 *dq, size_t nq, const float *dk_acc,
+                                               bf16 *dk, const float *dv_acc, bf16 *dv, size_t nk, float scale) {
+  const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+  float a[8];
+  if (i < nq) {
+    ld8(dq_acc + i, a);
+#pragma unroll
+    for (int j = 0; j < 8; j++) a[j] *= scale;
+    st8(dq + i, a);
+  }
+  if (i < nk) {
+    ld8(dk_acc + i, a);
+#pragma unroll
+    for (int j = 0; j < 8; j++) a[j] *= scale;
+    st8(dk + i, a);
+    ld8(dv_acc + i, a);
+    st8(dv + i, a);
+  }
+}

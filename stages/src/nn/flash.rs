@@ -6,8 +6,9 @@
 //! attention is native (a key/value head serves its query heads without
 //! copies). f32 or bf16 storage, f32 arithmetic; head dims 64 and 128.
 //! bf16 runs on tensor cores (kernels/attn_tc.cu: `mma.sync` bf16 products
-//! with f32 accumulation; `PIPE_ATTENTION_TC=0` falls back), f32 on CUDA
-//! cores (kernels/attn.cu).
+//! with f32 accumulation, the backward pass one kernel summing dQ, dK and dV
+//! in f32; `PIPE_ATTENTION_TC=0` falls back), f32 on CUDA cores
+//! (kernels/attn.cu).
 //!
 //! [`usable`] says whether a call can take this path; elsewhere (the CPU,
 //! f64, other head dims) the caller uses the plain composition, which the
@@ -64,6 +65,20 @@ pub fn tiles(seqs: &[(usize, usize)], hd: usize, dt: DType) -> Vec<u32> {
 /// u32 tensor on the same device) describes; `scale` multiplies the scores. Returns (N, Hq, D).
 /// Differentiable in q, k and v.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, tiles: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_with(q, k, v, tiles, scale, split_backward())
+}
+
+/// Whether the tensor-core backward pass runs as two kernels (dQ; dK and
+/// dV), each recomputing the scores and dP, instead of one that computes
+/// them once and sums dQ in f32 (`PIPE_ATTN_BWD=split`; the fused kernel
+/// is the default).
+fn split_backward() -> bool {
+    std::env::var_os("PIPE_ATTN_BWD").is_some_and(|v| v == "split")
+}
+
+/// [`attention`] with the backward pass's kernels chosen (`split`: see
+/// [`split_backward`]).
+pub fn attention_with(q: &Tensor, k: &Tensor, v: &Tensor, tiles: &Tensor, scale: f64, split: bool) -> Result<Tensor> {
     let (n, hq, d) = q.dims3()?;
     let (nk, hkv, dk) = k.dims3()?;
     if nk != n || dk != d || v.dims() != k.dims() || hkv == 0 || hq % hkv != 0 || tiles.dtype() != DType::U32 {
@@ -79,7 +94,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, tiles: &Tensor, scale: f64)
     q.apply_op3(
         &k,
         &v,
-        Attn { tiles: super::ops::dense(tiles)?, scale: scale as f32, lse: std::sync::Mutex::new(None) },
+        Attn { tiles: super::ops::dense(tiles)?, scale: scale as f32, split, lse: std::sync::Mutex::new(None) },
     )
 }
 
@@ -87,6 +102,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, tiles: &Tensor, scale: f64)
 struct Attn {
     tiles: Tensor,
     scale: f32,
+    /// Two backward kernels instead of one (tensor cores).
+    split: bool,
     /// (Hq, N) f32, log2-sum-exp2 of the scaled scores: from the forward
     /// pass, for the backward pass.
     lse: std::sync::Mutex<Option<Tensor>>,
@@ -214,14 +231,18 @@ mod cuda {
         }
         let f = func(dev, "pipe_attn_tc", ATTN_TC_PTX, &format!("attn_tc_{what}_{d}"), dt)?;
         // Padded bf16 tiles of d + 8 (attn_tc.cu): forward two buffers of
-        // K, V; dQ Q, dO and two buffers of K, V; dK/dV K, V (64 rows) and
-        // two buffers of Q, dO (bq rows) + bq lse and delta.
+        // K, V; dQ Q, dO and two buffers of K, V; dK/dV K, V (kb rows: 64,
+        // 128 for the fused backward) and two buffers of Q, dO (bq rows) +
+        // bq lse and delta, and for the fused backward a (kb, bq + 8) tile
+        // of dS^T.
         let row = (d + 8) * 2;
         let bq = if d == 128 { 32 } else { 64 };
+        let dkv = |kb: usize| 2 * kb * row + 2 * (2 * bq * row + 2 * bq * 4);
         let bytes = match what {
             "fwd" => 4 * 64 * row,
             "bwd_dq" => 6 * 64 * row,
-            _ => 2 * 64 * row + 2 * (2 * bq * row + 2 * bq * 4),
+            "bwd_dkv" => dkv(64),
+            _ => dkv(128) + 128 * (bq + 8) * 2,
         };
         f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32).w()?;
         Ok((f, bytes as u32))
@@ -330,6 +351,35 @@ mod cuda {
             let (ni, hqi, hkvi) = (n as i32, hq as i32, hkv as i32);
             let sl2 = op.scale * std::f32::consts::LOG2_E;
             let stream = dev.cuda_stream();
+            let wrap = |s| CudaStorage::wrap_cuda_slice(s, dev.clone());
+            if !op.split && super::tensor_cores(q.dtype()) {
+                // One kernel, a block per key tile and query head: dQ, dK and
+                // dV summed unscaled into f32; then all three to bf16.
+                let mut dq_acc = dev.alloc_zeros::<f32>(n * hq * d)?;
+                let mut dk_acc = dev.alloc_zeros::<f32>(n * hkv * d)?;
+                let mut dv_acc = dev.alloc_zeros::<f32>(n * hkv * d)?;
+                let (f, smem) = kernel(&dev, "bwd", q.dtype(), d)?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&dlv);
+                b.arg(&mut dq_acc).arg(&mut dk_acc).arg(&mut dv_acc);
+                b.arg(&tiles).arg(&ni).arg(&hqi).arg(&hkvi).arg(&sl2).arg(&op.scale);
+                // 128 keys a block, 16 a warp.
+                let lc =
+                    LaunchConfig { shared_mem_bytes: smem, ..crate::nn::kernels::grid(n_tiles(op), hq, 2 * THREADS) };
+                // SAFETY: argument types and order match attn_tc_bwd_* in kernels/attn_tc.cu;
+                // every block of the grid (one per 64-row tile and query head) exits or
+                // covers its keys.
+                unsafe { b.launch(lc) }.w()?;
+                let f = func(&dev, "pipe_attn_tc", ATTN_TC_PTX, "attn_tc_finish", q.dtype())?;
+                let (nq, nk) = (n * hq * d, n * hkv * d);
+                let mut b = stream.launch_builder(&f);
+                b.arg(&dq_acc).arg(&mut dq).arg(&nq).arg(&dk_acc).arg(&mut dk).arg(&dv_acc).arg(&mut dv);
+                b.arg(&nk).arg(&op.scale);
+                // SAFETY: argument types and order match attn_tc_finish_bf16; nq and nk are
+                // multiples of 8 (d is 64 or 128), nk <= nq, all buffers fresh allocations.
+                unsafe { b.launch(crate::nn::kernels::grid((nq / 8).div_ceil(256), 1, 256)) }.w()?;
+                return Ok((wrap(dq), wrap(dk), wrap(dv)));
+            }
             let (f, smem) = kernel(&dev, "bwd_dq", q.dtype(), d)?;
             let mut b = stream.launch_builder(&f);
             b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&dlv).arg(&mut dq).arg(&tiles);
@@ -342,7 +392,6 @@ mod cuda {
             b.arg(&ni).arg(&hqi).arg(&hkvi).arg(&sl2).arg(&op.scale);
             // SAFETY: argument types and order match attn_bwd_dkv_* in kernels/attn.cu.
             unsafe { b.launch(cfg(n_tiles(op), hkv, smem)) }.w()?;
-            let wrap = |s| CudaStorage::wrap_cuda_slice(s, dev.clone());
             Ok((wrap(dq), wrap(dk), wrap(dv)))
         })?;
         Ok((tensor(dq, q.shape().clone()), tensor(dk, k.shape().clone()), tensor(dv, v.shape().clone())))
@@ -409,7 +458,8 @@ mod tests {
     /// Forward and backward against the composition, on the GPU machine
     /// (skipped where there is no CUDA device): packed sequences of awkward
     /// lengths (1, a tile, a tile + 1, several tiles), grouped-query and
-    /// plain attention, head dims 64 and 128, f32 and bf16.
+    /// plain attention, head dims 64 and 128, f32 and bf16 (its backward
+    /// pass fused and split).
     #[test]
     fn fused_attention_matches_the_composition_on_cuda() -> Result<()> {
         let Some(dev) = crate::nn::tests::cuda_device()? else { return Ok(()) };
@@ -421,7 +471,8 @@ mod tests {
             let k = Tensor::randn(0f64, 1.0, (n, hkv, d), &Device::Cpu)?;
             let v = Tensor::randn(0f64, 1.0, (n, hkv, d), &Device::Cpu)?;
             let w = Tensor::randn(0f64, 1.0, (n, hq, d), &Device::Cpu)?;
-            for (dt, tol) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
+            // bf16 twice: the fused backward kernel and the split pair.
+            for (dt, tol, split) in [(DType::F32, 1e-4, false), (DType::BF16, 3e-2, false), (DType::BF16, 3e-2, true)] {
                 let on = |t: &Tensor| t.to_dtype(dt)?.to_device(&dev);
                 let (qg, kg, vg) =
                     (Var::from_tensor(&on(&q)?)?, Var::from_tensor(&on(&k)?)?, Var::from_tensor(&on(&v)?)?);
@@ -434,10 +485,10 @@ mod tests {
                 let tl = tiles(&seqs, d, dt);
                 let t = Tensor::from_vec(tl.clone(), tl.len(), &dev)?;
                 assert!(usable(&qg));
-                let got = attention(&qg, &kg, &vg, &t, scale)?;
+                let got = attention_with(&qg, &kg, &vg, &t, scale, split)?;
                 let wg = w.to_dtype(DType::F32)?.to_device(&dev)?;
                 let gg = (got.to_dtype(DType::F32)? * wg)?.sum_all()?.backward()?;
-                let what = format!("hq {hq} hkv {hkv} d {d} {dt:?}");
+                let what = format!("hq {hq} hkv {hkv} d {d} {dt:?} split {split}");
                 let e = rel_err(&got, &want)?;
                 assert!(e < tol, "{what}: output off by {e}");
                 for (name, a, b) in [("dq", &qg, &qr), ("dk", &kg, &kr), ("dv", &vg, &vr)] {
