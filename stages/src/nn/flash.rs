@@ -114,17 +114,7 @@ impl candle_core::CustomOp3 for Attn {
         "fused-varlen-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        crate::nn::fused::cuda_only(self.name())
-    }
+    crate::nn::fused::cpu_fwd_cuda_only!(op3);
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(

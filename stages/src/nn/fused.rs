@@ -5,11 +5,48 @@
 //! composition rounds) and which the CPU keeps using. [`usable`] says
 //! whether a tensor takes this path; `PIPE_FUSED_KERNELS=0` turns it off.
 
-use candle_core::{DType, Result, Shape, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use candle_core::backend::BackendStorage;
 
 use crate::nn::ops::{cpu_storage, cpu_tensor, dense};
+
+/// The error of a fused op asked to run off CUDA (the callers check
+/// [`usable`] / [`crate::nn::flash::usable`] first).
+pub(crate) fn cuda_only<T>(name: &str) -> Result<T> {
+    candle_core::bail!("{name}: the fused kernel runs on CUDA only")
+}
+
+/// The `cpu_fwd` of a candle custom op whose kernel runs on CUDA only: it
+/// fails with [`cuda_only`]. The argument names the trait: `op1`, `op2`,
+/// `op3` (`CustomOp1`-`3`), `inplace2`, `inplace3` (`InplaceOp2`, `3`).
+macro_rules! cpu_fwd_cuda_only {
+    (op1) => {
+        $crate::nn::fused::cpu_fwd_cuda_only!(@ (candle_core::CpuStorage, candle_core::Shape);
+            &candle_core::CpuStorage);
+    };
+    (op2) => {
+        $crate::nn::fused::cpu_fwd_cuda_only!(@ (candle_core::CpuStorage, candle_core::Shape);
+            &candle_core::CpuStorage, &candle_core::CpuStorage);
+    };
+    (op3) => {
+        $crate::nn::fused::cpu_fwd_cuda_only!(@ (candle_core::CpuStorage, candle_core::Shape);
+            &candle_core::CpuStorage, &candle_core::CpuStorage, &candle_core::CpuStorage);
+    };
+    (inplace2) => {
+        $crate::nn::fused::cpu_fwd_cuda_only!(@ (); &mut candle_core::CpuStorage, &candle_core::CpuStorage);
+    };
+    (inplace3) => {
+        $crate::nn::fused::cpu_fwd_cuda_only!(@ ();
+            &mut candle_core::CpuStorage, &candle_core::CpuStorage, &candle_core::CpuStorage);
+    };
+    (@ $ret:ty; $($arg:ty),+) => {
+        fn cpu_fwd(&self, $(_: $arg, _: &candle_core::Layout),+) -> candle_core::Result<$ret> {
+            $crate::nn::fused::cuda_only(self.name())
+        }
+    };
+}
+pub(crate) use cpu_fwd_cuda_only;
 
 /// Whether the fused kernels run for `x`: a CUDA build, a CUDA tensor, f32
 /// or bf16, and not turned off with `PIPE_FUSED_KERNELS=0`.
@@ -110,15 +147,7 @@ impl candle_core::CustomOp2 for Add {
         "fused-add"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        cuda_only(self.name())
-    }
+    cpu_fwd_cuda_only!(op2);
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -181,15 +210,7 @@ impl candle_core::InplaceOp2 for CeGrad {
         "fused-cross-entropy"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &mut candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> Result<()> {
-        cuda_only(self.name())
-    }
+    cpu_fwd_cuda_only!(inplace2);
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -283,24 +304,18 @@ impl candle_core::CustomOp1 for GatherRows {
         "gather-rows"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        cuda_only(self.name())
-    }
+    cpu_fwd_cuda_only!(op1);
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         ts: &candle_core::CudaStorage,
         tl: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
         let (_, d) = tl.shape().dims2()?;
         let n = self.ids.dim(0)?;
         let out = crate::nn::kernels::with(&[&self.ids], |s| cuda::gather_rows((ts, tl), s[0]))?;
-        Ok((out, Shape::from((n, d))))
+        Ok((out, candle_core::Shape::from((n, d))))
     }
 
     fn bwd(&self, table: &Tensor, _: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -322,15 +337,7 @@ impl candle_core::InplaceOp2 for SegmentAdd {
         "segment-add"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &mut candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> Result<()> {
-        cuda_only(self.name())
-    }
+    cpu_fwd_cuda_only!(inplace2);
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -352,12 +359,6 @@ struct RmsNorm {
 
 struct Rope;
 struct SwiGlu;
-
-/// The error of a fused op asked to run off CUDA (the callers check
-/// [`usable`] / [`crate::nn::flash::usable`] first).
-pub(crate) fn cuda_only<T>(name: &str) -> Result<T> {
-    candle_core::bail!("{name}: the fused kernel runs on CUDA only")
-}
 
 impl candle_core::CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
@@ -433,17 +434,7 @@ impl candle_core::CustomOp3 for Rope {
         "fused-rope"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        cuda_only(self.name())
-    }
+    cpu_fwd_cuda_only!(op3);
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(

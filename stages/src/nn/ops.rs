@@ -732,17 +732,7 @@ impl candle_core::InplaceOp3 for AddMatmul {
         "add-matmul"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &mut CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<()> {
-        crate::nn::fused::cuda_only(self.name())
-    }
+    crate::nn::fused::cpu_fwd_cuda_only!(inplace3);
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(

@@ -734,11 +734,12 @@ impl GradStore {
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
-                let sum = match ACCUMULATE_ADD.get() {
-                    Some(f) => match f(entry.get(), grad)? {
-                        Some(sum) => sum,
-                        None => entry.get().add(grad)?,
-                    },
+                let fast = match ACCUMULATE_ADD.get() {
+                    Some(f) => f(entry.get(), grad)?,
+                    None => None,
+                };
+                let sum = match fast {
+                    Some(sum) => sum,
                     None => entry.get().add(grad)?,
                 };
                 *entry.get_mut() = sum;
