@@ -508,6 +508,17 @@ mod cpu_backward {
     use candle_core::{Result, Tensor, D};
 
     /// dx = rstd * (dn - xhat * mean(dn * xhat)), dn = dy * w, xhat = x * rstd.
+    /// Threads a row for the norm kernels (a block a row): one per 8 values
+    /// (their 16-byte path), in whole warps, at most 256, so that short rows
+    /// (576 for SmolLM2) leave no idle warps and an SM holds more rows.
+    fn norm_threads(h: usize) -> u32 {
+        if h % 8 == 0 {
+            (h / 8).next_multiple_of(32).clamp(32, 256) as u32
+        } else {
+            256
+        }
+    }
+
     pub fn rms_norm(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor) -> Result<Tensor> {
         let h = w.elem_count();
         let (x2, dy2, w) = (x.detach().reshape(((), h))?, dy.detach().reshape(((), h))?, w.detach());
@@ -587,8 +598,19 @@ mod cuda {
         let mut b = stream.launch_builder(&f);
         b.arg(&x).arg(&w).arg(&mut y).arg(&mut rstd).arg(&hi).arg(&eps);
         // SAFETY: argument types and order match rmsnorm_fwd_* in kernels/fused.cu.
-        unsafe { b.launch(grid(m, 1, 256)) }.w()?;
+        unsafe { b.launch(grid(m, 1, norm_threads(h))) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), tensor(CudaStorage::wrap_cuda_slice(rstd, dev), m)))
+    }
+
+    /// Threads a row for the norm kernels (a block a row): one per 8 values
+    /// (their 16-byte path), in whole warps, at most 256, so that short rows
+    /// (576 for SmolLM2) leave no idle warps and an SM holds more rows.
+    fn norm_threads(h: usize) -> u32 {
+        if h % 8 == 0 {
+            (h / 8).next_multiple_of(32).clamp(32, 256) as u32
+        } else {
+            256
+        }
     }
 
     pub fn rms_norm(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor) -> Result<Tensor> {
@@ -610,7 +632,7 @@ mod cuda {
             let mut b = stream.launch_builder(&f);
             b.arg(&xv).arg(&wv).arg(&dyv).arg(&rv).arg(&mut dx).arg(&hi);
             // SAFETY: argument types and order match rmsnorm_bwd_* in kernels/fused.cu.
-            unsafe { b.launch(grid(m, 1, 256)) }.w()?;
+            unsafe { b.launch(grid(m, 1, norm_threads(h))) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(dx, dev))
         })?;
         Ok(tensor(dx, x.shape().clone()))
@@ -672,8 +694,10 @@ mod cuda {
         let (ni, hi, di) = (n as i32, heads as i32, d as i32);
         let mut b = stream.launch_builder(&f);
         b.arg(&x).arg(&c).arg(&s).arg(&mut y).arg(&ni).arg(&hi).arg(&di).arg(&sign);
+        // A thread a pair, or 8 (d / 2 a multiple of 8: the kernel's 16-byte path).
+        let items = if (d / 2) % 8 == 0 { n * heads * d / 16 } else { n * heads * d / 2 };
         // SAFETY: argument types and order match rope_* in kernels/fused.cu.
-        unsafe { b.launch(grid(blocks(n * heads * d / 2), 1, 256)) }.w()?;
+        unsafe { b.launch(grid(blocks(items), 1, 256)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev))
     }
 
@@ -1072,17 +1096,20 @@ mod tests {
             let want = ops::rms_norm(xc.as_tensor(), wc.as_tensor(), 1e-5)?;
             let got = rms_norm(xg.as_tensor(), wg.as_tensor(), 1e-5)?;
             grads_match(&got, &want, &dy, &[("rms_norm dw, 600 rows", &wg, &wc)])?;
-            // RoPE (cos/sin of real angles)
-            let (xg, xc) = var(&[n, heads, d], -1.0)?;
-            let ang = Tensor::rand(0f64, 6.0, (n, d / 2), &cpu)?;
-            let (cos, sin) = (ang.cos()?, ang.sin()?);
-            let on = |t: &Tensor| t.to_dtype(dt)?.to_device(&dev);
-            let back = |t: &Tensor| t.to_dtype(dt)?.to_dtype(DType::F64);
-            let want = ops::rope(xc.as_tensor(), &back(&cos)?, &back(&sin)?)?;
-            let got = rope(xg.as_tensor(), &on(&cos)?, &on(&sin)?)?;
-            check("rope", &got, &want, tol)?;
-            let dy = Tensor::randn(0f64, 1.0, (n, heads, d), &cpu)?;
-            grads_match(&got, &want, &dy, &[("rope dx", &xg, &xc)])?;
+            // RoPE (cos/sin of real angles): head dim 64 goes 8 pairs a
+            // thread, 12 a pair at a time.
+            for d in [d, 12] {
+                let (xg, xc) = var(&[n, heads, d], -1.0)?;
+                let ang = Tensor::rand(0f64, 6.0, (n, d / 2), &cpu)?;
+                let (cos, sin) = (ang.cos()?, ang.sin()?);
+                let on = |t: &Tensor| t.to_dtype(dt)?.to_device(&dev);
+                let back = |t: &Tensor| t.to_dtype(dt)?.to_dtype(DType::F64);
+                let want = ops::rope(xc.as_tensor(), &back(&cos)?, &back(&sin)?)?;
+                let got = rope(xg.as_tensor(), &on(&cos)?, &on(&sin)?)?;
+                check(&format!("rope d {d}"), &got, &want, tol)?;
+                let dy = Tensor::randn(0f64, 1.0, (n, heads, d), &cpu)?;
+                grads_match(&got, &want, &dy, &[("rope dx", &xg, &xc)])?;
+            }
             // SwiGLU: 8 elements a thread, and (5 x 13) one at a time.
             for (r, c) in [(n, h), (5, 13)] {
                 let (gv, gc) = var(&[r, c], -3.0)?;
