@@ -321,7 +321,9 @@ mod imp {
         /// The pool's generation and per-layer key/value addresses.
         pool: (u64, Vec<(u64, u64)>, Vec<Tensor>),
         scratch_block: u32,
-        graphs: HashMap<usize, Graph>,
+        /// Keyed by the padded batch size and the switches' [`variant`]
+        /// at capture (tests change them between steps).
+        graphs: HashMap<(usize, Variant), Graph>,
         maxb: usize,
         /// The persistent step's per-layer weights and this pool's key and
         /// value addresses (decode.cu's `MegaLayer`, 11 addresses a layer),
@@ -537,16 +539,17 @@ mod imp {
             let len = inp.len();
             self.stream.memcpy_htod(&inp, &mut bufs.inp.slice_mut(..len)).w()?;
             if use_graph {
-                if !self.graphs.contains_key(&bucket) {
+                let key = (bucket, variant());
+                if !self.graphs.contains_key(&key) {
                     self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
                     let rec = self.record(m, bucket);
                     let g = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
                     rec?;
                     let g = g.w()?.ok_or_else(|| NnError::Other("decode graph: the capture was empty".into()))?;
                     g.upload().w()?;
-                    self.graphs.insert(bucket, Graph(g));
+                    self.graphs.insert(key, Graph(g));
                 }
-                self.graphs[&bucket].0.launch().w()?;
+                self.graphs[&key].0.launch().w()?;
             } else {
                 self.record(m, bucket)?;
             }
@@ -856,7 +859,7 @@ mod imp {
                 out.push((kind.to_string(), ms * 1e3 / (5 * reps) as f64));
             }
             // The whole step as replayed (the graph of this size).
-            if let Some(g) = self.graphs.get(&b) {
+            if let Some(g) = self.graphs.get(&(b, variant())) {
                 let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
                 let start = self.stream.record_event(flags).w()?;
                 for _ in 0..10 {
@@ -942,6 +945,13 @@ mod imp {
     /// run to run.
     fn mlp_fused() -> bool {
         switch(&super::MLP, || std::env::var("PIPE_DECODE_MLP").is_ok_and(|v| v == "1"))
+    }
+
+    /// What the switches that shape a recorded step read now.
+    type Variant = (bool, usize, bool, bool, bool);
+
+    fn variant() -> Variant {
+        (mega_on(), tc_from(), pdl_on(), attn_chunked(), mlp_fused())
     }
 
     /// A switch: this thread's test setting, else what `env` reads.
@@ -1147,12 +1157,10 @@ mod tests {
             super::PDL.with(|t| t.set(None));
             super::MEGA.with(|t| t.set(None));
             // The fused MLP (five-launch step) at batch sizes of one chunk
-            // and of several (70: chunks of 64), launched one by one (a
-            // graph is kept per padded size: those sizes have theirs), then
-            // through a graph of a size not captured before (40: 64).
+            // and of several (70: chunks of 64), through graphs and not.
             super::MEGA.with(|t| t.set(Some(false)));
             super::MLP.with(|t| t.set(Some(true)));
-            for (n, graphs) in [(1, false), (3, false), (20, false), (70, false), (40, true)] {
+            for (n, graphs) in [(1, true), (3, false), (20, true), (70, true)] {
                 check(&format!("batch {n} graphs {graphs} fused MLP"), n, 5, graphs, 0)?;
             }
             check("batch 2 fused MLP, long prompts", 2, 3, false, 300)?;
