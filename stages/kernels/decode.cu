@@ -36,10 +36,13 @@ struct Gemv {
   unsigned long long *best; // (B) argmax keys of the LM head (argmax_key)
   int B, K, N, nh, kv, hd, maxb;
   float eps;
+  float *out2;           // OUT_RESID: also the new residual here, when set
 };
 
 enum { IN_NORM = 0, IN_PLAIN = 1 };
-enum { OUT_QKV = 0, OUT_RESID = 1, OUT_SWIGLU = 2, OUT_LOGITS = 3 };
+// OUT_MLP: gate/up + SwiGLU + this tile's share of the down projection,
+// summed into the residual `out` (f32 reductions; see mma_proj).
+enum { OUT_QKV = 0, OUT_RESID = 1, OUT_SWIGLU = 2, OUT_LOGITS = 3, OUT_MLP = 4 };
 
 __device__ __forceinline__ void unpack8(const uint4 &u, float f[8]) {
   const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&u);
@@ -107,7 +110,7 @@ template <int OUT> __device__ __forceinline__ void rows(const Gemv &a, int u, co
     }
     r0 = w + (size_t)(h * a.hd + i) * K;
     r1 = w + (size_t)(h * a.hd + i + half) * K;
-  } else if (OUT == OUT_SWIGLU) {
+  } else if (OUT == OUT_SWIGLU || OUT == OUT_MLP) {
     r0 = a.w0 + (size_t)u * K;
     r1 = a.w1 + (size_t)u * K;
   } else {
@@ -122,7 +125,10 @@ template <int OUT>
 __device__ __forceinline__ void epilogue(const Gemv &a, int u, int b, float v0, float v1, unsigned p = 0,
                                          unsigned blk = 0) {
   if (OUT == OUT_RESID) {
-    a.out[(size_t)b * a.N + u] += v0;
+    const size_t i = (size_t)b * a.N + u;
+    const float r = a.out[i] + v0;
+    a.out[i] = r;
+    if (a.out2) a.out2[i] = r;
   } else if (OUT == OUT_LOGITS) {
     a.out[(size_t)b * a.N + u] = v0;
   } else if (OUT == OUT_SWIGLU) {
@@ -334,10 +340,32 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, unsigned i) {
   return ((unsigned long long)key << 32) | (0xffffffffu - i);
 }
 
+// *p += (a, b, c, d): one vector reduction (p 16-byte aligned).
+__device__ __forceinline__ void red_add4(float *p, float a, float b, float c, float d) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(a), "f"(b), "f"(c), "f"(d)
+               : "memory");
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+  atomicAdd(p + 2, c);
+  atomicAdd(p + 3, d);
+#endif
+}
+
 // Block (bx, by) of (nbx tile blocks, batch chunks of BT): it loads its
 // first tile's weights, waits (`wait`: for the kernel before, or a grid
 // barrier in the persistent step), stages its batch chunk once, then takes
 // tiles bx, bx + nbx, ...; blockDim.x / 32 warps split K. Shared memory: the staged rows, then the warps' partial sums.
+// OUT_MLP (gate/up, N = the intermediate size, K = the hidden size; w2 the
+// down projection, (K, N)): a tile's 8 SwiGLU values of each row stay in
+// shared memory (rounded to bf16, as the unfused kernels store them) and
+// are multiplied at once by the tile's 8 columns of w2 (copied to shared
+// memory with cp.async, the first tile's before the wait), each block
+// adding its (rows, K) share into `out` with 16-byte reductions: the down
+// projection needs no launch of its own. `out` must hold the residual
+// already (OUT_RESID's out2) and must not be `x`, which other blocks may
+// still be reading. Then the partial sums, 8 x K bf16 of w2, 8 x BT f32.
 // The LM head also keeps each row's running argmax (shared, then one
 // global atomicMax per block and row into a.best).
 template <int IN, int OUT, int BT, class Wait>
@@ -345,7 +373,7 @@ __device__ void mma_proj(const Gemv &a, int bx, int nbx, int by, Wait wait) {
   extern __shared__ __align__(16) unsigned char smem[];
   bf16 *xs = reinterpret_cast<bf16 *>(smem);
   constexpr int NT = BT / 8;
-  constexpr bool PAIR = OUT == OUT_QKV || OUT == OUT_SWIGLU;
+  constexpr bool PAIR = OUT == OUT_QKV || OUT == OUT_SWIGLU || OUT == OUT_MLP;
   constexpr int UNITS = PAIR ? 8 : 16;
   pdl_launch();
   const int SK = a.K + 8;
@@ -354,6 +382,14 @@ __device__ void mma_proj(const Gemv &a, int bx, int nbx, int by, Wait wait) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
   const int g = lane / 4, t = lane % 4;
   float *red = reinterpret_cast<float *>(smem + (((size_t)BT * SK * 2 + 15) / 16) * 16);
+  bf16 *sdown = reinterpret_cast<bf16 *>(red + nw * NT * 4 * 32);
+  float *sact = reinterpret_cast<float *>(sdown + (OUT == OUT_MLP ? 8 * a.K : 0));
+  // OUT_MLP: the 8 columns of w2 from unit tl * 8 on, a row of K 16 bytes.
+  auto copy_down = [&](int tl) {
+    for (int h = threadIdx.x; h < a.K; h += blockDim.x)
+      cp16(sdown + (size_t)h * 8, tl * 8 + 8 <= a.N ? a.w2 + (size_t)h * a.N + tl * 8 : a.w2, tl * 8 + 8 <= a.N);
+    cp_commit();
+  };
   __shared__ unsigned long long best[BT];
   if (OUT == OUT_LOGITS)
     for (int i = threadIdx.x; i < BT; i += blockDim.x) best[i] = 0ull;
@@ -396,12 +432,15 @@ __device__ void mma_proj(const Gemv &a, int bx, int nbx, int by, Wait wait) {
   if (tile < tiles) {
     tile_rows(tile, ra, rb);
     prefetch();
+    if (OUT == OUT_MLP) copy_down(tile);
   }
   wait();
   if (tile >= tiles) return;  // (a persistent kernel's block without a tile here)
   stage_rows<IN>(a, xs, SK, b0, nb, BT);
   __syncthreads();
   for (; tile < tiles; tile += nbx) {
+    if (OUT == OUT_MLP)
+      for (int i = threadIdx.x; i < 8 * BT; i += blockDim.x) sact[i] = 0.f;
     float acc[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
@@ -449,7 +488,10 @@ __device__ void mma_proj(const Gemv &a, int bx, int nbx, int by, Wait wait) {
         v0 += red[((w * NT + j) * 4 + e) * 32 + ln];
         v1 += red[((w * NT + j) * 4 + e + 2) * 32 + ln];
       }
-      if (PAIR) {
+      if (OUT == OUT_MLP) {
+        if (tile * 8 + gg < a.N)
+          sact[gg * BT + col] = __bfloat162float(__float2bfloat16(v0 / (1.f + __expf(-v0)) * v1));
+      } else if (PAIR) {
         const int u = tile * 8 + gg;
         if (u < a.N) epilogue<OUT>(a, u, b0 + col, v0, v1, spos[col], sblk[col]);
       } else {
@@ -465,6 +507,27 @@ __device__ void mma_proj(const Gemv &a, int bx, int nbx, int by, Wait wait) {
       }
     }
     __syncthreads();
+    if (OUT == OUT_MLP) {
+      // out[b0 + col, h..h+3] += w2[h..h+3, tile's 8] . act[tile's 8, col]
+      // (a tile past N has zero columns and zero values).
+      cp_wait<0>();
+      __syncthreads();
+      const int K4 = a.K / 4;
+      for (int i = threadIdx.x; i < K4 * nb; i += blockDim.x) {
+        const int col = i / K4, h = (i % K4) * 4;
+        float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+          float w[8];
+          unpack8(*reinterpret_cast<const uint4 *>(sdown + (size_t)(h + r) * 8), w);
+#pragma unroll
+          for (int uu = 0; uu < 8; uu++) s[r] = fmaf(w[uu], sact[uu * BT + col], s[r]);
+        }
+        red_add4(a.out + (size_t)(b0 + col) * a.K + h, s[0], s[1], s[2], s[3]);
+      }
+      __syncthreads();
+      if (tile + nbx < tiles) copy_down(tile + nbx);
+    }
   }
   if (OUT == OUT_LOGITS)
     for (int i = threadIdx.x; i < nb; i += blockDim.x) atomicMax(a.best + b0 + i, best[i]);
@@ -485,6 +548,7 @@ template <int IN, int OUT, int BT> __device__ void mma_kernel(const Gemv &a) {
 MMA(qkv, IN_NORM, OUT_QKV)
 MMA(o, IN_PLAIN, OUT_RESID)
 MMA(gateup, IN_NORM, OUT_SWIGLU)
+MMA(mlp, IN_NORM, OUT_MLP)
 MMA(down, IN_PLAIN, OUT_RESID)
 MMA(head, IN_NORM, OUT_LOGITS)
 

@@ -47,6 +47,8 @@ thread_local! {
     static TC_FROM: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
     /// Tests: this thread's `PIPE_DECODE_MEGA`.
     static MEGA: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// Tests: this thread's `PIPE_DECODE_MLP`.
+    static MLP: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// Tests: this thread's `PIPE_DECODE_ATTN` (`Some(true)`: chunked).
     static ATTN_CHUNKED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// Tests: attention splits per (row, kv head), at most [`imp`]'s `nsplit`.
@@ -190,6 +192,7 @@ mod imp {
         hd: i32,
         maxb: i32,
         eps: f32,
+        out2: u64,
     }
     // SAFETY: plain old data laid out as the kernels' C struct.
     unsafe impl DeviceRepr for Gemv {}
@@ -261,6 +264,8 @@ mod imp {
         inp: CudaSlice<u32>,
         best: CudaSlice<u64>,
         x: CudaSlice<f32>,
+        /// The other residual buffer of the fused MLP (layers alternate).
+        x2: CudaSlice<f32>,
         q: CudaSlice<f32>,
         po: CudaSlice<f32>,
         pml: CudaSlice<f32>,
@@ -282,6 +287,7 @@ mod imp {
         table: u64,
         best: u64,
         x: u64,
+        x2: u64,
         q: u64,
         po: u64,
         pml: u64,
@@ -315,7 +321,9 @@ mod imp {
         /// The pool's generation and per-layer key/value addresses.
         pool: (u64, Vec<(u64, u64)>, Vec<Tensor>),
         scratch_block: u32,
-        graphs: HashMap<usize, Graph>,
+        /// Keyed by the padded batch size and the switches' [`variant`]
+        /// at capture (tests change them between steps).
+        graphs: HashMap<(usize, Variant), Graph>,
         maxb: usize,
         /// The persistent step's per-layer weights and this pool's key and
         /// value addresses (decode.cu's `MegaLayer`, 11 addresses a layer),
@@ -401,7 +409,7 @@ mod imp {
                 .flat_map(|k| [1, 2, 4, 8, 16].map(|bt| format!("dec_{k}_{bt}")))
                 .collect();
             names.extend(
-                ["qkv", "o", "gateup", "down", "head"]
+                ["qkv", "o", "gateup", "down", "head", "mlp"]
                     .iter()
                     .flat_map(|k| [8, 16, 32, 64].map(|bt| format!("tc_{k}_{bt}"))),
             );
@@ -452,6 +460,7 @@ mod imp {
             let inp = s.alloc_zeros(cap * (2 + self.maxb)).w()?;
             let best = s.alloc_zeros(cap).w()?;
             let x = s.alloc_zeros(cap * c.hidden_size).w()?;
+            let x2 = s.alloc_zeros(cap * c.hidden_size).w()?;
             let q = s.alloc_zeros(cap * h * hd).w()?;
             let po = s.alloc_zeros(cap * h * nsplit * hd).w()?;
             let pml = s.alloc_zeros(cap * h * nsplit * 2).w()?;
@@ -467,6 +476,7 @@ mod imp {
                 table: base + 8 * cap as u64,
                 best: ptr(&best, s),
                 x: ptr(&x, s),
+                x2: ptr(&x2, s),
                 q: ptr(&q, s),
                 po: ptr(&po, s),
                 pml: ptr(&pml, s),
@@ -477,7 +487,7 @@ mod imp {
                 bar: ptr(&bar, s),
                 inv_freq: ptr(&self.inv_freq, s),
             };
-            Ok(Bufs { cap, inp, best, x, q, po, pml, ao, count, act, logits, bar, p })
+            Ok(Bufs { cap, inp, best, x, x2, q, po, pml, ao, count, act, logits, bar, p })
         }
 
         pub fn step(
@@ -529,16 +539,17 @@ mod imp {
             let len = inp.len();
             self.stream.memcpy_htod(&inp, &mut bufs.inp.slice_mut(..len)).w()?;
             if use_graph {
-                if !self.graphs.contains_key(&bucket) {
+                let key = (bucket, variant());
+                if !self.graphs.contains_key(&key) {
                     self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
                     let rec = self.record(m, bucket);
                     let g = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
                     rec?;
                     let g = g.w()?.ok_or_else(|| NnError::Other("decode graph: the capture was empty".into()))?;
                     g.upload().w()?;
-                    self.graphs.insert(bucket, Graph(g));
+                    self.graphs.insert(key, Graph(g));
                 }
-                self.graphs[&bucket].0.launch().w()?;
+                self.graphs[&key].0.launch().w()?;
             } else {
                 self.record(m, bucket)?;
             }
@@ -643,6 +654,11 @@ mod imp {
             }
             let (q, act) = (p.q, p.act);
             let layers = if only.is_some() { 1 } else { self.layers.len() };
+            // The fused MLP (gate/up, SwiGLU and down in one kernel) adds its
+            // blocks' shares into the other residual buffer, which the o
+            // kernel fills first: the layers alternate between the two.
+            let fuse = only.is_none() && b >= tc_from() && mlp_fused();
+            let (mut cur, mut alt) = (x, p.x2);
             for (li, lp) in self.layers.iter().enumerate().take(layers) {
                 let (kc, vc) = self.pool.1[li];
                 let qkv_units = (nh + 2 * kv) * hd / 2;
@@ -650,6 +666,7 @@ mod imp {
                     on("qkv"),
                     "qkv",
                     Gemv {
+                        x: cur,
                         norm: lp.ln1,
                         w0: lp.q,
                         w1: lp.k,
@@ -679,8 +696,16 @@ mod imp {
                     // heads a kv head); the shared memory is theirs.
                     unsafe { self.go(&name, c, &mut [arg(&at)], true) }?;
                 }
-                let o = Gemv { xin: p.ao, w0: lp.o, out: x, k: (nh * hd) as i32, n: hid as i32, ..base };
+                let out2 = if fuse { alt } else { 0 };
+                let o = Gemv { xin: p.ao, w0: lp.o, out: cur, out2, k: (nh * hd) as i32, n: hid as i32, ..base };
                 self.gemv_if(on("o"), "o", o)?;
+                if fuse {
+                    let (norm, w0, w1, w2) = (lp.ln2, lp.gate, lp.up, lp.down);
+                    let a = Gemv { x: cur, norm, w0, w1, w2, out: alt, k: hid as i32, n: inter as i32, ..base };
+                    self.mma("mlp", a)?;
+                    std::mem::swap(&mut cur, &mut alt);
+                    continue;
+                }
                 self.gemv_if(
                     on("gateup"),
                     "gateup",
@@ -696,7 +721,7 @@ mod imp {
             self.gemv_if(
                 on("head"),
                 "head",
-                Gemv { norm: self.norm, w0: self.head, out: logits, k: hid as i32, n: v as i32, ..base },
+                Gemv { x: cur, norm: self.norm, w0: self.head, out: logits, k: hid as i32, n: v as i32, ..base },
             )?;
             // The tensor-core head keeps the argmax itself.
             if on("argmax") && b < tc_from() {
@@ -834,7 +859,7 @@ mod imp {
                 out.push((kind.to_string(), ms * 1e3 / (5 * reps) as f64));
             }
             // The whole step as replayed (the graph of this size).
-            if let Some(g) = self.graphs.get(&b) {
+            if let Some(g) = self.graphs.get(&(b, variant())) {
                 let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
                 let start = self.stream.record_event(flags).w()?;
                 for _ in 0..10 {
@@ -879,19 +904,22 @@ mod imp {
         fn mma(&self, kind: &str, a: Gemv) -> Result<()> {
             let (b, k, n) = (a.b as usize, a.k as usize, a.n as usize);
             let row = (k + 8) * 2;
+            // The fused MLP's too: a tile's 8 columns of the down projection
+            // (k rows of 16 bytes) and 8 values a row.
+            let extra = |bt: usize| if kind == "mlp" { 8 * k * 2 + 8 * bt * 4 } else { 0 };
             let mut bt = b.next_power_of_two().clamp(8, 64);
-            while bt > 8 && bt * row + 8 * (bt / 8) * 512 > SMEM_CAP {
+            while bt > 8 && bt * row + 8 * (bt / 8) * 512 + extra(bt) > SMEM_CAP {
                 bt /= 2;
             }
-            if 8 * row + 8 * 512 > SMEM_CAP {
+            if 8 * row + 8 * 512 + extra(8) > SMEM_CAP {
                 return Err(NnError::Other(format!("decode graph: width {k} is too wide to stage")));
             }
             // 8 warps for long rows (K split 8 ways) and big chunks (8
             // warps staging); blocks loop over tiles from 16 rows up, so
             // that fewer blocks stage the chunk.
             let warps = if k.div_ceil(32) >= 32 || bt >= 32 { 8 } else { 4 };
-            let smem = (bt * row).next_multiple_of(16) + warps * (bt / 8) * 4 * 32 * 4;
-            let tiles = if matches!(kind, "qkv" | "gateup") { n.div_ceil(8) } else { n.div_ceil(16) };
+            let smem = (bt * row).next_multiple_of(16) + warps * (bt / 8) * 4 * 32 * 4 + extra(bt);
+            let tiles = if matches!(kind, "qkv" | "gateup" | "mlp") { n.div_ceil(8) } else { n.div_ceil(16) };
             // (The head's blocks also merge their argmax into one key per
             // row with a global atomic each: fewer blocks, less contention.)
             let blocks = if kind == "head" || bt > 8 { tiles.min(SMS * 256 / bt.max(32)) } else { tiles };
@@ -908,6 +936,22 @@ mod imp {
     /// the phases that run: decode.cu's `Mega::mask`.
     fn mega_on() -> bool {
         switch(&super::MEGA, || std::env::var("PIPE_DECODE_MEGA").is_ok_and(|v| v == "1"))
+    }
+
+    /// Gate/up, SwiGLU and the down projection as one kernel a layer
+    /// (`PIPE_DECODE_MLP=1`; off by default until measured): decode.cu's
+    /// `OUT_MLP`, the down projection's shares summed into the residual
+    /// with f32 reductions, so a step's sums vary in their last bits from
+    /// run to run.
+    fn mlp_fused() -> bool {
+        switch(&super::MLP, || std::env::var("PIPE_DECODE_MLP").is_ok_and(|v| v == "1"))
+    }
+
+    /// What the switches that shape a recorded step read now.
+    type Variant = (bool, usize, bool, bool, bool);
+
+    fn variant() -> Variant {
+        (mega_on(), tc_from(), pdl_on(), attn_chunked(), mlp_fused())
     }
 
     /// A switch: this thread's test setting, else what `env` reads.
@@ -1111,6 +1155,16 @@ mod tests {
             }
             super::TC_FROM.with(|t| t.set(None));
             super::PDL.with(|t| t.set(None));
+            super::MEGA.with(|t| t.set(None));
+            // The fused MLP (five-launch step) at batch sizes of one chunk
+            // and of several (70: chunks of 64), through graphs and not.
+            super::MEGA.with(|t| t.set(Some(false)));
+            super::MLP.with(|t| t.set(Some(true)));
+            for (n, graphs) in [(1, true), (3, false), (20, true), (70, true)] {
+                check(&format!("batch {n} graphs {graphs} fused MLP"), n, 5, graphs, 0)?;
+            }
+            check("batch 2 fused MLP, long prompts", 2, 3, false, 300)?;
+            super::MLP.with(|t| t.set(None));
             super::MEGA.with(|t| t.set(None));
             // The five-launch step's attention kinds on long prompts (314,
             // 351 and 388 positions and 3 steps: 2 chunks of 256 at head
