@@ -508,17 +508,6 @@ mod cpu_backward {
     use candle_core::{Result, Tensor, D};
 
     /// dx = rstd * (dn - xhat * mean(dn * xhat)), dn = dy * w, xhat = x * rstd.
-    /// Threads a row for the norm kernels (a block a row): one per 8 values
-    /// (their 16-byte path), in whole warps, at most 256, so that short rows
-    /// (576 for SmolLM2) leave no idle warps and an SM holds more rows.
-    fn norm_threads(h: usize) -> u32 {
-        if h % 8 == 0 {
-            (h / 8).next_multiple_of(32).clamp(32, 256) as u32
-        } else {
-            256
-        }
-    }
-
     pub fn rms_norm(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor) -> Result<Tensor> {
         let h = w.elem_count();
         let (x2, dy2, w) = (x.detach().reshape(((), h))?, dy.detach().reshape(((), h))?, w.detach());
