@@ -153,45 +153,45 @@ __device__ __forceinline__ void mm_cb(float (*acc)[4], const float (*p)[4], cons
   }
 }
 
-// Rows r0..r0+rows-1 of head `head` of `src` (N, heads, D) into a padded
-// tile, zeros from row `end` on: asynchronous 16-byte copies when `al`
-// (`src` 16-byte aligned: every row of a head then is), else one bf16 at
-// a time, synchronously.
+// Rows r0..r0+rows-1 of head `head` of `src` (rows `rs` values apart, heads
+// of D values) into a padded tile, zeros from row `end` on: asynchronous
+// 16-byte copies when `al` (`src` 16-byte aligned: every row of a head then
+// is, rs being a multiple of 8), else one bf16 at a time, synchronously.
 template <int D>
-__device__ __forceinline__ void stage(bf16 *sh, const bf16 *src, int r0, int rows, int end, int heads, int head,
+__device__ __forceinline__ void stage(bf16 *sh, const bf16 *src, int r0, int rows, int end, int rs, int head,
                                       bool al) {
   constexpr int S = D + 8, V = D / 8;
   if (al) {
     for (int idx = threadIdx.x; idx < rows * V; idx += blockDim.x) {
       const int r = idx / V, c = (idx % V) * 8, row = r0 + r;
       const bool in = row < end;
-      cp16(sh + r * S + c, in ? src + ((size_t)row * heads + head) * D + c : src, in);
+      cp16(sh + r * S + c, in ? src + (size_t)row * rs + head * D + c : src, in);
     }
     return;
   }
   const bf16 zero = __float2bfloat16(0.f);
   for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
     const int r = idx / D, c = idx % D, row = r0 + r;
-    sh[r * S + c] = row < end ? src[((size_t)row * heads + head) * D + c] : zero;
+    sh[r * S + c] = row < end ? src[(size_t)row * rs + head * D + c] : zero;
   }
 }
 
-// Tile `it` of a key loop (keys kb.. of kv head g, zeros from `end` on)
-// into the K, V pair `it & 1` of the two at `buf`.
+// Tile `it` of a key loop (keys kb.. of kv head g, zeros from `end` on;
+// rows kvs values apart) into the K, V pair `it & 1` of the two at `buf`.
 template <int D>
-__device__ __forceinline__ void stage_kv(bf16 *buf, const bf16 *k, const bf16 *v, int it, int kb, int end, int hkv,
+__device__ __forceinline__ void stage_kv(bf16 *buf, const bf16 *k, const bf16 *v, int it, int kb, int end, int kvs,
                                          int g, bool al) {
   constexpr int T = BR * (D + 8);
   bf16 *b = buf + (it & 1) * 2 * T;
-  stage<D>(b, k, kb, BR, end, hkv, g, al);
-  stage<D>(b + T, v, kb, BR, end, hkv, g, al);
+  stage<D>(b, k, kb, BR, end, kvs, g, al);
+  stage<D>(b + T, v, kb, BR, end, kvs, g, al);
 }
 
 // Start copying tile it + 1 of `nb` (if any), then wait for tile it.
 template <int D>
 __device__ __forceinline__ void next_kv(bf16 *buf, const bf16 *k, const bf16 *v, int it, int nb, int kb, int end,
-                                        int hkv, int g, bool al) {
-  if (it + 1 < nb) stage_kv<D>(buf, k, v, it + 1, kb + BR, end, hkv, g, al);
+                                        int kvs, int g, bool al) {
+  if (it + 1 < nb) stage_kv<D>(buf, k, v, it + 1, kb + BR, end, kvs, g, al);
   cp_commit();
   cp_wait<1>();
   __syncthreads();
@@ -241,7 +241,7 @@ template <int NJ> __device__ __forceinline__ void mask_keys(float (*s)[4], int k
 template <int D>
 __device__ void fwd(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                     bf16 *__restrict__ o, float *__restrict__ lse, const int *__restrict__ tiles, int n, int hq, int hkv,
-                    float sl2) {
+                    float sl2, int qs, int kvs) {
   constexpr int S = D + 8, NT = D / 8, T = BR * S;
   extern __shared__ __align__(16) unsigned char smem[];
   bf16 *buf = reinterpret_cast<bf16 *>(smem); // K0, V0, K1, V1
@@ -250,9 +250,9 @@ __device__ void fwd(const bf16 *__restrict__ q, const bf16 *__restrict__ k, cons
   const int w = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane >> 2, tg = lane & 3;
   const int i0 = q0 + w * 16 + gr, i1 = i0 + 8;
   const bool al = aligned16(q) && aligned16(k) && aligned16(v);
-  stage<D>(buf + 2 * T, q, q0, BR, q1, hq, h, al);
+  stage<D>(buf + 2 * T, q, q0, BR, q1, qs, h, al);
   cp_commit();
-  stage_kv<D>(buf, k, v, 0, s0, q1, hkv, g, al);
+  stage_kv<D>(buf, k, v, 0, s0, q1, kvs, g, al);
   cp_commit();
   cp_wait<1>();
   __syncthreads();
@@ -267,7 +267,7 @@ __device__ void fwd(const bf16 *__restrict__ q, const bf16 *__restrict__ k, cons
   for (int it = 0; it < nb; it++) {
     const int kb = s0 + it * BR;
     const bf16 *ks = buf + (it & 1) * 2 * T, *vs = ks + T;
-    next_kv<D>(buf, k, v, it, nb, kb, q1, hkv, g, al);
+    next_kv<D>(buf, k, v, it, nb, kb, q1, kvs, g, al);
     float sc[8][4];
     zero<8>(sc);
 #pragma unroll
@@ -329,19 +329,19 @@ template <int D>
 __device__ void bwd_dq(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                        const bf16 *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ delta,
                        bf16 *__restrict__ dq, const int *__restrict__ tiles, int n, int hq, int hkv, float sl2,
-                       float scale) {
+                       float scale, int qs, int kvs) {
   constexpr int S = D + 8, NT = D / 8, T = BR * S;
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16 *qs = reinterpret_cast<bf16 *>(smem), *dos = qs + T, *buf = dos + T;
+  bf16 *qsh = reinterpret_cast<bf16 *>(smem), *dos = qsh + T, *buf = dos + T;
   const int t = blockIdx.x, h = blockIdx.y, g = h / (hq / hkv);
   const int q0 = tiles[4 * t], q1 = tiles[4 * t + 1], s0 = tiles[4 * t + 2];
   const int w = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane >> 2, tg = lane & 3;
   const int i0 = q0 + w * 16 + gr, i1 = i0 + 8;
   const int c0 = min(i0, q1 - 1), c1 = min(i1, q1 - 1);
   const bool al = aligned16(q) && aligned16(k) && aligned16(v) && aligned16(dout);
-  stage<D>(qs, q, q0, BR, q1, hq, h, al);
-  stage<D>(dos, dout, q0, BR, q1, hq, h, al);
-  stage_kv<D>(buf, k, v, 0, s0, q1, hkv, g, al);
+  stage<D>(qsh, q, q0, BR, q1, qs, h, al);
+  stage<D>(dos, dout, q0, BR, q1, hq * D, h, al);
+  stage_kv<D>(buf, k, v, 0, s0, q1, kvs, g, al);
   cp_commit();
   const float lse0 = lse[(size_t)h * n + c0], lse1 = lse[(size_t)h * n + c1];
   const float dl0 = delta[(size_t)c0 * hq + h], dl1 = delta[(size_t)c1 * hq + h];
@@ -351,9 +351,9 @@ __device__ void bwd_dq(const bf16 *__restrict__ q, const bf16 *__restrict__ k, c
   for (int it = 0; it < nb; it++) {
     const int kb = s0 + it * BR;
     const bf16 *ks = buf + (it & 1) * 2 * T, *vs = ks + T;
-    next_kv<D>(buf, k, v, it, nb, kb, q1, hkv, g, al);
+    next_kv<D>(buf, k, v, it, nb, kb, q1, kvs, g, al);
     float sc[8][4], dp[8][4];
-    mm_abt<D, 8>(sc, qs, w * 16, ks, lane);
+    mm_abt<D, 8>(sc, qsh, w * 16, ks, lane);
     mm_abt<D, 8>(dp, dos, w * 16, vs, lane);
     if (kb + BR - 1 > q0 + w * 16) mask_keys<8>(sc, kb, i0, i1, tg);
 #pragma unroll
@@ -441,7 +441,7 @@ __device__ void bwd_dkv(const bf16 *__restrict__ q, const bf16 *__restrict__ k, 
                         const bf16 *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ delta,
                         bf16 *__restrict__ dk, bf16 *__restrict__ dv, float *__restrict__ dq_acc,
                         float *__restrict__ dk_acc, float *__restrict__ dv_acc, const int *__restrict__ tiles, int n,
-                        int hq, int hkv, float sl2, float scale) {
+                        int hq, int hkv, float sl2, float scale, int qrs, int kvs) {
   constexpr int S = D + 8, NT = D / 8, NJ = BQ / 8, TQ = BQ * S, SQ = BQ + 8;
   // One buffer: Q, dO tiles, BQ log-sum-exps, BQ deltas.
   constexpr int QB = 2 * TQ * 2 + 2 * BQ * 4;
@@ -464,16 +464,16 @@ __device__ void bwd_dkv(const bf16 *__restrict__ q, const bf16 *__restrict__ k, 
     bf16 *qs = reinterpret_cast<bf16 *>(b), *dos = qs + TQ;
     float *ls = reinterpret_cast<float *>(dos + TQ), *dd = ls + BQ;
     const int h = h0 + it / per, qb = j0 + (it % per) * BQ;
-    stage<D>(qs, q, qb, BQ, e, hq, h, al);
-    stage<D>(dos, dout, qb, BQ, e, hq, h, al);
+    stage<D>(qs, q, qb, BQ, e, qrs, h, al);
+    stage<D>(dos, dout, qb, BQ, e, hq * D, h, al);
     for (int r = threadIdx.x; r < BQ; r += blockDim.x) {
       const bool in = qb + r < e;
       cp4(ls + r, in ? lse + (size_t)h * n + qb + r : lse, in);
       cp4(dd + r, in ? delta + (size_t)(qb + r) * hq + h : delta, in);
     }
   };
-  stage<D>(kss, k, j0, KB, j1, hkv, g, al);
-  stage<D>(vss, v, j0, KB, j1, hkv, g, al);
+  stage<D>(kss, k, j0, KB, j1, kvs, g, al);
+  stage<D>(vss, v, j0, KB, j1, kvs, g, al);
   issue(0);
   cp_commit();
   float dka[NT][4], dva[NT][4];
@@ -556,28 +556,28 @@ __device__ void delta_rows(const bf16 *__restrict__ o, const bf16 *__restrict__ 
 #define INSTANTIATE(D, BQ)                                                                                           \
   extern "C" __global__ void __launch_bounds__(128)                                                                  \
       attn_tc_fwd_##D##_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, const int *tiles,     \
-                             int n, int hq, int hkv, float sl2) {                                                    \
-    fwd<D>(q, k, v, o, lse, tiles, n, hq, hkv, sl2);                                                                 \
+                             int n, int hq, int hkv, float sl2, int qs, int kvs) {                                   \
+    fwd<D>(q, k, v, o, lse, tiles, n, hq, hkv, sl2, qs, kvs);                                                        \
   }                                                                                                                  \
   extern "C" __global__ void __launch_bounds__(128)                                                                  \
       attn_tc_bwd_dq_##D##_bf16(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,    \
                                 const float *delta, bf16 *dq, const int *tiles, int n, int hq, int hkv, float sl2,  \
-                                float scale) {                                                                       \
-    bwd_dq<D>(q, k, v, dout, lse, delta, dq, tiles, n, hq, hkv, sl2, scale);                                         \
+                                float scale, int qs, int kvs) {                                                      \
+    bwd_dq<D>(q, k, v, dout, lse, delta, dq, tiles, n, hq, hkv, sl2, scale, qs, kvs);                                \
   }                                                                                                                  \
   extern "C" __global__ void __launch_bounds__(128)                                                                  \
       attn_tc_bwd_dkv_##D##_bf16(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,   \
                                  const float *delta, bf16 *dk, bf16 *dv, const int *tiles, int n, int hq, int hkv,   \
-                                 float sl2, float scale) {                                                           \
+                                 float sl2, float scale, int qs, int kvs) {                                          \
     bwd_dkv<D, BQ, 64, false>(q, k, v, dout, lse, delta, dk, dv, nullptr, nullptr, nullptr, tiles, n, hq, hkv, sl2,  \
-                              scale);                                                                                \
+                              scale, qs, kvs);                                                                       \
   }                                                                                                                  \
   extern "C" __global__ void __launch_bounds__(256)                                                                  \
       attn_tc_bwd_##D##_bf16(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,       \
                              const float *delta, float *dq_acc, float *dk_acc, float *dv_acc, const int *tiles,      \
-                             int n, int hq, int hkv, float sl2, float scale) {                                       \
+                             int n, int hq, int hkv, float sl2, float scale, int qs, int kvs) {                      \
     bwd_dkv<D, BQ, 128, true>(q, k, v, dout, lse, delta, nullptr, nullptr, dq_acc, dk_acc, dv_acc, tiles, n, hq, hkv, \
-                              sl2, scale);                                                                           \
+                              sl2, scale, qs, kvs);                                                                  \
   }                                                                                                                  \
   extern "C" __global__ void attn_tc_delta_##D##_bf16(const bf16 *o, const bf16 *dout, float *delta, int rows) {     \
     delta_rows<D>(o, dout, delta, rows);                                                                             \
@@ -607,4 +607,27 @@ extern "C" __global__ void attn_tc_finish_bf16(const float *dq_acc, bf16 *dq, si
     ld8(dv_acc + i, a);
     st8(dv + i, a);
   }
+}
+
+// The same into one packed (rows, qw + 2 kw) bf16 tensor: each row's dq
+// (qw = Hq D values), then dk and dv (kw = Hkv D each); qw, kw multiples
+// of 8, every buffer 16-byte aligned.
+extern "C" __global__ void attn_tc_finish_packed_bf16(const float *dq_acc, const float *dk_acc, const float *dv_acc,
+                                                      bf16 *out, size_t rows, int qw, int kw, float scale) {
+  const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 8, wd = (size_t)qw + 2 * kw;
+  if (i >= rows * wd) return;
+  const size_t r = i / wd;
+  const int c = (int)(i - r * wd);
+  float a[8], f = scale;
+  if (c < qw) {
+    ld8(dq_acc + r * qw + c, a);
+  } else if (c < qw + kw) {
+    ld8(dk_acc + r * kw + c - qw, a);
+  } else {
+    ld8(dv_acc + r * kw + c - qw - kw, a);
+    f = 1.f;
+  }
+#pragma unroll
+  for (int j = 0; j < 8; j++) a[j] *= f;
+  st8(out + i, a);
 }

@@ -107,12 +107,95 @@ __device__ void rmsnorm_dw(const T *x, const T *dy, const float *rstd, float *pa
   }
 }
 
-// Rotary embedding, rotate_half layout: x (n, heads, d), cos/sin (n, d/2).
-// sign = 1: forward; sign = -1: the backward (rotation by the opposite angle).
+// dx as rmsnorm_bwd and the weight's gradient as rmsnorm_dw's partial
+// column sums, in one pass over x and dy: a block walks rows blockIdx.x,
+// + gridDim.x, ..., into part row blockIdx.x (gridDim.x rows of h). Thread
+// t owns columns 8 (t + k blockDim.x) .. + 7 for k < CH (the host picks CH
+// with 8 CH blockDim.x >= h) and keeps their w and dw sums in registers;
+// 16-byte accesses where h % 8 == 0 and the addresses allow.
+template <typename T, int CH>
+__device__ void rmsnorm_bwd_dw(const T *x, const T *w, const T *dy, const float *rstd, T *dx, float *part, int m,
+                               int h) {
+  const bool vec = h % 8 == 0 && aligned16(x) && aligned16(w) && aligned16(dy) && aligned16(dx);
+  float wr[CH][8], acc[CH][8];
+  auto load = [&](const T *p, int c0, float *o) {
+    if (vec && c0 < h) {
+      ld8(p + c0, o);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; j++) o[j] = c0 + j < h ? ld(p, c0 + j) : 0.f;
+    }
+  };
+#pragma unroll
+  for (int k = 0; k < CH; k++) {
+    load(w, 8 * (threadIdx.x + k * blockDim.x), wr[k]);
+#pragma unroll
+    for (int j = 0; j < 8; j++) acc[k][j] = 0.f;
+  }
+  for (int row = blockIdx.x; row < m; row += gridDim.x) {
+    const float r = rstd[row];
+    const T *xr = x + (size_t)row * h, *dyr = dy + (size_t)row * h;
+    T *dxr = dx + (size_t)row * h;
+    float a[CH][8], d[CH][8], s = 0.f;
+#pragma unroll
+    for (int k = 0; k < CH; k++) {
+      const int c0 = 8 * (threadIdx.x + k * blockDim.x);
+      load(xr, c0, a[k]);
+      load(dyr, c0, d[k]);
+#pragma unroll
+      for (int j = 0; j < 8; j++) s += d[k][j] * wr[k][j] * a[k][j] * r;
+    }
+    s = block_sum(s) / h;
+#pragma unroll
+    for (int k = 0; k < CH; k++) {
+      const int c0 = 8 * (threadIdx.x + k * blockDim.x);
+      float o[8];
+#pragma unroll
+      for (int j = 0; j < 8; j++) {
+        o[j] = r * (d[k][j] * wr[k][j] - a[k][j] * r * s);
+        acc[k][j] += d[k][j] * rnd(a[k][j] * r, x);
+      }
+      if (vec && c0 < h) {
+        st8(dxr + c0, o);
+      } else {
+        for (int j = 0; j < 8 && c0 + j < h; j++) st(dxr, c0 + j, o[j]);
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < CH; k++) {
+    const int c0 = 8 * (threadIdx.x + k * blockDim.x);
+    float *o = part + (size_t)blockIdx.x * h + c0;
+    for (int j = 0; j < 8 && c0 + j < h; j++) o[j] = acc[k][j];
+  }
+}
+
+// out (h, in T) = the column sums of part (rows x h, f32), in a fixed order:
+// a block takes 32 columns with 8 row lanes, the lanes added in shared memory.
+template <typename T> __device__ void colsum(const float *part, T *out, int rows, int h) {
+  __shared__ float sh[8][33];
+  const int c = blockIdx.x * 32 + threadIdx.x % 32, lane = threadIdx.x / 32;
+  float s = 0.f;
+  if (c < h)
+    for (int r = lane; r < rows; r += 8) s += part[(size_t)r * h + c];
+  sh[lane][threadIdx.x % 32] = s;
+  __syncthreads();
+  if (lane == 0 && c < h) {
+    float t = 0.f;
+#pragma unroll
+    for (int l = 0; l < 8; l++) t += sh[l][threadIdx.x];
+    st(out, c, t);
+  }
+}
+
+// Rotary embedding, rotate_half layout: x (n, heads, d), cos/sin (n, d/2),
+// on heads 0..rot-1 of each row; the others are copied (the values of a
+// packed q, k, v projection). sign = 1: forward; sign = -1: the backward
+// (rotation by the opposite angle).
 // 8 pairs a thread (16-byte accesses) where d / 2 is a multiple of 8 and the
 // addresses allow, else a pair a thread; the same arithmetic either way.
 template <typename T>
-__device__ void rope(const T *x, const T *cs, const T *sn, T *y, int n, int heads, int d, float sign) {
+__device__ void rope(const T *x, const T *cs, const T *sn, T *y, int n, int heads, int d, float sign, int rot) {
   const int half = d / 2;
   if (half % 8 == 0 && (size_t)n * heads * (half / 8) < 0xffffffffull && aligned16(x) && aligned16(cs) &&
       aligned16(sn) && aligned16(y)) {
@@ -121,10 +204,15 @@ __device__ void rope(const T *x, const T *cs, const T *sn, T *y, int n, int head
       const unsigned nh = idx / hv, i = (idx - nh * hv) * 8, t = nh / heads;
       const size_t base = (size_t)nh * d + i;
       float c[8], sv[8], x1[8], x2[8];
-      ld8(cs + (size_t)t * half + i, c);
-      ld8(sn + (size_t)t * half + i, sv);
       ld8(x + base, x1);
       ld8(x + base + half, x2);
+      if ((int)(nh - t * heads) >= rot) {
+        st8(y + base, x1);
+        st8(y + base + half, x2);
+        continue;
+      }
+      ld8(cs + (size_t)t * half + i, c);
+      ld8(sn + (size_t)t * half + i, sv);
       float y1[8], y2[8];
 #pragma unroll
       for (int j = 0; j < 8; j++) {
@@ -141,8 +229,13 @@ __device__ void rope(const T *x, const T *cs, const T *sn, T *y, int n, int head
   for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
     const size_t i = idx % half, nh = idx / half, t = nh / heads;
     const size_t base = nh * d;
-    const float c = ld(cs, t * half + i), s = sign * ld(sn, t * half + i);
     const float x1 = ld(x, base + i), x2 = ld(x, base + half + i);
+    if ((int)(nh - t * heads) >= rot) {
+      st(y, base + i, x1);
+      st(y, base + half + i, x2);
+      continue;
+    }
+    const float c = ld(cs, t * half + i), s = sign * ld(sn, t * half + i);
     st(y, base + i, x1 * c - x2 * s);
     st(y, base + half + i, x2 * c + x1 * s);
   }
@@ -306,9 +399,24 @@ template <typename T> __device__ void segment_add(T *dt, const T *g, const uint3
                                              int h) {                                                               \
     rmsnorm_dw<T>(x, dy, rstd, part, m, h);                                                                         \
   }                                                                                                                 \
+  extern "C" __global__ void rmsnorm_bwd_dw1_##TN(const T *x, const T *w, const T *dy, const float *rstd, T *dx,   \
+                                                  float *part, int m, int h) {                                     \
+    rmsnorm_bwd_dw<T, 1>(x, w, dy, rstd, dx, part, m, h);                                                           \
+  }                                                                                                                 \
+  extern "C" __global__ void rmsnorm_bwd_dw2_##TN(const T *x, const T *w, const T *dy, const float *rstd, T *dx,   \
+                                                  float *part, int m, int h) {                                     \
+    rmsnorm_bwd_dw<T, 2>(x, w, dy, rstd, dx, part, m, h);                                                           \
+  }                                                                                                                 \
+  extern "C" __global__ void rmsnorm_bwd_dw4_##TN(const T *x, const T *w, const T *dy, const float *rstd, T *dx,   \
+                                                  float *part, int m, int h) {                                     \
+    rmsnorm_bwd_dw<T, 4>(x, w, dy, rstd, dx, part, m, h);                                                           \
+  }                                                                                                                 \
+  extern "C" __global__ void colsum_##TN(const float *part, T *out, int rows, int h) {                              \
+    colsum<T>(part, out, rows, h);                                                                                  \
+  }                                                                                                                 \
   extern "C" __global__ void rope_##TN(const T *x, const T *cs, const T *sn, T *y, int n, int heads, int d,        \
-                                       float sign) {                                                                \
-    rope<T>(x, cs, sn, y, n, heads, d, sign);                                                                       \
+                                       float sign, int rot) {                                                       \
+    rope<T>(x, cs, sn, y, n, heads, d, sign, rot);                                                                  \
   }                                                                                                                 \
   extern "C" __global__ void swiglu_fwd_##TN(const T *g, const T *u, T *y, size_t n) { swiglu_fwd<T>(g, u, y, n); } \
   extern "C" __global__ void add_vec_##TN(const T *a, const T *b, T *y, size_t n) { add_vec<T>(a, b, y, n); }      \

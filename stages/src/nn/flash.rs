@@ -98,6 +98,96 @@ pub fn attention_with(q: &Tensor, k: &Tensor, v: &Tensor, tiles: &Tensor, scale:
     )
 }
 
+/// Whether [`attention_packed`] runs for heads of `d` values in tensors
+/// like `like` (device, dtype): [`usable`]'s conditions, bf16 on tensor
+/// cores, and the one-kernel backward pass (not `PIPE_ATTN_BWD=split`).
+pub fn packed_usable(like: &Tensor, d: usize) -> bool {
+    crate::nn::fused::kernels_on(like, "PIPE_FUSED_ATTENTION")
+        && HEAD_DIMS.contains(&d)
+        && tensor_cores(like.dtype())
+        && !split_backward()
+}
+
+/// [`attention`] of q, k and v packed in one tensor (N, hq + 2 hkv, D):
+/// each row's hq query heads, then its hkv key heads and hkv value heads
+/// (one projection's output for all three, rotary embedding applied to the
+/// first hq + hkv heads). bf16 on CUDA ([`packed_usable`]). Its gradient
+/// comes back packed the same way, so the projection's backward pass is one
+/// product, with no copies to split or join the three.
+pub fn attention_packed(qkv: &Tensor, hq: usize, hkv: usize, tiles: &Tensor, scale: f64) -> Result<Tensor> {
+    let (_, heads, _) = qkv.dims3()?;
+    if hkv == 0
+        || !hq.is_multiple_of(hkv)
+        || heads != hq + 2 * hkv
+        || tiles.dtype() != DType::U32
+        || !tensor_cores(qkv.dtype())
+    {
+        candle_core::bail!(
+            "fused attention: packed q, k, v {:?} {:?} for {hq} query and {hkv} key/value heads, tiles {:?}",
+            qkv.dims(),
+            qkv.dtype(),
+            tiles.dtype()
+        );
+    }
+    super::ops::dense(qkv)?.apply_op1(AttnPacked {
+        hq,
+        hkv,
+        tiles: super::ops::dense(tiles)?,
+        scale: scale as f32,
+        lse: std::sync::Mutex::new(None),
+    })
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct AttnPacked {
+    hq: usize,
+    hkv: usize,
+    tiles: Tensor,
+    scale: f32,
+    /// As [`Attn`]'s.
+    lse: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl candle_core::CustomOp1 for AttnPacked {
+    fn name(&self) -> &'static str {
+        "fused-varlen-attention-packed"
+    }
+
+    crate::nn::fused::cpu_fwd_cuda_only!(op1);
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let (o, lse) = cuda::forward_packed(self, (s, l))?;
+        if let Ok(mut g) = self.lse.lock() {
+            *g = Some(lse);
+        }
+        Ok(o)
+    }
+
+    fn bwd(&self, qkv: &Tensor, o: &Tensor, dout: &Tensor) -> Result<Option<Tensor>> {
+        let Some(lse) = self.lse.lock().ok().and_then(|g| g.clone()) else {
+            candle_core::bail!("fused attention: backward before forward")
+        };
+        let dout = super::ops::dense(&dout.to_dtype(qkv.dtype())?)?;
+        let Some(delta) = delta(o, &dout)? else { candle_core::bail!("fused attention: packed q, k, v off CUDA") };
+        backward_packed(self, qkv, &dout, &lse, &delta).map(Some)
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn backward_packed(op: &AttnPacked, qkv: &Tensor, dout: &Tensor, lse: &Tensor, delta: &Tensor) -> Result<Tensor> {
+    cuda::backward_packed(op, qkv, dout, lse, delta)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn backward_packed(op: &AttnPacked, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
+    crate::nn::fused::cuda_only(candle_core::CustomOp1::name(op))
+}
+
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct Attn {
     tiles: Tensor,
@@ -203,12 +293,14 @@ fn backward(
 mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda::cudarc::driver::sys::CUfunction_attribute;
-    use candle_core::cuda::cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda::cudarc::driver::{
+        CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
     use candle_core::cuda::{CudaDevice, CudaStorage, WrapErr};
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{DType, Layout, Result, Shape, Tensor};
 
-    use super::Attn;
+    use super::{Attn, AttnPacked};
     use crate::nn::kernels::{by_dtype, cuda_of, device, func, tensor, view, with, ATTN_PTX, ATTN_TC_PTX};
 
     const THREADS: u32 = 128;
@@ -263,25 +355,101 @@ mod cuda {
     ) -> Result<((CudaStorage, Shape), Tensor)> {
         let (n, hq, d) = ql.shape().dims3()?;
         let hkv = kl.shape().dims3()?.1;
-        let dev = device(qs);
-        let (tst, tl) = op.tiles.storage_and_layout();
-        let tiles = view::<u32>(cuda_of(&tst)?, tl)?;
+        let dm = Dims { n, hq, hkv, d, qs: hq * d, kvs: hkv * d };
         let (q, k, v) = (view::<T>(qs, ql)?, view::<T>(ks, kl)?, view::<T>(vs, vl)?);
+        fwd_launch(&device(qs), &op.tiles, op.scale, qs.dtype(), (&q, &k, &v), dm)
+    }
+
+    pub(super) fn forward_packed(
+        op: &AttnPacked,
+        x: (&CudaStorage, &Layout),
+    ) -> Result<((CudaStorage, Shape), Tensor)> {
+        let (s, l) = x;
+        let (n, heads, d) = l.shape().dims3()?;
+        let (hq, hkv) = (op.hq, op.hkv);
+        let dm = Dims { n, hq, hkv, d, qs: heads * d, kvs: heads * d };
+        let all = view::<half::bf16>(s, l)?;
+        let (k, v) = (all.slice(hq * d..), all.slice((hq + hkv) * d..));
+        fwd_launch(&device(s), &op.tiles, op.scale, s.dtype(), (&all, &k, &v), dm)
+    }
+
+    /// Shapes and row strides (in elements) of an attention call: q (n, hq,
+    /// d) rows `qs` apart, k and v (n, hkv, d) rows `kvs` apart (the
+    /// tensor-core kernels; the f32 ones take them contiguous).
+    #[derive(Clone, Copy)]
+    struct Dims {
+        n: usize,
+        hq: usize,
+        hkv: usize,
+        d: usize,
+        qs: usize,
+        kvs: usize,
+    }
+
+    /// The forward kernel: o (n, hq, d) and the log-sum-exps (hq, n).
+    fn fwd_launch<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        tiles: &Tensor,
+        scale: f32,
+        dt: DType,
+        (q, k, v): (&CudaView<T>, &CudaView<T>, &CudaView<T>),
+        dm: Dims,
+    ) -> Result<((CudaStorage, Shape), Tensor)> {
+        let Dims { n, hq, hkv, d, .. } = dm;
+        let (tst, tl) = tiles.storage_and_layout();
+        let tv = view::<u32>(cuda_of(&tst)?, tl)?;
         // SAFETY: the kernel writes every element of both (every row of
         // every sequence is in exactly one tile).
         let mut o = unsafe { dev.alloc::<T>(n * hq * d)? };
         let mut lse = unsafe { dev.alloc::<f32>(hq * n)? };
-        let (f, smem) = kernel(&dev, "fwd", qs.dtype(), d)?;
+        let (f, smem) = kernel(dev, "fwd", dt, d)?;
         let stream = dev.cuda_stream();
-        let (ni, hqi, hkvi) = (n as i32, hq as i32, hkv as i32);
-        let sl2 = op.scale * std::f32::consts::LOG2_E;
+        let (ni, hqi, hkvi, qsi, kvsi) = (n as i32, hq as i32, hkv as i32, dm.qs as i32, dm.kvs as i32);
+        let sl2 = scale * std::f32::consts::LOG2_E;
         let mut b = stream.launch_builder(&f);
-        b.arg(&q).arg(&k).arg(&v).arg(&mut o).arg(&mut lse).arg(&tiles);
+        b.arg(q).arg(k).arg(v).arg(&mut o).arg(&mut lse).arg(&tv);
         b.arg(&ni).arg(&hqi).arg(&hkvi).arg(&sl2);
-        // SAFETY: argument types and order match attn_fwd_* in kernels/attn.cu.
-        unsafe { b.launch(cfg(n_tiles(op), hq, smem)) }.w()?;
+        if super::tensor_cores(dt) {
+            b.arg(&qsi).arg(&kvsi);
+        }
+        // SAFETY: argument types and order match attn_fwd_* in kernels/attn.cu
+        // and attn_tc_fwd_* (with the row strides) in kernels/attn_tc.cu.
+        unsafe { b.launch(cfg(tiles.elem_count() / 4, hq, smem)) }.w()?;
         let lse = tensor(CudaStorage::wrap_cuda_slice(lse, dev.clone()), (hq, n));
-        Ok(((CudaStorage::wrap_cuda_slice(o, dev), Shape::from((n, hq, d))), lse))
+        Ok(((CudaStorage::wrap_cuda_slice(o, dev.clone()), Shape::from((n, hq, d))), lse))
+    }
+
+    /// The one-kernel backward pass on tensor cores: dQ, dK and dV summed
+    /// unscaled into f32 (zeroed here), a block per key tile and query head.
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_fused_launch<T: DeviceRepr>(
+        dev: &CudaDevice,
+        tiles: &CudaView<u32>,
+        n_tiles: usize,
+        scale: f32,
+        (q, k, v, dout): (&CudaView<T>, &CudaView<T>, &CudaView<T>, &CudaView<T>),
+        (lse, delta): (&CudaView<f32>, &CudaView<f32>),
+        dm: Dims,
+    ) -> Result<[CudaSlice<f32>; 3]> {
+        let Dims { n, hq, hkv, d, .. } = dm;
+        let mut dq_acc = dev.alloc_zeros::<f32>(n * hq * d)?;
+        let mut dk_acc = dev.alloc_zeros::<f32>(n * hkv * d)?;
+        let mut dv_acc = dev.alloc_zeros::<f32>(n * hkv * d)?;
+        let (f, smem) = kernel(dev, "bwd", DType::BF16, d)?;
+        let stream = dev.cuda_stream();
+        let (ni, hqi, hkvi, qsi, kvsi) = (n as i32, hq as i32, hkv as i32, dm.qs as i32, dm.kvs as i32);
+        let sl2 = scale * std::f32::consts::LOG2_E;
+        let mut b = stream.launch_builder(&f);
+        b.arg(q).arg(k).arg(v).arg(dout).arg(lse).arg(delta);
+        b.arg(&mut dq_acc).arg(&mut dk_acc).arg(&mut dv_acc);
+        b.arg(tiles).arg(&ni).arg(&hqi).arg(&hkvi).arg(&sl2).arg(&scale).arg(&qsi).arg(&kvsi);
+        // 128 keys a block, 16 a warp.
+        let lc = LaunchConfig { shared_mem_bytes: smem, ..crate::nn::kernels::grid(n_tiles, hq, 2 * THREADS) };
+        // SAFETY: argument types and order match attn_tc_bwd_* in kernels/attn_tc.cu;
+        // every block of the grid (one per 64-row tile and query head) exits or
+        // covers its keys.
+        unsafe { b.launch(lc) }.w()?;
+        Ok([dq_acc, dk_acc, dv_acc])
     }
 
     pub(super) fn delta(o: &Tensor, dout: &Tensor) -> Result<Tensor> {
@@ -342,24 +510,14 @@ mod cuda {
             let sl2 = op.scale * std::f32::consts::LOG2_E;
             let stream = dev.cuda_stream();
             let wrap = |s| CudaStorage::wrap_cuda_slice(s, dev.clone());
-            if !op.split && super::tensor_cores(q.dtype()) {
+            let dm = Dims { n, hq, hkv, d, qs: hq * d, kvs: hkv * d };
+            let tc = super::tensor_cores(q.dtype());
+            let (qsi, kvsi) = (dm.qs as i32, dm.kvs as i32);
+            if !op.split && tc {
                 // One kernel, a block per key tile and query head: dQ, dK and
                 // dV summed unscaled into f32; then all three to bf16.
-                let mut dq_acc = dev.alloc_zeros::<f32>(n * hq * d)?;
-                let mut dk_acc = dev.alloc_zeros::<f32>(n * hkv * d)?;
-                let mut dv_acc = dev.alloc_zeros::<f32>(n * hkv * d)?;
-                let (f, smem) = kernel(&dev, "bwd", q.dtype(), d)?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&dlv);
-                b.arg(&mut dq_acc).arg(&mut dk_acc).arg(&mut dv_acc);
-                b.arg(&tiles).arg(&ni).arg(&hqi).arg(&hkvi).arg(&sl2).arg(&op.scale);
-                // 128 keys a block, 16 a warp.
-                let lc =
-                    LaunchConfig { shared_mem_bytes: smem, ..crate::nn::kernels::grid(n_tiles(op), hq, 2 * THREADS) };
-                // SAFETY: argument types and order match attn_tc_bwd_* in kernels/attn_tc.cu;
-                // every block of the grid (one per 64-row tile and query head) exits or
-                // covers its keys.
-                unsafe { b.launch(lc) }.w()?;
+                let [dq_acc, dk_acc, dv_acc] =
+                    bwd_fused_launch(&dev, &tiles, n_tiles(op), op.scale, (&qv, &kv, &vv, &dov), (&lv, &dlv), dm)?;
                 let f = func(&dev, "pipe_attn_tc", ATTN_TC_PTX, "attn_tc_finish", q.dtype())?;
                 let (nq, nk) = (n * hq * d, n * hkv * d);
                 let mut b = stream.launch_builder(&f);
@@ -374,17 +532,66 @@ mod cuda {
             let mut b = stream.launch_builder(&f);
             b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&dlv).arg(&mut dq).arg(&tiles);
             b.arg(&ni).arg(&hqi).arg(&hkvi).arg(&sl2).arg(&op.scale);
-            // SAFETY: argument types and order match attn_bwd_dq_* in kernels/attn.cu.
+            if tc {
+                b.arg(&qsi).arg(&kvsi);
+            }
+            // SAFETY: argument types and order match attn_bwd_dq_* in kernels/attn.cu
+            // and attn_tc_bwd_dq_* (with the row strides) in kernels/attn_tc.cu.
             unsafe { b.launch(cfg(n_tiles(op), hq, smem)) }.w()?;
             let (f, smem) = kernel(&dev, "bwd_dkv", q.dtype(), d)?;
             let mut b = stream.launch_builder(&f);
             b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&dlv).arg(&mut dk).arg(&mut dv).arg(&tiles);
             b.arg(&ni).arg(&hqi).arg(&hkvi).arg(&sl2).arg(&op.scale);
-            // SAFETY: argument types and order match attn_bwd_dkv_* in kernels/attn.cu.
+            if tc {
+                b.arg(&qsi).arg(&kvsi);
+            }
+            // SAFETY: argument types and order match attn_bwd_dkv_* in kernels/attn.cu
+            // and attn_tc_bwd_dkv_* (with the row strides) in kernels/attn_tc.cu.
             unsafe { b.launch(cfg(n_tiles(op), hkv, smem)) }.w()?;
             Ok((wrap(dq), wrap(dk), wrap(dv)))
         })?;
         Ok((tensor(dq, q.shape().clone()), tensor(dk, k.shape().clone()), tensor(dv, v.shape().clone())))
+    }
+
+    /// The gradient of [`super::attention_packed`]'s input, packed as it is.
+    pub(super) fn backward_packed(
+        op: &AttnPacked,
+        qkv: &Tensor,
+        dout: &Tensor,
+        lse: &Tensor,
+        delta: &Tensor,
+    ) -> Result<Tensor> {
+        let (n, heads, d) = qkv.dims3()?;
+        let (hq, hkv) = (op.hq, op.hkv);
+        let out = with(&[qkv, dout, lse, delta, &op.tiles], |st| {
+            let dev = device(st[0].0);
+            let (all, dov) = (view::<half::bf16>(st[0].0, st[0].1)?, view::<half::bf16>(st[1].0, st[1].1)?);
+            let (lv, dlv) = (view::<f32>(st[2].0, st[2].1)?, view::<f32>(st[3].0, st[3].1)?);
+            let tiles = view::<u32>(st[4].0, st[4].1)?;
+            let (k, v) = (all.slice(hq * d..), all.slice((hq + hkv) * d..));
+            let dm = Dims { n, hq, hkv, d, qs: heads * d, kvs: heads * d };
+            let [dq_acc, dk_acc, dv_acc] = bwd_fused_launch(
+                &dev,
+                &tiles,
+                op.tiles.elem_count() / 4,
+                op.scale,
+                (&all, &k, &v, &dov),
+                (&lv, &dlv),
+                dm,
+            )?;
+            // SAFETY: attn_tc_finish_packed writes every element.
+            let mut out = unsafe { dev.alloc::<half::bf16>(n * heads * d)? };
+            let f = func(&dev, "pipe_attn_tc", ATTN_TC_PTX, "attn_tc_finish_packed", DType::BF16)?;
+            let (rows, qw, kw) = (n, (hq * d) as i32, (hkv * d) as i32);
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            b.arg(&dq_acc).arg(&dk_acc).arg(&dv_acc).arg(&mut out).arg(&rows).arg(&qw).arg(&kw).arg(&op.scale);
+            // SAFETY: argument types and order match attn_tc_finish_packed_bf16; qw and kw
+            // are multiples of 8 (d is 64 or 128), all buffers fresh allocations.
+            unsafe { b.launch(crate::nn::kernels::grid((n * heads * d / 8).div_ceil(256), 1, 256)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev))
+        })?;
+        Ok(tensor(out, qkv.shape().clone()))
     }
 }
 
@@ -489,6 +696,29 @@ mod tests {
                     assert!(e < tol * 3.0, "{what}: {name} off by {e}");
                 }
             }
+            // q, k, v packed in one tensor (bf16): the same values, and the
+            // gradient packed the same way.
+            let qkv = Tensor::cat(&[&q, &k, &v], 1)?;
+            let g = Var::from_tensor(&qkv.to_dtype(DType::BF16)?.to_device(&dev)?)?;
+            let r = Var::from_tensor(&g.to_device(&Device::Cpu)?.to_dtype(DType::F64)?)?;
+            let (qr, kr, vr) = (r.narrow(1, 0, hq)?, r.narrow(1, hq, hkv)?, r.narrow(1, hq + hkv, hkv)?);
+            let want = reference(&qr, &kr, &vr, &seqs, scale)?;
+            let gw = (&want * &w)?.sum_all()?.backward()?;
+            let tl = tiles(&seqs, d, DType::BF16);
+            let t = Tensor::from_vec(tl.clone(), tl.len(), &dev)?;
+            assert!(packed_usable(g.as_tensor(), d));
+            let got = attention_packed(&g, hq, hkv, &t, scale)?;
+            let gg = (got.to_dtype(DType::F32)? * w.to_dtype(DType::F32)?.to_device(&dev)?)?.sum_all()?.backward()?;
+            let what = format!("hq {hq} hkv {hkv} d {d} packed");
+            let e = rel_err(&got, &want)?;
+            assert!(e < 3e-2, "{what}: output off by {e}");
+            let (Some(ga), Some(gb)) = (gg.get(g.as_tensor()), gw.get(r.as_tensor())) else {
+                panic!("{what}: no grad")
+            };
+            assert_eq!(ga.dims(), g.dims());
+            let e = rel_err(ga, gb)?;
+            assert!(e < 9e-2, "{what}: packed gradient off by {e}");
+            assert!(attention_packed(&g, hq + 1, hkv, &t, scale).is_err(), "{what}: heads that do not add up");
         }
         Ok(())
     }

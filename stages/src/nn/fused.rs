@@ -99,12 +99,23 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// head_dim/2), `transformers`' rotate_half layout (as
 /// [`crate::nn::ops::rope`]); differentiable in `x`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (n, _, d) = x.dims3()?;
-    if cos.dims() != [n, d / 2] || sin.dims() != cos.dims() || d % 2 != 0 {
-        candle_core::bail!("fused rope: x {:?}, cos {:?}, sin {:?}", x.dims(), cos.dims(), sin.dims());
+    rope_heads(x, cos, sin, x.dim(1)?)
+}
+
+/// [`rope`] on heads `0..rot` of x (N, heads, D); the other heads pass
+/// through unchanged (the values of a packed q, k, v projection).
+pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, rot: usize) -> Result<Tensor> {
+    let (n, heads, d) = x.dims3()?;
+    if cos.dims() != [n, d / 2] || sin.dims() != cos.dims() || d % 2 != 0 || rot > heads {
+        candle_core::bail!(
+            "fused rope: x {:?}, cos {:?}, sin {:?}, {rot} heads rotated",
+            x.dims(),
+            cos.dims(),
+            sin.dims()
+        );
     }
     let (cos, sin) = (dense(&cos.to_dtype(x.dtype())?)?, dense(&sin.to_dtype(x.dtype())?)?);
-    dense(x)?.apply_op3(&cos, &sin, Rope)
+    dense(x)?.apply_op3(&cos, &sin, Rope { rot })
 }
 
 /// `a + b`, differentiable in both: on CUDA (f32, bf16, same shape) one
@@ -351,13 +362,24 @@ impl candle_core::InplaceOp2 for SegmentAdd {
     }
 }
 
+/// Whether RMSNorm's backward pass computes dx and the weight's gradient
+/// in two passes over x and dy (`PIPE_NORM_BWD=split`, read once: to
+/// compare) instead of one.
+fn norm_bwd_split() -> bool {
+    static S: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *S.get_or_init(|| std::env::var_os("PIPE_NORM_BWD").is_some_and(|v| v == "split"))
+}
+
 struct RmsNorm {
     eps: f32,
     /// 1 / rms of each row (f32), from the forward pass.
     rstd: std::sync::Mutex<Option<Tensor>>,
 }
 
-struct Rope;
+struct Rope {
+    /// Heads rotated (the first ones of each row).
+    rot: usize,
+}
 struct SwiGlu;
 
 impl candle_core::CustomOp2 for RmsNorm {
@@ -408,6 +430,11 @@ impl candle_core::CustomOp2 for RmsNorm {
             candle_core::bail!("fused rms_norm: backward before forward")
         };
         let dy = dense(&dy.to_dtype(x.dtype())?)?;
+        if w.track_op() && !x.device().is_cpu() && !norm_bwd_split() {
+            if let Some((dx, dw)) = backward::rms_norm_with_dw(x, w, &dy, &rstd)? {
+                return Ok((Some(dx), Some(dw)));
+            }
+        }
         let dx = if x.device().is_cpu() {
             cpu_backward::rms_norm(x, w, &dy, &rstd)?
         } else {
@@ -446,7 +473,7 @@ impl candle_core::CustomOp3 for Rope {
         ss: &candle_core::CudaStorage,
         sl: &candle_core::Layout,
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        Ok((cuda::rope(1.0, (xs, xl), (cs, cl), (ss, sl))?, xl.shape().clone()))
+        Ok((cuda::rope(1.0, self.rot, (xs, xl), (cs, cl), (ss, sl))?, xl.shape().clone()))
     }
 
     fn bwd(
@@ -459,7 +486,7 @@ impl candle_core::CustomOp3 for Rope {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // The rotation is orthogonal: its transpose rotates by -angle.
         let dy = dense(&dy.to_dtype(cos.dtype())?)?;
-        Ok((Some(backward::rope_t(&dy, cos, sin)?), None, None))
+        Ok((Some(backward::rope_t(&dy, cos, sin, self.rot)?), None, None))
     }
 }
 
@@ -538,7 +565,10 @@ mod backward {
     pub fn rms_norm_dw(_: &Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
         super::cuda_only("fused rms_norm")
     }
-    pub fn rope_t(_: &Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
+    pub fn rms_norm_with_dw(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        super::cuda_only("fused rms_norm")
+    }
+    pub fn rope_t(_: &Tensor, _: &Tensor, _: &Tensor, _: usize) -> Result<Tensor> {
         super::cuda_only("fused rope")
     }
     pub fn swiglu(_: &Tensor, _: &Tensor, _: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -557,7 +587,7 @@ mod cuda {
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{Layout, Result, Tensor};
 
-    use crate::nn::kernels::{blocks, by_dtype, device, func, grid, tensor, view, with, FUSED_PTX};
+    use crate::nn::kernels::{blocks, by_dtype, device, func, grid, sm_count, tensor, view, with, FUSED_PTX};
 
     const MODULE: &str = "pipe_fused";
 
@@ -595,7 +625,7 @@ mod cuda {
     /// (their 16-byte path), in whole warps, at most 256, so that short rows
     /// (576 for SmolLM2) leave no idle warps and an SM holds more rows.
     fn norm_threads(h: usize) -> u32 {
-        if h % 8 == 0 {
+        if h.is_multiple_of(8) {
             (h / 8).next_multiple_of(32).clamp(32, 256) as u32
         } else {
             256
@@ -625,6 +655,59 @@ mod cuda {
             Ok(CudaStorage::wrap_cuda_slice(dx, dev))
         })?;
         Ok(tensor(dx, x.shape().clone()))
+    }
+
+    /// dx and the weight's gradient (in w's dtype) of RMSNorm in one pass
+    /// (rmsnorm_bwd_dw: partial column sums a block, then colsum); None
+    /// where a row is too long for its registers (more than 32 values a
+    /// thread): the caller takes the two passes.
+    pub fn rms_norm_with_dw(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        by_dtype!(x.dtype(), rms_norm_with_dw_t, x, w, dy, rstd)
+    }
+
+    fn rms_norm_with_dw_t<T: CudaDType + DeviceRepr>(
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        rstd: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let h = w.elem_count();
+        let m = x.elem_count() / h.max(1);
+        let threads = norm_threads(h);
+        let ch = match h.div_ceil(8).div_ceil(threads as usize) {
+            1 => 1,
+            2 => 2,
+            3 | 4 => 4,
+            _ => return Ok(None),
+        };
+        let (dx, dw) = with(&[x, w, dy, rstd], |s| {
+            let dev = device(s[0].0);
+            let (xv, wv, dyv) = (view::<T>(s[0].0, s[0].1)?, view::<T>(s[1].0, s[1].1)?, view::<T>(s[2].0, s[2].1)?);
+            let rv = view::<f32>(s[3].0, s[3].1)?;
+            // One wave of blocks at about 1,024 threads an SM (64 registers
+            // a thread at one chunk), each walking its share of the rows.
+            let nb = m.clamp(1, sm_count(&dev)? * (1024 / threads as usize).max(1));
+            // SAFETY: the kernels write every element of the three.
+            let mut dx = unsafe { dev.alloc::<T>(m * h)? };
+            let mut part = unsafe { dev.alloc::<f32>(nb * h)? };
+            let mut dw = unsafe { dev.alloc::<T>(h)? };
+            let stream = dev.cuda_stream();
+            let (mi, hi, nbi) = (m as i32, h as i32, nb as i32);
+            let f = func(&dev, MODULE, FUSED_PTX, &format!("rmsnorm_bwd_dw{ch}"), x.dtype())?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&xv).arg(&wv).arg(&dyv).arg(&rv).arg(&mut dx).arg(&mut part).arg(&mi).arg(&hi);
+            // SAFETY: argument types and order match rmsnorm_bwd_dw*_* in
+            // kernels/fused.cu; 8 ch threads >= h.
+            unsafe { b.launch(grid(nb, 1, threads)) }.w()?;
+            let f = func(&dev, MODULE, FUSED_PTX, "colsum", x.dtype())?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&part).arg(&mut dw).arg(&nbi).arg(&hi);
+            // SAFETY: argument types and order match colsum_* in kernels/fused.cu
+            // (32 columns a block of 256).
+            unsafe { b.launch(grid(h.div_ceil(32), 1, 256)) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(dx, dev.clone()), CudaStorage::wrap_cuda_slice(dw, dev)))
+        })?;
+        Ok(Some((tensor(dx, x.shape().clone()), tensor(dw, w.shape().clone()))))
     }
 
     /// The weight's gradient of RMSNorm, (h) f32: rmsnorm_dw's per-block
@@ -660,15 +743,17 @@ mod cuda {
 
     pub(super) fn rope(
         sign: f32,
+        rot: usize,
         x: (&CudaStorage, &Layout),
         c: (&CudaStorage, &Layout),
         s: (&CudaStorage, &Layout),
     ) -> Result<CudaStorage> {
-        by_dtype!(x.0.dtype(), rope_k, sign, x, c, s)
+        by_dtype!(x.0.dtype(), rope_k, sign, rot, x, c, s)
     }
 
     fn rope_k<T: CudaDType + DeviceRepr>(
         sign: f32,
+        rot: usize,
         (xs, xl): (&CudaStorage, &Layout),
         (cs, cl): (&CudaStorage, &Layout),
         (ss, sl): (&CudaStorage, &Layout),
@@ -680,9 +765,9 @@ mod cuda {
         let mut y = unsafe { dev.alloc::<T>(n * heads * d)? };
         let f = func(&dev, MODULE, FUSED_PTX, "rope", xs.dtype())?;
         let stream = dev.cuda_stream();
-        let (ni, hi, di) = (n as i32, heads as i32, d as i32);
+        let (ni, hi, di, ri) = (n as i32, heads as i32, d as i32, rot as i32);
         let mut b = stream.launch_builder(&f);
-        b.arg(&x).arg(&c).arg(&s).arg(&mut y).arg(&ni).arg(&hi).arg(&di).arg(&sign);
+        b.arg(&x).arg(&c).arg(&s).arg(&mut y).arg(&ni).arg(&hi).arg(&di).arg(&sign).arg(&ri);
         // A thread a pair, or 8 (d / 2 a multiple of 8: the kernel's 16-byte path).
         let items = if (d / 2) % 8 == 0 { n * heads * d / 16 } else { n * heads * d / 2 };
         // SAFETY: argument types and order match rope_* in kernels/fused.cu.
@@ -690,8 +775,8 @@ mod cuda {
         Ok(CudaStorage::wrap_cuda_slice(y, dev))
     }
 
-    pub fn rope_t(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let out = with(&[dy, cos, sin], |s| rope(-1.0, s[0], s[1], s[2]))?;
+    pub fn rope_t(dy: &Tensor, cos: &Tensor, sin: &Tensor, rot: usize) -> Result<Tensor> {
+        let out = with(&[dy, cos, sin], |s| rope(-1.0, rot, s[0], s[1], s[2]))?;
         Ok(tensor(out, dy.shape().clone()))
     }
 
@@ -1067,9 +1152,11 @@ mod tests {
                 }
                 Ok(())
             };
-            // RMSNorm, trainable weight: rows of 576 go 8 values a thread,
-            // rows of 13 one at a time.
-            for hh in [h, 13] {
+            // RMSNorm, trainable weight (dx and dw in one pass): rows of 576
+            // go 8 values a thread, rows of 13 one at a time; rows of 3,000
+            // and 6,144 take 2 and 4 chunks of 8 a thread, rows of 10,001
+            // are too long for that (two passes).
+            for hh in [h, 13, 3000, 6144, 10_001] {
                 let (xg, xc) = var(&[n, hh], -1.0)?;
                 let (wg, wc) = var(&[hh], 0.0)?;
                 let dy = Tensor::randn(0f64, 1.0, (n, hh), &cpu)?;
@@ -1078,13 +1165,17 @@ mod tests {
                 check("rms_norm", &got, &want, tol)?;
                 grads_match(&got, &want, &dy, &[("rms_norm dx", &xg, &xc), ("rms_norm dw", &wg, &wc)])?;
             }
-            // More rows than the weight-gradient kernel has blocks (264).
-            let (xg, xc) = var(&[600, 96], -1.0)?;
-            let (wg, wc) = var(&[96], 0.0)?;
-            let dy = Tensor::randn(0f64, 1.0, (600, 96), &cpu)?;
-            let want = ops::rms_norm(xc.as_tensor(), wc.as_tensor(), 1e-5)?;
-            let got = rms_norm(xg.as_tensor(), wg.as_tensor(), 1e-5)?;
-            grads_match(&got, &want, &dy, &[("rms_norm dw, 600 rows", &wg, &wc)])?;
+            // More rows than the weight-gradient kernels have blocks (264 for
+            // the two passes; 4 an SM for rows of 2,048 in one pass).
+            for (rows, hh) in [(600, 96), (1500, 2048)] {
+                let (xg, xc) = var(&[rows, hh], -1.0)?;
+                let (wg, wc) = var(&[hh], 0.0)?;
+                let dy = Tensor::randn(0f64, 1.0, (rows, hh), &cpu)?;
+                let want = ops::rms_norm(xc.as_tensor(), wc.as_tensor(), 1e-5)?;
+                let got = rms_norm(xg.as_tensor(), wg.as_tensor(), 1e-5)?;
+                let what = format!("rms_norm dx and dw, {rows} rows of {hh}");
+                grads_match(&got, &want, &dy, &[(&what, &xg, &xc), (&what, &wg, &wc)])?;
+            }
             // RoPE (cos/sin of real angles): head dim 64 goes 8 pairs a
             // thread, 12 a pair at a time.
             for d in [d, 12] {
@@ -1098,6 +1189,16 @@ mod tests {
                 check(&format!("rope d {d}"), &got, &want, tol)?;
                 let dy = Tensor::randn(0f64, 1.0, (n, heads, d), &cpu)?;
                 grads_match(&got, &want, &dy, &[("rope dx", &xg, &xc)])?;
+                // The first 2 heads rotated, the last passed through
+                // (packed q, k, v), both ways.
+                let got = rope_heads(xg.as_tensor(), &on(&cos)?, &on(&sin)?, 2)?;
+                let want = Tensor::cat(
+                    &[&ops::rope(&xc.narrow(1, 0, 2)?, &back(&cos)?, &back(&sin)?)?, &xc.narrow(1, 2, 1)?],
+                    1,
+                )?;
+                check(&format!("rope 2 of 3 heads, d {d}"), &got, &want, tol)?;
+                grads_match(&got, &want, &dy, &[("rope 2 of 3 heads dx", &xg, &xc)])?;
+                assert!(rope_heads(xg.as_tensor(), &on(&cos)?, &on(&sin)?, 4).is_err(), "4 of 3 heads");
             }
             // SwiGLU: 8 elements a thread, and (5 x 13) one at a time.
             for (r, c) in [(n, h), (5, 13)] {

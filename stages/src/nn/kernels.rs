@@ -78,3 +78,15 @@ pub fn grid(blocks: usize, y: usize, threads: u32) -> LaunchConfig {
 pub fn device(s: &CudaStorage) -> CudaDevice {
     s.device().clone()
 }
+
+/// The device's multiprocessor count (asked once a process).
+pub fn sm_count(dev: &CudaDevice) -> Result<usize> {
+    use candle_core::cuda::cudarc::driver::sys::CUdevice_attribute;
+    use candle_core::cuda::WrapErr;
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    if let Some(&n) = N.get() {
+        return Ok(n);
+    }
+    let n = dev.cuda_stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?;
+    Ok(*N.get_or_init(|| n.max(1) as usize))
+}

@@ -39,6 +39,19 @@ fn head_logits_per_chunk() -> usize {
     })
 }
 
+thread_local! {
+    /// Tests: this thread's `PIPE_PACKED_QKV` (None: the environment's).
+    pub(crate) static PACKED_QKV: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// Tests: layers this thread has run through [`Llama::packed_attention`].
+    pub(crate) static PACKED_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether full fine-tuning's attention takes q, k and v from one product
+/// ([`Llama::packed_attention`]; `PIPE_PACKED_QKV=0` turns it off).
+fn packed_qkv_on() -> bool {
+    PACKED_QKV.with(|c| c.get()).unwrap_or_else(|| std::env::var_os("PIPE_PACKED_QKV").is_none_or(|v| v != "0"))
+}
+
 /// One parameter tensor.
 #[derive(Clone)]
 pub enum Weight {
@@ -604,6 +617,9 @@ impl Llama {
         let n = x.dim(0)?;
         let fx_i = Fwd { seed: fx.seed.wrapping_add(i as u64 * 0x9E37_79B9), ..fx };
         let hn = rms_norm(x, &l.input_layernorm.tensor()?, c.rms_norm_eps)?;
+        if let Some(attn) = self.packed_attention(l, &hn, b)? {
+            return self.block_tail(l, x, &attn, fx_i);
+        }
         let q = l.q.forward(&hn, fx_i)?.reshape((n, h, hd))?;
         let k = l.k.forward(&hn, fx_i)?.reshape((n, kv, hd))?;
         let v = l.v.forward(&hn, fx_i)?.reshape((n, kv, hd))?;
@@ -626,6 +642,41 @@ impl Llama {
             }
         };
         self.block_tail(l, x, &attn, fx_i)
+    }
+
+    /// Attention with q, k and v from one product, when the three weights
+    /// train as they are (full fine-tuning: no LoRA, no bias) and the fused
+    /// kernels take them (bf16 on CUDA, see [`crate::nn::flash::packed_usable`];
+    /// `PIPE_PACKED_QKV=0` turns it off, to compare): `hn` times the three
+    /// weights stacked (N, (h + 2 kv) hd), rotary embedding on the q and k
+    /// heads of it, then attention reading q, k and v in place. The
+    /// backward pass gets the packed gradient from attention: one product
+    /// for `hn`'s gradient and one for the stacked weights' (the three
+    /// gradients are views of it), instead of three of each, two adds and
+    /// two rotary launches. Same values as the three products (each output
+    /// column is the same dot product). None where it does not apply.
+    fn packed_attention(&self, l: &Block, hn: &Tensor, b: &Batch) -> Result<Option<Tensor>> {
+        let c = &self.cfg;
+        let (h, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let (Weight::Train(wq), Weight::Train(wk), Weight::Train(wv)) = (&l.q.w, &l.k.w, &l.v.w) else {
+            return Ok(None);
+        };
+        if [&l.q, &l.k, &l.v].iter().any(|x| x.lora.is_some() || x.b.is_some())
+            || hn.rank() != 2
+            || !crate::nn::flash::packed_usable(hn, hd)
+            || !crate::nn::fused::usable(hn)
+            || !packed_qkv_on()
+        {
+            return Ok(None);
+        }
+        let n = hn.dim(0)?;
+        let w = Tensor::cat(&[wq.as_tensor(), wk.as_tensor(), wv.as_tensor()], 0)?;
+        let qkv = crate::nn::ops::trained_matmul(hn, &w)?.reshape((n, h + 2 * kv, hd))?;
+        let qkv = crate::nn::fused::rope_heads(&qkv, &b.cos, &b.sin, h + kv)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let attn = crate::nn::flash::attention_packed(&qkv, h, kv, b.attn_tiles(hd, qkv.dtype())?, scale)?;
+        PACKED_RUNS.with(|c| c.set(c.get() + 1));
+        Ok(Some(attn.reshape((n, h * hd))?))
     }
 
     /// The rest of a decoder block after attention: output projection and

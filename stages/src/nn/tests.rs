@@ -594,6 +594,48 @@ fn cuda_training_step_matches_the_cpu() -> Result<()> {
     Ok(())
 }
 
+/// Full fine-tuning in bf16 on CUDA takes q, k and v from one product
+/// (`Llama::packed_attention`): the loss and every gradient match the
+/// three products' path, with and without checkpointing, and the loss the
+/// f64 CPU reference's.
+#[test]
+fn packed_qkv_training_matches_the_three_products_on_cuda() -> Result<()> {
+    let Some(dev) = cuda_device()? else { return Ok(()) };
+    let mut cfg = tiny_config("llama", true);
+    (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) = (192, 3, Some(1));
+    let spec = TrainSpec { full: true, ..Default::default() };
+    let r = tiny_model(&cfg, &spec, DType::F64)?;
+    let m = tiny_model_on(&cfg, &spec, DType::BF16, &dev)?;
+    assert!(crate::nn::flash::packed_usable(&Tensor::zeros(1, DType::BF16, &dev)?, 64));
+    let fx = Fwd { train: true, seed: 5 };
+    let vars = |m: &Llama| m.trainable().into_iter().map(|(_, v)| v).collect::<Vec<_>>();
+    let (lr, _) = r.loss_and_grads(&r.batch(&rows())?, fx, 0.5, &vars(&r), false)?;
+    for ckpt in [false, true] {
+        let run = |packed: bool| {
+            crate::nn::llama::PACKED_QKV.with(|c| c.set(Some(packed)));
+            let out = m.loss_and_grads(&m.batch(&rows())?, fx, 0.5, &vars(&m), ckpt);
+            crate::nn::llama::PACKED_QKV.with(|c| c.set(None));
+            out
+        };
+        let before = crate::nn::llama::PACKED_RUNS.with(|c| c.get());
+        let (lp, gp) = run(true)?;
+        let after = crate::nn::llama::PACKED_RUNS.with(|c| c.get());
+        assert!(after > before, "checkpointing {ckpt}: the packed path did not run");
+        let (l3, g3) = run(false)?;
+        assert_eq!(crate::nn::llama::PACKED_RUNS.with(|c| c.get()), after, "PACKED_QKV off still packed");
+        assert!((lp - lr).abs() < 2e-2 * lr.abs(), "checkpointing {ckpt}: packed loss {lp} vs f64 {lr}");
+        assert!((lp - l3).abs() < 1e-2 * l3.abs(), "checkpointing {ckpt}: packed loss {lp} vs {l3}");
+        for ((name, _), (a, b)) in m.trainable().iter().zip(gp.iter().zip(&g3)) {
+            let (a, b) =
+                (a.as_ref().expect("grad").to_dtype(DType::F32)?, b.as_ref().expect("grad").to_dtype(DType::F32)?);
+            let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let s = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+            assert!(d / s < 2e-2, "checkpointing {ckpt}: {name}: packed gradient off by {d} (max {s})");
+        }
+    }
+    Ok(())
+}
+
 /// `frozen_matmul` and `nf4_matmul` (on the storages, no copies) give the
 /// plain product and its input gradient; the NF4 one equals the product
 /// with the dequantised weight; shapes that do not fit are refused.
