@@ -42,15 +42,17 @@ __device__ void rmsnorm_fwd(const T *x, const T *w, T *y, float *rstd, int h, fl
   for (int c = h8 + threadIdx.x; c < h; c += blockDim.x) st(yr, c, rnd(ld(xr, c) * r, xr) * ld(w, c));
 }
 
-// dx = rstd * (dn - xhat * mean(dn * xhat)), dn = dy * w, xhat = x * rstd;
-// 8 values a thread as rmsnorm_fwd.
+// dx = rstd * (dn - xhat * mean(dn * xhat)) (+ acc, the gradient summed so
+// far, unless null), dn = dy * w, xhat = x * rstd; 8 values a thread as
+// rmsnorm_fwd.
 template <typename T>
-__device__ void rmsnorm_bwd(const T *x, const T *w, const T *dy, const float *rstd, T *dx, int h) {
+__device__ void rmsnorm_bwd(const T *x, const T *w, const T *dy, const float *rstd, const T *acc, T *dx, int h) {
   const size_t row = blockIdx.x;
   const float r = rstd[row];
-  const T *xr = x + row * h, *dyr = dy + row * h;
+  const T *xr = x + row * h, *dyr = dy + row * h, *ar = acc ? acc + row * h : nullptr;
   T *dxr = dx + row * h;
-  const int h8 = h % 8 == 0 && aligned16(x) && aligned16(w) && aligned16(dy) && aligned16(dx) ? h : 0;
+  const int h8 =
+      h % 8 == 0 && aligned16(x) && aligned16(w) && aligned16(dy) && aligned16(dx) && aligned16(acc) ? h : 0;
   float s = 0.f;
   for (int c = 8 * threadIdx.x; c < h8; c += 8 * blockDim.x) {
     float a[8], b[8], d[8];
@@ -66,12 +68,14 @@ __device__ void rmsnorm_bwd(const T *x, const T *w, const T *dy, const float *rs
     ld8(xr + c, a);
     ld8(w + c, b);
     ld8(dyr + c, d);
-    for (int j = 0; j < 8; j++) a[j] = r * (d[j] * b[j] - a[j] * r * s);
+    float e[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (ar) ld8(ar + c, e);
+    for (int j = 0; j < 8; j++) a[j] = r * (d[j] * b[j] - a[j] * r * s) + e[j];
     st8(dxr + c, a);
   }
   for (int c = h8 + threadIdx.x; c < h; c += blockDim.x) {
     const float xh = ld(xr, c) * r;
-    st(dxr, c, r * (ld(dyr, c) * ld(w, c) - xh * s));
+    st(dxr, c, r * (ld(dyr, c) * ld(w, c) - xh * s) + (ar ? ld(ar, c) : 0.f));
   }
 }
 
@@ -107,17 +111,17 @@ __device__ void rmsnorm_dw(const T *x, const T *dy, const float *rstd, float *pa
   }
 }
 
-// dx as rmsnorm_bwd and the weight's gradient as rmsnorm_dw's partial
+// dx (+ acc) as rmsnorm_bwd and the weight's gradient as rmsnorm_dw's partial
 // column sums, in one pass over x and dy: a block walks rows blockIdx.x,
 // + gridDim.x, ..., into part row blockIdx.x (gridDim.x rows of h). Thread
 // t owns columns 8 (t + k blockDim.x) .. + 7 for k < CH (the host picks CH
 // with 8 CH blockDim.x >= h) and keeps their w and dw sums in registers;
 // 16-byte accesses where h % 8 == 0 and the addresses allow.
 template <typename T, int CH>
-__device__ void rmsnorm_bwd_dw(const T *x, const T *w, const T *dy, const float *rstd, T *dx, float *part, int m,
-                               int h) {
-  const bool vec = h % 8 == 0 && aligned16(x) && aligned16(w) && aligned16(dy) && aligned16(dx);
-  float wr[CH][8], acc[CH][8];
+__device__ void rmsnorm_bwd_dw(const T *x, const T *w, const T *dy, const float *rstd, const T *acc, T *dx,
+                               float *part, int m, int h) {
+  const bool vec = h % 8 == 0 && aligned16(x) && aligned16(w) && aligned16(dy) && aligned16(dx) && aligned16(acc);
+  float wr[CH][8], dws[CH][8];
   auto load = [&](const T *p, int c0, float *o) {
     if (vec && c0 < h) {
       ld8(p + c0, o);
@@ -130,7 +134,7 @@ __device__ void rmsnorm_bwd_dw(const T *x, const T *w, const T *dy, const float 
   for (int k = 0; k < CH; k++) {
     load(w, 8 * (threadIdx.x + k * blockDim.x), wr[k]);
 #pragma unroll
-    for (int j = 0; j < 8; j++) acc[k][j] = 0.f;
+    for (int j = 0; j < 8; j++) dws[k][j] = 0.f;
   }
   for (int row = blockIdx.x; row < m; row += gridDim.x) {
     const float r = rstd[row];
@@ -149,11 +153,12 @@ __device__ void rmsnorm_bwd_dw(const T *x, const T *w, const T *dy, const float 
 #pragma unroll
     for (int k = 0; k < CH; k++) {
       const int c0 = 8 * (threadIdx.x + k * blockDim.x);
-      float o[8];
+      float o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      if (acc) load(acc + (size_t)row * h, c0, o);
 #pragma unroll
       for (int j = 0; j < 8; j++) {
-        o[j] = r * (d[k][j] * wr[k][j] - a[k][j] * r * s);
-        acc[k][j] += d[k][j] * rnd(a[k][j] * r, x);
+        o[j] += r * (d[k][j] * wr[k][j] - a[k][j] * r * s);
+        dws[k][j] += d[k][j] * rnd(a[k][j] * r, x);
       }
       if (vec && c0 < h) {
         st8(dxr + c0, o);
@@ -166,7 +171,7 @@ __device__ void rmsnorm_bwd_dw(const T *x, const T *w, const T *dy, const float 
   for (int k = 0; k < CH; k++) {
     const int c0 = 8 * (threadIdx.x + k * blockDim.x);
     float *o = part + (size_t)blockIdx.x * h + c0;
-    for (int j = 0; j < 8 && c0 + j < h; j++) o[j] = acc[k][j];
+    for (int j = 0; j < 8 && c0 + j < h; j++) o[j] = dws[k][j];
   }
 }
 
@@ -391,25 +396,25 @@ template <typename T> __device__ void segment_add(T *dt, const T *g, const uint3
   extern "C" __global__ void rmsnorm_fwd_##TN(const T *x, const T *w, T *y, float *rstd, int h, float eps) {       \
     rmsnorm_fwd<T>(x, w, y, rstd, h, eps);                                                                          \
   }                                                                                                                 \
-  extern "C" __global__ void rmsnorm_bwd_##TN(const T *x, const T *w, const T *dy, const float *rstd, T *dx,        \
-                                              int h) {                                                              \
-    rmsnorm_bwd<T>(x, w, dy, rstd, dx, h);                                                                          \
+  extern "C" __global__ void rmsnorm_bwd_##TN(const T *x, const T *w, const T *dy, const float *rstd, const T *acc,  \
+                                              T *dx, int h) {                                                       \
+    rmsnorm_bwd<T>(x, w, dy, rstd, acc, dx, h);                                                                     \
   }                                                                                                                 \
   extern "C" __global__ void rmsnorm_dw_##TN(const T *x, const T *dy, const float *rstd, float *part, int m,       \
                                              int h) {                                                               \
     rmsnorm_dw<T>(x, dy, rstd, part, m, h);                                                                         \
   }                                                                                                                 \
-  extern "C" __global__ void rmsnorm_bwd_dw1_##TN(const T *x, const T *w, const T *dy, const float *rstd, T *dx,   \
-                                                  float *part, int m, int h) {                                     \
-    rmsnorm_bwd_dw<T, 1>(x, w, dy, rstd, dx, part, m, h);                                                           \
+  extern "C" __global__ void __launch_bounds__(256, 4) rmsnorm_bwd_dw1_##TN(const T *x, const T *w, const T *dy, const float *rstd,          \
+                                                  const T *acc, T *dx, float *part, int m, int h) {                \
+    rmsnorm_bwd_dw<T, 1>(x, w, dy, rstd, acc, dx, part, m, h);                                                      \
   }                                                                                                                 \
-  extern "C" __global__ void rmsnorm_bwd_dw2_##TN(const T *x, const T *w, const T *dy, const float *rstd, T *dx,   \
-                                                  float *part, int m, int h) {                                     \
-    rmsnorm_bwd_dw<T, 2>(x, w, dy, rstd, dx, part, m, h);                                                           \
+  extern "C" __global__ void rmsnorm_bwd_dw2_##TN(const T *x, const T *w, const T *dy, const float *rstd,          \
+                                                  const T *acc, T *dx, float *part, int m, int h) {                \
+    rmsnorm_bwd_dw<T, 2>(x, w, dy, rstd, acc, dx, part, m, h);                                                      \
   }                                                                                                                 \
-  extern "C" __global__ void rmsnorm_bwd_dw4_##TN(const T *x, const T *w, const T *dy, const float *rstd, T *dx,   \
-                                                  float *part, int m, int h) {                                     \
-    rmsnorm_bwd_dw<T, 4>(x, w, dy, rstd, dx, part, m, h);                                                           \
+  extern "C" __global__ void rmsnorm_bwd_dw4_##TN(const T *x, const T *w, const T *dy, const float *rstd,          \
+                                                  const T *acc, T *dx, float *part, int m, int h) {                \
+    rmsnorm_bwd_dw<T, 4>(x, w, dy, rstd, acc, dx, part, m, h);                                                      \
   }                                                                                                                 \
   extern "C" __global__ void colsum_##TN(const float *part, T *out, int rows, int h) {                              \
     colsum<T>(part, out, rows, h);                                                                                  \

@@ -425,20 +425,42 @@ impl candle_core::CustomOp2 for RmsNorm {
         Ok((y, xl.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.bwd_acc(x, w, y, dy, &mut None)?;
+        Ok((dx, dw))
+    }
+
+    /// On CUDA, x's gradient so far (`acc`: in a Llama block, the residual
+    /// stream's) is added in the kernel that computes dx, instead of by a
+    /// separate add pass (`PIPE_NORM_BWD=split` turns that off too).
+    fn bwd_acc(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+        acc: &mut Option<Tensor>,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, bool)> {
         let Some(rstd) = self.rstd.lock().ok().and_then(|g| g.clone()) else {
             candle_core::bail!("fused rms_norm: backward before forward")
         };
         let dy = dense(&dy.to_dtype(x.dtype())?)?;
+        let acc = match acc.as_ref() {
+            Some(a) if !x.device().is_cpu() && !norm_bwd_split() && a.dims() == x.dims() && a.dtype() == x.dtype() => {
+                Some(dense(a)?)
+            }
+            _ => None,
+        };
+        let summed = acc.is_some();
         if w.track_op() && !x.device().is_cpu() && !norm_bwd_split() {
-            if let Some((dx, dw)) = backward::rms_norm_with_dw(x, w, &dy, &rstd)? {
-                return Ok((Some(dx), Some(dw)));
+            if let Some((dx, dw)) = backward::rms_norm_with_dw(x, w, &dy, &rstd, acc.as_ref())? {
+                return Ok((Some(dx), Some(dw), summed));
             }
         }
         let dx = if x.device().is_cpu() {
             cpu_backward::rms_norm(x, w, &dy, &rstd)?
         } else {
-            backward::rms_norm(x, w, &dy, &rstd)?
+            backward::rms_norm(x, w, &dy, &rstd, acc.as_ref())?
         };
         let dw = if w.track_op() && !x.device().is_cpu() {
             Some(backward::rms_norm_dw(x, &dy, &rstd)?.to_dtype(w.dtype())?)
@@ -452,7 +474,7 @@ impl candle_core::CustomOp2 for RmsNorm {
         } else {
             None
         };
-        Ok((Some(dx), dw))
+        Ok((Some(dx), dw, summed))
     }
 }
 
@@ -559,13 +581,19 @@ mod cpu_backward {
 mod backward {
     use candle_core::{Result, Tensor};
 
-    pub fn rms_norm(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
+    pub fn rms_norm(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: Option<&Tensor>) -> Result<Tensor> {
         super::cuda_only("fused rms_norm")
     }
     pub fn rms_norm_dw(_: &Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
         super::cuda_only("fused rms_norm")
     }
-    pub fn rms_norm_with_dw(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    pub fn rms_norm_with_dw(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: Option<&Tensor>,
+    ) -> Result<Option<(Tensor, Tensor)>> {
         super::cuda_only("fused rms_norm")
     }
     pub fn rope_t(_: &Tensor, _: &Tensor, _: &Tensor, _: usize) -> Result<Tensor> {
@@ -632,25 +660,51 @@ mod cuda {
         }
     }
 
-    pub fn rms_norm(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor) -> Result<Tensor> {
-        by_dtype!(x.dtype(), rms_norm_bwd_t, x, w, dy, rstd)
+    /// dx of RMSNorm, plus `acc` (x's gradient so far, dense, x's shape
+    /// and dtype) when given.
+    pub fn rms_norm(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor, acc: Option<&Tensor>) -> Result<Tensor> {
+        by_dtype!(x.dtype(), rms_norm_bwd_t, x, w, dy, rstd, acc)
     }
 
-    fn rms_norm_bwd_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor) -> Result<Tensor> {
+    /// `acc`'s view, or a null pointer (the kernels' "no gradient so far").
+    fn acc_arg<'a, T: CudaDType>(
+        s: &'a [(&CudaStorage, &Layout)],
+        i: usize,
+    ) -> Result<Option<candle_core::cuda::cudarc::driver::CudaView<'a, T>>> {
+        s.get(i).map(|(st, l)| view::<T>(st, l)).transpose()
+    }
+
+    fn rms_norm_bwd_t<T: CudaDType + DeviceRepr>(
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        rstd: &Tensor,
+        acc: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let h = w.elem_count();
         let m = x.elem_count() / h.max(1);
-        let dx = with(&[x, w, dy, rstd], |s| {
+        let mut ts = vec![x, w, dy, rstd];
+        ts.extend(acc);
+        let dx = with(&ts, |s| {
             let dev = device(s[0].0);
             let (xv, wv, dyv) = (view::<T>(s[0].0, s[0].1)?, view::<T>(s[1].0, s[1].1)?, view::<T>(s[2].0, s[2].1)?);
             let rv = view::<f32>(s[3].0, s[3].1)?;
+            let av = acc_arg::<T>(s, 4)?;
+            let null = 0u64;
             // SAFETY: the kernel writes every element.
             let mut dx = unsafe { dev.alloc::<T>(m * h)? };
             let f = func(&dev, MODULE, FUSED_PTX, "rmsnorm_bwd", x.dtype())?;
             let stream = dev.cuda_stream();
             let hi = h as i32;
             let mut b = stream.launch_builder(&f);
-            b.arg(&xv).arg(&wv).arg(&dyv).arg(&rv).arg(&mut dx).arg(&hi);
-            // SAFETY: argument types and order match rmsnorm_bwd_* in kernels/fused.cu.
+            b.arg(&xv).arg(&wv).arg(&dyv).arg(&rv);
+            match &av {
+                Some(a) => b.arg(a),
+                None => b.arg(&null),
+            };
+            b.arg(&mut dx).arg(&hi);
+            // SAFETY: argument types and order match rmsnorm_bwd_* in kernels/fused.cu
+            // (acc: a device pointer or null).
             unsafe { b.launch(grid(m, 1, norm_threads(h))) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(dx, dev))
         })?;
@@ -661,8 +715,14 @@ mod cuda {
     /// (rmsnorm_bwd_dw: partial column sums a block, then colsum); None
     /// where a row is too long for its registers (more than 32 values a
     /// thread): the caller takes the two passes.
-    pub fn rms_norm_with_dw(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
-        by_dtype!(x.dtype(), rms_norm_with_dw_t, x, w, dy, rstd)
+    pub fn rms_norm_with_dw(
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        rstd: &Tensor,
+        acc: Option<&Tensor>,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        by_dtype!(x.dtype(), rms_norm_with_dw_t, x, w, dy, rstd, acc)
     }
 
     fn rms_norm_with_dw_t<T: CudaDType + DeviceRepr>(
@@ -670,6 +730,7 @@ mod cuda {
         w: &Tensor,
         dy: &Tensor,
         rstd: &Tensor,
+        acc: Option<&Tensor>,
     ) -> Result<Option<(Tensor, Tensor)>> {
         let h = w.elem_count();
         let m = x.elem_count() / h.max(1);
@@ -680,24 +741,34 @@ mod cuda {
             3 | 4 => 4,
             _ => return Ok(None),
         };
-        let (dx, dw) = with(&[x, w, dy, rstd], |s| {
+        let mut ts = vec![x, w, dy, rstd];
+        ts.extend(acc);
+        let (dx, dw) = with(&ts, |s| {
             let dev = device(s[0].0);
             let (xv, wv, dyv) = (view::<T>(s[0].0, s[0].1)?, view::<T>(s[1].0, s[1].1)?, view::<T>(s[2].0, s[2].1)?);
             let rv = view::<f32>(s[3].0, s[3].1)?;
-            // One wave of blocks at about 1,024 threads an SM (64 registers
-            // a thread at one chunk), each walking its share of the rows.
-            let nb = m.clamp(1, sm_count(&dev)? * (1024 / threads as usize).max(1));
+            let av = acc_arg::<T>(s, 4)?;
+            let null = 0u64;
+            let f = func(&dev, MODULE, FUSED_PTX, &format!("rmsnorm_bwd_dw{ch}"), x.dtype())?;
+            // One wave of blocks, as many as the SMs hold, each walking its
+            // share of the rows.
+            let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None).w()?.max(1) as usize;
+            let nb = m.clamp(1, sm_count(&dev)? * per_sm);
             // SAFETY: the kernels write every element of the three.
             let mut dx = unsafe { dev.alloc::<T>(m * h)? };
             let mut part = unsafe { dev.alloc::<f32>(nb * h)? };
             let mut dw = unsafe { dev.alloc::<T>(h)? };
             let stream = dev.cuda_stream();
             let (mi, hi, nbi) = (m as i32, h as i32, nb as i32);
-            let f = func(&dev, MODULE, FUSED_PTX, &format!("rmsnorm_bwd_dw{ch}"), x.dtype())?;
             let mut b = stream.launch_builder(&f);
-            b.arg(&xv).arg(&wv).arg(&dyv).arg(&rv).arg(&mut dx).arg(&mut part).arg(&mi).arg(&hi);
+            b.arg(&xv).arg(&wv).arg(&dyv).arg(&rv);
+            match &av {
+                Some(a) => b.arg(a),
+                None => b.arg(&null),
+            };
+            b.arg(&mut dx).arg(&mut part).arg(&mi).arg(&hi);
             // SAFETY: argument types and order match rmsnorm_bwd_dw*_* in
-            // kernels/fused.cu; 8 ch threads >= h.
+            // kernels/fused.cu (acc: a device pointer or null); 8 ch threads >= h.
             unsafe { b.launch(grid(nb, 1, threads)) }.w()?;
             let f = func(&dev, MODULE, FUSED_PTX, "colsum", x.dtype())?;
             let mut b = stream.launch_builder(&f);
@@ -1164,6 +1235,20 @@ mod tests {
                 let got = rms_norm(xg.as_tensor(), wg.as_tensor(), 1e-5)?;
                 check("rms_norm", &got, &want, tol)?;
                 grads_match(&got, &want, &dy, &[("rms_norm dx", &xg, &xc), ("rms_norm dw", &wg, &wc)])?;
+            }
+            // A residual around the norm: x's gradient from the add comes
+            // first, and the norm's kernel adds its own to it (one pass and
+            // two, the latter with a frozen weight).
+            for hh in [h, 13] {
+                let (xg, xc) = var(&[n, hh], -1.0)?;
+                let (wg, wc) = var(&[hh], 0.0)?;
+                let dy = Tensor::randn(0f64, 1.0, (n, hh), &cpu)?;
+                let want = (xc.as_tensor() + (ops::rms_norm(xc.as_tensor(), wc.as_tensor(), 1e-5)? * 3.0)?)?;
+                let got = (xg.as_tensor() + (rms_norm(xg.as_tensor(), wg.as_tensor(), 1e-5)? * 3.0)?)?;
+                grads_match(&got, &want, &dy, &[("residual + rms_norm dx", &xg, &xc), ("dw", &wg, &wc)])?;
+                let frozen = wg.as_tensor().detach();
+                let got = (xg.as_tensor() + (rms_norm(xg.as_tensor(), &frozen, 1e-5)? * 3.0)?)?;
+                grads_match(&got, &want, &dy, &[("residual + rms_norm (frozen weight) dx", &xg, &xc)])?;
             }
             // More rows than the weight-gradient kernels have blocks (264 for
             // the two passes; 4 an SM for rows of 2,048 in one pass).

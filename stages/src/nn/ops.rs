@@ -316,13 +316,43 @@ impl candle_core::CustomOp2 for TrainedMatmul {
         Self::product(s, l, ws, wl)
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.bwd_acc(x, w, y, dy, &mut None)?;
+        Ok((dx, dw))
+    }
+
+    /// On CUDA, where x's gradient so far is a dense tensor nothing else
+    /// shares (two projections of one input: the second finds the first's
+    /// gradient), dy @ w is added into it by the product itself (cuBLAS,
+    /// beta = 1), instead of into a new tensor and then by an add pass.
+    fn bwd_acc(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+        acc: &mut Option<Tensor>,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, bool)> {
         // From detached inputs: a weight's gradient that kept this graph
         // (`x`, `dy`) would hold it until the whole backward pass is over.
         let dy = dense(dy)?.detach();
-        let dx = if x.track_op() { Some(dy.matmul(&w.detach())?) } else { None };
         let dw = if w.track_op() { Some(dy.t()?.matmul(&x.detach())?) } else { None };
-        Ok((dx, dw))
+        if !x.track_op() {
+            return Ok((None, dw, false));
+        }
+        let fits = |a: &Tensor| {
+            a.device().is_cuda()
+                && a.dims() == x.dims()
+                && a.dtype() == dy.dtype()
+                && a.is_contiguous()
+                && a.is_sole_handle()
+                && std::env::var_os("PIPE_MATMUL_ACC").is_none_or(|v| v != "0")
+        };
+        if let Some(a) = acc.take_if(|a| fits(a)) {
+            a.inplace_op3(&dy, &dense(w)?.detach(), &AddMatmul { ta: false, tb: false, alpha: 1.0 })?;
+            return Ok((Some(a), dw, true));
+        }
+        Ok((Some(dy.matmul(&w.detach())?), dw, false))
     }
 }
 

@@ -376,6 +376,61 @@ fn add_matmul_matches_the_product_on_cuda() -> Result<()> {
     Ok(())
 }
 
+/// The trained matmul's backward pass adds `dy @ w` into x's gradient so
+/// far when nothing else shares it (two products of one input: the second
+/// finds the first's), and adds as before when something does (a residual
+/// around the product: the add's gradient is shared); in both the
+/// gradients match the composition's in f64. On the GPU machine; skipped
+/// elsewhere.
+#[test]
+fn trained_matmul_adds_into_the_gradient_so_far_on_cuda() -> Result<()> {
+    use crate::nn::ops::trained_matmul;
+    use candle_core::Var;
+    let Some(dev) = cuda_device()? else { return Ok(()) };
+    let cpu = Device::Cpu;
+    let (m, k, n) = (37, 24, 16);
+    let x = Tensor::randn(0f64, 1.0, (m, k), &cpu)?;
+    let w1 = Tensor::randn(0f64, 1.0, (n, k), &cpu)?;
+    let w2 = Tensor::randn(0f64, 1.0, (n, k), &cpu)?;
+    let w3 = Tensor::randn(0f64, 1.0, (k, k), &cpu)?;
+    for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+        let on = |t: &Tensor| -> Result<Var> { Ok(Var::from_tensor(&t.to_dtype(dt)?.to_device(&dev)?)?) };
+        let back = |t: &Var| -> Result<Var> { Ok(Var::from_tensor(&t.to_device(&cpu)?.to_dtype(DType::F64)?)?) };
+        let [xg, w1g, w2g, w3g] = [&x, &w1, &w2, &w3].map(on);
+        let (xg, w1g, w2g, w3g) = (xg?, w1g?, w2g?, w3g?);
+        let (xr, w1r, w2r, w3r) = (back(&xg)?, back(&w1g)?, back(&w2g)?, back(&w3g)?);
+        let two = |x: &Tensor, a: &Tensor, b: &Tensor| -> Result<Tensor> {
+            Ok((trained_matmul(x, a)? + trained_matmul(x, b)?)?)
+        };
+        // (what, pipe's, the composition's, (GPU var, CPU var) pairs)
+        type Case<'a> = (&'a str, Tensor, Tensor, Vec<(&'a Var, &'a Var)>);
+        let cases: [Case; 2] = [
+            (
+                "two products",
+                two(&xg, &w1g, &w2g)?,
+                (xr.matmul(&w1r.t()?)? + xr.matmul(&w2r.t()?)?)?,
+                vec![(&xg, &xr), (&w1g, &w1r), (&w2g, &w2r)],
+            ),
+            (
+                "x plus a product",
+                (xg.as_tensor() + trained_matmul(&xg, &w3g)?)?,
+                (xr.as_tensor() + xr.matmul(&w3r.t()?)?)?,
+                vec![(&xg, &xr), (&w3g, &w3r)],
+            ),
+        ];
+        for (what, got, want, vars) in cases {
+            let dy = Tensor::randn(0f64, 1.0, want.dims(), &cpu)?;
+            let gg = (got.to_dtype(DType::F32)? * dy.to_dtype(DType::F32)?.to_device(&dev)?)?.sum_all()?.backward()?;
+            let gw = (&want * &dy)?.sum_all()?.backward()?;
+            for (i, (a, b)) in vars.into_iter().enumerate() {
+                let e = rel_err(gg.get(a).expect("grad"), gw.get(b).expect("grad"))?;
+                assert!(e < tol, "{what}, {dt:?}: gradient {i} off by {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn fused_chunked_head_cross_entropy_matches_the_plain_composition() -> Result<()> {
     use crate::nn::ops::{cross_entropy_sum, lm_head_cross_entropy};

@@ -636,9 +636,22 @@ impl Tensor {
                         }
                     }
                     Op::CustomOp2(arg1, arg2, c) => {
-                        let (arg_grad1, arg_grad2) = c.bwd(arg1, arg2, node, &grad)?;
+                        // PIPE PATCH: the op may add arg1's gradient so far itself.
+                        let mut acc1 = grads.remove(arg1);
+                        let (arg_grad1, arg_grad2, summed) =
+                            c.bwd_acc(arg1, arg2, node, &grad, &mut acc1)?;
+                        if summed {
+                            drop(acc1);
+                        } else if let Some(a) = acc1 {
+                            grads.insert(arg1, a);
+                        }
                         if let Some(arg_grad1) = arg_grad1 {
-                            grads.accumulate(arg1, &arg_grad1)?;
+                            if summed {
+                                arg1.same_shape_binary_op(&arg_grad1, "add")?;
+                                grads.insert(arg1, arg_grad1.contiguous()?);
+                            } else {
+                                grads.accumulate(arg1, &arg_grad1)?;
+                            }
                         }
                         if let Some(arg_grad2) = arg_grad2 {
                             grads.accumulate(arg2, &arg_grad2)?;

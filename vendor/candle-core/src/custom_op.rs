@@ -91,6 +91,27 @@ pub trait CustomOp2 {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Err(crate::Error::BackwardNotSupported { op: self.name() })
     }
+
+    /// PIPE PATCH: `bwd` given `acc1`, the gradient the backward pass has
+    /// summed for `arg1` so far (None: none yet), taken out of the store,
+    /// for ops that can add it while they compute theirs (saving the
+    /// separate add). Returns `bwd`'s gradients and whether the first
+    /// already includes `acc1` (then it replaces the stored gradient, and
+    /// what is left in `acc1` is dropped; else `acc1` goes back and the
+    /// first is added to it). The op may take `acc1` and write into it in
+    /// place only where it is the sole handle to its storage
+    /// (`Tensor::is_sole_handle`). The default calls `bwd` (false).
+    fn bwd_acc(
+        &self,
+        arg1: &Tensor,
+        arg2: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+        _acc1: &mut Option<Tensor>,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, bool)> {
+        let (g1, g2) = self.bwd(arg1, arg2, res, grad_res)?;
+        Ok((g1, g2, false))
+    }
 }
 
 pub trait CustomOp3 {

@@ -69,6 +69,15 @@ impl AsRef<Tensor> for Tensor {
 /// Tensors are reference counted with [`Arc`] so cloning them is cheap.
 pub struct Tensor(Arc<Tensor_>);
 
+impl Tensor {
+    /// PIPE PATCH: whether this handle is the only one to its tensor and
+    /// nothing else (no other tensor, no view) shares its storage: then
+    /// writing into it in place changes no value anyone else can see.
+    pub fn is_sole_handle(&self) -> bool {
+        Arc::strong_count(&self.0) == 1 && Arc::strong_count(&self.0.storage) == 1
+    }
+}
+
 impl std::ops::Deref for Tensor {
     type Target = Tensor_;
 
