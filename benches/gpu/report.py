@@ -36,6 +36,7 @@ def main():
                 impl += " no-tc" if r.get("tensor_cores") is False else ""
                 impl += f" head={r['head_logits']}" if r.get("head_logits") else ""
                 impl += f" bwd={r['attn_bwd']}" if r.get("attn_bwd") else ""
+                impl += "".join(f" {s.removeprefix('PIPE_')}" for s in r.get("switches", []))
             tps = r["tokens_per_s"]
             mfu = ""
             if method == "full" and cfg in SHAPES:

@@ -116,6 +116,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let peak = pipe_stages::nn::gpu::peak_bytes(&device).map(|b| b as f64 / (1 << 20) as f64);
+    // Every other switch set for this run (the A/Bs of VARS= in benches/gpu/train.sh).
+    let named = ["PIPE_ATTENTION_TC", "PIPE_HEAD_LOGITS", "PIPE_ATTN_BWD", "PIPE_KEEP_POOL"];
+    let switches: Vec<String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("PIPE_") && !named.contains(&k.as_str()))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     let out = serde_json::json!({
         "impl": "pipe",
         "config": cname, "method": method, "dtype": format!("{dtype:?}").to_lowercase(),
@@ -124,6 +130,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "tensor_cores": std::env::var("PIPE_ATTENTION_TC").map_or(true, |v| v != "0"),
         "head_logits": std::env::var("PIPE_HEAD_LOGITS").ok(),
         "attn_bwd": std::env::var("PIPE_ATTN_BWD").ok(),
+        "switches": switches,
         "trainable": n_train,
         "tokens_per_s": tokens as f64 / median(&step_s),
         "step_s": median(&step_s), "fwd_bwd_s": median(&fb_s), "optimizer_s": median(&opt_s),

@@ -10,6 +10,10 @@
 //! in f32; `PIPE_ATTENTION_TC=0` falls back), f32 on CUDA cores
 //! (kernels/attn.cu).
 //!
+//! [`attention_packed`] takes q, k and v packed in one tensor (the output
+//! of one projection for all three, as full fine-tuning makes it) and
+//! gives their gradient back packed the same way.
+//!
 //! [`usable`] says whether a call can take this path; elsewhere (the CPU,
 //! f64, other head dims) the caller uses the plain composition, which the
 //! tests compare this against.
