@@ -100,20 +100,6 @@ template <int NJ> __device__ __forceinline__ void zero(float (*acc)[4]) {
   for (int j = 0; j < NJ; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 }
 
-// *p += (a, b, c, d): one vector reduction on sm_90 (p 16-byte aligned),
-// four before.
-__device__ __forceinline__ void red_add4(float *p, float a, float b, float c, float d) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(a), "f"(b), "f"(c), "f"(d)
-               : "memory");
-#else
-  atomicAdd(p, a);
-  atomicAdd(p + 1, b);
-  atomicAdd(p + 2, c);
-  atomicAdd(p + 3, d);
-#endif
-}
-
 // acc (16 x 8*NJ) = A (rows r0.. of `a`, D columns) * B^T where B's rows
 // 0.. of `b` hold the columns of the product (both row-major, D wide).
 template <int D, int NJ>

@@ -340,19 +340,6 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, unsigned i) {
   return ((unsigned long long)key << 32) | (0xffffffffu - i);
 }
 
-// *p += (a, b, c, d): one vector reduction (p 16-byte aligned).
-__device__ __forceinline__ void red_add4(float *p, float a, float b, float c, float d) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(a), "f"(b), "f"(c), "f"(d)
-               : "memory");
-#else
-  atomicAdd(p, a);
-  atomicAdd(p + 1, b);
-  atomicAdd(p + 2, c);
-  atomicAdd(p + 3, d);
-#endif
-}
-
 // Block (bx, by) of (nbx tile blocks, batch chunks of BT): it loads its
 // first tile's weights, waits (`wait`: for the kernel before, or a grid
 // barrier in the persistent step), stages its batch chunk once, then takes

@@ -95,11 +95,7 @@ pub fn attention_with(q: &Tensor, k: &Tensor, v: &Tensor, tiles: &Tensor, scale:
         );
     }
     let (q, k, v) = (super::ops::dense(q)?, super::ops::dense(k)?, super::ops::dense(v)?);
-    q.apply_op3(
-        &k,
-        &v,
-        Attn { tiles: super::ops::dense(tiles)?, scale: scale as f32, split, lse: std::sync::Mutex::new(None) },
-    )
+    q.apply_op3(&k, &v, Attn { tiles: super::ops::dense(tiles)?, scale: scale as f32, split, lse: Default::default() })
 }
 
 /// Whether [`attention_packed`] runs for heads of `d` values in tensors
@@ -138,7 +134,7 @@ pub fn attention_packed(qkv: &Tensor, hq: usize, hkv: usize, tiles: &Tensor, sca
         hkv,
         tiles: super::ops::dense(tiles)?,
         scale: scale as f32,
-        lse: std::sync::Mutex::new(None),
+        lse: Default::default(),
     })
 }
 
@@ -149,7 +145,7 @@ struct AttnPacked {
     tiles: Tensor,
     scale: f32,
     /// As [`Attn`]'s.
-    lse: std::sync::Mutex<Option<Tensor>>,
+    lse: super::ops::Saved,
 }
 
 impl candle_core::CustomOp1 for AttnPacked {
@@ -166,16 +162,12 @@ impl candle_core::CustomOp1 for AttnPacked {
         l: &candle_core::Layout,
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
         let (o, lse) = cuda::forward_packed(self, (s, l))?;
-        if let Ok(mut g) = self.lse.lock() {
-            *g = Some(lse);
-        }
+        self.lse.keep(lse);
         Ok(o)
     }
 
     fn bwd(&self, qkv: &Tensor, o: &Tensor, dout: &Tensor) -> Result<Option<Tensor>> {
-        let Some(lse) = self.lse.lock().ok().and_then(|g| g.clone()) else {
-            candle_core::bail!("fused attention: backward before forward")
-        };
+        let lse = self.lse.get("fused attention")?;
         let dout = super::ops::dense(&dout.to_dtype(qkv.dtype())?)?;
         let Some(delta) = delta(o, &dout)? else { candle_core::bail!("fused attention: packed q, k, v off CUDA") };
         backward_packed(self, qkv, &dout, &lse, &delta).map(Some)
@@ -200,7 +192,7 @@ struct Attn {
     split: bool,
     /// (Hq, N) f32, log2-sum-exp2 of the scaled scores: from the forward
     /// pass, for the backward pass.
-    lse: std::sync::Mutex<Option<Tensor>>,
+    lse: super::ops::Saved,
 }
 
 impl candle_core::CustomOp3 for Attn {
@@ -221,9 +213,7 @@ impl candle_core::CustomOp3 for Attn {
         vl: &candle_core::Layout,
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
         let (o, lse) = cuda::forward(self, (qs, ql), (ks, kl), (vs, vl))?;
-        if let Ok(mut g) = self.lse.lock() {
-            *g = Some(lse);
-        }
+        self.lse.keep(lse);
         Ok(o)
     }
 
@@ -235,9 +225,7 @@ impl candle_core::CustomOp3 for Attn {
         o: &Tensor,
         dout: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let Some(lse) = self.lse.lock().ok().and_then(|g| g.clone()) else {
-            candle_core::bail!("fused attention: backward before forward")
-        };
+        let lse = self.lse.get("fused attention")?;
         let dout = super::ops::dense(&dout.to_dtype(q.dtype())?)?;
         // delta_i = rowsum(dO_i * O_i), (N, Hq): one kernel on tensor cores' path.
         let delta = match delta(o, &dout)? {

@@ -92,7 +92,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
             x.dtype()
         );
     }
-    dense(x)?.apply_op2(&dense(w)?, RmsNorm { eps: eps as f32, rstd: Default::default() })
+    dense(x)?.apply_op2(&dense(w)?, RmsNorm { eps: eps as f32, rstd: crate::nn::ops::Saved::default() })
 }
 
 /// Rotary embedding of `x` (N, heads, head_dim) with `cos`/`sin` (N,
@@ -373,7 +373,7 @@ fn norm_bwd_split() -> bool {
 struct RmsNorm {
     eps: f32,
     /// 1 / rms of each row (f32), from the forward pass.
-    rstd: std::sync::Mutex<Option<Tensor>>,
+    rstd: crate::nn::ops::Saved,
 }
 
 struct Rope {
@@ -404,9 +404,7 @@ impl candle_core::CustomOp2 for RmsNorm {
         let x = x.reshape(((), h))?;
         let inv = crate::nn::ops::rms_inv(&x, self.eps as f64)?;
         let y = x.broadcast_mul(&inv)?.broadcast_mul(&w)?;
-        if let Ok(mut g) = self.rstd.lock() {
-            *g = Some(inv.squeeze(1)?);
-        }
+        self.rstd.keep(inv.squeeze(1)?);
         cpu_storage(&y.reshape(xl.shape())?, self.name())
     }
 
@@ -419,15 +417,8 @@ impl candle_core::CustomOp2 for RmsNorm {
         wl: &candle_core::Layout,
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
         let (y, rstd) = cuda::rms_norm_fwd(self.eps, (xs, xl), (ws, wl))?;
-        if let Ok(mut g) = self.rstd.lock() {
-            *g = Some(rstd);
-        }
+        self.rstd.keep(rstd);
         Ok((y, xl.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, w: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.bwd_acc(x, w, y, dy, &mut None)?;
-        Ok((dx, dw))
     }
 
     /// On CUDA, x's gradient so far (`acc`: in a Llama block, the residual
@@ -441,18 +432,17 @@ impl candle_core::CustomOp2 for RmsNorm {
         dy: &Tensor,
         acc: &mut Option<Tensor>,
     ) -> Result<(Option<Tensor>, Option<Tensor>, bool)> {
-        let Some(rstd) = self.rstd.lock().ok().and_then(|g| g.clone()) else {
-            candle_core::bail!("fused rms_norm: backward before forward")
-        };
+        let rstd = self.rstd.get("fused rms_norm")?;
         let dy = dense(&dy.to_dtype(x.dtype())?)?;
+        // CUDA's kernels fold the sum in, and with a trained weight take one
+        // pass (unless PIPE_NORM_BWD=split).
+        let fold = !x.device().is_cpu() && !norm_bwd_split();
         let acc = match acc.as_ref() {
-            Some(a) if !x.device().is_cpu() && !norm_bwd_split() && a.dims() == x.dims() && a.dtype() == x.dtype() => {
-                Some(dense(a)?)
-            }
+            Some(a) if fold && a.dims() == x.dims() && a.dtype() == x.dtype() => Some(dense(a)?),
             _ => None,
         };
         let summed = acc.is_some();
-        if w.track_op() && !x.device().is_cpu() && !norm_bwd_split() {
+        if fold && w.track_op() {
             if let Some((dx, dw)) = backward::rms_norm_with_dw(x, w, &dy, &rstd, acc.as_ref())? {
                 return Ok((Some(dx), Some(dw), summed));
             }

@@ -289,6 +289,27 @@ pub fn trained_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 struct TrainedMatmul;
 
+/// A tensor a custom op's forward pass keeps for its backward pass (log-sum-
+/// exps, 1 / rms, x @ A.T).
+#[derive(Default)]
+pub(crate) struct Saved(std::sync::Mutex<Option<Tensor>>);
+
+impl Saved {
+    pub fn keep(&self, t: Tensor) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = Some(t);
+        }
+    }
+
+    /// What the forward pass kept; an error naming `op` before it ran.
+    pub fn get(&self, op: &str) -> Result<Tensor> {
+        match self.0.lock().ok().and_then(|g| g.clone()) {
+            Some(t) => Ok(t),
+            None => candle_core::bail!("{op}: backward before forward"),
+        }
+    }
+}
+
 impl TrainedMatmul {
     fn product<S: BackendStorage>(s: &S, l: &Layout, ws: &S, wl: &Layout) -> Result<(S, Shape)> {
         let ((m, k), (n, _)) = (l.shape().dims2()?, wl.shape().dims2()?);
@@ -314,11 +335,6 @@ impl candle_core::CustomOp2 for TrainedMatmul {
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         Self::product(s, l, ws, wl)
-    }
-
-    fn bwd(&self, x: &Tensor, w: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.bwd_acc(x, w, y, dy, &mut None)?;
-        Ok((dx, dw))
     }
 
     /// On CUDA, where x's gradient so far is a dense tensor nothing else
@@ -417,7 +433,7 @@ pub fn lora_linear(x: &Tensor, w: FrozenWeight, a: &Tensor, b: &Tensor, scale: f
             b.dtype()
         );
     }
-    dense(x)?.apply_op3(&dense(a)?, &dense(b)?, LoraLinear { w, scale, xa: std::sync::Mutex::new(None) })
+    dense(x)?.apply_op3(&dense(a)?, &dense(b)?, LoraLinear { w, scale, xa: Saved::default() })
 }
 
 /// A frozen weight for [`frozen_matmul`]-style products: dense, or NF4
@@ -463,7 +479,7 @@ struct LoraLinear {
     w: FrozenWeight,
     scale: f64,
     /// `x @ a.T` (unscaled) from the forward pass.
-    xa: std::sync::Mutex<Option<Tensor>>,
+    xa: Saved,
 }
 
 impl LoraLinear {
@@ -492,9 +508,7 @@ impl LoraLinear {
     }
 
     fn keep_xa(&self, xa: Storage, m: usize, r: usize) {
-        if let Ok(mut g) = self.xa.lock() {
-            *g = Some(Tensor::from_storage(xa, (m, r), BackpropOp::none(), false));
-        }
+        self.xa.keep(Tensor::from_storage(xa, (m, r), BackpropOp::none(), false));
     }
 }
 
@@ -603,9 +617,7 @@ impl candle_core::CustomOp3 for LoraLinear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let Some(xa) = self.xa.lock().ok().and_then(|g| g.clone()) else {
-            candle_core::bail!("lora-linear: backward before forward")
-        };
+        let xa = self.xa.get("lora-linear")?;
         // The gradients are computed from detached inputs: a gradient that
         // keeps a graph (of `x`, `dy`, the adapter) would hold those tensors
         // in the gradient store until the whole backward pass is over.

@@ -100,7 +100,9 @@ pub trait CustomOp2 {
     /// what is left in `acc1` is dropped; else `acc1` goes back and the
     /// first is added to it). The op may take `acc1` and write into it in
     /// place only where it is the sole handle to its storage
-    /// (`Tensor::is_sole_handle`). The default calls `bwd` (false).
+    /// (`Tensor::is_sole_handle`). The default calls `bwd` (false). The
+    /// backward pass calls only this: an op that implements it need not
+    /// implement `bwd`.
     fn bwd_acc(
         &self,
         arg1: &Tensor,
