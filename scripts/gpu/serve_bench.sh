@@ -23,7 +23,8 @@
 #      step replayed as a CUDA graph, projections on tensor cores (the
 #      default); dot: the same with warp-per-row dot products
 #      (PIPE_DECODE_TC=0); mega: steps of up to 8 rows as one persistent
-#      kernel (PIPE_DECODE_MEGA=1); nocoop: the same launched without the
+#      kernel (PIPE_DECODE_MEGA=1); stream: the same with each block's
+#      weights streamed through shared memory (PIPE_DECODE_STREAM=1); nocoop: the same launched without the
 #      cooperative attribute; tile: the five-launch step with the older
 #      attention (PIPE_DECODE_ATTN=tile: a thread per position of a tile);
 #      nograph: the same kernels launched one by one;
@@ -60,9 +61,10 @@ run)
   # launches, PIPE_DECODE_PDL=0), nograph (kernels launched one by one),
   # candle (PIPE_DECODE_GRAPH=0: candle ops), mega, nocoop and tile (above).
   variant_env() {
-    tc=1 pdl=1 mega=0 coop=1 attn=chunk
+    tc=1 pdl=1 mega=0 coop=1 attn=chunk stream=0
     case $1 in
     candle) sw=0 ;; nograph) sw=nograph ;; dot) sw=1 tc=0 ;; nopdl) sw=1 pdl=0 ;; mega) sw=1 mega=1 ;;
+    stream) sw=1 stream=1 ;;
     nocoop) sw=1 mega=1 coop=0 ;; tile) sw=1 attn=tile ;; *) sw=1 ;;
     esac
   }
@@ -84,7 +86,7 @@ run)
   for v in ${VARIANTS:-graph candle}; do
     variant_env "$v"
     PIPE_DECODE_GRAPH=$sw PIPE_DECODE_TC=$tc PIPE_DECODE_PDL=$pdl PIPE_DECODE_MEGA=$mega PIPE_DECODE_COOP=$coop PIPE_DECODE_ATTN=$attn \
-      timeout 120 ./decode_bench \
+      PIPE_DECODE_STREAM=$stream timeout 120 ./decode_bench \
       --config "${CONFIG:-src/config.json}" --batches "${BATCHES:-$CONC}" --prompt 100 --steps 64 ${BENCH_ARGS:-} |
       sed "s/^{/{\"variant\": \"$v\", /" | tee -a "$R" || true
   done
@@ -94,7 +96,7 @@ run)
   for v in ${SERVE_VARIANTS:-${VARIANTS:-graph candle}}; do
     variant_env "$v"
     PIPE_LOG=info PIPE_DECODE_GRAPH=$sw PIPE_DECODE_TC=$tc PIPE_DECODE_PDL=$pdl PIPE_DECODE_MEGA=$mega PIPE_DECODE_COOP=$coop \
-      PIPE_DECODE_ATTN=$attn \
+      PIPE_DECODE_ATTN=$attn PIPE_DECODE_STREAM=$stream \
       ./pipe serve smol --device cuda --dtype bf16 --port 0 --max-batch 64 2> "serve_$v.log" &
     SP=$!
     for _ in $(seq 1 300); do grep -q "serving" "serve_$v.log" && break; sleep 0.2; done

@@ -1083,3 +1083,588 @@ template <int HD> __device__ void mega(const Mega &m) {
 
 extern "C" __global__ void __launch_bounds__(TILE, 1) dec_mega_64(Mega m) { mega<64>(m); }
 extern "C" __global__ void __launch_bounds__(TILE, 1) dec_mega_128(Mega m) { mega<128>(m); }
+
+// ---- The whole step as one persistent kernel, weights streamed ----
+//
+// `dec_stream_<HD>_<BT>` (src/nn/decode.rs's `PIPE_DECODE_STREAM`): one block
+// of SNT threads per SM, BT rows (1, 2, 4 or 8). Every block owns a fixed
+// share of every layer's weights: rotary pairs of q/k/v rows; for blocks
+// 0..nh-1 the attention of query head j and its rows of the transposed
+// output projection; for the others a range of MLP units (a unit: a gate
+// row, an up row and a row of the transposed down projection). Those rows,
+// then the block's rows of the LM head, form one fixed sequence of chunks of
+// `ch` rows that streams through a ring of NSLOT shared-memory slots with
+// cp.async, NSLOT - 1 chunks ahead of the one in use: the weights do not
+// depend on the step's values, so their loads run ahead across phases and
+// barriers, and a phase's work starts from shared memory. Per layer:
+//   A (every block): RMSNorm of the residual (each block does the rows
+//      itself), its q/k/v pairs + rotary + KV write; then a release add on
+//      the q/k/v counter;
+//   B (blocks 0..nh-1): wait for every block's q/k/v (the keys and values
+//      of older positions, which no block writes in this step, were loaded
+//      into registers before), attention of head j for every row, then
+//      its share of the output projection (attention output times its 64 or
+//      128 rows of o^T) summed into the next residual with f32 reductions;
+//   grid barrier;
+//   C (the other blocks): RMSNorm, gate/up + SwiGLU, then down^T rows
+//      times the SwiGLU values summed into the next residual;
+//   grid barrier.
+// Residuals rotate over three buffers (input, after attention, after the
+// MLP): a buffer is zeroed two phases before it is summed into, and each
+// block adds its slice of the previous residual into the new one, so no
+// block waits for a copy. Values written during the kernel are read with
+// ld.global.cg (L2), never through L1. The sums' order varies: the last
+// bits of a step's logits vary from run to run.
+
+#define SNT 256
+#define SNW (SNT / 32)
+#define NSLOT 16
+
+struct StreamLayer {
+  const bf16 *ln1, *q, *k, *v, *ot, *ln2, *gate, *up, *downt;
+  bf16 *kc, *vc;
+};
+
+struct Stream {
+  const StreamLayer *layers;
+  const unsigned *tok, *pos, *table;
+  const bf16 *embed, *norm, *head;
+  const float *inv_freq;
+  float *x;                 // (3, BT, H): the residual buffers
+  float *q;                 // (BT, nh, hd)
+  float *logits;            // (BT, V)
+  unsigned long long *best; // (BT) argmax keys
+  unsigned *bar;            // [0] grid barrier, [1] q/k/v done (zero at the start)
+  int L, H, I, V, nh, kv, maxb;
+  int ch;                   // weight rows a ring slot holds (>= 3)
+  float eps, scale;
+};
+
+// Block blockIdx.x's share of the step.
+struct Plan {
+  int p0, np, nq;  // rotary pairs p0.. (np), in nq chunks of pp
+  int head;        // attention head, or -1
+  int u0, nu;      // MLP units u0.. (nu), in chunks of up
+  int nx;          // chunks of a layer after the q/k/v ones
+  int v0, nv;      // LM head rows
+  int per, total;  // chunks a layer, chunks of the step
+  int pp, up;
+};
+
+__device__ __forceinline__ int share(int n, int j, int parts) { return (int)((long long)n * j / parts); }
+
+template <int HD> __device__ Plan plan(const Stream &s) {
+  Plan p;
+  const int G = gridDim.x, j = blockIdx.x;
+  const int P = (s.nh + 2 * s.kv) * HD / 2;
+  p.pp = s.ch / 2;
+  p.up = s.ch / 3;
+  p.p0 = share(P, j, G);
+  p.np = share(P, j + 1, G) - p.p0;
+  p.nq = (p.np + p.pp - 1) / p.pp;
+  if (j < s.nh) {
+    p.head = j;
+    p.u0 = p.nu = 0;
+    p.nx = (HD + s.ch - 1) / s.ch;
+  } else {
+    const int M = G - s.nh, m = j - s.nh;
+    p.head = -1;
+    p.u0 = share(s.I, m, M);
+    p.nu = share(s.I, m + 1, M) - p.u0;
+    p.nx = (p.nu + p.up - 1) / p.up;
+  }
+  p.v0 = share(s.V, j, G);
+  p.nv = share(s.V, j + 1, G) - p.v0;
+  p.per = p.nq + p.nx;
+  p.total = s.L * p.per + (p.nv + s.ch - 1) / s.ch;
+  return p;
+}
+
+// Row r of the block's chunk c (null past the chunk's rows or the step).
+template <int HD> __device__ const bf16 *chunk_row(const Stream &s, const Plan &p, int c, int r) {
+  if (c >= p.total || r >= s.ch) return nullptr;
+  if (c >= s.L * p.per) {
+    const int i = (c - s.L * p.per) * s.ch + r;
+    return i < p.nv ? s.head + (size_t)(p.v0 + i) * s.H : nullptr;
+  }
+  const StreamLayer &w = s.layers[c / p.per];
+  int k = c % p.per;
+  if (k < p.nq) {
+    const int pr = k * p.pp + r / 2;
+    if (r >= 2 * p.pp || pr >= p.np) return nullptr;
+    const int u = p.p0 + pr, half = HD / 2, hh = u / half, i = u % half;
+    const bf16 *m;
+    int h;
+    if (hh < s.nh) {
+      m = w.q;
+      h = hh;
+    } else if (hh < s.nh + s.kv) {
+      m = w.k;
+      h = hh - s.nh;
+    } else {
+      m = w.v;
+      h = hh - s.nh - s.kv;
+    }
+    return m + (size_t)(h * HD + i + (r & 1) * half) * s.H;
+  }
+  k -= p.nq;
+  if (p.head >= 0) {
+    const int d = k * s.ch + r;
+    return d < HD ? w.ot + (size_t)(p.head * HD + d) * s.H : nullptr;
+  }
+  const int uu = k * p.up + r / 3;
+  if (r >= 3 * p.up || uu >= p.nu) return nullptr;
+  const int u = p.u0 + uu, kind = r % 3;
+  return (kind == 0 ? w.gate : kind == 1 ? w.up : w.downt) + (size_t)u * s.H;
+}
+
+// The block's chunk c into its ring slot (one cp.async group, empty past
+// the step's chunks).
+template <int HD> __device__ void issue(const Stream &s, const Plan &p, bf16 *ring, int c) {
+  if (c < p.total) {
+    bf16 *slot = ring + (size_t)(c % NSLOT) * s.ch * s.H;
+    const int per_row = s.H / 8;
+    int r = -1;
+    const bf16 *src = nullptr;
+    for (int i = threadIdx.x; i < s.ch * per_row; i += SNT) {
+      const int ri = i / per_row, q = i % per_row;
+      if (ri != r) {
+        r = ri;
+        src = chunk_row<HD>(s, p, c, r);
+      }
+      if (src) cp16(slot + (size_t)r * s.H + q * 8, src + q * 8, true);
+    }
+  }
+  cp_commit();
+}
+
+// The next chunk of the block's sequence (`c`, advanced), once its copy has
+// landed; the chunk NSLOT - 1 on goes into the slot the previous one used.
+template <int HD> __device__ const bf16 *take(const Stream &s, const Plan &p, bf16 *ring, int &c) {
+  cp_wait<NSLOT - 2>();
+  __syncthreads();
+  issue<HD>(s, p, ring, c + NSLOT - 1);
+  const bf16 *w = ring + (size_t)(c % NSLOT) * s.ch * s.H;
+  c++;
+  return w;
+}
+
+// The warp's dot products of R weight rows (shared memory) with the BT
+// staged rows xs (bf16, (BT, H)); every lane gets the sums.
+template <int BT, int R>
+__device__ __forceinline__ void dots(const bf16 *const *rows, const bf16 *xs, int H, float (&out)[R][BT]) {
+  const int lane = threadIdx.x % 32;
+  float acc[R][BT];
+#pragma unroll
+  for (int r = 0; r < R; r++)
+#pragma unroll
+    for (int b = 0; b < BT; b++) acc[r][b] = 0.f;
+  for (int c = lane; c < H / 8; c += 32) {
+    float w[R][8];
+#pragma unroll
+    for (int r = 0; r < R; r++) unpack8(*reinterpret_cast<const uint4 *>(rows[r] + c * 8), w[r]);
+#pragma unroll
+    for (int b = 0; b < BT; b++) {
+      float xv[8];
+      unpack8(*reinterpret_cast<const uint4 *>(xs + (size_t)b * H + c * 8), xv);
+#pragma unroll
+      for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int i = 0; i < 8; i++) acc[r][b] = fmaf(w[r][i], xv[i], acc[r][b]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; r++)
+#pragma unroll
+    for (int b = 0; b < BT; b++) out[r][b] = warp_sum(acc[r][b]);
+}
+
+// xs = RMSNorm(x) * g in bf16, a warp per row (H <= 2048: the row stays in
+// registers). x was written during the kernel: read from L2.
+template <int BT> __device__ void norm_rows(const float *x, const bf16 *g, int H, float eps, bf16 *xs) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (warp < BT) {
+    const float *r = x + (size_t)warp * H;
+    float4 v[16];
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+      const int k = (lane + i * 32) * 4;
+      v[i] = k < H ? __ldcg(reinterpret_cast<const float4 *>(r + k)) : make_float4(0.f, 0.f, 0.f, 0.f);
+      ss += v[i].x * v[i].x + v[i].y * v[i].y + v[i].z * v[i].z + v[i].w * v[i].w;
+    }
+    const float inv = rsqrtf(warp_sum(ss) / H + eps);
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+      const int k = (lane + i * 32) * 4;
+      if (k >= H) break;
+      const __nv_bfloat162 *gg = reinterpret_cast<const __nv_bfloat162 *>(g + k);
+      const float2 g0 = __bfloat1622float2(gg[0]), g1 = __bfloat1622float2(gg[1]);
+      __nv_bfloat162 *d = reinterpret_cast<__nv_bfloat162 *>(xs + (size_t)warp * H + k);
+      d[0] = __floats2bfloat162_rn(v[i].x * inv * g0.x, v[i].y * inv * g0.y);
+      d[1] = __floats2bfloat162_rn(v[i].z * inv * g1.x, v[i].w * inv * g1.y);
+    }
+  }
+}
+
+// The block's slice of the (BT, H) residual: `zero` cleared, `from` added
+// into `into` (both may be null).
+template <int BT> __device__ void residual_slice(const Stream &s, float *zero, const float *from, float *into) {
+  const int n4 = BT * s.H / 4, lo = share(n4, blockIdx.x, gridDim.x), hi = share(n4, blockIdx.x + 1, gridDim.x);
+  for (int i = lo + threadIdx.x; i < hi; i += SNT) {
+    if (zero) reinterpret_cast<float4 *>(zero)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (from) {
+      const float4 v = __ldcg(reinterpret_cast<const float4 *>(from) + i);
+      red_add4(into + (size_t)i * 4, v.x, v.y, v.z, v.w);
+    }
+  }
+}
+
+// Keys and values of older positions that a warp's first round reads
+// (positions warp * 32 + lane, all in one KV block), loaded before the
+// wait: no block writes them in this step. Values only at head dim 64 (a
+// lane's two dimensions of 32 positions: 32 registers).
+template <int HD> struct AttPre {
+  uint4 k[HD / 8];
+  unsigned v[HD == 64 ? 32 : 1];
+};
+
+template <int HD>
+__device__ void att_load(const Stream &s, const StreamLayer &w, int b, int g, int len, AttPre<HD> &pre) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, base = warp * 32;
+  if (base >= len - 1) return;
+  const size_t row = (size_t)s.kv * HD;
+  const unsigned blk = s.table[(size_t)b * s.maxb + warp];
+  if (base + lane < len - 1) {
+    const uint4 *kr = reinterpret_cast<const uint4 *>(w.kc + (size_t)(blk * KV_BLOCK + lane) * row + g * HD);
+#pragma unroll
+    for (int c = 0; c < HD / 8; c++) pre.k[c] = kr[c];
+  }
+  if constexpr (HD == 64) {
+#pragma unroll
+    for (int i = 0; i < 32; i++)
+      if (base + i < len - 1)
+        pre.v[i] = *reinterpret_cast<const unsigned *>(w.vc + (size_t)(blk * KV_BLOCK + i) * row + g * HD + lane * 2);
+  }
+}
+
+// Attention of row b, query head h over positions 0..len-1 into out (HD
+// f32, shared): warps take 32 positions a round (a lane each), each with
+// its own online softmax and P.V sums (a lane holds HD / 32 dimensions),
+// meeting once at the end. `pre` holds the first round's older positions.
+template <int HD>
+__device__ void att_run(const Stream &s, const StreamLayer &w, int b, int h, int len, const AttPre<HD> &pre,
+                        float *qs, float *wsum, float *out) {
+  constexpr int DL = HD / 32;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = h / (s.nh / s.kv);
+  const size_t row = (size_t)s.kv * HD;
+  for (int d = tid; d < HD; d += SNT) qs[d] = __ldcg(s.q + ((size_t)b * s.nh + h) * HD + d) * s.scale;
+  __syncthreads();
+  float m = -INFINITY, l = 0.f, acc[DL];
+#pragma unroll
+  for (int d = 0; d < DL; d++) acc[d] = 0.f;
+  for (int r0 = 0; r0 < len; r0 += SNW * 32) {
+    const int base = r0 + warp * 32;
+    if (base >= len) break;  // warp-uniform
+    const int p = base + lane;
+    const unsigned blk = s.table[(size_t)b * s.maxb + base / KV_BLOCK];
+    float sc = -INFINITY;
+    if (p < len) {
+      uint4 kk[HD / 8];
+      const uint4 *kr = reinterpret_cast<const uint4 *>(w.kc + (size_t)(blk * KV_BLOCK + lane) * row + g * HD);
+      if (r0 == 0 && p < len - 1) {
+#pragma unroll
+        for (int c = 0; c < HD / 8; c++) kk[c] = pre.k[c];
+      } else {
+#pragma unroll
+        for (int c = 0; c < HD / 8; c++) kk[c] = __ldcg(kr + c);
+      }
+      float d = 0.f;
+#pragma unroll
+      for (int c = 0; c < HD / 8; c++) {
+        float k8[8];
+        unpack8(kk[c], k8);
+#pragma unroll
+        for (int i = 0; i < 8; i++) d = fmaf(qs[c * 8 + i], k8[i], d);
+      }
+      sc = d;
+    }
+    float mx = sc;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    const float mn = fmaxf(m, mx);
+    const float e = p < len ? __expf(sc - mn) : 0.f;
+    const float corr = m == -INFINITY ? 0.f : __expf(m - mn);
+    l = l * corr + warp_sum(e);
+    m = mn;
+#pragma unroll
+    for (int d = 0; d < DL; d++) acc[d] *= corr;
+    const int n = min(32, len - base);
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+      if (i < n) {
+        const float pr = __shfl_sync(0xffffffffu, e, i);
+        const bf16 *vr = w.vc + (size_t)(blk * KV_BLOCK + i) * row + g * HD + lane * DL;
+        if constexpr (DL == 2) {
+          unsigned u;
+          if (r0 == 0 && base + i < len - 1)
+            u = pre.v[i];
+          else
+            u = __ldcg(reinterpret_cast<const unsigned *>(vr));
+          const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u));
+          acc[0] = fmaf(pr, f.x, acc[0]);
+          acc[1] = fmaf(pr, f.y, acc[1]);
+        } else {
+          const uint2 u = __ldcg(reinterpret_cast<const uint2 *>(vr));
+          const float2 f0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
+          const float2 f1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
+          acc[0] = fmaf(pr, f0.x, acc[0]);
+          acc[1] = fmaf(pr, f0.y, acc[1]);
+          acc[2] = fmaf(pr, f1.x, acc[2]);
+          acc[3] = fmaf(pr, f1.y, acc[3]);
+        }
+      }
+    }
+  }
+  // wsum: (SNW, HD + 2): a warp's sums, then its max and total.
+  float *mine = wsum + warp * (HD + 2);
+#pragma unroll
+  for (int d = 0; d < DL; d++) mine[lane * DL + d] = acc[d];
+  if (lane == 0) {
+    mine[HD] = m;
+    mine[HD + 1] = l;
+  }
+  __syncthreads();
+  for (int d = tid; d < HD; d += SNT) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < SNW; k++) mx = fmaxf(mx, wsum[k * (HD + 2) + HD]);
+    float o = 0.f, sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < SNW; k++) {
+      const float mw = wsum[k * (HD + 2) + HD];
+      if (mw != -INFINITY) {
+        const float e = __expf(mw - mx);
+        o += e * wsum[k * (HD + 2) + d];
+        sum += e * wsum[k * (HD + 2) + HD + 1];
+      }
+    }
+    // As the other paths, the attention output is rounded to bf16.
+    out[d] = __bfloat162float(__float2bfloat16(sum > 0.f ? o / sum : 0.f));
+  }
+  __syncthreads();
+}
+
+// acc[b][0..8) += vals[u * BT + b] * rows[u][t * 8 ..] over n rows of a
+// chunk (thread t < H / 8; rows are H long).
+template <int BT>
+__device__ __forceinline__ void axpy_rows(const bf16 *rows, int stride, int n, int H, const float *vals,
+                                          int vstride, float (&acc)[BT][8]) {
+  const int t = threadIdx.x;
+  if (t >= H / 8) return;
+  for (int u = 0; u < n; u++) {
+    float w[8];
+    unpack8(*reinterpret_cast<const uint4 *>(rows + (size_t)u * stride + t * 8), w);
+#pragma unroll
+    for (int b = 0; b < BT; b++) {
+      const float a = vals[u * vstride + b];
+#pragma unroll
+      for (int i = 0; i < 8; i++) acc[b][i] = fmaf(a, w[i], acc[b][i]);
+    }
+  }
+}
+
+template <int BT> __device__ __forceinline__ void add_rows(float *x, int H, const float (&acc)[BT][8]) {
+  const int t = threadIdx.x;
+  if (t >= H / 8) return;
+#pragma unroll
+  for (int b = 0; b < BT; b++) {
+    float *p = x + (size_t)b * H + t * 8;
+    red_add4(p, acc[b][0], acc[b][1], acc[b][2], acc[b][3]);
+    red_add4(p + 4, acc[b][4], acc[b][5], acc[b][6], acc[b][7]);
+  }
+}
+
+template <int BT> __device__ __forceinline__ void zero_acc(float (&acc)[BT][8]) {
+#pragma unroll
+  for (int b = 0; b < BT; b++)
+#pragma unroll
+    for (int i = 0; i < 8; i++) acc[b][i] = 0.f;
+}
+
+template <int HD, int BT> __device__ void stream_step(const Stream &s) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int H = s.H, G = gridDim.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  bf16 *ring = reinterpret_cast<bf16 *>(smem);
+  bf16 *xs = ring + (size_t)NSLOT * s.ch * H;          // (BT, H)
+  float *act = reinterpret_cast<float *>(xs + BT * H); // (64, BT) SwiGLU values / attention outputs
+  float *att = act + 64 * BT;                          // (BT, HD)
+  float *qs = att + BT * HD;                           // (HD)
+  float *wsum = qs + HD;                               // (SNW, HD + 2)
+  __shared__ unsigned spos[BT], sblk[BT];
+  __shared__ unsigned long long sbest[BT];
+  const Plan p = plan<HD>(s);
+  // The first NSLOT - 1 chunks (the step's inputs are not needed for them).
+  for (int c = 0; c < NSLOT - 1; c++) issue<HD>(s, p, ring, c);
+  int c = 0;
+  if (tid < BT) {
+    spos[tid] = s.pos[tid];
+    sblk[tid] = s.table[(size_t)tid * s.maxb + spos[tid] / KV_BLOCK];
+    sbest[tid] = 0ull;
+  }
+  const size_t BH = (size_t)BT * H;
+  auto xb = [&](int i) { return s.x + (size_t)(i % 3) * BH; };
+  // Embed into buffer 0; buffer 1 (the first layer's sum after attention) zeroed.
+  for (size_t i = (size_t)blockIdx.x * SNT + tid; i < BH; i += (size_t)G * SNT) {
+    s.x[i] = __bfloat162float(s.embed[(size_t)s.tok[i / H] * H + i % H]);
+    s.x[BH + i] = 0.f;
+  }
+  if (blockIdx.x == 0 && tid < BT) s.best[tid] = 0ull;
+  unsigned epoch = 0;
+  grid_sync(s.bar, epoch);
+  Gemv e{};  // the q/k/v epilogue's arguments
+  e.pos = s.pos;
+  e.table = s.table;
+  e.inv_freq = s.inv_freq;
+  e.out = s.q;
+  e.nh = s.nh;
+  e.kv = s.kv;
+  e.hd = HD;
+  e.maxb = s.maxb;
+  for (int l = 0; l < s.L; l++) {
+    const StreamLayer &w = s.layers[l];
+    float *xin = xb(2 * l), *xmid = xb(2 * l + 1), *xout = xb(2 * l + 2);
+    // A: q/k/v. Attention blocks first load the older keys and values of
+    // row 0 (they are not written in this step).
+    AttPre<HD> pre;
+    const int g = p.head >= 0 ? p.head / (s.nh / s.kv) : 0;
+    if (p.head >= 0) att_load<HD>(s, w, 0, g, spos[0] + 1, pre);
+    norm_rows<BT>(xin, w.ln1, H, s.eps, xs);
+    residual_slice<BT>(s, xout, xin, xmid);
+    e.kc = w.kc;
+    e.vc = w.vc;
+    for (int k = 0; k < p.nq; k++) {
+      const bf16 *wc = take<HD>(s, p, ring, c);  // (its barrier also orders xs)
+      const int n = min(p.pp, p.np - k * p.pp);
+      for (int it = warp; it < n; it += SNW) {
+        const bf16 *rows[2] = {wc + (size_t)(2 * it) * H, wc + (size_t)(2 * it + 1) * H};
+        float v[2][BT];
+        dots<BT, 2>(rows, xs, H, v);
+        float v0 = 0.f, v1 = 0.f;
+#pragma unroll
+        for (int b = 0; b < BT; b++)
+          if (lane == b) {
+            v0 = v[0][b];
+            v1 = v[1][b];
+          }
+        if (lane < BT) epilogue<OUT_QKV>(e, p.p0 + k * p.pp + it, lane, v0, v1, spos[lane], sblk[lane]);
+      }
+    }
+    __syncthreads();
+    if (tid == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(s.bar + 1) : "memory");
+    if (p.head >= 0) {
+      // B: attention of head p.head for every row, then its share of the
+      // output projection.
+      if (tid == 0) {
+        unsigned seen;
+        do {
+          asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(s.bar + 1) : "memory");
+        } while (seen < (unsigned)(G * (l + 1)));
+      }
+      __syncthreads();
+      for (int b = 0; b < BT; b++) {
+        const int len = spos[b] + 1;
+        if (b > 0) att_load<HD>(s, w, b, g, len, pre);
+        att_run<HD>(s, w, b, p.head, len, pre, qs, wsum, att + b * HD);
+      }
+      // att as (HD, BT) values for axpy_rows: att[b * HD + d] is row d's value of b.
+      float acc[BT][8];
+      zero_acc<BT>(acc);
+      for (int k = 0; k < p.nx; k++) {
+        const bf16 *wc = take<HD>(s, p, ring, c);
+        const int d0 = k * s.ch, n = min(s.ch, HD - d0);
+        if (tid < H / 8)
+          for (int u = 0; u < n; u++) {
+            float wv[8];
+            unpack8(*reinterpret_cast<const uint4 *>(wc + (size_t)u * H + tid * 8), wv);
+#pragma unroll
+            for (int b = 0; b < BT; b++) {
+              const float a = att[b * HD + d0 + u];
+#pragma unroll
+              for (int i = 0; i < 8; i++) acc[b][i] = fmaf(a, wv[i], acc[b][i]);
+            }
+          }
+      }
+      add_rows<BT>(xmid, H, acc);
+    }
+    grid_sync(s.bar, epoch);
+    // C: the MLP (blocks without a head); every block's residual slice.
+    residual_slice<BT>(s, xin, xmid, xout);
+    if (p.head < 0) {
+      norm_rows<BT>(xmid, w.ln2, H, s.eps, xs);
+      float acc[BT][8];
+      zero_acc<BT>(acc);
+      for (int k = 0; k < p.nx; k++) {
+        const bf16 *wc = take<HD>(s, p, ring, c);
+        const int n = min(p.up, p.nu - k * p.up);
+        for (int it = warp; it < n; it += SNW) {
+          const bf16 *rows[2] = {wc + (size_t)(3 * it) * H, wc + (size_t)(3 * it + 1) * H};
+          float v[2][BT];
+          dots<BT, 2>(rows, xs, H, v);
+          if (lane < BT) {
+            float g0 = 0.f, u0 = 0.f;
+#pragma unroll
+            for (int b = 0; b < BT; b++)
+              if (lane == b) {
+                g0 = v[0][b];
+                u0 = v[1][b];
+              }
+            // Rounded to bf16 as the other paths store SwiGLU's output.
+            act[it * BT + lane] = __bfloat162float(__float2bfloat16(g0 / (1.f + __expf(-g0)) * u0));
+          }
+        }
+        __syncthreads();
+        axpy_rows<BT>(wc + 2 * (size_t)H, 3 * H, n, H, act, BT, acc);
+      }
+      add_rows<BT>(xout, H, acc);
+    }
+    grid_sync(s.bar, epoch);
+  }
+  // The final norm and the block's rows of the LM head, keeping each row's
+  // argmax (lane b of each warp for row b).
+  const float *xf = xb(2 * s.L);
+  norm_rows<BT>(xf, s.norm, H, s.eps, xs);
+  unsigned long long best = 0ull;
+  const int nhc = (p.nv + s.ch - 1) / s.ch;
+  for (int k = 0; k < nhc; k++) {
+    const bf16 *wc = take<HD>(s, p, ring, c);
+    const int n = min(s.ch, p.nv - k * s.ch);
+    for (int it = warp; it < n; it += SNW) {
+      const bf16 *rows[1] = {wc + (size_t)it * H};
+      float v[1][BT];
+      dots<BT, 1>(rows, xs, H, v);
+      const int vi = p.v0 + k * s.ch + it;
+#pragma unroll
+      for (int b = 0; b < BT; b++)
+        if (lane == b) {
+          s.logits[(size_t)b * s.V + vi] = v[0][b];
+          best = max(best, argmax_key(v[0][b], vi));
+        }
+    }
+  }
+  if (lane < BT) atomicMax(&sbest[lane], best);
+  __syncthreads();
+  if (tid < BT) atomicMax(s.best + tid, sbest[tid]);
+}
+
+#define STREAM(HD, BT)                                                                               \
+  extern "C" __global__ void __launch_bounds__(SNT, 1) dec_stream_##HD##_##BT(Stream s) { stream_step<HD, BT>(s); }
+STREAM(64, 1)
+STREAM(64, 2)
+STREAM(64, 4)
+STREAM(64, 8)
+STREAM(128, 1)
+STREAM(128, 2)
+STREAM(128, 4)
+STREAM(128, 8)

@@ -16,6 +16,15 @@
 //! above, each block loading its next weights before it waits), captured
 //! the same way. Off by default: slower so far (docs/results.md §5).
 //!
+//! With `PIPE_DECODE_STREAM=1`, steps of up to 8 rows run as another
+//! persistent kernel (decode.cu's `dec_stream_*`) in which every block
+//! streams its fixed share of the step's weights (q/k/v pairs, one head's
+//! attention and its rows of o^T, or a range of MLP units with their rows of
+//! down^T, then LM head rows) through a ring of shared-memory slots, many
+//! chunks ahead of the one in use; three waits a layer instead of five
+//! launches. It keeps transposed copies of o and down (made on its first
+//! step).
+//!
 //! `PIPE_DECODE_GRAPH=0` turns the fast path off; `=nograph` runs the same
 //! kernels launched one by one (to measure what the graph saves).
 
@@ -47,6 +56,10 @@ thread_local! {
     static TC_FROM: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
     /// Tests: this thread's `PIPE_DECODE_MEGA`.
     static MEGA: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// Tests: this thread's `PIPE_DECODE_STREAM`.
+    static STREAM: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// Tests: streamed steps recorded on this thread.
+    static STREAM_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// Tests: this thread's `PIPE_DECODE_MLP`.
     static MLP: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// Tests: this thread's `PIPE_DECODE_ATTN` (`Some(true)`: chunked).
@@ -242,6 +255,37 @@ mod imp {
     // SAFETY: as for Gemv.
     unsafe impl DeviceRepr for Mega {}
 
+    /// kernels/decode.cu's `Stream` (by value): the streamed persistent step.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Stream {
+        layers: u64,
+        tok: u64,
+        pos: u64,
+        table: u64,
+        embed: u64,
+        norm: u64,
+        head: u64,
+        inv_freq: u64,
+        x: u64,
+        q: u64,
+        logits: u64,
+        best: u64,
+        bar: u64,
+        l: i32,
+        h: i32,
+        i: i32,
+        v: i32,
+        nh: i32,
+        kv: i32,
+        maxb: i32,
+        ch: i32,
+        eps: f32,
+        scale: f32,
+    }
+    // SAFETY: as for Gemv.
+    unsafe impl DeviceRepr for Stream {}
+
     struct LayerPtrs {
         ln1: u64,
         q: u64,
@@ -266,6 +310,8 @@ mod imp {
         x: CudaSlice<f32>,
         /// The other residual buffer of the fused MLP (layers alternate).
         x2: CudaSlice<f32>,
+        /// The streamed step's three residual buffers (3, cap, hidden).
+        x3: CudaSlice<f32>,
         q: CudaSlice<f32>,
         po: CudaSlice<f32>,
         pml: CudaSlice<f32>,
@@ -273,7 +319,8 @@ mod imp {
         count: CudaSlice<u32>,
         act: CudaSlice<half::bf16>,
         logits: CudaSlice<f32>,
-        /// The persistent step's grid barrier (zeroed before each step).
+        /// The persistent steps' grid barrier and the streamed step's q/k/v
+        /// counter (zeroed before each step).
         bar: CudaSlice<u32>,
         /// Their addresses, taken once: cudarc's event bookkeeping of
         /// `device_ptr` must stay out of a stream capture.
@@ -288,6 +335,7 @@ mod imp {
         best: u64,
         x: u64,
         x2: u64,
+        x3: u64,
         q: u64,
         po: u64,
         pml: u64,
@@ -329,8 +377,15 @@ mod imp {
         /// value addresses (decode.cu's `MegaLayer`, 11 addresses a layer),
         /// and its address (taken once: outside any capture).
         mega_layers: Option<(CudaSlice<u64>, u64)>,
+        /// The streamed step's transposed o and down weights (made on its
+        /// first step), and its layer table (decode.cu's `StreamLayer`,
+        /// for this pool) with its address.
+        stream_w: Option<Vec<(Tensor, Tensor)>>,
+        stream_layers: Option<(CudaSlice<u64>, u64)>,
         /// Streaming multiprocessors: the persistent step's blocks.
         sms: u32,
+        /// Shared memory a block may opt into.
+        smem_optin: usize,
     }
 
     // SAFETY: the CUDA handles inside are used only under the model's
@@ -418,6 +473,10 @@ mod imp {
                     .map(String::from),
             );
             names.extend([64, 128].iter().flat_map(|hd| (1..=8).map(move |r| format!("dec_attnc_{hd}_{r}"))));
+            let smem_optin = stream
+                .context()
+                .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+                .w()? as usize;
             for n in names {
                 let f = dev.get_or_load_custom_func(&n, MODULE, DECODE_PTX)?.into_cuda_function();
                 if n.starts_with("tc_") || (n.starts_with("dec_") && !n.starts_with("dec_attn_")) {
@@ -428,6 +487,18 @@ mod imp {
                     .w()?;
                 }
                 funcs.insert(n, f);
+            }
+            for hd in [64, 128] {
+                for bt in STREAM_BT {
+                    let n = format!("dec_stream_{hd}_{bt}");
+                    let f = dev.get_or_load_custom_func(&n, MODULE, DECODE_PTX)?.into_cuda_function();
+                    f.set_attribute(
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        (smem_optin - STREAM_STATIC) as i32,
+                    )
+                    .w()?;
+                    funcs.insert(n, f);
+                }
             }
             let sms =
                 stream.context().attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?
@@ -448,7 +519,10 @@ mod imp {
                 graphs: HashMap::new(),
                 maxb: m.cfg.max_position_embeddings.div_ceil(KV_BLOCK),
                 mega_layers: None,
+                stream_w: None,
+                stream_layers: None,
                 sms,
+                smem_optin,
             })
         }
 
@@ -461,6 +535,7 @@ mod imp {
             let best = s.alloc_zeros(cap).w()?;
             let x = s.alloc_zeros(cap * c.hidden_size).w()?;
             let x2 = s.alloc_zeros(cap * c.hidden_size).w()?;
+            let x3 = s.alloc_zeros(3 * cap * c.hidden_size).w()?;
             let q = s.alloc_zeros(cap * h * hd).w()?;
             let po = s.alloc_zeros(cap * h * nsplit * hd).w()?;
             let pml = s.alloc_zeros(cap * h * nsplit * 2).w()?;
@@ -468,7 +543,7 @@ mod imp {
             let count = s.alloc_zeros(cap * c.kv_heads()).w()?;
             let act = s.alloc_zeros(cap * c.intermediate_size).w()?;
             let logits = s.alloc_zeros(cap * c.vocab_size).w()?;
-            let bar = s.alloc_zeros(1).w()?;
+            let bar = s.alloc_zeros(2).w()?;
             let base = ptr(&inp, s);
             let p = BufPtrs {
                 tok: base,
@@ -477,6 +552,7 @@ mod imp {
                 best: ptr(&best, s),
                 x: ptr(&x, s),
                 x2: ptr(&x2, s),
+                x3: ptr(&x3, s),
                 q: ptr(&q, s),
                 po: ptr(&po, s),
                 pml: ptr(&pml, s),
@@ -487,7 +563,7 @@ mod imp {
                 bar: ptr(&bar, s),
                 inv_freq: ptr(&self.inv_freq, s),
             };
-            Ok(Bufs { cap, inp, best, x, x2, q, po, pml, ao, count, act, logits, bar, p })
+            Ok(Bufs { cap, inp, best, x, x2, x3, q, po, pml, ao, count, act, logits, bar, p })
         }
 
         pub fn step(
@@ -519,7 +595,11 @@ mod imp {
                 let table = self.stream.clone_htod(&table).w()?;
                 let at = ptr(&table, &self.stream);
                 self.mega_layers = Some((table, at));
+                self.stream_layers = None;
                 self.pool = (gen, kv, ks.into_iter().chain(vs).collect());
+            }
+            if stream_on() && self.stream_layers.is_none() {
+                self.stream_table(m)?;
             }
             // Inputs in Bufs::inp's layout: padded rows feed token 0 at
             // position 0 of the scratch block.
@@ -637,6 +717,9 @@ mod imp {
             let on = |k: &str| only.is_none_or(|o| o == k);
             let c = &m.cfg;
             let p = self.bufs.as_ref().ok_or_else(|| NnError::Other("decode graph: no buffers".into()))?.p;
+            if only.is_none() && self.stream_fits(m, b) {
+                return self.record_stream(m, b, p);
+            }
             if only.is_none() && self.mega_fits(m, b) {
                 return self.record_mega(m, b, p);
             }
@@ -820,6 +903,89 @@ mod imp {
             unsafe { self.go_with(&format!("dec_mega_{hd}"), lc, &mut [arg(&mg)], &mut [attr][..n]) }
         }
 
+        /// The streamed step's transposed o and down weights (once) and its
+        /// layer table for the current pool.
+        fn stream_table(&mut self, m: &Llama) -> Result<()> {
+            if self.stream_w.is_none() {
+                let t = |w: &Weight| -> Result<Tensor> { Ok(dense(w)?.t()?.contiguous()?) };
+                let w = m.layers.iter().map(|l| Ok((t(&l.o.w)?, t(&l.down.w)?))).collect::<Result<Vec<_>>>()?;
+                // (Made on candle's stream: the step joins it before its launch.)
+                self.stream_w = Some(w);
+            }
+            let tw = self.stream_w.as_ref().unwrap_or_else(|| unreachable!("made above"));
+            let mut table = Vec::with_capacity(11 * self.layers.len());
+            for ((l, &(k, v)), (ot, dt)) in self.layers.iter().zip(&self.pool.1).zip(tw) {
+                let (ot, dt) = (addr(ot, &self.stream)?, addr(dt, &self.stream)?);
+                table.extend([l.ln1, l.q, l.k, l.v, ot, l.ln2, l.gate, l.up, dt, k, v]);
+            }
+            let table = self.stream.clone_htod(&table).w()?;
+            let at = ptr(&table, &self.stream);
+            self.stream_layers = Some((table, at));
+            Ok(())
+        }
+
+        /// Whether a step of `b` rows runs as the streamed persistent
+        /// kernel: the switch on, up to 8 rows, hidden size at most 2,048 (a
+        /// thread per 8 columns), at most half the SMs as attention blocks,
+        /// and ring slots of at least 3 rows (an MLP unit).
+        fn stream_fits(&self, m: &Llama, b: usize) -> bool {
+            let c = &m.cfg;
+            stream_on()
+                && b <= 8
+                && c.hidden_size <= 2048
+                && c.num_attention_heads * 2 <= self.sms as usize
+                && self.stream_layers.is_some()
+                && stream_ch(c, b, self.smem_optin).is_some()
+        }
+
+        /// The whole step of `b` rows as decode.cu's `dec_stream_<hd>_<b>`:
+        /// its counters zeroed, then one block per SM, cooperatively.
+        fn record_stream(&self, m: &Llama, b: usize, p: BufPtrs) -> Result<()> {
+            let c = &m.cfg;
+            let hd = c.head_dim();
+            let (ch, smem) = stream_ch(c, b, self.smem_optin)
+                .ok_or_else(|| NnError::Other("decode graph: the streamed step does not fit".into()))?;
+            let layers =
+                self.stream_layers.as_ref().ok_or_else(|| NnError::Other("decode graph: no layer table".into()))?.1;
+            let st = Stream {
+                layers,
+                tok: p.tok,
+                pos: p.pos,
+                table: p.table,
+                embed: self.embed,
+                norm: self.norm,
+                head: self.head,
+                inv_freq: p.inv_freq,
+                x: p.x3,
+                q: p.q,
+                logits: p.logits,
+                best: p.best,
+                bar: p.bar,
+                l: self.layers.len() as i32,
+                h: c.hidden_size as i32,
+                i: c.intermediate_size as i32,
+                v: c.vocab_size as i32,
+                nh: c.num_attention_heads as i32,
+                kv: c.kv_heads() as i32,
+                maxb: self.maxb as i32,
+                ch: ch as i32,
+                eps: c.rms_norm_eps as f32,
+                scale: 1.0 / (hd as f32).sqrt(),
+            };
+            self.stream.context().bind_to_thread().w()?;
+            // SAFETY: two u32 of the buffers, on the decode stream.
+            unsafe { sys::cuMemsetD32Async(p.bar, 0, 2, self.stream.cu_stream()) }.result().w()?;
+            // SAFETY: a plain C struct; zero is a valid value of every field.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+            attr.value.cooperative = 1;
+            let lc = cfg(self.sms as usize, 1, STREAM_THREADS, smem as u32);
+            super::STREAM_RUNS.with(|r| r.set(r.get() + 1));
+            // SAFETY: the argument matches dec_stream_* in kernels/decode.cu
+            // (b is 1, 2, 4 or 8: a padded batch of at most 8 rows).
+            unsafe { self.go_with(&format!("dec_stream_{hd}_{b}"), lc, &mut [arg(&st)], &mut [attr]) }
+        }
+
         fn gemv_if(&self, on: bool, kind: &str, a: Gemv) -> Result<()> {
             if on {
                 self.gemv(kind, a)
@@ -938,6 +1104,31 @@ mod imp {
         switch(&super::MEGA, || std::env::var("PIPE_DECODE_MEGA").is_ok_and(|v| v == "1"))
     }
 
+    /// Steps of up to 8 rows as the streamed persistent kernel
+    /// (`PIPE_DECODE_STREAM=1`).
+    fn stream_on() -> bool {
+        switch(&super::STREAM, || std::env::var("PIPE_DECODE_STREAM").is_ok_and(|v| v == "1"))
+    }
+
+    /// decode.cu's `SNT`, `NSLOT`; the streamed kernels' padded batch
+    /// sizes; their static shared memory (at most).
+    const STREAM_THREADS: u32 = 256;
+    const STREAM_SLOTS: usize = 16;
+    const STREAM_BT: [usize; 4] = [1, 2, 4, 8];
+    const STREAM_STATIC: usize = 1024;
+
+    /// The streamed step's ring slot in weight rows (at most 192: decode.cu
+    /// keeps 64 SwiGLU values a row) and its dynamic shared memory: the
+    /// ring, the staged rows (bf16), 64 values a row, the attention output
+    /// of each row, the scaled query and 8 warps' partial attention. None
+    /// where a slot would hold fewer than 3 rows.
+    fn stream_ch(c: &crate::nn::config::LlamaConfig, b: usize, optin: usize) -> Option<(usize, usize)> {
+        let (h, hd) = (c.hidden_size, c.head_dim());
+        let fixed = b * h * 2 + 64 * b * 4 + b * hd * 4 + hd * 4 + 8 * (hd + 2) * 4;
+        let ch = (optin.checked_sub(STREAM_STATIC + fixed)? / (STREAM_SLOTS * h * 2)).min(192);
+        (ch >= 3).then_some((ch, STREAM_SLOTS * ch * h * 2 + fixed))
+    }
+
     /// Gate/up, SwiGLU and the down projection as one kernel a layer
     /// (`PIPE_DECODE_MLP=1`; off by default: on an H200, SmolLM2-135M,
     /// 2026-12-03, 1.03-1.04x at batch 1 but 0.98x at 8 and 0.85x at 64,
@@ -950,10 +1141,10 @@ mod imp {
     }
 
     /// What the switches that shape a recorded step read now.
-    type Variant = (bool, usize, bool, bool, bool);
+    type Variant = (bool, usize, bool, bool, bool, bool);
 
     fn variant() -> Variant {
-        (mega_on(), tc_from(), pdl_on(), attn_chunked(), mlp_fused())
+        (mega_on(), tc_from(), pdl_on(), attn_chunked(), mlp_fused(), stream_on())
     }
 
     /// A switch: this thread's test setting, else what `env` reads.
@@ -1168,6 +1359,19 @@ mod tests {
             check("batch 2 fused MLP, long prompts", 2, 3, false, 300)?;
             super::MLP.with(|t| t.set(None));
             super::MEGA.with(|t| t.set(None));
+            // The streamed persistent step: batches 1, 2, 3 (padded to 4) and
+            // 8, through graphs and not, and long prompts (303-502 positions:
+            // attention in rounds of 256, the first from the keys and values
+            // loaded before the wait).
+            super::STREAM.with(|t| t.set(Some(true)));
+            let runs = super::STREAM_RUNS.with(|r| r.get());
+            for (n, graphs) in [(1, true), (2, false), (3, true), (8, true)] {
+                check(&format!("batch {n} graphs {graphs} streamed"), n, 5, graphs, 0)?;
+            }
+            check("batch 1 streamed, long prompts", 1, 3, true, 300)?;
+            check("batch 3 streamed, long prompts", 3, 3, false, 300)?;
+            assert!(super::STREAM_RUNS.with(|r| r.get()) > runs, "the streamed step ran");
+            super::STREAM.with(|t| t.set(None));
             // The five-launch step's attention kinds on long prompts (314,
             // 351 and 388 positions and 3 steps: 2 chunks of 256 at head
             // dim 64, 3 or 4 of 128 at 128), without the graph (the splits
