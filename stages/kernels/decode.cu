@@ -1118,7 +1118,7 @@ extern "C" __global__ void __launch_bounds__(TILE, 1) dec_mega_128(Mega m) { meg
 
 #define SNT 256
 #define SNW (SNT / 32)
-#define NSLOT 16
+#define NSLOT 8
 
 struct StreamLayer {
   const bf16 *ln1, *q, *k, *v, *ot, *ln2, *gate, *up, *downt;
@@ -1138,6 +1138,10 @@ struct Stream {
   int L, H, I, V, nh, kv, maxb;
   int ch;                   // weight rows a ring slot holds (>= 3)
   float eps, scale;
+  // Profiling (PIPE_DECODE_STREAM_MASK; wrong results unless all set): the
+  // work that runs (1 q/k/v, 2 attention, 4 o, 8 MLP, 16 head, 32 norms and
+  // residual slices); chunks, waits and barriers always run.
+  int mask;
 };
 
 // Block blockIdx.x's share of the step.
@@ -1181,13 +1185,14 @@ template <int HD> __device__ Plan plan(const Stream &s) {
 }
 
 // Row r of the block's chunk c (null past the chunk's rows or the step).
-template <int HD> __device__ const bf16 *chunk_row(const Stream &s, const Plan &p, int c, int r) {
+template <int HD>
+__device__ const bf16 *chunk_row(const Stream &s, const StreamLayer *layers, const Plan &p, int c, int r) {
   if (c >= p.total || r >= s.ch) return nullptr;
   if (c >= s.L * p.per) {
     const int i = (c - s.L * p.per) * s.ch + r;
     return i < p.nv ? s.head + (size_t)(p.v0 + i) * s.H : nullptr;
   }
-  const StreamLayer &w = s.layers[c / p.per];
+  const StreamLayer &w = layers[c / p.per];
   int k = c % p.per;
   if (k < p.nq) {
     const int pr = k * p.pp + r / 2;
@@ -1220,7 +1225,8 @@ template <int HD> __device__ const bf16 *chunk_row(const Stream &s, const Plan &
 
 // The block's chunk c into its ring slot (one cp.async group, empty past
 // the step's chunks).
-template <int HD> __device__ void issue(const Stream &s, const Plan &p, bf16 *ring, int c) {
+template <int HD>
+__device__ void issue(const Stream &s, const StreamLayer *layers, const Plan &p, bf16 *ring, int c) {
   if (c < p.total) {
     bf16 *slot = ring + (size_t)(c % NSLOT) * s.ch * s.H;
     const int per_row = s.H / 8;
@@ -1230,7 +1236,7 @@ template <int HD> __device__ void issue(const Stream &s, const Plan &p, bf16 *ri
       const int ri = i / per_row, q = i % per_row;
       if (ri != r) {
         r = ri;
-        src = chunk_row<HD>(s, p, c, r);
+        src = chunk_row<HD>(s, layers, p, c, r);
       }
       if (src) cp16(slot + (size_t)r * s.H + q * 8, src + q * 8, true);
     }
@@ -1240,10 +1246,11 @@ template <int HD> __device__ void issue(const Stream &s, const Plan &p, bf16 *ri
 
 // The next chunk of the block's sequence (`c`, advanced), once its copy has
 // landed; the chunk NSLOT - 1 on goes into the slot the previous one used.
-template <int HD> __device__ const bf16 *take(const Stream &s, const Plan &p, bf16 *ring, int &c) {
+template <int HD>
+__device__ const bf16 *take(const Stream &s, const StreamLayer *layers, const Plan &p, bf16 *ring, int &c) {
   cp_wait<NSLOT - 2>();
   __syncthreads();
-  issue<HD>(s, p, ring, c + NSLOT - 1);
+  issue<HD>(s, layers, p, ring, c + NSLOT - 1);
   const bf16 *w = ring + (size_t)(c % NSLOT) * s.ch * s.H;
   c++;
   return w;
@@ -1502,11 +1509,16 @@ template <int HD, int BT> __device__ void stream_step(const Stream &s) {
   float *att = act + 64 * BT;                          // (BT, HD)
   float *qs = att + BT * HD;                           // (HD)
   float *wsum = qs + HD;                               // (SNW, HD + 2)
+  // The layer table, copied once (the ring's row addresses come from it).
+  StreamLayer *sl = reinterpret_cast<StreamLayer *>(wsum + ((SNW * (HD + 2) + 3) / 4) * 4);
+  for (int i = tid; i < s.L * (int)(sizeof(StreamLayer) / 8); i += SNT)
+    reinterpret_cast<unsigned long long *>(sl)[i] = reinterpret_cast<const unsigned long long *>(s.layers)[i];
+  __syncthreads();
   __shared__ unsigned spos[BT], sblk[BT];
   __shared__ unsigned long long sbest[BT];
   const Plan p = plan<HD>(s);
   // The first NSLOT - 1 chunks (the step's inputs are not needed for them).
-  for (int c = 0; c < NSLOT - 1; c++) issue<HD>(s, p, ring, c);
+  for (int c = 0; c < NSLOT - 1; c++) issue<HD>(s, sl, p, ring, c);
   int c = 0;
   if (tid < BT) {
     spos[tid] = s.pos[tid];
@@ -1539,14 +1551,16 @@ template <int HD, int BT> __device__ void stream_step(const Stream &s) {
     // row 0 (they are not written in this step).
     AttPre<HD> pre;
     const int g = p.head >= 0 ? p.head / (s.nh / s.kv) : 0;
-    if (p.head >= 0) att_load<HD>(s, w, 0, g, spos[0] + 1, pre);
-    norm_rows<BT>(xin, w.ln1, H, s.eps, xs);
-    residual_slice<BT>(s, xout, xin, xmid);
+    if (p.head >= 0 && (s.mask & 2)) att_load<HD>(s, w, 0, g, spos[0] + 1, pre);
+    if (s.mask & 32) {
+      norm_rows<BT>(xin, w.ln1, H, s.eps, xs);
+      residual_slice<BT>(s, xout, xin, xmid);
+    }
     e.kc = w.kc;
     e.vc = w.vc;
     for (int k = 0; k < p.nq; k++) {
-      const bf16 *wc = take<HD>(s, p, ring, c);  // (its barrier also orders xs)
-      const int n = min(p.pp, p.np - k * p.pp);
+      const bf16 *wc = take<HD>(s, sl, p, ring, c);  // (its barrier also orders xs)
+      const int n = s.mask & 1 ? min(p.pp, p.np - k * p.pp) : 0;
       for (int it = warp; it < n; it += SNW) {
         const bf16 *rows[2] = {wc + (size_t)(2 * it) * H, wc + (size_t)(2 * it + 1) * H};
         float v[2][BT];
@@ -1573,7 +1587,7 @@ template <int HD, int BT> __device__ void stream_step(const Stream &s) {
         } while (seen < (unsigned)(G * (l + 1)));
       }
       __syncthreads();
-      for (int b = 0; b < BT; b++) {
+      for (int b = 0; b < (s.mask & 2 ? BT : 0); b++) {
         const int len = spos[b] + 1;
         if (b > 0) att_load<HD>(s, w, b, g, len, pre);
         att_run<HD>(s, w, b, p.head, len, pre, qs, wsum, att + b * HD);
@@ -1582,9 +1596,9 @@ template <int HD, int BT> __device__ void stream_step(const Stream &s) {
       float acc[BT][8];
       zero_acc<BT>(acc);
       for (int k = 0; k < p.nx; k++) {
-        const bf16 *wc = take<HD>(s, p, ring, c);
+        const bf16 *wc = take<HD>(s, sl, p, ring, c);
         const int d0 = k * s.ch, n = min(s.ch, HD - d0);
-        if (tid < H / 8)
+        if (tid < H / 8 && (s.mask & 4))
           for (int u = 0; u < n; u++) {
             float wv[8];
             unpack8(*reinterpret_cast<const uint4 *>(wc + (size_t)u * H + tid * 8), wv);
@@ -1600,14 +1614,14 @@ template <int HD, int BT> __device__ void stream_step(const Stream &s) {
     }
     grid_sync(s.bar, epoch);
     // C: the MLP (blocks without a head); every block's residual slice.
-    residual_slice<BT>(s, xin, xmid, xout);
+    if (s.mask & 32) residual_slice<BT>(s, xin, xmid, xout);
     if (p.head < 0) {
-      norm_rows<BT>(xmid, w.ln2, H, s.eps, xs);
+      if (s.mask & 32) norm_rows<BT>(xmid, w.ln2, H, s.eps, xs);
       float acc[BT][8];
       zero_acc<BT>(acc);
       for (int k = 0; k < p.nx; k++) {
-        const bf16 *wc = take<HD>(s, p, ring, c);
-        const int n = min(p.up, p.nu - k * p.up);
+        const bf16 *wc = take<HD>(s, sl, p, ring, c);
+        const int n = s.mask & 8 ? min(p.up, p.nu - k * p.up) : 0;
         for (int it = warp; it < n; it += SNW) {
           const bf16 *rows[2] = {wc + (size_t)(3 * it) * H, wc + (size_t)(3 * it + 1) * H};
           float v[2][BT];
@@ -1638,8 +1652,8 @@ template <int HD, int BT> __device__ void stream_step(const Stream &s) {
   unsigned long long best = 0ull;
   const int nhc = (p.nv + s.ch - 1) / s.ch;
   for (int k = 0; k < nhc; k++) {
-    const bf16 *wc = take<HD>(s, p, ring, c);
-    const int n = min(s.ch, p.nv - k * s.ch);
+    const bf16 *wc = take<HD>(s, sl, p, ring, c);
+    const int n = s.mask & 16 ? min(s.ch, p.nv - k * s.ch) : 0;
     for (int it = warp; it < n; it += SNW) {
       const bf16 *rows[1] = {wc + (size_t)it * H};
       float v[1][BT];

@@ -282,6 +282,7 @@ mod imp {
         ch: i32,
         eps: f32,
         scale: f32,
+        mask: i32,
     }
     // SAFETY: as for Gemv.
     unsafe impl DeviceRepr for Stream {}
@@ -971,6 +972,8 @@ mod imp {
                 ch: ch as i32,
                 eps: c.rms_norm_eps as f32,
                 scale: 1.0 / (hd as f32).sqrt(),
+                // Profiling only: decode.cu's `Stream::mask`.
+                mask: std::env::var("PIPE_DECODE_STREAM_MASK").ok().and_then(|v| v.parse().ok()).unwrap_or(63),
             };
             self.stream.context().bind_to_thread().w()?;
             // SAFETY: two u32 of the buffers, on the decode stream.
@@ -1113,18 +1116,24 @@ mod imp {
     /// decode.cu's `SNT`, `NSLOT`; the streamed kernels' padded batch
     /// sizes; their static shared memory (at most).
     const STREAM_THREADS: u32 = 256;
-    const STREAM_SLOTS: usize = 16;
+    const STREAM_SLOTS: usize = 8;
     const STREAM_BT: [usize; 4] = [1, 2, 4, 8];
     const STREAM_STATIC: usize = 1024;
 
     /// The streamed step's ring slot in weight rows (at most 192: decode.cu
     /// keeps 64 SwiGLU values a row) and its dynamic shared memory: the
     /// ring, the staged rows (bf16), 64 values a row, the attention output
-    /// of each row, the scaled query and 8 warps' partial attention. None
+    /// of each row, the scaled query, 8 warps' partial attention and the
+    /// layer table (decode.cu's `StreamLayer`, 11 addresses a layer). None
     /// where a slot would hold fewer than 3 rows.
     fn stream_ch(c: &crate::nn::config::LlamaConfig, b: usize, optin: usize) -> Option<(usize, usize)> {
         let (h, hd) = (c.hidden_size, c.head_dim());
-        let fixed = b * h * 2 + 64 * b * 4 + b * hd * 4 + hd * 4 + 8 * (hd + 2) * 4;
+        let fixed = b * h * 2
+            + 64 * b * 4
+            + b * hd * 4
+            + hd * 4
+            + (8 * (hd + 2) * 4).next_multiple_of(16)
+            + c.num_hidden_layers * 11 * 8;
         let ch = (optin.checked_sub(STREAM_STATIC + fixed)? / (STREAM_SLOTS * h * 2)).min(192);
         (ch >= 3).then_some((ch, STREAM_SLOTS * ch * h * 2 + fixed))
     }
