@@ -1094,7 +1094,7 @@ extern "C" __global__ void __launch_bounds__(TILE, 1) dec_mega_128(Mega m) { meg
 // row, an up row and a row of the transposed down projection). Those rows,
 // then the block's rows of the LM head, form one fixed sequence of chunks of
 // `ch` rows that streams through a ring of NSLOT shared-memory slots with
-// cp.async, NSLOT - 1 chunks ahead of the one in use: the weights do not
+// bulk copies (TMA), NSLOT - 1 chunks ahead of the one in use: the weights do not
 // depend on the step's values, so their loads run ahead across phases and
 // barriers, and a phase's work starts from shared memory. Per layer:
 //   A (every block): RMSNorm of the residual (each block does the rows
@@ -1223,34 +1223,60 @@ __device__ const bf16 *chunk_row(const Stream &s, const StreamLayer *layers, con
   return (kind == 0 ? w.gate : kind == 1 ? w.up : w.downt) + (size_t)u * s.H;
 }
 
-// The block's chunk c into its ring slot (one cp.async group, empty past
-// the step's chunks).
-template <int HD>
-__device__ void issue(const Stream &s, const StreamLayer *layers, const Plan &p, bf16 *ring, int c) {
-  if (c < p.total) {
-    bf16 *slot = ring + (size_t)(c % NSLOT) * s.ch * s.H;
-    const int per_row = s.H / 8;
-    int r = -1;
-    const bf16 *src = nullptr;
-    for (int i = threadIdx.x; i < s.ch * per_row; i += SNT) {
-      const int ri = i / per_row, q = i % per_row;
-      if (ri != r) {
-        r = ri;
-        src = chunk_row<HD>(s, layers, p, c, r);
-      }
-      if (src) cp16(slot + (size_t)r * s.H + q * 8, src + q * 8, true);
-    }
-  }
-  cp_commit();
+// A slot's mbarrier (shared memory): one arrival (the expected bytes) a
+// phase, completed when the bulk copies of the chunk have landed.
+__device__ __forceinline__ void mbar_init(unsigned long long *b) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(saddr(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_expect(unsigned long long *b, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(saddr(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long *b, unsigned parity) {
+  asm volatile("{\n.reg .pred P1;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n@P1 bra DONE;\n"
+               "bra WAIT;\nDONE:\n}" ::"r"(saddr(b)),
+               "r"(parity)
+               : "memory");
+}
+// `bytes` global -> shared by the TMA engine, counted on mbarrier `b`.
+__device__ __forceinline__ void bulk_copy(void *dst, const void *src, unsigned bytes, unsigned long long *b) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   saddr(dst)),
+               "l"(src), "r"(bytes), "r"(saddr(b))
+               : "memory");
 }
 
-// The next chunk of the block's sequence (`c`, advanced), once its copy has
-// landed; the chunk NSLOT - 1 on goes into the slot the previous one used.
+// The block's chunk c into its ring slot: warp 0 sets the slot's expected
+// bytes and issues a bulk copy a row (the TMA engine: per-thread 16-byte
+// cp.async filled a ring at ~6 GB/s an SM). Nothing past the step's chunks.
 template <int HD>
-__device__ const bf16 *take(const Stream &s, const StreamLayer *layers, const Plan &p, bf16 *ring, int &c) {
-  cp_wait<NSLOT - 2>();
+__device__ void issue(const Stream &s, const StreamLayer *layers, const Plan &p, bf16 *ring,
+                      unsigned long long *bars, int c) {
+  if (c >= p.total || threadIdx.x >= 32) return;
+  const int lane = threadIdx.x;
+  bf16 *slot = ring + (size_t)(c % NSLOT) * s.ch * s.H;
+  unsigned long long *bar = bars + c % NSLOT;
+  unsigned n = 0;
+  for (int r = lane; r < s.ch; r += 32) n += chunk_row<HD>(s, layers, p, c, r) != nullptr;
+  n = __reduce_add_sync(0xffffffffu, n);
+  // (The slot's last readers passed a __syncthreads before this.)
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  if (lane == 0) mbar_expect(bar, n * s.H * 2);
+  __syncwarp();
+  for (int r = lane; r < s.ch; r += 32) {
+    const bf16 *src = chunk_row<HD>(s, layers, p, c, r);
+    if (src) bulk_copy(slot + (size_t)r * s.H, src, s.H * 2, bar);
+  }
+}
+
+// The next chunk of the block's sequence (`c`, advanced), once its copies
+// have landed; the chunk NSLOT - 1 on goes into the slot the previous one
+// used (every thread is past it: the barrier).
+template <int HD>
+__device__ const bf16 *take(const Stream &s, const StreamLayer *layers, const Plan &p, bf16 *ring,
+                            unsigned long long *bars, int &c) {
+  mbar_wait(bars + c % NSLOT, (c / NSLOT) & 1);
   __syncthreads();
-  issue<HD>(s, layers, p, ring, c + NSLOT - 1);
+  issue<HD>(s, layers, p, ring, bars, c + NSLOT - 1);
   const bf16 *w = ring + (size_t)(c % NSLOT) * s.ch * s.H;
   c++;
   return w;
@@ -1513,12 +1539,15 @@ template <int HD, int BT> __device__ void stream_step(const Stream &s) {
   StreamLayer *sl = reinterpret_cast<StreamLayer *>(wsum + ((SNW * (HD + 2) + 3) / 4) * 4);
   for (int i = tid; i < s.L * (int)(sizeof(StreamLayer) / 8); i += SNT)
     reinterpret_cast<unsigned long long *>(sl)[i] = reinterpret_cast<const unsigned long long *>(s.layers)[i];
+  __shared__ __align__(8) unsigned long long bars[NSLOT];
+  if (tid < NSLOT) mbar_init(bars + tid);
+  if (tid == 0) asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   __syncthreads();
   __shared__ unsigned spos[BT], sblk[BT];
   __shared__ unsigned long long sbest[BT];
   const Plan p = plan<HD>(s);
   // The first NSLOT - 1 chunks (the step's inputs are not needed for them).
-  for (int c = 0; c < NSLOT - 1; c++) issue<HD>(s, sl, p, ring, c);
+  for (int c = 0; c < NSLOT - 1; c++) issue<HD>(s, sl, p, ring, bars, c);
   int c = 0;
   if (tid < BT) {
     spos[tid] = s.pos[tid];
@@ -1559,7 +1588,7 @@ template <int HD, int BT> __device__ void stream_step(const Stream &s) {
     e.kc = w.kc;
     e.vc = w.vc;
     for (int k = 0; k < p.nq; k++) {
-      const bf16 *wc = take<HD>(s, sl, p, ring, c);  // (its barrier also orders xs)
+      const bf16 *wc = take<HD>(s, sl, p, ring, bars, c);  // (its barrier also orders xs)
       const int n = s.mask & 1 ? min(p.pp, p.np - k * p.pp) : 0;
       for (int it = warp; it < n; it += SNW) {
         const bf16 *rows[2] = {wc + (size_t)(2 * it) * H, wc + (size_t)(2 * it + 1) * H};
@@ -1596,7 +1625,7 @@ template <int HD, int BT> __device__ void stream_step(const Stream &s) {
       float acc[BT][8];
       zero_acc<BT>(acc);
       for (int k = 0; k < p.nx; k++) {
-        const bf16 *wc = take<HD>(s, sl, p, ring, c);
+        const bf16 *wc = take<HD>(s, sl, p, ring, bars, c);
         const int d0 = k * s.ch, n = min(s.ch, HD - d0);
         if (tid < H / 8 && (s.mask & 4))
           for (int u = 0; u < n; u++) {
@@ -1620,7 +1649,7 @@ template <int HD, int BT> __device__ void stream_step(const Stream &s) {
       float acc[BT][8];
       zero_acc<BT>(acc);
       for (int k = 0; k < p.nx; k++) {
-        const bf16 *wc = take<HD>(s, sl, p, ring, c);
+        const bf16 *wc = take<HD>(s, sl, p, ring, bars, c);
         const int n = s.mask & 8 ? min(p.up, p.nu - k * p.up) : 0;
         for (int it = warp; it < n; it += SNW) {
           const bf16 *rows[2] = {wc + (size_t)(3 * it) * H, wc + (size_t)(3 * it + 1) * H};
@@ -1652,7 +1681,7 @@ template <int HD, int BT> __device__ void stream_step(const Stream &s) {
   unsigned long long best = 0ull;
   const int nhc = (p.nv + s.ch - 1) / s.ch;
   for (int k = 0; k < nhc; k++) {
-    const bf16 *wc = take<HD>(s, sl, p, ring, c);
+    const bf16 *wc = take<HD>(s, sl, p, ring, bars, c);
     const int n = s.mask & 16 ? min(s.ch, p.nv - k * s.ch) : 0;
     for (int it = warp; it < n; it += SNW) {
       const bf16 *rows[1] = {wc + (size_t)it * H};
