@@ -91,25 +91,32 @@ template <int IN, int BT> __device__ void stage(const Gemv &a, bf16 *xs, int b0,
   }
 }
 
+// The weight row of rotary pair u's first (`second` 0) or second half: pairs
+// of q's heads, then k's, then v's; rows K long.
+__device__ __forceinline__ const bf16 *qkv_row(const bf16 *q, const bf16 *k, const bf16 *v, int nh, int kv, int hd,
+                                               size_t K, int u, int second) {
+  const int half = hd / 2, hh = u / half, i = u % half;
+  const bf16 *w;
+  int h;
+  if (hh < nh) {
+    w = q;
+    h = hh;
+  } else if (hh < nh + kv) {
+    w = k;
+    h = hh - nh;
+  } else {
+    w = v;
+    h = hh - nh - kv;
+  }
+  return w + (size_t)(h * hd + i + second * half) * K;
+}
+
 // Output unit u: its weight rows (two for q/k/v pairs and gate/up).
 template <int OUT> __device__ __forceinline__ void rows(const Gemv &a, int u, const bf16 *&r0, const bf16 *&r1) {
   const size_t K = a.K;
   if (OUT == OUT_QKV) {
-    const int half = a.hd / 2, hh = u / half, i = u % half;
-    const bf16 *w;
-    int h;
-    if (hh < a.nh) {
-      w = a.w0;
-      h = hh;
-    } else if (hh < a.nh + a.kv) {
-      w = a.w1;
-      h = hh - a.nh;
-    } else {
-      w = a.w2;
-      h = hh - a.nh - a.kv;
-    }
-    r0 = w + (size_t)(h * a.hd + i) * K;
-    r1 = w + (size_t)(h * a.hd + i + half) * K;
+    r0 = qkv_row(a.w0, a.w1, a.w2, a.nh, a.kv, a.hd, K, u, 0);
+    r1 = qkv_row(a.w0, a.w1, a.w2, a.nh, a.kv, a.hd, K, u, 1);
   } else if (OUT == OUT_SWIGLU || OUT == OUT_MLP) {
     r0 = a.w0 + (size_t)u * K;
     r1 = a.w1 + (size_t)u * K;
@@ -265,7 +272,9 @@ __device__ __forceinline__ void mma16816(float c[4], unsigned a0, unsigned a1, u
 
 // Rows b0..b0+nb of the input as bf16 (BT, SK) in shared memory; rows past
 // nb are zero. Norm rows go a warp per row, two rows at a time with the
-// row in registers (K <= 1024: one round trip to memory per row pair).
+// row in registers (K <= 1024: one round trip to memory per row pair). The
+// residual is read through L2 (ld.global.cg): in the persistent steps other
+// blocks wrote it during the kernel.
 template <int IN> __device__ void stage_rows(const Gemv &a, bf16 *xs, int SK, int b0, int nb, int BT) {
   const int K = a.K, lane = threadIdx.x % 32, nw = blockDim.x / 32;
   if (IN == IN_NORM && K <= 1024) {
@@ -278,7 +287,7 @@ template <int IN> __device__ void stage_rows(const Gemv &a, bf16 *xs, int SK, in
 #pragma unroll
         for (int i = 0; i < V; i++) {
           const int k = (lane + i * 32) * 4;
-          v[r][i] = b + r < nb && k < K ? *reinterpret_cast<const float4 *>(a.x + (size_t)(b0 + b + r) * K + k)
+          v[r][i] = b + r < nb && k < K ? __ldcg(reinterpret_cast<const float4 *>(a.x + (size_t)(b0 + b + r) * K + k))
                                         : make_float4(0.f, 0.f, 0.f, 0.f);
           ss[r] += v[r][i].x * v[r][i].x + v[r][i].y * v[r][i].y + v[r][i].z * v[r][i].z + v[r][i].w * v[r][i].w;
         }
@@ -312,12 +321,12 @@ template <int IN> __device__ void stage_rows(const Gemv &a, bf16 *xs, int SK, in
       const float *x = a.x + (size_t)row * K;
       float ss = 0.f;
       for (int k = lane * 4; k < K; k += 128) {
-        const float4 v = *reinterpret_cast<const float4 *>(x + k);
+        const float4 v = __ldcg(reinterpret_cast<const float4 *>(x + k));
         ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
       }
       const float inv = rsqrtf(warp_sum(ss) / K + a.eps);
       for (int k = lane * 4; k < K; k += 128) {
-        const float4 v = *reinterpret_cast<const float4 *>(x + k);
+        const float4 v = __ldcg(reinterpret_cast<const float4 *>(x + k));
         const __nv_bfloat162 *g = reinterpret_cast<const __nv_bfloat162 *>(a.norm + k);
         const float2 g0 = __bfloat1622float2(g[0]), g1 = __bfloat1622float2(g[1]);
         __nv_bfloat162 *d = reinterpret_cast<__nv_bfloat162 *>(dst + k);
@@ -1119,6 +1128,8 @@ extern "C" __global__ void __launch_bounds__(TILE, 1) dec_mega_128(Mega m) { meg
 #define SNT 256
 #define SNW (SNT / 32)
 #define NSLOT 8
+// Rows a slot holds at most (src/nn/decode.rs's stream_ch caps `ch`).
+#define SCH_MAX 192
 
 struct StreamLayer {
   const bf16 *ln1, *q, *k, *v, *ot, *ln2, *gate, *up, *downt;
@@ -1197,20 +1208,7 @@ __device__ const bf16 *chunk_row(const Stream &s, const StreamLayer *layers, con
   if (k < p.nq) {
     const int pr = k * p.pp + r / 2;
     if (r >= 2 * p.pp || pr >= p.np) return nullptr;
-    const int u = p.p0 + pr, half = HD / 2, hh = u / half, i = u % half;
-    const bf16 *m;
-    int h;
-    if (hh < s.nh) {
-      m = w.q;
-      h = hh;
-    } else if (hh < s.nh + s.kv) {
-      m = w.k;
-      h = hh - s.nh;
-    } else {
-      m = w.v;
-      h = hh - s.nh - s.kv;
-    }
-    return m + (size_t)(h * HD + i + (r & 1) * half) * s.H;
+    return qkv_row(w.q, w.k, w.v, s.nh, s.kv, HD, s.H, p.p0 + pr, r & 1);
   }
   k -= p.nq;
   if (p.head >= 0) {
@@ -1255,17 +1253,22 @@ __device__ void issue(const Stream &s, const StreamLayer *layers, const Plan &p,
   const int lane = threadIdx.x;
   bf16 *slot = ring + (size_t)(c % NSLOT) * s.ch * s.H;
   unsigned long long *bar = bars + c % NSLOT;
+  const bf16 *src[SCH_MAX / 32];
   unsigned n = 0;
-  for (int r = lane; r < s.ch; r += 32) n += chunk_row<HD>(s, layers, p, c, r) != nullptr;
+#pragma unroll
+  for (int j = 0; j < SCH_MAX / 32; j++) {
+    const int r = lane + 32 * j;
+    src[j] = r < s.ch ? chunk_row<HD>(s, layers, p, c, r) : nullptr;
+    n += src[j] != nullptr;
+  }
   n = __reduce_add_sync(0xffffffffu, n);
   // (The slot's last readers passed a __syncthreads before this.)
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   if (lane == 0) mbar_expect(bar, n * s.H * 2);
   __syncwarp();
-  for (int r = lane; r < s.ch; r += 32) {
-    const bf16 *src = chunk_row<HD>(s, layers, p, c, r);
-    if (src) bulk_copy(slot + (size_t)r * s.H, src, s.H * 2, bar);
-  }
+#pragma unroll
+  for (int j = 0; j < SCH_MAX / 32; j++)
+    if (src[j]) bulk_copy(slot + (size_t)(lane + 32 * j) * s.H, src[j], s.H * 2, bar);
 }
 
 // The next chunk of the block's sequence (`c`, advanced), once its copies
@@ -1312,44 +1315,24 @@ __device__ __forceinline__ void dots(const bf16 *const *rows, const bf16 *xs, in
     for (int b = 0; b < BT; b++) out[r][b] = warp_sum(acc[r][b]);
 }
 
-// xs = RMSNorm(x) * g in bf16, a warp per row (H <= 2048: the row stays in
-// registers). x was written during the kernel: read from L2.
-template <int BT> __device__ void norm_rows(const float *x, const bf16 *g, int H, float eps, bf16 *xs) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (warp < BT) {
-    const float *r = x + (size_t)warp * H;
-    float4 v[16];
-    float ss = 0.f;
-#pragma unroll
-    for (int i = 0; i < 16; i++) {
-      const int k = (lane + i * 32) * 4;
-      v[i] = k < H ? __ldcg(reinterpret_cast<const float4 *>(r + k)) : make_float4(0.f, 0.f, 0.f, 0.f);
-      ss += v[i].x * v[i].x + v[i].y * v[i].y + v[i].z * v[i].z + v[i].w * v[i].w;
-    }
-    const float inv = rsqrtf(warp_sum(ss) / H + eps);
-#pragma unroll
-    for (int i = 0; i < 16; i++) {
-      const int k = (lane + i * 32) * 4;
-      if (k >= H) break;
-      const __nv_bfloat162 *gg = reinterpret_cast<const __nv_bfloat162 *>(g + k);
-      const float2 g0 = __bfloat1622float2(gg[0]), g1 = __bfloat1622float2(gg[1]);
-      __nv_bfloat162 *d = reinterpret_cast<__nv_bfloat162 *>(xs + (size_t)warp * H + k);
-      d[0] = __floats2bfloat162_rn(v[i].x * inv * g0.x, v[i].y * inv * g0.y);
-      d[1] = __floats2bfloat162_rn(v[i].z * inv * g1.x, v[i].w * inv * g1.y);
-    }
-  }
+// xs = RMSNorm(x) * g of the BT rows in bf16 (stage_rows).
+template <int BT> __device__ void norm_rows(const Stream &s, const float *x, const bf16 *g, bf16 *xs) {
+  Gemv a{};
+  a.x = x;
+  a.norm = g;
+  a.K = s.H;
+  a.eps = s.eps;
+  stage_rows<IN_NORM>(a, xs, s.H, 0, BT, BT);
 }
 
 // The block's slice of the (BT, H) residual: `zero` cleared, `from` added
-// into `into` (both may be null).
+// into `into`.
 template <int BT> __device__ void residual_slice(const Stream &s, float *zero, const float *from, float *into) {
   const int n4 = BT * s.H / 4, lo = share(n4, blockIdx.x, gridDim.x), hi = share(n4, blockIdx.x + 1, gridDim.x);
   for (int i = lo + threadIdx.x; i < hi; i += SNT) {
-    if (zero) reinterpret_cast<float4 *>(zero)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (from) {
-      const float4 v = __ldcg(reinterpret_cast<const float4 *>(from) + i);
-      red_add4(into + (size_t)i * 4, v.x, v.y, v.z, v.w);
-    }
+    reinterpret_cast<float4 *>(zero)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    const float4 v = __ldcg(reinterpret_cast<const float4 *>(from) + i);
+    red_add4(into + (size_t)i * 4, v.x, v.y, v.z, v.w);
   }
 }
 
@@ -1489,11 +1472,11 @@ __device__ void att_run(const Stream &s, const StreamLayer &w, int b, int h, int
   __syncthreads();
 }
 
-// acc[b][0..8) += vals[u * BT + b] * rows[u][t * 8 ..] over n rows of a
-// chunk (thread t < H / 8; rows are H long).
+// acc[b][0..8) += vals[u * us + b * bs] * rows[u][t * 8 ..] over n rows of
+// a chunk, `stride` apart (thread t < H / 8).
 template <int BT>
-__device__ __forceinline__ void axpy_rows(const bf16 *rows, int stride, int n, int H, const float *vals,
-                                          int vstride, float (&acc)[BT][8]) {
+__device__ __forceinline__ void axpy_rows(const bf16 *rows, int stride, int n, int H, const float *vals, int us,
+                                          int bs, float (&acc)[BT][8]) {
   const int t = threadIdx.x;
   if (t >= H / 8) return;
   for (int u = 0; u < n; u++) {
@@ -1501,7 +1484,7 @@ __device__ __forceinline__ void axpy_rows(const bf16 *rows, int stride, int n, i
     unpack8(*reinterpret_cast<const uint4 *>(rows + (size_t)u * stride + t * 8), w);
 #pragma unroll
     for (int b = 0; b < BT; b++) {
-      const float a = vals[u * vstride + b];
+      const float a = vals[u * us + b * bs];
 #pragma unroll
       for (int i = 0; i < 8; i++) acc[b][i] = fmaf(a, w[i], acc[b][i]);
     }
@@ -1531,8 +1514,8 @@ template <int HD, int BT> __device__ void stream_step(const Stream &s) {
   const int H = s.H, G = gridDim.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   bf16 *ring = reinterpret_cast<bf16 *>(smem);
   bf16 *xs = ring + (size_t)NSLOT * s.ch * H;          // (BT, H)
-  float *act = reinterpret_cast<float *>(xs + BT * H); // (64, BT) SwiGLU values / attention outputs
-  float *att = act + 64 * BT;                          // (BT, HD)
+  float *act = reinterpret_cast<float *>(xs + BT * H); // (SCH_MAX / 3, BT) SwiGLU values
+  float *att = act + SCH_MAX / 3 * BT;                 // (BT, HD)
   float *qs = att + BT * HD;                           // (HD)
   float *wsum = qs + HD;                               // (SNW, HD + 2)
   // The layer table, copied once (the ring's row addresses come from it).
@@ -1582,7 +1565,7 @@ template <int HD, int BT> __device__ void stream_step(const Stream &s) {
     const int g = p.head >= 0 ? p.head / (s.nh / s.kv) : 0;
     if (p.head >= 0 && (s.mask & 2)) att_load<HD>(s, w, 0, g, spos[0] + 1, pre);
     if (s.mask & 32) {
-      norm_rows<BT>(xin, w.ln1, H, s.eps, xs);
+      norm_rows<BT>(s, xin, w.ln1, xs);
       residual_slice<BT>(s, xout, xin, xmid);
     }
     e.kc = w.kc;
@@ -1621,23 +1604,13 @@ template <int HD, int BT> __device__ void stream_step(const Stream &s) {
         if (b > 0) att_load<HD>(s, w, b, g, len, pre);
         att_run<HD>(s, w, b, p.head, len, pre, qs, wsum, att + b * HD);
       }
-      // att as (HD, BT) values for axpy_rows: att[b * HD + d] is row d's value of b.
       float acc[BT][8];
       zero_acc<BT>(acc);
       for (int k = 0; k < p.nx; k++) {
         const bf16 *wc = take<HD>(s, sl, p, ring, bars, c);
-        const int d0 = k * s.ch, n = min(s.ch, HD - d0);
-        if (tid < H / 8 && (s.mask & 4))
-          for (int u = 0; u < n; u++) {
-            float wv[8];
-            unpack8(*reinterpret_cast<const uint4 *>(wc + (size_t)u * H + tid * 8), wv);
-#pragma unroll
-            for (int b = 0; b < BT; b++) {
-              const float a = att[b * HD + d0 + u];
-#pragma unroll
-              for (int i = 0; i < 8; i++) acc[b][i] = fmaf(a, wv[i], acc[b][i]);
-            }
-          }
+        const int d0 = k * s.ch, n = s.mask & 4 ? min(s.ch, HD - d0) : 0;
+        // o^T row d's value for row b: att[b * HD + d].
+        axpy_rows<BT>(wc, H, n, H, att + d0, 1, HD, acc);
       }
       add_rows<BT>(xmid, H, acc);
     }
@@ -1645,7 +1618,7 @@ template <int HD, int BT> __device__ void stream_step(const Stream &s) {
     // C: the MLP (blocks without a head); every block's residual slice.
     if (s.mask & 32) residual_slice<BT>(s, xin, xmid, xout);
     if (p.head < 0) {
-      if (s.mask & 32) norm_rows<BT>(xmid, w.ln2, H, s.eps, xs);
+      if (s.mask & 32) norm_rows<BT>(s, xmid, w.ln2, xs);
       float acc[BT][8];
       zero_acc<BT>(acc);
       for (int k = 0; k < p.nx; k++) {
@@ -1668,7 +1641,7 @@ template <int HD, int BT> __device__ void stream_step(const Stream &s) {
           }
         }
         __syncthreads();
-        axpy_rows<BT>(wc + 2 * (size_t)H, 3 * H, n, H, act, BT, acc);
+        axpy_rows<BT>(wc + 2 * (size_t)H, 3 * H, n, H, act, BT, 1, acc);
       }
       add_rows<BT>(xout, H, acc);
     }
@@ -1677,7 +1650,7 @@ template <int HD, int BT> __device__ void stream_step(const Stream &s) {
   // The final norm and the block's rows of the LM head, keeping each row's
   // argmax (lane b of each warp for row b).
   const float *xf = xb(2 * s.L);
-  norm_rows<BT>(xf, s.norm, H, s.eps, xs);
+  norm_rows<BT>(s, xf, s.norm, xs);
   unsigned long long best = 0ull;
   const int nhc = (p.nv + s.ch - 1) / s.ch;
   for (int k = 0; k < nhc; k++) {

@@ -889,19 +889,39 @@ mod imp {
                 v: c.vocab_size as i32,
                 mask: std::env::var("PIPE_DECODE_MEGA_MASK").ok().and_then(|v| v.parse().ok()).unwrap_or(63),
             };
+            let lc = cfg(self.sms as usize, 1, TILE as u32, mega_smem(c) as u32);
+            // (`PIPE_DECODE_COOP=0`: a plain launch; one block per SM is
+            // resident at once on a GPU no other kernel occupies.)
+            let coop = std::env::var("PIPE_DECODE_COOP").map_or(true, |v| v != "0");
+            // SAFETY: the argument matches dec_mega_* in kernels/decode.cu;
+            // its barrier is the buffers' first u32.
+            unsafe { self.go_persistent(&format!("dec_mega_{hd}"), lc, &mut [arg(&mg)], p.bar, 1, coop) }
+        }
+
+        /// A persistent step: `counters` u32 at `bar` zeroed, then the
+        /// kernel launched (cooperatively when `coop`: all blocks resident
+        /// at once), on the decode stream.
+        ///
+        /// # Safety
+        /// As for [`Self::go`]; `bar` must hold `counters` u32.
+        unsafe fn go_persistent(
+            &self,
+            name: &str,
+            lc: LaunchConfig,
+            args: &mut [*mut c_void],
+            bar: u64,
+            counters: usize,
+            coop: bool,
+        ) -> Result<()> {
             self.stream.context().bind_to_thread().w()?;
-            // SAFETY: one u32 of the buffers, on the decode stream.
-            unsafe { sys::cuMemsetD32Async(p.bar, 0, 1, self.stream.cu_stream()) }.result().w()?;
+            // SAFETY: the caller vouches for `bar`; on the decode stream.
+            unsafe { sys::cuMemsetD32Async(bar, 0, counters, self.stream.cu_stream()) }.result().w()?;
             // SAFETY: a plain C struct; zero is a valid value of every field.
             let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
             attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
             attr.value.cooperative = 1;
-            let lc = cfg(self.sms as usize, 1, TILE as u32, mega_smem(c) as u32);
-            // (`PIPE_DECODE_COOP=0`: a plain launch; one block per SM is
-            // resident at once on a GPU no other kernel occupies.)
-            let n = usize::from(std::env::var("PIPE_DECODE_COOP").map_or(true, |v| v != "0"));
-            // SAFETY: the argument matches dec_mega_* in kernels/decode.cu.
-            unsafe { self.go_with(&format!("dec_mega_{hd}"), lc, &mut [arg(&mg)], &mut [attr][..n]) }
+            // SAFETY: passed on from the caller.
+            unsafe { self.go_with(name, lc, args, &mut [attr][..usize::from(coop)]) }
         }
 
         /// The streamed step's transposed o and down weights (once) and its
@@ -975,18 +995,12 @@ mod imp {
                 // Profiling only: decode.cu's `Stream::mask`.
                 mask: std::env::var("PIPE_DECODE_STREAM_MASK").ok().and_then(|v| v.parse().ok()).unwrap_or(63),
             };
-            self.stream.context().bind_to_thread().w()?;
-            // SAFETY: two u32 of the buffers, on the decode stream.
-            unsafe { sys::cuMemsetD32Async(p.bar, 0, 2, self.stream.cu_stream()) }.result().w()?;
-            // SAFETY: a plain C struct; zero is a valid value of every field.
-            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
-            attr.value.cooperative = 1;
             let lc = cfg(self.sms as usize, 1, STREAM_THREADS, smem as u32);
             super::STREAM_RUNS.with(|r| r.set(r.get() + 1));
             // SAFETY: the argument matches dec_stream_* in kernels/decode.cu
-            // (b is 1, 2, 4 or 8: a padded batch of at most 8 rows).
-            unsafe { self.go_with(&format!("dec_stream_{hd}_{b}"), lc, &mut [arg(&st)], &mut [attr]) }
+            // (b is 1, 2, 4 or 8: a padded batch of at most 8 rows); its
+            // grid barrier and q/k/v counter are the buffers' two u32.
+            unsafe { self.go_persistent(&format!("dec_stream_{hd}_{b}"), lc, &mut [arg(&st)], p.bar, 2, true) }
         }
 
         fn gemv_if(&self, on: bool, kind: &str, a: Gemv) -> Result<()> {
@@ -1119,22 +1133,24 @@ mod imp {
     const STREAM_SLOTS: usize = 8;
     const STREAM_BT: [usize; 4] = [1, 2, 4, 8];
     const STREAM_STATIC: usize = 1024;
+    /// decode.cu's `SCH_MAX`: rows a ring slot holds at most.
+    const STREAM_ROWS_MAX: usize = 192;
 
-    /// The streamed step's ring slot in weight rows (at most 192: decode.cu
-    /// keeps 64 SwiGLU values a row) and its dynamic shared memory: the
-    /// ring, the staged rows (bf16), 64 values a row, the attention output
+    /// The streamed step's ring slot in weight rows (at most
+    /// [`STREAM_ROWS_MAX`]) and its dynamic shared memory: the ring, the
+    /// staged rows (bf16), the SwiGLU values of a slot's units a row, the attention output
     /// of each row, the scaled query, 8 warps' partial attention and the
     /// layer table (decode.cu's `StreamLayer`, 11 addresses a layer). None
     /// where a slot would hold fewer than 3 rows.
     fn stream_ch(c: &crate::nn::config::LlamaConfig, b: usize, optin: usize) -> Option<(usize, usize)> {
         let (h, hd) = (c.hidden_size, c.head_dim());
         let fixed = b * h * 2
-            + 64 * b * 4
+            + STREAM_ROWS_MAX / 3 * b * 4
             + b * hd * 4
             + hd * 4
             + (8 * (hd + 2) * 4).next_multiple_of(16)
             + c.num_hidden_layers * 11 * 8;
-        let ch = (optin.checked_sub(STREAM_STATIC + fixed)? / (STREAM_SLOTS * h * 2)).min(192);
+        let ch = (optin.checked_sub(STREAM_STATIC + fixed)? / (STREAM_SLOTS * h * 2)).min(STREAM_ROWS_MAX);
         (ch >= 3).then_some((ch, STREAM_SLOTS * ch * h * 2 + fixed))
     }
 
