@@ -222,38 +222,64 @@ template <int NJ> __device__ __forceinline__ void mask_keys(float (*s)[4], int k
 
 } // namespace
 
-// Shared memory: two buffers of K and V tiles (the Q tile goes through the
-// second K).
-template <int D>
+// Shared memory: NS buffers of K and V tiles (the Q tile goes through the
+// last K). With NS = 2 a tile's copy starts while the tile before is in use,
+// and each tile costs two block barriers; with NS = 3 the copies run two
+// tiles ahead and one barrier a tile suffices (the buffer refilled is the
+// one every warp finished before that barrier).
+template <int D, int NS>
 __device__ void fwd(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                     bf16 *__restrict__ o, float *__restrict__ lse, const int *__restrict__ tiles, int n, int hq, int hkv,
                     float sl2, int qs, int kvs) {
   constexpr int S = D + 8, NT = D / 8, T = BR * S;
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16 *buf = reinterpret_cast<bf16 *>(smem); // K0, V0, K1, V1
+  bf16 *buf = reinterpret_cast<bf16 *>(smem); // K0, V0, K1, V1[, K2, V2]
   const int t = blockIdx.x, h = blockIdx.y, g = h / (hq / hkv);
   const int q0 = tiles[4 * t], q1 = tiles[4 * t + 1], s0 = tiles[4 * t + 2];
   const int w = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane >> 2, tg = lane & 3;
   const int i0 = q0 + w * 16 + gr, i1 = i0 + 8;
   const bool al = aligned16(q) && aligned16(k) && aligned16(v);
-  stage<D>(buf + 2 * T, q, q0, BR, q1, qs, h, al);
+  const int nb = (q1 - s0 + BR - 1) / BR;
+  bf16 *qsh = buf + (NS - 1) * 2 * T;
+  stage<D>(qsh, q, q0, BR, q1, qs, h, al);
   cp_commit();
   stage_kv<D>(buf, k, v, 0, s0, q1, kvs, g, al);
   cp_commit();
-  cp_wait<1>();
+  if (NS == 3) {
+    if (nb > 1) {
+      stage<D>(buf + 2 * T, k, s0 + BR, BR, q1, kvs, g, al);
+      stage<D>(buf + 3 * T, v, s0 + BR, BR, q1, kvs, g, al);
+    }
+    cp_commit();
+    cp_wait<2>();
+  } else {
+    cp_wait<1>();
+  }
   __syncthreads();
   uint32_t qa[D / 16][4];
 #pragma unroll
-  for (int kk = 0; kk < D / 16; kk++) frag_a<S>(qa[kk], buf + 2 * T, w * 16, kk * 16, lane);
-  __syncthreads(); // Q is read before the second buffer is refilled
+  for (int kk = 0; kk < D / 16; kk++) frag_a<S>(qa[kk], qsh, w * 16, kk * 16, lane);
+  __syncthreads(); // Q is read before its buffer is refilled
   float oacc[NT][4];
   zero<NT>(oacc);
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
-  const int nb = (q1 - s0 + BR - 1) / BR;
   for (int it = 0; it < nb; it++) {
     const int kb = s0 + it * BR;
-    const bf16 *ks = buf + (it & 1) * 2 * T, *vs = ks + T;
-    next_kv<D>(buf, k, v, it, nb, kb, q1, kvs, g, al);
+    const bf16 *ks = buf + (it % NS) * 2 * T, *vs = ks + T;
+    if (NS == 3) {
+      // Tile it has landed (only it + 1 may still be in flight); past the
+      // barrier every warp is done with tile it - 1, whose buffer takes it + 2.
+      cp_wait<1>();
+      __syncthreads();
+      if (it + 2 < nb) {
+        bf16 *b = buf + ((it + 2) % 3) * 2 * T;
+        stage<D>(b, k, kb + 2 * BR, BR, q1, kvs, g, al);
+        stage<D>(b + T, v, kb + 2 * BR, BR, q1, kvs, g, al);
+      }
+      cp_commit();
+    } else {
+      next_kv<D>(buf, k, v, it, nb, kb, q1, kvs, g, al);
+    }
     float sc[8][4];
     zero<8>(sc);
 #pragma unroll
@@ -298,7 +324,7 @@ __device__ void fwd(const bf16 *__restrict__ q, const bf16 *__restrict__ k, cons
       oacc[nt][3] *= c1;
     }
     mm_cb<D, 4>(oacc, sc, vs, lane);
-    __syncthreads(); // this buffer is consumed before the next iteration refills it
+    if (NS == 2) __syncthreads(); // this buffer is consumed before the next iteration refills it
   }
   l0 = group_sum(l0);
   l1 = group_sum(l1);
@@ -543,7 +569,7 @@ __device__ void delta_rows(const bf16 *__restrict__ o, const bf16 *__restrict__ 
   extern "C" __global__ void __launch_bounds__(128)                                                                  \
       attn_tc_fwd_##D##_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, const int *tiles,     \
                              int n, int hq, int hkv, float sl2, int qs, int kvs) {                                   \
-    fwd<D>(q, k, v, o, lse, tiles, n, hq, hkv, sl2, qs, kvs);                                                        \
+    fwd<D, 2>(q, k, v, o, lse, tiles, n, hq, hkv, sl2, qs, kvs);                                                     \
   }                                                                                                                  \
   extern "C" __global__ void __launch_bounds__(128)                                                                  \
       attn_tc_bwd_dq_##D##_bf16(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,    \
@@ -570,6 +596,12 @@ __device__ void delta_rows(const bf16 *__restrict__ o, const bf16 *__restrict__ 
   }
 
 INSTANTIATE(64, 64)
+// Three K/V buffers (head dim 64; at 128 they would leave fewer blocks an SM).
+extern "C" __global__ void __launch_bounds__(128)
+    attn_tc_fwd3_64_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, const int *tiles, int n,
+                         int hq, int hkv, float sl2, int qs, int kvs) {
+  fwd<64, 3>(q, k, v, o, lse, tiles, n, hq, hkv, sl2, qs, kvs);
+}
 INSTANTIATE(128, 32)
 
 // The fused backward pass's sums to bf16, 8 values a thread: dq = scale *

@@ -72,6 +72,25 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, tiles: &Tensor, scale: f64)
     attention_with(q, k, v, tiles, scale, split_backward())
 }
 
+#[cfg(any(feature = "cuda", test))]
+thread_local! {
+    /// Tests: this thread's `PIPE_ATTN_FWD=2` (`Some(true)`: two K/V buffers).
+    static FWD_TWO: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// Tests: forward launches of the three-buffer kernel on this thread.
+    static FWD3_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether the forward kernel at head dim `d` in `dt` stages keys and
+/// values through three shared-memory buffers (copies two tiles ahead, one
+/// block barrier a tile) instead of two: head dim 64 on tensor cores,
+/// unless `PIPE_ATTN_FWD=2`.
+#[cfg(feature = "cuda")]
+fn fwd_three_buffers(d: usize, dt: DType) -> bool {
+    d == 64
+        && tensor_cores(dt)
+        && !FWD_TWO.with(|t| t.get()).unwrap_or_else(|| std::env::var_os("PIPE_ATTN_FWD").is_some_and(|v| v == "2"))
+}
+
 /// Whether the tensor-core backward pass runs as two kernels (dQ; dK and
 /// dV), each recomputing the scores and dP, instead of one that computes
 /// them once and sums dQ in f32 (`PIPE_ATTN_BWD=split`; the fused kernel
@@ -304,8 +323,8 @@ mod cuda {
             return Ok((func(dev, "pipe_attn", ATTN_PTX, &format!("attn_{what}_{d}"), dt)?, 0));
         }
         let f = func(dev, "pipe_attn_tc", ATTN_TC_PTX, &format!("attn_tc_{what}_{d}"), dt)?;
-        // Padded bf16 tiles of d + 8 (attn_tc.cu): forward two buffers of
-        // K, V; dQ Q, dO and two buffers of K, V; dK/dV K, V (kb rows: 64,
+        // Padded bf16 tiles of d + 8 (attn_tc.cu): forward two (fwd3:
+        // three) buffers of K, V; dQ Q, dO and two buffers of K, V; dK/dV K, V (kb rows: 64,
         // 128 for the fused backward) and two buffers of Q, dO (bq rows) +
         // bq lse and delta, and for the fused backward a (kb, bq + 8) tile
         // of dS^T.
@@ -314,6 +333,7 @@ mod cuda {
         let dkv = |kb: usize| 2 * kb * row + 2 * (2 * bq * row + 2 * bq * 4);
         let bytes = match what {
             "fwd" => 4 * 64 * row,
+            "fwd3" => 6 * 64 * row,
             "bwd_dq" => 6 * 64 * row,
             "bwd_dkv" => dkv(64),
             _ => dkv(128) + 128 * (bq + 8) * 2,
@@ -394,7 +414,11 @@ mod cuda {
         // every sequence is in exactly one tile).
         let mut o = unsafe { dev.alloc::<T>(n * hq * d)? };
         let mut lse = unsafe { dev.alloc::<f32>(hq * n)? };
-        let (f, smem) = kernel(dev, "fwd", dt, d)?;
+        let three = super::fwd_three_buffers(d, dt);
+        if three {
+            super::FWD3_RUNS.with(|r| r.set(r.get() + 1));
+        }
+        let (f, smem) = kernel(dev, if three { "fwd3" } else { "fwd" }, dt, d)?;
         let stream = dev.cuda_stream();
         let (ni, hqi, hkvi, qsi, kvsi) = (n as i32, hq as i32, hkv as i32, dm.qs as i32, dm.kvs as i32);
         let sl2 = scale * std::f32::consts::LOG2_E;
@@ -405,7 +429,8 @@ mod cuda {
             b.arg(&qsi).arg(&kvsi);
         }
         // SAFETY: argument types and order match attn_fwd_* in kernels/attn.cu
-        // and attn_tc_fwd_* (with the row strides) in kernels/attn_tc.cu.
+        // and attn_tc_fwd_* / attn_tc_fwd3_* (with the row strides) in
+        // kernels/attn_tc.cu.
         unsafe { b.launch(cfg(tiles.elem_count() / 4, hq, smem)) }.w()?;
         let lse = tensor(CudaStorage::wrap_cuda_slice(lse, dev.clone()), (hq, n));
         Ok(((CudaStorage::wrap_cuda_slice(o, dev.clone()), Shape::from((n, hq, d))), lse))
@@ -648,7 +673,8 @@ mod tests {
     /// (skipped where there is no CUDA device): packed sequences of awkward
     /// lengths (1, a tile, a tile + 1, several tiles), grouped-query and
     /// plain attention, head dims 64 and 128, f32 and bf16 (its backward
-    /// pass fused and split).
+    /// pass fused and split; at head dim 64 the forward kernel with three
+    /// K/V buffers and with two).
     #[test]
     fn fused_attention_matches_the_composition_on_cuda() -> Result<()> {
         let Some(dev) = crate::nn::tests::cuda_device()? else { return Ok(()) };
@@ -660,8 +686,17 @@ mod tests {
             let k = Tensor::randn(0f64, 1.0, (n, hkv, d), &Device::Cpu)?;
             let v = Tensor::randn(0f64, 1.0, (n, hkv, d), &Device::Cpu)?;
             let w = Tensor::randn(0f64, 1.0, (n, hq, d), &Device::Cpu)?;
-            // bf16 twice: the fused backward kernel and the split pair.
-            for (dt, tol, split) in [(DType::F32, 1e-4, false), (DType::BF16, 3e-2, false), (DType::BF16, 3e-2, true)] {
+            // bf16 three times: the fused backward kernel and the split
+            // pair, and at head dim 64 the forward kernel with two K/V
+            // buffers (three is the default there).
+            let mut cases = vec![(DType::F32, 1e-4, false, false), (DType::BF16, 3e-2, false, false)];
+            cases.push((DType::BF16, 3e-2, true, false));
+            if d == 64 {
+                cases.push((DType::BF16, 3e-2, false, true));
+            }
+            for (dt, tol, split, two) in cases {
+                FWD_TWO.with(|t| t.set(Some(two)));
+                let runs = FWD3_RUNS.with(|r| r.get());
                 let on = |t: &Tensor| t.to_dtype(dt)?.to_device(&dev);
                 let (qg, kg, vg) =
                     (Var::from_tensor(&on(&q)?)?, Var::from_tensor(&on(&k)?)?, Var::from_tensor(&on(&v)?)?);
@@ -675,9 +710,12 @@ mod tests {
                 let t = Tensor::from_vec(tl.clone(), tl.len(), &dev)?;
                 assert!(usable(&qg));
                 let got = attention_with(&qg, &kg, &vg, &t, scale, split)?;
+                let three = FWD3_RUNS.with(|r| r.get()) > runs;
+                assert_eq!(three, d == 64 && dt == DType::BF16 && !two, "hq {hq} d {d} {dt:?}: forward kernel");
+                FWD_TWO.with(|t| t.set(None));
                 let wg = w.to_dtype(DType::F32)?.to_device(&dev)?;
                 let gg = (got.to_dtype(DType::F32)? * wg)?.sum_all()?.backward()?;
-                let what = format!("hq {hq} hkv {hkv} d {d} {dt:?} split {split}");
+                let what = format!("hq {hq} hkv {hkv} d {d} {dt:?} split {split} two buffers {two}");
                 let e = rel_err(&got, &want)?;
                 assert!(e < tol, "{what}: output off by {e}");
                 for (name, a, b) in [("dq", &qg, &qr), ("dk", &kg, &kr), ("dv", &vg, &vr)] {
