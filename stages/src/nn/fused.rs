@@ -287,8 +287,10 @@ impl RowGather {
 
 /// [`RowGather`]'s segment layout for `ids`, and the number of distinct ids.
 pub(crate) fn segments(ids: &[u32]) -> (Vec<u32>, usize) {
-    let mut order: Vec<u32> = (0..ids.len() as u32).collect();
-    order.sort_by_key(|&i| ids[i as usize]);
+    // (id, position) in one key: an unstable sort gives the stable order.
+    let mut keys: Vec<u64> = ids.iter().enumerate().map(|(i, &id)| (id as u64) << 32 | i as u64).collect();
+    keys.sort_unstable();
+    let order: Vec<u32> = keys.iter().map(|&k| k as u32).collect();
     let (mut starts, mut uniq) = (Vec::new(), Vec::new());
     for (k, &i) in order.iter().enumerate() {
         if uniq.last() != Some(&ids[i as usize]) {

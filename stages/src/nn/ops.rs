@@ -58,6 +58,19 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[a, b], D::Minus1)
 }
 
+/// `x` contiguous from any offset (what code that takes a tensor's address
+/// with its offset reads, as the fused optimizer does: a view of rows of a
+/// larger gradient, such as k's and v's in the stacked q/k/v gradient, is
+/// not copied), copied only when it is not already.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn contiguous(x: &Tensor) -> Result<Tensor> {
+    if x.is_contiguous() {
+        Ok(x.clone())
+    } else {
+        x.force_contiguous()
+    }
+}
+
 /// `x` contiguous from offset 0 (what the custom ops below read), copied
 /// only when it is not already.
 pub(crate) fn dense(x: &Tensor) -> Result<Tensor> {

@@ -261,6 +261,45 @@ fn frozen_weights_get_no_gradient() -> Result<()> {
     Ok(())
 }
 
+/// A batch's rotary tables are rows of the cached ones, which grow past
+/// the largest position seen: the same values as computing each position's
+/// angles directly (f32 angles as `transformers`, f64 in f64), in order.
+#[test]
+fn rotary_tables_are_cached_rows_of_the_direct_formula() -> Result<()> {
+    for dt in [DType::F32, DType::BF16, DType::F64] {
+        let m = tiny_model(&tiny_config("llama", true), &TrainSpec::default(), dt)?;
+        let freqs = m.inv_freq().to_vec();
+        // Small positions first (the tables start at 256), then past them.
+        for pos in [vec![3u32, 0, 7, 3], vec![5, 1000, 2, 999, 0], vec![]] {
+            let (cos, sin) = m.rotary(&pos)?;
+            assert_eq!(cos.dims(), &[pos.len(), freqs.len()]);
+            assert_eq!(cos.dtype(), dt);
+            let direct = |f: fn(f64) -> f64, g: fn(f32) -> f32| -> Result<Tensor> {
+                let v: Vec<f64> = pos
+                    .iter()
+                    .flat_map(|&p| {
+                        freqs.iter().map(move |&fr| {
+                            if dt == DType::F64 {
+                                f(p as f64 * fr)
+                            } else {
+                                g(p as f32 * fr as f32) as f64
+                            }
+                        })
+                    })
+                    .collect();
+                let t = Tensor::from_vec(v, (pos.len(), freqs.len()), &Device::Cpu)?;
+                Ok(if dt == DType::F64 { t } else { t.to_dtype(DType::F32)?.to_dtype(dt)? })
+            };
+            for (got, want) in [(&cos, direct(f64::cos, f32::cos)?), (&sin, direct(f64::sin, f32::sin)?)] {
+                let (a, b) = (got.to_dtype(DType::F64)?, want.to_dtype(DType::F64)?);
+                let diff = (a - b)?.abs()?.flatten_all()?.max(0).map_or(0.0, |t| t.to_scalar::<f64>().unwrap_or(1.0));
+                assert_eq!(diff, 0.0, "{dt:?} positions {pos:?}");
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn bad_rows_are_rejected() -> Result<()> {
     let m = tiny_model(&tiny_config("llama", true), &TrainSpec::default(), DType::F32)?;
