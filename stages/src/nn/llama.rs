@@ -850,6 +850,9 @@ impl Llama {
             // it first left the GPU idle while the host sorted the graph.
             let value = loss.detach().to_dtype(DType::F64)?;
             collect(acc, vars, &loss.backward()?)?;
+            // The graph's tensors go back to the pool while the GPU still
+            // runs the backward pass (reading the loss waits for it).
+            drop(loss);
             return Ok(value.to_scalar::<f64>()?);
         }
         // One backward pass per layer, last first: with `checkpoint` each
@@ -913,6 +916,7 @@ impl Llama {
                 add_into(a, h)?;
             }
         }
+        drop((loss, kept, inputs, emb)); // as above
         Ok(value.to_scalar::<f64>()?)
     }
 }
