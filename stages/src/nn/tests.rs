@@ -388,6 +388,7 @@ fn merging_lora_into_the_weights_gives_the_same_logits() -> Result<()> {
 /// skipped elsewhere.
 #[test]
 fn add_matmul_matches_the_product_on_cuda() -> Result<()> {
+    // (And `scaled_matmul`, the same product into a new tensor.)
     use crate::nn::ops::AddMatmul;
     let Some(dev) = cuda_device()? else { return Ok(()) };
     let (m, n, k, alpha) = (37, 21, 13, 0.37);
@@ -406,8 +407,18 @@ fn add_matmul_matches_the_product_on_cuda() -> Result<()> {
             let want = (back(&on(&acc)?)? + (pr.matmul(&qr)? * alpha)?)?;
             let e = rel_err(&ag, &want)?;
             assert!(e < tol, "ta {ta} tb {tb} {dt:?}: off by {e}");
+            // The scaled product alone (cuBLAS's alpha, a fresh output),
+            // against the same reference; also from a transposed view.
+            let got = crate::nn::ops::scaled_matmul(&pg, ta, &qg, tb, alpha)?;
+            let e = rel_err(&got, &(pr.matmul(&qr)? * alpha)?)?;
+            assert!(e < tol, "scaled: ta {ta} tb {tb} {dt:?}: off by {e}");
+            let got = crate::nn::ops::scaled_matmul(&pg.t()?, !ta, &qg, tb, alpha)?;
+            let e = rel_err(&got, &(pr.matmul(&qr)? * alpha)?)?;
+            assert!(e < tol, "scaled, a view: ta {ta} tb {tb} {dt:?}: off by {e}");
         }
     }
+    let p = Tensor::zeros((3, 5), DType::F32, &dev)?;
+    assert!(crate::nn::ops::scaled_matmul(&p, false, &p, false, 2.0).is_err(), "(3, 5) @ (3, 5) does not fit");
     let a = Tensor::zeros((3, 4), DType::F32, &dev)?;
     let p = Tensor::zeros((3, 5), DType::F32, &dev)?;
     let bad = a.inplace_op3(&p, &p, &AddMatmul { ta: false, tb: false, alpha: 1.0 });
