@@ -162,13 +162,13 @@ __device__ __forceinline__ void stage(bf16 *sh, const bf16 *src, int r0, int row
   }
 }
 
-// Tile `it` of a key loop (keys kb.. of kv head g, zeros from `end` on;
-// rows kvs values apart) into the K, V pair `it & 1` of the two at `buf`.
+// A tile of a key loop (keys kb.. of kv head g, zeros from `end` on; rows
+// kvs values apart) into the K, V pair `slot` of those at `buf`.
 template <int D>
-__device__ __forceinline__ void stage_kv(bf16 *buf, const bf16 *k, const bf16 *v, int it, int kb, int end, int kvs,
+__device__ __forceinline__ void stage_kv(bf16 *buf, const bf16 *k, const bf16 *v, int slot, int kb, int end, int kvs,
                                          int g, bool al) {
   constexpr int T = BR * (D + 8);
-  bf16 *b = buf + (it & 1) * 2 * T;
+  bf16 *b = buf + slot * 2 * T;
   stage<D>(b, k, kb, BR, end, kvs, g, al);
   stage<D>(b + T, v, kb, BR, end, kvs, g, al);
 }
@@ -177,7 +177,7 @@ __device__ __forceinline__ void stage_kv(bf16 *buf, const bf16 *k, const bf16 *v
 template <int D>
 __device__ __forceinline__ void next_kv(bf16 *buf, const bf16 *k, const bf16 *v, int it, int nb, int kb, int end,
                                         int kvs, int g, bool al) {
-  if (it + 1 < nb) stage_kv<D>(buf, k, v, it + 1, kb + BR, end, kvs, g, al);
+  if (it + 1 < nb) stage_kv<D>(buf, k, v, (it + 1) & 1, kb + BR, end, kvs, g, al);
   cp_commit();
   cp_wait<1>();
   __syncthreads();
@@ -246,10 +246,7 @@ __device__ void fwd(const bf16 *__restrict__ q, const bf16 *__restrict__ k, cons
   stage_kv<D>(buf, k, v, 0, s0, q1, kvs, g, al);
   cp_commit();
   if (NS == 3) {
-    if (nb > 1) {
-      stage<D>(buf + 2 * T, k, s0 + BR, BR, q1, kvs, g, al);
-      stage<D>(buf + 3 * T, v, s0 + BR, BR, q1, kvs, g, al);
-    }
+    if (nb > 1) stage_kv<D>(buf, k, v, 1, s0 + BR, q1, kvs, g, al);
     cp_commit();
     cp_wait<2>();
   } else {
@@ -271,11 +268,7 @@ __device__ void fwd(const bf16 *__restrict__ q, const bf16 *__restrict__ k, cons
       // barrier every warp is done with tile it - 1, whose buffer takes it + 2.
       cp_wait<1>();
       __syncthreads();
-      if (it + 2 < nb) {
-        bf16 *b = buf + ((it + 2) % 3) * 2 * T;
-        stage<D>(b, k, kb + 2 * BR, BR, q1, kvs, g, al);
-        stage<D>(b + T, v, kb + 2 * BR, BR, q1, kvs, g, al);
-      }
+      if (it + 2 < nb) stage_kv<D>(buf, k, v, (it + 2) % 3, kb + 2 * BR, q1, kvs, g, al);
       cp_commit();
     } else {
       next_kv<D>(buf, k, v, it, nb, kb, q1, kvs, g, al);

@@ -617,7 +617,7 @@ impl candle_core::CustomOp3 for LoraLinear {
         let (mut y, _) = FrozenMatmul::product(x, xl, &self.w.get(&dev, x.dtype())?, cuda_of)?;
         let xa = x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?;
         let (mn, mr) = (Layout::contiguous((m, n)), Layout::contiguous((m, r)));
-        add_matmul_cuda(&mut y, &mn, (&xa, &mr, false), (b, bl, true), self.scale)?;
+        gemm_cuda(&mut y, &mn, (&xa, &mr, false), (b, bl, true), self.scale, 1.0)?;
         self.keep_xa(Storage::Cuda(xa), m, r);
         Ok((y, Shape::from((m, n))))
     }
@@ -799,7 +799,7 @@ impl candle_core::InplaceOp3 for AddMatmul {
         q: &candle_core::CudaStorage,
         ql: &Layout,
     ) -> Result<()> {
-        add_matmul_cuda(acc, al, (p, pl, self.ta), (q, ql, self.tb), self.alpha)
+        gemm_cuda(acc, al, (p, pl, self.ta), (q, ql, self.tb), self.alpha, 1.0)
     }
 }
 
@@ -844,37 +844,19 @@ impl candle_core::CustomOp2 for ScaledMatmul {
         q: &candle_core::CudaStorage,
         ql: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
+        use candle_core::backend::{BackendDevice, BackendStorage};
         let ((pr, pc), (qr, qc)) = (pl.shape().dims2()?, ql.shape().dims2()?);
-        let (m, n) = (if self.ta { pc } else { pr }, if self.tb { qr } else { qc });
-        let dev = p.device().clone();
-        let mut out = match p.dtype() {
-            // SAFETY: the product (beta = 0) writes every element.
-            DType::F32 => candle_core::CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(m * n) }?, dev),
-            DType::BF16 => candle_core::CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(m * n) }?, dev),
-            dt => candle_core::bail!("scaled-matmul: {dt:?} (f32, bf16)"),
-        };
-        let ol = Layout::contiguous((m, n));
-        gemm_cuda(&mut out, &ol, (p, pl, self.ta), (q, ql, self.tb), self.alpha, 0.0)?;
-        Ok((out, Shape::from((m, n))))
+        let shape = Shape::from((if self.ta { pc } else { pr }, if self.tb { qr } else { qc }));
+        // SAFETY: the product (beta = 0) writes every element.
+        let mut out = unsafe { p.device().alloc_uninit(&shape, p.dtype())? };
+        gemm_cuda(&mut out, &Layout::contiguous(&shape), (p, pl, self.ta), (q, ql, self.tb), self.alpha, 0.0)?;
+        Ok((out, shape))
     }
 }
 
-/// [`AddMatmul`] on the storages: `acc += alpha * op(p) @ op(q)`, each
-/// operand with its layout and whether it is transposed.
-#[cfg(feature = "cuda")]
-fn add_matmul_cuda(
-    acc: &mut candle_core::CudaStorage,
-    al: &Layout,
-    p: (&candle_core::CudaStorage, &Layout, bool),
-    q: (&candle_core::CudaStorage, &Layout, bool),
-    alpha: f64,
-) -> Result<()> {
-    gemm_cuda(acc, al, p, q, alpha, 1.0)
-}
-
-/// `acc = alpha * op(p) @ op(q) + beta * acc` by one cuBLAS product (with
-/// beta = 0, `acc` is only written: it may hold anything).
+/// `acc = alpha * op(p) @ op(q) + beta * acc` by one cuBLAS product, each
+/// operand with its layout and whether it is transposed ([`AddMatmul`]:
+/// beta = 1; with beta = 0, `acc` is only written: it may hold anything).
 #[cfg(feature = "cuda")]
 fn gemm_cuda(
     acc: &mut candle_core::CudaStorage,
@@ -891,11 +873,11 @@ fn gemm_cuda(
     let ((pm, pk), (qk, qn)) = (if ta { (pc, pr) } else { (pr, pc) }, if tb { (qc, qr) } else { (qr, qc) });
     let offsets = (al.contiguous_offsets(), pl.contiguous_offsets(), ql.contiguous_offsets());
     let (Some((a0, a1)), Some((p0, p1)), Some((q0, q1))) = offsets else {
-        candle_core::bail!("add-matmul: non-contiguous input")
+        candle_core::bail!("cuBLAS product: non-contiguous input")
     };
     if pm != m || qn != n || pk != qk || p.dtype() != acc.dtype() || q.dtype() != acc.dtype() {
         candle_core::bail!(
-            "add-matmul: {:?} += op({:?}) @ op({:?}) (ta {ta}, tb {tb})",
+            "cuBLAS product: {:?} = op({:?}) @ op({:?}) (ta {ta}, tb {tb})",
             al.dims(),
             pl.dims(),
             ql.dims()
@@ -946,7 +928,7 @@ fn gemm_cuda(
     match acc.dtype() {
         DType::F32 => run!(f32, sys::cudaDataType_t::CUDA_R_32F),
         DType::BF16 => run!(half::bf16, sys::cudaDataType_t::CUDA_R_16BF),
-        dt => candle_core::bail!("add-matmul: {dt:?} (f32, bf16)"),
+        dt => candle_core::bail!("cuBLAS product: {dt:?} (f32, bf16)"),
     }
     Ok(())
 }
