@@ -37,9 +37,13 @@ struct Gemv {
   int B, K, N, nh, kv, hd, maxb;
   float eps;
   float *out2;           // OUT_RESID: also the new residual here, when set
+  const float *parts;    // IN_PARTS: (np, B, K) partial rows to add to x
+  int np;
 };
 
-enum { IN_NORM = 0, IN_PLAIN = 1 };
+// IN_PARTS: as IN_NORM, of x plus the partial rows `parts` (the LM head
+// after the two-kernel layers).
+enum { IN_NORM = 0, IN_PLAIN = 1, IN_PARTS = 2 };
 // OUT_MLP: gate/up + SwiGLU + this tile's share of the down projection,
 // summed into the residual `out` (f32 reductions; see mma_proj).
 enum { OUT_QKV = 0, OUT_RESID = 1, OUT_SWIGLU = 2, OUT_LOGITS = 3, OUT_MLP = 4 };
@@ -270,6 +274,54 @@ __device__ __forceinline__ void mma16816(float c[4], unsigned a0, unsigned a1, u
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+#define LAY_PMAX 16
+
+// A residual row, x + parts[0] + ... + parts[np - 1] (rows pstride floats
+// apart; summed in that order, every load in flight at once), RMSNorm'd
+// (weight g) into xs (bf16, K) by the whole block; the sum also goes to
+// xout when that is set. K % 4 == 0, K <= 4 V blockDim.x.
+template <int V>
+__device__ void norm_row_parts(const float *x, const float *parts, int np, size_t pstride, const bf16 *g, float eps,
+                               int K, bf16 *xs, float *xout) {
+  const int K4 = K / 4;
+  float4 v[V];
+  float ss = 0.f;
+#pragma unroll
+  for (int e = 0; e < V; e++) {
+    const int i = threadIdx.x + e * blockDim.x;
+    v[e] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (i < K4) {
+      float4 w[LAY_PMAX];
+#pragma unroll
+      for (int k = 0; k < LAY_PMAX; k++)
+        if (k < np) w[k] = __ldcg(reinterpret_cast<const float4 *>(parts + k * pstride) + i);
+      v[e] = __ldcg(reinterpret_cast<const float4 *>(x) + i);
+#pragma unroll
+      for (int k = 0; k < LAY_PMAX; k++)
+        if (k < np) {
+          v[e].x += w[k].x;
+          v[e].y += w[k].y;
+          v[e].z += w[k].z;
+          v[e].w += w[k].w;
+        }
+      if (xout) reinterpret_cast<float4 *>(xout)[i] = v[e];
+    }
+    ss += v[e].x * v[e].x + v[e].y * v[e].y + v[e].z * v[e].z + v[e].w * v[e].w;
+  }
+  const float inv = rsqrtf(block_sum(ss) / K + eps);
+#pragma unroll
+  for (int e = 0; e < V; e++) {
+    const int i = threadIdx.x + e * blockDim.x;
+    if (i < K4) {
+      const __nv_bfloat162 *gg = reinterpret_cast<const __nv_bfloat162 *>(g) + 2 * i;
+      const float2 g0 = __bfloat1622float2(gg[0]), g1 = __bfloat1622float2(gg[1]);
+      __nv_bfloat162 *d = reinterpret_cast<__nv_bfloat162 *>(xs) + 2 * i;
+      d[0] = __floats2bfloat162_rn(v[e].x * inv * g0.x, v[e].y * inv * g0.y);
+      d[1] = __floats2bfloat162_rn(v[e].z * inv * g1.x, v[e].w * inv * g1.y);
+    }
+  }
+}
+
 // Rows b0..b0+nb of the input as bf16 (BT, SK) in shared memory; rows past
 // nb are zero. Norm rows go a warp per row, two rows at a time with the
 // row in registers (K <= 1024: one round trip to memory per row pair). The
@@ -277,6 +329,18 @@ __device__ __forceinline__ void mma16816(float c[4], unsigned a0, unsigned a1, u
 // blocks wrote it during the kernel.
 template <int IN> __device__ void stage_rows(const Gemv &a, bf16 *xs, int SK, int b0, int nb, int BT) {
   const int K = a.K, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+  if (IN == IN_PARTS) {
+    for (int b = 0; b < BT; b++) {
+      bf16 *dst = xs + (size_t)b * SK;
+      if (b < nb) {
+        const size_t r = (size_t)(b0 + b) * K;
+        norm_row_parts<2>(a.x + r, a.parts + r, a.np, (size_t)a.B * K, a.norm, a.eps, K, dst, nullptr);
+      } else {
+        for (int k = threadIdx.x * 8; k < K; k += blockDim.x * 8) *reinterpret_cast<uint4 *>(dst + k) = make_uint4(0, 0, 0, 0);
+      }
+    }
+    return;
+  }
   if (IN == IN_NORM && K <= 1024) {
     constexpr int V = 8;
     for (int b = (threadIdx.x / 32) * 2; b < BT; b += nw * 2) {
@@ -547,6 +611,7 @@ MMA(gateup, IN_NORM, OUT_SWIGLU)
 MMA(mlp, IN_NORM, OUT_MLP)
 MMA(down, IN_PLAIN, OUT_RESID)
 MMA(head, IN_NORM, OUT_LOGITS)
+MMA(headp, IN_PARTS, OUT_LOGITS)
 
 struct Attn {
   const float *q;        // (B, nh, hd), rotated
@@ -736,6 +801,114 @@ template <int HD> __device__ void attn(const Attn &a, int s0, int g, int b, int 
 extern "C" __global__ void dec_attn_64(Attn a) { attn<64>(a, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.x); }
 extern "C" __global__ void dec_attn_128(Attn a) { attn<128>(a, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.x); }
 
+// One warp's share of a chunk of keys and values in shared memory (rows
+// RS = HD + 8 apart, from kw and vw): its n positions (a lane each; n may
+// be 32 or more, or none) scored against the REP scaled query heads qs
+// (REP, HD), folded into the warp's online softmax (m, l) and P.V sums
+// (acc: this lane's HD / 32 dimensions of each head).
+template <int HD, int REP>
+__device__ __forceinline__ void attend32(const bf16 *kw, const bf16 *vw, const float *qs, int n, float (&m)[REP],
+                                         float (&l)[REP], float (&acc)[REP][HD / 32]) {
+  constexpr int RS = HD + 8, PIECES = HD / 8, DL = HD / 32;
+  const int lane = threadIdx.x % 32;
+  n = min(n, 32);
+  float s[REP];
+#pragma unroll
+  for (int r = 0; r < REP; r++) s[r] = 0.f;
+  if (lane < n) {
+    const bf16 *kr = kw + lane * RS;
+#pragma unroll
+    for (int c = 0; c < PIECES; c++) {
+      float k8[8];
+      unpack8(*reinterpret_cast<const uint4 *>(kr + c * 8), k8);
+#pragma unroll
+      for (int r = 0; r < REP; r++)
+#pragma unroll
+        for (int i = 0; i < 8; i++) s[r] += qs[r * HD + c * 8 + i] * k8[i];
+    }
+  }
+  // The warp's online softmax, per query head: s becomes the
+  // probabilities (relative to the warp's running max).
+#pragma unroll
+  for (int r = 0; r < REP; r++) {
+    const float x = lane < n ? s[r] : -INFINITY;
+    float mx = x;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    const float mn = fmaxf(m[r], mx);
+    const float e = x == -INFINITY ? 0.f : __expf(x - mn);
+    const float corr = m[r] == -INFINITY ? 0.f : __expf(m[r] - mn);
+    l[r] = l[r] * corr + warp_sum(e);
+    m[r] = mn;
+#pragma unroll
+    for (int d = 0; d < DL; d++) acc[r][d] *= corr;
+    s[r] = e;
+  }
+  // P.V over the warp's positions: position j's probabilities from lane j.
+#pragma unroll 8
+  for (int j = 0; j < n; j++) {
+    const bf16 *vr = vw + j * RS + lane * DL;
+    float v[DL];
+    if constexpr (DL == 2) {
+      const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(vr));
+      v[0] = f.x;
+      v[1] = f.y;
+    } else {
+      const uint2 u = *reinterpret_cast<const uint2 *>(vr);
+      const float2 f0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
+      const float2 f1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
+      v[0] = f0.x;
+      v[1] = f0.y;
+      v[2] = f1.x;
+      v[3] = f1.y;
+    }
+#pragma unroll
+    for (int r = 0; r < REP; r++) {
+      const float pr = __shfl_sync(0xffffffffu, s[r], j);
+#pragma unroll
+      for (int d = 0; d < DL; d++) acc[r][d] += pr * v[d];
+    }
+  }
+}
+
+// The NW warps' softmax states meet (part: (NW, MAX_REP, HD), wml: (NW,
+// MAX_REP, 2) in shared memory): out(r, d, o, sum, max) for each output of
+// the REP heads, a thread each, o and sum relative to max (o / sum is the
+// attention output; none of the block's positions: sum 0).
+template <int HD, int NW, int REP, class Out>
+__device__ __forceinline__ void merge_warps(float *part, float *wml, const float (&m)[REP], const float (&l)[REP],
+                                            const float (&acc)[REP][HD / 32], Out out) {
+  constexpr int DL = HD / 32;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+#pragma unroll
+  for (int r = 0; r < REP; r++) {
+    if (lane == 0) {
+      wml[(warp * MAX_REP + r) * 2] = m[r];
+      wml[(warp * MAX_REP + r) * 2 + 1] = l[r];
+    }
+#pragma unroll
+    for (int d = 0; d < DL; d++) part[(warp * MAX_REP + r) * HD + lane * DL + d] = acc[r][d];
+  }
+  __syncthreads();
+  for (int k = tid; k < REP * HD; k += 32 * NW) {
+    const int r = k / HD, d = k % HD;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NW; w++) mx = fmaxf(mx, wml[(w * MAX_REP + r) * 2]);
+    float o = 0.f, sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; w++) {
+      const float mw = wml[(w * MAX_REP + r) * 2];
+      if (mw != -INFINITY) {
+        const float e = __expf(mw - mx);
+        o += e * part[(w * MAX_REP + r) * HD + d];
+        sum += e * wml[(w * MAX_REP + r) * 2 + 1];
+      }
+    }
+    out(r, d, o, sum, mx);
+  }
+}
+
 // Attention of each row against its cache, built for latency (the
 // five-launch step's; the persistent step runs `attn` above). Block
 // (s0, g, b) of a grid (nsplit, kv, B) has NW warps and takes chunks of
@@ -761,7 +934,7 @@ template <int HD, int NW, int REP> __device__ void attn_chunked(const Attn &a) {
   float *wml = part + NW * MAX_REP * HD;               // (NW, MAX_REP, 2)
   const int s0 = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
   constexpr int rep = REP;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int tid = threadIdx.x, warp = tid / 32;
   pdl_launch();
   // Positions and block tables were uploaded before the step's first kernel.
   const int len = a.pos[b] + 1;
@@ -795,96 +968,13 @@ template <int HD, int NW, int REP> __device__ void attn_chunked(const Attn &a) {
   for (;;) {
     cp_wait<0>();
     __syncthreads();
-    const int p = c0 + warp * 32 + lane;
-    float s[REP];
-#pragma unroll
-    for (int r = 0; r < REP; r++) s[r] = 0.f;
-    if (p < len) {
-      const bf16 *kr = ks + (warp * 32 + lane) * RS;
-#pragma unroll
-      for (int c = 0; c < PIECES; c++) {
-        float k8[8];
-        unpack8(*reinterpret_cast<const uint4 *>(kr + c * 8), k8);
-#pragma unroll
-        for (int r = 0; r < REP; r++)
-#pragma unroll
-          for (int i = 0; i < 8; i++) s[r] += qs[r * HD + c * 8 + i] * k8[i];
-      }
-    }
-    // The warp's online softmax, per query head: s becomes the
-    // probabilities (relative to the warp's running max).
-#pragma unroll
-    for (int r = 0; r < REP; r++) {
-      const float x = p < len ? s[r] : -INFINITY;
-      float mx = x;
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      const float mn = fmaxf(m[r], mx);
-      const float e = x == -INFINITY ? 0.f : __expf(x - mn);
-      const float corr = m[r] == -INFINITY ? 0.f : __expf(m[r] - mn);
-      l[r] = l[r] * corr + warp_sum(e);
-      m[r] = mn;
-#pragma unroll
-      for (int d = 0; d < DL; d++) acc[r][d] *= corr;
-      s[r] = e;
-    }
-    // P.V over the warp's positions: position j's probabilities from lane j.
-    const int n = min(32, len - (c0 + warp * 32));
-#pragma unroll 8
-    for (int j = 0; j < n; j++) {
-      const bf16 *vr = vs + (warp * 32 + j) * RS + lane * DL;
-      float v[DL];
-      if constexpr (DL == 2) {
-        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(vr));
-        v[0] = f.x;
-        v[1] = f.y;
-      } else {
-        const uint2 u = *reinterpret_cast<const uint2 *>(vr);
-        const float2 f0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
-        const float2 f1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
-        v[0] = f0.x;
-        v[1] = f0.y;
-        v[2] = f1.x;
-        v[3] = f1.y;
-      }
-#pragma unroll
-      for (int r = 0; r < REP; r++) {
-        const float pr = __shfl_sync(0xffffffffu, s[r], j);
-#pragma unroll
-        for (int d = 0; d < DL; d++) acc[r][d] += pr * v[d];
-      }
-    }
+    attend32<HD, REP>(ks + warp * 32 * RS, vs + warp * 32 * RS, qs, len - (c0 + warp * 32), m, l, acc);
     c0 += S * CH;
     if (c0 >= len) break;
     __syncthreads(); // every warp is done with this chunk's keys and values
     stage(c0, c0, min(c0 + CH, len));
   }
-  // The warps' partial results meet: a thread per output of the group.
-#pragma unroll
-  for (int r = 0; r < REP; r++) {
-    if (lane == 0) {
-      wml[(warp * MAX_REP + r) * 2] = m[r];
-      wml[(warp * MAX_REP + r) * 2 + 1] = l[r];
-    }
-#pragma unroll
-    for (int d = 0; d < DL; d++) part[(warp * MAX_REP + r) * HD + lane * DL + d] = acc[r][d];
-  }
-  __syncthreads();
-  for (int k = tid; k < rep * HD; k += 32 * NW) {
-    const int r = k / HD, d = k % HD;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < NW; w++) mx = fmaxf(mx, wml[(w * MAX_REP + r) * 2]);
-    float o = 0.f, sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < NW; w++) {
-      const float mw = wml[(w * MAX_REP + r) * 2];
-      if (mw != -INFINITY) {
-        const float e = __expf(mw - mx);
-        o += e * part[(w * MAX_REP + r) * HD + d];
-        sum += e * wml[(w * MAX_REP + r) * 2 + 1];
-      }
-    }
+  merge_warps<HD, NW, REP>(part, wml, m, l, acc, [&](int r, int d, float o, float sum, float mx) {
     const size_t h = (size_t)b * a.nh + g * rep + r;
     if (S == 1) {
       a.ao[h * HD + d] = __float2bfloat16(sum > 0.f ? o / sum : 0.f);
@@ -895,7 +985,7 @@ template <int HD, int NW, int REP> __device__ void attn_chunked(const Attn &a) {
         a.pml[(h * a.nsplit + s0) * 2 + 1] = sum;
       }
     }
-  }
+  });
   if (S > 1) finish_splits<HD, 32 * NW>(a, g, b, S);
 }
 
@@ -1684,3 +1774,411 @@ STREAM(128, 1)
 STREAM(128, 2)
 STREAM(128, 4)
 STREAM(128, 8)
+
+// ---- Two cluster kernels a layer (small batches) ----
+//
+// A decode step of up to LAY_BMAX rows as two launches a layer instead of
+// five, each a grid of thread-block clusters (sm_90) whose blocks share
+// their results through distributed shared memory instead of a launch:
+//   dec_la: a cluster of LAY_C blocks per (kv head g, row b): RMSNorm, the
+//           block's share of g's q/k/v rows (rotary; k and v into the
+//           paged pool), the cluster's q, k, v gathered, attention split
+//           over the blocks by position ranges and combined, and each
+//           block's rows of the output projection over g's columns;
+//   dec_lb: gate/up, SwiGLU and down, 16 units a block, the down
+//           projection's shares summed over each cluster.
+// Neither adds into the residual with atomics: a kernel reads its input
+// as a base row plus partial rows (`pin`, summed in a fixed order: the
+// kv heads' output projections, or the MLP clusters' down projections),
+// writes that sum as the next base (xout, one block) and its own partial
+// rows (pout); the LM head sums the last ones (Gemv::parts). So a step's
+// sums are the same from run to run.
+#include <cooperative_groups.h>
+namespace cg = cooperative_groups;
+
+#define LAY_C 8
+#define LAY_NW 8
+#define LAY_BMAX 2
+#define LAY_UB 16
+static_assert(LAY_UB == 2 * LAY_NW, "dec_lb: two units a warp");
+
+struct Lay {
+  const float *xin;     // (B, H) base of the residual
+  const float *pin;     // (np_in, B, H) partial rows to add to it
+  float *xout;          // (B, H) base + partials (the next kernel's base)
+  float *pout;          // (np_out, B, H) this kernel's partial rows
+  const bf16 *norm;     // (H)
+  const bf16 *w0, *w1, *w2, *w3;  // dec_la: q, k, v, o; dec_lb: gate, up, down
+  bf16 *kc, *vc;        // dec_la: this layer's paged keys / values
+  const unsigned *pos;  // (B)
+  const unsigned *table; // (B, maxb)
+  const float *inv_freq; // (hd / 2)
+  int B, H, N, nh, kv, maxb, np_in;
+  float eps, scale;
+  // Weights of the next kernel (dec_la: this layer's gate, up and down;
+  // dec_lb: the next layer's q, k, v and o; none: null), prefetched into
+  // L2 by the blocks' shares as the kernel starts: a block's copies into
+  // shared memory fill far faster from L2 than from HBM.
+  const bf16 *pf[4];
+  unsigned long long pfn[4];  // their sizes in bytes (multiples of 16)
+  // Profiling (PIPE_DECODE_LAY_TIMES): block 0's thread 0 stores clock64()
+  // at each phase here; null: not.
+  long long *tm;
+};
+
+#define LAY_T(i)                                                                          \
+  do {                                                                                    \
+    if (a.tm && threadIdx.x == 0 && blockIdx.x + blockIdx.y + blockIdx.z == 0) a.tm[i] = clock64(); \
+  } while (0)
+
+__device__ __forceinline__ void lay_prefetch(const Lay &a) {
+  if (threadIdx.x != 0) return;
+  const unsigned nb = gridDim.x * gridDim.y * gridDim.z;
+  const unsigned id = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    if (!a.pf[r]) continue;
+    const unsigned long long n16 = a.pfn[r] / 16, lo = n16 * id / nb, hi = n16 * (id + 1) / nb;
+    for (unsigned long long o = lo; o < hi; o += 4096) {  // at most 64 KB a copy
+      const unsigned bytes = (unsigned)(min(hi - o, 4096ull) * 16);
+      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(reinterpret_cast<const char *>(a.pf[r]) + o * 16),
+                   "r"(bytes)
+                   : "memory");
+    }
+  }
+}
+
+// Row b of a dec_la / dec_lb input (xin + pin) into xs; with `out`, into xout too.
+__device__ void lay_norm_row(const Lay &a, int b, bf16 *xs, bool out) {
+  const size_t H = a.H;
+  norm_row_parts<1>(a.xin + b * H, a.pin + b * H, a.np_in, a.B * H, a.norm, a.eps, a.H, xs,
+                    out ? a.xout + b * H : nullptr);
+}
+
+// dec_la's q/k/v units of kv head g: REP * HD / 2 rotary pairs of its
+// query heads, then HD / 2 of k, then HD / 2 of v; U of them, UPB a block.
+template <int HD, int REP> struct LaShape {
+  static constexpr int HALF = HD / 2, U = (REP + 2) * HALF, UPB = (U + LAY_C - 1) / LAY_C, OC = REP * HD;
+  static constexpr int CH = 128, RS = HD + 8;
+};
+
+// dec_la's dynamic shared memory, in this order (src/nn/decode.rs's
+// la_smem sizes it): the block's q/k/v rows (2 UPB, H) and output rows
+// (OR = H / LAY_C, OC) of the weights, a chunk of keys and values (CH,
+// RS) each, the normed row (H, bf16), then f32: the block's rotated unit
+// values (2 UPB), the scaled queries (REP, HD), the new key and value
+// (HD each), the warps' softmax states (LAY_NW, MAX_REP, HD + 2), the
+// block's (REP, HD + 2), the attention output (REP, HD).
+template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
+  using S = LaShape<HD, REP>;
+  constexpr int HALF = S::HALF, U = S::U, UPB = S::UPB, OC = S::OC, CH = S::CH, RS = S::RS, DL = HD / 32;
+  constexpr int PIECES = HD / 8;
+  cg::cluster_group cl = cg::this_cluster();
+  const int j = cl.block_rank(), g = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, H = a.H, OR = H / LAY_C;
+  extern __shared__ __align__(16) unsigned char dyn[];
+  bf16 *wq = reinterpret_cast<bf16 *>(dyn);
+  bf16 *wo = wq + 2 * UPB * H;
+  bf16 *ks = wo + OR * OC, *vs = ks + CH * RS;
+  bf16 *xs = vs + CH * RS;
+  float *res = reinterpret_cast<float *>(xs + H);
+  float *qs = res + 2 * UPB;
+  float *kn = qs + REP * HD, *vn = kn + HD;
+  float *part = vn + HD;
+  float *wml = part + LAY_NW * MAX_REP * HD;
+  float *bacc = wml + LAY_NW * MAX_REP * 2;
+  float *bml = bacc + REP * HD;
+  float *aos = bml + REP * 2;
+  LAY_T(0);
+  pdl_launch();
+  lay_prefetch(a);
+  const int len = a.pos[b] + 1, p = len - 1;
+  const unsigned blk = a.table[(size_t)b * a.maxb + p / KV_BLOCK];
+  // This block's positions (contiguous, the new one in the last non-empty range).
+  const int R = (len + LAY_C - 1) / LAY_C, lo = min(j * R, len), hi = min(lo + R, len);
+  const size_t row = (size_t)a.kv * HD;
+  auto stage = [&](int c0, int p0, int p1) {
+    for (int i = tid; i < (p1 - p0) * PIECES; i += 32 * LAY_NW) {
+      const int q = p0 + i / PIECES, c = i % PIECES;
+      const unsigned bq = a.table[(size_t)b * a.maxb + q / KV_BLOCK];
+      const size_t off = (size_t)(bq * KV_BLOCK + q % KV_BLOCK) * row + (size_t)g * HD + c * 8;
+      cp16(ks + (q - c0) * RS + c * 8, a.kc + off, true);
+      cp16(vs + (q - c0) * RS + c * 8, a.vc + off, true);
+    }
+    cp_commit();
+  };
+  // Weights (no kernel writes them) and the first chunk's older keys and
+  // values (written by earlier steps) before waiting for the kernel before.
+  const int u0 = j * UPB, H8 = H / 8;
+  for (int i = tid; i < 2 * UPB * H8; i += 32 * LAY_NW) {
+    const int r = i / H8, c = i % H8, u = u0 + r / 2;
+    const bool ok = u < U;
+    const bf16 *src = a.w0;
+    if (ok) {
+      const int kind = u / HALF, e = u % HALF + (r % 2) * HALF;
+      src = kind < REP ? a.w0 + (size_t)((g * REP + kind) * HD + e) * H
+                       : (kind == REP ? a.w1 : a.w2) + (size_t)(g * HD + e) * H;
+    }
+    cp16(wq + (size_t)r * H + c * 8, ok ? src + c * 8 : src, ok);
+  }
+  for (int i = tid; i < OR * (OC / 8); i += 32 * LAY_NW) {
+    const int r = i / (OC / 8), c = i % (OC / 8);
+    cp16(wo + (size_t)r * OC + c * 8, a.w3 + (size_t)(j * OR + r) * a.nh * HD + g * OC + c * 8, true);
+  }
+  cp_commit();
+  stage(lo, lo, min(min(lo + CH, hi), p));
+  LAY_T(1);
+  pdl_wait();
+  LAY_T(2);
+  lay_norm_row(a, b, xs, j == 0 && g == 0);
+  LAY_T(3);
+  cp_wait<0>();
+  __syncthreads();
+  LAY_T(4);
+  // The block's units: two rows each, rotated (q, k), k and v into the
+  // pool; a warp's units (UW of them) in one pass, their sums interleaved.
+  constexpr int UW = (UPB + LAY_NW - 1) / LAY_NW;
+  const bf16 *rows[2 * UW];
+#pragma unroll
+  for (int k = 0; k < UW; k++) {
+    const int lu = min(warp + k * LAY_NW, UPB - 1);
+    rows[2 * k] = wq + (size_t)(2 * lu) * H;
+    rows[2 * k + 1] = wq + (size_t)(2 * lu + 1) * H;
+  }
+  float v[2 * UW][1];
+  dots<1, 2 * UW>(rows, xs, H, v);
+#pragma unroll
+  for (int k = 0; k < UW; k++) {
+    const int lu = warp + k * LAY_NW;
+    if (lane == 0 && lu < UPB && u0 + lu < U) {
+      const int u = u0 + lu, kind = u / HALF, i = u % HALF;
+      float y0 = v[2 * k][0], y1 = v[2 * k + 1][0];
+      if (kind <= REP) {
+        float sn, cs;
+        sincosf((float)p * a.inv_freq[i], &sn, &cs);
+        const float r0 = y0 * cs - y1 * sn, r1 = y1 * cs + y0 * sn;
+        y0 = r0;
+        y1 = r1;
+      }
+      if (kind >= REP) {
+        bf16 *c = (kind == REP ? a.kc : a.vc) + ((size_t)(blk * KV_BLOCK + p % KV_BLOCK) * a.kv + g) * HD;
+        c[i] = __float2bfloat16(y0);
+        c[i + HALF] = __float2bfloat16(y1);
+        y0 = __bfloat162float(__float2bfloat16(y0));
+        y1 = __bfloat162float(__float2bfloat16(y1));
+      }
+      res[2 * lu] = y0;
+      res[2 * lu + 1] = y1;
+    }
+  }
+  LAY_T(5);
+  cl.sync();
+  LAY_T(6);
+  // Every block gathers the cluster's q, k and v.
+  for (int t = tid; t < U; t += 32 * LAY_NW) {
+    const float *peer = cl.map_shared_rank(res, t / UPB);
+    const float y0 = peer[2 * (t % UPB)], y1 = peer[2 * (t % UPB) + 1];
+    const int kind = t / HALF, i = t % HALF;
+    float *d = kind < REP ? qs + kind * HD : (kind == REP ? kn : vn);
+    const float sc = kind < REP ? a.scale : 1.f;
+    d[i] = y0 * sc;
+    d[i + HALF] = y1 * sc;
+  }
+  LAY_T(7);
+  float m[REP], l[REP], acc[REP][DL];
+#pragma unroll
+  for (int r = 0; r < REP; r++) {
+    m[r] = -INFINITY;
+    l[r] = 0.f;
+#pragma unroll
+    for (int d = 0; d < DL; d++) acc[r][d] = 0.f;
+  }
+  for (int c0 = lo; c0 < hi; c0 += CH) {
+    const int c1 = min(c0 + CH, hi);
+    if (c0 != lo) {
+      __syncthreads();  // every warp is done with the chunk before
+      stage(c0, c0, min(c1, p));
+    }
+    __syncthreads();  // kn, vn
+    if (c1 == len)
+      for (int d = tid; d < HD; d += 32 * LAY_NW) {
+        ks[(p - c0) * RS + d] = __float2bfloat16(kn[d]);
+        vs[(p - c0) * RS + d] = __float2bfloat16(vn[d]);
+      }
+    cp_wait<0>();
+    __syncthreads();
+    attend32<HD, REP>(ks + warp * 32 * RS, vs + warp * 32 * RS, qs, c1 - (c0 + warp * 32), m, l, acc);
+    if (CH > 32 * LAY_NW)
+      for (int w = warp + LAY_NW; w * 32 < CH; w += LAY_NW)
+        attend32<HD, REP>(ks + w * 32 * RS, vs + w * 32 * RS, qs, c1 - (c0 + w * 32), m, l, acc);
+  }
+  LAY_T(8);
+  merge_warps<HD, LAY_NW, REP>(part, wml, m, l, acc, [&](int r, int d, float o, float sum, float mx) {
+    bacc[r * HD + d] = o;
+    if (d == 0) {
+      bml[r * 2] = mx;
+      bml[r * 2 + 1] = sum;
+    }
+  });
+  LAY_T(9);
+  cl.sync();
+  LAY_T(10);
+  // The cluster's ranges combined (each block all of them: its output rows need every column).
+  for (int k = tid; k < REP * HD; k += 32 * LAY_NW) {
+    const int r = k / HD;
+    float mj[LAY_C], mx = -INFINITY;
+#pragma unroll
+    for (int q = 0; q < LAY_C; q++) {
+      mj[q] = cl.map_shared_rank(bml, q)[r * 2];
+      mx = fmaxf(mx, mj[q]);
+    }
+    float o = 0.f, sum = 0.f, oj[LAY_C], lj[LAY_C];
+#pragma unroll
+    for (int q = 0; q < LAY_C; q++) {
+      oj[q] = cl.map_shared_rank(bacc, q)[k];
+      lj[q] = cl.map_shared_rank(bml, q)[r * 2 + 1];
+    }
+#pragma unroll
+    for (int q = 0; q < LAY_C; q++) {
+      const float e = mj[q] == -INFINITY ? 0.f : __expf(mj[q] - mx);
+      o += e * oj[q];
+      sum += e * lj[q];
+    }
+    aos[k] = __bfloat162float(__float2bfloat16(sum > 0.f ? o / sum : 0.f));
+  }
+  LAY_T(11);
+  cl.sync();  // (no block leaves while others read its shared memory)
+  LAY_T(12);
+  // The block's output rows over g's columns: kv head g's partial row.
+  // (A warp's rows in one pass: OR / LAY_NW of them, at most ORW.)
+  constexpr int ORW = 16;
+  float sr[ORW];
+#pragma unroll
+  for (int k = 0; k < ORW; k++) sr[k] = 0.f;
+  for (int c = lane; c < OC / 8; c += 32) {
+    float x8[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) x8[i] = aos[c * 8 + i];
+#pragma unroll
+    for (int k = 0; k < ORW; k++) {
+      const int r = warp + k * LAY_NW;
+      if (r < OR) {
+        float w8[8];
+        unpack8(*reinterpret_cast<const uint4 *>(wo + (size_t)r * OC + c * 8), w8);
+#pragma unroll
+        for (int i = 0; i < 8; i++) sr[k] = fmaf(w8[i], x8[i], sr[k]);
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < ORW; k++) {
+    const int r = warp + k * LAY_NW;
+    const float t = warp_sum(sr[k]);
+    if (lane == 0 && r < OR) a.pout[((size_t)g * a.B + b) * H + j * OR + r] = t;
+  }
+  LAY_T(13);
+}
+
+// dec_lb: block x takes units x * 16 .. x * 16 + 15 of the MLP (N of them)
+// for all BT rows: gate and up rows (32, H) and the down projection's
+// columns (H, 16) copied to shared memory before the wait, SwiGLU values
+// (BT, 16), the block's share of the down projection (BT, H) f32, summed
+// over the cluster by slices of H / LAY_C: cluster x / LAY_C's partial rows.
+template <int BT> __device__ void lay_mlp(const Lay &a) {
+  cg::cluster_group cl = cg::this_cluster();
+  const int j = cl.block_rank(), x = blockIdx.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int H = a.H, H8 = H / 8, u0 = x * LAY_UB;
+  extern __shared__ __align__(16) unsigned char dyn[];
+  bf16 *wg = reinterpret_cast<bf16 *>(dyn);  // gate rows, then up rows
+  bf16 *wd = wg + 2 * LAY_UB * H;            // (H, 16)
+  bf16 *xs = wd + H * LAY_UB;                // (BT, H)
+  float *act = reinterpret_cast<float *>(xs + BT * H);  // (BT, 16)
+  float *ps = act + BT * LAY_UB;                        // (BT, H)
+  LAY_T(16);
+  pdl_launch();
+  lay_prefetch(a);
+  for (int i = tid; i < 2 * LAY_UB * H8; i += 32 * LAY_NW) {
+    const int r = i / H8, c = i % H8, u = u0 + r % LAY_UB;
+    const bool ok = u < a.N;
+    cp16(wg + (size_t)r * H + c * 8, ok ? (r < LAY_UB ? a.w0 : a.w1) + (size_t)u * H + c * 8 : a.w0, ok);
+  }
+  for (int i = tid; i < H * (LAY_UB / 8); i += 32 * LAY_NW) {
+    const int h = i / (LAY_UB / 8), c = i % (LAY_UB / 8);
+    const bool ok = u0 + c * 8 + 8 <= a.N;
+    cp16(wd + (size_t)h * LAY_UB + c * 8, ok ? a.w2 + (size_t)h * a.N + u0 + c * 8 : a.w2, ok);
+  }
+  cp_commit();
+  LAY_T(17);
+  pdl_wait();
+  LAY_T(18);
+  for (int b = 0; b < BT; b++) {
+    if (b < a.B) {
+      lay_norm_row(a, b, xs + (size_t)b * H, x == 0);
+    } else {
+      for (int i = tid; i < H8; i += 32 * LAY_NW) reinterpret_cast<uint4 *>(xs + (size_t)b * H)[i] = make_uint4(0, 0, 0, 0);
+    }
+  }
+  LAY_T(19);
+  cp_wait<0>();
+  __syncthreads();
+  LAY_T(20);
+  // A warp's two units (LAY_UB = 2 LAY_NW) in one pass.
+  {
+    const int u1 = warp, u2 = warp + LAY_NW;
+    const bf16 *rows[4] = {wg + (size_t)u1 * H, wg + (size_t)(LAY_UB + u1) * H, wg + (size_t)u2 * H,
+                           wg + (size_t)(LAY_UB + u2) * H};
+    float v[4][BT];
+    dots<BT, 4>(rows, xs, H, v);
+    if (lane < BT) {
+#pragma unroll
+      for (int k = 0; k < 2; k++) {
+        float s = 0.f;
+#pragma unroll
+        for (int b = 0; b < BT; b++)
+          if (b == lane) s = __bfloat162float(__float2bfloat16(v[2 * k][b] / (1.f + __expf(-v[2 * k][b])) * v[2 * k + 1][b]));
+        const int uu = k ? u2 : u1;
+        act[lane * LAY_UB + uu] = u0 + uu < a.N ? s : 0.f;
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < BT * H; i += 32 * LAY_NW) {
+    const int b = i / H, h = i % H;
+    float w[16];
+    unpack8(*reinterpret_cast<const uint4 *>(wd + (size_t)h * LAY_UB), w);
+    unpack8(*reinterpret_cast<const uint4 *>(wd + (size_t)h * LAY_UB + 8), w + 8);
+    float s = 0.f;
+#pragma unroll
+    for (int u = 0; u < LAY_UB; u++) s = fmaf(w[u], act[b * LAY_UB + u], s);
+    ps[i] = s;
+  }
+  LAY_T(21);
+  cl.sync();
+  LAY_T(22);
+  const int HS = H / LAY_C;
+  for (int i = tid; i < a.B * HS; i += 32 * LAY_NW) {
+    const int b = i / HS, h = j * HS + i % HS;
+    float s = 0.f;
+#pragma unroll
+    for (int q = 0; q < LAY_C; q++) s += cl.map_shared_rank(ps, q)[b * H + h];
+    a.pout[((size_t)(x / LAY_C) * a.B + b) * H + h] = s;
+  }
+  LAY_T(23);
+  cl.sync();  // (no block leaves while others read its shared memory)
+  LAY_T(24);
+}
+
+#define LAY_A(HD, REP)                                                                                    \
+  extern "C" __global__ void __cluster_dims__(LAY_C, 1, 1) __launch_bounds__(32 * LAY_NW, 1)               \
+      dec_la_##HD##_##REP(Lay a) {                                                                        \
+    lay_attn<HD, REP>(a);                                                                                 \
+  }
+#define LAY_A_REPS(HD) LAY_A(HD, 1) LAY_A(HD, 2) LAY_A(HD, 3) LAY_A(HD, 4) LAY_A(HD, 5) LAY_A(HD, 6) LAY_A(HD, 7) LAY_A(HD, 8)
+LAY_A_REPS(64)
+LAY_A_REPS(128)
+extern "C" __global__ void __cluster_dims__(LAY_C, 1, 1) __launch_bounds__(32 * LAY_NW, 1) dec_lb_1(Lay a) {
+  lay_mlp<1>(a);
+}
+extern "C" __global__ void __cluster_dims__(LAY_C, 1, 1) __launch_bounds__(32 * LAY_NW, 1) dec_lb_2(Lay a) {
+  lay_mlp<2>(a);
+}

@@ -62,6 +62,10 @@ thread_local! {
     static STREAM_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// Tests: this thread's `PIPE_DECODE_MLP`.
     static MLP: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// Tests: this thread's `PIPE_DECODE_LAY`.
+    static LAY: std::cell::Cell<Option<Option<bool>>> = const { std::cell::Cell::new(None) };
+    /// Tests: steps of two kernels a layer recorded on this thread.
+    static LAY_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// Tests: this thread's `PIPE_DECODE_ATTN` (`Some(true)`: chunked).
     static ATTN_CHUNKED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// Tests: attention splits per (row, kv head), at most [`imp`]'s `nsplit`.
@@ -206,9 +210,54 @@ mod imp {
         maxb: i32,
         eps: f32,
         out2: u64,
+        parts: u64,
+        np: i32,
     }
     // SAFETY: plain old data laid out as the kernels' C struct.
     unsafe impl DeviceRepr for Gemv {}
+
+    /// kernels/decode.cu's `Lay` (by value): the two cluster kernels a layer.
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Lay {
+        xin: u64,
+        pin: u64,
+        xout: u64,
+        pout: u64,
+        norm: u64,
+        w0: u64,
+        w1: u64,
+        w2: u64,
+        w3: u64,
+        kc: u64,
+        vc: u64,
+        pos: u64,
+        table: u64,
+        inv_freq: u64,
+        b: i32,
+        h: i32,
+        n: i32,
+        nh: i32,
+        kv: i32,
+        maxb: i32,
+        np_in: i32,
+        eps: f32,
+        scale: f32,
+        pf: [u64; 4],
+        pfn: [u64; 4],
+        tm: u64,
+    }
+    // SAFETY: as for Gemv.
+    unsafe impl DeviceRepr for Lay {}
+
+    /// decode.cu's `LAY_C`, `LAY_NW`, `LAY_BMAX`, `LAY_PMAX`, `LAY_UB` and
+    /// `LaShape::CH`.
+    const LAY_C: usize = 8;
+    const LAY_THREADS: u32 = 256;
+    const LAY_BMAX: usize = 2;
+    const LAY_PMAX: usize = 16;
+    const LAY_UB: usize = 16;
+    const LAY_CH: usize = 128;
 
     /// kernels/decode.cu's `Attn` (by value).
     #[repr(C)]
@@ -313,6 +362,12 @@ mod imp {
         x2: CudaSlice<f32>,
         /// The streamed step's three residual buffers (3, cap, hidden).
         x3: CudaSlice<f32>,
+        /// The two-kernel layers' partial rows: the attention kernel's
+        /// (kv, cap, hidden), then the MLP kernel's (LAY_PMAX, cap, hidden).
+        parts: CudaSlice<f32>,
+        /// Profiling: the phases' clocks of one layer's two kernels
+        /// (decode.cu's `Lay::tm`).
+        times: CudaSlice<i64>,
         q: CudaSlice<f32>,
         po: CudaSlice<f32>,
         pml: CudaSlice<f32>,
@@ -337,6 +392,8 @@ mod imp {
         x: u64,
         x2: u64,
         x3: u64,
+        parts: u64,
+        times: u64,
         q: u64,
         po: u64,
         pml: u64,
@@ -465,7 +522,7 @@ mod imp {
                 .flat_map(|k| [1, 2, 4, 8, 16].map(|bt| format!("dec_{k}_{bt}")))
                 .collect();
             names.extend(
-                ["qkv", "o", "gateup", "down", "head", "mlp"]
+                ["qkv", "o", "gateup", "down", "head", "mlp", "headp"]
                     .iter()
                     .flat_map(|k| [8, 16, 32, 64].map(|bt| format!("tc_{k}_{bt}"))),
             );
@@ -474,6 +531,8 @@ mod imp {
                     .map(String::from),
             );
             names.extend([64, 128].iter().flat_map(|hd| (1..=8).map(move |r| format!("dec_attnc_{hd}_{r}"))));
+            names.extend([64, 128].iter().flat_map(|hd| (1..=8).map(move |r| format!("dec_la_{hd}_{r}"))));
+            names.extend((1..=LAY_BMAX).map(|b| format!("dec_lb_{b}")));
             let smem_optin = stream
                 .context()
                 .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
@@ -537,6 +596,8 @@ mod imp {
             let x = s.alloc_zeros(cap * c.hidden_size).w()?;
             let x2 = s.alloc_zeros(cap * c.hidden_size).w()?;
             let x3 = s.alloc_zeros(3 * cap * c.hidden_size).w()?;
+            let parts = s.alloc_zeros((c.kv_heads() + LAY_PMAX) * cap * c.hidden_size).w()?;
+            let times = s.alloc_zeros(32).w()?;
             let q = s.alloc_zeros(cap * h * hd).w()?;
             let po = s.alloc_zeros(cap * h * nsplit * hd).w()?;
             let pml = s.alloc_zeros(cap * h * nsplit * 2).w()?;
@@ -554,6 +615,8 @@ mod imp {
                 x: ptr(&x, s),
                 x2: ptr(&x2, s),
                 x3: ptr(&x3, s),
+                parts: ptr(&parts, s),
+                times: ptr(&times, s),
                 q: ptr(&q, s),
                 po: ptr(&po, s),
                 pml: ptr(&pml, s),
@@ -564,7 +627,7 @@ mod imp {
                 bar: ptr(&bar, s),
                 inv_freq: ptr(&self.inv_freq, s),
             };
-            Ok(Bufs { cap, inp, best, x, x2, x3, q, po, pml, ao, count, act, logits, bar, p })
+            Ok(Bufs { cap, inp, best, x, x2, x3, parts, times, q, po, pml, ao, count, act, logits, bar, p })
         }
 
         pub fn step(
@@ -649,6 +712,14 @@ mod imp {
                 });
             }
             self.stream.synchronize().w()?;
+            if lay_times() && lay_fits(&m.cfg, bucket) {
+                let mut t = vec![0i64; 32];
+                self.stream.memcpy_dtoh(&bufs.times, &mut t).w()?;
+                let us = |i: usize, j: usize| (t[j] - t[i]) as f64 / 1980.0;
+                let la: Vec<String> = (1..14).map(|i| format!("{:.2}", us(i - 1, i))).collect();
+                let lb: Vec<String> = (17..25).map(|i| format!("{:.2}", us(i - 1, i))).collect();
+                eprintln!("lay times us: attn [{}] mlp [{}]", la.join(" "), lb.join(" "));
+            }
             // decode.cu's argmax_key: the index is in the low half, inverted.
             let argmax = keys[..n].iter().map(|k| u32::MAX - (*k as u32)).collect();
             Ok(Next { argmax, logits })
@@ -723,6 +794,9 @@ mod imp {
             }
             if only.is_none() && self.mega_fits(m, b) {
                 return self.record_mega(m, b, p);
+            }
+            if only.is_none() && lay_fits(c, b) {
+                return self.record_lay(m, b, p);
             }
             let (hid, inter, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
             let (nh, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
@@ -1003,6 +1077,118 @@ mod imp {
             unsafe { self.go_persistent(&format!("dec_stream_{hd}_{b}"), lc, &mut [arg(&st)], p.bar, 2, true) }
         }
 
+        /// The step of `b` rows as two cluster kernels a layer (decode.cu's
+        /// `dec_la_*`, `dec_lb_*`; [`lay_fits`]): the embedding into x,
+        /// then per layer the attention kernel (x + the MLP's partial rows
+        /// in, their sum into x2, the kv heads' output rows into the
+        /// attention part of `parts`) and the MLP kernel (x2 + those in,
+        /// the sum back into x, each cluster's down rows into the MLP
+        /// part), then the LM head on x + the MLP part.
+        fn record_lay(&self, m: &Llama, b: usize, p: BufPtrs) -> Result<()> {
+            let c = &m.cfg;
+            let (hid, kv, hd) = (c.hidden_size, c.kv_heads(), c.head_dim());
+            let rep = c.num_attention_heads / kv;
+            let hid_i = hid as i32;
+            let mut args = [arg(&p.tok), arg(&self.embed), arg(&p.x), arg(&hid_i), arg(&p.best)];
+            // SAFETY: arguments match dec_embed in kernels/decode.cu.
+            unsafe { self.go("dec_embed", cfg(b, 1, 256, 0), &mut args, false) }?;
+            let pa = p.parts;
+            let pb = pa + (kv * b * hid * 4) as u64;
+            let mlp_blocks = c.intermediate_size / LAY_UB;
+            super::LAY_RUNS.with(|r| r.set(r.get() + 1));
+            let base = Lay {
+                pos: p.pos,
+                table: p.table,
+                inv_freq: p.inv_freq,
+                b: b as i32,
+                h: hid_i,
+                n: c.intermediate_size as i32,
+                nh: c.num_attention_heads as i32,
+                kv: kv as i32,
+                maxb: self.maxb as i32,
+                eps: c.rms_norm_eps as f32,
+                scale: 1.0 / (hd as f32).sqrt(),
+                ..Default::default()
+            };
+            // Each kernel prefetches the next one's weights into L2 (Lay::pf;
+            // `PIPE_DECODE_LAY_PF=0`: not, to measure what that saves).
+            let pf_on = std::env::var("PIPE_DECODE_LAY_PF").map_or(true, |v| v != "0");
+            let bytes = |rows: usize| if pf_on { (rows * hid * 2) as u64 } else { 0 };
+            let (qb, kvb, mlpb) = (bytes(c.num_attention_heads * hd), bytes(kv * hd), bytes(c.intermediate_size));
+            for (li, lp) in self.layers.iter().enumerate() {
+                let (kc, vc) = self.pool.1[li];
+                let np_in = if li == 0 { 0 } else { (mlp_blocks / LAY_C) as i32 };
+                let (w0, w1, w2, w3) = (lp.q, lp.k, lp.v, lp.o);
+                let (pf, pfn) =
+                    if pf_on { ([lp.gate, lp.up, lp.down, 0], [mlpb, mlpb, mlpb, 0]) } else { ([0; 4], [0; 4]) };
+                let tm = if lay_times() && li == 3 { p.times } else { 0 };
+                let la = Lay {
+                    tm,
+                    xin: p.x,
+                    pin: pb,
+                    xout: p.x2,
+                    pout: pa,
+                    norm: lp.ln1,
+                    w0,
+                    w1,
+                    w2,
+                    w3,
+                    kc,
+                    vc,
+                    np_in,
+                    pf,
+                    pfn,
+                    ..base
+                };
+                let lc = LaunchConfig {
+                    grid_dim: (LAY_C as u32, kv as u32, b as u32),
+                    block_dim: (LAY_THREADS, 1, 1),
+                    shared_mem_bytes: la_smem(c) as u32,
+                };
+                // SAFETY: the argument matches dec_la_* in kernels/decode.cu
+                // (lay_fits: the shapes it takes, its shared memory).
+                unsafe { self.go(&format!("dec_la_{hd}_{rep}"), lc, &mut [arg(&la)], true) }?;
+                let (w0, w1, w2) = (lp.gate, lp.up, lp.down);
+                let (pf, pfn) = match self.layers.get(li + 1) {
+                    Some(n) if pf_on => ([n.q, n.k, n.v, n.o], [qb, kvb, kvb, qb]),
+                    Some(_) => ([0; 4], [0; 4]),
+                    None => ([0; 4], [0; 4]),
+                };
+                let np_in = kv as i32;
+                let lb = Lay {
+                    tm,
+                    xin: p.x2,
+                    pin: pa,
+                    xout: p.x,
+                    pout: pb,
+                    norm: lp.ln2,
+                    w0,
+                    w1,
+                    w2,
+                    np_in,
+                    pf,
+                    pfn,
+                    ..base
+                };
+                let lc = cfg(mlp_blocks, 1, LAY_THREADS, lb_smem(c, b) as u32);
+                // SAFETY: as above, dec_lb_{b} (b <= LAY_BMAX).
+                unsafe { self.go(&format!("dec_lb_{b}"), lc, &mut [arg(&lb)], true) }?;
+            }
+            let (g, _) = self.step_args(m, b, p);
+            let head = Gemv {
+                x: p.x,
+                parts: pb,
+                np: (mlp_blocks / LAY_C) as i32,
+                norm: self.norm,
+                w0: self.head,
+                out: p.logits,
+                k: hid_i,
+                n: c.vocab_size as i32,
+                ..g
+            };
+            self.mma("headp", head)
+        }
+
         fn gemv_if(&self, on: bool, kind: &str, a: Gemv) -> Result<()> {
             if on {
                 self.gemv(kind, a)
@@ -1105,7 +1291,7 @@ mod imp {
             let tiles = if matches!(kind, "qkv" | "gateup" | "mlp") { n.div_ceil(8) } else { n.div_ceil(16) };
             // (The head's blocks also merge their argmax into one key per
             // row with a global atomic each: fewer blocks, less contention.)
-            let blocks = if kind == "head" || bt > 8 { tiles.min(SMS * 256 / bt.max(32)) } else { tiles };
+            let blocks = if kind.starts_with("head") || bt > 8 { tiles.min(SMS * 256 / bt.max(32)) } else { tiles };
             let c = cfg(blocks, b.div_ceil(bt), warps as u32 * 32, smem as u32);
             // SAFETY: the argument matches tc_{kind}_{bt} in kernels/decode.cu.
             unsafe { self.go(&format!("tc_{kind}_{bt}"), c, &mut [arg(&a)], true) }
@@ -1165,11 +1351,71 @@ mod imp {
         switch(&super::MLP, || std::env::var("PIPE_DECODE_MLP").is_ok_and(|v| v == "1"))
     }
 
+    /// The largest (padded) step that runs as two cluster kernels a layer
+    /// (`PIPE_DECODE_LAY`): 1 by default (on an H200 it is faster than the
+    /// five launches at batch 1 and slower at 2, docs/results.md §5), `1`
+    /// up to [`LAY_BMAX`] rows, `0` never.
+    fn lay_max() -> usize {
+        let on = switch(&super::LAY, || match std::env::var("PIPE_DECODE_LAY").as_deref() {
+            Ok("0") => Some(false),
+            Ok("1") => Some(true),
+            _ => None,
+        });
+        match on {
+            Some(true) => LAY_BMAX,
+            Some(false) => 0,
+            None => 1,
+        }
+    }
+
+    /// Whether a step of `b` (padded) rows runs as two cluster kernels a
+    /// layer: at most [`lay_max`] rows, and a shape
+    /// decode.cu's `lay_attn` / `lay_mlp` take: head dims 64 or 128, the
+    /// hidden size a multiple of 8 [`LAY_C`] and at most 1,024 (a float4 a
+    /// thread of 256; the LM head's 128 threads take two), the MLP in whole
+    /// clusters of 16-unit blocks, at most [`LAY_PMAX`] of them, and both
+    /// kernels' shared memory within [`SMEM_CAP`].
+    pub(super) fn lay_fits(c: &crate::nn::config::LlamaConfig, b: usize) -> bool {
+        let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
+        b <= lay_max()
+            && matches!(hd, 64 | 128)
+            && h.is_multiple_of(8 * LAY_C)
+            && h <= 1024
+            && i.is_multiple_of(LAY_UB * LAY_C)
+            && i / (LAY_UB * LAY_C) <= LAY_PMAX
+            && c.kv_heads() <= LAY_PMAX
+            && la_smem(c) <= SMEM_CAP
+            && lb_smem(c, b) <= SMEM_CAP
+    }
+
+    /// Profiling (`PIPE_DECODE_LAY_TIMES=1`): each step prints the phases
+    /// of layer 3's two kernels (block 0's clock, at 1.98 GHz).
+    fn lay_times() -> bool {
+        std::env::var("PIPE_DECODE_LAY_TIMES").is_ok_and(|v| v == "1")
+    }
+
+    /// decode.cu's `lay_attn` shared memory (its layout comment).
+    fn la_smem(c: &crate::nn::config::LlamaConfig) -> usize {
+        let (h, hd) = (c.hidden_size, c.head_dim());
+        let rep = c.num_attention_heads / c.kv_heads();
+        let upb = ((rep + 2) * hd / 2).div_ceil(LAY_C);
+        let bf16s = 2 * upb * h + h / LAY_C * rep * hd + 2 * LAY_CH * (hd + 8) + h;
+        let f32s = 2 * upb + rep * hd + 2 * hd + 8 * 8 * (hd + 2) + rep * (hd + 2) + rep * hd;
+        bf16s * 2 + f32s * 4
+    }
+
+    /// decode.cu's `lay_mlp` shared memory for `b` rows: gate and up rows,
+    /// down columns, the staged rows, SwiGLU values and the partial rows.
+    fn lb_smem(c: &crate::nn::config::LlamaConfig, b: usize) -> usize {
+        let h = c.hidden_size;
+        (2 * LAY_UB * h + h * LAY_UB + b * h) * 2 + (b * LAY_UB + b * h) * 4
+    }
+
     /// What the switches that shape a recorded step read now.
-    type Variant = (bool, usize, bool, bool, bool, bool);
+    type Variant = (bool, usize, bool, bool, bool, bool, usize);
 
     fn variant() -> Variant {
-        (mega_on(), tc_from(), pdl_on(), attn_chunked(), mlp_fused(), stream_on())
+        (mega_on(), tc_from(), pdl_on(), attn_chunked(), mlp_fused(), stream_on(), lay_max())
     }
 
     /// A switch: this thread's test setting, else what `env` reads.
@@ -1334,6 +1580,31 @@ mod tests {
     #[test]
     fn decode_graph_steps_match_the_candle_path_on_cuda() -> Result<()> {
         let Some(dev) = crate::nn::tests::cuda_device()? else { return Ok(()) };
+        // The two cluster kernels a layer (the default for 1 and 2 rows
+        // where the shape fits): head dims 64 and 128, 2 query heads a kv
+        // head, tied and untied heads, through graphs and not, prompts of
+        // up to ~500 positions (a block's range in one chunk) and of ~1,200
+        // (several chunks a block).
+        super::LAY.with(|t| t.set(Some(Some(true))));
+        for cfg in [config(256, 4, 2, true), config(256, 2, 1, false)] {
+            let mut long = cfg.clone();
+            long.max_position_embeddings = 2048;
+            for (cfg, extra) in [(cfg, 0), (long, 1100)] {
+                let m = crate::nn::tests::tiny_model_on(&cfg, &TrainSpec::default(), DType::BF16, &dev)?;
+                let exact = crate::nn::tests::tiny_model(&cfg, &TrainSpec::default(), DType::F64)?;
+                #[cfg(feature = "cuda")]
+                assert!(super::imp::lay_fits(&cfg, 2), "{cfg:?}");
+                for (n, graphs, extra) in [(1, true, extra), (2, false, extra), (1, false, extra), (2, true, 300)] {
+                    let runs = super::LAY_RUNS.with(|r| r.get());
+                    let (fast, slow) = compare(&m, &exact, n, 4, graphs, extra)?;
+                    let what = format!("batch {n} graphs {graphs} prompts +{extra}, two kernels a layer");
+                    eprintln!("hd {} {what}: max rel logit error fused {fast:.4}, candle {slow:.4}", cfg.head_dim());
+                    assert!(fast < 1.5 * slow + 0.005, "{what}: fused {fast} against candle's {slow}");
+                    assert!(super::LAY_RUNS.with(|r| r.get()) > runs || graphs, "{what}: the two kernels ran");
+                }
+            }
+        }
+        super::LAY.with(|t| t.set(Some(Some(false))));
         for cfg in [config(256, 4, 2, true), config(512, 4, 1, false)] {
             let m = crate::nn::tests::tiny_model_on(&cfg, &TrainSpec::default(), DType::BF16, &dev)?;
             let exact = crate::nn::tests::tiny_model(&cfg, &TrainSpec::default(), DType::F64)?;
@@ -1416,6 +1687,7 @@ mod tests {
             check("batch 12 tile attention", 12, 3, true, 0)?;
             super::ATTN_CHUNKED.with(|t| t.set(None));
             let prof = m.decode_profile(1, 3)?;
+            super::LAY.with(|t| t.set(None));
             // (The tensor-core head keeps the argmax: its graph is empty.
             // The last entry, the whole step's graph, exists for batch 1
             // only when the last steps of that size ran through a graph.)
