@@ -25,6 +25,11 @@
 //! launches. It keeps transposed copies of o and down (made on its first
 //! step).
 //!
+//! Steps of one row (by default; `PIPE_DECODE_LAY`) run instead as two
+//! kernels a layer launched as thread-block clusters (decode.cu's `dec_la`:
+//! q/k/v, attention and the output projection per kv head; `dec_lb`: the
+//! MLP), which pass partial rows instead of adding into the residual.
+//!
 //! `PIPE_DECODE_GRAPH=0` turns the fast path off; `=nograph` runs the same
 //! kernels launched one by one (to measure what the graph saves).
 
