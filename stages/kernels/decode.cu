@@ -1822,13 +1822,21 @@ struct Lay {
   const bf16 *pf[4];
   unsigned long long pfn[4];  // their sizes in bytes (multiples of 16)
   // Profiling (PIPE_DECODE_LAY_TIMES): block 0's thread 0 stores clock64()
-  // at each phase here; null: not.
+  // at each phase here (tm[i]) and the global timer in ns (tm[32 + i]);
+  // null: not. rep (PIPE_DECODE_LAY_TIMES=2): some phases run twice (the
+  // same instructions on the same data), the second pass timed apart.
   long long *tm;
+  int rep;
 };
 
-#define LAY_T(i)                                                                          \
-  do {                                                                                    \
-    if (a.tm && threadIdx.x == 0 && blockIdx.x + blockIdx.y + blockIdx.z == 0) a.tm[i] = clock64(); \
+#define LAY_T(i)                                                                    \
+  do {                                                                              \
+    if (a.tm && threadIdx.x == 0 && blockIdx.x + blockIdx.y + blockIdx.z == 0) {    \
+      unsigned long long gt;                                                        \
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(gt));                       \
+      a.tm[i] = clock64();                                                          \
+      a.tm[32 + (i)] = (long long)gt;                                               \
+    }                                                                               \
   } while (0)
 
 __device__ __forceinline__ void lay_prefetch(const Lay &a) {
@@ -1848,11 +1856,16 @@ __device__ __forceinline__ void lay_prefetch(const Lay &a) {
   }
 }
 
-// Row b of a dec_la / dec_lb input (xin + pin) into xs; with `out`, into xout too.
-__device__ void lay_norm_row(const Lay &a, int b, bf16 *xs, bool out) {
+// Row b of a dec_la / dec_lb input (xin + pin) into xs; with `out`, into
+// xout too. gs: the norm's weights, copied to shared memory before the wait.
+__device__ void lay_norm_row(const Lay &a, int b, const bf16 *gs, bf16 *xs, bool out) {
   const size_t H = a.H;
-  norm_row_parts<1>(a.xin + b * H, a.pin + b * H, a.np_in, a.B * H, a.norm, a.eps, a.H, xs,
-                    out ? a.xout + b * H : nullptr);
+  norm_row_parts<1>(a.xin + b * H, a.pin + b * H, a.np_in, a.B * H, gs, a.eps, a.H, xs, out ? a.xout + b * H : nullptr);
+}
+
+// The norm's weights (H bf16) into shared memory (cp.async, uncommitted).
+__device__ __forceinline__ void lay_copy_norm(const Lay &a, bf16 *gs) {
+  for (int i = threadIdx.x; i < a.H / 8; i += blockDim.x) cp16(gs + i * 8, a.norm + i * 8, true);
 }
 
 // dec_la's q/k/v units of kv head g: REP * HD / 2 rotary pairs of its
@@ -1865,7 +1878,7 @@ template <int HD, int REP> struct LaShape {
 // dec_la's dynamic shared memory, in this order (src/nn/decode.rs's
 // la_smem sizes it): the block's q/k/v rows (2 UPB, H) and output rows
 // (OR = H / LAY_C, OC) of the weights, a chunk of keys and values (CH,
-// RS) each, the normed row (H, bf16), then f32: the block's rotated unit
+// RS) each, the normed row and the norm's weights (H bf16 each), then f32: the block's rotated unit
 // values (2 UPB), the scaled queries (REP, HD), the new key and value
 // (HD each), the warps' softmax states (LAY_NW, MAX_REP, HD + 2), the
 // block's (REP, HD + 2), the attention output (REP, HD).
@@ -1880,8 +1893,8 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
   bf16 *wq = reinterpret_cast<bf16 *>(dyn);
   bf16 *wo = wq + 2 * UPB * H;
   bf16 *ks = wo + OR * OC, *vs = ks + CH * RS;
-  bf16 *xs = vs + CH * RS;
-  float *res = reinterpret_cast<float *>(xs + H);
+  bf16 *xs = vs + CH * RS, *gs = xs + H;
+  float *res = reinterpret_cast<float *>(gs + H);
   float *qs = res + 2 * UPB;
   float *kn = qs + REP * HD, *vn = kn + HD;
   float *part = vn + HD;
@@ -1925,19 +1938,36 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
     const int r = i / (OC / 8), c = i % (OC / 8);
     cp16(wo + (size_t)r * OC + c * 8, a.w3 + (size_t)(j * OR + r) * a.nh * HD + g * OC + c * 8, true);
   }
+  lay_copy_norm(a, gs);
   cp_commit();
   stage(lo, lo, min(min(lo + CH, hi), p));
+  // The rotation of the warp's units at position p (lane 0's).
+  constexpr int UW = (UPB + LAY_NW - 1) / LAY_NW;
+  float rsn[UW], rcs[UW];
+#pragma unroll
+  for (int k = 0; k < UW; k++) {
+    const int u = u0 + warp + k * LAY_NW;
+    rsn[k] = 0.f;
+    rcs[k] = 1.f;
+    if (lane == 0 && warp + k * LAY_NW < UPB && u < U && u / HALF <= REP)
+      sincosf((float)p * a.inv_freq[u % HALF], &rsn[k], &rcs[k]);
+  }
   LAY_T(1);
   pdl_wait();
   LAY_T(2);
-  lay_norm_row(a, b, xs, j == 0 && g == 0);
-  LAY_T(3);
   cp_wait<0>();
+  __syncthreads();
+#pragma unroll 1
+  for (int it = 0; it <= a.rep; it++) {
+    lay_norm_row(a, b, gs, xs, j == 0 && g == 0);
+    LAY_T(it ? 25 : 3);
+  }
   __syncthreads();
   LAY_T(4);
   // The block's units: two rows each, rotated (q, k), k and v into the
   // pool; a warp's units (UW of them) in one pass, their sums interleaved.
-  constexpr int UW = (UPB + LAY_NW - 1) / LAY_NW;
+#pragma unroll 1
+  for (int it = 0; it <= a.rep; it++) {
   const bf16 *rows[2 * UW];
 #pragma unroll
   for (int k = 0; k < UW; k++) {
@@ -1954,8 +1984,7 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
       const int u = u0 + lu, kind = u / HALF, i = u % HALF;
       float y0 = v[2 * k][0], y1 = v[2 * k + 1][0];
       if (kind <= REP) {
-        float sn, cs;
-        sincosf((float)p * a.inv_freq[i], &sn, &cs);
+        const float sn = rsn[k], cs = rcs[k];
         const float r0 = y0 * cs - y1 * sn, r1 = y1 * cs + y0 * sn;
         y0 = r0;
         y1 = r1;
@@ -1971,7 +2000,8 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
       res[2 * lu + 1] = y1;
     }
   }
-  LAY_T(5);
+  LAY_T(it ? 26 : 5);
+  }
   cl.sync();
   LAY_T(6);
   // Every block gathers the cluster's q, k and v.
@@ -2052,6 +2082,8 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
   // The block's output rows over g's columns: kv head g's partial row.
   // (A warp's rows in one pass: OR / LAY_NW of them, at most ORW.)
   constexpr int ORW = 16;
+#pragma unroll 1
+  for (int it = 0; it <= a.rep; it++) {
   float sr[ORW];
 #pragma unroll
   for (int k = 0; k < ORW; k++) sr[k] = 0.f;
@@ -2076,7 +2108,8 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
     const float t = warp_sum(sr[k]);
     if (lane == 0 && r < OR) a.pout[((size_t)g * a.B + b) * H + j * OR + r] = t;
   }
-  LAY_T(13);
+  LAY_T(it ? 27 : 13);
+  }
 }
 
 // dec_lb: block x takes units x * 16 .. x * 16 + 15 of the MLP (N of them)
@@ -2092,7 +2125,8 @@ template <int BT> __device__ void lay_mlp(const Lay &a) {
   bf16 *wg = reinterpret_cast<bf16 *>(dyn);  // gate rows, then up rows
   bf16 *wd = wg + 2 * LAY_UB * H;            // (H, 16)
   bf16 *xs = wd + H * LAY_UB;                // (BT, H)
-  float *act = reinterpret_cast<float *>(xs + BT * H);  // (BT, 16)
+  bf16 *gs = xs + BT * H;                    // the norm's weights (H)
+  float *act = reinterpret_cast<float *>(gs + H);  // (BT, 16)
   float *ps = act + BT * LAY_UB;                        // (BT, H)
   LAY_T(16);
   pdl_launch();
@@ -2107,21 +2141,28 @@ template <int BT> __device__ void lay_mlp(const Lay &a) {
     const bool ok = u0 + c * 8 + 8 <= a.N;
     cp16(wd + (size_t)h * LAY_UB + c * 8, ok ? a.w2 + (size_t)h * a.N + u0 + c * 8 : a.w2, ok);
   }
+  lay_copy_norm(a, gs);
   cp_commit();
   LAY_T(17);
   pdl_wait();
   LAY_T(18);
+  cp_wait<0>();
+  __syncthreads();
+#pragma unroll 1
+  for (int it = 0; it <= a.rep; it++) {
   for (int b = 0; b < BT; b++) {
     if (b < a.B) {
-      lay_norm_row(a, b, xs + (size_t)b * H, x == 0);
+      lay_norm_row(a, b, gs, xs + (size_t)b * H, x == 0);
     } else {
       for (int i = tid; i < H8; i += 32 * LAY_NW) reinterpret_cast<uint4 *>(xs + (size_t)b * H)[i] = make_uint4(0, 0, 0, 0);
     }
   }
-  LAY_T(19);
-  cp_wait<0>();
+  LAY_T(it ? 28 : 19);
+  }
   __syncthreads();
   LAY_T(20);
+#pragma unroll 1
+  for (int it = 0; it <= a.rep; it++) {
   // A warp's two units (LAY_UB = 2 LAY_NW) in one pass.
   {
     const int u1 = warp, u2 = warp + LAY_NW;
@@ -2152,7 +2193,8 @@ template <int BT> __device__ void lay_mlp(const Lay &a) {
     for (int u = 0; u < LAY_UB; u++) s = fmaf(w[u], act[b * LAY_UB + u], s);
     ps[i] = s;
   }
-  LAY_T(21);
+  LAY_T(it ? 29 : 21);
+  }
   cl.sync();
   LAY_T(22);
   const int HS = H / LAY_C;

@@ -251,6 +251,7 @@ mod imp {
         pf: [u64; 4],
         pfn: [u64; 4],
         tm: u64,
+        rep: i32,
     }
     // SAFETY: as for Gemv.
     unsafe impl DeviceRepr for Lay {}
@@ -602,7 +603,7 @@ mod imp {
             let x2 = s.alloc_zeros(cap * c.hidden_size).w()?;
             let x3 = s.alloc_zeros(3 * cap * c.hidden_size).w()?;
             let parts = s.alloc_zeros((c.kv_heads() + LAY_PMAX) * cap * c.hidden_size).w()?;
-            let times = s.alloc_zeros(32).w()?;
+            let times = s.alloc_zeros(64).w()?;
             let q = s.alloc_zeros(cap * h * hd).w()?;
             let po = s.alloc_zeros(cap * h * nsplit * hd).w()?;
             let pml = s.alloc_zeros(cap * h * nsplit * 2).w()?;
@@ -717,13 +718,10 @@ mod imp {
                 });
             }
             self.stream.synchronize().w()?;
-            if lay_times() && lay_fits(&m.cfg, bucket) {
-                let mut t = vec![0i64; 32];
+            if lay_times() > 0 && lay_fits(&m.cfg, bucket) {
+                let mut t = vec![0i64; 64];
                 self.stream.memcpy_dtoh(&bufs.times, &mut t).w()?;
-                let us = |i: usize, j: usize| (t[j] - t[i]) as f64 / 1980.0;
-                let la: Vec<String> = (1..14).map(|i| format!("{:.2}", us(i - 1, i))).collect();
-                let lb: Vec<String> = (17..25).map(|i| format!("{:.2}", us(i - 1, i))).collect();
-                eprintln!("lay times us: attn [{}] mlp [{}]", la.join(" "), lb.join(" "));
+                print_lay_times(&t);
             }
             // decode.cu's argmax_key: the index is in the low half, inverted.
             let argmax = keys[..n].iter().map(|k| u32::MAX - (*k as u32)).collect();
@@ -1126,9 +1124,10 @@ mod imp {
                 let (w0, w1, w2, w3) = (lp.q, lp.k, lp.v, lp.o);
                 let (pf, pfn) =
                     if pf_on { ([lp.gate, lp.up, lp.down, 0], [mlpb, mlpb, mlpb, 0]) } else { ([0; 4], [0; 4]) };
-                let tm = if lay_times() && li == 3 { p.times } else { 0 };
+                let (tm, twice) = if lay_times() > 0 && li == 3 { (p.times, (lay_times() > 1) as i32) } else { (0, 0) };
                 let la = Lay {
                     tm,
+                    rep: twice,
                     xin: p.x,
                     pin: pb,
                     xout: p.x2,
@@ -1162,6 +1161,7 @@ mod imp {
                 let np_in = kv as i32;
                 let lb = Lay {
                     tm,
+                    rep: twice,
                     xin: p.x2,
                     pin: pa,
                     xout: p.x,
@@ -1394,9 +1394,42 @@ mod imp {
     }
 
     /// Profiling (`PIPE_DECODE_LAY_TIMES=1`): each step prints the phases
-    /// of layer 3's two kernels (block 0's clock, at 1.98 GHz).
-    fn lay_times() -> bool {
-        std::env::var("PIPE_DECODE_LAY_TIMES").is_ok_and(|v| v == "1")
+    /// of layer 3's two kernels (block 0's clock, converted at the rate the
+    /// global timer shows over dec_la); `=2`: some phases run twice and
+    /// the second pass is printed too (a cold first pass is instruction
+    /// or data fetch, not work).
+    fn lay_times() -> u8 {
+        match std::env::var("PIPE_DECODE_LAY_TIMES").as_deref() {
+            Ok("1") => 1,
+            Ok("2") => 2,
+            _ => 0,
+        }
+    }
+
+    /// `lay_times`' line: `t[i]` decode.cu's LAY_T(i) clock, `t[32 + i]`
+    /// its global timer (ns).
+    fn print_lay_times(t: &[i64]) {
+        let ghz = (t[13] - t[0]) as f64 / (t[32 + 13] - t[32]).max(1) as f64;
+        let us = |i: usize, j: usize| (t[j] - t[i]) as f64 / (1000.0 * ghz);
+        let la: Vec<String> = (1..14).map(|i| format!("{:.2}", us(i - 1, i))).collect();
+        let lb: Vec<String> = (17..25).map(|i| format!("{:.2}", us(i - 1, i))).collect();
+        let mut line = format!("lay times us ({ghz:.2} GHz): attn [{}] mlp [{}]", la.join(" "), lb.join(" "));
+        if t[25] != 0 {
+            line += &format!(
+                " second pass: norm {:.2}/{:.2} qkv {:.2}/{:.2} o {:.2}/{:.2} mlp norm {:.2}/{:.2} mlp {:.2}/{:.2}",
+                us(2, 3),
+                us(3, 25),
+                us(4, 5),
+                us(5, 26),
+                us(12, 13),
+                us(13, 27),
+                us(18, 19),
+                us(19, 28),
+                us(20, 21),
+                us(21, 29)
+            );
+        }
+        eprintln!("{line}");
     }
 
     /// decode.cu's `lay_attn` shared memory (its layout comment).
@@ -1404,16 +1437,17 @@ mod imp {
         let (h, hd) = (c.hidden_size, c.head_dim());
         let rep = c.num_attention_heads / c.kv_heads();
         let upb = ((rep + 2) * hd / 2).div_ceil(LAY_C);
-        let bf16s = 2 * upb * h + h / LAY_C * rep * hd + 2 * LAY_CH * (hd + 8) + h;
+        let bf16s = 2 * upb * h + h / LAY_C * rep * hd + 2 * LAY_CH * (hd + 8) + 2 * h;
         let f32s = 2 * upb + rep * hd + 2 * hd + 8 * 8 * (hd + 2) + rep * (hd + 2) + rep * hd;
         bf16s * 2 + f32s * 4
     }
 
     /// decode.cu's `lay_mlp` shared memory for `b` rows: gate and up rows,
-    /// down columns, the staged rows, SwiGLU values and the partial rows.
+    /// down columns, the staged rows, the norm's weights, SwiGLU values and
+    /// the partial rows.
     fn lb_smem(c: &crate::nn::config::LlamaConfig, b: usize) -> usize {
         let h = c.hidden_size;
-        (2 * LAY_UB * h + h * LAY_UB + b * h) * 2 + (b * LAY_UB + b * h) * 4
+        (2 * LAY_UB * h + h * LAY_UB + b * h + h) * 2 + (b * LAY_UB + b * h) * 4
     }
 
     /// What the switches that shape a recorded step read now.
