@@ -806,10 +806,13 @@ extern "C" __global__ void dec_attn_128(Attn a) { attn<128>(a, blockIdx.x, block
 // be 32 or more, or none) scored against the REP scaled query heads qs
 // (REP, HD), folded into the warp's online softmax (m, l) and P.V sums
 // (acc: this lane's HD / 32 dimensions of each head).
-template <int HD, int REP>
+// COMPACT: loops over the pieces and positions not unrolled (the cluster
+// kernels run this once a step, where the time follows the code's length).
+template <int HD, int REP, bool COMPACT = false>
 __device__ __forceinline__ void attend32(const bf16 *kw, const bf16 *vw, const float *qs, int n, float (&m)[REP],
                                          float (&l)[REP], float (&acc)[REP][HD / 32]) {
   constexpr int RS = HD + 8, PIECES = HD / 8, DL = HD / 32;
+  constexpr int UP = COMPACT ? 1 : PIECES, UV = COMPACT ? 2 : 8;
   const int lane = threadIdx.x % 32;
   n = min(n, 32);
   float s[REP];
@@ -817,7 +820,7 @@ __device__ __forceinline__ void attend32(const bf16 *kw, const bf16 *vw, const f
   for (int r = 0; r < REP; r++) s[r] = 0.f;
   if (lane < n) {
     const bf16 *kr = kw + lane * RS;
-#pragma unroll
+#pragma unroll UP
     for (int c = 0; c < PIECES; c++) {
       float k8[8];
       unpack8(*reinterpret_cast<const uint4 *>(kr + c * 8), k8);
@@ -845,7 +848,7 @@ __device__ __forceinline__ void attend32(const bf16 *kw, const bf16 *vw, const f
     s[r] = e;
   }
   // P.V over the warp's positions: position j's probabilities from lane j.
-#pragma unroll 8
+#pragma unroll UV
   for (int j = 0; j < n; j++) {
     const bf16 *vr = vw + j * RS + lane * DL;
     float v[DL];
@@ -871,8 +874,8 @@ __device__ __forceinline__ void attend32(const bf16 *kw, const bf16 *vw, const f
   }
 }
 
-// The NW warps' softmax states meet (part: (NW, MAX_REP, HD), wml: (NW,
-// MAX_REP, 2) in shared memory): out(r, d, o, sum, max) for each output of
+// The NW warps' softmax states meet (part: (NW, REP, HD), wml: (NW,
+// REP, 2) in shared memory): out(r, d, o, sum, max) for each output of
 // the REP heads, a thread each, o and sum relative to max (o / sum is the
 // attention output; none of the block's positions: sum 0).
 template <int HD, int NW, int REP, class Out>
@@ -883,26 +886,26 @@ __device__ __forceinline__ void merge_warps(float *part, float *wml, const float
 #pragma unroll
   for (int r = 0; r < REP; r++) {
     if (lane == 0) {
-      wml[(warp * MAX_REP + r) * 2] = m[r];
-      wml[(warp * MAX_REP + r) * 2 + 1] = l[r];
+      wml[(warp * REP + r) * 2] = m[r];
+      wml[(warp * REP + r) * 2 + 1] = l[r];
     }
 #pragma unroll
-    for (int d = 0; d < DL; d++) part[(warp * MAX_REP + r) * HD + lane * DL + d] = acc[r][d];
+    for (int d = 0; d < DL; d++) part[(warp * REP + r) * HD + lane * DL + d] = acc[r][d];
   }
   __syncthreads();
   for (int k = tid; k < REP * HD; k += 32 * NW) {
     const int r = k / HD, d = k % HD;
     float mx = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < NW; w++) mx = fmaxf(mx, wml[(w * MAX_REP + r) * 2]);
+    for (int w = 0; w < NW; w++) mx = fmaxf(mx, wml[(w * REP + r) * 2]);
     float o = 0.f, sum = 0.f;
 #pragma unroll
     for (int w = 0; w < NW; w++) {
-      const float mw = wml[(w * MAX_REP + r) * 2];
+      const float mw = wml[(w * REP + r) * 2];
       if (mw != -INFINITY) {
         const float e = __expf(mw - mx);
-        o += e * part[(w * MAX_REP + r) * HD + d];
-        sum += e * wml[(w * MAX_REP + r) * 2 + 1];
+        o += e * part[(w * REP + r) * HD + d];
+        sum += e * wml[(w * REP + r) * 2 + 1];
       }
     }
     out(r, d, o, sum, mx);
@@ -1815,12 +1818,6 @@ struct Lay {
   const float *inv_freq; // (hd / 2)
   int B, H, N, nh, kv, maxb, np_in;
   float eps, scale;
-  // Weights of the next kernel (dec_la: this layer's gate, up and down;
-  // dec_lb: the next layer's q, k, v and o; none: null), prefetched into
-  // L2 by the blocks' shares as the kernel starts: a block's copies into
-  // shared memory fill far faster from L2 than from HBM.
-  const bf16 *pf[4];
-  unsigned long long pfn[4];  // their sizes in bytes (multiples of 16)
   // Profiling (PIPE_DECODE_LAY_TIMES): block 0's thread 0 stores clock64()
   // at each phase here (tm[i]) and the global timer in ns (tm[32 + i]);
   // null: not. rep (PIPE_DECODE_LAY_TIMES=2): some phases run twice (the
@@ -1838,23 +1835,6 @@ struct Lay {
       a.tm[32 + (i)] = (long long)gt;                                               \
     }                                                                               \
   } while (0)
-
-__device__ __forceinline__ void lay_prefetch(const Lay &a) {
-  if (threadIdx.x != 0) return;
-  const unsigned nb = gridDim.x * gridDim.y * gridDim.z;
-  const unsigned id = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-#pragma unroll
-  for (int r = 0; r < 4; r++) {
-    if (!a.pf[r]) continue;
-    const unsigned long long n16 = a.pfn[r] / 16, lo = n16 * id / nb, hi = n16 * (id + 1) / nb;
-    for (unsigned long long o = lo; o < hi; o += 4096) {  // at most 64 KB a copy
-      const unsigned bytes = (unsigned)(min(hi - o, 4096ull) * 16);
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(reinterpret_cast<const char *>(a.pf[r]) + o * 16),
-                   "r"(bytes)
-                   : "memory");
-    }
-  }
-}
 
 // Row b of a dec_la / dec_lb input (xin + pin) into xs; with `out`, into
 // xout too. gs: the norm's weights, copied to shared memory before the wait.
@@ -1878,10 +1858,12 @@ template <int HD, int REP> struct LaShape {
 // dec_la's dynamic shared memory, in this order (src/nn/decode.rs's
 // la_smem sizes it): the block's q/k/v rows (2 UPB, H) and output rows
 // (OR = H / LAY_C, OC) of the weights, a chunk of keys and values (CH,
-// RS) each, the normed row and the norm's weights (H bf16 each), then f32: the block's rotated unit
-// values (2 UPB), the scaled queries (REP, HD), the new key and value
-// (HD each), the warps' softmax states (LAY_NW, MAX_REP, HD + 2), the
-// block's (REP, HD + 2), the attention output (REP, HD).
+// RS) each, the normed row and the norm's weights (H bf16 each), then
+// f32 (each part a multiple of 16 bytes): the block's rotated unit values
+// (2 UPB), the scaled queries (REP, HD), the new key and value (HD each),
+// the warps' softmax states (LAY_NW, REP, HD + 2), the cluster's
+// blocks' (LAY_C, REP, HD) and (LAY_C, REP, 2), the attention output
+// (REP, HD).
 template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
   using S = LaShape<HD, REP>;
   constexpr int HALF = S::HALF, U = S::U, UPB = S::UPB, OC = S::OC, CH = S::CH, RS = S::RS, DL = HD / 32;
@@ -1895,16 +1877,15 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
   bf16 *ks = wo + OR * OC, *vs = ks + CH * RS;
   bf16 *xs = vs + CH * RS, *gs = xs + H;
   float *res = reinterpret_cast<float *>(gs + H);
-  float *qs = res + 2 * UPB;
+  float *qs = res + ((2 * UPB + 3) & ~3);
   float *kn = qs + REP * HD, *vn = kn + HD;
   float *part = vn + HD;
-  float *wml = part + LAY_NW * MAX_REP * HD;
-  float *bacc = wml + LAY_NW * MAX_REP * 2;
-  float *bml = bacc + REP * HD;
-  float *aos = bml + REP * 2;
+  float *wml = part + LAY_NW * REP * HD;
+  float *rcv = wml + ((LAY_NW * REP * 2 + 3) & ~3);
+  float *rml = rcv + LAY_C * REP * HD;
+  float *aos = rml + ((LAY_C * REP * 2 + 3) & ~3);
   LAY_T(0);
   pdl_launch();
-  lay_prefetch(a);
   const int len = a.pos[b] + 1, p = len - 1;
   const unsigned blk = a.table[(size_t)b * a.maxb + p / KV_BLOCK];
   // This block's positions (contiguous, the new one in the last non-empty range).
@@ -2037,17 +2018,24 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
       }
     cp_wait<0>();
     __syncthreads();
-    attend32<HD, REP>(ks + warp * 32 * RS, vs + warp * 32 * RS, qs, c1 - (c0 + warp * 32), m, l, acc);
+    attend32<HD, REP, true>(ks + warp * 32 * RS, vs + warp * 32 * RS, qs, c1 - (c0 + warp * 32), m, l, acc);
     if (CH > 32 * LAY_NW)
       for (int w = warp + LAY_NW; w * 32 < CH; w += LAY_NW)
-        attend32<HD, REP>(ks + w * 32 * RS, vs + w * 32 * RS, qs, c1 - (c0 + w * 32), m, l, acc);
+        attend32<HD, REP, true>(ks + w * 32 * RS, vs + w * 32 * RS, qs, c1 - (c0 + w * 32), m, l, acc);
   }
   LAY_T(8);
+  // The block's softmax state, pushed into every block's rcv / rml (its
+  // slot j) so that no block reads another's shared memory after the
+  // barrier below (and none waits for the others before it leaves).
   merge_warps<HD, LAY_NW, REP>(part, wml, m, l, acc, [&](int r, int d, float o, float sum, float mx) {
-    bacc[r * HD + d] = o;
-    if (d == 0) {
-      bml[r * 2] = mx;
-      bml[r * 2 + 1] = sum;
+#pragma unroll 1
+    for (int q = 0; q < LAY_C; q++) {
+      cl.map_shared_rank(rcv, q)[(j * REP + r) * HD + d] = o;
+      if (d == 0) {
+        float *ml = cl.map_shared_rank(rml, q) + (j * REP + r) * 2;
+        ml[0] = mx;
+        ml[1] = sum;
+      }
     }
   });
   LAY_T(9);
@@ -2056,81 +2044,82 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
   // The cluster's ranges combined (each block all of them: its output rows need every column).
   for (int k = tid; k < REP * HD; k += 32 * LAY_NW) {
     const int r = k / HD;
-    float mj[LAY_C], mx = -INFINITY;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int q = 0; q < LAY_C; q++) mx = fmaxf(mx, rml[(q * REP + r) * 2]);
+    float o = 0.f, sum = 0.f;
 #pragma unroll
     for (int q = 0; q < LAY_C; q++) {
-      mj[q] = cl.map_shared_rank(bml, q)[r * 2];
-      mx = fmaxf(mx, mj[q]);
-    }
-    float o = 0.f, sum = 0.f, oj[LAY_C], lj[LAY_C];
-#pragma unroll
-    for (int q = 0; q < LAY_C; q++) {
-      oj[q] = cl.map_shared_rank(bacc, q)[k];
-      lj[q] = cl.map_shared_rank(bml, q)[r * 2 + 1];
-    }
-#pragma unroll
-    for (int q = 0; q < LAY_C; q++) {
-      const float e = mj[q] == -INFINITY ? 0.f : __expf(mj[q] - mx);
-      o += e * oj[q];
-      sum += e * lj[q];
+      const float mq = rml[(q * REP + r) * 2];
+      const float e = mq == -INFINITY ? 0.f : __expf(mq - mx);
+      o += e * rcv[q * REP * HD + k];
+      sum += e * rml[(q * REP + r) * 2 + 1];
     }
     aos[k] = __bfloat162float(__float2bfloat16(sum > 0.f ? o / sum : 0.f));
   }
   LAY_T(11);
-  cl.sync();  // (no block leaves while others read its shared memory)
+  __syncthreads();
   LAY_T(12);
   // The block's output rows over g's columns: kv head g's partial row.
-  // (A warp's rows in one pass: OR / LAY_NW of them, at most ORW.)
-  constexpr int ORW = 16;
+  // Lanes in groups of 8, a group per row (4 rows a warp per pass), a
+  // lane's chunks of 8 columns CK apart: few instructions (these kernels
+  // run each phase once, so their time follows the code's length).
+  constexpr int CK = OC / 8, NCK = (CK + 7) / 8;
+  const int sub = lane & 7;
 #pragma unroll 1
   for (int it = 0; it <= a.rep; it++) {
-  float sr[ORW];
-#pragma unroll
-  for (int k = 0; k < ORW; k++) sr[k] = 0.f;
-  for (int c = lane; c < OC / 8; c += 32) {
-    float x8[8];
-#pragma unroll
-    for (int i = 0; i < 8; i++) x8[i] = aos[c * 8 + i];
-#pragma unroll
-    for (int k = 0; k < ORW; k++) {
-      const int r = warp + k * LAY_NW;
+#pragma unroll 1
+    for (int r0 = warp * 4; r0 < OR; r0 += LAY_NW * 4) {
+      const int r = r0 + lane / 8;
+      float sr = 0.f;
       if (r < OR) {
-        float w8[8];
-        unpack8(*reinterpret_cast<const uint4 *>(wo + (size_t)r * OC + c * 8), w8);
 #pragma unroll
-        for (int i = 0; i < 8; i++) sr[k] = fmaf(w8[i], x8[i], sr[k]);
+        for (int k = 0; k < NCK; k++) {
+          const int c = sub + 8 * k;
+          if (c < CK) {
+            float w8[8];
+            unpack8(*reinterpret_cast<const uint4 *>(wo + (size_t)r * OC + c * 8), w8);
+            const float4 x0 = *reinterpret_cast<const float4 *>(aos + c * 8);
+            const float4 x1 = *reinterpret_cast<const float4 *>(aos + c * 8 + 4);
+            sr = fmaf(w8[0], x0.x, sr);
+            sr = fmaf(w8[1], x0.y, sr);
+            sr = fmaf(w8[2], x0.z, sr);
+            sr = fmaf(w8[3], x0.w, sr);
+            sr = fmaf(w8[4], x1.x, sr);
+            sr = fmaf(w8[5], x1.y, sr);
+            sr = fmaf(w8[6], x1.z, sr);
+            sr = fmaf(w8[7], x1.w, sr);
+          }
+        }
       }
+      sr += __shfl_xor_sync(0xffffffffu, sr, 4);
+      sr += __shfl_xor_sync(0xffffffffu, sr, 2);
+      sr += __shfl_xor_sync(0xffffffffu, sr, 1);
+      if (sub == 0 && r < OR) a.pout[((size_t)g * a.B + b) * H + j * OR + r] = sr;
     }
-  }
-#pragma unroll
-  for (int k = 0; k < ORW; k++) {
-    const int r = warp + k * LAY_NW;
-    const float t = warp_sum(sr[k]);
-    if (lane == 0 && r < OR) a.pout[((size_t)g * a.B + b) * H + j * OR + r] = t;
-  }
-  LAY_T(it ? 27 : 13);
+    LAY_T(it ? 27 : 13);
   }
 }
 
 // dec_lb: block x takes units x * 16 .. x * 16 + 15 of the MLP (N of them)
 // for all BT rows: gate and up rows (32, H) and the down projection's
 // columns (H, 16) copied to shared memory before the wait, SwiGLU values
-// (BT, 16), the block's share of the down projection (BT, H) f32, summed
-// over the cluster by slices of H / LAY_C: cluster x / LAY_C's partial rows.
+// (BT, 16), the block's share of the down projection (BT, H) f32, pushed
+// to the cluster's blocks by slices of H / LAY_C and summed there: cluster
+// x / LAY_C's partial rows.
 template <int BT> __device__ void lay_mlp(const Lay &a) {
   cg::cluster_group cl = cg::this_cluster();
   const int j = cl.block_rank(), x = blockIdx.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int H = a.H, H8 = H / 8, u0 = x * LAY_UB;
+  const int H = a.H, H8 = H / 8, u0 = x * LAY_UB, HS = H / LAY_C;
   extern __shared__ __align__(16) unsigned char dyn[];
   bf16 *wg = reinterpret_cast<bf16 *>(dyn);  // gate rows, then up rows
   bf16 *wd = wg + 2 * LAY_UB * H;            // (H, 16)
   bf16 *xs = wd + H * LAY_UB;                // (BT, H)
   bf16 *gs = xs + BT * H;                    // the norm's weights (H)
   float *act = reinterpret_cast<float *>(gs + H);  // (BT, 16)
-  float *ps = act + BT * LAY_UB;                        // (BT, H)
+  float *ps = act + BT * LAY_UB;  // (LAY_C, BT, H / LAY_C): the cluster's shares of this block's slice
   LAY_T(16);
   pdl_launch();
-  lay_prefetch(a);
   for (int i = tid; i < 2 * LAY_UB * H8; i += 32 * LAY_NW) {
     const int r = i / H8, c = i % H8, u = u0 + r % LAY_UB;
     const bool ok = u < a.N;
@@ -2191,23 +2180,22 @@ template <int BT> __device__ void lay_mlp(const Lay &a) {
     float s = 0.f;
 #pragma unroll
     for (int u = 0; u < LAY_UB; u++) s = fmaf(w[u], act[b * LAY_UB + u], s);
-    ps[i] = s;
+    // Pushed to the block that sums slice h / HS (its slot j), so that no
+    // block reads another's shared memory after the barrier below.
+    cl.map_shared_rank(ps, h / HS)[(j * BT + b) * HS + h % HS] = s;
   }
   LAY_T(it ? 29 : 21);
   }
   cl.sync();
   LAY_T(22);
-  const int HS = H / LAY_C;
   for (int i = tid; i < a.B * HS; i += 32 * LAY_NW) {
-    const int b = i / HS, h = j * HS + i % HS;
+    const int b = i / HS, hs = i % HS;
     float s = 0.f;
 #pragma unroll
-    for (int q = 0; q < LAY_C; q++) s += cl.map_shared_rank(ps, q)[b * H + h];
-    a.pout[((size_t)(x / LAY_C) * a.B + b) * H + h] = s;
+    for (int q = 0; q < LAY_C; q++) s += ps[(q * BT + b) * HS + hs];
+    a.pout[((size_t)(x / LAY_C) * a.B + b) * H + j * HS + hs] = s;
   }
   LAY_T(23);
-  cl.sync();  // (no block leaves while others read its shared memory)
-  LAY_T(24);
 }
 
 #define LAY_A(HD, REP)                                                                                    \

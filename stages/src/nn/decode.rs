@@ -25,7 +25,7 @@
 //! launches. It keeps transposed copies of o and down (made on its first
 //! step).
 //!
-//! Steps of one row (by default; `PIPE_DECODE_LAY`) run instead as two
+//! Steps of one or two rows (by default; `PIPE_DECODE_LAY`) run instead as two
 //! kernels a layer launched as thread-block clusters (decode.cu's `dec_la`:
 //! q/k/v, attention and the output projection per kv head; `dec_lb`: the
 //! MLP), which pass partial rows instead of adding into the residual.
@@ -248,8 +248,6 @@ mod imp {
         np_in: i32,
         eps: f32,
         scale: f32,
-        pf: [u64; 4],
-        pfn: [u64; 4],
         tm: u64,
         rep: i32,
     }
@@ -259,7 +257,8 @@ mod imp {
     /// decode.cu's `LAY_C`, `LAY_NW`, `LAY_BMAX`, `LAY_PMAX`, `LAY_UB` and
     /// `LaShape::CH`.
     const LAY_C: usize = 8;
-    const LAY_THREADS: u32 = 256;
+    const LAY_NW: usize = 8;
+    const LAY_THREADS: u32 = 32 * LAY_NW as u32;
     const LAY_BMAX: usize = 2;
     const LAY_PMAX: usize = 16;
     const LAY_UB: usize = 16;
@@ -1113,17 +1112,10 @@ mod imp {
                 scale: 1.0 / (hd as f32).sqrt(),
                 ..Default::default()
             };
-            // Each kernel prefetches the next one's weights into L2 (Lay::pf;
-            // `PIPE_DECODE_LAY_PF=0`: not, to measure what that saves).
-            let pf_on = std::env::var("PIPE_DECODE_LAY_PF").map_or(true, |v| v != "0");
-            let bytes = |rows: usize| if pf_on { (rows * hid * 2) as u64 } else { 0 };
-            let (qb, kvb, mlpb) = (bytes(c.num_attention_heads * hd), bytes(kv * hd), bytes(c.intermediate_size));
             for (li, lp) in self.layers.iter().enumerate() {
                 let (kc, vc) = self.pool.1[li];
                 let np_in = if li == 0 { 0 } else { (mlp_blocks / LAY_C) as i32 };
                 let (w0, w1, w2, w3) = (lp.q, lp.k, lp.v, lp.o);
-                let (pf, pfn) =
-                    if pf_on { ([lp.gate, lp.up, lp.down, 0], [mlpb, mlpb, mlpb, 0]) } else { ([0; 4], [0; 4]) };
                 let (tm, twice) = if lay_times() > 0 && li == 3 { (p.times, (lay_times() > 1) as i32) } else { (0, 0) };
                 let la = Lay {
                     tm,
@@ -1140,8 +1132,6 @@ mod imp {
                     kc,
                     vc,
                     np_in,
-                    pf,
-                    pfn,
                     ..base
                 };
                 let lc = LaunchConfig {
@@ -1153,11 +1143,6 @@ mod imp {
                 // (lay_fits: the shapes it takes, its shared memory).
                 unsafe { self.go(&format!("dec_la_{hd}_{rep}"), lc, &mut [arg(&la)], true) }?;
                 let (w0, w1, w2) = (lp.gate, lp.up, lp.down);
-                let (pf, pfn) = match self.layers.get(li + 1) {
-                    Some(n) if pf_on => ([n.q, n.k, n.v, n.o], [qb, kvb, kvb, qb]),
-                    Some(_) => ([0; 4], [0; 4]),
-                    None => ([0; 4], [0; 4]),
-                };
                 let np_in = kv as i32;
                 let lb = Lay {
                     tm,
@@ -1171,8 +1156,6 @@ mod imp {
                     w1,
                     w2,
                     np_in,
-                    pf,
-                    pfn,
                     ..base
                 };
                 let lc = cfg(mlp_blocks, 1, LAY_THREADS, lb_smem(c, b) as u32);
@@ -1357,9 +1340,9 @@ mod imp {
     }
 
     /// The largest (padded) step that runs as two cluster kernels a layer
-    /// (`PIPE_DECODE_LAY`): 1 by default (on an H200 it is faster than the
-    /// five launches at batch 1 and slower at 2, docs/results.md §5), `1`
-    /// up to [`LAY_BMAX`] rows, `0` never.
+    /// (`PIPE_DECODE_LAY`): [`LAY_BMAX`] rows by default (on an H200 they
+    /// are faster than the five launches at batches 1 and 2,
+    /// docs/results.md §5), `0`: never.
     fn lay_max() -> usize {
         let on = switch(&super::LAY, || match std::env::var("PIPE_DECODE_LAY").as_deref() {
             Ok("0") => Some(false),
@@ -1367,9 +1350,8 @@ mod imp {
             _ => None,
         });
         match on {
-            Some(true) => LAY_BMAX,
+            Some(true) | None => LAY_BMAX,
             Some(false) => 0,
-            None => 1,
         }
     }
 
@@ -1412,7 +1394,7 @@ mod imp {
         let ghz = (t[13] - t[0]) as f64 / (t[32 + 13] - t[32]).max(1) as f64;
         let us = |i: usize, j: usize| (t[j] - t[i]) as f64 / (1000.0 * ghz);
         let la: Vec<String> = (1..14).map(|i| format!("{:.2}", us(i - 1, i))).collect();
-        let lb: Vec<String> = (17..25).map(|i| format!("{:.2}", us(i - 1, i))).collect();
+        let lb: Vec<String> = (17..24).map(|i| format!("{:.2}", us(i - 1, i))).collect();
         let mut line = format!("lay times us ({ghz:.2} GHz): attn [{}] mlp [{}]", la.join(" "), lb.join(" "));
         if t[25] != 0 {
             line += &format!(
@@ -1438,7 +1420,14 @@ mod imp {
         let rep = c.num_attention_heads / c.kv_heads();
         let upb = ((rep + 2) * hd / 2).div_ceil(LAY_C);
         let bf16s = 2 * upb * h + h / LAY_C * rep * hd + 2 * LAY_CH * (hd + 8) + 2 * h;
-        let f32s = 2 * upb + rep * hd + 2 * hd + 8 * 8 * (hd + 2) + rep * (hd + 2) + rep * hd;
+        let f32s = (2 * upb).next_multiple_of(4)
+            + rep * hd
+            + 2 * hd
+            + LAY_NW * rep * hd
+            + (LAY_NW * rep * 2).next_multiple_of(4)
+            + LAY_C * rep * hd
+            + (LAY_C * rep * 2).next_multiple_of(4)
+            + rep * hd;
         bf16s * 2 + f32s * 4
     }
 
