@@ -1853,14 +1853,15 @@ __device__ __forceinline__ void lay_copy_norm(const Lay &a, bf16 *gs) {
 template <int HD, int REP> struct LaShape {
   static constexpr int HALF = HD / 2, U = (REP + 2) * HALF, UPB = (U + LAY_C - 1) / LAY_C, OC = REP * HD;
   static constexpr int CH = 128, RS = HD + 8;
+  static_assert(CH <= 32 * LAY_NW, "dec_la: a chunk's positions, at most 32 a warp");
 };
 
 // dec_la's dynamic shared memory, in this order (src/nn/decode.rs's
 // la_smem sizes it): the block's q/k/v rows (2 UPB, H) and output rows
 // (OR = H / LAY_C, OC) of the weights, a chunk of keys and values (CH,
 // RS) each, the normed row and the norm's weights (H bf16 each), then
-// f32 (each part a multiple of 16 bytes): the block's rotated unit values
-// (2 UPB), the scaled queries (REP, HD), the new key and value (HD each),
+// f32 (each part a multiple of 16 bytes): the scaled queries (REP, HD),
+// the new key and value (HD each),
 // the warps' softmax states (LAY_NW, REP, HD + 2), the cluster's
 // blocks' (LAY_C, REP, HD) and (LAY_C, REP, 2), the attention output
 // (REP, HD).
@@ -1876,8 +1877,7 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
   bf16 *wo = wq + 2 * UPB * H;
   bf16 *ks = wo + OR * OC, *vs = ks + CH * RS;
   bf16 *xs = vs + CH * RS, *gs = xs + H;
-  float *res = reinterpret_cast<float *>(gs + H);
-  float *qs = res + ((2 * UPB + 3) & ~3);
+  float *qs = reinterpret_cast<float *>(gs + H);
   float *kn = qs + REP * HD, *vn = kn + HD;
   float *part = vn + HD;
   float *wml = part + LAY_NW * REP * HD;
@@ -1922,7 +1922,7 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
   lay_copy_norm(a, gs);
   cp_commit();
   stage(lo, lo, min(min(lo + CH, hi), p));
-  // The rotation of the warp's units at position p (lane 0's).
+  // The rotation of the warp's units at position p.
   constexpr int UW = (UPB + LAY_NW - 1) / LAY_NW;
   float rsn[UW], rcs[UW];
 #pragma unroll
@@ -1930,9 +1930,11 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
     const int u = u0 + warp + k * LAY_NW;
     rsn[k] = 0.f;
     rcs[k] = 1.f;
-    if (lane == 0 && warp + k * LAY_NW < UPB && u < U && u / HALF <= REP)
-      sincosf((float)p * a.inv_freq[u % HALF], &rsn[k], &rcs[k]);
+    if (warp + k * LAY_NW < UPB && u < U && u / HALF <= REP) sincosf((float)p * a.inv_freq[u % HALF], &rsn[k], &rcs[k]);
   }
+  // Every block of the cluster has started (its shared memory may be
+  // written) before any writes another's.
+  cl.sync();
   LAY_T(1);
   pdl_wait();
   LAY_T(2);
@@ -1958,10 +1960,12 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
   }
   float v[2 * UW][1];
   dots<1, 2 * UW>(rows, xs, H, v);
+  // Each unit's pair (in every lane) rotated, k and v into the pool (lane
+  // 0), and pushed by lanes 0..LAY_C-1 into the cluster's blocks' q, k, v.
 #pragma unroll
   for (int k = 0; k < UW; k++) {
     const int lu = warp + k * LAY_NW;
-    if (lane == 0 && lu < UPB && u0 + lu < U) {
+    if (lu < UPB && u0 + lu < U) {
       const int u = u0 + lu, kind = u / HALF, i = u % HALF;
       float y0 = v[2 * k][0], y1 = v[2 * k + 1][0];
       if (kind <= REP) {
@@ -1971,30 +1975,26 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
         y1 = r1;
       }
       if (kind >= REP) {
-        bf16 *c = (kind == REP ? a.kc : a.vc) + ((size_t)(blk * KV_BLOCK + p % KV_BLOCK) * a.kv + g) * HD;
-        c[i] = __float2bfloat16(y0);
-        c[i + HALF] = __float2bfloat16(y1);
+        if (lane == 0) {
+          bf16 *c = (kind == REP ? a.kc : a.vc) + ((size_t)(blk * KV_BLOCK + p % KV_BLOCK) * a.kv + g) * HD;
+          c[i] = __float2bfloat16(y0);
+          c[i + HALF] = __float2bfloat16(y1);
+        }
         y0 = __bfloat162float(__float2bfloat16(y0));
         y1 = __bfloat162float(__float2bfloat16(y1));
       }
-      res[2 * lu] = y0;
-      res[2 * lu + 1] = y1;
+      if (lane < LAY_C) {
+        float *d = cl.map_shared_rank(kind < REP ? qs + kind * HD : (kind == REP ? kn : vn), lane);
+        const float sc = kind < REP ? a.scale : 1.f;
+        d[i] = y0 * sc;
+        d[i + HALF] = y1 * sc;
+      }
     }
   }
   LAY_T(it ? 26 : 5);
   }
   cl.sync();
   LAY_T(6);
-  // Every block gathers the cluster's q, k and v.
-  for (int t = tid; t < U; t += 32 * LAY_NW) {
-    const float *peer = cl.map_shared_rank(res, t / UPB);
-    const float y0 = peer[2 * (t % UPB)], y1 = peer[2 * (t % UPB) + 1];
-    const int kind = t / HALF, i = t % HALF;
-    float *d = kind < REP ? qs + kind * HD : (kind == REP ? kn : vn);
-    const float sc = kind < REP ? a.scale : 1.f;
-    d[i] = y0 * sc;
-    d[i + HALF] = y1 * sc;
-  }
   LAY_T(7);
   float m[REP], l[REP], acc[REP][DL];
 #pragma unroll
@@ -2018,10 +2018,9 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
       }
     cp_wait<0>();
     __syncthreads();
-    attend32<HD, REP, true>(ks + warp * 32 * RS, vs + warp * 32 * RS, qs, c1 - (c0 + warp * 32), m, l, acc);
-    if (CH > 32 * LAY_NW)
-      for (int w = warp + LAY_NW; w * 32 < CH; w += LAY_NW)
-        attend32<HD, REP, true>(ks + w * 32 * RS, vs + w * 32 * RS, qs, c1 - (c0 + w * 32), m, l, acc);
+    // The chunk's positions spread over the warps (PW each, at most 32).
+    const int PW = (c1 - c0 + LAY_NW - 1) / LAY_NW;
+    attend32<HD, REP, true>(ks + warp * PW * RS, vs + warp * PW * RS, qs, min(PW, c1 - (c0 + warp * PW)), m, l, acc);
   }
   LAY_T(8);
   // The block's softmax state, pushed into every block's rcv / rml (its
@@ -2132,6 +2131,7 @@ template <int BT> __device__ void lay_mlp(const Lay &a) {
   }
   lay_copy_norm(a, gs);
   cp_commit();
+  cl.sync();  // every block of the cluster has started before any writes another's shared memory
   LAY_T(17);
   pdl_wait();
   LAY_T(18);

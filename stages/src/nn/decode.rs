@@ -1420,8 +1420,7 @@ mod imp {
         let rep = c.num_attention_heads / c.kv_heads();
         let upb = ((rep + 2) * hd / 2).div_ceil(LAY_C);
         let bf16s = 2 * upb * h + h / LAY_C * rep * hd + 2 * LAY_CH * (hd + 8) + 2 * h;
-        let f32s = (2 * upb).next_multiple_of(4)
-            + rep * hd
+        let f32s = rep * hd
             + 2 * hd
             + LAY_NW * rep * hd
             + (LAY_NW * rep * 2).next_multiple_of(4)
