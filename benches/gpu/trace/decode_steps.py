@@ -33,7 +33,12 @@ for a, b in zip(starts, starts[1:]):
         count[k] += 1
         prev_end = e
 n = len(spans)
-print(f"steps {n}: span mean {sum(spans) / max(n, 1) / 1e3:.1f} us (embed start to last kernel end)")
+# The GPU idle between steps: the last kernel of one step to the next
+# step's embedding (the host reads the argmax, uploads the next inputs and
+# launches the graph).
+gaps = [rows[b][0] - rows[b - 1][1] for b in starts[1:]]
+print(f"steps {n}: span mean {sum(spans) / max(n, 1) / 1e3:.1f} us (embed start to last kernel end), "
+      f"idle between steps mean {sum(gaps) / max(len(gaps), 1) / 1e3:.1f} us")
 print(f"{'kernel':24} {'a step':>6} {'adds us':>8} {'own us':>8} {'early us':>9}")
 for k in sorted(adds, key=lambda k: -adds[k]):
     c = count[k]

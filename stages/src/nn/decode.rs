@@ -1279,7 +1279,15 @@ mod imp {
             let tiles = if matches!(kind, "qkv" | "gateup" | "mlp") { n.div_ceil(8) } else { n.div_ceil(16) };
             // (The head's blocks also merge their argmax into one key per
             // row with a global atomic each: fewer blocks, less contention.)
-            let blocks = if kind.starts_with("head") || bt > 8 { tiles.min(SMS * 256 / bt.max(32)) } else { tiles };
+            // At 8 rows, 2 head blocks an SM (H200, SmolLM2-135M, batch 1:
+            // 0.448 against 0.462 ms a step with 8 an SM; 1 an SM 0.457,
+            // 4 0.455-0.461, 12 0.467, 24 0.494; docs/results.md §5).
+            let blocks = match (kind.starts_with("head"), bt) {
+                (true, 8) => tiles.min(SMS * 2),
+                (true, _) => tiles.min(SMS * 256 / bt.max(32)),
+                (false, _) if bt > 8 => tiles.min(SMS * 256 / bt.max(32)),
+                (false, _) => tiles,
+            };
             let c = cfg(blocks, b.div_ceil(bt), warps as u32 * 32, smem as u32);
             // SAFETY: the argument matches tc_{kind}_{bt} in kernels/decode.cu.
             unsafe { self.go(&format!("tc_{kind}_{bt}"), c, &mut [arg(&a)], true) }
