@@ -1621,6 +1621,15 @@ mod tests {
         // up to ~500 positions (a block's range in one chunk) and of ~1,200
         // (several chunks a block).
         super::LAY.with(|t| t.set(Some(Some(true))));
+        // SmolLM2-135M's shape (what the benchmarks measure) takes them at 1 and 2 rows.
+        #[cfg(feature = "cuda")]
+        {
+            let mut smol = config(576, 9, 3, true);
+            smol.intermediate_size = 1536;
+            smol.num_hidden_layers = 30;
+            smol.vocab_size = 49152;
+            assert!(super::imp::lay_fits(&smol, 1) && super::imp::lay_fits(&smol, 2), "{smol:?}");
+        }
         for cfg in [config(256, 4, 2, true), config(256, 2, 1, false)] {
             let mut long = cfg.clone();
             long.max_position_embeddings = 2048;
