@@ -58,9 +58,10 @@ __device__ __forceinline__ void unpack8(const uint4 &u, float f[8]) {
   }
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
+// The sum over each group of W consecutive lanes (the whole warp by default).
+template <int W = 32> __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = W / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
 
@@ -2078,22 +2079,15 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
           if (c < CK) {
             float w8[8];
             unpack8(*reinterpret_cast<const uint4 *>(wo + (size_t)r * OC + c * 8), w8);
-            const float4 x0 = *reinterpret_cast<const float4 *>(aos + c * 8);
-            const float4 x1 = *reinterpret_cast<const float4 *>(aos + c * 8 + 4);
-            sr = fmaf(w8[0], x0.x, sr);
-            sr = fmaf(w8[1], x0.y, sr);
-            sr = fmaf(w8[2], x0.z, sr);
-            sr = fmaf(w8[3], x0.w, sr);
-            sr = fmaf(w8[4], x1.x, sr);
-            sr = fmaf(w8[5], x1.y, sr);
-            sr = fmaf(w8[6], x1.z, sr);
-            sr = fmaf(w8[7], x1.w, sr);
+            const float4 x4[2] = {*reinterpret_cast<const float4 *>(aos + c * 8),
+                                  *reinterpret_cast<const float4 *>(aos + c * 8 + 4)};
+            const float *x8 = reinterpret_cast<const float *>(x4);
+#pragma unroll
+            for (int i = 0; i < 8; i++) sr = fmaf(w8[i], x8[i], sr);
           }
         }
       }
-      sr += __shfl_xor_sync(0xffffffffu, sr, 4);
-      sr += __shfl_xor_sync(0xffffffffu, sr, 2);
-      sr += __shfl_xor_sync(0xffffffffu, sr, 1);
+      sr = warp_sum<8>(sr);
       if (sub == 0 && r < OR) a.pout[((size_t)g * a.B + b) * H + j * OR + r] = sr;
     }
     LAY_T(it ? 27 : 13);

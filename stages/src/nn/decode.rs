@@ -1112,11 +1112,12 @@ mod imp {
                 scale: 1.0 / (hd as f32).sqrt(),
                 ..Default::default()
             };
+            let times = lay_times();
             for (li, lp) in self.layers.iter().enumerate() {
                 let (kc, vc) = self.pool.1[li];
                 let np_in = if li == 0 { 0 } else { (mlp_blocks / LAY_C) as i32 };
                 let (w0, w1, w2, w3) = (lp.q, lp.k, lp.v, lp.o);
-                let (tm, twice) = if lay_times() > 0 && li == 3 { (p.times, (lay_times() > 1) as i32) } else { (0, 0) };
+                let (tm, twice) = if times > 0 && li == 3 { (p.times, (times > 1) as i32) } else { (0, 0) };
                 let la = Lay {
                     tm,
                     rep: twice,
@@ -1282,11 +1283,13 @@ mod imp {
             // At 8 rows, 2 head blocks an SM (H200, SmolLM2-135M, batch 1:
             // 0.448 against 0.462 ms a step with 8 an SM; 1 an SM 0.457,
             // 4 0.455-0.461, 12 0.467, 24 0.494; docs/results.md §5).
-            let blocks = match (kind.starts_with("head"), bt) {
-                (true, 8) => tiles.min(SMS * 2),
-                (true, _) => tiles.min(SMS * 256 / bt.max(32)),
-                (false, _) if bt > 8 => tiles.min(SMS * 256 / bt.max(32)),
-                (false, _) => tiles,
+            let head = kind.starts_with("head");
+            let blocks = if head && bt == 8 {
+                tiles.min(SMS * 2)
+            } else if head || bt > 8 {
+                tiles.min(SMS * 256 / bt.max(32))
+            } else {
+                tiles
             };
             let c = cfg(blocks, b.div_ceil(bt), warps as u32 * 32, smem as u32);
             // SAFETY: the argument matches tc_{kind}_{bt} in kernels/decode.cu.
@@ -1357,9 +1360,10 @@ mod imp {
             Ok("1") => Some(true),
             _ => None,
         });
-        match on {
-            Some(true) | None => LAY_BMAX,
-            Some(false) => 0,
+        if on == Some(false) {
+            0
+        } else {
+            LAY_BMAX
         }
     }
 
