@@ -277,11 +277,20 @@ __device__ __forceinline__ void mma16816(float c[4], unsigned a0, unsigned a1, u
 
 #define LAY_PMAX 16
 
+// *p (through L2) if ok, else zeros.
+__device__ __forceinline__ float4 ldcg4_if(const float4 *p, bool ok) {
+  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n @q ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];\n}\n"
+               : "+f"(v.x), "+f"(v.y), "+f"(v.z), "+f"(v.w)
+               : "l"(p), "r"((int)ok));
+  return v;
+}
+
 // A residual row, x + parts[0] + ... + parts[np - 1] (rows pstride floats
 // apart; summed in that order, every load in flight at once), RMSNorm'd
 // (weight g) into xs (bf16, K) by the whole block; the sum also goes to
-// xout when that is set. K % 4 == 0, K <= 4 V blockDim.x.
-template <int V>
+// xout when that is set. K % 4 == 0, K <= 4 V blockDim.x, np <= PM.
+template <int V, int PM = LAY_PMAX>
 __device__ void norm_row_parts(const float *x, const float *parts, int np, size_t pstride, const bf16 *g, float eps,
                                int K, bf16 *xs, float *xout) {
   const int K4 = K / 4;
@@ -292,19 +301,23 @@ __device__ void norm_row_parts(const float *x, const float *parts, int np, size_
     const int i = threadIdx.x + e * blockDim.x;
     v[e] = make_float4(0.f, 0.f, 0.f, 0.f);
     if (i < K4) {
-      float4 w[LAY_PMAX];
+      // Every load issued before the first add: each under a predicate of
+      // its own that dies at once (as `if (k < np)` loads, the compiler ran
+      // out of predicate registers and put the last ones behind branches
+      // after the first adds: a second round trip to L2). A row past np
+      // stays zero, and adding zero changes no sum.
+      float4 w[PM];
+      const float4 *pp = reinterpret_cast<const float4 *>(parts) + i;
 #pragma unroll
-      for (int k = 0; k < LAY_PMAX; k++)
-        if (k < np) w[k] = __ldcg(reinterpret_cast<const float4 *>(parts + k * pstride) + i);
+      for (int k = 0; k < PM; k++) w[k] = ldcg4_if(pp + k * (pstride / 4), k < np);
       v[e] = __ldcg(reinterpret_cast<const float4 *>(x) + i);
 #pragma unroll
-      for (int k = 0; k < LAY_PMAX; k++)
-        if (k < np) {
-          v[e].x += w[k].x;
-          v[e].y += w[k].y;
-          v[e].z += w[k].z;
-          v[e].w += w[k].w;
-        }
+      for (int k = 0; k < PM; k++) {
+        v[e].x += w[k].x;
+        v[e].y += w[k].y;
+        v[e].z += w[k].z;
+        v[e].w += w[k].w;
+      }
       if (xout) reinterpret_cast<float4 *>(xout)[i] = v[e];
     }
     ss += v[e].x * v[e].x + v[e].y * v[e].y + v[e].z * v[e].z + v[e].w * v[e].w;
@@ -802,35 +815,16 @@ template <int HD> __device__ void attn(const Attn &a, int s0, int g, int b, int 
 extern "C" __global__ void dec_attn_64(Attn a) { attn<64>(a, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.x); }
 extern "C" __global__ void dec_attn_128(Attn a) { attn<128>(a, blockIdx.x, blockIdx.y, blockIdx.z, gridDim.x); }
 
-// One warp's share of a chunk of keys and values in shared memory (rows
-// RS = HD + 8 apart, from kw and vw): its n positions (a lane each; n may
-// be 32 or more, or none) scored against the REP scaled query heads qs
-// (REP, HD), folded into the warp's online softmax (m, l) and P.V sums
-// (acc: this lane's HD / 32 dimensions of each head).
-// COMPACT: loops over the pieces and positions not unrolled (the cluster
-// kernels run this once a step, where the time follows the code's length).
-template <int HD, int REP, bool COMPACT = false>
-__device__ __forceinline__ void attend32(const bf16 *kw, const bf16 *vw, const float *qs, int n, float (&m)[REP],
-                                         float (&l)[REP], float (&acc)[REP][HD / 32]) {
-  constexpr int RS = HD + 8, PIECES = HD / 8, DL = HD / 32;
-  constexpr int UP = COMPACT ? 1 : PIECES, UV = COMPACT ? 2 : 8;
+// Scores s (lane j: position j's, j < n <= 32) folded into a warp's
+// online softmax (m, l) per query head and its P.V sums (acc: this lane's
+// HD / 32 dimensions of each head) over the values vw (rows RS = HD + 8
+// apart). s becomes the probabilities.
+template <int HD, int REP, bool COMPACT>
+__device__ __forceinline__ void attend_fold(const bf16 *vw, float (&s)[REP], int n, float (&m)[REP], float (&l)[REP],
+                                            float (&acc)[REP][HD / 32]) {
+  constexpr int RS = HD + 8, DL = HD / 32;
+  constexpr int UV = COMPACT ? 2 : 8;
   const int lane = threadIdx.x % 32;
-  n = min(n, 32);
-  float s[REP];
-#pragma unroll
-  for (int r = 0; r < REP; r++) s[r] = 0.f;
-  if (lane < n) {
-    const bf16 *kr = kw + lane * RS;
-#pragma unroll UP
-    for (int c = 0; c < PIECES; c++) {
-      float k8[8];
-      unpack8(*reinterpret_cast<const uint4 *>(kr + c * 8), k8);
-#pragma unroll
-      for (int r = 0; r < REP; r++)
-#pragma unroll
-        for (int i = 0; i < 8; i++) s[r] += qs[r * HD + c * 8 + i] * k8[i];
-    }
-  }
   // The warp's online softmax, per query head: s becomes the
   // probabilities (relative to the warp's running max).
 #pragma unroll
@@ -875,11 +869,82 @@ __device__ __forceinline__ void attend32(const bf16 *kw, const bf16 *vw, const f
   }
 }
 
-// The NW warps' softmax states meet (part: (NW, REP, HD), wml: (NW,
-// REP, 2) in shared memory): out(r, d, o, sum, max) for each output of
-// the REP heads, a thread each, o and sum relative to max (o / sum is the
-// attention output; none of the block's positions: sum 0).
-template <int HD, int NW, int REP, class Out>
+// One warp's share of a chunk of keys and values in shared memory (rows
+// RS = HD + 8 apart, from kw and vw): its n positions (a lane each; n may
+// be 32 or more, or none) scored against the REP scaled query heads qs
+// (REP, HD), folded into the warp's online softmax (m, l) and P.V sums
+// (acc: this lane's HD / 32 dimensions of each head).
+// COMPACT: loops over the pieces and positions not unrolled (the cluster
+// kernels run this once a step, where the time follows the code's length).
+template <int HD, int REP, bool COMPACT = false>
+__device__ __forceinline__ void attend32(const bf16 *kw, const bf16 *vw, const float *qs, int n, float (&m)[REP],
+                                         float (&l)[REP], float (&acc)[REP][HD / 32]) {
+  constexpr int RS = HD + 8, PIECES = HD / 8;
+  constexpr int UP = COMPACT ? 1 : PIECES;
+  const int lane = threadIdx.x % 32;
+  n = min(n, 32);
+  float s[REP];
+#pragma unroll
+  for (int r = 0; r < REP; r++) s[r] = 0.f;
+  if (lane < n) {
+    const bf16 *kr = kw + lane * RS;
+#pragma unroll UP
+    for (int c = 0; c < PIECES; c++) {
+      float k8[8];
+      unpack8(*reinterpret_cast<const uint4 *>(kr + c * 8), k8);
+#pragma unroll
+      for (int r = 0; r < REP; r++)
+#pragma unroll
+        for (int i = 0; i < 8; i++) s[r] += qs[r * HD + c * 8 + i] * k8[i];
+    }
+  }
+  attend_fold<HD, REP, COMPACT>(vw, s, n, m, l, acc);
+}
+
+// attend32 for n <= 16 positions with the scores on tensor cores: the 16
+// keys from kw are A (a row each, 8 consecutive dimensions a thread as
+// mma_proj feeds them), the query heads qb (REP <= 8, bf16, scaled) the
+// columns of B; the scores go through sw (16 x 8 floats, the warp's own
+// shared memory) to lane j = position j.
+template <int HD, int REP>
+__device__ __forceinline__ void attend16_tc(const bf16 *kw, const bf16 *vw, const bf16 *qb, float *sw, int n,
+                                            float (&m)[REP], float (&l)[REP], float (&acc)[REP][HD / 32]) {
+  static_assert(REP <= 8, "attend16_tc: a column of B per query head");
+  constexpr int RS = HD + 8;
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  n = min(n, 16);
+  float s[REP];
+#pragma unroll
+  for (int r = 0; r < REP; r++) s[r] = 0.f;
+  if (n > 0) {  // warp-uniform: mma.sync needs every lane
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    const bf16 *qr = qb + min(g, REP - 1) * HD + t * 8, *k0 = kw + g * RS + t * 8, *k1 = k0 + 8 * RS;
+#pragma unroll
+    for (int c = 0; c < HD / 32; c++) {
+      const uint4 q = *reinterpret_cast<const uint4 *>(qr + c * 32);
+      const uint4 ka = *reinterpret_cast<const uint4 *>(k0 + c * 32);
+      const uint4 kb = *reinterpret_cast<const uint4 *>(k1 + c * 32);
+      mma16816(d, ka.x, kb.x, ka.y, kb.y, q.x, q.y);
+      mma16816(d, ka.z, kb.z, ka.w, kb.w, q.z, q.w);
+    }
+    // d: positions g and g + 8, heads 2t and 2t + 1.
+    *reinterpret_cast<float2 *>(sw + g * 8 + 2 * t) = make_float2(d[0], d[1]);
+    *reinterpret_cast<float2 *>(sw + (g + 8) * 8 + 2 * t) = make_float2(d[2], d[3]);
+    __syncwarp();
+    if (lane < n)
+#pragma unroll
+      for (int r = 0; r < REP; r++) s[r] = sw[lane * 8 + r];
+    __syncwarp();
+  }
+  attend_fold<HD, REP, true>(vw, s, n, m, l, acc);
+}
+
+// The NW warps' softmax states meet (part: (NW, REP, HD), a warp's PS
+// floats apart, wml: (NW, REP, 2) in shared memory): out(r, d, o, sum,
+// max) for each output of the REP heads, a thread each, o and sum relative
+// to max (o / sum is the attention output; none of the block's positions:
+// sum 0).
+template <int HD, int NW, int REP, int PS = REP * HD, class Out>
 __device__ __forceinline__ void merge_warps(float *part, float *wml, const float (&m)[REP], const float (&l)[REP],
                                             const float (&acc)[REP][HD / 32], Out out) {
   constexpr int DL = HD / 32;
@@ -891,7 +956,7 @@ __device__ __forceinline__ void merge_warps(float *part, float *wml, const float
       wml[(warp * REP + r) * 2 + 1] = l[r];
     }
 #pragma unroll
-    for (int d = 0; d < DL; d++) part[(warp * REP + r) * HD + lane * DL + d] = acc[r][d];
+    for (int d = 0; d < DL; d++) part[warp * PS + r * HD + lane * DL + d] = acc[r][d];
   }
   __syncthreads();
   for (int k = tid; k < REP * HD; k += 32 * NW) {
@@ -905,7 +970,7 @@ __device__ __forceinline__ void merge_warps(float *part, float *wml, const float
       const float mw = wml[(w * REP + r) * 2];
       if (mw != -INFINITY) {
         const float e = __expf(mw - mx);
-        o += e * part[(w * REP + r) * HD + d];
+        o += e * part[w * PS + r * HD + d];
         sum += e * wml[(w * REP + r) * 2 + 1];
       }
     }
@@ -1839,9 +1904,16 @@ struct Lay {
 
 // Row b of a dec_la / dec_lb input (xin + pin) into xs; with `out`, into
 // xout too. gs: the norm's weights, copied to shared memory before the wait.
+// Few partial rows (dec_lb's: one a kv head) take a short path: its
+// loads and adds stop at 4.
 __device__ void lay_norm_row(const Lay &a, int b, const bf16 *gs, bf16 *xs, bool out) {
   const size_t H = a.H;
-  norm_row_parts<1>(a.xin + b * H, a.pin + b * H, a.np_in, a.B * H, gs, a.eps, a.H, xs, out ? a.xout + b * H : nullptr);
+  const float *x = a.xin + b * H, *p = a.pin + b * H;
+  float *xo = out ? a.xout + b * H : nullptr;
+  if (a.np_in <= 4)
+    norm_row_parts<1, 4>(x, p, a.np_in, a.B * H, gs, a.eps, a.H, xs, xo);
+  else
+    norm_row_parts<1>(x, p, a.np_in, a.B * H, gs, a.eps, a.H, xs, xo);
 }
 
 // The norm's weights (H bf16) into shared memory (cp.async, uncommitted).
@@ -1849,42 +1921,71 @@ __device__ __forceinline__ void lay_copy_norm(const Lay &a, bf16 *gs) {
   for (int i = threadIdx.x; i < a.H / 8; i += blockDim.x) cp16(gs + i * 8, a.norm + i * 8, true);
 }
 
+// Tensor-core products of a block's weight rows (shared memory) with one
+// or two staged rows, as mma_proj does them (8 consecutive k a thread, fed
+// to two MMAs): a row-major tile of 16 weight rows is A, the staged row
+// (broadcast to the 8 columns of B; with two rows, column n is row
+// min(n % 2, BT - 1), so that the thread of columns 2t, 2t + 1 holds
+// both rows' sums) is B. The row strides are padded to 64 bytes past a
+// multiple of 128 (LAY_PAD elements), so that the two rows a quarter-warp
+// reads hit different banks. These phases run once a step: an MMA does in
+// one instruction what took 16 FMAs and their unpacking.
+#define LAY_PAD 32
+
+// acc (+)= rows r0.. r0 + 15 (stride ws) . x over the k-chunk of 32 at k0.
+__device__ __forceinline__ void lay_mma_chunk(float (&acc)[4], const bf16 *w, int ws, int r0, int k0, const uint4 &x) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const uint4 wa = *reinterpret_cast<const uint4 *>(w + (size_t)(r0 + g) * ws + k0 + t * 8);
+  const uint4 wb = *reinterpret_cast<const uint4 *>(w + (size_t)(r0 + g + 8) * ws + k0 + t * 8);
+  mma16816(acc, wa.x, wb.x, wa.y, wb.y, x.x, x.y);
+  mma16816(acc, wa.z, wb.z, wa.w, wb.w, x.z, x.w);
+}
+
 // dec_la's q/k/v units of kv head g: REP * HD / 2 rotary pairs of its
-// query heads, then HD / 2 of k, then HD / 2 of v; U of them, UPB a block.
+// query heads, then HD / 2 of k, then HD / 2 of v; U of them, UPB a block,
+// as rows 2u and 2u + 1 of MTQ tiles of 16. The output projection's OR =
+// H / LAY_C rows a block: MTO (runtime) tiles over OC columns.
 template <int HD, int REP> struct LaShape {
   static constexpr int HALF = HD / 2, U = (REP + 2) * HALF, UPB = (U + LAY_C - 1) / LAY_C, OC = REP * HD;
+  static constexpr int MTQ = (2 * UPB + 15) / 16, OS = OC + LAY_PAD;
   static constexpr int CH = 128, RS = HD + 8;
-  static_assert(CH <= 32 * LAY_NW, "dec_la: a chunk's positions, at most 32 a warp");
+  // A warp's floats of `part`: its softmax state, before that its q/k/v
+  // sums and its attention scores (16 x 8).
+  static constexpr int PARTN = OC > 128 ? OC : 128;
+  // Threads of the q/k/v epilogue (a unit and a cluster rank each) per thread.
+  static constexpr int EU = (UPB * LAY_C + 32 * LAY_NW - 1) / (32 * LAY_NW);
+  static_assert(CH <= 16 * LAY_NW, "dec_la: a chunk's positions, at most 16 a warp (attend16_tc)");
+  static_assert(MTQ * 16 <= PARTN, "dec_la: the q/k/v sums of the warps fit in `part`");
 };
 
 // dec_la's dynamic shared memory, in this order (src/nn/decode.rs's
-// la_smem sizes it): the block's q/k/v rows (2 UPB, H) and output rows
-// (OR = H / LAY_C, OC) of the weights, a chunk of keys and values (CH,
-// RS) each, the normed row and the norm's weights (H bf16 each), then
-// f32 (each part a multiple of 16 bytes): the scaled queries (REP, HD),
-// the new key and value (HD each),
-// the warps' softmax states (LAY_NW, REP, HD + 2), the cluster's
-// blocks' (LAY_C, REP, HD) and (LAY_C, REP, 2), the attention output
-// (REP, HD).
+// la_smem sizes it): the block's q/k/v rows (16 MTQ, H + LAY_PAD) and
+// output rows (16 MTO, OS) of the weights, a chunk of keys and values
+// (CH, RS) each, the normed row and the norm's weights (H bf16 each), the
+// attention output and the scaled queries (REP, HD) bf16 each, then f32
+// (each part a multiple of 16 bytes): the new key and value (HD each),
+// the warps' softmax states (`part`, (LAY_NW, PARTN), and (LAY_NW, REP,
+// 2); before them, the warps' q/k/v sums and attention scores), the
+// cluster's blocks' (LAY_C, REP, HD) and (LAY_C, REP, 2).
 template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
   using S = LaShape<HD, REP>;
   constexpr int HALF = S::HALF, U = S::U, UPB = S::UPB, OC = S::OC, CH = S::CH, RS = S::RS, DL = HD / 32;
+  constexpr int MTQ = S::MTQ, OS = S::OS, EU = S::EU, PARTN = S::PARTN, NT = 32 * LAY_NW;
   constexpr int PIECES = HD / 8;
   cg::cluster_group cl = cg::this_cluster();
   const int j = cl.block_rank(), g = blockIdx.y, b = blockIdx.z;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, H = a.H, OR = H / LAY_C;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, H = a.H, OR = H / LAY_C, WS = H + LAY_PAD;
+  const int MTO = (OR + 15) / 16;
   extern __shared__ __align__(16) unsigned char dyn[];
   bf16 *wq = reinterpret_cast<bf16 *>(dyn);
-  bf16 *wo = wq + 2 * UPB * H;
-  bf16 *ks = wo + OR * OC, *vs = ks + CH * RS;
-  bf16 *xs = vs + CH * RS, *gs = xs + H;
-  float *qs = reinterpret_cast<float *>(gs + H);
-  float *kn = qs + REP * HD, *vn = kn + HD;
+  bf16 *wo = wq + (size_t)MTQ * 16 * WS;
+  bf16 *ks = wo + (size_t)MTO * 16 * OS, *vs = ks + CH * RS;
+  bf16 *xs = vs + CH * RS, *gs = xs + H, *aob = gs + H, *qb = aob + REP * HD;
+  float *kn = reinterpret_cast<float *>(qb + REP * HD), *vn = kn + HD;
   float *part = vn + HD;
-  float *wml = part + LAY_NW * REP * HD;
+  float *wml = part + LAY_NW * PARTN;
   float *rcv = wml + ((LAY_NW * REP * 2 + 3) & ~3);
   float *rml = rcv + LAY_C * REP * HD;
-  float *aos = rml + ((LAY_C * REP * 2 + 3) & ~3);
   LAY_T(0);
   pdl_launch();
   const int len = a.pos[b] + 1, p = len - 1;
@@ -1893,7 +1994,7 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
   const int R = (len + LAY_C - 1) / LAY_C, lo = min(j * R, len), hi = min(lo + R, len);
   const size_t row = (size_t)a.kv * HD;
   auto stage = [&](int c0, int p0, int p1) {
-    for (int i = tid; i < (p1 - p0) * PIECES; i += 32 * LAY_NW) {
+    for (int i = tid; i < (p1 - p0) * PIECES; i += NT) {
       const int q = p0 + i / PIECES, c = i % PIECES;
       const unsigned bq = a.table[(size_t)b * a.maxb + q / KV_BLOCK];
       const size_t off = (size_t)(bq * KV_BLOCK + q % KV_BLOCK) * row + (size_t)g * HD + c * 8;
@@ -1902,36 +2003,38 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
     }
     cp_commit();
   };
-  // Weights (no kernel writes them) and the first chunk's older keys and
-  // values (written by earlier steps) before waiting for the kernel before.
+  // Weights (no kernel writes them; rows past the block's, zeros) and the
+  // first chunk's older keys and values (written by earlier steps) before
+  // waiting for the kernel before.
   const int u0 = j * UPB, H8 = H / 8;
-  for (int i = tid; i < 2 * UPB * H8; i += 32 * LAY_NW) {
+  for (int i = tid; i < MTQ * 16 * H8; i += NT) {
     const int r = i / H8, c = i % H8, u = u0 + r / 2;
-    const bool ok = u < U;
+    const bool ok = r < 2 * UPB && u < U;
     const bf16 *src = a.w0;
     if (ok) {
       const int kind = u / HALF, e = u % HALF + (r % 2) * HALF;
       src = kind < REP ? a.w0 + (size_t)((g * REP + kind) * HD + e) * H
                        : (kind == REP ? a.w1 : a.w2) + (size_t)(g * HD + e) * H;
     }
-    cp16(wq + (size_t)r * H + c * 8, ok ? src + c * 8 : src, ok);
+    cp16(wq + (size_t)r * WS + c * 8, ok ? src + c * 8 : src, ok);
   }
-  for (int i = tid; i < OR * (OC / 8); i += 32 * LAY_NW) {
+  for (int i = tid; i < MTO * 16 * (OC / 8); i += NT) {
     const int r = i / (OC / 8), c = i % (OC / 8);
-    cp16(wo + (size_t)r * OC + c * 8, a.w3 + (size_t)(j * OR + r) * a.nh * HD + g * OC + c * 8, true);
+    const bool ok = r < OR;
+    cp16(wo + (size_t)r * OS + c * 8, a.w3 + (size_t)(j * OR + (ok ? r : 0)) * a.nh * HD + g * OC + c * 8, ok);
   }
   lay_copy_norm(a, gs);
   cp_commit();
   stage(lo, lo, min(min(lo + CH, hi), p));
-  // The rotation of the warp's units at position p.
-  constexpr int UW = (UPB + LAY_NW - 1) / LAY_NW;
-  float rsn[UW], rcs[UW];
+  // The q/k/v epilogue's threads: unit tid / LAY_C (+ NT / LAY_C ...), its
+  // rotation at position p, pushed to cluster rank tid % LAY_C.
+  float rsn[EU], rcs[EU];
 #pragma unroll
-  for (int k = 0; k < UW; k++) {
-    const int u = u0 + warp + k * LAY_NW;
+  for (int k = 0; k < EU; k++) {
+    const int u = u0 + (tid + k * NT) / LAY_C;
     rsn[k] = 0.f;
     rcs[k] = 1.f;
-    if (warp + k * LAY_NW < UPB && u < U && u / HALF <= REP) sincosf((float)p * a.inv_freq[u % HALF], &rsn[k], &rcs[k]);
+    if (tid + k * NT < UPB * LAY_C && u < U && u / HALF <= REP) sincosf((float)p * a.inv_freq[u % HALF], &rsn[k], &rcs[k]);
   }
   // Every block of the cluster has started (its shared memory may be
   // written) before any writes another's.
@@ -1948,51 +2051,70 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
   }
   __syncthreads();
   LAY_T(4);
-  // The block's units: two rows each, rotated (q, k), k and v into the
-  // pool; a warp's units (UW of them) in one pass, their sums interleaved.
+  // The block's q/k/v rows on tensor cores: warp w takes the k-chunks w,
+  // w + LAY_NW, ... of every tile; the warps' sums meet in `part`.
 #pragma unroll 1
   for (int it = 0; it <= a.rep; it++) {
-  const bf16 *rows[2 * UW];
+    {
+      const int gq = lane / 4, t = lane % 4;
+      float acc[MTQ][4];
 #pragma unroll
-  for (int k = 0; k < UW; k++) {
-    const int lu = min(warp + k * LAY_NW, UPB - 1);
-    rows[2 * k] = wq + (size_t)(2 * lu) * H;
-    rows[2 * k + 1] = wq + (size_t)(2 * lu + 1) * H;
-  }
-  float v[2 * UW][1];
-  dots<1, 2 * UW>(rows, xs, H, v);
-  // Each unit's pair (in every lane) rotated, k and v into the pool (lane
-  // 0), and pushed by lanes 0..LAY_C-1 into the cluster's blocks' q, k, v.
+      for (int m = 0; m < MTQ; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.f;
+#pragma unroll 1
+      for (int c = warp; c < H / 32; c += LAY_NW) {
+        const uint4 x = *reinterpret_cast<const uint4 *>(xs + c * 32 + t * 8);
 #pragma unroll
-  for (int k = 0; k < UW; k++) {
-    const int lu = warp + k * LAY_NW;
-    if (lu < UPB && u0 + lu < U) {
-      const int u = u0 + lu, kind = u / HALF, i = u % HALF;
-      float y0 = v[2 * k][0], y1 = v[2 * k + 1][0];
-      if (kind <= REP) {
-        const float sn = rsn[k], cs = rcs[k];
-        const float r0 = y0 * cs - y1 * sn, r1 = y1 * cs + y0 * sn;
-        y0 = r0;
-        y1 = r1;
+        for (int m = 0; m < MTQ; m++) lay_mma_chunk(acc[m], wq, WS, m * 16, c * 32, x);
       }
-      if (kind >= REP) {
-        if (lane == 0) {
-          bf16 *c = (kind == REP ? a.kc : a.vc) + ((size_t)(blk * KV_BLOCK + p % KV_BLOCK) * a.kv + g) * HD;
-          c[i] = __float2bfloat16(y0);
-          c[i + HALF] = __float2bfloat16(y1);
+      if (t == 0)
+#pragma unroll
+        for (int m = 0; m < MTQ; m++) {
+          part[warp * PARTN + m * 16 + gq] = acc[m][0];
+          part[warp * PARTN + m * 16 + gq + 8] = acc[m][2];
         }
-        y0 = __bfloat162float(__float2bfloat16(y0));
-        y1 = __bfloat162float(__float2bfloat16(y1));
-      }
-      if (lane < LAY_C) {
-        float *d = cl.map_shared_rank(kind < REP ? qs + kind * HD : (kind == REP ? kn : vn), lane);
-        const float sc = kind < REP ? a.scale : 1.f;
-        d[i] = y0 * sc;
-        d[i + HALF] = y1 * sc;
+    }
+    __syncthreads();
+    // Each unit's pair summed over the warps and rotated (q, k); k and v
+    // into the pool (rank 0's thread); pushed into the cluster's blocks' q,
+    // k, v (a thread per rank).
+#pragma unroll
+    for (int k = 0; k < EU; k++) {
+      const int e = tid + k * NT, lu = e / LAY_C, q = e % LAY_C, u = u0 + lu;
+      if (e < UPB * LAY_C && u < U) {
+        const int kind = u / HALF, i = u % HALF;
+        float y0 = 0.f, y1 = 0.f;
+#pragma unroll
+        for (int w = 0; w < LAY_NW; w++) {
+          const float2 v = *reinterpret_cast<const float2 *>(part + w * PARTN + 2 * lu);
+          y0 += v.x;
+          y1 += v.y;
+        }
+        if (kind <= REP) {
+          const float r0 = y0 * rcs[k] - y1 * rsn[k], r1 = y1 * rcs[k] + y0 * rsn[k];
+          y0 = r0;
+          y1 = r1;
+        }
+        if (kind >= REP) {
+          if (q == 0) {
+            bf16 *c = (kind == REP ? a.kc : a.vc) + ((size_t)(blk * KV_BLOCK + p % KV_BLOCK) * a.kv + g) * HD;
+            c[i] = __float2bfloat16(y0);
+            c[i + HALF] = __float2bfloat16(y1);
+          }
+          y0 = __bfloat162float(__float2bfloat16(y0));
+          y1 = __bfloat162float(__float2bfloat16(y1));
+        }
+        if (kind < REP) {
+          bf16 *d = cl.map_shared_rank(qb + kind * HD, q);
+          d[i] = __float2bfloat16(y0 * a.scale);
+          d[i + HALF] = __float2bfloat16(y1 * a.scale);
+        } else {
+          float *d = cl.map_shared_rank(kind == REP ? kn : vn, q);
+          d[i] = y0;
+          d[i + HALF] = y1;
+        }
       }
     }
-  }
-  LAY_T(it ? 26 : 5);
+    LAY_T(it ? 26 : 5);
   }
   cl.sync();
   LAY_T(6);
@@ -2013,21 +2135,24 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
     }
     __syncthreads();  // kn, vn
     if (c1 == len)
-      for (int d = tid; d < HD; d += 32 * LAY_NW) {
+      for (int d = tid; d < HD; d += NT) {
         ks[(p - c0) * RS + d] = __float2bfloat16(kn[d]);
         vs[(p - c0) * RS + d] = __float2bfloat16(vn[d]);
       }
     cp_wait<0>();
     __syncthreads();
-    // The chunk's positions spread over the warps (PW each, at most 32).
+    // The chunk's positions spread over the warps (PW each, at most 16).
     const int PW = (c1 - c0 + LAY_NW - 1) / LAY_NW;
-    attend32<HD, REP, true>(ks + warp * PW * RS, vs + warp * PW * RS, qs, min(PW, c1 - (c0 + warp * PW)), m, l, acc);
+    attend16_tc<HD, REP>(ks + warp * PW * RS, vs + warp * PW * RS, qb, part + warp * PARTN,
+                         min(PW, c1 - (c0 + warp * PW)), m, l, acc);
   }
   LAY_T(8);
   // The block's softmax state, pushed into every block's rcv / rml (its
   // slot j) so that no block reads another's shared memory after the
   // barrier below (and none waits for the others before it leaves).
-  merge_warps<HD, LAY_NW, REP>(part, wml, m, l, acc, [&](int r, int d, float o, float sum, float mx) {
+  // (A warp's state goes where its scores went: no warp writes into
+  // another's scores.)
+  merge_warps<HD, LAY_NW, REP, PARTN>(part, wml, m, l, acc, [&](int r, int d, float o, float sum, float mx) {
 #pragma unroll 1
     for (int q = 0; q < LAY_C; q++) {
       cl.map_shared_rank(rcv, q)[(j * REP + r) * HD + d] = o;
@@ -2042,7 +2167,7 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
   cl.sync();
   LAY_T(10);
   // The cluster's ranges combined (each block all of them: its output rows need every column).
-  for (int k = tid; k < REP * HD; k += 32 * LAY_NW) {
+  for (int k = tid; k < REP * HD; k += NT) {
     const int r = k / HD;
     float mx = -INFINITY;
 #pragma unroll
@@ -2055,70 +2180,69 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
       o += e * rcv[q * REP * HD + k];
       sum += e * rml[(q * REP + r) * 2 + 1];
     }
-    aos[k] = __bfloat162float(__float2bfloat16(sum > 0.f ? o / sum : 0.f));
+    aob[k] = __float2bfloat16(sum > 0.f ? o / sum : 0.f);
   }
   LAY_T(11);
   __syncthreads();
   LAY_T(12);
-  // The block's output rows over g's columns: kv head g's partial row.
-  // Lanes in groups of 8, a group per row (4 rows a warp per pass), a
-  // lane's chunks of 8 columns CK apart: few instructions (these kernels
-  // run each phase once, so their time follows the code's length).
-  constexpr int CK = OC / 8, NCK = (CK + 7) / 8;
-  const int sub = lane & 7;
+  // The block's output rows over g's columns (kv head g's partial row) on
+  // tensor cores: a warp per tile of 16 rows, over all OC columns (two
+  // sums, the chunk's halves, to halve the chain of dependent MMAs).
 #pragma unroll 1
   for (int it = 0; it <= a.rep; it++) {
+    const int gq = lane / 4, t = lane % 4;
 #pragma unroll 1
-    for (int r0 = warp * 4; r0 < OR; r0 += LAY_NW * 4) {
-      const int r = r0 + lane / 8;
-      float sr = 0.f;
-      if (r < OR) {
-#pragma unroll
-        for (int k = 0; k < NCK; k++) {
-          const int c = sub + 8 * k;
-          if (c < CK) {
-            float w8[8];
-            unpack8(*reinterpret_cast<const uint4 *>(wo + (size_t)r * OC + c * 8), w8);
-            const float4 x4[2] = {*reinterpret_cast<const float4 *>(aos + c * 8),
-                                  *reinterpret_cast<const float4 *>(aos + c * 8 + 4)};
-            const float *x8 = reinterpret_cast<const float *>(x4);
-#pragma unroll
-            for (int i = 0; i < 8; i++) sr = fmaf(w8[i], x8[i], sr);
-          }
-        }
+    for (int mt = warp; mt < MTO; mt += LAY_NW) {
+      float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 2
+      for (int c = 0; c < OC / 32; c++) {
+        const int k0 = c * 32 + t * 8;
+        const uint4 x = *reinterpret_cast<const uint4 *>(aob + k0);
+        const uint4 wa = *reinterpret_cast<const uint4 *>(wo + (size_t)(mt * 16 + gq) * OS + k0);
+        const uint4 wb = *reinterpret_cast<const uint4 *>(wo + (size_t)(mt * 16 + gq + 8) * OS + k0);
+        mma16816(s0, wa.x, wb.x, wa.y, wb.y, x.x, x.y);
+        mma16816(s1, wa.z, wb.z, wa.w, wb.w, x.z, x.w);
       }
-      sr = warp_sum<8>(sr);
-      if (sub == 0 && r < OR) a.pout[((size_t)g * a.B + b) * H + j * OR + r] = sr;
+      const int r = mt * 16 + gq;
+      float *out = a.pout + ((size_t)g * a.B + b) * H + j * OR;
+      if (t == 0 && r < OR) out[r] = s0[0] + s1[0];
+      if (t == 1 && r + 8 < OR) out[r + 8] = s0[2] + s1[2];
     }
     LAY_T(it ? 27 : 13);
   }
 }
 
 // dec_lb: block x takes units x * 16 .. x * 16 + 15 of the MLP (N of them)
-// for all BT rows: gate and up rows (32, H) and the down projection's
-// columns (H, 16) copied to shared memory before the wait, SwiGLU values
-// (BT, 16), the block's share of the down projection (BT, H) f32, pushed
-// to the cluster's blocks by slices of H / LAY_C and summed there: cluster
-// x / LAY_C's partial rows.
+// for all BT rows: gate and up rows (32, H + LAY_PAD) and the down
+// projection's columns (H, 16) copied to shared memory before the wait;
+// gate and up on tensor cores (warp w: k-chunks w, w + LAY_NW, ... of both
+// tiles; the warps' sums meet in `red`, (LAY_NW, 32, BT)), SwiGLU values
+// (BT, 16) bf16, the block's share of the down projection on tensor cores
+// (a tile of 16 of the H rows an MMA, k = the 16 units), pushed to the
+// cluster's blocks by slices of H / LAY_C and summed there (ps, (LAY_C,
+// BT, H / LAY_C)): cluster x / LAY_C's partial rows.
 template <int BT> __device__ void lay_mlp(const Lay &a) {
+  constexpr int NT = 32 * LAY_NW;
   cg::cluster_group cl = cg::this_cluster();
   const int j = cl.block_rank(), x = blockIdx.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int H = a.H, H8 = H / 8, u0 = x * LAY_UB, HS = H / LAY_C;
+  const int gq = lane / 4, t = lane % 4;
+  const int H = a.H, H8 = H / 8, u0 = x * LAY_UB, HS = H / LAY_C, WS = H + LAY_PAD;
   extern __shared__ __align__(16) unsigned char dyn[];
   bf16 *wg = reinterpret_cast<bf16 *>(dyn);  // gate rows, then up rows
-  bf16 *wd = wg + 2 * LAY_UB * H;            // (H, 16)
+  bf16 *wd = wg + 2 * LAY_UB * WS;           // (H, 16)
   bf16 *xs = wd + H * LAY_UB;                // (BT, H)
   bf16 *gs = xs + BT * H;                    // the norm's weights (H)
-  float *act = reinterpret_cast<float *>(gs + H);  // (BT, 16)
-  float *ps = act + BT * LAY_UB;  // (LAY_C, BT, H / LAY_C): the cluster's shares of this block's slice
+  bf16 *act = gs + H;                        // (BT, 16)
+  float *red = reinterpret_cast<float *>(act + BT * LAY_UB);
+  float *ps = red + LAY_NW * 2 * LAY_UB * BT;
   LAY_T(16);
   pdl_launch();
-  for (int i = tid; i < 2 * LAY_UB * H8; i += 32 * LAY_NW) {
+  for (int i = tid; i < 2 * LAY_UB * H8; i += NT) {
     const int r = i / H8, c = i % H8, u = u0 + r % LAY_UB;
     const bool ok = u < a.N;
-    cp16(wg + (size_t)r * H + c * 8, ok ? (r < LAY_UB ? a.w0 : a.w1) + (size_t)u * H + c * 8 : a.w0, ok);
+    cp16(wg + (size_t)r * WS + c * 8, ok ? (r < LAY_UB ? a.w0 : a.w1) + (size_t)u * H + c * 8 : a.w0, ok);
   }
-  for (int i = tid; i < H * (LAY_UB / 8); i += 32 * LAY_NW) {
+  for (int i = tid; i < H * (LAY_UB / 8); i += NT) {
     const int h = i / (LAY_UB / 8), c = i % (LAY_UB / 8);
     const bool ok = u0 + c * 8 + 8 <= a.N;
     cp16(wd + (size_t)h * LAY_UB + c * 8, ok ? a.w2 + (size_t)h * a.N + u0 + c * 8 : a.w2, ok);
@@ -2137,7 +2261,7 @@ template <int BT> __device__ void lay_mlp(const Lay &a) {
     if (b < a.B) {
       lay_norm_row(a, b, gs, xs + (size_t)b * H, x == 0);
     } else {
-      for (int i = tid; i < H8; i += 32 * LAY_NW) reinterpret_cast<uint4 *>(xs + (size_t)b * H)[i] = make_uint4(0, 0, 0, 0);
+      for (int i = tid; i < H8; i += NT) reinterpret_cast<uint4 *>(xs + (size_t)b * H)[i] = make_uint4(0, 0, 0, 0);
     }
   }
   LAY_T(it ? 28 : 19);
@@ -2146,43 +2270,69 @@ template <int BT> __device__ void lay_mlp(const Lay &a) {
   LAY_T(20);
 #pragma unroll 1
   for (int it = 0; it <= a.rep; it++) {
-  // A warp's two units (LAY_UB = 2 LAY_NW) in one pass.
-  {
-    const int u1 = warp, u2 = warp + LAY_NW;
-    const bf16 *rows[4] = {wg + (size_t)u1 * H, wg + (size_t)(LAY_UB + u1) * H, wg + (size_t)u2 * H,
-                           wg + (size_t)(LAY_UB + u2) * H};
-    float v[4][BT];
-    dots<BT, 4>(rows, xs, H, v);
-    if (lane < BT) {
+    {
+      float acc[2][4];
 #pragma unroll
-      for (int k = 0; k < 2; k++) {
-        float s = 0.f;
+      for (int m = 0; m < 2; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.f;
+      const bf16 *xr = xs + (size_t)min(gq & 1, BT - 1) * H;
+#pragma unroll 1
+      for (int c = warp; c < H / 32; c += LAY_NW) {
+        const uint4 xv = *reinterpret_cast<const uint4 *>(xr + c * 32 + t * 8);
 #pragma unroll
-        for (int b = 0; b < BT; b++)
-          if (b == lane) s = __bfloat162float(__float2bfloat16(v[2 * k][b] / (1.f + __expf(-v[2 * k][b])) * v[2 * k + 1][b]));
-        const int uu = k ? u2 : u1;
-        act[lane * LAY_UB + uu] = u0 + uu < a.N ? s : 0.f;
+        for (int m = 0; m < 2; m++) lay_mma_chunk(acc[m], wg, WS, m * 16, c * 32, xv);
+      }
+      // Thread t holds columns 2t and 2t + 1 (rows b = 0, 1) of tile rows
+      // gq (acc[m][0, 1]) and gq + 8 (acc[m][2, 3]): t == 0 stores the
+      // first, t == 1 the second.
+      if (t < 2)
+#pragma unroll
+        for (int m = 0; m < 2; m++)
+#pragma unroll
+          for (int b = 0; b < BT; b++)
+            red[(warp * 2 * LAY_UB + m * 16 + gq + 8 * t) * BT + b] = t ? acc[m][2 + b] : acc[m][b];
+    }
+    __syncthreads();
+    if (tid < BT * LAY_UB) {
+      const int b = tid / LAY_UB, u = tid % LAY_UB;
+      float gt = 0.f, up = 0.f;
+#pragma unroll
+      for (int w = 0; w < LAY_NW; w++) {
+        gt += red[(w * 2 * LAY_UB + u) * BT + b];
+        up += red[(w * 2 * LAY_UB + LAY_UB + u) * BT + b];
+      }
+      act[b * LAY_UB + u] = __float2bfloat16(u0 + u < a.N ? __fdividef(gt, 1.f + __expf(-gt)) * up : 0.f);
+    }
+    __syncthreads();
+    {
+      // B: the 16 units' values of row min(column % 2, BT - 1), in the k
+      // order of the A fragments below (a thread's 4 consecutive units).
+      const unsigned *ar = reinterpret_cast<const unsigned *>(act + min(gq & 1, BT - 1) * LAY_UB + t * 4);
+      const unsigned b0 = ar[0], b1 = ar[1];
+      const float rhs = 1.f / HS;
+#pragma unroll 1
+      for (int mt = warp; mt < H / 16; mt += LAY_NW) {
+        const int h = mt * 16 + gq;
+        const uint2 ra = *reinterpret_cast<const uint2 *>(wd + (size_t)h * LAY_UB + t * 4);
+        const uint2 rb = *reinterpret_cast<const uint2 *>(wd + (size_t)(h + 8) * LAY_UB + t * 4);
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
+        mma16816(d, ra.x, rb.x, ra.y, rb.y, b0, b1);
+        // Pushed to the block that sums slice h / HS (its slot j), so that
+        // no block reads another's shared memory after the barrier below.
+        if (t < 2) {
+          // hh / HS by a float product: (hh + 0.5) / HS is at least 0.5 / HS
+          // from a whole number, far more than the product's error.
+          const int hh = h + 8 * t, q = __float2int_rz(((float)hh + 0.5f) * rhs);
+          float *dst = cl.map_shared_rank(ps, q) + j * BT * HS + (hh - q * HS);
+#pragma unroll
+          for (int b = 0; b < BT; b++) dst[b * HS] = t ? d[2 + b] : d[b];
+        }
       }
     }
-  }
-  __syncthreads();
-  for (int i = tid; i < BT * H; i += 32 * LAY_NW) {
-    const int b = i / H, h = i % H;
-    float w[16];
-    unpack8(*reinterpret_cast<const uint4 *>(wd + (size_t)h * LAY_UB), w);
-    unpack8(*reinterpret_cast<const uint4 *>(wd + (size_t)h * LAY_UB + 8), w + 8);
-    float s = 0.f;
-#pragma unroll
-    for (int u = 0; u < LAY_UB; u++) s = fmaf(w[u], act[b * LAY_UB + u], s);
-    // Pushed to the block that sums slice h / HS (its slot j), so that no
-    // block reads another's shared memory after the barrier below.
-    cl.map_shared_rank(ps, h / HS)[(j * BT + b) * HS + h % HS] = s;
-  }
-  LAY_T(it ? 29 : 21);
+    LAY_T(it ? 29 : 21);
   }
   cl.sync();
   LAY_T(22);
-  for (int i = tid; i < a.B * HS; i += 32 * LAY_NW) {
+  for (int i = tid; i < a.B * HS; i += NT) {
     const int b = i / HS, hs = i % HS;
     float s = 0.f;
 #pragma unroll

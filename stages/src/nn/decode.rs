@@ -254,8 +254,8 @@ mod imp {
     // SAFETY: as for Gemv.
     unsafe impl DeviceRepr for Lay {}
 
-    /// decode.cu's `LAY_C`, `LAY_NW`, `LAY_BMAX`, `LAY_PMAX`, `LAY_UB` and
-    /// `LaShape::CH`.
+    /// decode.cu's `LAY_C`, `LAY_NW`, `LAY_BMAX`, `LAY_PMAX`, `LAY_UB`,
+    /// `LaShape::CH` and `LAY_PAD`.
     const LAY_C: usize = 8;
     const LAY_NW: usize = 8;
     const LAY_THREADS: u32 = 32 * LAY_NW as u32;
@@ -263,6 +263,7 @@ mod imp {
     const LAY_PMAX: usize = 16;
     const LAY_UB: usize = 16;
     const LAY_CH: usize = 128;
+    const LAY_PAD: usize = 32;
 
     /// kernels/decode.cu's `Attn` (by value).
     #[repr(C)]
@@ -1431,23 +1432,24 @@ mod imp {
         let (h, hd) = (c.hidden_size, c.head_dim());
         let rep = c.num_attention_heads / c.kv_heads();
         let upb = ((rep + 2) * hd / 2).div_ceil(LAY_C);
-        let bf16s = 2 * upb * h + h / LAY_C * rep * hd + 2 * LAY_CH * (hd + 8) + 2 * h;
-        let f32s = rep * hd
-            + 2 * hd
-            + LAY_NW * rep * hd
+        // Weight rows in tiles of 16, their strides padded by LAY_PAD.
+        let (q_rows, o_rows) = ((2 * upb).next_multiple_of(16), (h / LAY_C).next_multiple_of(16));
+        let bf16s =
+            q_rows * (h + LAY_PAD) + o_rows * (rep * hd + LAY_PAD) + 2 * LAY_CH * (hd + 8) + 2 * h + 2 * rep * hd;
+        let f32s = 2 * hd
+            + LAY_NW * (rep * hd).max(128)
             + (LAY_NW * rep * 2).next_multiple_of(4)
             + LAY_C * rep * hd
-            + (LAY_C * rep * 2).next_multiple_of(4)
-            + rep * hd;
+            + (LAY_C * rep * 2).next_multiple_of(4);
         bf16s * 2 + f32s * 4
     }
 
-    /// decode.cu's `lay_mlp` shared memory for `b` rows: gate and up rows,
-    /// down columns, the staged rows, the norm's weights, SwiGLU values and
-    /// the partial rows.
+    /// decode.cu's `lay_mlp` shared memory for `b` rows: gate and up rows
+    /// (padded), down columns, the staged rows, the norm's weights, SwiGLU
+    /// values (bf16), the warps' gate/up sums and the partial rows.
     fn lb_smem(c: &crate::nn::config::LlamaConfig, b: usize) -> usize {
         let h = c.hidden_size;
-        (2 * LAY_UB * h + h * LAY_UB + b * h + h) * 2 + (b * LAY_UB + b * h) * 4
+        (2 * LAY_UB * (h + LAY_PAD) + h * LAY_UB + b * h + h + b * LAY_UB) * 2 + (LAY_NW * 2 * LAY_UB * b + b * h) * 4
     }
 
     /// What the switches that shape a recorded step read now.
