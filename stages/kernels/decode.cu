@@ -1894,7 +1894,7 @@ struct Lay {
 
 #define LAY_T(i)                                                                    \
   do {                                                                              \
-    if (a.tm && threadIdx.x == 0 && blockIdx.x + blockIdx.y + blockIdx.z == 0) {    \
+    if (a.tm && threadIdx.x == 0 && t0) {                                           \
       unsigned long long gt;                                                        \
       asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(gt));                       \
       a.tm[i] = clock64();                                                          \
@@ -1967,13 +1967,18 @@ template <int HD, int REP> struct LaShape {
 // the warps' softmax states (`part`, (LAY_NW, PARTN), and (LAY_NW, REP,
 // 2); before them, the warps' q/k/v sums and attention scores), the
 // cluster's blocks' (LAY_C, REP, HD) and (LAY_C, REP, 2).
-template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
+// g, b: the kv head and row; wait(): until the kernel's input is there
+// (the kernel before, or in the persistent step the layer's MLP); done():
+// after its last write.
+template <int HD, int REP, class Wait, class Done>
+__device__ void lay_attn(const Lay &a, int g, int b, Wait wait, Done done) {
   using S = LaShape<HD, REP>;
   constexpr int HALF = S::HALF, U = S::U, UPB = S::UPB, OC = S::OC, CH = S::CH, RS = S::RS, DL = HD / 32;
   constexpr int MTQ = S::MTQ, OS = S::OS, EU = S::EU, PARTN = S::PARTN, NT = 32 * LAY_NW;
   constexpr int PIECES = HD / 8;
   cg::cluster_group cl = cg::this_cluster();
-  const int j = cl.block_rank(), g = blockIdx.y, b = blockIdx.z;
+  const int j = cl.block_rank();
+  const bool t0 = j == 0 && g == 0 && b == 0;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, H = a.H, OR = H / LAY_C, WS = H + LAY_PAD;
   const int MTO = (OR + 15) / 16;
   extern __shared__ __align__(16) unsigned char dyn[];
@@ -2040,7 +2045,7 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
   // written) before any writes another's.
   cl.sync();
   LAY_T(1);
-  pdl_wait();
+  wait();
   LAY_T(2);
   cp_wait<0>();
   __syncthreads();
@@ -2210,6 +2215,7 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
     }
     LAY_T(it ? 27 : 13);
   }
+  done();
 }
 
 // dec_lb: block x takes units x * 16 .. x * 16 + 15 of the MLP (N of them)
@@ -2221,10 +2227,12 @@ template <int HD, int REP> __device__ void lay_attn(const Lay &a) {
 // (a tile of 16 of the H rows an MMA, k = the 16 units), pushed to the
 // cluster's blocks by slices of H / LAY_C and summed there (ps, (LAY_C,
 // BT, H / LAY_C)): cluster x / LAY_C's partial rows.
-template <int BT> __device__ void lay_mlp(const Lay &a) {
+// x: the block's index among the MLP's; wait, done: as lay_attn's.
+template <int BT, class Wait, class Done> __device__ void lay_mlp(const Lay &a, int x, Wait wait, Done done) {
   constexpr int NT = 32 * LAY_NW;
   cg::cluster_group cl = cg::this_cluster();
-  const int j = cl.block_rank(), x = blockIdx.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int j = cl.block_rank(), tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const bool t0 = x == 0;
   const int gq = lane / 4, t = lane % 4;
   const int H = a.H, H8 = H / 8, u0 = x * LAY_UB, HS = H / LAY_C, WS = H + LAY_PAD;
   extern __shared__ __align__(16) unsigned char dyn[];
@@ -2251,7 +2259,7 @@ template <int BT> __device__ void lay_mlp(const Lay &a) {
   cp_commit();
   cl.sync();  // every block of the cluster has started before any writes another's shared memory
   LAY_T(17);
-  pdl_wait();
+  wait();
   LAY_T(18);
   cp_wait<0>();
   __syncthreads();
@@ -2340,19 +2348,100 @@ template <int BT> __device__ void lay_mlp(const Lay &a) {
     a.pout[((size_t)(x / LAY_C) * a.B + b) * H + j * HS + hs] = s;
   }
   LAY_T(23);
+  done();
+}
+
+// ---- The persistent step of one row: both kernels' blocks, all layers ----
+//
+// dec_lp_<hd>_<rep>: one launch for the layers of a batch-1 step. Its
+// first kv clusters are dec_la's blocks and the rest dec_lb's, each
+// taking its part of every layer in turn; instead of a kernel boundary a
+// layer's attention waits on a counter the MLP blocks of the layer before
+// count up (ctr[2L - 1]), and its MLP on the attention blocks' (ctr[2L]):
+// a block's writes, then __syncthreads, then its thread 0's fence and add;
+// the waiting block's thread 0 polls with acquire loads. A block loads its
+// next layer's weights while the other kind works, as the kernels do.
+// Same code and results as the two kernels a layer; the grid must be
+// co-resident (a cooperative launch) and ctr zero at its start.
+struct LayP {
+  Lay a;  // pos, table, inv_freq, B, H, N, nh, kv, maxb, eps, scale; tm, rep (layer 3)
+  const MegaLayer *layers;
+  float *x, *x2, *pa, *pb;
+  unsigned *ctr;
+  int nl, nmlp;  // layers; MLP blocks (N / LAY_UB)
+};
+
+__device__ __forceinline__ void lay_signal(unsigned *c) {
+  __syncthreads();
+  if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(c) : "memory");
+}
+
+__device__ __forceinline__ void lay_await(const unsigned *c, unsigned target) {
+  if (threadIdx.x == 0) {
+    unsigned v;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(c) : "memory");
+    } while (v < target);
+  }
+  __syncthreads();
+}
+
+template <int HD, int REP> __device__ void lay_persist(const LayP &P) {
+  const int c = blockIdx.x / LAY_C, na = P.a.kv, np = P.nmlp / LAY_C;
+  pdl_launch();
+  pdl_wait();
+#pragma unroll 1
+  for (int L = 0; L < P.nl; L++) {
+    const MegaLayer w = P.layers[L];
+    Lay a = P.a;
+    if (L != 3) a.tm = nullptr;
+    if (c < na) {
+      a.xin = P.x;
+      a.pin = P.pb;
+      a.xout = P.x2;
+      a.pout = P.pa;
+      a.norm = w.ln1;
+      a.w0 = w.q;
+      a.w1 = w.k;
+      a.w2 = w.v;
+      a.w3 = w.o;
+      a.kc = w.kc;
+      a.vc = w.vc;
+      a.np_in = L ? np : 0;
+      lay_attn<HD, REP>(
+          a, c, 0, [&] { if (L) lay_await(P.ctr + 2 * L - 1, P.nmlp); }, [&] { lay_signal(P.ctr + 2 * L); });
+    } else {
+      a.xin = P.x2;
+      a.pin = P.pa;
+      a.xout = P.x;
+      a.pout = P.pb;
+      a.norm = w.ln2;
+      a.w0 = w.gate;
+      a.w1 = w.up;
+      a.w2 = w.down;
+      a.np_in = na;
+      lay_mlp<1>(
+          a, blockIdx.x - na * LAY_C, [&] { lay_await(P.ctr + 2 * L, na * LAY_C); },
+          [&] { lay_signal(P.ctr + 2 * L + 1); });
+    }
+  }
 }
 
 #define LAY_A(HD, REP)                                                                                    \
   extern "C" __global__ void __cluster_dims__(LAY_C, 1, 1) __launch_bounds__(32 * LAY_NW, 1)               \
       dec_la_##HD##_##REP(Lay a) {                                                                        \
-    lay_attn<HD, REP>(a);                                                                                 \
+    lay_attn<HD, REP>(a, blockIdx.y, blockIdx.z, [] { pdl_wait(); }, [] {});                             \
+  }                                                                                                       \
+  extern "C" __global__ void __cluster_dims__(LAY_C, 1, 1) __launch_bounds__(32 * LAY_NW, 1)               \
+      dec_lp_##HD##_##REP(LayP p) {                                                                       \
+    lay_persist<HD, REP>(p);                                                                              \
   }
 #define LAY_A_REPS(HD) LAY_A(HD, 1) LAY_A(HD, 2) LAY_A(HD, 3) LAY_A(HD, 4) LAY_A(HD, 5) LAY_A(HD, 6) LAY_A(HD, 7) LAY_A(HD, 8)
 LAY_A_REPS(64)
 LAY_A_REPS(128)
 extern "C" __global__ void __cluster_dims__(LAY_C, 1, 1) __launch_bounds__(32 * LAY_NW, 1) dec_lb_1(Lay a) {
-  lay_mlp<1>(a);
+  lay_mlp<1>(a, blockIdx.x, [] { pdl_wait(); }, [] {});
 }
 extern "C" __global__ void __cluster_dims__(LAY_C, 1, 1) __launch_bounds__(32 * LAY_NW, 1) dec_lb_2(Lay a) {
-  lay_mlp<2>(a);
+  lay_mlp<2>(a, blockIdx.x, [] { pdl_wait(); }, [] {});
 }

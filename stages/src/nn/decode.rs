@@ -254,6 +254,23 @@ mod imp {
     // SAFETY: as for Gemv.
     unsafe impl DeviceRepr for Lay {}
 
+    /// kernels/decode.cu's `LayP` (by value): the one-row persistent step.
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct LayP {
+        a: Lay,
+        layers: u64,
+        x: u64,
+        x2: u64,
+        pa: u64,
+        pb: u64,
+        ctr: u64,
+        nl: i32,
+        nmlp: i32,
+    }
+    // SAFETY: as for Gemv.
+    unsafe impl DeviceRepr for LayP {}
+
     /// decode.cu's `LAY_C`, `LAY_NW`, `LAY_BMAX`, `LAY_PMAX`, `LAY_UB`,
     /// `LaShape::CH` and `LAY_PAD`.
     const LAY_C: usize = 8;
@@ -382,7 +399,8 @@ mod imp {
         act: CudaSlice<half::bf16>,
         logits: CudaSlice<f32>,
         /// The persistent steps' grid barrier and the streamed step's q/k/v
-        /// counter (zeroed before each step).
+        /// counter, or the one-row persistent step's two counters a layer
+        /// (zeroed before each step).
         bar: CudaSlice<u32>,
         /// Their addresses, taken once: cudarc's event bookkeeping of
         /// `device_ptr` must stay out of a stream capture.
@@ -538,6 +556,7 @@ mod imp {
             );
             names.extend([64, 128].iter().flat_map(|hd| (1..=8).map(move |r| format!("dec_attnc_{hd}_{r}"))));
             names.extend([64, 128].iter().flat_map(|hd| (1..=8).map(move |r| format!("dec_la_{hd}_{r}"))));
+            names.extend([64, 128].iter().flat_map(|hd| (1..=8).map(move |r| format!("dec_lp_{hd}_{r}"))));
             names.extend((1..=LAY_BMAX).map(|b| format!("dec_lb_{b}")));
             let smem_optin = stream
                 .context()
@@ -611,7 +630,7 @@ mod imp {
             let count = s.alloc_zeros(cap * c.kv_heads()).w()?;
             let act = s.alloc_zeros(cap * c.intermediate_size).w()?;
             let logits = s.alloc_zeros(cap * c.vocab_size).w()?;
-            let bar = s.alloc_zeros(2).w()?;
+            let bar = s.alloc_zeros(2.max(2 * self.layers.len())).w()?;
             let base = ptr(&inp, s);
             let p = BufPtrs {
                 tok: base,
@@ -932,6 +951,42 @@ mod imp {
             (g, at)
         }
 
+        /// The launch of the one-row persistent step (`dec_lp_*`: the kv
+        /// heads' clusters, then the MLP's; shared memory for either), if
+        /// it runs: one row, the switch on, a layer table, and all its
+        /// clusters resident at once (the occupancy the driver reports).
+        fn lp_config(&self, c: &crate::nn::config::LlamaConfig, b: usize) -> Result<Option<LaunchConfig>> {
+            if b != 1 || !lp_on() || self.mega_layers.is_none() {
+                return Ok(None);
+            }
+            let (kv, hd) = (c.kv_heads(), c.head_dim());
+            let rep = c.num_attention_heads / kv;
+            let clusters = kv + c.intermediate_size / LAY_UB / LAY_C;
+            let lc = LaunchConfig {
+                grid_dim: ((clusters * LAY_C) as u32, 1, 1),
+                block_dim: (LAY_THREADS, 1, 1),
+                shared_mem_bytes: la_smem(c).max(lb_smem(c, 1)) as u32,
+            };
+            let f = self.f(&format!("dec_lp_{hd}_{rep}"))?;
+            let cl = sys::CUlaunchConfig {
+                gridDimX: lc.grid_dim.0,
+                gridDimY: 1,
+                gridDimZ: 1,
+                blockDimX: lc.block_dim.0,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: lc.shared_mem_bytes,
+                hStream: self.stream.cu_stream(),
+                attrs: std::ptr::null_mut(),
+                numAttrs: 0,
+            };
+            let mut n = 0i32;
+            self.stream.context().bind_to_thread().w()?;
+            // SAFETY: a complete config of a loaded kernel; n is written.
+            unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &cl) }.result().w()?;
+            Ok((n as usize >= clusters).then_some(lc))
+        }
+
         /// Whether a step of `b` rows runs as the persistent kernel: up
         /// to one batch chunk of 8 rows, tensor cores, the switch on, and
         /// the widest projection input staged within [`SMEM_CAP`].
@@ -1114,55 +1169,83 @@ mod imp {
                 ..Default::default()
             };
             let times = lay_times();
-            for (li, lp) in self.layers.iter().enumerate() {
-                let (kc, vc) = self.pool.1[li];
-                let np_in = if li == 0 { 0 } else { (mlp_blocks / LAY_C) as i32 };
-                let (w0, w1, w2, w3) = (lp.q, lp.k, lp.v, lp.o);
-                let (tm, twice) = if times > 0 && li == 3 { (p.times, (times > 1) as i32) } else { (0, 0) };
-                let la = Lay {
-                    tm,
-                    rep: twice,
-                    xin: p.x,
-                    pin: pb,
-                    xout: p.x2,
-                    pout: pa,
-                    norm: lp.ln1,
-                    w0,
-                    w1,
-                    w2,
-                    w3,
-                    kc,
-                    vc,
-                    np_in,
-                    ..base
+            if let Some(lc) = self.lp_config(c, b)? {
+                let ctr = p.bar;
+                let nl = self.layers.len();
+                let pp = LayP {
+                    a: Lay { tm: if times > 0 { p.times } else { 0 }, rep: (times > 1) as i32, ..base },
+                    layers: self
+                        .mega_layers
+                        .as_ref()
+                        .ok_or_else(|| NnError::Other("decode graph: no layer table".into()))?
+                        .1,
+                    x: p.x,
+                    x2: p.x2,
+                    pa,
+                    pb,
+                    ctr,
+                    nl: nl as i32,
+                    nmlp: mlp_blocks as i32,
                 };
-                let lc = LaunchConfig {
-                    grid_dim: (LAY_C as u32, kv as u32, b as u32),
-                    block_dim: (LAY_THREADS, 1, 1),
-                    shared_mem_bytes: la_smem(c) as u32,
-                };
-                // SAFETY: the argument matches dec_la_* in kernels/decode.cu
-                // (lay_fits: the shapes it takes, its shared memory).
-                unsafe { self.go(&format!("dec_la_{hd}_{rep}"), lc, &mut [arg(&la)], true) }?;
-                let (w0, w1, w2) = (lp.gate, lp.up, lp.down);
-                let np_in = kv as i32;
-                let lb = Lay {
-                    tm,
-                    rep: twice,
-                    xin: p.x2,
-                    pin: pa,
-                    xout: p.x,
-                    pout: pb,
-                    norm: lp.ln2,
-                    w0,
-                    w1,
-                    w2,
-                    np_in,
-                    ..base
-                };
-                let lc = cfg(mlp_blocks, 1, LAY_THREADS, lb_smem(c, b) as u32);
-                // SAFETY: as above, dec_lb_{b} (b <= LAY_BMAX).
-                unsafe { self.go(&format!("dec_lb_{b}"), lc, &mut [arg(&lb)], true) }?;
+                // SAFETY: the argument matches dec_lp_* in kernels/decode.cu;
+                // lp_config checked that its clusters fit at once; `bar`
+                // holds 2 nl counters. (Zeroed here, and the embedding's
+                // kernel above ran before: no block of the step reads them
+                // before its wait for that kernel.)
+                unsafe {
+                    self.go_persistent(&format!("dec_lp_{hd}_{rep}"), lc, &mut [arg(&pp)], ctr, 2 * nl, lp_coop())
+                }?;
+            } else {
+                for (li, lp) in self.layers.iter().enumerate() {
+                    let (kc, vc) = self.pool.1[li];
+                    let np_in = if li == 0 { 0 } else { (mlp_blocks / LAY_C) as i32 };
+                    let (w0, w1, w2, w3) = (lp.q, lp.k, lp.v, lp.o);
+                    let (tm, twice) = if times > 0 && li == 3 { (p.times, (times > 1) as i32) } else { (0, 0) };
+                    let la = Lay {
+                        tm,
+                        rep: twice,
+                        xin: p.x,
+                        pin: pb,
+                        xout: p.x2,
+                        pout: pa,
+                        norm: lp.ln1,
+                        w0,
+                        w1,
+                        w2,
+                        w3,
+                        kc,
+                        vc,
+                        np_in,
+                        ..base
+                    };
+                    let lc = LaunchConfig {
+                        grid_dim: (LAY_C as u32, kv as u32, b as u32),
+                        block_dim: (LAY_THREADS, 1, 1),
+                        shared_mem_bytes: la_smem(c) as u32,
+                    };
+                    // SAFETY: the argument matches dec_la_* in kernels/decode.cu
+                    // (lay_fits: the shapes it takes, its shared memory).
+                    unsafe { self.go(&format!("dec_la_{hd}_{rep}"), lc, &mut [arg(&la)], true) }?;
+                    let (w0, w1, w2) = (lp.gate, lp.up, lp.down);
+                    let np_in = kv as i32;
+                    let lb = Lay {
+                        tm,
+                        rep: twice,
+                        xin: p.x2,
+                        pin: pa,
+                        xout: p.x,
+                        pout: pb,
+                        norm: lp.ln2,
+                        w0,
+                        w1,
+                        w2,
+                        np_in,
+                        ..base
+                    };
+                    let lc = cfg(mlp_blocks, 1, LAY_THREADS, lb_smem(c, b) as u32);
+                    // SAFETY: as above, dec_lb_{b} (b <= LAY_BMAX).
+                    unsafe { self.go(&format!("dec_lb_{b}"), lc, &mut [arg(&lb)], true) }?;
+                }
             }
             let (g, _) = self.step_args(m, b, p);
             let head = Gemv {
@@ -1386,6 +1469,18 @@ mod imp {
             && c.kv_heads() <= LAY_PMAX
             && la_smem(c) <= SMEM_CAP
             && lb_smem(c, b) <= SMEM_CAP
+    }
+
+    /// Whether a one-row step of the two cluster kernels runs as one
+    /// persistent kernel (decode.cu's `dec_lp_*`): `PIPE_DECODE_LP=0` off.
+    fn lp_on() -> bool {
+        std::env::var("PIPE_DECODE_LP").map_or(true, |v| v != "0")
+    }
+
+    /// Whether that launch is cooperative (the driver then refuses a grid
+    /// whose blocks cannot all be resident): `PIPE_DECODE_LP=nocoop` not.
+    fn lp_coop() -> bool {
+        std::env::var("PIPE_DECODE_LP").map_or(true, |v| v != "nocoop")
     }
 
     /// Profiling (`PIPE_DECODE_LAY_TIMES=1`): each step prints the phases
