@@ -2369,6 +2369,7 @@ struct LayP {
   float *x, *x2, *pa, *pb;
   unsigned *ctr;
   int nl, nmlp;  // layers; MLP blocks (N / LAY_UB)
+  int sleep;     // ns between a waiting block's polls (0: none)
 };
 
 __device__ __forceinline__ void lay_signal(unsigned *c) {
@@ -2376,12 +2377,14 @@ __device__ __forceinline__ void lay_signal(unsigned *c) {
   if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(c) : "memory");
 }
 
-__device__ __forceinline__ void lay_await(const unsigned *c, unsigned target) {
+__device__ __forceinline__ void lay_await(const unsigned *c, unsigned target, int sleep) {
   if (threadIdx.x == 0) {
     unsigned v;
-    do {
+    for (;;) {
       asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(c) : "memory");
-    } while (v < target);
+      if (v >= target) break;
+      if (sleep) __nanosleep(sleep);
+    }
   }
   __syncthreads();
 }
@@ -2409,7 +2412,7 @@ template <int HD, int REP> __device__ void lay_persist(const LayP &P) {
       a.vc = w.vc;
       a.np_in = L ? np : 0;
       lay_attn<HD, REP>(
-          a, c, 0, [&] { if (L) lay_await(P.ctr + 2 * L - 1, P.nmlp); }, [&] { lay_signal(P.ctr + 2 * L); });
+          a, c, 0, [&] { if (L) lay_await(P.ctr + 2 * L - 1, P.nmlp, P.sleep); }, [&] { lay_signal(P.ctr + 2 * L); });
     } else {
       a.xin = P.x2;
       a.pin = P.pa;
@@ -2421,7 +2424,7 @@ template <int HD, int REP> __device__ void lay_persist(const LayP &P) {
       a.w2 = w.down;
       a.np_in = na;
       lay_mlp<1>(
-          a, blockIdx.x - na * LAY_C, [&] { lay_await(P.ctr + 2 * L, na * LAY_C); },
+          a, blockIdx.x - na * LAY_C, [&] { lay_await(P.ctr + 2 * L, na * LAY_C, P.sleep); },
           [&] { lay_signal(P.ctr + 2 * L + 1); });
     }
   }

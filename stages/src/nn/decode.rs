@@ -267,6 +267,7 @@ mod imp {
         ctr: u64,
         nl: i32,
         nmlp: i32,
+        sleep: i32,
     }
     // SAFETY: as for Gemv.
     unsafe impl DeviceRepr for LayP {}
@@ -1186,6 +1187,7 @@ mod imp {
                     ctr,
                     nl: nl as i32,
                     nmlp: mlp_blocks as i32,
+                    sleep: lp_sleep(),
                 };
                 // SAFETY: the argument matches dec_lp_* in kernels/decode.cu;
                 // lp_config checked that its clusters fit at once; `bar`
@@ -1475,6 +1477,15 @@ mod imp {
     /// persistent kernel (decode.cu's `dec_lp_*`): `PIPE_DECODE_LP=0` off.
     fn lp_on() -> bool {
         std::env::var("PIPE_DECODE_LP").map_or(true, |v| v != "0")
+    }
+
+    /// Nanoseconds a waiting block of that step sleeps between its polls
+    /// of a counter (`PIPE_DECODE_LP_SLEEP`, 0: none). 250 by default: on
+    /// an H200 (one call, two rounds, ms a step) 0: 0.372 / 0.366, 32:
+    /// 0.369 / 0.369, 100: 0.359 / 0.371, 250: 0.363 / 0.360, 600: 0.388 /
+    /// 0.390 (docs/results.md §5).
+    fn lp_sleep() -> i32 {
+        std::env::var("PIPE_DECODE_LP_SLEEP").ok().and_then(|v| v.parse().ok()).unwrap_or(250)
     }
 
     /// Whether that launch is cooperative (the driver then refuses a grid
