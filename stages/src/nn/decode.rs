@@ -984,8 +984,9 @@ mod imp {
             let mut n = 0i32;
             self.stream.context().bind_to_thread().w()?;
             // SAFETY: a complete config of a loaded kernel; n is written.
-            unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &cl) }.result().w()?;
-            Ok((n as usize >= clusters).then_some(lc))
+            // (A driver that cannot say: the two kernels a layer.)
+            let known = unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &cl) }.result().is_ok();
+            Ok((known && n as usize >= clusters).then_some(lc))
         }
 
         /// Whether a step of `b` rows runs as the persistent kernel: up
