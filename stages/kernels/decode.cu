@@ -1851,11 +1851,14 @@ STREAM(128, 8)
 // their results through distributed shared memory instead of a launch:
 //   dec_la: a cluster of LAY_C blocks per (kv head g, row b): RMSNorm, the
 //           block's share of g's q/k/v rows (rotary; k and v into the
-//           paged pool), the cluster's q, k, v gathered, attention split
+//           paged pool) pushed into the cluster's blocks, attention split
 //           over the blocks by position ranges and combined, and each
 //           block's rows of the output projection over g's columns;
 //   dec_lb: gate/up, SwiGLU and down, 16 units a block, the down
 //           projection's shares summed over each cluster.
+// Their weight products and attention scores run on tensor cores (the
+// row broadcast over B's columns). At one row, dec_lp_* runs both kinds
+// of blocks for all layers in one persistent launch (below).
 // Neither adds into the residual with atomics: a kernel reads its input
 // as a base row plus partial rows (`pin`, summed in a fixed order: the
 // kv heads' output projections, or the MLP clusters' down projections),
