@@ -1164,17 +1164,31 @@ struct Mega {
 // __syncthreads; the acquire orders the block's later reads after every
 // block's release. (Fences around a plain atomicAdd instead: 1.23 against
 // 1.17 ms a SmolLM2 step; a __nanosleep in the poll: no better.)
-__device__ __forceinline__ void grid_sync(unsigned *bar, unsigned &epoch) {
-  epoch += gridDim.x;
+// The block's writes done, its thread 0 adds one to the counter c
+// (release: what the block wrote is seen by whoever acquires the count).
+__device__ __forceinline__ void block_arrive(unsigned *c) {
   __syncthreads();
+  if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(c) : "memory");
+}
+
+// Until the counter c reaches target: thread 0 polls it with acquire loads
+// (sleeping `sleep` ns between polls, 0: not), then the block goes on.
+__device__ __forceinline__ void block_await(const unsigned *c, unsigned target, int sleep = 0) {
   if (threadIdx.x == 0) {
-    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(bar) : "memory");
-    unsigned seen;
-    do {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(bar) : "memory");
-    } while (seen < epoch);
+    unsigned v;
+    for (;;) {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(c) : "memory");
+      if (v >= target) break;
+      if (sleep) __nanosleep(sleep);
+    }
   }
   __syncthreads();
+}
+
+__device__ __forceinline__ void grid_sync(unsigned *bar, unsigned &epoch) {
+  epoch += gridDim.x;
+  block_arrive(bar);
+  block_await(bar, epoch);
 }
 
 // A projection phase of the step (or, when the profiling mask skips it,
@@ -1746,18 +1760,11 @@ template <int HD, int BT> __device__ void stream_step(const Stream &s) {
         if (lane < BT) epilogue<OUT_QKV>(e, p.p0 + k * p.pp + it, lane, v0, v1, spos[lane], sblk[lane]);
       }
     }
-    __syncthreads();
-    if (tid == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(s.bar + 1) : "memory");
+    block_arrive(s.bar + 1);
     if (p.head >= 0) {
       // B: attention of head p.head for every row, then its share of the
       // output projection.
-      if (tid == 0) {
-        unsigned seen;
-        do {
-          asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(s.bar + 1) : "memory");
-        } while (seen < (unsigned)(G * (l + 1)));
-      }
-      __syncthreads();
+      block_await(s.bar + 1, (unsigned)(G * (l + 1)));
       for (int b = 0; b < (s.mask & 2 ? BT : 0); b++) {
         const int len = spos[b] + 1;
         if (b > 0) att_load<HD>(s, w, b, g, len, pre);
@@ -1935,13 +1942,16 @@ __device__ __forceinline__ void lay_copy_norm(const Lay &a, bf16 *gs) {
 // one instruction what took 16 FMAs and their unpacking.
 #define LAY_PAD 32
 
-// acc (+)= rows r0.. r0 + 15 (stride ws) . x over the k-chunk of 32 at k0.
-__device__ __forceinline__ void lay_mma_chunk(float (&acc)[4], const bf16 *w, int ws, int r0, int k0, const uint4 &x) {
+// Rows r0.. r0 + 15 (stride ws) . x over the k-chunk of 32 at k0 (x:
+// this thread's 8 of it), its two halves added into s0 and s1 (the same
+// sums or two, to halve a chain of dependent MMAs).
+__device__ __forceinline__ void lay_mma_chunk(float (&s0)[4], float (&s1)[4], const bf16 *w, int ws, int r0, int k0,
+                                              const uint4 &x) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const uint4 wa = *reinterpret_cast<const uint4 *>(w + (size_t)(r0 + g) * ws + k0 + t * 8);
   const uint4 wb = *reinterpret_cast<const uint4 *>(w + (size_t)(r0 + g + 8) * ws + k0 + t * 8);
-  mma16816(acc, wa.x, wb.x, wa.y, wb.y, x.x, x.y);
-  mma16816(acc, wa.z, wb.z, wa.w, wb.w, x.z, x.w);
+  mma16816(s0, wa.x, wb.x, wa.y, wb.y, x.x, x.y);
+  mma16816(s1, wa.z, wb.z, wa.w, wb.w, x.z, x.w);
 }
 
 // dec_la's q/k/v units of kv head g: REP * HD / 2 rotary pairs of its
@@ -2072,7 +2082,7 @@ __device__ void lay_attn(const Lay &a, int g, int b, Wait wait, Done done) {
       for (int c = warp; c < H / 32; c += LAY_NW) {
         const uint4 x = *reinterpret_cast<const uint4 *>(xs + c * 32 + t * 8);
 #pragma unroll
-        for (int m = 0; m < MTQ; m++) lay_mma_chunk(acc[m], wq, WS, m * 16, c * 32, x);
+        for (int m = 0; m < MTQ; m++) lay_mma_chunk(acc[m], acc[m], wq, WS, m * 16, c * 32, x);
       }
       if (t == 0)
 #pragma unroll
@@ -2203,14 +2213,8 @@ __device__ void lay_attn(const Lay &a, int g, int b, Wait wait, Done done) {
     for (int mt = warp; mt < MTO; mt += LAY_NW) {
       float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll 2
-      for (int c = 0; c < OC / 32; c++) {
-        const int k0 = c * 32 + t * 8;
-        const uint4 x = *reinterpret_cast<const uint4 *>(aob + k0);
-        const uint4 wa = *reinterpret_cast<const uint4 *>(wo + (size_t)(mt * 16 + gq) * OS + k0);
-        const uint4 wb = *reinterpret_cast<const uint4 *>(wo + (size_t)(mt * 16 + gq + 8) * OS + k0);
-        mma16816(s0, wa.x, wb.x, wa.y, wb.y, x.x, x.y);
-        mma16816(s1, wa.z, wb.z, wa.w, wb.w, x.z, x.w);
-      }
+      for (int c = 0; c < OC / 32; c++)
+        lay_mma_chunk(s0, s1, wo, OS, mt * 16, c * 32, *reinterpret_cast<const uint4 *>(aob + c * 32 + t * 8));
       const int r = mt * 16 + gq;
       float *out = a.pout + ((size_t)g * a.B + b) * H + j * OR;
       if (t == 0 && r < OR) out[r] = s0[0] + s1[0];
@@ -2290,7 +2294,7 @@ template <int BT, class Wait, class Done> __device__ void lay_mlp(const Lay &a, 
       for (int c = warp; c < H / 32; c += LAY_NW) {
         const uint4 xv = *reinterpret_cast<const uint4 *>(xr + c * 32 + t * 8);
 #pragma unroll
-        for (int m = 0; m < 2; m++) lay_mma_chunk(acc[m], wg, WS, m * 16, c * 32, xv);
+        for (int m = 0; m < 2; m++) lay_mma_chunk(acc[m], acc[m], wg, WS, m * 16, c * 32, xv);
       }
       // Thread t holds columns 2t and 2t + 1 (rows b = 0, 1) of tile rows
       // gq (acc[m][0, 1]) and gq + 8 (acc[m][2, 3]): t == 0 stores the
@@ -2375,23 +2379,6 @@ struct LayP {
   int sleep;     // ns between a waiting block's polls (0: none)
 };
 
-__device__ __forceinline__ void lay_signal(unsigned *c) {
-  __syncthreads();
-  if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(c) : "memory");
-}
-
-__device__ __forceinline__ void lay_await(const unsigned *c, unsigned target, int sleep) {
-  if (threadIdx.x == 0) {
-    unsigned v;
-    for (;;) {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(c) : "memory");
-      if (v >= target) break;
-      if (sleep) __nanosleep(sleep);
-    }
-  }
-  __syncthreads();
-}
-
 template <int HD, int REP> __device__ void lay_persist(const LayP &P) {
   const int c = blockIdx.x / LAY_C, na = P.a.kv, np = P.nmlp / LAY_C;
   pdl_launch();
@@ -2415,7 +2402,7 @@ template <int HD, int REP> __device__ void lay_persist(const LayP &P) {
       a.vc = w.vc;
       a.np_in = L ? np : 0;
       lay_attn<HD, REP>(
-          a, c, 0, [&] { if (L) lay_await(P.ctr + 2 * L - 1, P.nmlp, P.sleep); }, [&] { lay_signal(P.ctr + 2 * L); });
+          a, c, 0, [&] { if (L) block_await(P.ctr + 2 * L - 1, P.nmlp, P.sleep); }, [&] { block_arrive(P.ctr + 2 * L); });
     } else {
       a.xin = P.x2;
       a.pin = P.pa;
@@ -2427,8 +2414,8 @@ template <int HD, int REP> __device__ void lay_persist(const LayP &P) {
       a.w2 = w.down;
       a.np_in = na;
       lay_mlp<1>(
-          a, blockIdx.x - na * LAY_C, [&] { lay_await(P.ctr + 2 * L, na * LAY_C, P.sleep); },
-          [&] { lay_signal(P.ctr + 2 * L + 1); });
+          a, blockIdx.x - na * LAY_C, [&] { block_await(P.ctr + 2 * L, na * LAY_C, P.sleep); },
+          [&] { block_arrive(P.ctr + 2 * L + 1); });
     }
   }
 }

@@ -781,7 +781,18 @@ mod imp {
             attrs: &mut [sys::CUlaunchAttribute],
         ) -> Result<()> {
             let f = self.f(name)?;
-            let lc = sys::CUlaunchConfig {
+            let lc = self.cu_config(c, attrs);
+            self.stream.context().bind_to_thread().w()?;
+            // SAFETY: the caller vouches for `args`; the config is complete.
+            unsafe { sys::cuLaunchKernelEx(&lc, f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }
+                .result()
+                .w()?;
+            Ok(())
+        }
+
+        /// The driver's launch config of `c` on the decode stream.
+        fn cu_config(&self, c: LaunchConfig, attrs: &mut [sys::CUlaunchAttribute]) -> sys::CUlaunchConfig {
+            sys::CUlaunchConfig {
                 gridDimX: c.grid_dim.0,
                 gridDimY: c.grid_dim.1,
                 gridDimZ: c.grid_dim.2,
@@ -792,13 +803,7 @@ mod imp {
                 hStream: self.stream.cu_stream(),
                 attrs: attrs.as_mut_ptr(),
                 numAttrs: attrs.len() as u32,
-            };
-            self.stream.context().bind_to_thread().w()?;
-            // SAFETY: the caller vouches for `args`; the config is complete.
-            unsafe { sys::cuLaunchKernelEx(&lc, f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }
-                .result()
-                .w()?;
-            Ok(())
+            }
         }
 
         /// Enqueue one decode step for `b` rows (the buffers' inputs set).
@@ -953,13 +958,15 @@ mod imp {
         }
 
         /// The launch of the one-row persistent step (`dec_lp_*`: the kv
-        /// heads' clusters, then the MLP's; shared memory for either), if
-        /// it runs: one row, the switch on, a layer table, and all its
-        /// clusters resident at once (the occupancy the driver reports).
-        fn lp_config(&self, c: &crate::nn::config::LlamaConfig, b: usize) -> Result<Option<LaunchConfig>> {
-            if b != 1 || !lp_on() || self.mega_layers.is_none() {
+        /// heads' clusters, then the MLP's; shared memory for either), its
+        /// layer table's address and whether the launch is cooperative
+        /// ([`lp_mode`]), if it runs: one row, the switch on, a layer
+        /// table, and all its clusters resident at once (the occupancy the
+        /// driver reports).
+        fn lp_config(&self, c: &crate::nn::config::LlamaConfig, b: usize) -> Result<Option<(LaunchConfig, u64, bool)>> {
+            let (Some(coop), Some((_, table)), 1) = (lp_mode(), self.mega_layers.as_ref(), b) else {
                 return Ok(None);
-            }
+            };
             let (kv, hd) = (c.kv_heads(), c.head_dim());
             let rep = c.num_attention_heads / kv;
             let clusters = kv + c.intermediate_size / LAY_UB / LAY_C;
@@ -969,24 +976,13 @@ mod imp {
                 shared_mem_bytes: la_smem(c).max(lb_smem(c, 1)) as u32,
             };
             let f = self.f(&format!("dec_lp_{hd}_{rep}"))?;
-            let cl = sys::CUlaunchConfig {
-                gridDimX: lc.grid_dim.0,
-                gridDimY: 1,
-                gridDimZ: 1,
-                blockDimX: lc.block_dim.0,
-                blockDimY: 1,
-                blockDimZ: 1,
-                sharedMemBytes: lc.shared_mem_bytes,
-                hStream: self.stream.cu_stream(),
-                attrs: std::ptr::null_mut(),
-                numAttrs: 0,
-            };
+            let cl = self.cu_config(lc, &mut []);
             let mut n = 0i32;
             self.stream.context().bind_to_thread().w()?;
             // SAFETY: a complete config of a loaded kernel; n is written.
             // (A driver that cannot say: the two kernels a layer.)
             let known = unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &cl) }.result().is_ok();
-            Ok((known && n as usize >= clusters).then_some(lc))
+            Ok((known && n as usize >= clusters).then_some((lc, *table, coop)))
         }
 
         /// Whether a step of `b` rows runs as the persistent kernel: up
@@ -1171,16 +1167,12 @@ mod imp {
                 ..Default::default()
             };
             let times = lay_times();
-            if let Some(lc) = self.lp_config(c, b)? {
+            if let Some((lc, layers, coop)) = self.lp_config(c, b)? {
                 let ctr = p.bar;
                 let nl = self.layers.len();
                 let pp = LayP {
                     a: Lay { tm: if times > 0 { p.times } else { 0 }, rep: (times > 1) as i32, ..base },
-                    layers: self
-                        .mega_layers
-                        .as_ref()
-                        .ok_or_else(|| NnError::Other("decode graph: no layer table".into()))?
-                        .1,
+                    layers,
                     x: p.x,
                     x2: p.x2,
                     pa,
@@ -1195,9 +1187,7 @@ mod imp {
                 // holds 2 nl counters. (Zeroed here, and the embedding's
                 // kernel above ran before: no block of the step reads them
                 // before its wait for that kernel.)
-                unsafe {
-                    self.go_persistent(&format!("dec_lp_{hd}_{rep}"), lc, &mut [arg(&pp)], ctr, 2 * nl, lp_coop())
-                }?;
+                unsafe { self.go_persistent(&format!("dec_lp_{hd}_{rep}"), lc, &mut [arg(&pp)], ctr, 2 * nl, coop) }?;
             } else {
                 for (li, lp) in self.layers.iter().enumerate() {
                     let (kc, vc) = self.pool.1[li];
@@ -1475,9 +1465,16 @@ mod imp {
     }
 
     /// Whether a one-row step of the two cluster kernels runs as one
-    /// persistent kernel (decode.cu's `dec_lp_*`): `PIPE_DECODE_LP=0` off.
-    fn lp_on() -> bool {
-        std::env::var("PIPE_DECODE_LP").map_or(true, |v| v != "0")
+    /// persistent kernel (decode.cu's `dec_lp_*`), and whether its launch
+    /// is cooperative (the driver then refuses a grid whose blocks cannot
+    /// all be resident): `PIPE_DECODE_LP=0` None (off), `=nocoop`
+    /// Some(false), else Some(true).
+    fn lp_mode() -> Option<bool> {
+        match std::env::var("PIPE_DECODE_LP").as_deref() {
+            Ok("0") => None,
+            Ok("nocoop") => Some(false),
+            _ => Some(true),
+        }
     }
 
     /// Nanoseconds a waiting block of that step sleeps between its polls
@@ -1487,12 +1484,6 @@ mod imp {
     /// 0.390 (docs/results.md §5).
     fn lp_sleep() -> i32 {
         std::env::var("PIPE_DECODE_LP_SLEEP").ok().and_then(|v| v.parse().ok()).unwrap_or(250)
-    }
-
-    /// Whether that launch is cooperative (the driver then refuses a grid
-    /// whose blocks cannot all be resident): `PIPE_DECODE_LP=nocoop` not.
-    fn lp_coop() -> bool {
-        std::env::var("PIPE_DECODE_LP").map_or(true, |v| v != "nocoop")
     }
 
     /// Profiling (`PIPE_DECODE_LAY_TIMES=1`): each step prints the phases
