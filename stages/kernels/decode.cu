@@ -2036,6 +2036,7 @@ __device__ void lay_attn(const Lay &a, int g, int b, Wait wait, Done done) {
     }
     cp16(wq + (size_t)r * WS + c * 8, ok ? src + c * 8 : src, ok);
   }
+  LAY_T(14);
   for (int i = tid; i < MTO * 16 * (OC / 8); i += NT) {
     const int r = i / (OC / 8), c = i % (OC / 8);
     const bool ok = r < OR;
@@ -2043,7 +2044,9 @@ __device__ void lay_attn(const Lay &a, int g, int b, Wait wait, Done done) {
   }
   lay_copy_norm(a, gs);
   cp_commit();
+  LAY_T(15);
   stage(lo, lo, min(min(lo + CH, hi), p));
+  LAY_T(24);
   // The q/k/v epilogue's threads: unit tid / LAY_C (+ NT / LAY_C ...), its
   // rotation at position p, pushed to cluster rank tid % LAY_C.
   float rsn[EU], rcs[EU];
@@ -2054,6 +2057,7 @@ __device__ void lay_attn(const Lay &a, int g, int b, Wait wait, Done done) {
     rcs[k] = 1.f;
     if (tid + k * NT < UPB * LAY_C && u < U && u / HALF <= REP) sincosf((float)p * a.inv_freq[u % HALF], &rsn[k], &rcs[k]);
   }
+  LAY_T(30);
   // Every block of the cluster has started (its shared memory may be
   // written) before any writes another's.
   cl.sync();
@@ -2379,10 +2383,20 @@ struct LayP {
   int sleep;     // ns between a waiting block's polls (0: none)
 };
 
+__device__ __forceinline__ void lp_mark(const LayP &P, int blk, int slot) {
+  if (P.a.tm && blockIdx.x == blk && threadIdx.x == 0) {
+    unsigned long long gt;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(gt));
+    P.a.tm[slot] = (long long)gt;
+  }
+}
+
 template <int HD, int REP> __device__ void lay_persist(const LayP &P) {
   const int c = blockIdx.x / LAY_C, na = P.a.kv, np = P.nmlp / LAY_C;
   pdl_launch();
+  lp_mark(P, 0, 60);
   pdl_wait();
+  lp_mark(P, 0, 63);
 #pragma unroll 1
   for (int L = 0; L < P.nl; L++) {
     const MegaLayer w = P.layers[L];
@@ -2418,6 +2432,7 @@ template <int HD, int REP> __device__ void lay_persist(const LayP &P) {
           [&] { block_arrive(P.ctr + 2 * L + 1); });
     }
   }
+  lp_mark(P, gridDim.x - 1, 61);
 }
 
 #define LAY_A(HD, REP)                                                                                    \

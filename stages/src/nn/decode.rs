@@ -168,6 +168,7 @@ mod imp {
     use std::ffi::c_void;
     use std::sync::Arc;
 
+    use candle_core::cuda::cudarc::driver::result::{free_host, malloc_host};
     use candle_core::cuda::cudarc::driver::{
         sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
     };
@@ -372,11 +373,58 @@ mod imp {
         down: u64,
     }
 
+    /// Page-locked host memory of `len` values of T (zeroed), for copies
+    /// that a graph can hold and that run without a staging copy.
+    struct Pinned<T> {
+        ptr: *mut T,
+        len: usize,
+    }
+    // SAFETY: the memory is owned here; it is only used under the model's
+    // `decode` mutex, as the graphs are.
+    unsafe impl<T> Send for Pinned<T> {}
+
+    impl<T: Copy + Default> Pinned<T> {
+        /// `flags`: cuMemHostAlloc's (write-combined for what only the host
+        /// writes and the GPU reads).
+        fn new(stream: &CudaStream, len: usize, flags: u32) -> Result<Self> {
+            stream.context().bind_to_thread().w()?;
+            // SAFETY: a fresh allocation of len values, owned by the result.
+            let ptr = unsafe { malloc_host(len.max(1) * std::mem::size_of::<T>(), flags) }.w()? as *mut T;
+            let mut p = Pinned { ptr, len };
+            p.as_mut().fill(T::default());
+            Ok(p)
+        }
+
+        fn as_ref(&self) -> &[T] {
+            // SAFETY: len values allocated in `new`, initialised there.
+            unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+        }
+
+        fn as_mut(&mut self) -> &mut [T] {
+            // SAFETY: as above; `&mut self` is the only reference.
+            unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+        }
+    }
+
+    impl<T> Drop for Pinned<T> {
+        fn drop(&mut self) {
+            // SAFETY: allocated by malloc_host in `new`. A step waits for its
+            // stream before it returns, so no copy is in flight, and a graph
+            // left holding the address is cleared with its buffers (or
+            // dropped unlaunched).
+            let _ = unsafe { free_host(self.ptr as *mut c_void) };
+        }
+    }
+
     /// Device buffers for `cap` rows (some only owned here: the kernels
     /// reach them through `p`).
     #[allow(dead_code)]
     struct Bufs {
         cap: usize,
+        /// The step's inputs (`inp`'s layout) and its argmax keys (`best`)
+        /// on the host: the step's graph copies them in and out itself.
+        host_in: Pinned<u32>,
+        host_best: Pinned<u64>,
         /// The step's inputs, uploaded at once: tokens (cap), positions
         /// (cap), block tables (cap, maxb).
         inp: CudaSlice<u32>,
@@ -653,7 +701,29 @@ mod imp {
                 bar: ptr(&bar, s),
                 inv_freq: ptr(&self.inv_freq, s),
             };
-            Ok(Bufs { cap, inp, best, x, x2, x3, parts, times, q, po, pml, ao, count, act, logits, bar, p })
+            let host_in = Pinned::new(s, cap * (2 + self.maxb), sys::CU_MEMHOSTALLOC_WRITECOMBINED)?;
+            let host_best = Pinned::new(s, cap, 0)?;
+            Ok(Bufs {
+                cap,
+                host_in,
+                host_best,
+                inp,
+                best,
+                x,
+                x2,
+                x3,
+                parts,
+                times,
+                q,
+                po,
+                pml,
+                ao,
+                count,
+                act,
+                logits,
+                bar,
+                p,
+            })
         }
 
         pub fn step(
@@ -692,27 +762,30 @@ mod imp {
                 self.stream_table(m)?;
             }
             // Inputs in Bufs::inp's layout: padded rows feed token 0 at
-            // position 0 of the scratch block.
+            // position 0 of the scratch block; into pinned memory, which the
+            // step's graph copies in itself (no copy in flight: every step
+            // ends with the stream synchronized).
+            let (maxb, scratch) = (self.maxb, self.scratch_block);
             let bufs = self.bufs.as_mut().unwrap_or_else(|| unreachable!("allocated above"));
             let cap = bufs.cap;
-            let mut inp = vec![0u32; 2 * cap + bucket * self.maxb];
-            inp[2 * cap..].fill(self.scratch_block);
+            let len = 2 * cap + bucket * maxb;
+            let inp = &mut bufs.host_in.as_mut()[..len];
+            inp[..2 * cap].fill(0);
+            inp[2 * cap..].fill(scratch);
             for i in 0..n {
                 inp[i] = toks[i];
                 inp[cap + i] = pos[i];
-                let row = &mut inp[2 * cap + i * self.maxb..2 * cap + (i + 1) * self.maxb];
-                let t = &tables[i][..tables[i].len().min(self.maxb)];
+                let row = &mut inp[2 * cap + i * maxb..2 * cap + (i + 1) * maxb];
+                let t = &tables[i][..tables[i].len().min(maxb)];
                 row[..t.len()].copy_from_slice(t);
             }
             // The pool's last writes (prefills) are on candle's stream.
             self.stream.join(&self.dev.cuda_stream()).w()?;
-            let len = inp.len();
-            self.stream.memcpy_htod(&inp, &mut bufs.inp.slice_mut(..len)).w()?;
             if use_graph {
                 let key = (bucket, variant());
                 if !self.graphs.contains_key(&key) {
                     self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
-                    let rec = self.record(m, bucket);
+                    let rec = self.io_step(m, bucket, len);
                     let g = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
                     rec?;
                     let g = g.w()?.ok_or_else(|| NnError::Other("decode graph: the capture was empty".into()))?;
@@ -721,11 +794,9 @@ mod imp {
                 }
                 self.graphs[&key].0.launch().w()?;
             } else {
-                self.record(m, bucket)?;
+                self.io_step(m, bucket, len)?;
             }
             let bufs = self.bufs.as_ref().unwrap_or_else(|| unreachable!("allocated above"));
-            let mut keys = vec![0u64; bucket];
-            self.stream.memcpy_dtoh(&bufs.best.slice(..bucket), &mut keys).w()?;
             let v = m.cfg.vocab_size;
             let mut logits = Vec::with_capacity(n);
             for (i, &want) in logits_for.iter().enumerate().take(n) {
@@ -743,9 +814,31 @@ mod imp {
                 self.stream.memcpy_dtoh(&bufs.times, &mut t).w()?;
                 print_lay_times(&t);
             }
-            // decode.cu's argmax_key: the index is in the low half, inverted.
-            let argmax = keys[..n].iter().map(|k| u32::MAX - (*k as u32)).collect();
+            // decode.cu's argmax_key: the index is in the low half, inverted
+            // (the keys copied out by the step, the stream synchronized above).
+            let keys = &bufs.host_best.as_ref()[..n];
+            let argmax = keys.iter().map(|k| u32::MAX - (*k as u32)).collect();
             Ok(Next { argmax, logits })
+        }
+
+        /// A step on the decode stream, as its graph holds it: the inputs
+        /// (`len` values of `host_in`) in, the kernels of `b` rows, their
+        /// argmax keys out to `host_best`.
+        fn io_step(&self, m: &Llama, b: usize, len: usize) -> Result<()> {
+            let bufs = self.bufs.as_ref().ok_or_else(|| NnError::Other("decode graph: no buffers".into()))?;
+            let st = self.stream.cu_stream();
+            self.stream.context().bind_to_thread().w()?;
+            // SAFETY: host_in holds cap (2 + maxb) >= len values and `inp`
+            // (at p.tok) as many; pinned memory, owned by `bufs`.
+            unsafe { sys::cuMemcpyHtoDAsync_v2(bufs.p.tok, bufs.host_in.ptr as *const c_void, len * 4, st) }
+                .result()
+                .w()?;
+            self.record(m, b)?;
+            // SAFETY: b <= cap keys on both sides.
+            unsafe { sys::cuMemcpyDtoHAsync_v2(bufs.host_best.ptr as *mut c_void, bufs.p.best, b * 8, st) }
+                .result()
+                .w()?;
+            Ok(())
         }
 
         fn f(&self, name: &str) -> Result<&CudaFunction> {
@@ -1507,6 +1600,23 @@ mod imp {
         let la: Vec<String> = (1..14).map(|i| format!("{:.2}", us(i - 1, i))).collect();
         let lb: Vec<String> = (17..24).map(|i| format!("{:.2}", us(i - 1, i))).collect();
         let mut line = format!("lay times us ({ghz:.2} GHz): attn [{}] mlp [{}]", la.join(" "), lb.join(" "));
+        if t[63] != 0 && t[25] == 0 {
+            line += &format!(
+                " persistent kernel: start to wait {:.2} us, wait to end {:.2} us",
+                (t[63] - t[60]) as f64 / 1000.0,
+                (t[61] - t[63]) as f64 / 1000.0
+            );
+        }
+        if t[14] != 0 {
+            line += &format!(
+                " attn setup: qkv rows {:.2} o rows {:.2} keys {:.2} rotary {:.2} cluster sync {:.2}",
+                us(0, 14),
+                us(14, 15),
+                us(15, 24),
+                us(24, 30),
+                us(30, 1)
+            );
+        }
         if t[25] != 0 {
             line += &format!(
                 " second pass: norm {:.2}/{:.2} qkv {:.2}/{:.2} o {:.2}/{:.2} mlp norm {:.2}/{:.2} mlp {:.2}/{:.2}",
