@@ -1900,6 +1900,11 @@ struct Lay {
   // same instructions on the same data), the second pass timed apart.
   long long *tm;
   int rep;
+  // dec_la: sequences of at most `whole` positions (at most LaShape::CH)
+  // are attended whole by every block of the cluster, each staging all
+  // their keys, with no merge of the blocks' ranges (no push, barrier or
+  // combine); 0: never (the default: its speed is not measured yet).
+  int whole;
 };
 
 #define LAY_T(i)                                                                    \
@@ -2008,8 +2013,10 @@ __device__ void lay_attn(const Lay &a, int g, int b, Wait wait, Done done) {
   pdl_launch();
   const int len = a.pos[b] + 1, p = len - 1;
   const unsigned blk = a.table[(size_t)b * a.maxb + p / KV_BLOCK];
-  // This block's positions (contiguous, the new one in the last non-empty range).
-  const int R = (len + LAY_C - 1) / LAY_C, lo = min(j * R, len), hi = min(lo + R, len);
+  // This block's positions (contiguous, the new one in the last non-empty
+  // range), or all of them.
+  const bool whole = len <= min(a.whole, CH);
+  const int R = (len + LAY_C - 1) / LAY_C, lo = whole ? 0 : min(j * R, len), hi = whole ? len : min(lo + R, len);
   const size_t row = (size_t)a.kv * HD;
   auto stage = [&](int c0, int p0, int p1) {
     for (int i = tid; i < (p1 - p0) * PIECES; i += NT) {
@@ -2169,40 +2176,48 @@ __device__ void lay_attn(const Lay &a, int g, int b, Wait wait, Done done) {
                          min(PW, c1 - (c0 + warp * PW)), m, l, acc);
   }
   LAY_T(8);
-  // The block's softmax state, pushed into every block's rcv / rml (its
-  // slot j) so that no block reads another's shared memory after the
-  // barrier below (and none waits for the others before it leaves).
-  // (A warp's state goes where its scores went: no warp writes into
-  // another's scores.)
-  merge_warps<HD, LAY_NW, REP, PARTN>(part, wml, m, l, acc, [&](int r, int d, float o, float sum, float mx) {
+  if (whole) {
+    merge_warps<HD, LAY_NW, REP, PARTN>(part, wml, m, l, acc, [&](int r, int d, float o, float sum, float) {
+      aob[r * HD + d] = __float2bfloat16(sum > 0.f ? o / sum : 0.f);
+    });
+    LAY_T(9);
+    LAY_T(10);
+  } else {
+    // The block's softmax state, pushed into every block's rcv / rml (its
+    // slot j) so that no block reads another's shared memory after the
+    // barrier below (and none waits for the others before it leaves).
+    // (A warp's state goes where its scores went: no warp writes into
+    // another's scores.)
+    merge_warps<HD, LAY_NW, REP, PARTN>(part, wml, m, l, acc, [&](int r, int d, float o, float sum, float mx) {
 #pragma unroll 1
-    for (int q = 0; q < LAY_C; q++) {
-      cl.map_shared_rank(rcv, q)[(j * REP + r) * HD + d] = o;
-      if (d == 0) {
-        float *ml = cl.map_shared_rank(rml, q) + (j * REP + r) * 2;
-        ml[0] = mx;
-        ml[1] = sum;
+      for (int q = 0; q < LAY_C; q++) {
+        cl.map_shared_rank(rcv, q)[(j * REP + r) * HD + d] = o;
+        if (d == 0) {
+          float *ml = cl.map_shared_rank(rml, q) + (j * REP + r) * 2;
+          ml[0] = mx;
+          ml[1] = sum;
+        }
       }
-    }
-  });
-  LAY_T(9);
-  cl.sync();
-  LAY_T(10);
-  // The cluster's ranges combined (each block all of them: its output rows need every column).
-  for (int k = tid; k < REP * HD; k += NT) {
-    const int r = k / HD;
-    float mx = -INFINITY;
+    });
+    LAY_T(9);
+    cl.sync();
+    LAY_T(10);
+    // The cluster's ranges combined (each block all of them: its output rows need every column).
+    for (int k = tid; k < REP * HD; k += NT) {
+      const int r = k / HD;
+      float mx = -INFINITY;
 #pragma unroll
-    for (int q = 0; q < LAY_C; q++) mx = fmaxf(mx, rml[(q * REP + r) * 2]);
-    float o = 0.f, sum = 0.f;
+      for (int q = 0; q < LAY_C; q++) mx = fmaxf(mx, rml[(q * REP + r) * 2]);
+      float o = 0.f, sum = 0.f;
 #pragma unroll
-    for (int q = 0; q < LAY_C; q++) {
-      const float mq = rml[(q * REP + r) * 2];
-      const float e = mq == -INFINITY ? 0.f : __expf(mq - mx);
-      o += e * rcv[q * REP * HD + k];
-      sum += e * rml[(q * REP + r) * 2 + 1];
+      for (int q = 0; q < LAY_C; q++) {
+        const float mq = rml[(q * REP + r) * 2];
+        const float e = mq == -INFINITY ? 0.f : __expf(mq - mx);
+        o += e * rcv[q * REP * HD + k];
+        sum += e * rml[(q * REP + r) * 2 + 1];
+      }
+      aob[k] = __float2bfloat16(sum > 0.f ? o / sum : 0.f);
     }
-    aob[k] = __float2bfloat16(sum > 0.f ? o / sum : 0.f);
   }
   LAY_T(11);
   __syncthreads();

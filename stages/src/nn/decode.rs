@@ -251,6 +251,7 @@ mod imp {
         scale: f32,
         tm: u64,
         rep: i32,
+        whole: i32,
     }
     // SAFETY: as for Gemv.
     unsafe impl DeviceRepr for Lay {}
@@ -1257,6 +1258,7 @@ mod imp {
                 maxb: self.maxb as i32,
                 eps: c.rms_norm_eps as f32,
                 scale: 1.0 / (hd as f32).sqrt(),
+                whole: la_whole(),
                 ..Default::default()
             };
             let times = lay_times();
@@ -1577,6 +1579,16 @@ mod imp {
     /// 0.390 (docs/results.md §5).
     fn lp_sleep() -> i32 {
         std::env::var("PIPE_DECODE_LP_SLEEP").ok().and_then(|v| v.parse().ok()).unwrap_or(250)
+    }
+
+    /// dec_la: sequences of up to this many positions (at most
+    /// `LAY_CH`) are attended whole by each block of a kv head's cluster,
+    /// with no merge of the blocks' position ranges
+    /// (`PIPE_DECODE_LA_WHOLE`; 0, the default: never). Correct on an H200
+    /// (the decode test passed with it on, 2026-12-04 call 6); its speed
+    /// alone is not measured yet.
+    fn la_whole() -> i32 {
+        std::env::var("PIPE_DECODE_LA_WHOLE").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
     }
 
     /// Profiling (`PIPE_DECODE_LAY_TIMES=1`): each step prints the phases
