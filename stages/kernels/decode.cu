@@ -1901,8 +1901,9 @@ struct Lay {
   long long *tm;
   int rep;
   // dec_la: sequences of at most `whole` positions (at most LaShape::CH)
-  // are attended whole by every block of the cluster, each staging all
-  // their keys, with no merge of the blocks' ranges (no push, barrier or
+  // are attended whole by every block of the cluster (each stages its own
+  // range of keys and pushes it to the others with its q/k/v), with no
+  // merge of the blocks' ranges (no push of softmax states, barrier or
   // combine); 0: never (the default: its speed is not measured yet).
   int whole;
 };
@@ -2014,9 +2015,11 @@ __device__ void lay_attn(const Lay &a, int g, int b, Wait wait, Done done) {
   const int len = a.pos[b] + 1, p = len - 1;
   const unsigned blk = a.table[(size_t)b * a.maxb + p / KV_BLOCK];
   // This block's positions (contiguous, the new one in the last non-empty
-  // range), or all of them.
+  // range), or all of them (`whole`: each block still stages only its own
+  // range, olo..ohi, and pushes it into the others' shared memory).
   const bool whole = len <= min(a.whole, CH);
-  const int R = (len + LAY_C - 1) / LAY_C, lo = whole ? 0 : min(j * R, len), hi = whole ? len : min(lo + R, len);
+  const int R = (len + LAY_C - 1) / LAY_C, olo = min(j * R, len), ohi = min(olo + R, len);
+  const int lo = whole ? 0 : olo, hi = whole ? len : ohi;
   const size_t row = (size_t)a.kv * HD;
   auto stage = [&](int c0, int p0, int p1) {
     for (int i = tid; i < (p1 - p0) * PIECES; i += NT) {
@@ -2052,7 +2055,7 @@ __device__ void lay_attn(const Lay &a, int g, int b, Wait wait, Done done) {
   lay_copy_norm(a, gs);
   cp_commit();
   LAY_T(15);
-  stage(lo, lo, min(min(lo + CH, hi), p));
+  stage(lo, olo, min(min(lo + CH, ohi), p));
   LAY_T(24);
   // The q/k/v epilogue's threads: unit tid / LAY_C (+ NT / LAY_C ...), its
   // rotation at position p, pushed to cluster rank tid % LAY_C.
@@ -2144,6 +2147,19 @@ __device__ void lay_attn(const Lay &a, int g, int b, Wait wait, Done done) {
       }
     }
     LAY_T(it ? 26 : 5);
+  }
+  if (whole) {
+    // The keys and values this block staged (landed before the norm), into
+    // every other block of the cluster: the barrier below publishes them.
+    const int n = max(0, min(ohi, p) - olo) * PIECES;
+    for (int i = tid; i < 2 * n; i += NT) {
+      const int kv = i / n, q = olo + (i % n) / PIECES, c = i % PIECES;
+      bf16 *base = kv ? vs : ks;
+      const uint4 v = *reinterpret_cast<const uint4 *>(base + q * RS + c * 8);
+#pragma unroll 1
+      for (int t = 1; t < LAY_C; t++)
+        *reinterpret_cast<uint4 *>(cl.map_shared_rank(base, (j + t) % LAY_C) + q * RS + c * 8) = v;
+    }
   }
   cl.sync();
   LAY_T(6);

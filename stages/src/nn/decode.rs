@@ -75,6 +75,8 @@ thread_local! {
     static ATTN_CHUNKED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// Tests: attention splits per (row, kv head), at most [`imp`]'s `nsplit`.
     static NSPLIT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    /// Tests: this thread's `PIPE_DECODE_LA_WHOLE`.
+    static LA_WHOLE: std::cell::Cell<Option<i32>> = const { std::cell::Cell::new(None) };
 }
 
 /// The switch: `None` off, `Some(true)` graphs, `Some(false)` plain launches.
@@ -1588,7 +1590,9 @@ mod imp {
     /// (the decode test passed with it on, 2026-12-04 call 6); its speed
     /// alone is not measured yet.
     fn la_whole() -> i32 {
-        std::env::var("PIPE_DECODE_LA_WHOLE").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+        switch(&super::LA_WHOLE, || {
+            std::env::var("PIPE_DECODE_LA_WHOLE").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+        })
     }
 
     /// Profiling (`PIPE_DECODE_LAY_TIMES=1`): each step prints the phases
@@ -1673,10 +1677,10 @@ mod imp {
     }
 
     /// What the switches that shape a recorded step read now.
-    type Variant = (bool, usize, bool, bool, bool, bool, usize);
+    type Variant = (bool, usize, bool, bool, bool, bool, usize, i32);
 
     fn variant() -> Variant {
-        (mega_on(), tc_from(), pdl_on(), attn_chunked(), mlp_fused(), stream_on(), lay_max())
+        (mega_on(), tc_from(), pdl_on(), attn_chunked(), mlp_fused(), stream_on(), lay_max(), la_whole())
     }
 
     /// A switch: this thread's test setting, else what `env` reads.
@@ -1864,16 +1868,22 @@ mod tests {
                 let exact = crate::nn::tests::tiny_model(&cfg, &TrainSpec::default(), DType::F64)?;
                 #[cfg(feature = "cuda")]
                 assert!(super::imp::lay_fits(&cfg, 2), "{cfg:?}");
-                for (n, graphs, extra) in [(1, true, extra), (2, false, extra), (1, false, extra), (2, true, 300)] {
+                // (Short prompts also with every block of a cluster
+                // attending the whole sequence, PIPE_DECODE_LA_WHOLE.)
+                let wholes: &[i32] = if extra == 0 { &[0, 128] } else { &[0] };
+                let cases = [(1, true, extra), (2, false, extra), (1, false, extra), (2, true, 300)];
+                for (&whole, (n, graphs, extra)) in wholes.iter().flat_map(|w| cases.map(|c| (w, c))) {
+                    super::LA_WHOLE.with(|t| t.set(Some(whole)));
                     let runs = super::LAY_RUNS.with(|r| r.get());
                     let (fast, slow) = compare(&m, &exact, n, 4, graphs, extra)?;
-                    let what = format!("batch {n} graphs {graphs} prompts +{extra}, two kernels a layer");
+                    let what = format!("batch {n} graphs {graphs} prompts +{extra} whole {whole}, two kernels a layer");
                     eprintln!("hd {} {what}: max rel logit error fused {fast:.4}, candle {slow:.4}", cfg.head_dim());
                     assert!(fast < 1.5 * slow + 0.005, "{what}: fused {fast} against candle's {slow}");
                     assert!(super::LAY_RUNS.with(|r| r.get()) > runs || graphs, "{what}: the two kernels ran");
                 }
             }
         }
+        super::LA_WHOLE.with(|t| t.set(None));
         super::LAY.with(|t| t.set(Some(Some(false))));
         for cfg in [config(256, 4, 2, true), config(512, 4, 1, false)] {
             let m = crate::nn::tests::tiny_model_on(&cfg, &TrainSpec::default(), DType::BF16, &dev)?;
