@@ -939,11 +939,36 @@ __device__ __forceinline__ void attend16_tc(const bf16 *kw, const bf16 *vw, cons
   attend_fold<HD, REP, true>(vw, s, n, m, l, acc);
 }
 
+// N softmax states of REP heads folded into one (part: (N, REP, HD), a
+// state's PS floats apart, its unnormalised P.V; ml: (N, REP, 2), its max
+// and sum), by NT threads: out(r, d, o, sum, max) for each output, a
+// thread each, o and sum relative to max (o / sum is the attention output;
+// no positions at all: sum 0). A state with no positions (max -inf) adds
+// nothing.
+template <int HD, int N, int REP, int PS, int NT, class Out>
+__device__ __forceinline__ void fold_states(const float *part, const float *ml, Out out) {
+  for (int k = threadIdx.x; k < REP * HD; k += NT) {
+    const int r = k / HD, d = k % HD;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < N; w++) mx = fmaxf(mx, ml[(w * REP + r) * 2]);
+    float o = 0.f, sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < N; w++) {
+      const float mw = ml[(w * REP + r) * 2];
+      if (mw != -INFINITY) {
+        const float e = __expf(mw - mx);
+        o += e * part[w * PS + r * HD + d];
+        sum += e * ml[(w * REP + r) * 2 + 1];
+      }
+    }
+    out(r, d, o, sum, mx);
+  }
+}
+
 // The NW warps' softmax states meet (part: (NW, REP, HD), a warp's PS
-// floats apart, wml: (NW, REP, 2) in shared memory): out(r, d, o, sum,
-// max) for each output of the REP heads, a thread each, o and sum relative
-// to max (o / sum is the attention output; none of the block's positions:
-// sum 0).
+// floats apart, wml: (NW, REP, 2) in shared memory): fold_states' out for
+// each output of the REP heads.
 template <int HD, int NW, int REP, int PS = REP * HD, class Out>
 __device__ __forceinline__ void merge_warps(float *part, float *wml, const float (&m)[REP], const float (&l)[REP],
                                             const float (&acc)[REP][HD / 32], Out out) {
@@ -959,23 +984,7 @@ __device__ __forceinline__ void merge_warps(float *part, float *wml, const float
     for (int d = 0; d < DL; d++) part[warp * PS + r * HD + lane * DL + d] = acc[r][d];
   }
   __syncthreads();
-  for (int k = tid; k < REP * HD; k += 32 * NW) {
-    const int r = k / HD, d = k % HD;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < NW; w++) mx = fmaxf(mx, wml[(w * REP + r) * 2]);
-    float o = 0.f, sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < NW; w++) {
-      const float mw = wml[(w * REP + r) * 2];
-      if (mw != -INFINITY) {
-        const float e = __expf(mw - mx);
-        o += e * part[w * PS + r * HD + d];
-        sum += e * wml[(w * REP + r) * 2 + 1];
-      }
-    }
-    out(r, d, o, sum, mx);
-  }
+  fold_states<HD, NW, REP, PS, 32 * NW>(part, wml, out);
 }
 
 // Attention of each row against its cache, built for latency (the
@@ -1876,6 +1885,8 @@ STREAM(128, 8)
 namespace cg = cooperative_groups;
 
 #define LAY_C 8
+// Lay::tm's slots: LAY_T's 64, then lp_mark's 3.
+#define LAY_TM 64
 #define LAY_NW 8
 #define LAY_BMAX 2
 #define LAY_UB 16
@@ -1896,6 +1907,7 @@ struct Lay {
   float eps, scale;
   // Profiling (PIPE_DECODE_LAY_TIMES): block 0's thread 0 stores clock64()
   // at each phase here (tm[i]) and the global timer in ns (tm[32 + i]);
+  // the persistent step's marks past those (lp_mark, from LAY_TM);
   // null: not. rep (PIPE_DECODE_LAY_TIMES=2): some phases run twice (the
   // same instructions on the same data), the second pass timed apart.
   long long *tm;
@@ -1908,13 +1920,18 @@ struct Lay {
   int whole;
 };
 
+// The GPU's global timer (ns).
+__device__ __forceinline__ long long global_ns() {
+  unsigned long long gt;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(gt));
+  return (long long)gt;
+}
+
 #define LAY_T(i)                                                                    \
   do {                                                                              \
     if (a.tm && threadIdx.x == 0 && t0) {                                           \
-      unsigned long long gt;                                                        \
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(gt));                       \
       a.tm[i] = clock64();                                                          \
-      a.tm[32 + (i)] = (long long)gt;                                               \
+      a.tm[32 + (i)] = global_ns();                                                 \
     }                                                                               \
   } while (0)
 
@@ -2192,10 +2209,12 @@ __device__ void lay_attn(const Lay &a, int g, int b, Wait wait, Done done) {
                          min(PW, c1 - (c0 + warp * PW)), m, l, acc);
   }
   LAY_T(8);
+  // The attention output of head r, dimension d, into aob (bf16).
+  auto to_aob = [&](int r, int d, float o, float sum, float) {
+    aob[r * HD + d] = __float2bfloat16(sum > 0.f ? o / sum : 0.f);
+  };
   if (whole) {
-    merge_warps<HD, LAY_NW, REP, PARTN>(part, wml, m, l, acc, [&](int r, int d, float o, float sum, float) {
-      aob[r * HD + d] = __float2bfloat16(sum > 0.f ? o / sum : 0.f);
-    });
+    merge_warps<HD, LAY_NW, REP, PARTN>(part, wml, m, l, acc, to_aob);
     LAY_T(9);
     LAY_T(10);
   } else {
@@ -2219,21 +2238,7 @@ __device__ void lay_attn(const Lay &a, int g, int b, Wait wait, Done done) {
     cl.sync();
     LAY_T(10);
     // The cluster's ranges combined (each block all of them: its output rows need every column).
-    for (int k = tid; k < REP * HD; k += NT) {
-      const int r = k / HD;
-      float mx = -INFINITY;
-#pragma unroll
-      for (int q = 0; q < LAY_C; q++) mx = fmaxf(mx, rml[(q * REP + r) * 2]);
-      float o = 0.f, sum = 0.f;
-#pragma unroll
-      for (int q = 0; q < LAY_C; q++) {
-        const float mq = rml[(q * REP + r) * 2];
-        const float e = mq == -INFINITY ? 0.f : __expf(mq - mx);
-        o += e * rcv[q * REP * HD + k];
-        sum += e * rml[(q * REP + r) * 2 + 1];
-      }
-      aob[k] = __float2bfloat16(sum > 0.f ? o / sum : 0.f);
-    }
+    fold_states<HD, LAY_C, REP, REP * HD, NT>(rcv, rml, to_aob);
   }
   LAY_T(11);
   __syncthreads();
@@ -2414,20 +2419,18 @@ struct LayP {
   int sleep;     // ns between a waiting block's polls (0: none)
 };
 
+// Profiling: block blk's global timer into tm[LAY_TM + slot] (slot 0: the
+// kernel's start, 1: past its wait for the kernel before, 2: its end).
 __device__ __forceinline__ void lp_mark(const LayP &P, int blk, int slot) {
-  if (P.a.tm && blockIdx.x == blk && threadIdx.x == 0) {
-    unsigned long long gt;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(gt));
-    P.a.tm[slot] = (long long)gt;
-  }
+  if (P.a.tm && blockIdx.x == blk && threadIdx.x == 0) P.a.tm[LAY_TM + slot] = global_ns();
 }
 
 template <int HD, int REP> __device__ void lay_persist(const LayP &P) {
   const int c = blockIdx.x / LAY_C, na = P.a.kv, np = P.nmlp / LAY_C;
   pdl_launch();
-  lp_mark(P, 0, 60);
+  lp_mark(P, 0, 0);
   pdl_wait();
-  lp_mark(P, 0, 63);
+  lp_mark(P, 0, 1);
 #pragma unroll 1
   for (int L = 0; L < P.nl; L++) {
     const MegaLayer w = P.layers[L];
@@ -2463,7 +2466,7 @@ template <int HD, int REP> __device__ void lay_persist(const LayP &P) {
           [&] { block_arrive(P.ctr + 2 * L + 1); });
     }
   }
-  lp_mark(P, gridDim.x - 1, 61);
+  lp_mark(P, gridDim.x - 1, 2);
 }
 
 #define LAY_A(HD, REP)                                                                                    \

@@ -286,6 +286,9 @@ mod imp {
     const LAY_UB: usize = 16;
     const LAY_CH: usize = 128;
     const LAY_PAD: usize = 32;
+    /// decode.cu's `Lay::tm` slots: LAY_T's 64 (clock, then global timer),
+    /// then `lp_mark`'s 3 (from `LAY_TM`).
+    const LAY_TIMES: usize = 64 + 3;
 
     /// kernels/decode.cu's `Attn` (by value).
     #[repr(C)]
@@ -674,7 +677,7 @@ mod imp {
             let x2 = s.alloc_zeros(cap * c.hidden_size).w()?;
             let x3 = s.alloc_zeros(3 * cap * c.hidden_size).w()?;
             let parts = s.alloc_zeros((c.kv_heads() + LAY_PMAX) * cap * c.hidden_size).w()?;
-            let times = s.alloc_zeros(64).w()?;
+            let times = s.alloc_zeros(LAY_TIMES).w()?;
             let q = s.alloc_zeros(cap * h * hd).w()?;
             let po = s.alloc_zeros(cap * h * nsplit * hd).w()?;
             let pml = s.alloc_zeros(cap * h * nsplit * 2).w()?;
@@ -813,7 +816,7 @@ mod imp {
             }
             self.stream.synchronize().w()?;
             if lay_times() > 0 && lay_fits(&m.cfg, bucket) {
-                let mut t = vec![0i64; 64];
+                let mut t = vec![0i64; LAY_TIMES];
                 self.stream.memcpy_dtoh(&bufs.times, &mut t).w()?;
                 print_lay_times(&t);
             }
@@ -1586,9 +1589,11 @@ mod imp {
     /// dec_la: sequences of up to this many positions (at most
     /// `LAY_CH`) are attended whole by each block of a kv head's cluster,
     /// with no merge of the blocks' position ranges
-    /// (`PIPE_DECODE_LA_WHOLE`; 0, the default: never). Correct on an H200
-    /// (the decode test passed with it on, 2026-12-04 call 6); its speed
-    /// alone is not measured yet.
+    /// (`PIPE_DECODE_LA_WHOLE`; 0, the default: never). Each block stages
+    /// its own range of keys and pushes it to the others; that version has
+    /// not run on a GPU yet (an earlier one, every block staging all the
+    /// keys, passed the decode test on an H200), and its speed is not
+    /// measured (docs/results.md §5).
     fn la_whole() -> i32 {
         switch(&super::LA_WHOLE, || {
             std::env::var("PIPE_DECODE_LA_WHOLE").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
@@ -1616,11 +1621,11 @@ mod imp {
         let la: Vec<String> = (1..14).map(|i| format!("{:.2}", us(i - 1, i))).collect();
         let lb: Vec<String> = (17..24).map(|i| format!("{:.2}", us(i - 1, i))).collect();
         let mut line = format!("lay times us ({ghz:.2} GHz): attn [{}] mlp [{}]", la.join(" "), lb.join(" "));
-        if t[63] != 0 && t[25] == 0 {
+        if t[64] != 0 {
             line += &format!(
                 " persistent kernel: start to wait {:.2} us, wait to end {:.2} us",
-                (t[63] - t[60]) as f64 / 1000.0,
-                (t[61] - t[63]) as f64 / 1000.0
+                (t[65] - t[64]) as f64 / 1000.0,
+                (t[66] - t[65]) as f64 / 1000.0
             );
         }
         if t[14] != 0 {
