@@ -39,6 +39,11 @@ struct Gemv {
   float *out2;           // OUT_RESID: also the new residual here, when set
   const float *parts;    // IN_PARTS: (np, B, K) partial rows to add to x
   int np;
+  // OUT_LOGITS: with hbest (host memory mapped into the device), the last
+  // block to finish (counted in *hdone, back to 0 after) copies the rows'
+  // argmax keys there: no copy of its own after the kernel.
+  unsigned long long *hbest;
+  unsigned *hdone;
 };
 
 // IN_PARTS: as IN_NORM, of x plus the partial rows `parts` (the LM head
@@ -427,6 +432,24 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, unsigned i) {
   return ((unsigned long long)key << 32) | (0xffffffffu - i);
 }
 
+// The LM head's blocks, each after its atomicMax into a.best: the last to
+// arrive copies the keys to a.hbest (mapped host memory) and resets the
+// count. (Every block of the launch calls this once.)
+__device__ void publish_best(const Gemv &a) {
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(a.hdone, 1u) == gridDim.x * gridDim.y - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < a.B; i += blockDim.x) a.hbest[i] = atomicOr(a.best + i, 0ull);
+  if (threadIdx.x == 0) *a.hdone = 0u;
+  __threadfence_system();
+}
+
 // Block (bx, by) of (nbx tile blocks, batch chunks of BT): it loads its
 // first tile's weights, waits (`wait`: for the kernel before, or a grid
 // barrier in the persistent step), stages its batch chunk once, then takes
@@ -509,7 +532,10 @@ __device__ void mma_proj(const Gemv &a, int bx, int nbx, int by, Wait wait) {
     if (OUT == OUT_MLP) copy_down(tile);
   }
   wait();
-  if (tile >= tiles) return;  // (a persistent kernel's block without a tile here)
+  if (tile >= tiles) {  // (a persistent kernel's block without a tile here)
+    if (OUT == OUT_LOGITS && a.hbest) publish_best(a);
+    return;
+  }
   stage_rows<IN>(a, xs, SK, b0, nb, BT);
   __syncthreads();
   for (; tile < tiles; tile += nbx) {
@@ -603,8 +629,10 @@ __device__ void mma_proj(const Gemv &a, int bx, int nbx, int by, Wait wait) {
       if (tile + nbx < tiles) copy_down(tile + nbx);
     }
   }
-  if (OUT == OUT_LOGITS)
+  if (OUT == OUT_LOGITS) {
     for (int i = threadIdx.x; i < nb; i += blockDim.x) atomicMax(a.best + b0 + i, best[i]);
+    if (a.hbest) publish_best(a);
+  }
 }
 
 // A launch of its own: blocks (x: tiles, y: batch chunks) and waiting for
@@ -1088,6 +1116,34 @@ extern "C" __global__ void dec_embed(const unsigned *tok, const bf16 *embed, flo
   pdl_wait();
   if (threadIdx.x == 0) best[b] = 0ull;
   const bf16 *e = embed + (size_t)tok[b] * H;
+  for (int k = threadIdx.x; k < H; k += blockDim.x) x[(size_t)b * H + k] = __bfloat162float(e[k]);
+}
+
+// dec_embed for a step whose inputs are in mapped host memory: hin's n
+// values (tokens, positions, block tables) copied into the device's `tok`
+// buffer, the persistent step's nctr counters zeroed, then the embedding
+// (each block reading its token from hin). The kernels after it must not
+// read the inputs before it ends (no programmatic launch).
+// (Reads of host memory take a trip over the bus each: they are issued
+// together, 16 bytes a thread, before any store.)
+extern "C" __global__ void dec_embed_io(unsigned *__restrict__ tok, const bf16 *embed, float *x, int H,
+                                        unsigned long long *best, const unsigned *__restrict__ hin, int n,
+                                        unsigned *ctr, int nctr) {
+  const int b = blockIdx.x, tid = b * blockDim.x + threadIdx.x, nt = gridDim.x * blockDim.x;
+  pdl_launch();
+  pdl_wait();
+  __shared__ unsigned t;
+  if (threadIdx.x == 0) t = hin[b];
+  // n / 4 16-byte pieces (host_in and tok are 16-byte aligned), then the
+  // rest one by one.
+  const int n4 = n / 4;
+  for (int i = tid; i < n4; i += nt) reinterpret_cast<uint4 *>(tok)[i] = reinterpret_cast<const uint4 *>(hin)[i];
+  if (tid < n - 4 * n4) tok[4 * n4 + tid] = hin[4 * n4 + tid];
+  if (b == 0)
+    for (int i = threadIdx.x; i < nctr; i += blockDim.x) ctr[i] = 0u;
+  if (threadIdx.x == 0) best[b] = 0ull;
+  __syncthreads();
+  const bf16 *e = embed + (size_t)t * H;
   for (int k = threadIdx.x; k < H; k += blockDim.x) x[(size_t)b * H + k] = __bfloat162float(e[k]);
 }
 
@@ -1916,7 +1972,7 @@ struct Lay {
   // are attended whole by every block of the cluster (each stages its own
   // range of keys and pushes it to the others with its q/k/v), with no
   // merge of the blocks' ranges (no push of softmax states, barrier or
-  // combine); 0: never (the default: its speed is not measured yet).
+  // combine); 0: never (src/nn/decode.rs's la_whole: 64 by default).
   int whole;
 };
 

@@ -75,6 +75,10 @@ thread_local! {
     static ATTN_CHUNKED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// Tests: attention splits per (row, kv head), at most [`imp`]'s `nsplit`.
     static NSPLIT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    /// Tests: zero-copy steps recorded on this thread.
+    static ZC_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Tests: this thread's `PIPE_DECODE_ZC`.
+    static ZERO_COPY: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// Tests: this thread's `PIPE_DECODE_LA_WHOLE`.
     static LA_WHOLE: std::cell::Cell<Option<i32>> = const { std::cell::Cell::new(None) };
 }
@@ -172,7 +176,7 @@ mod imp {
 
     use candle_core::cuda::cudarc::driver::result::{free_host, malloc_host};
     use candle_core::cuda::cudarc::driver::{
-        sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+        sys, CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
     };
     use candle_core::cuda::{CudaDevice, WrapErr};
     use candle_core::{Storage, Tensor};
@@ -220,6 +224,8 @@ mod imp {
         out2: u64,
         parts: u64,
         np: i32,
+        hbest: u64,
+        hdone: u64,
     }
     // SAFETY: plain old data laid out as the kernels' C struct.
     unsafe impl DeviceRepr for Gemv {}
@@ -384,6 +390,8 @@ mod imp {
     struct Pinned<T> {
         ptr: *mut T,
         len: usize,
+        /// Its address in the device's space (mapped).
+        dev: u64,
     }
     // SAFETY: the memory is owned here; it is only used under the model's
     // `decode` mutex, as the graphs are.
@@ -391,13 +399,17 @@ mod imp {
 
     impl<T: Copy + Default> Pinned<T> {
         /// `flags`: cuMemHostAlloc's (write-combined for what only the host
-        /// writes and the GPU reads).
+        /// writes and the GPU reads); always mapped into the device's
+        /// space, so that kernels may read and write it themselves.
         fn new(stream: &CudaStream, len: usize, flags: u32) -> Result<Self> {
             stream.context().bind_to_thread().w()?;
             // SAFETY: a fresh allocation of len values, owned by the result.
+            let flags = flags | sys::CU_MEMHOSTALLOC_DEVICEMAP;
             let ptr = unsafe { malloc_host(len.max(1) * std::mem::size_of::<T>(), flags) }.w()? as *mut T;
-            let mut p = Pinned { ptr, len };
+            let mut p = Pinned { ptr, len, dev: 0 };
             p.as_mut().fill(T::default());
+            // SAFETY: ptr was allocated mapped just above; dev is written.
+            unsafe { sys::cuMemHostGetDevicePointer_v2(&mut p.dev, ptr as *mut c_void, 0) }.result().w()?;
             Ok(p)
         }
 
@@ -482,6 +494,9 @@ mod imp {
         logits: u64,
         bar: u64,
         inv_freq: u64,
+        /// host_in and host_best, as the device sees them.
+        hin: u64,
+        hbest: u64,
     }
 
     /// One graph per padded batch size, for the pool layout it was
@@ -523,6 +538,9 @@ mod imp {
         sms: u32,
         /// Shared memory a block may opt into.
         smem_optin: usize,
+        /// Recorded on candle's stream and waited for by the decode
+        /// stream before each step (one event, not one a step).
+        joined: CudaEvent,
     }
 
     // SAFETY: the CUDA handles inside are used only under the model's
@@ -606,8 +624,16 @@ mod imp {
                     .flat_map(|k| [8, 16, 32, 64].map(|bt| format!("tc_{k}_{bt}"))),
             );
             names.extend(
-                ["dec_attn_64", "dec_attn_128", "dec_embed", "dec_argmax", "dec_mega_64", "dec_mega_128"]
-                    .map(String::from),
+                [
+                    "dec_attn_64",
+                    "dec_attn_128",
+                    "dec_embed",
+                    "dec_embed_io",
+                    "dec_argmax",
+                    "dec_mega_64",
+                    "dec_mega_128",
+                ]
+                .map(String::from),
             );
             names.extend([64, 128].iter().flat_map(|hd| (1..=8).map(move |r| format!("dec_attnc_{hd}_{r}"))));
             names.extend([64, 128].iter().flat_map(|hd| (1..=8).map(move |r| format!("dec_la_{hd}_{r}"))));
@@ -643,6 +669,7 @@ mod imp {
             let sms =
                 stream.context().attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?
                     as u32;
+            let joined = stream.context().new_event(None).w()?;
             Ok(Graphs {
                 dev,
                 stream,
@@ -663,6 +690,7 @@ mod imp {
                 stream_layers: None,
                 sms,
                 smem_optin,
+                joined,
             })
         }
 
@@ -685,8 +713,12 @@ mod imp {
             let count = s.alloc_zeros(cap * c.kv_heads()).w()?;
             let act = s.alloc_zeros(cap * c.intermediate_size).w()?;
             let logits = s.alloc_zeros(cap * c.vocab_size).w()?;
-            let bar = s.alloc_zeros(2.max(2 * self.layers.len())).w()?;
+            // The persistent step's 2 counters a layer, then the LM head's
+            // count of finished blocks (zero-copy steps).
+            let bar = s.alloc_zeros(2 * self.layers.len() + 1).w()?;
             let base = ptr(&inp, s);
+            let host_in = Pinned::new(s, cap * (2 + self.maxb), sys::CU_MEMHOSTALLOC_WRITECOMBINED)?;
+            let host_best = Pinned::new(s, cap, 0)?;
             let p = BufPtrs {
                 tok: base,
                 pos: base + 4 * cap as u64,
@@ -706,9 +738,9 @@ mod imp {
                 logits: ptr(&logits, s),
                 bar: ptr(&bar, s),
                 inv_freq: ptr(&self.inv_freq, s),
+                hin: host_in.dev,
+                hbest: host_best.dev,
             };
-            let host_in = Pinned::new(s, cap * (2 + self.maxb), sys::CU_MEMHOSTALLOC_WRITECOMBINED)?;
-            let host_best = Pinned::new(s, cap, 0)?;
             Ok(Bufs {
                 cap,
                 host_in,
@@ -747,8 +779,10 @@ mod imp {
                 self.graphs.clear();
                 self.bufs = Some(self.alloc(m, bucket.max(8))?);
             }
-            let (gen, ks, vs) = m.kv_pool().snapshot();
-            if gen != self.pool.0 {
+            let pool = m.kv_pool();
+            // (The store's tensors cloned only when it was reallocated.)
+            if pool.generation() != self.pool.0 {
+                let (gen, ks, vs) = pool.snapshot();
                 self.graphs.clear();
                 let kv = ks.iter().zip(&vs).map(|(k, v)| Ok((addr(k, &self.stream)?, addr(v, &self.stream)?)));
                 let kv = kv.collect::<Result<Vec<_>>>()?;
@@ -786,7 +820,8 @@ mod imp {
                 row[..t.len()].copy_from_slice(t);
             }
             // The pool's last writes (prefills) are on candle's stream.
-            self.stream.join(&self.dev.cuda_stream()).w()?;
+            self.joined.record(&self.dev.cuda_stream()).w()?;
+            self.stream.wait(&self.joined).w()?;
             if use_graph {
                 let key = (bucket, variant());
                 if !self.graphs.contains_key(&key) {
@@ -834,17 +869,32 @@ mod imp {
             let bufs = self.bufs.as_ref().ok_or_else(|| NnError::Other("decode graph: no buffers".into()))?;
             let st = self.stream.cu_stream();
             self.stream.context().bind_to_thread().w()?;
+            if self.zero_copy_fits(m, b)? {
+                return self.record_only(m, b, None, Some(len));
+            }
             // SAFETY: host_in holds cap (2 + maxb) >= len values and `inp`
             // (at p.tok) as many; pinned memory, owned by `bufs`.
             unsafe { sys::cuMemcpyHtoDAsync_v2(bufs.p.tok, bufs.host_in.ptr as *const c_void, len * 4, st) }
                 .result()
                 .w()?;
-            self.record(m, b)?;
+            self.record_only(m, b, None, None)?;
             // SAFETY: b <= cap keys on both sides.
             unsafe { sys::cuMemcpyDtoHAsync_v2(bufs.host_best.ptr as *mut c_void, bufs.p.best, b * 8, st) }
                 .result()
                 .w()?;
             Ok(())
+        }
+
+        /// Whether a step of `b` rows does its own input and output
+        /// ([`zero_copy`]): the one-row persistent step only (the
+        /// other paths' kernels read the inputs before their programmatic
+        /// wait, so the inputs must be on the device before the step).
+        fn zero_copy_fits(&self, m: &Llama, b: usize) -> Result<bool> {
+            Ok(zero_copy()
+                && !self.stream_fits(m, b)
+                && !self.mega_fits(m, b)
+                && lay_fits(&m.cfg, b)
+                && self.lp_config(&m.cfg, b)?.is_some())
         }
 
         fn f(&self, name: &str) -> Result<&CudaFunction> {
@@ -905,14 +955,12 @@ mod imp {
             }
         }
 
-        /// Enqueue one decode step for `b` rows (the buffers' inputs set).
-        fn record(&self, m: &Llama, b: usize) -> Result<()> {
-            self.record_only(m, b, None)
-        }
-
-        /// [`Self::record`], or with `only` just that kind's kernel of the
-        /// first layer (profiling).
-        fn record_only(&self, m: &Llama, b: usize, only: Option<&str>) -> Result<()> {
+        /// Enqueue one decode step for `b` rows (the buffers' inputs set),
+        /// or with `only` just that kind's kernel of the first layer
+        /// (profiling). `io`: the step reads its `io` input values from
+        /// `host_in` and writes its keys to `host_best` itself
+        /// ([`Self::zero_copy_fits`]).
+        fn record_only(&self, m: &Llama, b: usize, only: Option<&str>, io: Option<usize>) -> Result<()> {
             let on = |k: &str| only.is_none_or(|o| o == k);
             let c = &m.cfg;
             let p = self.bufs.as_ref().ok_or_else(|| NnError::Other("decode graph: no buffers".into()))?.p;
@@ -923,7 +971,7 @@ mod imp {
                 return self.record_mega(m, b, p);
             }
             if only.is_none() && lay_fits(c, b) {
-                return self.record_lay(m, b, p);
+                return self.record_lay(m, b, p, io);
             }
             let (hid, inter, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
             let (nh, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
@@ -1127,9 +1175,10 @@ mod imp {
             unsafe { self.go_persistent(&format!("dec_mega_{hd}"), lc, &mut [arg(&mg)], p.bar, 1, coop) }
         }
 
-        /// A persistent step: `counters` u32 at `bar` zeroed, then the
-        /// kernel launched (cooperatively when `coop`: all blocks resident
-        /// at once), on the decode stream.
+        /// A persistent step: `counters` u32 at `bar` zeroed (none: the
+        /// kernel before zeroed them), then the kernel launched
+        /// (cooperatively when `coop`: all blocks resident at once), on the
+        /// decode stream.
         ///
         /// # Safety
         /// As for [`Self::go`]; `bar` must hold `counters` u32.
@@ -1143,8 +1192,10 @@ mod imp {
             coop: bool,
         ) -> Result<()> {
             self.stream.context().bind_to_thread().w()?;
-            // SAFETY: the caller vouches for `bar`; on the decode stream.
-            unsafe { sys::cuMemsetD32Async(bar, 0, counters, self.stream.cu_stream()) }.result().w()?;
+            if counters > 0 {
+                // SAFETY: the caller vouches for `bar`; on the decode stream.
+                unsafe { sys::cuMemsetD32Async(bar, 0, counters, self.stream.cu_stream()) }.result().w()?;
+            }
             // SAFETY: a plain C struct; zero is a valid value of every field.
             let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
             attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
@@ -1239,14 +1290,42 @@ mod imp {
         /// attention part of `parts`) and the MLP kernel (x2 + those in,
         /// the sum back into x, each cluster's down rows into the MLP
         /// part), then the LM head on x + the MLP part.
-        fn record_lay(&self, m: &Llama, b: usize, p: BufPtrs) -> Result<()> {
+        fn record_lay(&self, m: &Llama, b: usize, p: BufPtrs, io: Option<usize>) -> Result<()> {
             let c = &m.cfg;
             let (hid, kv, hd) = (c.hidden_size, c.kv_heads(), c.head_dim());
             let rep = c.num_attention_heads / kv;
             let hid_i = hid as i32;
-            let mut args = [arg(&p.tok), arg(&self.embed), arg(&p.x), arg(&hid_i), arg(&p.best)];
-            // SAFETY: arguments match dec_embed in kernels/decode.cu.
-            unsafe { self.go("dec_embed", cfg(b, 1, 256, 0), &mut args, false) }?;
+            let lp = self.lp_config(c, b)?;
+            let nl = self.layers.len();
+            // The persistent step's counters and the head's.
+            let nctr = 2 * nl as i32 + 1;
+            if let Some(n) = io {
+                if lp.is_none() {
+                    return Err(NnError::Other("decode graph: zero-copy input without the persistent step".into()));
+                }
+                super::ZC_RUNS.with(|r| r.set(r.get() + 1));
+                let n = n as i32;
+                let mut args = [
+                    arg(&p.tok),
+                    arg(&self.embed),
+                    arg(&p.x),
+                    arg(&hid_i),
+                    arg(&p.best),
+                    arg(&p.hin),
+                    arg(&n),
+                    arg(&p.bar),
+                    arg(&nctr),
+                ];
+                // SAFETY: arguments match dec_embed_io in kernels/decode.cu:
+                // host_in (mapped) holds n values, `inp` as many; `bar`
+                // holds nctr counters. The persistent kernel after it is
+                // not a programmatic launch (it starts after this ends).
+                unsafe { self.go("dec_embed_io", cfg(b, 1, 256, 0), &mut args, false) }?;
+            } else {
+                let mut args = [arg(&p.tok), arg(&self.embed), arg(&p.x), arg(&hid_i), arg(&p.best)];
+                // SAFETY: arguments match dec_embed in kernels/decode.cu.
+                unsafe { self.go("dec_embed", cfg(b, 1, 256, 0), &mut args, false) }?;
+            }
             let pa = p.parts;
             let pb = pa + (kv * b * hid * 4) as u64;
             let mlp_blocks = c.intermediate_size / LAY_UB;
@@ -1267,9 +1346,8 @@ mod imp {
                 ..Default::default()
             };
             let times = lay_times();
-            if let Some((lc, layers, coop)) = self.lp_config(c, b)? {
+            if let Some((lc, layers, coop)) = lp {
                 let ctr = p.bar;
-                let nl = self.layers.len();
                 let pp = LayP {
                     a: Lay { tm: if times > 0 { p.times } else { 0 }, rep: (times > 1) as i32, ..base },
                     layers,
@@ -1287,7 +1365,8 @@ mod imp {
                 // holds 2 nl counters. (Zeroed here, and the embedding's
                 // kernel above ran before: no block of the step reads them
                 // before its wait for that kernel.)
-                unsafe { self.go_persistent(&format!("dec_lp_{hd}_{rep}"), lc, &mut [arg(&pp)], ctr, 2 * nl, coop) }?;
+                let zero = if io.is_some() { 0 } else { 2 * nl };
+                unsafe { self.go_persistent(&format!("dec_lp_{hd}_{rep}"), lc, &mut [arg(&pp)], ctr, zero, coop) }?;
             } else {
                 for (li, lp) in self.layers.iter().enumerate() {
                     let (kc, vc) = self.pool.1[li];
@@ -1350,6 +1429,9 @@ mod imp {
                 out: p.logits,
                 k: hid_i,
                 n: c.vocab_size as i32,
+                // (Zero-copy: the head's last block writes the keys out.)
+                hbest: if io.is_some() { p.hbest } else { 0 },
+                hdone: p.bar + 8 * nl as u64,
                 ..g
             };
             self.mma("headp", head)
@@ -1376,7 +1458,7 @@ mod imp {
                 self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
                 let mut rec = Ok(());
                 for _ in 0..reps {
-                    rec = rec.and_then(|_| self.record_only(m, b, Some(kind)));
+                    rec = rec.and_then(|_| self.record_only(m, b, Some(kind), None));
                 }
                 let g = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
                 rec?;
@@ -1586,17 +1668,26 @@ mod imp {
         std::env::var("PIPE_DECODE_LP_SLEEP").ok().and_then(|v| v.parse().ok()).unwrap_or(250)
     }
 
+    /// Whether the one-row persistent step reads its inputs from, and
+    /// writes its argmax keys to, mapped host memory itself (its embedding
+    /// kernel and its LM head's last block) instead of copies before and
+    /// after its kernels (`PIPE_DECODE_ZC=0`: copies).
+    fn zero_copy() -> bool {
+        switch(&super::ZERO_COPY, || std::env::var("PIPE_DECODE_ZC").map_or(true, |v| v != "0"))
+    }
+
     /// dec_la: sequences of up to this many positions (at most
     /// `LAY_CH`) are attended whole by each block of a kv head's cluster,
     /// with no merge of the blocks' position ranges
-    /// (`PIPE_DECODE_LA_WHOLE`; 0, the default: never). Each block stages
-    /// its own range of keys and pushes it to the others; that version has
-    /// not run on a GPU yet (an earlier one, every block staging all the
-    /// keys, passed the decode test on an H200), and its speed is not
-    /// measured (docs/results.md §5).
+    /// (`PIPE_DECODE_LA_WHOLE`, 64 by default; 0: never). Each block
+    /// stages its own range of keys and pushes it to the others. On an
+    /// H200 (SmolLM2-135M, batch 1, 20-position prompts and 64 steps, one
+    /// call, three rounds) 64: 0.349-0.351 ms a step, 128: 0.350-0.357,
+    /// 0: 0.354-0.363; at 100-position prompts 128 is slower than 0
+    /// (docs/results.md §5).
     fn la_whole() -> i32 {
         switch(&super::LA_WHOLE, || {
-            std::env::var("PIPE_DECODE_LA_WHOLE").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+            std::env::var("PIPE_DECODE_LA_WHOLE").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
         })
     }
 
@@ -1682,10 +1773,10 @@ mod imp {
     }
 
     /// What the switches that shape a recorded step read now.
-    type Variant = (bool, usize, bool, bool, bool, bool, usize, i32);
+    type Variant = (bool, usize, bool, bool, bool, bool, usize, i32, bool);
 
     fn variant() -> Variant {
-        (mega_on(), tc_from(), pdl_on(), attn_chunked(), mlp_fused(), stream_on(), lay_max(), la_whole())
+        (mega_on(), tc_from(), pdl_on(), attn_chunked(), mlp_fused(), stream_on(), lay_max(), la_whole(), zero_copy())
     }
 
     /// A switch: this thread's test setting, else what `env` reads.
@@ -1875,17 +1966,28 @@ mod tests {
                 assert!(super::imp::lay_fits(&cfg, 2), "{cfg:?}");
                 // (Short prompts also with every block of a cluster
                 // attending the whole sequence, PIPE_DECODE_LA_WHOLE.)
-                let wholes: &[i32] = if extra == 0 { &[0, 128] } else { &[0] };
+                // (And one row with its inputs and keys copied by the
+                // graph instead of by its kernels, PIPE_DECODE_ZC=0.)
+                let wholes: &[(i32, bool)] =
+                    if extra == 0 { &[(0, true), (128, true), (0, false)] } else { &[(0, true)] };
                 let cases = [(1, true, extra), (2, false, extra), (1, false, extra), (2, true, 300)];
-                for (&whole, (n, graphs, extra)) in wholes.iter().flat_map(|w| cases.map(|c| (w, c))) {
+                for (&(whole, zc), (n, graphs, extra)) in wholes.iter().flat_map(|w| cases.map(|c| (w, c))) {
                     super::LA_WHOLE.with(|t| t.set(Some(whole)));
-                    let runs = super::LAY_RUNS.with(|r| r.get());
+                    super::ZERO_COPY.with(|t| t.set(Some(zc)));
+                    let (runs, zc_runs) = (super::LAY_RUNS.with(|r| r.get()), super::ZC_RUNS.with(|r| r.get()));
                     let (fast, slow) = compare(&m, &exact, n, 4, graphs, extra)?;
-                    let what = format!("batch {n} graphs {graphs} prompts +{extra} whole {whole}, two kernels a layer");
+                    let what = format!(
+                        "batch {n} graphs {graphs} prompts +{extra} whole {whole} zero-copy {zc}, two kernels a layer"
+                    );
                     eprintln!("hd {} {what}: max rel logit error fused {fast:.4}, candle {slow:.4}", cfg.head_dim());
                     assert!(fast < 1.5 * slow + 0.005, "{what}: fused {fast} against candle's {slow}");
                     assert!(super::LAY_RUNS.with(|r| r.get()) > runs || graphs, "{what}: the two kernels ran");
+                    // (Without a graph every step records: one row is the
+                    // persistent step, which does its own copies if asked.)
+                    let zc_ran = super::ZC_RUNS.with(|r| r.get()) > zc_runs;
+                    assert!(graphs || zc_ran == (zc && n == 1), "{what}: zero-copy steps ran: {zc_ran}");
                 }
+                super::ZERO_COPY.with(|t| t.set(None));
             }
         }
         super::LA_WHOLE.with(|t| t.set(None));

@@ -100,6 +100,12 @@ impl KvPool {
         (k, v)
     }
 
+    /// The store's generation (bumped when it is reallocated).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
     /// [`Self::tensors`] with the store's generation.
     pub(crate) fn snapshot(&self) -> (u64, Vec<Tensor>, Vec<Tensor>) {
         let p = self.lock();
