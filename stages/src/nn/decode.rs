@@ -819,6 +819,9 @@ mod imp {
                 let t = &tables[i][..tables[i].len().min(maxb)];
                 row[..t.len()].copy_from_slice(t);
             }
+            // (host_in is write-combined and may be read by the step's
+            // first kernel itself: its stores drained before the launch.)
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             // The pool's last writes (prefills) are on candle's stream.
             self.joined.record(&self.dev.cuda_stream()).w()?;
             self.stream.wait(&self.joined).w()?;
