@@ -11,7 +11,10 @@
 //! JSON line per batch size: tokens/s and milliseconds per step (median of
 //! the steps), the prefill's time, plus the HBM roofline of batch-1 decode
 //! on an H200. `--profile` adds each kernel's GPU time per launch
-//! (`Llama::decode_profile`) and their sum over a step.
+//! (`Llama::decode_profile`) and their sum over a step. `--greedy` (or
+//! DECODE_BENCH_GREEDY=1) times batch 1 through `Llama::decode_greedy`
+//! instead (path "greedy": through the CUDA graph, the next step launched
+//! before a step's token is read; the time between tokens).
 use std::time::Instant;
 
 #[path = "common/mod.rs"]
@@ -29,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let batches: String = arg(&args, "--batches", "1,8,32,64".to_string());
     let (prompt, steps) = (arg(&args, "--prompt", 100usize), arg(&args, "--steps", 64usize));
     let profile = args.iter().any(|a| a == "--profile");
+    let greedy = args.iter().any(|a| a == "--greedy") || std::env::var("DECODE_BENCH_GREEDY").is_ok_and(|v| v == "1");
     let device = match arg(&args, "--device", "cuda".to_string()).as_str() {
         "cpu" => Device::Cpu,
         _ => Device::new_cuda(0)?,
@@ -60,7 +64,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let prefill_s = t.elapsed().as_secs_f64();
         let mut feed = first.argmax;
         let mut step_s = Vec::with_capacity(steps);
-        for i in 0..steps + 3 {
+        if greedy && b == 1 {
+            // The time between tokens, after 3.
+            let mut last = Instant::now();
+            let mut i = 0;
+            model.decode_greedy(&mut caches[0], feed[0], steps + 3, |_| {
+                if i >= 3 {
+                    step_s.push(last.elapsed().as_secs_f64());
+                }
+                last = Instant::now();
+                i += 1;
+                true
+            })?;
+        }
+        for i in 0..if greedy && b == 1 { 0 } else { steps + 3 } {
             let toks: Vec<&[u32]> = feed.iter().map(std::slice::from_ref).collect();
             let t = Instant::now();
             let next = model.step_next(&toks, &mut caches.iter_mut().collect::<Vec<_>>(), &vec![false; b])?;
@@ -93,7 +110,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!(
             "{}",
             serde_json::json!({
-                "bench": "decode", "config": cname, "path": path, "batch": b, "prompt": prompt, "steps": steps, "keep_pool": keep_pool,
+                "bench": "decode", "config": cname, "path": if greedy && b == 1 { "greedy" } else { path }, "batch": b, "prompt": prompt, "steps": steps, "keep_pool": keep_pool,
                 "ms_per_step": s * 1e3, "tokens_per_s": b as f64 / s,
                 "prefill_ms": prefill_s * 1e3, "prefill_tokens_per_s": (b * prompt) as f64 / prefill_s,
                 "roofline_h200_batch1": 4.8e12 / (2.0 * params as f64),

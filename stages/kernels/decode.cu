@@ -44,6 +44,10 @@ struct Gemv {
   // argmax keys there: no copy of its own after the kernel.
   unsigned long long *hbest;
   unsigned *hdone;
+  // A chain of steps (dec_embed_chain): the keys go to half (*seq - 1) & 1
+  // of hbest (halves of hstride keys); null: hbest itself.
+  const unsigned *seq;
+  int hstride;
 };
 
 // IN_PARTS: as IN_NORM, of x plus the partial rows `parts` (the LM head
@@ -445,7 +449,8 @@ __device__ void publish_best(const Gemv &a) {
   __syncthreads();
   if (!last) return;
   __threadfence();
-  for (int i = threadIdx.x; i < a.B; i += blockDim.x) a.hbest[i] = atomicOr(a.best + i, 0ull);
+  unsigned long long *hb = a.hbest + (a.seq ? (size_t)((*a.seq + 1u) & 1u) * a.hstride : 0);
+  for (int i = threadIdx.x; i < a.B; i += blockDim.x) hb[i] = atomicOr(a.best + i, 0ull);
   if (threadIdx.x == 0) *a.hdone = 0u;
   __threadfence_system();
 }
@@ -1145,6 +1150,40 @@ extern "C" __global__ void dec_embed_io(unsigned *__restrict__ tok, const bf16 *
   __syncthreads();
   const bf16 *e = embed + (size_t)t * H;
   for (int k = threadIdx.x; k < H; k += blockDim.x) x[(size_t)b * H + k] = __bfloat162float(e[k]);
+}
+
+// dec_embed_io for a chain of one-row steps (Llama::decode_greedy, one
+// block): the inputs are in half *seq & 1 of hin2 (halves of `stride`
+// values, a multiple of 4: the host fills one half while a step may still
+// read the other); a token of 0xffffffff stands for the step before's
+// argmax (its key still in best). It counts the step in *seq, and the LM
+// head's last block writes the key to the same half of its host buffer.
+extern "C" __global__ void dec_embed_chain(unsigned *__restrict__ tok, const bf16 *embed, float *x, int H,
+                                           unsigned long long *best, const unsigned *__restrict__ hin2, int n,
+                                           int stride, unsigned *ctr, int nctr, unsigned *seq) {
+  pdl_launch();
+  pdl_wait();
+  __shared__ unsigned t, s;
+  if (threadIdx.x == 0) s = *seq;
+  __syncthreads();
+  const unsigned *hin = hin2 + (size_t)(s & 1u) * stride;
+  if (threadIdx.x == 0) {
+    const unsigned v = hin[0];
+    t = v == 0xffffffffu ? 0xffffffffu - (unsigned)best[0] : v;
+  }
+  const int n4 = n / 4;
+  for (int i = threadIdx.x; i < n4; i += blockDim.x)
+    reinterpret_cast<uint4 *>(tok)[i] = reinterpret_cast<const uint4 *>(hin)[i];
+  if (threadIdx.x < n - 4 * n4) tok[4 * n4 + threadIdx.x] = hin[4 * n4 + threadIdx.x];
+  for (int i = threadIdx.x; i < nctr; i += blockDim.x) ctr[i] = 0u;
+  __syncthreads();  // (best read, the inputs copied)
+  if (threadIdx.x == 0) {
+    best[0] = 0ull;
+    tok[0] = t;
+    *seq = s + 1u;
+  }
+  const bf16 *e = embed + (size_t)t * H;
+  for (int k = threadIdx.x; k < H; k += blockDim.x) x[k] = __bfloat162float(e[k]);
 }
 
 // The largest logit of each row and its index (the first on ties, as

@@ -77,6 +77,10 @@ thread_local! {
     static NSPLIT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
     /// Tests: zero-copy steps recorded on this thread.
     static ZC_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Tests: chains of decode steps run on this thread.
+    static CHAIN_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Tests: this thread's `PIPE_DECODE_CHAIN`.
+    static CHAIN: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// Tests: this thread's `PIPE_DECODE_ZC`.
     static ZERO_COPY: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// Tests: this thread's `PIPE_DECODE_LA_WHOLE`.
@@ -147,6 +151,58 @@ impl Llama {
         }
         #[cfg(not(feature = "cuda"))]
         Err(crate::nn::NnError::Other("the decode graph needs a CUDA build".into()))
+    }
+
+    /// Greedy steps of one sequence through the decode graph with one step
+    /// in flight ([`Llama::decode_greedy`]): `first` at position `base`,
+    /// then each step's argmax fed to the next on the device, `table` its
+    /// blocks (room reserved for `steps` positions). `on_token` gets each
+    /// step's argmax and says whether to go on; the steps run (each one's
+    /// fed token now in the cache), or None where a chain does not fit
+    /// (the caller then takes a step at a time). A step launched past the
+    /// last one `on_token` accepted only writes the position after the
+    /// cache's end.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub(crate) fn graph_chain(
+        &self,
+        table: &[u32],
+        base: usize,
+        first: u32,
+        steps: usize,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<Option<usize>> {
+        #[cfg(feature = "cuda")]
+        {
+            let mut g = self.decode.inner.lock().unwrap_or_else(|e| e.into_inner());
+            if g.is_none() {
+                *g = Some(imp::Graphs::new(self)?);
+            }
+            let g = g.as_mut().unwrap_or_else(|| unreachable!("set above"));
+            if steps == 0 || !g.chain_fits(self)? {
+                return Ok(None);
+            }
+            CHAIN_RUNS.with(|r| r.set(r.get() + 1));
+            let mut k = g.chain_launch(self, Some(first), base as u32, table)?;
+            for i in 0..steps {
+                let next =
+                    if i + 1 < steps { Some(g.chain_launch(self, None, (base + i + 1) as u32, table)?) } else { None };
+                let t = g.chain_wait(k)?;
+                match next {
+                    Some(n) if on_token(t) => k = n,
+                    Some(n) => {
+                        g.chain_wait(n)?;
+                        return Ok(Some(i + 1));
+                    }
+                    None => {
+                        on_token(t);
+                        return Ok(Some(i + 1));
+                    }
+                }
+            }
+            Ok(Some(steps))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Ok(None)
     }
 
     /// Microseconds of GPU time per launch of each kernel of a decode step
@@ -226,6 +282,8 @@ mod imp {
         np: i32,
         hbest: u64,
         hdone: u64,
+        seq: u64,
+        hstride: i32,
     }
     // SAFETY: plain old data laid out as the kernels' C struct.
     unsafe impl DeviceRepr for Gemv {}
@@ -441,8 +499,16 @@ mod imp {
         cap: usize,
         /// The step's inputs (`inp`'s layout) and its argmax keys (`best`)
         /// on the host: the step's graph copies them in and out itself.
+        /// Two halves each (`in_stride` and `cap` values): a chain of
+        /// steps fills one while a step reads the other; other steps use
+        /// the first.
         host_in: Pinned<u32>,
         host_best: Pinned<u64>,
+        in_stride: usize,
+        /// A chain's steps: counted on the device (`seq`) by each step and
+        /// here by each launch (the same while the buffers live).
+        seq: CudaSlice<u32>,
+        launched: u64,
         /// The step's inputs, uploaded at once: tokens (cap), positions
         /// (cap), block tables (cap, maxb).
         inp: CudaSlice<u32>,
@@ -497,6 +563,8 @@ mod imp {
         /// host_in and host_best, as the device sees them.
         hin: u64,
         hbest: u64,
+        /// A chain's step count (dec_embed_chain).
+        seq: u64,
     }
 
     /// One graph per padded batch size, for the pool layout it was
@@ -523,7 +591,8 @@ mod imp {
         scratch_block: u32,
         /// Keyed by the padded batch size and the switches' [`variant`]
         /// at capture (tests change them between steps).
-        graphs: HashMap<(usize, Variant), Graph>,
+        /// (And whether the graph is a chain's step.)
+        graphs: HashMap<(usize, Variant, bool), Graph>,
         maxb: usize,
         /// The persistent step's per-layer weights and this pool's key and
         /// value addresses (decode.cu's `MegaLayer`, 11 addresses a layer),
@@ -541,6 +610,8 @@ mod imp {
         /// Recorded on candle's stream and waited for by the decode
         /// stream before each step (one event, not one a step).
         joined: CudaEvent,
+        /// Recorded after each chain step's launch (a step's half).
+        chain_ev: [CudaEvent; 2],
     }
 
     // SAFETY: the CUDA handles inside are used only under the model's
@@ -629,6 +700,7 @@ mod imp {
                     "dec_attn_128",
                     "dec_embed",
                     "dec_embed_io",
+                    "dec_embed_chain",
                     "dec_argmax",
                     "dec_mega_64",
                     "dec_mega_128",
@@ -670,6 +742,7 @@ mod imp {
                 stream.context().attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?
                     as u32;
             let joined = stream.context().new_event(None).w()?;
+            let chain_ev = [stream.context().new_event(None).w()?, stream.context().new_event(None).w()?];
             Ok(Graphs {
                 dev,
                 stream,
@@ -691,6 +764,7 @@ mod imp {
                 sms,
                 smem_optin,
                 joined,
+                chain_ev,
             })
         }
 
@@ -717,8 +791,10 @@ mod imp {
             // count of finished blocks (zero-copy steps).
             let bar = s.alloc_zeros(2 * self.layers.len() + 1).w()?;
             let base = ptr(&inp, s);
-            let host_in = Pinned::new(s, cap * (2 + self.maxb), sys::CU_MEMHOSTALLOC_WRITECOMBINED)?;
-            let host_best = Pinned::new(s, cap, 0)?;
+            let in_stride = (cap * (2 + self.maxb)).next_multiple_of(4);
+            let host_in = Pinned::new(s, 2 * in_stride, sys::CU_MEMHOSTALLOC_WRITECOMBINED)?;
+            let host_best = Pinned::new(s, 2 * cap, 0)?;
+            let seq = s.alloc_zeros(1).w()?;
             let p = BufPtrs {
                 tok: base,
                 pos: base + 4 * cap as u64,
@@ -740,11 +816,15 @@ mod imp {
                 inv_freq: ptr(&self.inv_freq, s),
                 hin: host_in.dev,
                 hbest: host_best.dev,
+                seq: ptr(&seq, s),
             };
             Ok(Bufs {
                 cap,
                 host_in,
                 host_best,
+                in_stride,
+                seq,
+                launched: 0,
                 inp,
                 best,
                 x,
@@ -775,6 +855,33 @@ mod imp {
         ) -> Result<Next> {
             let n = toks.len();
             let bucket = n.next_power_of_two();
+            self.prepare(m, bucket)?;
+            // Inputs in Bufs::inp's layout: padded rows feed token 0 at
+            // position 0 of the scratch block; into pinned memory, which the
+            // step's graph copies in itself (no copy in flight: every step
+            // ends with the stream synchronized).
+            let len = self.fill_inputs(0, bucket, toks, pos, tables)?;
+            if use_graph {
+                let key = (bucket, variant(), false);
+                if !self.graphs.contains_key(&key) {
+                    self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
+                    let rec = self.io_step(m, bucket, len);
+                    let g = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+                    rec?;
+                    let g = g.w()?.ok_or_else(|| NnError::Other("decode graph: the capture was empty".into()))?;
+                    g.upload().w()?;
+                    self.graphs.insert(key, Graph(g));
+                }
+                self.graphs[&key].0.launch().w()?;
+            } else {
+                self.io_step(m, bucket, len)?;
+            }
+            self.finish_step(m, bucket, n, logits_for, 0)
+        }
+
+        /// Buffers for `bucket` rows and the pool's current addresses (the
+        /// graphs dropped when either changes), the streamed step's table.
+        fn prepare(&mut self, m: &Llama, bucket: usize) -> Result<()> {
             if self.bufs.as_ref().is_none_or(|b| b.cap < bucket) {
                 self.graphs.clear();
                 self.bufs = Some(self.alloc(m, bucket.max(8))?);
@@ -801,18 +908,30 @@ mod imp {
             if stream_on() && self.stream_layers.is_none() {
                 self.stream_table(m)?;
             }
-            // Inputs in Bufs::inp's layout: padded rows feed token 0 at
-            // position 0 of the scratch block; into pinned memory, which the
-            // step's graph copies in itself (no copy in flight: every step
-            // ends with the stream synchronized).
+            Ok(())
+        }
+
+        /// The inputs of `n` rows padded to `bucket` (Bufs::inp's layout:
+        /// padded rows feed token 0 at position 0 of the scratch block) into
+        /// half `half` of host_in; then candle's stream joined (the pool's
+        /// last writes, prefills, are on it). The number of input values.
+        fn fill_inputs(
+            &mut self,
+            half: usize,
+            bucket: usize,
+            toks: &[u32],
+            pos: &[u32],
+            tables: &[&[u32]],
+        ) -> Result<usize> {
             let (maxb, scratch) = (self.maxb, self.scratch_block);
-            let bufs = self.bufs.as_mut().unwrap_or_else(|| unreachable!("allocated above"));
+            let bufs = self.bufs.as_mut().ok_or_else(|| NnError::Other("decode graph: no buffers".into()))?;
             let cap = bufs.cap;
             let len = 2 * cap + bucket * maxb;
-            let inp = &mut bufs.host_in.as_mut()[..len];
+            let at = half * bufs.in_stride;
+            let inp = &mut bufs.host_in.as_mut()[at..at + len];
             inp[..2 * cap].fill(0);
             inp[2 * cap..].fill(scratch);
-            for i in 0..n {
+            for i in 0..toks.len() {
                 inp[i] = toks[i];
                 inp[cap + i] = pos[i];
                 let row = &mut inp[2 * cap + i * maxb..2 * cap + (i + 1) * maxb];
@@ -822,25 +941,16 @@ mod imp {
             // (host_in is write-combined and may be read by the step's
             // first kernel itself: its stores drained before the launch.)
             std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-            // The pool's last writes (prefills) are on candle's stream.
             self.joined.record(&self.dev.cuda_stream()).w()?;
             self.stream.wait(&self.joined).w()?;
-            if use_graph {
-                let key = (bucket, variant());
-                if !self.graphs.contains_key(&key) {
-                    self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
-                    let rec = self.io_step(m, bucket, len);
-                    let g = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
-                    rec?;
-                    let g = g.w()?.ok_or_else(|| NnError::Other("decode graph: the capture was empty".into()))?;
-                    g.upload().w()?;
-                    self.graphs.insert(key, Graph(g));
-                }
-                self.graphs[&key].0.launch().w()?;
-            } else {
-                self.io_step(m, bucket, len)?;
-            }
-            let bufs = self.bufs.as_ref().unwrap_or_else(|| unreachable!("allocated above"));
+            Ok(len)
+        }
+
+        /// After a step's launch: the rows' logits where asked, the stream
+        /// synchronized, the argmax of its `n` rows (keys in half `half` of
+        /// host_best).
+        fn finish_step(&self, m: &Llama, bucket: usize, n: usize, logits_for: &[bool], half: usize) -> Result<Next> {
+            let bufs = self.bufs.as_ref().ok_or_else(|| NnError::Other("decode graph: no buffers".into()))?;
             let v = m.cfg.vocab_size;
             let mut logits = Vec::with_capacity(n);
             for (i, &want) in logits_for.iter().enumerate().take(n) {
@@ -860,9 +970,56 @@ mod imp {
             }
             // decode.cu's argmax_key: the index is in the low half, inverted
             // (the keys copied out by the step, the stream synchronized above).
-            let keys = &bufs.host_best.as_ref()[..n];
+            let at = half * bufs.cap;
+            let keys = &bufs.host_best.as_ref()[at..at + n];
             let argmax = keys.iter().map(|k| u32::MAX - (*k as u32)).collect();
             Ok(Next { argmax, logits })
+        }
+
+        /// Whether one row's steps can run as a chain ([`Self::chain_launch`]):
+        /// the zero-copy persistent step, through graphs.
+        pub fn chain_fits(&mut self, m: &Llama) -> Result<bool> {
+            if !chain_on() || super::mode() != Some(true) || super::GRAPHS_OFF.with(|off| off.get()) {
+                return Ok(false);
+            }
+            self.prepare(m, 1)?;
+            self.zero_copy_fits(m, 1)
+        }
+
+        /// Launch one step of a chain of one row (after [`Self::chain_fits`]),
+        /// feeding `tok` (None: the argmax of the chain's step before, on
+        /// the device) at `pos` with block table `table`; it may start
+        /// while the step before runs. Its number, for [`Self::chain_wait`];
+        /// at most two steps may be launched and not waited for.
+        pub fn chain_launch(&mut self, m: &Llama, tok: Option<u32>, pos: u32, table: &[u32]) -> Result<u64> {
+            self.prepare(m, 1)?;
+            let k = self.bufs.as_ref().ok_or_else(|| NnError::Other("decode graph: no buffers".into()))?.launched;
+            let half = (k & 1) as usize;
+            let len = self.fill_inputs(half, 1, &[tok.unwrap_or(u32::MAX)], &[pos], &[table])?;
+            let key = (1, variant(), true);
+            if !self.graphs.contains_key(&key) {
+                self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
+                let rec = self.record_only(m, 1, None, Some((len, true)));
+                let g = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+                rec?;
+                let g = g.w()?.ok_or_else(|| NnError::Other("decode graph: the capture was empty".into()))?;
+                g.upload().w()?;
+                self.graphs.insert(key, Graph(g));
+            }
+            self.graphs[&key].0.launch().w()?;
+            self.chain_ev[half].record(&self.stream).w()?;
+            if let Some(b) = self.bufs.as_mut() {
+                b.launched += 1;
+            }
+            Ok(k)
+        }
+
+        /// The argmax of chain step `k` once it has run.
+        pub fn chain_wait(&self, k: u64) -> Result<u32> {
+            let half = (k & 1) as usize;
+            self.chain_ev[half].synchronize().w()?;
+            let bufs = self.bufs.as_ref().ok_or_else(|| NnError::Other("decode graph: no buffers".into()))?;
+            Ok(u32::MAX - (bufs.host_best.as_ref()[half * bufs.cap] as u32))
         }
 
         /// A step on the decode stream, as its graph holds it: the inputs
@@ -873,7 +1030,7 @@ mod imp {
             let st = self.stream.cu_stream();
             self.stream.context().bind_to_thread().w()?;
             if self.zero_copy_fits(m, b)? {
-                return self.record_only(m, b, None, Some(len));
+                return self.record_only(m, b, None, Some((len, false)));
             }
             // SAFETY: host_in holds cap (2 + maxb) >= len values and `inp`
             // (at p.tok) as many; pinned memory, owned by `bufs`.
@@ -960,10 +1117,11 @@ mod imp {
 
         /// Enqueue one decode step for `b` rows (the buffers' inputs set),
         /// or with `only` just that kind's kernel of the first layer
-        /// (profiling). `io`: the step reads its `io` input values from
+        /// (profiling). `io`: the step reads its `io.0` input values from
         /// `host_in` and writes its keys to `host_best` itself
-        /// ([`Self::zero_copy_fits`]).
-        fn record_only(&self, m: &Llama, b: usize, only: Option<&str>, io: Option<usize>) -> Result<()> {
+        /// ([`Self::zero_copy_fits`]); with `io.1`, as a step of a chain
+        /// ([`Self::chain_launch`]).
+        fn record_only(&self, m: &Llama, b: usize, only: Option<&str>, io: Option<(usize, bool)>) -> Result<()> {
             let on = |k: &str| only.is_none_or(|o| o == k);
             let c = &m.cfg;
             let p = self.bufs.as_ref().ok_or_else(|| NnError::Other("decode graph: no buffers".into()))?.p;
@@ -1293,7 +1451,7 @@ mod imp {
         /// attention part of `parts`) and the MLP kernel (x2 + those in,
         /// the sum back into x, each cluster's down rows into the MLP
         /// part), then the LM head on x + the MLP part.
-        fn record_lay(&self, m: &Llama, b: usize, p: BufPtrs, io: Option<usize>) -> Result<()> {
+        fn record_lay(&self, m: &Llama, b: usize, p: BufPtrs, io: Option<(usize, bool)>) -> Result<()> {
             let c = &m.cfg;
             let (hid, kv, hd) = (c.hidden_size, c.kv_heads(), c.head_dim());
             let rep = c.num_attention_heads / kv;
@@ -1302,28 +1460,55 @@ mod imp {
             let nl = self.layers.len();
             // The persistent step's counters and the head's.
             let nctr = 2 * nl as i32 + 1;
-            if let Some(n) = io {
-                if lp.is_none() {
-                    return Err(NnError::Other("decode graph: zero-copy input without the persistent step".into()));
+            let cap = self.bufs.as_ref().map_or(0, |b| b.cap);
+            let chain = io.is_some_and(|(_, c)| c);
+            if let Some((n, chain)) = io {
+                if lp.is_none() || (chain && b != 1) {
+                    return Err(NnError::Other(
+                        "decode graph: zero-copy input without the one-row persistent step".into(),
+                    ));
                 }
                 super::ZC_RUNS.with(|r| r.set(r.get() + 1));
                 let n = n as i32;
-                let mut args = [
-                    arg(&p.tok),
-                    arg(&self.embed),
-                    arg(&p.x),
-                    arg(&hid_i),
-                    arg(&p.best),
-                    arg(&p.hin),
-                    arg(&n),
-                    arg(&p.bar),
-                    arg(&nctr),
-                ];
-                // SAFETY: arguments match dec_embed_io in kernels/decode.cu:
-                // host_in (mapped) holds n values, `inp` as many; `bar`
-                // holds nctr counters. The persistent kernel after it is
-                // not a programmatic launch (it starts after this ends).
-                unsafe { self.go("dec_embed_io", cfg(b, 1, 256, 0), &mut args, false) }?;
+                if chain {
+                    let stride = self.bufs.as_ref().map_or(0, |b| b.in_stride) as i32;
+                    let mut args = [
+                        arg(&p.tok),
+                        arg(&self.embed),
+                        arg(&p.x),
+                        arg(&hid_i),
+                        arg(&p.best),
+                        arg(&p.hin),
+                        arg(&n),
+                        arg(&stride),
+                        arg(&p.bar),
+                        arg(&nctr),
+                        arg(&p.seq),
+                    ];
+                    // SAFETY: arguments match dec_embed_chain in
+                    // kernels/decode.cu: host_in (mapped) holds two halves
+                    // of `stride` >= n values (a multiple of 4), `inp` n
+                    // values, `bar` nctr counters, `seq` one; one row, one
+                    // block. Not a programmatic launch, as below.
+                    unsafe { self.go("dec_embed_chain", cfg(1, 1, 256, 0), &mut args, false) }?;
+                } else {
+                    let mut args = [
+                        arg(&p.tok),
+                        arg(&self.embed),
+                        arg(&p.x),
+                        arg(&hid_i),
+                        arg(&p.best),
+                        arg(&p.hin),
+                        arg(&n),
+                        arg(&p.bar),
+                        arg(&nctr),
+                    ];
+                    // SAFETY: arguments match dec_embed_io in kernels/decode.cu:
+                    // host_in (mapped) holds n values, `inp` as many; `bar`
+                    // holds nctr counters. The persistent kernel after it is
+                    // not a programmatic launch (it starts after this ends).
+                    unsafe { self.go("dec_embed_io", cfg(b, 1, 256, 0), &mut args, false) }?;
+                }
             } else {
                 let mut args = [arg(&p.tok), arg(&self.embed), arg(&p.x), arg(&hid_i), arg(&p.best)];
                 // SAFETY: arguments match dec_embed in kernels/decode.cu.
@@ -1435,6 +1620,8 @@ mod imp {
                 // (Zero-copy: the head's last block writes the keys out.)
                 hbest: if io.is_some() { p.hbest } else { 0 },
                 hdone: p.bar + 8 * nl as u64,
+                seq: if chain { p.seq } else { 0 },
+                hstride: cap as i32,
                 ..g
             };
             self.mma("headp", head)
@@ -1479,7 +1666,7 @@ mod imp {
                 out.push((kind.to_string(), ms * 1e3 / (5 * reps) as f64));
             }
             // The whole step as replayed (the graph of this size).
-            if let Some(g) = self.graphs.get(&(b, variant())) {
+            if let Some(g) = self.graphs.get(&(b, variant(), false)) {
                 let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
                 let start = self.stream.record_event(flags).w()?;
                 for _ in 0..10 {
@@ -1677,6 +1864,12 @@ mod imp {
     /// after its kernels (`PIPE_DECODE_ZC=0`: copies).
     fn zero_copy() -> bool {
         switch(&super::ZERO_COPY, || std::env::var("PIPE_DECODE_ZC").map_or(true, |v| v != "0"))
+    }
+
+    /// Whether [`Llama::decode_greedy`] keeps one step in flight on the
+    /// GPU (`PIPE_DECODE_CHAIN`, on by default; 0: a step at a time).
+    fn chain_on() -> bool {
+        switch(&super::CHAIN, || std::env::var("PIPE_DECODE_CHAIN").map_or(true, |v| v != "0"))
     }
 
     /// dec_la: sequences of up to this many positions (at most
@@ -2084,6 +2277,83 @@ mod tests {
             assert!(prof.len() >= 8, "{prof:?}");
             assert!(prof.iter().filter(|(k, _)| k != "argmax").all(|(_, us)| *us > 0.0), "{prof:?}");
         }
+        Ok(())
+    }
+
+    /// [`Llama::decode_greedy`] against [`Llama::step_next`] a step at a
+    /// time on `m`: the same tokens, a stop where `on_token` says (the
+    /// cache holding the fed tokens, going on from there as if never
+    /// stopped), and its bad input refused.
+    fn greedy_matches_steps(m: &Llama) -> Result<()> {
+        let prompt: &[u32] = &[5, 9, 2, 7, 1, 3];
+        let prefilled = |c: &mut KvCache| -> Result<u32> { Ok(m.step_next(&[prompt], &mut [c], &[false])?.argmax[0]) };
+        let mut a = KvCache::new();
+        let first = prefilled(&mut a)?;
+        let (mut want, mut feed) = (Vec::new(), first);
+        for _ in 0..7 {
+            feed = m.step_next(&[&[feed]], &mut [&mut a], &[false])?.argmax[0];
+            want.push(feed);
+        }
+        let mut b = KvCache::new();
+        assert_eq!(prefilled(&mut b)?, first);
+        let mut got = Vec::new();
+        assert_eq!(
+            m.decode_greedy(&mut b, first, 7, |t| {
+                got.push(t);
+                true
+            })?,
+            7
+        );
+        assert_eq!(got, want);
+        assert_eq!(b.len(), a.len());
+        // Stopped after 3 (the third token not fed), then 4 more.
+        let mut c = KvCache::new();
+        prefilled(&mut c)?;
+        let mut got = Vec::new();
+        let n = m.decode_greedy(&mut c, first, 7, |t| {
+            got.push(t);
+            got.len() < 3
+        })?;
+        assert_eq!((n, &got[..], c.len()), (3, &want[..3], prompt.len() + 3));
+        let mut rest = Vec::new();
+        m.decode_greedy(&mut c, got[2], 4, |t| {
+            rest.push(t);
+            true
+        })?;
+        assert_eq!(rest, want[3..]);
+        assert_eq!(m.decode_greedy(&mut c, first, 0, |_| true)?, 0);
+        let vocab = m.cfg.vocab_size as u32;
+        let e = m.decode_greedy(&mut c, vocab, 1, |_| true).expect_err("outside the vocabulary").to_string();
+        assert!(e.contains("outside the vocabulary"), "{e}");
+        let e = m.decode_greedy(&mut c, 1, m.cfg.max_position_embeddings, |_| true).expect_err("too long").to_string();
+        assert!(e.contains("would pass the model's"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn greedy_decoding_is_steps_of_argmax() -> Result<()> {
+        let cfg = crate::nn::tests::tiny_config("llama", true);
+        let m = crate::nn::tests::tiny_model(&cfg, &TrainSpec::default(), DType::F32)?;
+        greedy_matches_steps(&m)
+    }
+
+    /// On the GPU machine: the chain of graph steps (each step's argmax fed
+    /// to the next on the device) gives the tokens of the graph a step at
+    /// a time, and ran; with `PIPE_DECODE_CHAIN=0` a step at a time.
+    #[test]
+    fn greedy_chain_on_cuda_matches_steps() -> Result<()> {
+        let Some(dev) = crate::nn::tests::cuda_device()? else { return Ok(()) };
+        super::LAY.with(|t| t.set(Some(Some(true))));
+        let m = crate::nn::tests::tiny_model_on(&config(256, 4, 2, true), &TrainSpec::default(), DType::BF16, &dev)?;
+        assert!(m.decode_graph_ok());
+        for chain in [true, false] {
+            super::CHAIN.with(|t| t.set(Some(chain)));
+            let runs = super::CHAIN_RUNS.with(|r| r.get());
+            greedy_matches_steps(&m)?;
+            assert_eq!(super::CHAIN_RUNS.with(|r| r.get()) > runs, chain, "chains ran: {chain}");
+        }
+        super::CHAIN.with(|t| t.set(None));
+        super::LAY.with(|t| t.set(None));
         Ok(())
     }
 

@@ -298,6 +298,61 @@ impl Llama {
         Ok(Next { argmax, logits })
     }
 
+    /// Greedy decoding of one sequence: feed `first` (the token sampled
+    /// last) at the end of `cache`, then each step's argmax, for at most
+    /// `steps` steps; `on_token` gets each step's argmax and returns
+    /// whether to go on. Each step's fed token stays in the cache (the
+    /// last argmax is not fed); the number of steps. The same tokens as
+    /// [`Self::step_next`] a step at a time, which it does on the CPU;
+    /// through the decode graph (CUDA) the next step is launched before
+    /// the host reads a step's token (`PIPE_DECODE_CHAIN=0`: a step at a
+    /// time there too).
+    pub fn decode_greedy(
+        &self,
+        cache: &mut KvCache,
+        first: u32,
+        steps: usize,
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> Result<usize> {
+        if first as usize >= self.cfg.vocab_size {
+            return Err(NnError::Other(format!(
+                "token id {first} is outside the vocabulary ({})",
+                self.cfg.vocab_size
+            )));
+        }
+        if cache.len + steps > self.cfg.max_position_embeddings {
+            return Err(NnError::Other(format!(
+                "{steps} steps after {} positions would pass the model's {} positions",
+                cache.len, self.cfg.max_position_embeddings
+            )));
+        }
+        if steps == 0 {
+            return Ok(0);
+        }
+        let paged = matches!(cache.store, Store::Paged { .. } | Store::Empty);
+        if paged && self.decode_graph_ok() {
+            cache.reserve(self, steps)?;
+            let table = match &cache.store {
+                Store::Paged { blocks, .. } => blocks.clone(),
+                _ => Vec::new(),
+            };
+            if let Some(n) = self.graph_chain(&table, cache.len, first, steps, &mut on_token)? {
+                cache.len += n;
+                return Ok(n);
+            }
+        }
+        let (mut feed, mut n) = (first, 0);
+        loop {
+            let next = self.step_next(&[&[feed]], &mut [&mut *cache], &[false])?;
+            n += 1;
+            let t = next.argmax[0];
+            if !on_token(t) || n == steps {
+                return Ok(n);
+            }
+            feed = t;
+        }
+    }
+
     /// Feed `tokens[i]` to sequence `i` (a whole prompt, or the one token
     /// sampled last), appending to `caches[i]`, and return the f32 logits
     /// after each sequence's last token, (sequences, vocab).

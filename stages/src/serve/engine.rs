@@ -271,6 +271,49 @@ impl Drop for Scheduler {
     }
 }
 
+/// Token `t` of sequence `s` (sampled, or the argmax): kept, fed next,
+/// its text streamed to the client up to any stop string; whether the
+/// sequence ended (its `Done` sent).
+fn emit(s: &mut Seq, tok: &Tokenizer, t: u32) -> bool {
+    s.out.push(t);
+    s.feed = vec![t];
+    let stop_token = s.stop_ids.contains(&t);
+    // The stop token's own text is not part of the answer.
+    let visible = if stop_token { &s.out[..s.out.len() - 1] } else { &s.out[..] };
+    let last = stop_token || s.out.len() >= s.max_tokens;
+    if let Some(piece) = s.detok.push(tok, visible, last) {
+        s.text.push_str(&piece);
+    }
+    let finish = if let Some(at) = find_stop(&s.text, &s.req.params.stop) {
+        s.text.truncate(at);
+        Some(FinishReason::Stop)
+    } else if stop_token {
+        Some(FinishReason::Stop)
+    } else if s.out.len() >= s.max_tokens {
+        Some(FinishReason::Length)
+    } else {
+        None
+    };
+    let upto = match finish {
+        Some(_) => s.text.len(),
+        None => s.text.len() - held_back(&s.text, &s.req.params.stop),
+    };
+    if upto > s.sent {
+        let _ = s.req.events.send(Event::Delta(s.text[s.sent..upto].to_string()));
+        s.sent = upto;
+    }
+    if let Some(reason) = finish {
+        let _ = s.req.events.send(Event::Done {
+            reason,
+            prompt_tokens: s.req.prompt.len(),
+            completion_tokens: s.out.len(),
+            cached_tokens: s.cached,
+        });
+        return true;
+    }
+    false
+}
+
 /// Shared prompt tokens worth reusing from the prefix cache.
 const MIN_PREFIX: usize = 32;
 
@@ -354,6 +397,39 @@ impl Scheduler {
 
     /// Prompt tokens of `prompt` the prefix cache holds (0 below MIN_PREFIX);
     /// at least one token is always computed.
+    /// The one active sequence's greedy steps through
+    /// [`Llama::decode_greedy`] until it ends, a request arrives (held
+    /// for admission), its client goes away or the engine is aborted.
+    fn greedy_run(&mut self) -> crate::nn::Result<()> {
+        let (model, tok, rx, abort, held) = (&self.model, &self.tok, &self.rx, &self.abort, &mut self.held);
+        let Some(s) = self.active.first_mut() else { return Ok(()) };
+        let (first, steps) = (s.feed[0], s.max_tokens.saturating_sub(s.out.len()));
+        let mut cache = std::mem::take(&mut s.cache);
+        let mut ended = false;
+        let t0 = std::time::Instant::now();
+        let n = model.decode_greedy(&mut cache, first, steps, |t| {
+            ended = emit(s, tok, t);
+            if ended || abort.load(Ordering::SeqCst) || s.req.events.is_closed() {
+                return false;
+            }
+            match rx.try_recv() {
+                Ok(r) => {
+                    *held = Some(r);
+                    false
+                }
+                Err(_) => true,
+            }
+        });
+        s.cache = cache;
+        let n = n?;
+        let st = &mut self.stats.decode;
+        *st = (st.0 + n, st.1 + n, st.2 + t0.elapsed().as_secs_f64());
+        if ended {
+            self.active.clear();
+        }
+        Ok(())
+    }
+
     fn cached_prefix(&self, prompt: &[u32]) -> usize {
         match &self.prefix {
             Some((toks, _)) => {
@@ -410,6 +486,18 @@ impl Scheduler {
     }
 
     fn step(&mut self) -> crate::nn::Result<()> {
+        // One greedy sequence decoding alone on the decode graph: a run of
+        // steps, each launched before the host reads the one before.
+        if let [s] = &self.active[..] {
+            if self.held.is_none()
+                && !s.out.is_empty()
+                && s.feed.len() == 1
+                && greedy(&s.req.params)
+                && self.model.decode_graph_ok()
+            {
+                return self.greedy_run();
+            }
+        }
         let feeds: Vec<Vec<u32>> = self.active.iter_mut().map(|s| std::mem::take(&mut s.feed)).collect();
         let refs: Vec<&[u32]> = feeds.iter().map(|f| f.as_slice()).collect();
         // Greedy rows take the argmax (on the device in the decode graph);
@@ -436,40 +524,7 @@ impl Scheduler {
                 Some(row) => sample(&row, &s.req.params, &mut s.rng),
                 None => best,
             };
-            s.out.push(t);
-            s.feed = vec![t];
-            let stop_token = s.stop_ids.contains(&t);
-            // The stop token's own text is not part of the answer.
-            let visible = if stop_token { &s.out[..s.out.len() - 1] } else { &s.out[..] };
-            let last = stop_token || s.out.len() >= s.max_tokens;
-            if let Some(piece) = s.detok.push(&self.tok, visible, last) {
-                s.text.push_str(&piece);
-            }
-            let finish = if let Some(at) = find_stop(&s.text, &s.req.params.stop) {
-                s.text.truncate(at);
-                Some(FinishReason::Stop)
-            } else if stop_token {
-                Some(FinishReason::Stop)
-            } else if s.out.len() >= s.max_tokens {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            let upto = match finish {
-                Some(_) => s.text.len(),
-                None => s.text.len() - held_back(&s.text, &s.req.params.stop),
-            };
-            if upto > s.sent {
-                let _ = s.req.events.send(Event::Delta(s.text[s.sent..upto].to_string()));
-                s.sent = upto;
-            }
-            if let Some(reason) = finish {
-                let _ = s.req.events.send(Event::Done {
-                    reason,
-                    prompt_tokens: s.req.prompt.len(),
-                    completion_tokens: s.out.len(),
-                    cached_tokens: s.cached,
-                });
+            if emit(s, &self.tok, t) {
                 done.push(i);
             }
         }
