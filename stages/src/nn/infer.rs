@@ -304,9 +304,8 @@ impl Llama {
     /// whether to go on. Each step's fed token stays in the cache (the
     /// last argmax is not fed); the number of steps. The same tokens as
     /// [`Self::step_next`] a step at a time, which it does on the CPU;
-    /// through the decode graph (CUDA) the next step is launched before
-    /// the host reads a step's token (`PIPE_DECODE_CHAIN=0`: a step at a
-    /// time there too).
+    /// through the decode graph (CUDA) with `PIPE_DECODE_CHAIN=1` the next
+    /// step is launched before the host reads a step's token.
     pub fn decode_greedy(
         &self,
         cache: &mut KvCache,
