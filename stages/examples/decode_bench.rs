@@ -65,7 +65,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let prefill_s = t.elapsed().as_secs_f64();
         let mut feed = first.argmax;
         let mut step_s = Vec::with_capacity(steps);
-        if greedy && b == 1 {
+        let greedy = greedy && b == 1;
+        if greedy {
             // The time between tokens, after 3.
             let mut last = Instant::now();
             let mut i = 0;
@@ -77,15 +78,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 i += 1;
                 true
             })?;
-        }
-        for i in 0..if greedy && b == 1 { 0 } else { steps + 3 } {
-            let toks: Vec<&[u32]> = feed.iter().map(std::slice::from_ref).collect();
-            let t = Instant::now();
-            let next = model.step_next(&toks, &mut caches.iter_mut().collect::<Vec<_>>(), &vec![false; b])?;
-            if i >= 3 {
-                step_s.push(t.elapsed().as_secs_f64());
+        } else {
+            for i in 0..steps + 3 {
+                let toks: Vec<&[u32]> = feed.iter().map(std::slice::from_ref).collect();
+                let t = Instant::now();
+                let next = model.step_next(&toks, &mut caches.iter_mut().collect::<Vec<_>>(), &vec![false; b])?;
+                if i >= 3 {
+                    step_s.push(t.elapsed().as_secs_f64());
+                }
+                feed = next.argmax;
             }
-            feed = next.argmax;
         }
         let s = median(&step_s);
         if profile && path != "candle" {
@@ -111,7 +113,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!(
             "{}",
             serde_json::json!({
-                "bench": "decode", "config": cname, "path": if greedy && b == 1 { "greedy" } else { path }, "batch": b, "prompt": prompt, "steps": steps, "keep_pool": keep_pool,
+                "bench": "decode", "config": cname, "path": if greedy { "greedy" } else { path }, "batch": b, "prompt": prompt, "steps": steps, "keep_pool": keep_pool,
                 "ms_per_step": s * 1e3, "tokens_per_s": b as f64 / s,
                 "prefill_ms": prefill_s * 1e3, "prefill_tokens_per_s": (b * prompt) as f64 / prefill_s,
                 "roofline_h200_batch1": 4.8e12 / (2.0 * params as f64),

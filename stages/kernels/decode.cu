@@ -44,7 +44,7 @@ struct Gemv {
   // argmax keys there: no copy of its own after the kernel.
   unsigned long long *hbest;
   unsigned *hdone;
-  // A chain of steps (dec_embed_chain): the keys go to half (*seq - 1) & 1
+  // A chain of steps (dec_embed_io with seq): the keys go to half (*seq - 1) & 1
   // of hbest (halves of hstride keys); null: hbest itself.
   const unsigned *seq;
   int hstride;
@@ -1131,14 +1131,28 @@ extern "C" __global__ void dec_embed(const unsigned *tok, const bf16 *embed, flo
 // read the inputs before it ends (no programmatic launch).
 // (Reads of host memory take a trip over the bus each: they are issued
 // together, 16 bytes a thread, before any store.)
+// With `seq` (null: none; a chain of one-row steps, Llama::decode_greedy;
+// one block): the inputs are in half *seq & 1 of hin (halves of `stride` values, a
+// multiple of 4: the host fills one half while a step may still read the
+// other); a token of 0xffffffff stands for the step before's argmax (its
+// key still in best); the step is counted in *seq, and the LM head's last
+// block writes the key to the same half of its host buffer.
 extern "C" __global__ void dec_embed_io(unsigned *__restrict__ tok, const bf16 *embed, float *x, int H,
                                         unsigned long long *best, const unsigned *__restrict__ hin, int n,
-                                        unsigned *ctr, int nctr) {
+                                        int stride, unsigned *ctr, int nctr, unsigned *seq) {
   const int b = blockIdx.x, tid = b * blockDim.x + threadIdx.x, nt = gridDim.x * blockDim.x;
   pdl_launch();
   pdl_wait();
-  __shared__ unsigned t;
-  if (threadIdx.x == 0) t = hin[b];
+  __shared__ unsigned t, s;
+  if (seq) {
+    if (threadIdx.x == 0) s = *seq;
+    __syncthreads();
+    hin += (size_t)(s & 1u) * stride;
+  }
+  if (threadIdx.x == 0) {
+    const unsigned v = hin[b];
+    t = seq && v == 0xffffffffu ? 0xffffffffu - (unsigned)best[b] : v;
+  }
   // n / 4 16-byte pieces (host_in and tok are 16-byte aligned), then the
   // rest one by one.
   const int n4 = n / 4;
@@ -1146,44 +1160,16 @@ extern "C" __global__ void dec_embed_io(unsigned *__restrict__ tok, const bf16 *
   if (tid < n - 4 * n4) tok[4 * n4 + tid] = hin[4 * n4 + tid];
   if (b == 0)
     for (int i = threadIdx.x; i < nctr; i += blockDim.x) ctr[i] = 0u;
-  if (threadIdx.x == 0) best[b] = 0ull;
-  __syncthreads();
-  const bf16 *e = embed + (size_t)t * H;
-  for (int k = threadIdx.x; k < H; k += blockDim.x) x[(size_t)b * H + k] = __bfloat162float(e[k]);
-}
-
-// dec_embed_io for a chain of one-row steps (Llama::decode_greedy, one
-// block): the inputs are in half *seq & 1 of hin2 (halves of `stride`
-// values, a multiple of 4: the host fills one half while a step may still
-// read the other); a token of 0xffffffff stands for the step before's
-// argmax (its key still in best). It counts the step in *seq, and the LM
-// head's last block writes the key to the same half of its host buffer.
-extern "C" __global__ void dec_embed_chain(unsigned *__restrict__ tok, const bf16 *embed, float *x, int H,
-                                           unsigned long long *best, const unsigned *__restrict__ hin2, int n,
-                                           int stride, unsigned *ctr, int nctr, unsigned *seq) {
-  pdl_launch();
-  pdl_wait();
-  __shared__ unsigned t, s;
-  if (threadIdx.x == 0) s = *seq;
-  __syncthreads();
-  const unsigned *hin = hin2 + (size_t)(s & 1u) * stride;
-  if (threadIdx.x == 0) {
-    const unsigned v = hin[0];
-    t = v == 0xffffffffu ? 0xffffffffu - (unsigned)best[0] : v;
-  }
-  const int n4 = n / 4;
-  for (int i = threadIdx.x; i < n4; i += blockDim.x)
-    reinterpret_cast<uint4 *>(tok)[i] = reinterpret_cast<const uint4 *>(hin)[i];
-  if (threadIdx.x < n - 4 * n4) tok[4 * n4 + threadIdx.x] = hin[4 * n4 + threadIdx.x];
-  for (int i = threadIdx.x; i < nctr; i += blockDim.x) ctr[i] = 0u;
   __syncthreads();  // (best read, the inputs copied)
   if (threadIdx.x == 0) {
-    best[0] = 0ull;
-    tok[0] = t;
-    *seq = s + 1u;
+    best[b] = 0ull;
+    if (seq) {
+      tok[b] = t;
+      *seq = s + 1u;
+    }
   }
   const bf16 *e = embed + (size_t)t * H;
-  for (int k = threadIdx.x; k < H; k += blockDim.x) x[k] = __bfloat162float(e[k]);
+  for (int k = threadIdx.x; k < H; k += blockDim.x) x[(size_t)b * H + k] = __bfloat162float(e[k]);
 }
 
 // The largest logit of each row and its index (the first on ties, as

@@ -563,7 +563,7 @@ mod imp {
         /// host_in and host_best, as the device sees them.
         hin: u64,
         hbest: u64,
-        /// A chain's step count (dec_embed_chain).
+        /// A chain's step count (dec_embed_io's `seq`).
         seq: u64,
     }
 
@@ -700,7 +700,6 @@ mod imp {
                     "dec_attn_128",
                     "dec_embed",
                     "dec_embed_io",
-                    "dec_embed_chain",
                     "dec_argmax",
                     "dec_mega_64",
                     "dec_mega_128",
@@ -862,21 +861,31 @@ mod imp {
             // ends with the stream synchronized).
             let len = self.fill_inputs(0, bucket, toks, pos, tables)?;
             if use_graph {
-                let key = (bucket, variant(), false);
-                if !self.graphs.contains_key(&key) {
-                    self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
-                    let rec = self.io_step(m, bucket, len);
-                    let g = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
-                    rec?;
-                    let g = g.w()?.ok_or_else(|| NnError::Other("decode graph: the capture was empty".into()))?;
-                    g.upload().w()?;
-                    self.graphs.insert(key, Graph(g));
-                }
-                self.graphs[&key].0.launch().w()?;
+                self.launch_graph((bucket, variant(), false), |g| g.io_step(m, bucket, len))?;
             } else {
                 self.io_step(m, bucket, len)?;
             }
             self.finish_step(m, bucket, n, logits_for, 0)
+        }
+
+        /// Launch the graph of `key`, captured first from what `record`
+        /// enqueues on the decode stream if there is none yet.
+        fn launch_graph(
+            &mut self,
+            key: (usize, Variant, bool),
+            record: impl FnOnce(&Self) -> Result<()>,
+        ) -> Result<()> {
+            if !self.graphs.contains_key(&key) {
+                self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
+                let rec = record(self);
+                let g = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+                rec?;
+                let g = g.w()?.ok_or_else(|| NnError::Other("decode graph: the capture was empty".into()))?;
+                g.upload().w()?;
+                self.graphs.insert(key, Graph(g));
+            }
+            self.graphs[&key].0.launch().w()?;
+            Ok(())
         }
 
         /// Buffers for `bucket` rows and the pool's current addresses (the
@@ -996,17 +1005,7 @@ mod imp {
             let k = self.bufs.as_ref().ok_or_else(|| NnError::Other("decode graph: no buffers".into()))?.launched;
             let half = (k & 1) as usize;
             let len = self.fill_inputs(half, 1, &[tok.unwrap_or(u32::MAX)], &[pos], &[table])?;
-            let key = (1, variant(), true);
-            if !self.graphs.contains_key(&key) {
-                self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
-                let rec = self.record_only(m, 1, None, Some((len, true)));
-                let g = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
-                rec?;
-                let g = g.w()?.ok_or_else(|| NnError::Other("decode graph: the capture was empty".into()))?;
-                g.upload().w()?;
-                self.graphs.insert(key, Graph(g));
-            }
-            self.graphs[&key].0.launch().w()?;
+            self.launch_graph((1, variant(), true), |g| g.record_only(m, 1, None, Some((len, true))))?;
             self.chain_ev[half].record(&self.stream).w()?;
             if let Some(b) = self.bufs.as_mut() {
                 b.launched += 1;
@@ -1460,9 +1459,9 @@ mod imp {
             let nl = self.layers.len();
             // The persistent step's counters and the head's.
             let nctr = 2 * nl as i32 + 1;
-            let cap = self.bufs.as_ref().map_or(0, |b| b.cap);
+            let (cap, stride) = self.bufs.as_ref().map_or((0, 0), |b| (b.cap, b.in_stride as i32));
             let chain = io.is_some_and(|(_, c)| c);
-            if let Some((n, chain)) = io {
+            if let Some((n, _)) = io {
                 if lp.is_none() || (chain && b != 1) {
                     return Err(NnError::Other(
                         "decode graph: zero-copy input without the one-row persistent step".into(),
@@ -1470,45 +1469,27 @@ mod imp {
                 }
                 super::ZC_RUNS.with(|r| r.set(r.get() + 1));
                 let n = n as i32;
-                if chain {
-                    let stride = self.bufs.as_ref().map_or(0, |b| b.in_stride) as i32;
-                    let mut args = [
-                        arg(&p.tok),
-                        arg(&self.embed),
-                        arg(&p.x),
-                        arg(&hid_i),
-                        arg(&p.best),
-                        arg(&p.hin),
-                        arg(&n),
-                        arg(&stride),
-                        arg(&p.bar),
-                        arg(&nctr),
-                        arg(&p.seq),
-                    ];
-                    // SAFETY: arguments match dec_embed_chain in
-                    // kernels/decode.cu: host_in (mapped) holds two halves
-                    // of `stride` >= n values (a multiple of 4), `inp` n
-                    // values, `bar` nctr counters, `seq` one; one row, one
-                    // block. Not a programmatic launch, as below.
-                    unsafe { self.go("dec_embed_chain", cfg(1, 1, 256, 0), &mut args, false) }?;
-                } else {
-                    let mut args = [
-                        arg(&p.tok),
-                        arg(&self.embed),
-                        arg(&p.x),
-                        arg(&hid_i),
-                        arg(&p.best),
-                        arg(&p.hin),
-                        arg(&n),
-                        arg(&p.bar),
-                        arg(&nctr),
-                    ];
-                    // SAFETY: arguments match dec_embed_io in kernels/decode.cu:
-                    // host_in (mapped) holds n values, `inp` as many; `bar`
-                    // holds nctr counters. The persistent kernel after it is
-                    // not a programmatic launch (it starts after this ends).
-                    unsafe { self.go("dec_embed_io", cfg(b, 1, 256, 0), &mut args, false) }?;
-                }
+                // (A chain's step counter; none: 0, a null pointer.)
+                let seq = if chain { p.seq } else { 0 };
+                let mut args = [
+                    arg(&p.tok),
+                    arg(&self.embed),
+                    arg(&p.x),
+                    arg(&hid_i),
+                    arg(&p.best),
+                    arg(&p.hin),
+                    arg(&n),
+                    arg(&stride),
+                    arg(&p.bar),
+                    arg(&nctr),
+                    arg(&seq),
+                ];
+                // SAFETY: arguments match dec_embed_io in kernels/decode.cu: host_in (mapped) holds n values (a
+                // chain: two halves of `stride` >= n, a multiple of 4), `inp`
+                // as many, `bar` nctr counters, `seq` one (a chain: one row,
+                // one block). The persistent kernel after it is not a
+                // programmatic launch (it starts after this ends).
+                unsafe { self.go("dec_embed_io", cfg(b, 1, 256, 0), &mut args, false) }?;
             } else {
                 let mut args = [arg(&p.tok), arg(&self.embed), arg(&p.x), arg(&hid_i), arg(&p.best)];
                 // SAFETY: arguments match dec_embed in kernels/decode.cu.

@@ -261,12 +261,7 @@ impl Llama {
             && self.decode_graph_ok()
         {
             let toks: Vec<u32> = tokens.iter().map(|t| t[0]).collect();
-            if let Some(bad) = toks.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
-                return Err(NnError::Other(format!(
-                    "token id {bad} is outside the vocabulary ({})",
-                    self.cfg.vocab_size
-                )));
-            }
+            self.check_tokens(&toks)?;
             let mut pos = Vec::with_capacity(toks.len());
             for c in caches.iter_mut() {
                 if c.len + 1 > self.cfg.max_position_embeddings {
@@ -298,6 +293,16 @@ impl Llama {
         Ok(Next { argmax, logits })
     }
 
+    /// An error naming the first token id outside the vocabulary, if any.
+    pub(crate) fn check_tokens(&self, ids: &[u32]) -> Result<()> {
+        match ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            Some(bad) => {
+                Err(NnError::Other(format!("token id {bad} is outside the vocabulary ({})", self.cfg.vocab_size)))
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Greedy decoding of one sequence: feed `first` (the token sampled
     /// last) at the end of `cache`, then each step's argmax, for at most
     /// `steps` steps; `on_token` gets each step's argmax and returns
@@ -313,12 +318,7 @@ impl Llama {
         steps: usize,
         mut on_token: impl FnMut(u32) -> bool,
     ) -> Result<usize> {
-        if first as usize >= self.cfg.vocab_size {
-            return Err(NnError::Other(format!(
-                "token id {first} is outside the vocabulary ({})",
-                self.cfg.vocab_size
-            )));
-        }
+        self.check_tokens(&[first])?;
         if cache.len + steps > self.cfg.max_position_embeddings {
             return Err(NnError::Other(format!(
                 "{steps} steps after {} positions would pass the model's {} positions",
@@ -366,12 +366,7 @@ impl Llama {
             if t.is_empty() {
                 return Err(NnError::Other("step: a sequence was given no tokens".into()));
             }
-            if let Some(bad) = t.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
-                return Err(NnError::Other(format!(
-                    "token id {bad} is outside the vocabulary ({})",
-                    self.cfg.vocab_size
-                )));
-            }
+            self.check_tokens(t)?;
             c.reserve(self, t.len())?;
             spans.push((ids.len(), t.len(), c.len));
             ids.extend_from_slice(t);

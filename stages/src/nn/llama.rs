@@ -562,9 +562,7 @@ impl Llama {
             ids.extend(&r.input_ids);
             pos.extend(&r.position_ids);
         }
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
-            return Err(NnError::Other(format!("token id {bad} is outside the vocabulary ({})", self.cfg.vocab_size)));
-        }
+        self.check_tokens(&ids)?;
         let (cos, sin) = self.rotary(&pos)?;
         let (n_tokens, n_targets) = (ids.len(), targets.len());
         Ok(Batch {
