@@ -16,8 +16,9 @@
 #   2. ROUNDS (default 2) rounds of: the baseline (if carried), then this
 #      build, then this build under each of VARIANTS ("name:VAR=value,..."
 #      words, e.g. "split:PIPE_DECODE_LA_WHOLE=0", or
-#      "greedy:DECODE_BENCH_GREEDY=1,PIPE_DECODE_CHAIN=1": batch 1 through
-#      decode_greedy, the next step in flight), at BATCHES (default
+#      "greedy:DECODE_BENCH_GREEDY=1": batch 1 through decode_greedy, the
+#      next step in flight; add PIPE_DECODE_CHAIN=0 for a step at a
+#      time), at BATCHES (default
 #      1,2), PROMPT (default 100) and STEPS (default 64);
 #   3. PIPE_DECODE_LAY_TIMES=1 (the cluster kernels' phases) and
 #      --profile (each kernel's GPU time, and `step_graph`: the whole

@@ -13,9 +13,8 @@
 //! on an H200. `--profile` adds each kernel's GPU time per launch
 //! (`Llama::decode_profile`) and their sum over a step. `--greedy` (or
 //! DECODE_BENCH_GREEDY=1) times batch 1 through `Llama::decode_greedy`
-//! instead (path "greedy": the time between tokens; with
-//! PIPE_DECODE_CHAIN=1, through the CUDA graph with the next step launched
-//! before a step's token is read).
+//! instead (path "greedy": the time between tokens; on CUDA the next step
+//! launched before a step's token is read unless PIPE_DECODE_CHAIN=0).
 use std::time::Instant;
 
 #[path = "common/mod.rs"]

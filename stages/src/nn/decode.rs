@@ -1848,10 +1848,9 @@ mod imp {
     }
 
     /// Whether [`Llama::decode_greedy`] keeps one step in flight on the
-    /// GPU (`PIPE_DECODE_CHAIN=1`; off by default until it has run on a
-    /// GPU: a step at a time).
+    /// GPU (on by default; `PIPE_DECODE_CHAIN=0`: a step at a time).
     fn chain_on() -> bool {
-        switch(&super::CHAIN, || std::env::var("PIPE_DECODE_CHAIN").is_ok_and(|v| v == "1"))
+        switch(&super::CHAIN, || std::env::var("PIPE_DECODE_CHAIN").map_or(true, |v| v != "0"))
     }
 
     /// dec_la: sequences of up to this many positions (at most

@@ -309,7 +309,7 @@ impl Llama {
     /// whether to go on. Each step's fed token stays in the cache (the
     /// last argmax is not fed); the number of steps. The same tokens as
     /// [`Self::step_next`] a step at a time, which it does on the CPU;
-    /// through the decode graph (CUDA) with `PIPE_DECODE_CHAIN=1` the next
+    /// through the decode graph (CUDA; unless `PIPE_DECODE_CHAIN=0`) the next
     /// step is launched before the host reads a step's token.
     pub fn decode_greedy(
         &self,
