@@ -12,7 +12,8 @@
 #   gpu-bench/old_decode_bench.gz.
 # On the GPU machine (the `device` tool, carry ["gpu-bench"]):
 #   bash scripts/gpu/decode_ab.sh run
-#   1. TESTS (default "decode_graph cuda"): each a filter of the lib tests;
+#   1. TESTS (default "decode_graph cuda"): each a filter of the lib tests
+#      (at most TEST_LIMIT seconds, default 300, a filter);
 #   2. ROUNDS (default 2) rounds of: the baseline (if carried), then this
 #      build, then this build under each of VARIANTS ("name:VAR=value,..."
 #      words, e.g. "split:PIPE_DECODE_LA_WHOLE=0", or
@@ -65,8 +66,13 @@ run() {
   done
   cuda_runtime_libs
   nvidia-smi --query-gpu=name,clocks.sm,power.draw --format=csv,noheader | tee -a "$log"
+  # Each case's line as it ends (--nocapture, line-buffered), so that a
+  # test that hangs shows its last case before TEST_LIMIT runs out.
+  local limit=${TEST_LIMIT:-300}
   for t in ${TESTS-decode_graph cuda}; do
-    timeout 300 ./stages_test --test-threads 1 "$t" 2>&1 | grep -E "^test |test result|panicked|rel logit" | tee -a "$log"
+    timeout "$limit" ./stages_test --test-threads 1 --nocapture "$t" 2>&1 |
+      grep --line-buffered -E "^test |test result|panicked|rel logit" | tee -a "$log"
+    [ "${PIPESTATUS[0]}" = 124 ] && echo "TIMEOUT: tests '$t' still running after $limit s" | tee -a "$log"
   done
   local args=(--batches "${BATCHES:-1,2}" --prompt "${PROMPT:-100}" --steps "${STEPS:-64}")
   for i in $(seq "${ROUNDS:-2}"); do
