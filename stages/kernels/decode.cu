@@ -2498,6 +2498,9 @@ struct LayP {
   unsigned *ctr;
   int nl, nmlp;  // layers; MLP blocks (N / LAY_UB)
   int sleep;     // ns between a waiting block's polls (0: none)
+  // dec_lph: the LM head (tc_headp_8's Gemv), run by every block of the
+  // step after its last layer, once the last MLP blocks have arrived.
+  Gemv head;
 };
 
 // Profiling: block blk's global timer into tm[LAY_TM + slot] (slot 0: the
@@ -2506,7 +2509,11 @@ __device__ __forceinline__ void lp_mark(const LayP &P, int blk, int slot) {
   if (P.a.tm && blockIdx.x == blk && threadIdx.x == 0) P.a.tm[LAY_TM + slot] = global_ns();
 }
 
-template <int HD, int REP> __device__ void lay_persist(const LayP &P) {
+// HEAD: the LM head in the same launch (dec_lph_*): each block loads its
+// first tile of the head's rows as soon as its last layer is done, and
+// takes tiles x, x + grid, ... once the last layer's MLP blocks have all
+// arrived (ctr[2 nl - 1]); the last block to finish publishes the keys.
+template <int HD, int REP, bool HEAD> __device__ void lay_persist(const LayP &P) {
   const int c = blockIdx.x / LAY_C, na = P.a.kv, np = P.nmlp / LAY_C;
   pdl_launch();
   lp_mark(P, 0, 0);
@@ -2548,6 +2555,9 @@ template <int HD, int REP> __device__ void lay_persist(const LayP &P) {
     }
   }
   lp_mark(P, gridDim.x - 1, 2);
+  if constexpr (HEAD)
+    mma_proj<IN_PARTS, OUT_LOGITS, 8>(P.head, blockIdx.x, gridDim.x, 0,
+                                      [&] { block_await(P.ctr + 2 * P.nl - 1, P.nmlp, P.sleep); });
 }
 
 #define LAY_A(HD, REP)                                                                                    \
@@ -2557,7 +2567,11 @@ template <int HD, int REP> __device__ void lay_persist(const LayP &P) {
   }                                                                                                       \
   extern "C" __global__ void __cluster_dims__(LAY_C, 1, 1) __launch_bounds__(32 * LAY_NW, 1)               \
       dec_lp_##HD##_##REP(LayP p) {                                                                       \
-    lay_persist<HD, REP>(p);                                                                              \
+    lay_persist<HD, REP, false>(p);                                                                       \
+  }                                                                                                       \
+  extern "C" __global__ void __cluster_dims__(LAY_C, 1, 1) __launch_bounds__(32 * LAY_NW, 1)               \
+      dec_lph_##HD##_##REP(LayP p) {                                                                      \
+    lay_persist<HD, REP, true>(p);                                                                        \
   }
 #define LAY_A_REPS(HD) LAY_A(HD, 1) LAY_A(HD, 2) LAY_A(HD, 3) LAY_A(HD, 4) LAY_A(HD, 5) LAY_A(HD, 6) LAY_A(HD, 7) LAY_A(HD, 8)
 LAY_A_REPS(64)

@@ -83,6 +83,10 @@ thread_local! {
     static CHAIN: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// Tests: this thread's `PIPE_DECODE_ZC`.
     static ZERO_COPY: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// Tests: this thread's `PIPE_DECODE_LP_HEAD`.
+    static LP_HEAD: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// Tests: persistent steps with the LM head inside recorded on this thread.
+    static LP_HEAD_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// Tests: this thread's `PIPE_DECODE_LA_WHOLE`.
     static LA_WHOLE: std::cell::Cell<Option<i32>> = const { std::cell::Cell::new(None) };
 }
@@ -336,6 +340,7 @@ mod imp {
         nl: i32,
         nmlp: i32,
         sleep: i32,
+        head: Gemv,
     }
     // SAFETY: as for Gemv.
     unsafe impl DeviceRepr for LayP {}
@@ -709,6 +714,7 @@ mod imp {
             names.extend([64, 128].iter().flat_map(|hd| (1..=8).map(move |r| format!("dec_attnc_{hd}_{r}"))));
             names.extend([64, 128].iter().flat_map(|hd| (1..=8).map(move |r| format!("dec_la_{hd}_{r}"))));
             names.extend([64, 128].iter().flat_map(|hd| (1..=8).map(move |r| format!("dec_lp_{hd}_{r}"))));
+            names.extend([64, 128].iter().flat_map(|hd| (1..=8).map(move |r| format!("dec_lph_{hd}_{r}"))));
             names.extend((1..=LAY_BMAX).map(|b| format!("dec_lb_{b}")));
             let smem_optin = stream
                 .context()
@@ -1277,12 +1283,15 @@ mod imp {
             let (kv, hd) = (c.kv_heads(), c.head_dim());
             let rep = c.num_attention_heads / kv;
             let clusters = kv + c.intermediate_size / LAY_UB / LAY_C;
+            // (With the LM head inside: its staged row and the warps' sums too.)
+            let head =
+                if lp_head() { (8 * (c.hidden_size + 8) * 2).next_multiple_of(16) + LAY_NW * 4 * 32 * 4 } else { 0 };
             let lc = LaunchConfig {
                 grid_dim: ((clusters * LAY_C) as u32, 1, 1),
                 block_dim: (LAY_THREADS, 1, 1),
-                shared_mem_bytes: la_smem(c).max(lb_smem(c, 1)) as u32,
+                shared_mem_bytes: la_smem(c).max(lb_smem(c, 1)).max(head) as u32,
             };
-            let f = self.f(&format!("dec_lp_{hd}_{rep}"))?;
+            let f = self.f(&lp_name(hd, rep))?;
             let cl = self.cu_config(lc, &mut []);
             let mut n = 0i32;
             self.stream.context().bind_to_thread().w()?;
@@ -1515,6 +1524,24 @@ mod imp {
                 ..Default::default()
             };
             let times = lay_times();
+            let (g, _) = self.step_args(m, b, p);
+            let head = Gemv {
+                x: p.x,
+                parts: pb,
+                np: (mlp_blocks / LAY_C) as i32,
+                norm: self.norm,
+                w0: self.head,
+                out: p.logits,
+                k: hid_i,
+                n: c.vocab_size as i32,
+                // (Zero-copy: the head's last block writes the keys out.)
+                hbest: if io.is_some() { p.hbest } else { 0 },
+                hdone: p.bar + 8 * nl as u64,
+                seq: if chain { p.seq } else { 0 },
+                hstride: cap as i32,
+                ..g
+            };
+            let fused_head = lp.is_some() && lp_head();
             if let Some((lc, layers, coop)) = lp {
                 let ctr = p.bar;
                 let pp = LayP {
@@ -1528,14 +1555,21 @@ mod imp {
                     nl: nl as i32,
                     nmlp: mlp_blocks as i32,
                     sleep: lp_sleep(),
+                    head: if fused_head { head } else { Gemv::default() },
                 };
                 // SAFETY: the argument matches dec_lp_* in kernels/decode.cu;
                 // lp_config checked that its clusters fit at once; `bar`
                 // holds 2 nl counters. (Zeroed here, and the embedding's
                 // kernel above ran before: no block of the step reads them
                 // before its wait for that kernel.)
+                // (dec_lph: the head's Gemv as tc_headp_8 takes it below; its
+                // count of finished blocks, after the 2 nl, is 0 between steps.)
                 let zero = if io.is_some() { 0 } else { 2 * nl };
-                unsafe { self.go_persistent(&format!("dec_lp_{hd}_{rep}"), lc, &mut [arg(&pp)], ctr, zero, coop) }?;
+                unsafe { self.go_persistent(&lp_name(hd, rep), lc, &mut [arg(&pp)], ctr, zero, coop) }?;
+                if fused_head {
+                    super::LP_HEAD_RUNS.with(|r| r.set(r.get() + 1));
+                    return Ok(());
+                }
             } else {
                 for (li, lp) in self.layers.iter().enumerate() {
                     let (kc, vc) = self.pool.1[li];
@@ -1588,23 +1622,6 @@ mod imp {
                     unsafe { self.go(&format!("dec_lb_{b}"), lc, &mut [arg(&lb)], true) }?;
                 }
             }
-            let (g, _) = self.step_args(m, b, p);
-            let head = Gemv {
-                x: p.x,
-                parts: pb,
-                np: (mlp_blocks / LAY_C) as i32,
-                norm: self.norm,
-                w0: self.head,
-                out: p.logits,
-                k: hid_i,
-                n: c.vocab_size as i32,
-                // (Zero-copy: the head's last block writes the keys out.)
-                hbest: if io.is_some() { p.hbest } else { 0 },
-                hdone: p.bar + 8 * nl as u64,
-                seq: if chain { p.seq } else { 0 },
-                hstride: cap as i32,
-                ..g
-            };
             self.mma("headp", head)
         }
 
@@ -1830,6 +1847,20 @@ mod imp {
         }
     }
 
+    /// Whether the one-row persistent step also runs the LM head
+    /// (`dec_lph_*`: its blocks take the head's tiles once the last
+    /// layer's MLP blocks have arrived, instead of a kernel of its own
+    /// after it; `PIPE_DECODE_LP_HEAD=1`; off by default until it has run
+    /// on a GPU).
+    fn lp_head() -> bool {
+        switch(&super::LP_HEAD, || std::env::var("PIPE_DECODE_LP_HEAD").is_ok_and(|v| v == "1"))
+    }
+
+    /// The one-row persistent step's kernel.
+    fn lp_name(hd: usize, rep: usize) -> String {
+        format!("{}_{hd}_{rep}", if lp_head() { "dec_lph" } else { "dec_lp" })
+    }
+
     /// Nanoseconds a waiting block of that step sleeps between its polls
     /// of a counter (`PIPE_DECODE_LP_SLEEP`, 0: none). 250 by default: on
     /// an H200 (one call, two rounds, ms a step) 0: 0.372 / 0.366, 32:
@@ -1950,10 +1981,11 @@ mod imp {
     }
 
     /// What the switches that shape a recorded step read now.
-    type Variant = (bool, usize, bool, bool, bool, bool, usize, i32, bool);
+    type Variant = (bool, usize, bool, bool, bool, bool, usize, i32, bool, bool);
 
     fn variant() -> Variant {
-        (mega_on(), tc_from(), pdl_on(), attn_chunked(), mlp_fused(), stream_on(), lay_max(), la_whole(), zero_copy())
+        let lay = (lay_max(), la_whole(), zero_copy(), lp_head());
+        (mega_on(), tc_from(), pdl_on(), attn_chunked(), mlp_fused(), stream_on(), lay.0, lay.1, lay.2, lay.3)
     }
 
     /// A switch: this thread's test setting, else what `env` reads.
@@ -2164,6 +2196,19 @@ mod tests {
                     let zc_ran = super::ZC_RUNS.with(|r| r.get()) > zc_runs;
                     assert!(graphs || zc_ran == (zc && n == 1), "{what}: zero-copy steps ran: {zc_ran}");
                 }
+                // The LM head inside the persistent step (PIPE_DECODE_LP_HEAD):
+                // one row, zero-copy through graphs, copies without.
+                super::LP_HEAD.with(|t| t.set(Some(true)));
+                for (zc, graphs) in [(true, true), (false, false)] {
+                    super::ZERO_COPY.with(|t| t.set(Some(zc)));
+                    let runs = super::LP_HEAD_RUNS.with(|r| r.get());
+                    let (fast, slow) = compare(&m, &exact, 1, 4, graphs, extra)?;
+                    let what = format!("batch 1 graphs {graphs} prompts +{extra} zero-copy {zc}, the head in the step");
+                    eprintln!("hd {} {what}: max rel logit error fused {fast:.4}, candle {slow:.4}", cfg.head_dim());
+                    assert!(fast < 1.5 * slow + 0.005, "{what}: fused {fast} against candle's {slow}");
+                    assert!(super::LP_HEAD_RUNS.with(|r| r.get()) > runs, "{what}: the step with the head ran");
+                }
+                super::LP_HEAD.with(|t| t.set(None));
                 super::ZERO_COPY.with(|t| t.set(None));
             }
         }
@@ -2320,20 +2365,25 @@ mod tests {
 
     /// On the GPU machine: the chain of graph steps (each step's argmax fed
     /// to the next on the device) gives the tokens of the graph a step at
-    /// a time, and ran; with `PIPE_DECODE_CHAIN=0` a step at a time.
+    /// a time, and ran, also with the LM head inside the persistent step;
+    /// with `PIPE_DECODE_CHAIN=0` a step at a time.
     #[test]
     fn greedy_chain_on_cuda_matches_steps() -> Result<()> {
         let Some(dev) = crate::nn::tests::cuda_device()? else { return Ok(()) };
         super::LAY.with(|t| t.set(Some(Some(true))));
         let m = crate::nn::tests::tiny_model_on(&config(256, 4, 2, true), &TrainSpec::default(), DType::BF16, &dev)?;
         assert!(m.decode_graph_ok());
-        for chain in [true, false] {
+        // (Also with the LM head inside the persistent step.)
+        for (chain, head) in [(true, false), (true, true), (false, false)] {
             super::CHAIN.with(|t| t.set(Some(chain)));
-            let runs = super::CHAIN_RUNS.with(|r| r.get());
+            super::LP_HEAD.with(|t| t.set(Some(head)));
+            let runs = (super::CHAIN_RUNS.with(|r| r.get()), super::LP_HEAD_RUNS.with(|r| r.get()));
             greedy_matches_steps(&m)?;
-            assert_eq!(super::CHAIN_RUNS.with(|r| r.get()) > runs, chain, "chains ran: {chain}");
+            assert_eq!(super::CHAIN_RUNS.with(|r| r.get()) > runs.0, chain, "chains ran: {chain}");
+            assert_eq!(super::LP_HEAD_RUNS.with(|r| r.get()) > runs.1, head, "the head in the step ran: {head}");
         }
         super::CHAIN.with(|t| t.set(None));
+        super::LP_HEAD.with(|t| t.set(None));
         super::LAY.with(|t| t.set(None));
         Ok(())
     }
