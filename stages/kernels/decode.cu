@@ -470,7 +470,11 @@ __device__ void publish_best(const Gemv &a) {
 // still be reading. Then the partial sums, 8 x K bf16 of w2, 8 x BT f32.
 // The LM head also keeps each row's running argmax (shared, then one
 // global atomicMax per block and row into a.best).
-template <int IN, int OUT, int BT, class Wait>
+// G: the block's warps in G groups, each taking its own tiles (tile bx G
+// + group, then every nbx G-th) with its own barriers (named barrier 1 +
+// group), so that a block keeps G tiles' weights in flight (the LM head
+// inside the persistent step, one block an SM; G = 1 elsewhere).
+template <int IN, int OUT, int BT, int G = 1, class Wait>
 __device__ void mma_proj(const Gemv &a, int bx, int nbx, int by, Wait wait) {
   extern __shared__ __align__(16) unsigned char smem[];
   bf16 *xs = reinterpret_cast<bf16 *>(smem);
@@ -481,9 +485,23 @@ __device__ void mma_proj(const Gemv &a, int bx, int nbx, int by, Wait wait) {
   const int SK = a.K + 8;
   const int b0 = by * BT;
   const int nb = min(BT, a.B - b0);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+  static_assert(G == 1 || (G == 2 && OUT != OUT_MLP && !PAIR), "mma_proj: two tile groups, 16-row tiles (OUT_RESID / OUT_LOGITS)");
+  // (G = 1: the block's warps, threads and barrier.)
+  // (Unsigned, as blockDim.x and threadIdx.x: the loops over them compile
+  // as they did before the groups.)
+  const unsigned gthreads = G == 1 ? blockDim.x : blockDim.x / G;
+  const unsigned grp = G == 1 ? 0u : threadIdx.x / gthreads, gtid = G == 1 ? threadIdx.x : threadIdx.x % gthreads;
+  const int lane = threadIdx.x % 32, warp = gtid / 32, nw = gthreads / 32;
   const int g = lane / 4, t = lane % 4;
-  float *red = reinterpret_cast<float *>(smem + (((size_t)BT * SK * 2 + 15) / 16) * 16);
+  auto group_sync = [&] {
+    if constexpr (G == 1)
+      __syncthreads();
+    else if (grp == 0)
+      asm volatile("bar.sync 1, %0;" ::"r"(gthreads) : "memory");
+    else
+      asm volatile("bar.sync 2, %0;" ::"r"(gthreads) : "memory");
+  };
+  float *red = reinterpret_cast<float *>(smem + (((size_t)BT * SK * 2 + 15) / 16) * 16) + grp * nw * NT * 4 * 32;
   bf16 *sdown = reinterpret_cast<bf16 *>(red + nw * NT * 4 * 32);
   float *sact = reinterpret_cast<float *>(sdown + (OUT == OUT_MLP ? 8 * a.K : 0));
   // OUT_MLP: the 8 columns of w2 from unit tl * 8 on, a row of K 16 bytes.
@@ -530,20 +548,20 @@ __device__ void mma_proj(const Gemv &a, int bx, int nbx, int by, Wait wait) {
       wb[i] = ok ? __ldg(reinterpret_cast<const uint4 *>(rb + k)) : make_uint4(0, 0, 0, 0);
     }
   };
-  int tile = bx;
+  int tile = bx * G + grp;
   if (tile < tiles) {
     tile_rows(tile, ra, rb);
     prefetch();
     if (OUT == OUT_MLP) copy_down(tile);
   }
   wait();
-  if (tile >= tiles) {  // (a persistent kernel's block without a tile here)
+  if (bx * G >= tiles) {  // (a persistent kernel's block without a tile here)
     if (OUT == OUT_LOGITS && a.hbest) publish_best(a);
     return;
   }
   stage_rows<IN>(a, xs, SK, b0, nb, BT);
   __syncthreads();
-  for (; tile < tiles; tile += nbx) {
+  for (; tile < tiles; tile += nbx * G) {
     if (OUT == OUT_MLP)
       for (int i = threadIdx.x; i < 8 * BT; i += blockDim.x) sact[i] = 0.f;
     float acc[NT][4];
@@ -572,8 +590,8 @@ __device__ void mma_proj(const Gemv &a, int bx, int nbx, int by, Wait wait) {
       step(c, ua, ub);
     }
     // The next tile's weights load while this one's sums are added.
-    if (tile + nbx < tiles) {
-      tile_rows(tile + nbx, ra, rb);
+    if (tile + nbx * G < tiles) {
+      tile_rows(tile + nbx * G, ra, rb);
       prefetch();
     }
     // Sum the warps' partials.
@@ -581,10 +599,10 @@ __device__ void mma_proj(const Gemv &a, int bx, int nbx, int by, Wait wait) {
     for (int j = 0; j < NT; j++)
 #pragma unroll
       for (int e = 0; e < 4; e++) red[((warp * NT + j) * 4 + e) * 32 + lane] = acc[j][e];
-    __syncthreads();
+    group_sync();
     // Fragment (j, lane, e): e < 2 is row g, column 2t + e of n-tile j;
     // e >= 2 is row g + 8, the same column.
-    for (int i = threadIdx.x; i < NT * 32 * 2; i += blockDim.x) {
+    for (int i = gtid; i < NT * 32 * 2; i += gthreads) {
       const int j = i / 64, ln = (i / 2) % 32, e = i % 2;
       const int col = j * 8 + (ln % 4) * 2 + e, gg = ln / 4;
       if (col >= nb) continue;
@@ -611,7 +629,7 @@ __device__ void mma_proj(const Gemv &a, int bx, int nbx, int by, Wait wait) {
         }
       }
     }
-    __syncthreads();
+    group_sync();
     if (OUT == OUT_MLP) {
       // out[b0 + col, h..h+3] += w2[h..h+3, tile's 8] . act[tile's 8, col]
       // (a tile past N has zero columns and zero values).
@@ -635,6 +653,7 @@ __device__ void mma_proj(const Gemv &a, int bx, int nbx, int by, Wait wait) {
     }
   }
   if (OUT == OUT_LOGITS) {
+    if constexpr (G > 1) __syncthreads();  // every group's keys in `best`
     for (int i = threadIdx.x; i < nb; i += blockDim.x) atomicMax(a.best + b0 + i, best[i]);
     if (a.hbest) publish_best(a);
   }
@@ -2499,7 +2518,8 @@ struct LayP {
   int nl, nmlp;  // layers; MLP blocks (N / LAY_UB)
   int sleep;     // ns between a waiting block's polls (0: none)
   // dec_lph: the LM head (tc_headp_8's Gemv), run by every block of the
-  // step after its last layer, once the last MLP blocks have arrived.
+  // step after its last layer, once the last MLP blocks have arrived
+  // (two groups of 4 warps a block, each with a tile in flight).
   Gemv head;
 };
 
@@ -2510,9 +2530,10 @@ __device__ __forceinline__ void lp_mark(const LayP &P, int blk, int slot) {
 }
 
 // HEAD: the LM head in the same launch (dec_lph_*): each block loads its
-// first tile of the head's rows as soon as its last layer is done, and
-// takes tiles x, x + grid, ... once the last layer's MLP blocks have all
-// arrived (ctr[2 nl - 1]); the last block to finish publishes the keys.
+// first tiles of the head's rows as soon as its last layer is done (a
+// tile for each of its two groups of warps), and takes tiles 2x + group,
+// then every 2 grid-th, once the last layer's MLP blocks have all arrived
+// (ctr[2 nl - 1]); the last block to finish publishes the keys.
 template <int HD, int REP, bool HEAD> __device__ void lay_persist(const LayP &P) {
   const int c = blockIdx.x / LAY_C, na = P.a.kv, np = P.nmlp / LAY_C;
   pdl_launch();
@@ -2556,8 +2577,8 @@ template <int HD, int REP, bool HEAD> __device__ void lay_persist(const LayP &P)
   }
   lp_mark(P, gridDim.x - 1, 2);
   if constexpr (HEAD)
-    mma_proj<IN_PARTS, OUT_LOGITS, 8>(P.head, blockIdx.x, gridDim.x, 0,
-                                      [&] { block_await(P.ctr + 2 * P.nl - 1, P.nmlp, P.sleep); });
+    mma_proj<IN_PARTS, OUT_LOGITS, 8, 2>(P.head, blockIdx.x, gridDim.x, 0,
+                                         [&] { block_await(P.ctr + 2 * P.nl - 1, P.nmlp, P.sleep); });
 }
 
 #define LAY_A(HD, REP)                                                                                    \
