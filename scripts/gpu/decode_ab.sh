@@ -24,7 +24,8 @@
 #   3. PIPE_DECODE_LAY_TIMES=1 (the cluster kernels' phases) and
 #      --profile (each kernel's GPU time, and `step_graph`: the whole
 #      step's graph replayed back to back, against the ms a step that
-#      includes the host's part) at batch 1 for this build.
+#      includes the host's part) at batch 1 for this build, the profile
+#      also under each of PROFILE_VARIANTS (as VARIANTS).
 #   Results: $OUT/decode_ab.txt. Not a test: it asserts nothing about speed.
 set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -85,12 +86,18 @@ run() {
   done
   PIPE_DECODE_LAY_TIMES=1 timeout 120 ./decode_bench --batches 1 --prompt "${PROMPT:-100}" --steps 32 2>&1 |
     grep "lay times" | tail -1 | tee -a "$log"
-  timeout 120 ./decode_bench --batches 1 --prompt "${PROMPT:-100}" --steps 16 --profile 2>&1 |
-    python3 -c 'import json, sys
+  # The profile of this build, then under each of PROFILE_VARIANTS (words
+  # as VARIANTS'), e.g. the step's graph on the GPU with a switch on.
+  for v in "new:" ${PROFILE_VARIANTS:-}; do
+    local name=${v%%:*} envs=${v#*:}
+    timeout 120 env ${envs//,/ } ./decode_bench --batches 1 --prompt "${PROMPT:-100}" --steps 16 --profile 2>&1 |
+      python3 -c 'import json, sys
 for l in sys.stdin:
     if "decode_profile" in l:
         d = json.loads(l)
-        print("profile batch", d["batch"], {k: round(v, 1) for k, v in d["us_per_kernel"].items()})' | tee -a "$log"
+        print("profile", sys.argv[1], "batch", d["batch"], {k: round(v, 1) for k, v in d["us_per_kernel"].items()})' "$name" |
+      tee -a "$log"
+  done
 }
 
 case "${1:-}" in
