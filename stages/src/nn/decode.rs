@@ -186,24 +186,20 @@ impl Llama {
                 return Ok(None);
             }
             CHAIN_RUNS.with(|r| r.set(r.get() + 1));
-            let mut k = g.chain_launch(self, Some(first), base as u32, table)?;
-            for i in 0..steps {
-                let next =
-                    if i + 1 < steps { Some(g.chain_launch(self, None, (base + i + 1) as u32, table)?) } else { None };
-                let t = g.chain_wait(k)?;
+            let (mut k, mut n) = (g.chain_launch(self, Some(first), base as u32, table)?, 1);
+            loop {
+                // Step n + 1 launched (if any) before step n's token is read.
+                let next = if n < steps { Some(g.chain_launch(self, None, (base + n) as u32, table)?) } else { None };
+                let go = on_token(g.chain_wait(k)?);
                 match next {
-                    Some(n) if on_token(t) => k = n,
-                    Some(n) => {
-                        g.chain_wait(n)?;
-                        return Ok(Some(i + 1));
+                    Some(later) if go => (k, n) = (later, n + 1),
+                    Some(later) => {
+                        g.chain_wait(later)?;
+                        return Ok(Some(n));
                     }
-                    None => {
-                        on_token(t);
-                        return Ok(Some(i + 1));
-                    }
+                    None => return Ok(Some(n)),
                 }
             }
-            Ok(Some(steps))
         }
         #[cfg(not(feature = "cuda"))]
         Ok(None)
@@ -1284,8 +1280,7 @@ mod imp {
             let rep = c.num_attention_heads / kv;
             let clusters = kv + c.intermediate_size / LAY_UB / LAY_C;
             // (With the LM head inside: its staged row and the warps' sums too.)
-            let head =
-                if lp_head() { (8 * (c.hidden_size + 8) * 2).next_multiple_of(16) + LAY_NW * 4 * 32 * 4 } else { 0 };
+            let head = if lp_head() { mma_smem(c.hidden_size, 8, LAY_NW) } else { 0 };
             let lc = LaunchConfig {
                 grid_dim: ((clusters * LAY_C) as u32, 1, 1),
                 block_dim: (LAY_THREADS, 1, 1),
@@ -1723,7 +1718,7 @@ mod imp {
             // warps staging); blocks loop over tiles from 16 rows up, so
             // that fewer blocks stage the chunk.
             let warps = if k.div_ceil(32) >= 32 || bt >= 32 { 8 } else { 4 };
-            let smem = (bt * row).next_multiple_of(16) + warps * (bt / 8) * 4 * 32 * 4 + extra(bt);
+            let smem = mma_smem(k, bt, warps) + extra(bt);
             let tiles = if matches!(kind, "qkv" | "gateup" | "mlp") { n.div_ceil(8) } else { n.div_ceil(16) };
             // (The head's blocks also merge their argmax into one key per
             // row with a global atomic each: fewer blocks, less contention.)
@@ -1854,6 +1849,13 @@ mod imp {
     /// on a GPU).
     fn lp_head() -> bool {
         switch(&super::LP_HEAD, || std::env::var("PIPE_DECODE_LP_HEAD").is_ok_and(|v| v == "1"))
+    }
+
+    /// decode.cu's `mma_proj` shared memory (its OUT_MLP extra aside): `bt`
+    /// staged rows of width `k` (padded by 8), then `warps` warps' partial
+    /// sums of a tile.
+    fn mma_smem(k: usize, bt: usize, warps: usize) -> usize {
+        (bt * (k + 8) * 2).next_multiple_of(16) + warps * (bt / 8) * 4 * 32 * 4
     }
 
     /// The one-row persistent step's kernel.

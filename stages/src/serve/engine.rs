@@ -395,8 +395,6 @@ impl Scheduler {
         }
     }
 
-    /// Prompt tokens of `prompt` the prefix cache holds (0 below MIN_PREFIX);
-    /// at least one token is always computed.
     /// The one active sequence's greedy steps through
     /// [`Llama::decode_greedy`] until it ends, a request arrives (held
     /// for admission), its client goes away or the engine is aborted.
@@ -430,6 +428,8 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Prompt tokens of `prompt` the prefix cache holds (0 below MIN_PREFIX);
+    /// at least one token is always computed.
     fn cached_prefix(&self, prompt: &[u32]) -> usize {
         match &self.prefix {
             Some((toks, _)) => {
