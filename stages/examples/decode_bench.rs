@@ -13,8 +13,9 @@
 //! on an H200. `--profile` adds each kernel's GPU time per launch
 //! (`Llama::decode_profile`) and their sum over a step. `--greedy` (or
 //! DECODE_BENCH_GREEDY=1) times batch 1 through `Llama::decode_greedy`
-//! instead (path "greedy": the time between tokens; on CUDA the next step
-//! launched before a step's token is read unless PIPE_DECODE_CHAIN=0).
+//! instead (path "greedy": the mean time between tokens after the first
+//! 3; on CUDA the next step launched before a step's token is read unless
+//! PIPE_DECODE_CHAIN=0, PIPE_DECODE_LP_STEPS steps a launch).
 use std::time::Instant;
 
 #[path = "common/mod.rs"]
@@ -66,17 +67,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut step_s = Vec::with_capacity(steps);
         let greedy = greedy && b == 1;
         if greedy {
-            // The time between tokens, after 3.
-            let mut last = Instant::now();
-            let mut i = 0;
+            // The mean time between tokens, after 3 (with several steps a
+            // launch, PIPE_DECODE_LP_STEPS, tokens come in bursts: not the
+            // median).
+            let mut at = Vec::with_capacity(steps + 3);
             model.decode_greedy(&mut caches[0], feed[0], steps + 3, |_| {
-                if i >= 3 {
-                    step_s.push(last.elapsed().as_secs_f64());
-                }
-                last = Instant::now();
-                i += 1;
+                at.push(Instant::now());
                 true
             })?;
+            let n = at.len().saturating_sub(4).max(1);
+            step_s.push(at[at.len() - 1].duration_since(at[3.min(at.len() - 1)]).as_secs_f64() / n as f64);
         } else {
             for i in 0..steps + 3 {
                 let toks: Vec<&[u32]> = feed.iter().map(std::slice::from_ref).collect();

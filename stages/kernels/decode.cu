@@ -436,10 +436,16 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, unsigned i) {
   return ((unsigned long long)key << 32) | (0xffffffffu - i);
 }
 
+// A hook that does nothing (mma_proj's `fin` by default).
+struct Nop {
+  __device__ void operator()() const {}
+};
+
 // The LM head's blocks, each after its atomicMax into a.best: the last to
-// arrive copies the keys to a.hbest (mapped host memory) and resets the
-// count. (Every block of the launch calls this once.)
-__device__ void publish_best(const Gemv &a) {
+// arrive copies the keys to a.hbest (mapped host memory), resets the
+// count, then runs `fin` (every thread of that block). (Every block of the
+// launch calls this once.)
+template <class Fin = Nop> __device__ void publish_best(const Gemv &a, Fin fin = Fin()) {
   __shared__ bool last;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -453,6 +459,7 @@ __device__ void publish_best(const Gemv &a) {
   for (int i = threadIdx.x; i < a.B; i += blockDim.x) hb[i] = atomicOr(a.best + i, 0ull);
   if (threadIdx.x == 0) *a.hdone = 0u;
   __threadfence_system();
+  fin();
 }
 
 // Block (bx, by) of (nbx tile blocks, batch chunks of BT): it loads its
@@ -474,8 +481,9 @@ __device__ void publish_best(const Gemv &a) {
 // + group, then every nbx G-th) with its own barriers (named barrier 1 +
 // group), so that a block keeps G tiles' weights in flight (the LM head
 // inside the persistent step, one block an SM; G = 1 elsewhere).
-template <int IN, int OUT, int BT, int G = 1, class Wait>
-__device__ void mma_proj(const Gemv &a, int bx, int nbx, int by, Wait wait) {
+// fin: run by the block that publishes the keys (publish_best), after.
+template <int IN, int OUT, int BT, int G = 1, class Wait, class Fin = Nop>
+__device__ void mma_proj(const Gemv &a, int bx, int nbx, int by, Wait wait, Fin fin = Fin()) {
   extern __shared__ __align__(16) unsigned char smem[];
   bf16 *xs = reinterpret_cast<bf16 *>(smem);
   constexpr int NT = BT / 8;
@@ -556,7 +564,7 @@ __device__ void mma_proj(const Gemv &a, int bx, int nbx, int by, Wait wait) {
   }
   wait();
   if (bx * G >= tiles) {  // (a persistent kernel's block without a tile here)
-    if (OUT == OUT_LOGITS && a.hbest) publish_best(a);
+    if (OUT == OUT_LOGITS && a.hbest) publish_best(a, fin);
     return;
   }
   stage_rows<IN>(a, xs, SK, b0, nb, BT);
@@ -655,7 +663,7 @@ __device__ void mma_proj(const Gemv &a, int bx, int nbx, int by, Wait wait) {
   if (OUT == OUT_LOGITS) {
     if constexpr (G > 1) __syncthreads();  // every group's keys in `best`
     for (int i = threadIdx.x; i < nb; i += blockDim.x) atomicMax(a.best + b0 + i, best[i]);
-    if (a.hbest) publish_best(a);
+    if (a.hbest) publish_best(a, fin);
   }
 }
 
@@ -2521,6 +2529,13 @@ struct LayP {
   // step after its last layer, once the last MLP blocks have arrived
   // (two groups of 4 warps a block, each with a tile in flight).
   Gemv head;
+  // dec_lph: `steps` greedy steps of the row in one launch (1: one). Step
+  // s feeds position pos[s] (the positions follow each other), counts on
+  // ctr + s cstride (2 nl counters, then the one the step's last head
+  // block adds to once it has fed the argmax's embedding row into x) and
+  // writes its key to hbest + s.
+  const bf16 *embed;
+  int steps, cstride;
 };
 
 // Profiling: block blk's global timer into tm[LAY_TM + slot] (slot 0: the
@@ -2529,56 +2544,97 @@ __device__ __forceinline__ void lp_mark(const LayP &P, int blk, int slot) {
   if (P.a.tm && blockIdx.x == blk && threadIdx.x == 0) P.a.tm[LAY_TM + slot] = global_ns();
 }
 
+// A step of dec_lph's launch of several, in the block that published the
+// step's key (every thread): the argmax (clamped to the vocabulary) as
+// the next step's token, its embedding row into x, the key reset for the
+// next step's head, then `fed` counted (the next step's attention blocks
+// wait for it before their first layer). Every block has staged x for the
+// head before it counted itself done, so none still reads it.
+__device__ void lp_feed(const LayP &P, unsigned *fed) {
+  __shared__ unsigned tok;
+  if (threadIdx.x == 0) {
+    const unsigned long long k = atomicExch(P.head.best, 0ull);
+    tok = min(0xffffffffu - (unsigned)k, (unsigned)P.head.N - 1u);
+  }
+  __syncthreads();
+  const bf16 *e = P.embed + (size_t)tok * P.a.H;
+  for (int i = threadIdx.x; i < P.a.H; i += blockDim.x) P.x[i] = __bfloat162float(e[i]);
+  block_arrive(fed);
+}
+
 // HEAD: the LM head in the same launch (dec_lph_*): each block loads its
 // first tiles of the head's rows as soon as its last layer is done (a
 // tile for each of its two groups of warps), and takes tiles 2x + group,
 // then every 2 grid-th, once the last layer's MLP blocks have all arrived
-// (ctr[2 nl - 1]); the last block to finish publishes the keys.
+// (ctr[2 nl - 1]); the last block to finish publishes the keys. With
+// P.steps > 1, that block then feeds the argmax to the next step
+// (lp_feed), whose first layer's attention blocks wait for it.
 template <int HD, int REP, bool HEAD> __device__ void lay_persist(const LayP &P) {
   const int c = blockIdx.x / LAY_C, na = P.a.kv, np = P.nmlp / LAY_C;
+  const int steps = HEAD ? max(P.steps, 1) : 1;
   pdl_launch();
   lp_mark(P, 0, 0);
   pdl_wait();
   lp_mark(P, 0, 1);
 #pragma unroll 1
-  for (int L = 0; L < P.nl; L++) {
-    const MegaLayer w = P.layers[L];
-    Lay a = P.a;
-    if (L != 3) a.tm = nullptr;
-    if (c < na) {
-      a.xin = P.x;
-      a.pin = P.pb;
-      a.xout = P.x2;
-      a.pout = P.pa;
-      a.norm = w.ln1;
-      a.w0 = w.q;
-      a.w1 = w.k;
-      a.w2 = w.v;
-      a.w3 = w.o;
-      a.kc = w.kc;
-      a.vc = w.vc;
-      a.np_in = L ? np : 0;
-      lay_attn<HD, REP>(
-          a, c, 0, [&] { if (L) block_await(P.ctr + 2 * L - 1, P.nmlp, P.sleep); }, [&] { block_arrive(P.ctr + 2 * L); });
-    } else {
-      a.xin = P.x2;
-      a.pin = P.pa;
-      a.xout = P.x;
-      a.pout = P.pb;
-      a.norm = w.ln2;
-      a.w0 = w.gate;
-      a.w1 = w.up;
-      a.w2 = w.down;
-      a.np_in = na;
-      lay_mlp<1>(
-          a, blockIdx.x - na * LAY_C, [&] { block_await(P.ctr + 2 * L, na * LAY_C, P.sleep); },
-          [&] { block_arrive(P.ctr + 2 * L + 1); });
+  for (int s = 0; s < steps; s++) {
+    unsigned *ctr = P.ctr + (size_t)s * P.cstride;
+    // (Step s > 0: its token fed by the step before.)
+    const unsigned *fed = s ? ctr - P.cstride + 2 * P.nl : nullptr;
+#pragma unroll 1
+    for (int L = 0; L < P.nl; L++) {
+      const MegaLayer w = P.layers[L];
+      Lay a = P.a;
+      a.pos = P.a.pos + s;
+      if (L != 3) a.tm = nullptr;
+      if (c < na) {
+        a.xin = P.x;
+        a.pin = P.pb;
+        a.xout = P.x2;
+        a.pout = P.pa;
+        a.norm = w.ln1;
+        a.w0 = w.q;
+        a.w1 = w.k;
+        a.w2 = w.v;
+        a.w3 = w.o;
+        a.kc = w.kc;
+        a.vc = w.vc;
+        a.np_in = L ? np : 0;
+        lay_attn<HD, REP>(
+            a, c, 0,
+            [&] {
+              if (L)
+                block_await(ctr + 2 * L - 1, P.nmlp, P.sleep);
+              else if (fed)
+                block_await(fed, 1u, P.sleep);
+            },
+            [&] { block_arrive(ctr + 2 * L); });
+      } else {
+        a.xin = P.x2;
+        a.pin = P.pa;
+        a.xout = P.x;
+        a.pout = P.pb;
+        a.norm = w.ln2;
+        a.w0 = w.gate;
+        a.w1 = w.up;
+        a.w2 = w.down;
+        a.np_in = na;
+        lay_mlp<1>(
+            a, blockIdx.x - na * LAY_C, [&] { block_await(ctr + 2 * L, na * LAY_C, P.sleep); },
+            [&] { block_arrive(ctr + 2 * L + 1); });
+      }
+    }
+    lp_mark(P, gridDim.x - 1, 2);
+    if constexpr (HEAD) {
+      Gemv h = P.head;
+      if (h.hbest) h.hbest += s;
+      mma_proj<IN_PARTS, OUT_LOGITS, 8, 2>(
+          h, blockIdx.x, gridDim.x, 0, [&] { block_await(ctr + 2 * P.nl - 1, P.nmlp, P.sleep); },
+          [&] {
+            if (s + 1 < steps) lp_feed(P, ctr + 2 * P.nl);
+          });
     }
   }
-  lp_mark(P, gridDim.x - 1, 2);
-  if constexpr (HEAD)
-    mma_proj<IN_PARTS, OUT_LOGITS, 8, 2>(P.head, blockIdx.x, gridDim.x, 0,
-                                         [&] { block_await(P.ctr + 2 * P.nl - 1, P.nmlp, P.sleep); });
 }
 
 #define LAY_A(HD, REP)                                                                                    \

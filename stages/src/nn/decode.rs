@@ -87,6 +87,10 @@ thread_local! {
     static LP_HEAD: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// Tests: persistent steps with the LM head inside recorded on this thread.
     static LP_HEAD_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Tests: this thread's `PIPE_DECODE_LP_STEPS`.
+    static LP_STEPS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    /// Tests: launches of several chained steps recorded on this thread.
+    static LP_STEPS_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// Tests: this thread's `PIPE_DECODE_LA_WHOLE`.
     static LA_WHOLE: std::cell::Cell<Option<i32>> = const { std::cell::Cell::new(None) };
 }
@@ -163,9 +167,10 @@ impl Llama {
     /// blocks (room reserved for `steps` positions). `on_token` gets each
     /// step's argmax and says whether to go on; the steps run (each one's
     /// fed token now in the cache), or None where a chain does not fit
-    /// (the caller then takes a step at a time). A step launched past the
-    /// last one `on_token` accepted only writes the position after the
-    /// cache's end.
+    /// (the caller then takes a step at a time). Steps launched past the
+    /// last one `on_token` accepted only write positions past the cache's
+    /// end, within the `steps` reserved. With `PIPE_DECODE_LP_STEPS=K` a
+    /// launch runs K steps while K are left (the last ones, one a launch).
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub(crate) fn graph_chain(
         &self,
@@ -186,15 +191,34 @@ impl Llama {
                 return Ok(None);
             }
             CHAIN_RUNS.with(|r| r.set(r.get() + 1));
-            let (mut k, mut n) = (g.chain_launch(self, Some(first), base as u32, table)?, 1);
+            // Launches of `per` steps while that many are left, then of one.
+            let per = imp::chain_steps();
+            let take = |launched: usize| if steps - launched >= per { per } else { 1 };
+            let mut launched = take(0);
+            let mut cur = (g.chain_launch(self, Some(first), base as u32, table, launched)?, launched);
+            let mut n = 0;
             loop {
-                // Step n + 1 launched (if any) before step n's token is read.
-                let next = if n < steps { Some(g.chain_launch(self, None, (base + n) as u32, table)?) } else { None };
-                let go = on_token(g.chain_wait(k)?);
+                // The next launch (if any) made before this one's tokens are read.
+                let next = if launched < steps {
+                    let k = take(launched);
+                    let at = (base + launched) as u32;
+                    launched += k;
+                    Some((g.chain_launch(self, None, at, table, k)?, k))
+                } else {
+                    None
+                };
+                let mut go = true;
+                for t in g.chain_wait(cur.0, cur.1)? {
+                    n += 1;
+                    if !on_token(t) {
+                        go = false;
+                        break;
+                    }
+                }
                 match next {
-                    Some(later) if go => (k, n) = (later, n + 1),
+                    Some(later) if go => cur = later,
                     Some(later) => {
-                        g.chain_wait(later)?;
+                        g.chain_wait(later.0, later.1)?;
                         return Ok(Some(n));
                     }
                     None => return Ok(Some(n)),
@@ -337,6 +361,9 @@ mod imp {
         nmlp: i32,
         sleep: i32,
         head: Gemv,
+        embed: u64,
+        steps: i32,
+        cstride: i32,
     }
     // SAFETY: as for Gemv.
     unsafe impl DeviceRepr for LayP {}
@@ -592,8 +619,8 @@ mod imp {
         scratch_block: u32,
         /// Keyed by the padded batch size and the switches' [`variant`]
         /// at capture (tests change them between steps).
-        /// (And whether the graph is a chain's step.)
-        graphs: HashMap<(usize, Variant, bool), Graph>,
+        /// (And a chain's steps a launch; 0: not a chain.)
+        graphs: HashMap<(usize, Variant, usize), Graph>,
         maxb: usize,
         /// The persistent step's per-layer weights and this pool's key and
         /// value addresses (decode.cu's `MegaLayer`, 11 addresses a layer),
@@ -789,8 +816,9 @@ mod imp {
             let act = s.alloc_zeros(cap * c.intermediate_size).w()?;
             let logits = s.alloc_zeros(cap * c.vocab_size).w()?;
             // The persistent step's 2 counters a layer, then the LM head's
-            // count of finished blocks (zero-copy steps).
-            let bar = s.alloc_zeros(2 * self.layers.len() + 1).w()?;
+            // count of finished blocks (zero-copy steps); after them, a
+            // launch of up to LP_STEPS_MAX chained steps' (lp_counters).
+            let bar = s.alloc_zeros(lp_counters(self.layers.len(), LP_STEPS_MAX)).w()?;
             let base = ptr(&inp, s);
             let in_stride = (cap * (2 + self.maxb)).next_multiple_of(4);
             let host_in = Pinned::new(s, 2 * in_stride, sys::CU_MEMHOSTALLOC_WRITECOMBINED)?;
@@ -861,9 +889,9 @@ mod imp {
             // position 0 of the scratch block; into pinned memory, which the
             // step's graph copies in itself (no copy in flight: every step
             // ends with the stream synchronized).
-            let len = self.fill_inputs(0, bucket, toks, pos, tables)?;
+            let len = self.fill_inputs(0, bucket, toks, pos, tables, 1)?;
             if use_graph {
-                self.launch_graph((bucket, variant(), false), |g| g.io_step(m, bucket, len))?;
+                self.launch_graph((bucket, variant(), 0), |g| g.io_step(m, bucket, len))?;
             } else {
                 self.io_step(m, bucket, len)?;
             }
@@ -874,7 +902,7 @@ mod imp {
         /// enqueues on the decode stream if there is none yet.
         fn launch_graph(
             &mut self,
-            key: (usize, Variant, bool),
+            key: (usize, Variant, usize),
             record: impl FnOnce(&Self) -> Result<()>,
         ) -> Result<()> {
             if !self.graphs.contains_key(&key) {
@@ -926,6 +954,9 @@ mod imp {
         /// padded rows feed token 0 at position 0 of the scratch block) into
         /// half `half` of host_in; then candle's stream joined (the pool's
         /// last writes, prefills, are on it). The number of input values.
+        /// `steps` > 1 (one row, a launch of chained steps): the positions
+        /// of its steps after the first follow pos[0] in the padded rows'
+        /// slots.
         fn fill_inputs(
             &mut self,
             half: usize,
@@ -933,6 +964,7 @@ mod imp {
             toks: &[u32],
             pos: &[u32],
             tables: &[&[u32]],
+            steps: usize,
         ) -> Result<usize> {
             let (maxb, scratch) = (self.maxb, self.scratch_block);
             let bufs = self.bufs.as_mut().ok_or_else(|| NnError::Other("decode graph: no buffers".into()))?;
@@ -948,6 +980,14 @@ mod imp {
                 let row = &mut inp[2 * cap + i * maxb..2 * cap + (i + 1) * maxb];
                 let t = &tables[i][..tables[i].len().min(maxb)];
                 row[..t.len()].copy_from_slice(t);
+            }
+            if steps > 1 {
+                if toks.len() != 1 || steps > cap {
+                    return Err(NnError::Other(format!("decode graph: {steps} chained steps of {} rows", toks.len())));
+                }
+                for s in 1..steps {
+                    inp[cap + s] = pos[0] + s as u32;
+                }
             }
             // (host_in is write-combined and may be read by the step's
             // first kernel itself: its stores drained before the launch.)
@@ -997,17 +1037,26 @@ mod imp {
             self.zero_copy_fits(m, 1)
         }
 
-        /// Launch one step of a chain of one row (after [`Self::chain_fits`]),
-        /// feeding `tok` (None: the argmax of the chain's step before, on
-        /// the device) at `pos` with block table `table`; it may start
-        /// while the step before runs. Its number, for [`Self::chain_wait`];
-        /// at most two steps may be launched and not waited for.
-        pub fn chain_launch(&mut self, m: &Llama, tok: Option<u32>, pos: u32, table: &[u32]) -> Result<u64> {
+        /// Launch `steps` steps of a chain of one row (after
+        /// [`Self::chain_fits`]; more than one: [`chain_steps`]), feeding
+        /// `tok` (None: the argmax of the chain's step before, on the
+        /// device) at `pos` with block table `table`, then each step's
+        /// argmax at the positions after; it may start while the launch
+        /// before runs. Its number, for [`Self::chain_wait`]; at most two
+        /// launches may be made and not waited for.
+        pub fn chain_launch(
+            &mut self,
+            m: &Llama,
+            tok: Option<u32>,
+            pos: u32,
+            table: &[u32],
+            steps: usize,
+        ) -> Result<u64> {
             self.prepare(m, 1)?;
             let k = self.bufs.as_ref().ok_or_else(|| NnError::Other("decode graph: no buffers".into()))?.launched;
             let half = (k & 1) as usize;
-            let len = self.fill_inputs(half, 1, &[tok.unwrap_or(u32::MAX)], &[pos], &[table])?;
-            self.launch_graph((1, variant(), true), |g| g.record_only(m, 1, None, Some((len, true))))?;
+            let len = self.fill_inputs(half, 1, &[tok.unwrap_or(u32::MAX)], &[pos], &[table], steps)?;
+            self.launch_graph((1, variant(), steps), |g| g.record_only(m, 1, None, Some((len, steps))))?;
             self.chain_ev[half].record(&self.stream).w()?;
             if let Some(b) = self.bufs.as_mut() {
                 b.launched += 1;
@@ -1015,12 +1064,14 @@ mod imp {
             Ok(k)
         }
 
-        /// The argmax of chain step `k` once it has run.
-        pub fn chain_wait(&self, k: u64) -> Result<u32> {
+        /// The argmax of each of the `steps` steps of chain launch `k` once
+        /// it has run.
+        pub fn chain_wait(&self, k: u64, steps: usize) -> Result<Vec<u32>> {
             let half = (k & 1) as usize;
             self.chain_ev[half].synchronize().w()?;
             let bufs = self.bufs.as_ref().ok_or_else(|| NnError::Other("decode graph: no buffers".into()))?;
-            Ok(u32::MAX - (bufs.host_best.as_ref()[half * bufs.cap] as u32))
+            let keys = &bufs.host_best.as_ref()[half * bufs.cap..half * bufs.cap + steps];
+            Ok(keys.iter().map(|k| u32::MAX - (*k as u32)).collect())
         }
 
         /// A step on the decode stream, as its graph holds it: the inputs
@@ -1031,7 +1082,7 @@ mod imp {
             let st = self.stream.cu_stream();
             self.stream.context().bind_to_thread().w()?;
             if self.zero_copy_fits(m, b)? {
-                return self.record_only(m, b, None, Some((len, false)));
+                return self.record_only(m, b, None, Some((len, 0)));
             }
             // SAFETY: host_in holds cap (2 + maxb) >= len values and `inp`
             // (at p.tok) as many; pinned memory, owned by `bufs`.
@@ -1120,9 +1171,9 @@ mod imp {
         /// or with `only` just that kind's kernel of the first layer
         /// (profiling). `io`: the step reads its `io.0` input values from
         /// `host_in` and writes its keys to `host_best` itself
-        /// ([`Self::zero_copy_fits`]); with `io.1`, as a step of a chain
-        /// ([`Self::chain_launch`]).
-        fn record_only(&self, m: &Llama, b: usize, only: Option<&str>, io: Option<(usize, bool)>) -> Result<()> {
+        /// ([`Self::zero_copy_fits`]); with `io.1` > 0, as a launch of that
+        /// many steps of a chain ([`Self::chain_launch`]).
+        fn record_only(&self, m: &Llama, b: usize, only: Option<&str>, io: Option<(usize, usize)>) -> Result<()> {
             let on = |k: &str| only.is_none_or(|o| o == k);
             let c = &m.cfg;
             let p = self.bufs.as_ref().ok_or_else(|| NnError::Other("decode graph: no buffers".into()))?.p;
@@ -1454,22 +1505,30 @@ mod imp {
         /// attention part of `parts`) and the MLP kernel (x2 + those in,
         /// the sum back into x, each cluster's down rows into the MLP
         /// part), then the LM head on x + the MLP part.
-        fn record_lay(&self, m: &Llama, b: usize, p: BufPtrs, io: Option<(usize, bool)>) -> Result<()> {
+        fn record_lay(&self, m: &Llama, b: usize, p: BufPtrs, io: Option<(usize, usize)>) -> Result<()> {
             let c = &m.cfg;
             let (hid, kv, hd) = (c.hidden_size, c.kv_heads(), c.head_dim());
             let rep = c.num_attention_heads / kv;
             let hid_i = hid as i32;
             let lp = self.lp_config(c, b)?;
             let nl = self.layers.len();
-            // The persistent step's counters and the head's.
-            let nctr = 2 * nl as i32 + 1;
+            // A chain's steps a launch (1: not a chain, or one).
+            let steps = io.map_or(1, |(_, k)| k.max(1));
+            // The persistent step's counters and the head's (and a launch of
+            // several steps' after them).
+            let nctr = lp_counters(nl, steps) as i32;
             let (cap, stride) = self.bufs.as_ref().map_or((0, 0), |b| (b.cap, b.in_stride as i32));
-            let chain = io.is_some_and(|(_, c)| c);
+            let chain = io.is_some_and(|(_, c)| c > 0);
             if let Some((n, _)) = io {
                 if lp.is_none() || (chain && b != 1) {
                     return Err(NnError::Other(
                         "decode graph: zero-copy input without the one-row persistent step".into(),
                     ));
+                }
+                if steps > 1 && !(chain && lp_head() && steps <= LP_STEPS_MAX) {
+                    return Err(NnError::Other(format!(
+                        "decode graph: {steps} steps a launch without a chain of the persistent step with its LM head"
+                    )));
                 }
                 super::ZC_RUNS.with(|r| r.set(r.get() + 1));
                 let n = n as i32;
@@ -1538,7 +1597,8 @@ mod imp {
             };
             let fused_head = lp.is_some() && lp_head();
             if let Some((lc, layers, coop)) = lp {
-                let ctr = p.bar;
+                // (Several steps: their counters after the one-step ones.)
+                let ctr = if steps > 1 { p.bar + 4 * lp_counters(nl, 1) as u64 } else { p.bar };
                 let pp = LayP {
                     a: Lay { tm: if times > 0 { p.times } else { 0 }, rep: (times > 1) as i32, ..base },
                     layers,
@@ -1551,10 +1611,14 @@ mod imp {
                     nmlp: mlp_blocks as i32,
                     sleep: lp_sleep(),
                     head: if fused_head { head } else { Gemv::default() },
+                    embed: self.embed,
+                    steps: steps as i32,
+                    cstride: lp_counters(nl, 1) as i32,
                 };
                 // SAFETY: the argument matches dec_lp_* in kernels/decode.cu;
                 // lp_config checked that its clusters fit at once; `bar`
-                // holds 2 nl counters. (Zeroed here, and the embedding's
+                // holds lp_counters(nl, LP_STEPS_MAX) counters (steps <=
+                // LP_STEPS_MAX, checked above; the keys' slots: cap >= 8). (Zeroed here, and the embedding's
                 // kernel above ran before: no block of the step reads them
                 // before its wait for that kernel.)
                 // (dec_lph: the head's Gemv as tc_headp_8 takes it below; its
@@ -1563,6 +1627,9 @@ mod imp {
                 unsafe { self.go_persistent(&lp_name(hd, rep), lc, &mut [arg(&pp)], ctr, zero, coop) }?;
                 if fused_head {
                     super::LP_HEAD_RUNS.with(|r| r.set(r.get() + 1));
+                    if steps > 1 {
+                        super::LP_STEPS_RUNS.with(|r| r.set(r.get() + 1));
+                    }
                     return Ok(());
                 }
             } else {
@@ -1659,7 +1726,7 @@ mod imp {
                 out.push((kind.to_string(), ms * 1e3 / (5 * reps) as f64));
             }
             // The whole step as replayed (the graph of this size).
-            if let Some(g) = self.graphs.get(&(b, variant(), false)) {
+            if let Some(g) = self.graphs.get(&(b, variant(), 0)) {
                 let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
                 let start = self.stream.record_event(flags).w()?;
                 for _ in 0..10 {
@@ -1856,6 +1923,35 @@ mod imp {
     /// sums of a tile.
     fn mma_smem(k: usize, bt: usize, warps: usize) -> usize {
         (bt * (k + 8) * 2).next_multiple_of(16) + warps * (bt / 8) * 4 * 32 * 4
+    }
+
+    /// Chained greedy steps a launch of the one-row persistent step with
+    /// its LM head ([`lp_head`]; `PIPE_DECODE_LP_STEPS=K`, 1 to
+    /// [`LP_STEPS_MAX`], 1 by default: one): the head's last block of each
+    /// step feeds its argmax's embedding row to the next step in the same
+    /// launch (decode.cu's `lp_feed`): no input kernel, launch or graph
+    /// between them. 1 without the head inside.
+    pub(crate) fn chain_steps() -> usize {
+        let k = switch(&super::LP_STEPS, || {
+            std::env::var("PIPE_DECODE_LP_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1)
+        });
+        if lp_head() {
+            k.clamp(1, LP_STEPS_MAX)
+        } else {
+            1
+        }
+    }
+
+    /// The most chained steps a launch ([`chain_steps`]): the keys' slots
+    /// of a half of `host_best` (the buffers hold at least 8 rows).
+    const LP_STEPS_MAX: usize = 8;
+
+    /// u32 counters of a launch of `steps` one-row persistent steps: 2 a
+    /// layer and the LM head's count of finished blocks; with more than
+    /// one step, as many again for each step after them (its 2 a layer and
+    /// the one its token's feed adds to).
+    fn lp_counters(nl: usize, steps: usize) -> usize {
+        (2 * nl + 1) * if steps > 1 { steps + 1 } else { 1 }
     }
 
     /// The one-row persistent step's kernel.
@@ -2367,25 +2463,35 @@ mod tests {
 
     /// On the GPU machine: the chain of graph steps (each step's argmax fed
     /// to the next on the device) gives the tokens of the graph a step at
-    /// a time, and ran, also with the LM head inside the persistent step;
-    /// with `PIPE_DECODE_CHAIN=0` a step at a time.
+    /// a time, and ran, also with the LM head inside the persistent step
+    /// and with several steps a launch; with `PIPE_DECODE_CHAIN=0` a step
+    /// at a time.
     #[test]
     fn greedy_chain_on_cuda_matches_steps() -> Result<()> {
         let Some(dev) = crate::nn::tests::cuda_device()? else { return Ok(()) };
         super::LAY.with(|t| t.set(Some(Some(true))));
         let m = crate::nn::tests::tiny_model_on(&config(256, 4, 2, true), &TrainSpec::default(), DType::BF16, &dev)?;
         assert!(m.decode_graph_ok());
-        // (Also with the LM head inside the persistent step.)
-        for (chain, head) in [(true, false), (true, true), (false, false)] {
+        // (Also with the LM head inside the persistent step, and with
+        // launches of 4 and of 3 steps: greedy_matches_steps' 7 steps as 4
+        // + 1 + 1 + 1 and 3 + 3 + 1, stopped inside a launch and at its end.)
+        for (chain, head, steps) in
+            [(true, false, 1), (true, true, 1), (true, true, 4), (true, true, 3), (false, false, 1)]
+        {
             super::CHAIN.with(|t| t.set(Some(chain)));
             super::LP_HEAD.with(|t| t.set(Some(head)));
-            let runs = (super::CHAIN_RUNS.with(|r| r.get()), super::LP_HEAD_RUNS.with(|r| r.get()));
+            super::LP_STEPS.with(|t| t.set(Some(steps)));
+            let runs = |r: &'static std::thread::LocalKey<std::cell::Cell<usize>>| r.with(|r| r.get());
+            let before = [runs(&super::CHAIN_RUNS), runs(&super::LP_HEAD_RUNS), runs(&super::LP_STEPS_RUNS)];
             greedy_matches_steps(&m)?;
-            assert_eq!(super::CHAIN_RUNS.with(|r| r.get()) > runs.0, chain, "chains ran: {chain}");
-            assert_eq!(super::LP_HEAD_RUNS.with(|r| r.get()) > runs.1, head, "the head in the step ran: {head}");
+            let what = format!("chain {chain}, head {head}, {steps} steps a launch");
+            assert_eq!(runs(&super::CHAIN_RUNS) > before[0], chain, "{what}: chains ran");
+            assert_eq!(runs(&super::LP_HEAD_RUNS) > before[1], head, "{what}: the head in the step ran");
+            assert_eq!(runs(&super::LP_STEPS_RUNS) > before[2], steps > 1, "{what}: launches of several steps ran");
         }
         super::CHAIN.with(|t| t.set(None));
         super::LP_HEAD.with(|t| t.set(None));
+        super::LP_STEPS.with(|t| t.set(None));
         super::LAY.with(|t| t.set(None));
         Ok(())
     }
