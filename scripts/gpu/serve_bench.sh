@@ -27,7 +27,10 @@
 #      weights streamed through shared memory (PIPE_DECODE_STREAM=1); nocoop: the same launched without the
 #      cooperative attribute; tile: the five-launch step with the older
 #      attention (PIPE_DECODE_ATTN=tile: a thread per position of a tile);
-#      nograph: the same kernels launched one by one;
+#      nograph: the same kernels launched one by one; lph: the batch-1
+#      persistent step with the LM head inside (PIPE_DECODE_LP_HEAD=1);
+#      lpk: that, and a lone greedy sequence's chain LP_STEPS (default 8)
+#      steps a launch (PIPE_DECODE_LP_STEPS);
 #      candle: PIPE_DECODE_GRAPH=0, decode
 #      through candle ops (the path before the fused step);
 #   5. benches/serve/hf_generate.py (cuda, bf16, sdpa) at the same batch
@@ -59,10 +62,11 @@ run)
   # graph, projections on tensor cores), dot (the same with warp-per-row
   # dot products, PIPE_DECODE_TC=0), nopdl (no programmatic dependent
   # launches, PIPE_DECODE_PDL=0), nograph (kernels launched one by one),
-  # candle (PIPE_DECODE_GRAPH=0: candle ops), mega, nocoop and tile (above).
+  # candle (PIPE_DECODE_GRAPH=0: candle ops), mega, nocoop, tile, lph and lpk (above).
   variant_env() {
-    tc=1 pdl=1 mega=0 coop=1 attn=chunk stream=0
+    tc=1 pdl=1 mega=0 coop=1 attn=chunk stream=0 lph=0 lps=1
     case $1 in
+    lph) sw=1 lph=1 ;; lpk) sw=1 lph=1 lps=${LP_STEPS:-8} ;;
     candle) sw=0 ;; nograph) sw=nograph ;; dot) sw=1 tc=0 ;; nopdl) sw=1 pdl=0 ;; mega) sw=1 mega=1 ;;
     stream) sw=1 stream=1 ;;
     nocoop) sw=1 mega=1 coop=0 ;; tile) sw=1 attn=tile ;; *) sw=1 ;;
@@ -86,7 +90,7 @@ run)
   for v in ${VARIANTS:-graph candle}; do
     variant_env "$v"
     PIPE_DECODE_GRAPH=$sw PIPE_DECODE_TC=$tc PIPE_DECODE_PDL=$pdl PIPE_DECODE_MEGA=$mega PIPE_DECODE_COOP=$coop PIPE_DECODE_ATTN=$attn \
-      PIPE_DECODE_STREAM=$stream timeout 120 ./decode_bench \
+      PIPE_DECODE_STREAM=$stream PIPE_DECODE_LP_HEAD=$lph PIPE_DECODE_LP_STEPS=$lps timeout 120 ./decode_bench \
       --config "${CONFIG:-src/config.json}" --batches "${BATCHES:-$CONC}" --prompt 100 --steps 64 ${BENCH_ARGS:-} |
       sed "s/^{/{\"variant\": \"$v\", /" | tee -a "$R" || true
   done
@@ -96,7 +100,7 @@ run)
   for v in ${SERVE_VARIANTS:-${VARIANTS:-graph candle}}; do
     variant_env "$v"
     PIPE_LOG=info PIPE_DECODE_GRAPH=$sw PIPE_DECODE_TC=$tc PIPE_DECODE_PDL=$pdl PIPE_DECODE_MEGA=$mega PIPE_DECODE_COOP=$coop \
-      PIPE_DECODE_ATTN=$attn PIPE_DECODE_STREAM=$stream \
+      PIPE_DECODE_ATTN=$attn PIPE_DECODE_STREAM=$stream PIPE_DECODE_LP_HEAD=$lph PIPE_DECODE_LP_STEPS=$lps \
       ./pipe serve smol --device cuda --dtype bf16 --port 0 --max-batch 64 2> "serve_$v.log" &
     SP=$!
     for _ in $(seq 1 300); do grep -q "serving" "serve_$v.log" && break; sleep 0.2; done
