@@ -280,8 +280,10 @@ impl StageKind for TrainKind {
         // op (base + scaled update summed in another order: rounding). 6:
         // RMSNorm and SwiGLU are one op each on the CPU too (f32; their
         // backward passes round differently). 7: on the CPU in f32 the LoRA
-        // update is accumulated into the base product by one gemm.
-        7
+        // update is accumulated into the base product by one gemm. 8: on
+        // the CPU the LoRA dropout runs inside that op (the same masks; the
+        // update summed in the op's order: rounding).
+        8
     }
     fn summary(&self) -> &'static str {
         "fine-tune a model on packed data: full, LoRA, QLoRA or Spectrum"

@@ -19,7 +19,8 @@ use crate::nn::config::LlamaConfig;
 use crate::nn::fused::RowGather;
 use crate::nn::nf4::Nf4Tensor;
 use crate::nn::ops::{
-    cross_entropy_sum, frozen_product, lm_head_cross_entropy, lora_linear, rms_norm, rope, FrozenWeight,
+    cross_entropy_sum, dropout_keep, dropout_mask, dropout_values, frozen_product, lm_head_cross_entropy, lora_linear,
+    rms_norm, rope, FrozenWeight, LoraDropout,
 };
 use crate::nn::{NnError, Result};
 
@@ -172,10 +173,11 @@ impl Linear {
 
 impl Linear {
     /// The LoRA linear as one op ([`lora_linear`]) when it can be: a frozen
-    /// or NF4 base, a 2-D input, no dropout in this pass, and the adapter
-    /// in the input's dtype; `PIPE_FUSED_LORA=0` turns it off. Same values
-    /// as the composition (to rounding), a quarter of its saved (m, n)
-    /// activations.
+    /// or NF4 base, a 2-D input, the adapter in the input's dtype, and no
+    /// dropout in this pass unless on the CPU in f32 or f64;
+    /// `PIPE_FUSED_LORA=0` turns it off. Same values as the composition (to
+    /// rounding; the same dropout mask), a quarter of its saved (m, n)
+    /// activations and, with dropout, none of its two saved (m, k) ones.
     fn fused_lora(&self, x: &Tensor, fx: Fwd) -> Result<Option<Tensor>> {
         let Some(l) = &self.lora else { return Ok(None) };
         if std::env::var_os("PIPE_FUSED_LORA").is_some_and(|v| v == "0") {
@@ -183,10 +185,17 @@ impl Linear {
         }
         let Some(w) = self.w.frozen() else { return Ok(None) };
         let (a, b) = (l.a.as_tensor(), l.b.as_tensor());
-        if (fx.train && l.dropout > 0.0) || x.rank() != 2 || a.dtype() != x.dtype() || b.dtype() != x.dtype() {
+        if x.rank() != 2 || a.dtype() != x.dtype() || b.dtype() != x.dtype() {
             return Ok(None);
         }
-        let mut y = lora_linear(x, w, a, b, l.scale)?;
+        // Dropout inside the op on the CPU in f32 or f64 (elsewhere the
+        // composition: its mask is drawn on the host either way).
+        let drop =
+            (fx.train && l.dropout > 0.0).then(|| LoraDropout { p: l.dropout, seed: fx.seed ^ name_hash(&self.name) });
+        if drop.is_some() && !(x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)) {
+            return Ok(None);
+        }
+        let mut y = lora_linear(x, w, a, b, l.scale, drop)?;
         if let Some(bias) = &self.b {
             y = y.broadcast_add(&bias.tensor()?)?;
         }
@@ -199,13 +208,12 @@ fn name_hash(s: &str) -> u64 {
     u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or_default())
 }
 
-/// Inverted dropout with a mask drawn from a seeded ChaCha8 stream, so a
-/// recomputation (gradient checkpointing, resume) draws the same mask.
+/// Inverted dropout with the mask [`dropout_mask`] draws (a seeded ChaCha8
+/// stream), so a recomputation (gradient checkpointing, resume) draws the
+/// same mask, and [`lora_linear`]'s dropout the same one.
 fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let keep = (1.0 / (1.0 - p)) as f32;
-    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }).collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    let bits = dropout_mask(p, seed, x.elem_count());
+    let mask = dropout_values(&bits, dropout_keep(p), x.shape(), x.dtype(), x.device())?;
     Ok(x.mul(&mask)?)
 }
 

@@ -424,13 +424,66 @@ impl CustomOp1 for Seed {
     }
 }
 
-/// A LoRA linear in one op: `x @ w.T + scale * (x @ a.T) @ b.T` for a
-/// frozen (or NF4) `w` (n, k), `a` (r, k), `b` (n, r), `x` (m, k). Keeps
-/// for the backward pass only `x @ a.T` (m, r) besides its inputs,
-/// where the composition's graph holds three more (m, n) tensors (the base
-/// product, the update and its scaled copy) per linear until the backward
-/// pass ends. Differentiable in x, a and b.
-pub fn lora_linear(x: &Tensor, w: FrozenWeight, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+/// The dropout of a LoRA adapter's input: each element kept (times
+/// 1 / (1 - p)) or zeroed, as drawn by [`dropout_mask`] from `seed`.
+#[derive(Clone, Copy, Debug)]
+pub struct LoraDropout {
+    pub p: f64,
+    pub seed: u64,
+}
+
+/// Which of `n` elements a dropout of probability `p` keeps, a bit each
+/// (bit i % 64 of word i / 64): a ChaCha8 stream seeded with `seed`, one
+/// f64 an element in order, dropped where it is below p. The one draw of
+/// every LoRA dropout mask (composed or inside [`lora_linear`]), so a
+/// recomputation (gradient checkpointing, resume) draws the same mask.
+pub fn dropout_mask(p: f64, seed: u64, n: usize) -> Vec<u64> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut bits = vec![0u64; n.div_ceil(64)];
+    for i in 0..n {
+        if rng.random::<f64>() >= p {
+            bits[i / 64] |= 1 << (i % 64);
+        }
+    }
+    bits
+}
+
+/// The kept elements' factor of a dropout of probability `p`.
+pub fn dropout_keep(p: f64) -> f64 {
+    1.0 / (1.0 - p)
+}
+
+/// The dropout mask as values (`keep` or 0) of `shape` in `dtype`.
+pub fn dropout_values(
+    bits: &[u64],
+    keep: f64,
+    shape: &Shape,
+    dtype: DType,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
+    let v: Vec<f32> =
+        (0..shape.elem_count()).map(|i| if bits[i / 64] >> (i % 64) & 1 == 1 { keep as f32 } else { 0.0 }).collect();
+    Tensor::from_vec(v, shape.clone(), dev)?.to_dtype(dtype)
+}
+
+/// A LoRA linear in one op: `x @ w.T + scale * (dropout(x) @ a.T) @ b.T`
+/// for a frozen (or NF4) `w` (n, k), `a` (r, k), `b` (n, r), `x` (m, k),
+/// `drop` the adapter's dropout (None: none). Keeps for the backward pass
+/// only `dropout(x) @ a.T` (m, r) and the dropout's mask (a bit an
+/// element) besides its inputs, where the composition's graph holds three
+/// more (m, n) tensors (the base product, the update and its scaled copy)
+/// and, with dropout, two more (m, k) ones (the mask and the dropped
+/// input) per linear until the backward pass ends. Differentiable in x, a
+/// and b. Dropout on the CPU in f32 or f64 only.
+pub fn lora_linear(
+    x: &Tensor,
+    w: FrozenWeight,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    drop: Option<LoraDropout>,
+) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     let (r, ka) = a.dims2()?;
     let (n, rb) = b.dims2()?;
@@ -446,7 +499,13 @@ pub fn lora_linear(x: &Tensor, w: FrozenWeight, a: &Tensor, b: &Tensor, scale: f
             b.dtype()
         );
     }
-    dense(x)?.apply_op3(&dense(a)?, &dense(b)?, LoraLinear { w, scale, xa: Saved::default() })
+    if drop.is_some() && !(x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)) {
+        candle_core::bail!("lora-linear: dropout inside the op on the CPU in f32 or f64 only, not {:?}", x.dtype());
+    }
+    // (Drawn here, before the op: the forward pass and the backward pass
+    // read the same bits.)
+    let mask = drop.map(|d| (dropout_mask(d.p, d.seed, m * k), dropout_keep(d.p)));
+    dense(x)?.apply_op3(&dense(a)?, &dense(b)?, LoraLinear { w, scale, xa: Saved::default(), mask })
 }
 
 /// A frozen weight for [`frozen_matmul`]-style products: dense, or NF4
@@ -491,8 +550,11 @@ fn cuda_of(st: &Storage) -> Option<&candle_core::CudaStorage> {
 struct LoraLinear {
     w: FrozenWeight,
     scale: f64,
-    /// `x @ a.T` (unscaled) from the forward pass.
+    /// `dropout(x) @ a.T` (unscaled) from the forward pass.
     xa: Saved,
+    /// The adapter's dropout: the kept elements of x (a bit each) and
+    /// their factor.
+    mask: Option<(Vec<u64>, f64)>,
 }
 
 impl LoraLinear {
@@ -505,13 +567,17 @@ impl LoraLinear {
         device: &candle_core::Device,
         pick: fn(&Storage) -> Option<&S>,
         wrap: impl Fn(S) -> Storage,
+        xd: Option<S>,
     ) -> Result<(S, Shape)> {
         let (m, k) = xl.shape().dims2()?;
         let (r, _) = al.shape().dims2()?;
         let (n, _) = bl.shape().dims2()?;
         let (base, _) = FrozenMatmul::product(x, xl, &self.w.get(device, x.dtype())?, pick)?;
         let mr = Layout::contiguous((m, r));
-        let xa = x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?;
+        let xa = match xd {
+            Some(xd) => xd.matmul(a, (1, m, r, k), &Layout::contiguous((m, k)), &al.transpose(0, 1)?)?,
+            None => x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?,
+        };
         let xas = xa.affine(&mr, self.scale, 0.0)?;
         let up = xas.matmul(b, (1, m, n, r), &mr, &bl.transpose(0, 1)?)?;
         let mn = Layout::contiguous((m, n));
@@ -522,6 +588,27 @@ impl LoraLinear {
 
     fn keep_xa(&self, xa: Storage, m: usize, r: usize) {
         self.xa.keep(Tensor::from_storage(xa, (m, r), BackpropOp::none(), false));
+    }
+
+    /// x (contiguous) times the dropout's mask, as a new storage (f32 or
+    /// f64: `lora_linear` checked); None without dropout.
+    fn dropped_cpu(&self, x: &CpuStorage, xl: &Layout) -> Result<Option<CpuStorage>> {
+        let Some((bits, keep)) = &self.mask else { return Ok(None) };
+        let Some((o, e)) = xl.contiguous_offsets() else { candle_core::bail!("lora-linear: x is not contiguous") };
+        let on = |i: usize| bits[i / 64] >> (i % 64) & 1 == 1;
+        // (x * 0 where dropped, as the composition's product by the mask.)
+        Ok(Some(match x {
+            CpuStorage::F32(v) => {
+                let keep = *keep as f32;
+                CpuStorage::F32(v[o..e].iter().enumerate().map(|(i, x)| x * if on(i) { keep } else { 0.0 }).collect())
+            }
+            CpuStorage::F64(v) => {
+                // (The factor rounded to f32 first, as dropout_values makes it.)
+                let keep = *keep as f32 as f64;
+                CpuStorage::F64(v[o..e].iter().enumerate().map(|(i, x)| x * if on(i) { keep } else { 0.0 }).collect())
+            }
+            _ => candle_core::bail!("lora-linear: dropout in f32 or f64 only"),
+        }))
     }
 }
 
@@ -541,7 +628,10 @@ impl LoraLinear {
         let (n, _) = bl.shape().dims2()?;
         let (base, _) = FrozenMatmul::product(x, xl, &self.w.get(&candle_core::Device::Cpu, DType::F32)?, cpu_of)?;
         let CpuStorage::F32(mut y) = base else { candle_core::bail!("lora-linear: the base product is not f32") };
-        let xa_st = x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?;
+        let xa_st = match self.dropped_cpu(x, xl)? {
+            Some(xd) => xd.matmul(a, (1, m, r, k), &Layout::contiguous((m, k)), &al.transpose(0, 1)?)?,
+            None => x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?,
+        };
         let CpuStorage::F32(xa) = &xa_st else { candle_core::bail!("lora-linear: x @ a.T is not f32") };
         let threads = candle_core::utils::get_num_threads();
         let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
@@ -592,7 +682,8 @@ impl candle_core::CustomOp3 for LoraLinear {
         if let (CpuStorage::F32(_), CpuStorage::F32(bv), Some((b0, _))) = (x, b, bl.contiguous_offsets()) {
             return self.cpu_f32((x, xl), (a, al), &bv[b0..], bl);
         }
-        self.run((x, xl), (a, al), (b, bl), &candle_core::Device::Cpu, cpu_of, Storage::Cpu)
+        let xd = self.dropped_cpu(x, xl)?;
+        self.run((x, xl), (a, al), (b, bl), &candle_core::Device::Cpu, cpu_of, Storage::Cpu, xd)
     }
 
     #[cfg(feature = "cuda")]
@@ -609,7 +700,7 @@ impl candle_core::CustomOp3 for LoraLinear {
         // product by one cuBLAS product with beta = 1.
         let dev = candle_core::Device::Cuda(x.device().clone());
         if !matches!(x.dtype(), DType::F32 | DType::BF16) {
-            return self.run((x, xl), (a, al), (b, bl), &dev, cuda_of, Storage::Cuda);
+            return self.run((x, xl), (a, al), (b, bl), &dev, cuda_of, Storage::Cuda, None);
         }
         let (m, k) = xl.shape().dims2()?;
         let (r, _) = al.shape().dims2()?;
@@ -638,10 +729,24 @@ impl candle_core::CustomOp3 for LoraLinear {
         let dy = dy.detach().to_dtype(x.dtype())?;
         // d(x @ a.T) = scale * dy @ b
         let dxa = scaled_matmul(&dy, false, &bd, false, self.scale)?;
-        let da = if a.track_op() { Some(dxa.t()?.matmul(&xd)?) } else { None };
+        // With dropout: its mask as values, for this pass only (a is
+        // multiplied by the dropped x, and x's share of the update's
+        // gradient by the mask).
+        let mask = match &self.mask {
+            Some((bits, keep)) => Some(dropout_values(bits, *keep, x.shape(), x.dtype(), x.device())?),
+            None => None,
+        };
+        let da = match (a.track_op(), &mask) {
+            (false, _) => None,
+            (true, Some(mk)) => Some(dxa.t()?.matmul(&xd.mul(mk)?)?),
+            (true, None) => Some(dxa.t()?.matmul(&xd)?),
+        };
         let db = if b.track_op() { Some(scaled_matmul(&dy, true, &xa, false, self.scale)?) } else { None };
         let dx = if x.track_op() {
             let dx = dy.matmul(&self.w.get(dy.device(), dy.dtype())?)?;
+            if let Some(mk) = &mask {
+                return Ok((Some((dx + dxa.matmul(&ad)?.mul(mk)?)?), da, db));
+            }
             // On CUDA, dx += dxa @ a in place (no (m, k) product and add pass).
             if dx.device().is_cuda() && matches!(dx.dtype(), DType::F32 | DType::BF16) && dx.is_contiguous() {
                 dx.inplace_op3(&dense(&dxa)?, &dense(&ad)?, &AddMatmul { ta: false, tb: false, alpha: 1.0 })?;

@@ -854,7 +854,7 @@ fn fused_lora_linear_matches_the_composition() -> Result<()> {
     ] {
         let want = (x.matmul(&base.t()?)? + (x.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?)?;
         let gw = (&want * &dy)?.sum_all()?.backward()?;
-        let got = lora_linear(x.as_tensor(), frozen, a.as_tensor(), b.as_tensor(), scale)?;
+        let got = lora_linear(x.as_tensor(), frozen, a.as_tensor(), b.as_tensor(), scale, None)?;
         assert!(rel_err(&got, &want)? < 1e-12, "{what}: output");
         let gg = (&got * &dy)?.sum_all()?.backward()?;
         for (name, v) in [("dx", &x), ("da", &a), ("db", &b)] {
@@ -868,12 +868,15 @@ fn fused_lora_linear_matches_the_composition() -> Result<()> {
     }
     // A frozen input gets no gradient, the adapter still does.
     let xd = x.as_tensor().detach();
-    let g = (lora_linear(&xd, FrozenWeight::Dense(w.clone()), a.as_tensor(), b.as_tensor(), scale)? * &dy)?
+    let g = (lora_linear(&xd, FrozenWeight::Dense(w.clone()), a.as_tensor(), b.as_tensor(), scale, None)? * &dy)?
         .sum_all()?
         .backward()?;
     assert!(g.get(&xd).is_none() && g.get(a.as_tensor()).is_some() && g.get(b.as_tensor()).is_some());
     let bad = Tensor::zeros((n, r + 1), DType::F64, &dev)?;
-    assert!(lora_linear(x.as_tensor(), FrozenWeight::Dense(w), a.as_tensor(), &bad, scale).is_err(), "r 3 vs 4");
+    assert!(
+        lora_linear(x.as_tensor(), FrozenWeight::Dense(w.clone()), a.as_tensor(), &bad, scale, None).is_err(),
+        "r 3 vs 4"
+    );
     // f32 on the CPU accumulates the update into the base product with one
     // gemm: the same values (to f32 rounding) at a small and a larger size.
     for (m, k, n, r) in [(7, 64, 5, 3), (300, 96, 72, 8)] {
@@ -886,7 +889,8 @@ fn fused_lora_linear_matches_the_composition() -> Result<()> {
             candle_core::Var::from_tensor(&f(&a)?)?,
             candle_core::Var::from_tensor(&f(&b)?)?,
         );
-        let got = lora_linear(xv.as_tensor(), FrozenWeight::Dense(f(&w)?), av.as_tensor(), bv.as_tensor(), scale)?;
+        let got =
+            lora_linear(xv.as_tensor(), FrozenWeight::Dense(f(&w)?), av.as_tensor(), bv.as_tensor(), scale, None)?;
         assert!(rel_err(&got, &want)? < 1e-5, "f32 {m}x{n}: output");
         let gg = (&got * &f(&dy)?)?.sum_all()?.backward()?;
         let (xw, aw, bw) = (
@@ -903,5 +907,71 @@ fn fused_lora_linear_matches_the_composition() -> Result<()> {
             assert!(rel_err(g1, g2)? < 1e-5, "f32 {m}x{n}: {name}");
         }
     }
+    Ok(())
+}
+
+#[test]
+fn fused_lora_linear_with_dropout_matches_the_composition() -> Result<()> {
+    use crate::nn::nf4::Nf4Tensor;
+    use crate::nn::ops::{dropout_keep, dropout_mask, dropout_values, lora_linear, FrozenWeight, LoraDropout};
+    let dev = Device::Cpu;
+    let (p, seed, scale) = (0.3, 7u64, 2.5);
+    let drop = Some(LoraDropout { p, seed });
+    let t = |shape: (usize, usize)| Tensor::randn(0f64, 1.0, shape, &dev);
+    for (m, k, n, r) in [(7, 64, 5, 3), (300, 96, 72, 8)] {
+        let (x, a, b, w, dy) = (t((m, k))?, t((r, k))?, t((n, r))?, t((n, k))?, t((m, n))?);
+        let bits = dropout_mask(p, seed, m * k);
+        let kept = bits.iter().map(|w| w.count_ones() as usize).sum::<usize>();
+        assert!(kept > 0 && kept < m * k, "{m}x{k}: {kept} kept");
+        let mask = dropout_values(&bits, dropout_keep(p), &candle_core::Shape::from((m, k)), DType::F64, &dev)?;
+        // The composition, in f64, with the same mask.
+        let (xw, aw, bw) = (
+            candle_core::Var::from_tensor(&x)?,
+            candle_core::Var::from_tensor(&a)?,
+            candle_core::Var::from_tensor(&b)?,
+        );
+        let q = std::sync::Arc::new(Nf4Tensor::quantize(&w)?);
+        for (what, base, frozen) in [
+            ("dense", w.clone(), FrozenWeight::Dense(w.clone())),
+            ("nf4", q.dequantize(&dev, DType::F64)?, FrozenWeight::Nf4(q.clone())),
+        ] {
+            let want = (xw.matmul(&base.t()?)? + (xw.mul(&mask)?.matmul(&aw.t()?)?.matmul(&bw.t()?)? * scale)?)?;
+            let gw = (&want * &dy)?.sum_all()?.backward()?;
+            // f64: the same values to rounding; f32: to f32 rounding.
+            for (dt, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+                let v = |t: &Tensor| candle_core::Var::from_tensor(&t.to_dtype(dt)?);
+                let (xv, av, bv) = (v(&x)?, v(&a)?, v(&b)?);
+                let fw = match &frozen {
+                    FrozenWeight::Dense(w) => FrozenWeight::Dense(w.to_dtype(dt)?),
+                    FrozenWeight::Nf4(q) => FrozenWeight::Nf4(q.clone()),
+                };
+                let got = lora_linear(xv.as_tensor(), fw, av.as_tensor(), bv.as_tensor(), scale, drop)?;
+                let what = format!("{what} {dt:?} {m}x{n}");
+                assert!(rel_err(&got.to_dtype(DType::F64)?, &want)? < tol, "{what}: output");
+                let gg = (&got * &dy.to_dtype(dt)?)?.sum_all()?.backward()?;
+                for (name, v, v64) in [("dx", &xv, &xw), ("da", &av, &aw), ("db", &bv, &bw)] {
+                    let (Some(g1), Some(g2)) = (gg.get(v.as_tensor()), gw.get(v64.as_tensor())) else {
+                        panic!("{what}: no {name}")
+                    };
+                    assert!(rel_err(&g1.to_dtype(DType::F64)?, g2)? < tol, "{what}: {name}");
+                    assert!(!g1.track_op(), "{what}: {name} keeps a graph");
+                }
+            }
+        }
+    }
+    // The mask: seeded (the same bits again, others for another seed),
+    // about p of the elements dropped.
+    let n = 100_000;
+    let bits = dropout_mask(p, seed, n);
+    assert_eq!(bits, dropout_mask(p, seed, n));
+    assert_ne!(bits, dropout_mask(p, seed + 1, n));
+    let dropped = n - bits.iter().map(|w| w.count_ones() as usize).sum::<usize>();
+    assert!((0.29..0.31).contains(&(dropped as f64 / n as f64)), "{dropped} of {n} dropped");
+    // Dropout inside the op only in f32 or f64 (bf16: the caller composes it).
+    let h = |shape: (usize, usize)| Tensor::zeros(shape, DType::BF16, &dev);
+    let e = lora_linear(&h((2, 8))?, FrozenWeight::Dense(h((4, 8))?), &h((2, 8))?, &h((4, 2))?, scale, drop)
+        .expect_err("bf16 with dropout")
+        .to_string();
+    assert!(e.contains("f32 or f64"), "{e}");
     Ok(())
 }
