@@ -437,16 +437,49 @@ pub struct LoraDropout {
 /// f64 an element in order, dropped where it is below p. The one draw of
 /// every LoRA dropout mask (composed or inside [`lora_linear`]), so a
 /// recomputation (gradient checkpointing, resume) draws the same mask.
+/// (Drawn in parallel: chunks of the stream, each from its own word
+/// position, two 32-bit words an f64: the same bits as drawing in order.)
 pub fn dropout_mask(p: f64, seed: u64, n: usize) -> Vec<u64> {
     use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    use rayon::prelude::*;
+    // Words of bits a chunk (4,096 elements).
+    const CW: usize = 64;
     let mut bits = vec![0u64; n.div_ceil(64)];
-    for i in 0..n {
-        if rng.random::<f64>() >= p {
-            bits[i / 64] |= 1 << (i % 64);
+    bits.par_chunks_mut(CW).enumerate().for_each(|(c, out)| {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let start = c * CW * 64;
+        rng.set_word_pos(2 * start as u128);
+        for i in start..(start + out.len() * 64).min(n) {
+            if rng.random::<f64>() >= p {
+                out[(i - start) / 64] |= 1 << (i % 64);
+            }
         }
-    }
+    });
     bits
+}
+
+/// `t` (contiguous, on the CPU, f32 or f64) times the dropout mask `bits`
+/// (`keep` where kept, 0 where dropped; `keep` rounded to f32 first, as
+/// [`dropout_values`] makes it), in one pass.
+fn masked(t: &Tensor, bits: &[u64], keep: f64) -> Result<Tensor> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    let (Storage::Cpu(c), Some((o, e))) = (&*st, l.contiguous_offsets()) else {
+        candle_core::bail!("lora-linear: the dropout's product on the CPU only")
+    };
+    let on = |i: usize| bits[i / 64] >> (i % 64) & 1 == 1;
+    let k32 = keep as f32;
+    let out = match c {
+        CpuStorage::F32(v) => {
+            CpuStorage::F32(v[o..e].iter().enumerate().map(|(i, x)| x * if on(i) { k32 } else { 0.0 }).collect())
+        }
+        CpuStorage::F64(v) => {
+            let k = k32 as f64;
+            CpuStorage::F64(v[o..e].iter().enumerate().map(|(i, x)| x * if on(i) { k } else { 0.0 }).collect())
+        }
+        _ => candle_core::bail!("lora-linear: dropout in f32 or f64 only"),
+    };
+    Ok(Tensor::from_storage(Storage::Cpu(out), t.shape().clone(), BackpropOp::none(), false))
 }
 
 /// The kept elements' factor of a dropout of probability `p`.
@@ -729,23 +762,18 @@ impl candle_core::CustomOp3 for LoraLinear {
         let dy = dy.detach().to_dtype(x.dtype())?;
         // d(x @ a.T) = scale * dy @ b
         let dxa = scaled_matmul(&dy, false, &bd, false, self.scale)?;
-        // With dropout: its mask as values, for this pass only (a is
-        // multiplied by the dropped x, and x's share of the update's
-        // gradient by the mask).
-        let mask = match &self.mask {
-            Some((bits, keep)) => Some(dropout_values(bits, *keep, x.shape(), x.dtype(), x.device())?),
-            None => None,
-        };
-        let da = match (a.track_op(), &mask) {
+        // With dropout: a's gradient from the dropped x (made again here),
+        // x's share of the update's gradient times the mask.
+        let da = match (a.track_op(), &self.mask) {
             (false, _) => None,
-            (true, Some(mk)) => Some(dxa.t()?.matmul(&xd.mul(mk)?)?),
+            (true, Some((bits, keep))) => Some(dxa.t()?.matmul(&masked(&xd, bits, *keep)?)?),
             (true, None) => Some(dxa.t()?.matmul(&xd)?),
         };
         let db = if b.track_op() { Some(scaled_matmul(&dy, true, &xa, false, self.scale)?) } else { None };
         let dx = if x.track_op() {
             let dx = dy.matmul(&self.w.get(dy.device(), dy.dtype())?)?;
-            if let Some(mk) = &mask {
-                return Ok((Some((dx + dxa.matmul(&ad)?.mul(mk)?)?), da, db));
+            if let Some((bits, keep)) = &self.mask {
+                return Ok((Some((dx + masked(&dxa.matmul(&ad)?, bits, *keep)?)?), da, db));
             }
             // On CUDA, dx += dxa @ a in place (no (m, k) product and add pass).
             if dx.device().is_cuda() && matches!(dx.dtype(), DType::F32 | DType::BF16) && dx.is_contiguous() {

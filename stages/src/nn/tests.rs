@@ -967,6 +967,15 @@ fn fused_lora_linear_with_dropout_matches_the_composition() -> Result<()> {
     assert_ne!(bits, dropout_mask(p, seed + 1, n));
     let dropped = n - bits.iter().map(|w| w.count_ones() as usize).sum::<usize>();
     assert!((0.29..0.31).contains(&(dropped as f64 / n as f64)), "{dropped} of {n} dropped");
+    // Drawn in parallel chunks of the stream: the bits of one draw in
+    // order (a ChaCha8 f64 an element), none past n.
+    let n = 3 * 4096 + 37;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let want: Vec<bool> = (0..n).map(|_| rng.random::<f64>() >= p).collect();
+    let got = dropout_mask(p, seed, n);
+    assert_eq!(got.len(), n.div_ceil(64));
+    assert!(want.iter().enumerate().all(|(i, &k)| (got[i / 64] >> (i % 64) & 1 == 1) == k), "parallel draw");
+    assert_eq!(got[n / 64] >> (n % 64), 0, "bits past n");
     // Dropout inside the op only in f32 or f64 (bf16: the caller composes it).
     let h = |shape: (usize, usize)| Tensor::zeros(shape, DType::BF16, &dev);
     let e = lora_linear(&h((2, 8))?, FrozenWeight::Dense(h((4, 8))?), &h((2, 8))?, &h((4, 2))?, scale, drop)
