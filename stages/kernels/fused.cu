@@ -392,6 +392,22 @@ template <typename T> __device__ void segment_add(T *dt, const T *g, const uint3
   }
 }
 
+// splitmix64's finaliser: a 64-bit hash.
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// A dropout mask made on the device (src/nn/fused.rs's dropout_values):
+// element i is `keep`, or 0 where the high half of a hash of (seed, i)
+// is below thr (p * 2^32).
+template <typename T> __device__ void dropout_mask(T *y, size_t n, unsigned long long seed, unsigned thr, float keep) {
+  const size_t id = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+  for (size_t i = id; i < n; i += stride) st(y, i, (unsigned)(mix64(seed ^ mix64(i)) >> 32) >= thr ? keep : 0.f);
+}
+
 #define INSTANTIATE(T, TN)                                                                                          \
   extern "C" __global__ void rmsnorm_fwd_##TN(const T *x, const T *w, T *y, float *rstd, int h, float eps) {       \
     rmsnorm_fwd<T>(x, w, y, rstd, h, eps);                                                                          \
@@ -436,6 +452,9 @@ template <typename T> __device__ void segment_add(T *dt, const T *g, const uint3
   }                                                                                                                 \
   extern "C" __global__ void segment_add_##TN(T *dt, const T *g, const uint32_t *seg, int nseg, int d) {           \
     segment_add<T>(dt, g, seg, nseg, d);                                                                            \
+  }                                                                                                                 \
+  extern "C" __global__ void dropout_mask_##TN(T *y, size_t n, unsigned long long seed, unsigned thr, float keep) { \
+    dropout_mask<T>(y, n, seed, thr, keep);                                                                         \
   }
 
 INSTANTIATE(float, f32)

@@ -282,7 +282,8 @@ impl StageKind for TrainKind {
         // backward passes round differently). 7: on the CPU in f32 the LoRA
         // update is accumulated into the base product by one gemm. 8: on
         // the CPU the LoRA dropout runs inside that op (the same masks; the
-        // update summed in the op's order: rounding).
+        // update summed in the op's order: rounding); on CUDA its masks are
+        // made on the device (other draws than the host's).
         8
     }
     fn summary(&self) -> &'static str {

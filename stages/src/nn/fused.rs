@@ -176,6 +176,28 @@ impl candle_core::CustomOp2 for Add {
     }
 }
 
+/// A dropout mask of `shape` in `dtype` (f32 or bf16) made on `device`'s
+/// GPU: element i is `keep` (1 / (1 - p), rounded to f32 as the CPU's
+/// masks), or 0 where a hash of (seed, i) falls below p. The CPU draws its
+/// masks from a ChaCha8 stream instead ([`crate::nn::ops::dropout_mask`]):
+/// the same probability, other draws. Made where it is used, instead of
+/// drawn on the host and copied (an (m, k) upload a LoRA linear a step).
+/// CUDA only.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn dropout_values_cuda(
+    shape: &candle_core::Shape,
+    dtype: DType,
+    device: &candle_core::Device,
+    p: f64,
+    seed: u64,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        return cuda::dropout_values(shape, dtype, d, p, seed);
+    }
+    cuda_only("fused dropout mask")
+}
+
 /// `silu(g) * u`; differentiable in both.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if g.dims() != u.dims() || g.dtype() != u.dtype() {
@@ -841,6 +863,38 @@ mod cuda {
     pub fn rope_t(dy: &Tensor, cos: &Tensor, sin: &Tensor, rot: usize) -> Result<Tensor> {
         let out = with(&[dy, cos, sin], |s| rope(-1.0, rot, s[0], s[1], s[2]))?;
         Ok(tensor(out, dy.shape().clone()))
+    }
+
+    pub(super) fn dropout_values(
+        shape: &candle_core::Shape,
+        dtype: candle_core::DType,
+        dev: &candle_core::CudaDevice,
+        p: f64,
+        seed: u64,
+    ) -> Result<Tensor> {
+        by_dtype!(dtype, dropout_values_t, shape, dtype, dev, p, seed)
+    }
+
+    fn dropout_values_t<T: CudaDType + DeviceRepr>(
+        shape: &candle_core::Shape,
+        dtype: candle_core::DType,
+        dev: &candle_core::CudaDevice,
+        p: f64,
+        seed: u64,
+    ) -> Result<Tensor> {
+        let n = shape.elem_count();
+        // SAFETY: the kernel writes every element.
+        let mut y = unsafe { dev.alloc::<T>(n)? };
+        let f = func(dev, MODULE, FUSED_PTX, "dropout_mask", dtype)?;
+        // p in [0, 1) (the train stage checks it): below 2^32.
+        let thr = (p * 4_294_967_296.0).round().min(u32::MAX as f64) as u32;
+        let keep = crate::nn::ops::dropout_keep(p) as f32;
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&mut y).arg(&n).arg(&seed).arg(&thr).arg(&keep);
+        // SAFETY: argument types and order match dropout_mask_* in kernels/fused.cu.
+        unsafe { lb.launch(grid(blocks(n), 1, 256)) }.w()?;
+        Ok(tensor(CudaStorage::wrap_cuda_slice(y, dev.clone()), shape.clone()))
     }
 
     pub(super) fn add(a: (&CudaStorage, &Layout), b: (&CudaStorage, &Layout)) -> Result<CudaStorage> {

@@ -210,10 +210,16 @@ fn name_hash(s: &str) -> u64 {
 
 /// Inverted dropout with the mask [`dropout_mask`] draws (a seeded ChaCha8
 /// stream), so a recomputation (gradient checkpointing, resume) draws the
-/// same mask, and [`lora_linear`]'s dropout the same one.
+/// same mask, and [`lora_linear`]'s dropout the same one. On a GPU (f32 or
+/// bf16) the mask is made there, from a hash of the seed and each index
+/// ([`crate::nn::fused::dropout_values_cuda`]; seeded as well).
 fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
-    let bits = dropout_mask(p, seed, x.elem_count());
-    let mask = dropout_values(&bits, dropout_keep(p), x.shape(), x.dtype(), x.device())?;
+    let mask = if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16) {
+        crate::nn::fused::dropout_values_cuda(x.shape(), x.dtype(), x.device(), p, seed)?
+    } else {
+        let bits = dropout_mask(p, seed, x.elem_count());
+        dropout_values(&bits, dropout_keep(p), x.shape(), x.dtype(), x.device())?
+    };
     Ok(x.mul(&mask)?)
 }
 

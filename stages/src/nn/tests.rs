@@ -910,6 +910,35 @@ fn fused_lora_linear_matches_the_composition() -> Result<()> {
     Ok(())
 }
 
+/// On the GPU machine: dropout masks made on the device (what LoRA's
+/// dropout multiplies by there) are seeded, hold only 0 and the kept
+/// factor, and drop about p of the elements, in f32 and bf16.
+#[test]
+fn cuda_dropout_masks_are_seeded_and_drop_about_p() -> Result<()> {
+    use crate::nn::fused::dropout_values_cuda;
+    let Some(dev) = cuda_device()? else { return Ok(()) };
+    let shape = candle_core::Shape::from((1000, 1000));
+    for dt in [DType::F32, DType::BF16] {
+        let get = |seed: u64| -> Result<Vec<f32>> {
+            Ok(dropout_values_cuda(&shape, dt, &dev, 0.3, seed)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        };
+        let v = get(11)?;
+        // The kept factor as stored in dt.
+        let keep = Tensor::new(&[crate::nn::ops::dropout_keep(0.3) as f32], &Device::Cpu)?
+            .to_dtype(dt)?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?[0];
+        assert!(v.iter().all(|&x| x == 0.0 || x == keep), "{dt:?}: values other than 0 and {keep}");
+        let dropped = v.iter().filter(|&&x| x == 0.0).count() as f64 / v.len() as f64;
+        assert!((0.295..0.305).contains(&dropped), "{dt:?}: {dropped} dropped");
+        assert_eq!(v, get(11)?, "{dt:?}: the same seed, the same mask");
+        assert_ne!(v, get(12)?, "{dt:?}: another seed, another mask");
+    }
+    // Not on the CPU (its masks are drawn there: ops::dropout_mask).
+    assert!(dropout_values_cuda(&shape, DType::F32, &Device::Cpu, 0.3, 11).is_err());
+    Ok(())
+}
+
 #[test]
 fn fused_lora_linear_with_dropout_matches_the_composition() -> Result<()> {
     use crate::nn::nf4::Nf4Tensor;
