@@ -630,8 +630,16 @@ impl Llama {
         // fold them into the row dimension instead of copying k and v.
         let qi = q.transpose(0, 1)?.contiguous()?.reshape((kv, rep * len, hd))?;
         // Scale q (len x hd) rather than the scores (len x total).
-        let s = qi.affine(1.0 / (hd as f64).sqrt(), 0.0)?.matmul(&k.t()?)?;
-        let s = if matches!(self.dtype, DType::F64 | DType::F32) { s } else { s.to_dtype(DType::F32)? };
+        let qa = qi.affine(1.0 / (hd as f64).sqrt(), 0.0)?;
+        let f32_or_f64 = matches!(self.dtype, DType::F64 | DType::F32);
+        if past == 0 && f32_or_f64 {
+            // (Scores and softmax as one op: its graph keeps no scores.)
+            let p = crate::nn::ops::causal_attention_probs(&qa, &k.t()?)?;
+            let o = p.matmul(v)?;
+            return Ok(o.reshape((h, len, hd))?.transpose(0, 1)?.reshape((len, h * hd))?);
+        }
+        let s = qa.matmul(&k.t()?)?;
+        let s = if f32_or_f64 { s } else { s.to_dtype(DType::F32)? };
         let p = if past == 0 {
             causal_softmax(&s)?
         } else if len == 1 {

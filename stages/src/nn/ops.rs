@@ -1119,6 +1119,71 @@ pub fn causal_softmax(s: &Tensor) -> Result<Tensor> {
     s.apply_op1(CausalSoftmax)
 }
 
+/// `causal_softmax(qa @ kt)` for queries `qa` (G, R, d) and keys `kt`
+/// (G, d, L), R a multiple of L: on the CPU in f32 or f64 one op whose
+/// graph keeps only its inputs and the probabilities, not the (G, R, L)
+/// scores (the composition's matmul output, kept as the softmax's input
+/// although its backward pass reads only the probabilities: at 1,024
+/// positions and SmolLM2's 9 heads 38 MB a layer). The same operations
+/// in the same order, forward and backward: the same values to the bit.
+/// Elsewhere the composition.
+pub fn causal_attention_probs(qa: &Tensor, kt: &Tensor) -> Result<Tensor> {
+    let fused = qa.device().is_cpu()
+        && matches!(qa.dtype(), DType::F32 | DType::F64)
+        && qa.dtype() == kt.dtype()
+        && qa.rank() == 3
+        && kt.rank() == 3
+        && qa.dim(0)? == kt.dim(0)?
+        && qa.dim(2)? == kt.dim(1)?
+        && kt.dim(2)? > 0
+        && qa.dim(1)? % kt.dim(2)? == 0;
+    if !fused {
+        return causal_softmax(&qa.matmul(kt)?);
+    }
+    qa.apply_op2(kt, CausalProbs)
+}
+
+struct CausalProbs;
+
+impl candle_core::CustomOp2 for CausalProbs {
+    fn name(&self) -> &'static str {
+        "causal-attention-probs"
+    }
+
+    fn cpu_fwd(&self, q: &CpuStorage, ql: &Layout, k: &CpuStorage, kl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (g, r, d) = ql.shape().dims3()?;
+        let l = kl.shape().dims()[2];
+        // The scores as Tensor::matmul makes them (the same call), then
+        // the causal softmax's pass; the scores are dropped here.
+        let scores = q.matmul(k, (g, r, l, d), ql, kl)?;
+        let shape = Shape::from((g, r, l));
+        let p = match &scores {
+            CpuStorage::F32(v) => {
+                let mut out = vec![0f32; v.len()];
+                causal_softmax_rows(v, l, &mut out);
+                CpuStorage::F32(out)
+            }
+            CpuStorage::F64(v) => {
+                let mut out = vec![0f64; v.len()];
+                causal_softmax_rows(v, l, &mut out);
+                CpuStorage::F64(out)
+            }
+            _ => candle_core::bail!("causal-attention-probs: f32 or f64 only"),
+        };
+        Ok((p, shape))
+    }
+
+    /// The causal softmax's backward pass, then the matmul's (as
+    /// candle's backprop takes them: `ds @ kt.T`, `qa.T @ ds`).
+    fn bwd(&self, qa: &Tensor, kt: &Tensor, p: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dot = (g * p)?.sum_keepdim(D::Minus1)?;
+        let ds = g.broadcast_sub(&dot)?.mul(p)?;
+        let dq = ds.matmul(&kt.t()?)?;
+        let dk = qa.t()?.matmul(&ds)?;
+        Ok((Some(dq), Some(dk)))
+    }
+}
+
 /// [`causal_softmax`] from plain ops, the mask made on the tensor's device
 /// (no host-side mask, no upload).
 pub(crate) fn causal_softmax_composed(s: &Tensor) -> Result<Tensor> {

@@ -910,6 +910,40 @@ fn fused_lora_linear_matches_the_composition() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn causal_attention_probs_are_the_composition_to_the_bit() -> Result<()> {
+    use crate::nn::ops::{causal_attention_probs, causal_softmax};
+    let dev = Device::Cpu;
+    // Two query heads a kv head folded into the rows (R = 2 L), f32 and f64.
+    let (g, l, d) = (3, 7, 8);
+    for dt in [DType::F32, DType::F64] {
+        let q = candle_core::Var::from_tensor(&Tensor::randn(0f64, 1.0, (g, 2 * l, d), &dev)?.to_dtype(dt)?)?;
+        let k = candle_core::Var::from_tensor(&Tensor::randn(0f64, 1.0, (g, l, d), &dev)?.to_dtype(dt)?)?;
+        let dp = Tensor::randn(0f64, 1.0, (g, 2 * l, l), &dev)?.to_dtype(dt)?;
+        let fused = causal_attention_probs(q.as_tensor(), &k.t()?)?;
+        let plain = causal_softmax(&q.matmul(&k.t()?)?)?;
+        let bits = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?) };
+        assert_eq!(bits(&fused)?, bits(&plain)?, "{dt:?}: probabilities");
+        let gf = (&fused * &dp)?.sum_all()?.backward()?;
+        let gp = (&plain * &dp)?.sum_all()?.backward()?;
+        for (name, v) in [("dq", &q), ("dk", &k)] {
+            let (Some(a), Some(b)) = (gf.get(v.as_tensor()), gp.get(v.as_tensor())) else {
+                panic!("{dt:?}: no {name}")
+            };
+            assert_eq!(bits(a)?, bits(b)?, "{dt:?}: {name}");
+        }
+        // Row r is query position r % L: nothing after it.
+        let p = fused.to_dtype(DType::F64)?.to_vec3::<f64>()?;
+        assert!(p.iter().all(|h| h.iter().enumerate().all(|(r, row)| row[r % l + 1..].iter().all(|&x| x == 0.0))));
+    }
+    // One query head a kv head (R = L): the first row sees only key 0.
+    let q = Tensor::randn(0f32, 1.0, (1, 5, d), &dev)?;
+    let k = Tensor::randn(0f32, 1.0, (1, 5, d), &dev)?;
+    let p = causal_attention_probs(&q, &k.t()?)?.to_vec3::<f32>()?;
+    assert_eq!(p[0][0], [1.0, 0.0, 0.0, 0.0, 0.0]);
+    Ok(())
+}
+
 /// On the GPU machine: dropout masks made on the device (what LoRA's
 /// dropout multiplies by there) are seeded, hold only 0 and the kept
 /// factor, and drop about p of the elements, in f32 and bf16.
