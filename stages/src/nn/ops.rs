@@ -464,12 +464,18 @@ pub fn dropout_mask(p: f64, seed: u64, n: usize) -> Vec<u64> {
 fn masked(t: &Tensor, bits: &[u64], keep: f64) -> Result<Tensor> {
     let t = t.contiguous()?;
     let (st, l) = t.storage_and_layout();
-    let (Storage::Cpu(c), Some((o, e))) = (&*st, l.contiguous_offsets()) else {
-        candle_core::bail!("lora-linear: the dropout's product on the CPU only")
-    };
+    let Storage::Cpu(c) = &*st else { candle_core::bail!("lora-linear: the dropout's product on the CPU only") };
+    let out = masked_cpu(c, l, bits, keep)?;
+    Ok(Tensor::from_storage(Storage::Cpu(out), t.shape().clone(), BackpropOp::none(), false))
+}
+
+/// [`masked`] of a contiguous CPU storage (f32 or f64): x * keep where
+/// kept and x * 0 where dropped, as the composition's product by the mask.
+fn masked_cpu(c: &CpuStorage, l: &Layout, bits: &[u64], keep: f64) -> Result<CpuStorage> {
+    let Some((o, e)) = l.contiguous_offsets() else { candle_core::bail!("lora-linear: the input is not contiguous") };
     let on = |i: usize| bits[i / 64] >> (i % 64) & 1 == 1;
     let k32 = keep as f32;
-    let out = match c {
+    Ok(match c {
         CpuStorage::F32(v) => {
             CpuStorage::F32(v[o..e].iter().enumerate().map(|(i, x)| x * if on(i) { k32 } else { 0.0 }).collect())
         }
@@ -478,8 +484,7 @@ fn masked(t: &Tensor, bits: &[u64], keep: f64) -> Result<Tensor> {
             CpuStorage::F64(v[o..e].iter().enumerate().map(|(i, x)| x * if on(i) { k } else { 0.0 }).collect())
         }
         _ => candle_core::bail!("lora-linear: dropout in f32 or f64 only"),
-    };
-    Ok(Tensor::from_storage(Storage::Cpu(out), t.shape().clone(), BackpropOp::none(), false))
+    })
 }
 
 /// The kept elements' factor of a dropout of probability `p`.
@@ -626,22 +631,10 @@ impl LoraLinear {
     /// x (contiguous) times the dropout's mask, as a new storage (f32 or
     /// f64: `lora_linear` checked); None without dropout.
     fn dropped_cpu(&self, x: &CpuStorage, xl: &Layout) -> Result<Option<CpuStorage>> {
-        let Some((bits, keep)) = &self.mask else { return Ok(None) };
-        let Some((o, e)) = xl.contiguous_offsets() else { candle_core::bail!("lora-linear: x is not contiguous") };
-        let on = |i: usize| bits[i / 64] >> (i % 64) & 1 == 1;
-        // (x * 0 where dropped, as the composition's product by the mask.)
-        Ok(Some(match x {
-            CpuStorage::F32(v) => {
-                let keep = *keep as f32;
-                CpuStorage::F32(v[o..e].iter().enumerate().map(|(i, x)| x * if on(i) { keep } else { 0.0 }).collect())
-            }
-            CpuStorage::F64(v) => {
-                // (The factor rounded to f32 first, as dropout_values makes it.)
-                let keep = *keep as f32 as f64;
-                CpuStorage::F64(v[o..e].iter().enumerate().map(|(i, x)| x * if on(i) { keep } else { 0.0 }).collect())
-            }
-            _ => candle_core::bail!("lora-linear: dropout in f32 or f64 only"),
-        }))
+        match &self.mask {
+            Some((bits, keep)) => Ok(Some(masked_cpu(x, xl, bits, *keep)?)),
+            None => Ok(None),
+        }
     }
 }
 
