@@ -1597,8 +1597,10 @@ mod imp {
             };
             let fused_head = lp.is_some() && lp_head();
             if let Some((lc, layers, coop)) = lp {
-                // (Several steps: their counters after the one-step ones.)
-                let ctr = if steps > 1 { p.bar + 4 * lp_counters(nl, 1) as u64 } else { p.bar };
+                // (Several steps: their counters after the one-step ones,
+                // as many a step.)
+                let one = lp_counters(nl, 1);
+                let ctr = if steps > 1 { p.bar + 4 * one as u64 } else { p.bar };
                 let pp = LayP {
                     a: Lay { tm: if times > 0 { p.times } else { 0 }, rep: (times > 1) as i32, ..base },
                     layers,
@@ -1613,14 +1615,15 @@ mod imp {
                     head: if fused_head { head } else { Gemv::default() },
                     embed: self.embed,
                     steps: steps as i32,
-                    cstride: lp_counters(nl, 1) as i32,
+                    cstride: one as i32,
                 };
                 // SAFETY: the argument matches dec_lp_* in kernels/decode.cu;
                 // lp_config checked that its clusters fit at once; `bar`
                 // holds lp_counters(nl, LP_STEPS_MAX) counters (steps <=
-                // LP_STEPS_MAX, checked above; the keys' slots: cap >= 8). (Zeroed here, and the embedding's
-                // kernel above ran before: no block of the step reads them
-                // before its wait for that kernel.)
+                // LP_STEPS_MAX, checked above; the keys' slots: cap >= 8).
+                // (Zeroed here, and the embedding's kernel above ran before:
+                // no block of the step reads them before its wait for that
+                // kernel.)
                 // (dec_lph: the head's Gemv as tc_headp_8 takes it below; its
                 // count of finished blocks, after the 2 nl, is 0 between steps.)
                 let zero = if io.is_some() { 0 } else { 2 * nl };

@@ -19,8 +19,8 @@ use crate::nn::config::LlamaConfig;
 use crate::nn::fused::RowGather;
 use crate::nn::nf4::Nf4Tensor;
 use crate::nn::ops::{
-    cross_entropy_sum, dropout_keep, dropout_mask, dropout_values, frozen_product, lm_head_cross_entropy, lora_linear,
-    rms_norm, rope, FrozenWeight, LoraDropout,
+    cross_entropy_sum, dropout_keep, dropout_mask, dropout_values, frozen_product, lm_head_cross_entropy,
+    lora_dropout_fits, lora_linear, rms_norm, rope, FrozenWeight, LoraDropout,
 };
 use crate::nn::{NnError, Result};
 
@@ -188,11 +188,11 @@ impl Linear {
         if x.rank() != 2 || a.dtype() != x.dtype() || b.dtype() != x.dtype() {
             return Ok(None);
         }
-        // Dropout inside the op on the CPU in f32 or f64 (elsewhere the
-        // composition: its mask is drawn on the host either way).
+        // Dropout inside the op where it takes one (elsewhere the
+        // composition, with the mask made on the GPU: `dropout`).
         let drop =
             (fx.train && l.dropout > 0.0).then(|| LoraDropout { p: l.dropout, seed: fx.seed ^ name_hash(&self.name) });
-        if drop.is_some() && !(x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)) {
+        if drop.is_some() && !lora_dropout_fits(x) {
             return Ok(None);
         }
         let mut y = lora_linear(x, w, a, b, l.scale, drop)?;

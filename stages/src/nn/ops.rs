@@ -473,7 +473,7 @@ fn masked(t: &Tensor, bits: &[u64], keep: f64) -> Result<Tensor> {
 /// kept and x * 0 where dropped, as the composition's product by the mask.
 fn masked_cpu(c: &CpuStorage, l: &Layout, bits: &[u64], keep: f64) -> Result<CpuStorage> {
     let Some((o, e)) = l.contiguous_offsets() else { candle_core::bail!("lora-linear: the input is not contiguous") };
-    let on = |i: usize| bits[i / 64] >> (i % 64) & 1 == 1;
+    let on = |i: usize| kept(bits, i);
     let k32 = keep as f32;
     Ok(match c {
         CpuStorage::F32(v) => {
@@ -485,6 +485,11 @@ fn masked_cpu(c: &CpuStorage, l: &Layout, bits: &[u64], keep: f64) -> Result<Cpu
         }
         _ => candle_core::bail!("lora-linear: dropout in f32 or f64 only"),
     })
+}
+
+/// Whether bit i of a dropout mask ([`dropout_mask`]) keeps element i.
+fn kept(bits: &[u64], i: usize) -> bool {
+    bits[i / 64] >> (i % 64) & 1 == 1
 }
 
 /// The kept elements' factor of a dropout of probability `p`.
@@ -500,9 +505,14 @@ pub fn dropout_values(
     dtype: DType,
     dev: &candle_core::Device,
 ) -> Result<Tensor> {
-    let v: Vec<f32> =
-        (0..shape.elem_count()).map(|i| if bits[i / 64] >> (i % 64) & 1 == 1 { keep as f32 } else { 0.0 }).collect();
+    let v: Vec<f32> = (0..shape.elem_count()).map(|i| if kept(bits, i) { keep as f32 } else { 0.0 }).collect();
     Tensor::from_vec(v, shape.clone(), dev)?.to_dtype(dtype)
+}
+
+/// Whether [`lora_linear`] takes a dropout for input `x`: on the CPU in
+/// f32 or f64.
+pub fn lora_dropout_fits(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
 /// A LoRA linear in one op: `x @ w.T + scale * (dropout(x) @ a.T) @ b.T`
@@ -537,7 +547,7 @@ pub fn lora_linear(
             b.dtype()
         );
     }
-    if drop.is_some() && !(x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)) {
+    if drop.is_some() && !lora_dropout_fits(x) {
         candle_core::bail!("lora-linear: dropout inside the op on the CPU in f32 or f64 only, not {:?}", x.dtype());
     }
     // (Drawn here, before the op: the forward pass and the backward pass
@@ -607,15 +617,12 @@ impl LoraLinear {
         wrap: impl Fn(S) -> Storage,
         xd: Option<S>,
     ) -> Result<(S, Shape)> {
-        let (m, k) = xl.shape().dims2()?;
+        let (m, _) = xl.shape().dims2()?;
         let (r, _) = al.shape().dims2()?;
         let (n, _) = bl.shape().dims2()?;
         let (base, _) = FrozenMatmul::product(x, xl, &self.w.get(device, x.dtype())?, pick)?;
         let mr = Layout::contiguous((m, r));
-        let xa = match xd {
-            Some(xd) => xd.matmul(a, (1, m, r, k), &Layout::contiguous((m, k)), &al.transpose(0, 1)?)?,
-            None => x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?,
-        };
+        let xa = Self::times_a((x, xl), xd.as_ref(), (a, al))?;
         let xas = xa.affine(&mr, self.scale, 0.0)?;
         let up = xas.matmul(b, (1, m, n, r), &mr, &bl.transpose(0, 1)?)?;
         let mn = Layout::contiguous((m, n));
@@ -626,6 +633,16 @@ impl LoraLinear {
 
     fn keep_xa(&self, xa: Storage, m: usize, r: usize) {
         self.xa.keep(Tensor::from_storage(xa, (m, r), BackpropOp::none(), false));
+    }
+
+    /// `x @ a.T`, or `xd @ a.T` for x's dropped copy `xd` (contiguous) when
+    /// there is one: (m, r).
+    fn times_a<S: BackendStorage>((x, xl): (&S, &Layout), xd: Option<&S>, (a, al): (&S, &Layout)) -> Result<S> {
+        let ((m, k), (r, _)) = (xl.shape().dims2()?, al.shape().dims2()?);
+        match xd {
+            Some(xd) => xd.matmul(a, (1, m, r, k), &Layout::contiguous((m, k)), &al.transpose(0, 1)?),
+            None => x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?),
+        }
     }
 
     /// x (contiguous) times the dropout's mask, as a new storage (f32 or
@@ -649,15 +666,12 @@ impl LoraLinear {
         b: &[f32],
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = xl.shape().dims2()?;
+        let (m, _) = xl.shape().dims2()?;
         let (r, _) = al.shape().dims2()?;
         let (n, _) = bl.shape().dims2()?;
         let (base, _) = FrozenMatmul::product(x, xl, &self.w.get(&candle_core::Device::Cpu, DType::F32)?, cpu_of)?;
         let CpuStorage::F32(mut y) = base else { candle_core::bail!("lora-linear: the base product is not f32") };
-        let xa_st = match self.dropped_cpu(x, xl)? {
-            Some(xd) => xd.matmul(a, (1, m, r, k), &Layout::contiguous((m, k)), &al.transpose(0, 1)?)?,
-            None => x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?,
-        };
+        let xa_st = Self::times_a((x, xl), self.dropped_cpu(x, xl)?.as_ref(), (a, al))?;
         let CpuStorage::F32(xa) = &xa_st else { candle_core::bail!("lora-linear: x @ a.T is not f32") };
         let threads = candle_core::utils::get_num_threads();
         let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
@@ -1149,28 +1163,13 @@ impl candle_core::CustomOp2 for CausalProbs {
         // The scores as Tensor::matmul makes them (the same call), then
         // the causal softmax's pass; the scores are dropped here.
         let scores = q.matmul(k, (g, r, l, d), ql, kl)?;
-        let shape = Shape::from((g, r, l));
-        let p = match &scores {
-            CpuStorage::F32(v) => {
-                let mut out = vec![0f32; v.len()];
-                causal_softmax_rows(v, l, &mut out);
-                CpuStorage::F32(out)
-            }
-            CpuStorage::F64(v) => {
-                let mut out = vec![0f64; v.len()];
-                causal_softmax_rows(v, l, &mut out);
-                CpuStorage::F64(out)
-            }
-            _ => candle_core::bail!("causal-attention-probs: f32 or f64 only"),
-        };
-        Ok((p, shape))
+        Ok((causal_softmax_cpu(&scores, 0, g * r * l, l)?, Shape::from((g, r, l))))
     }
 
     /// The causal softmax's backward pass, then the matmul's (as
     /// candle's backprop takes them: `ds @ kt.T`, `qa.T @ ds`).
     fn bwd(&self, qa: &Tensor, kt: &Tensor, p: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dot = (g * p)?.sum_keepdim(D::Minus1)?;
-        let ds = g.broadcast_sub(&dot)?.mul(p)?;
+        let ds = causal_softmax_grad(p, g)?;
         let dq = ds.matmul(&kt.t()?)?;
         let dk = qa.t()?.matmul(&ds)?;
         Ok((Some(dq), Some(dk)))
@@ -1273,24 +1272,35 @@ impl CustomOp1 for CausalSoftmax {
         let Some((a, b)) = l.contiguous_offsets() else {
             candle_core::bail!("causal-softmax: input must be contiguous")
         };
-        Ok(match s {
-            CpuStorage::F32(v) => {
-                let mut out = vec![0f32; b - a];
-                causal_softmax_rows(&v[a..b], len, &mut out);
-                (CpuStorage::F32(out), l.shape().clone())
-            }
-            CpuStorage::F64(v) => {
-                let mut out = vec![0f64; b - a];
-                causal_softmax_rows(&v[a..b], len, &mut out);
-                (CpuStorage::F64(out), l.shape().clone())
-            }
-            _ => candle_core::bail!("causal-softmax: f32 or f64 only"),
-        })
+        Ok((causal_softmax_cpu(s, a, b, len)?, l.shape().clone()))
     }
 
     fn bwd(&self, _s: &Tensor, p: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        // d softmax: p * (g - sum(g * p)); masked entries have p = 0.
-        let dot = (g * p)?.sum_keepdim(D::Minus1)?;
-        Ok(Some(g.broadcast_sub(&dot)?.mul(p)?))
+        Ok(Some(causal_softmax_grad(p, g)?))
     }
+}
+
+/// [`causal_softmax_rows`] of elements a..b of a CPU storage (f32 or f64),
+/// rows of `len`.
+fn causal_softmax_cpu(s: &CpuStorage, a: usize, b: usize, len: usize) -> Result<CpuStorage> {
+    Ok(match s {
+        CpuStorage::F32(v) => {
+            let mut out = vec![0f32; b - a];
+            causal_softmax_rows(&v[a..b], len, &mut out);
+            CpuStorage::F32(out)
+        }
+        CpuStorage::F64(v) => {
+            let mut out = vec![0f64; b - a];
+            causal_softmax_rows(&v[a..b], len, &mut out);
+            CpuStorage::F64(out)
+        }
+        _ => candle_core::bail!("causal-softmax: f32 or f64 only"),
+    })
+}
+
+/// The softmax's backward pass from its output `p` and gradient `g`:
+/// p * (g - sum(g * p)) (masked entries have p = 0).
+fn causal_softmax_grad(p: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let dot = (g * p)?.sum_keepdim(D::Minus1)?;
+    g.broadcast_sub(&dot)?.mul(p)
 }
