@@ -22,9 +22,11 @@
 #   benches/serve.sh
 #   QUICK=1 benches/serve.sh            # M=16, LEVELS=1,8
 #   M=128 LEVELS=1,16 benches/serve.sh
+#   FEWSHOT=8 LEVELS=1,8 benches/serve.sh   # the evaluate stage's ~800-token 8-shot prompts
 # Environment:
 #   M          tokens generated per request (default 64; QUICK: 16)
 #   LEVELS     concurrency / batch sizes (default 1,8,32,64; QUICK: 1,8)
+#   FEWSHOT    gsm8k_cot exemplars before each question, 0-8 (default 0; benches/serve/prompts.py)
 #   BENCH_DIR  work dir, outside the repo (default /var/tmp/pipe-bench-serve)
 #   PIPE_BIN / PIPE_REV / CARGO_TARGET_DIR   as in benches/lib.sh
 #   PIPE_TEST_ASSETS  where SmolLM2-135M-Instruct.Q4_1.gguf is (default /var/tmp/pipe-assets)
@@ -41,6 +43,7 @@ BENCH_DIR=${BENCH_DIR:-/var/tmp/pipe-bench-serve}
 if [[ -n "${QUICK:-}" ]]; then M=${M:-16}; LEVELS=${LEVELS:-1,8}; fi
 M=${M:-64}
 LEVELS=${LEVELS:-1,8,32,64}
+export FEWSHOT=${FEWSHOT:-0}
 ASSETS=${PIPE_TEST_ASSETS:-/var/tmp/pipe-assets}
 GGUF=$ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf
 VENV=${BENCH_VENV:-/var/tmp/pipe-interop-venv}
@@ -96,7 +99,7 @@ log "transformers generate (M $M, batches $LEVELS)"
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---------------------------------------------------------------- report
-"$PY" - "$OUT" "M=$M LEVELS=$LEVELS benches/serve.sh" "$("$PIPE" --version) ($PIPE_SRC)" "$LOAD_START" "$LOAD_END" >"$RESULTS" <<'EOF'
+"$PY" - "$OUT" "M=$M LEVELS=$LEVELS FEWSHOT=$FEWSHOT benches/serve.sh" "$("$PIPE" --version) ($PIPE_SRC)" "$LOAD_START" "$LOAD_END" >"$RESULTS" <<'EOF'
 import json, os, sys
 out, cmd, ver, l0, l1 = sys.argv[1:]
 rd = lambda f: [json.loads(l) for l in open(os.path.join(out, f)) if l.startswith("{")]

@@ -28,7 +28,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from prompts import question  # noqa: E402
+from prompts import messages  # noqa: E402
 
 
 def busy_s():
@@ -76,7 +76,7 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=getattr(torch, a.dtype),
                                                  attn_implementation=a.attn).to(a.device).eval()
     sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
-    texts = [tok.apply_chat_template([{"role": "user", "content": question(i)}], tokenize=False,
+    texts = [tok.apply_chat_template(messages(i), tokenize=False,
                                      add_generation_prompt=True) for i in range(a.prompts)]
 
     def run(b, new):

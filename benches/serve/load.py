@@ -28,7 +28,7 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from prompts import question  # noqa: E402
+from prompts import messages  # noqa: E402
 
 
 class Client:
@@ -92,18 +92,15 @@ def main():
     model = a.model or client.models()[0]["id"]
     kw = dict(model=model, max_tokens=m, temperature=0, ignore_eos=True)
 
-    def msgs(i):
-        return [{"role": "user", "content": question(i)}]
-
     def one(i, conn=None):
-        return client.chat(dict(messages=msgs(i), **kw), conn)["usage"]["completion_tokens"]
+        return client.chat(dict(messages=messages(i), **kw), conn)["usage"]["completion_tokens"]
 
     one(0)  # warmup
 
     # batch-1 decode speed, streamed
     t0 = time.perf_counter()
     stamps, usage = [], None
-    for ch in client.chat(dict(messages=msgs(0), stream=True, stream_options={"include_usage": True}, **kw)):
+    for ch in client.chat(dict(messages=messages(0), stream=True, stream_options={"include_usage": True}, **kw)):
         if ch.get("choices") and ch["choices"][0]["delta"].get("content"):
             stamps.append(time.perf_counter())
         if ch.get("usage"):

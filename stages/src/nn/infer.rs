@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
 
+use crate::nn::cpu_decode::CachedAttention;
 use crate::nn::decode::Next;
 use crate::nn::llama::{Fwd, Llama};
 use crate::nn::ops::{causal_mask, causal_softmax, rms_norm, rope, softmax};
@@ -429,9 +430,9 @@ impl Llama {
                     seqs: dec
                         .iter()
                         .map(|&i| {
-                            let (off, len, past) = spans[i];
+                            let (off, _, past) = spans[i];
                             let Store::Dense { k, v, .. } = &caches[i].store else { unreachable!("dense") };
-                            (off, len, past, k[li].clone(), v[li].clone())
+                            (off, past, k[li].clone(), v[li].clone())
                         })
                         .collect(),
                     kv,
@@ -654,162 +655,6 @@ impl Llama {
         };
         let o = p.to_dtype(self.dtype)?.matmul(v)?;
         Ok(o.reshape((h, len, hd))?.transpose(0, 1)?.reshape((len, h * hd))?)
-    }
-}
-
-/// Attention of sequences of a step against their own KV caches, fused for
-/// the CPU (f32; used for decode rows): `q` is (N, heads, head_dim) for the
-/// step's tokens; sequence i's queries are rows `off..off+len`, at positions
-/// `past..`, and see cached keys `0..=position`. The output holds only these
-/// sequences' rows, one after another. Parallel over (sequence, head); no
-/// score matrix is materialised beyond one row.
-struct CachedAttention {
-    /// (offset in q, new tokens, cached before them, K cache, V cache)
-    seqs: Vec<(usize, usize, usize, Tensor, Tensor)>,
-    kv: usize,
-    scale: f32,
-}
-
-impl candle_core::CustomOp1 for CachedAttention {
-    fn name(&self) -> &'static str {
-        "cached-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
-        let (n, h, hd) = l.shape().dims3()?;
-        let q = match s {
-            candle_core::CpuStorage::F32(v) => &v[l.start_offset()..l.start_offset() + n * h * hd],
-            _ => candle_core::bail!("cached-attention: f32 only"),
-        };
-        let (kv, rep) = (self.kv, h / self.kv);
-        // Borrow every cache's storage for the duration of the op.
-        let guards: Vec<_> =
-            self.seqs.iter().map(|(.., k, v)| (k.storage_and_layout(), v.storage_and_layout())).collect();
-        let mut caches: Vec<(&[f32], &[f32])> = Vec::with_capacity(guards.len());
-        for ((ks, kl), (vs, vl)) in &guards {
-            match (&**ks, &**vs) {
-                (
-                    candle_core::Storage::Cpu(candle_core::CpuStorage::F32(k)),
-                    candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)),
-                ) => caches.push((&k[kl.start_offset()..], &v[vl.start_offset()..])),
-                _ => candle_core::bail!("cached-attention: the cache is not f32 on the CPU"),
-            }
-        }
-        // Output rows are compact: sequence after sequence, in `seqs` order.
-        let rows_out: usize = self.seqs.iter().map(|s| s.1).sum();
-        let mut out = vec![0f32; rows_out * h * hd];
-        let starts: Vec<usize> = self
-            .seqs
-            .iter()
-            .scan(0, |acc, s| {
-                let st = *acc;
-                *acc += s.1;
-                Some(st)
-            })
-            .collect();
-        // One task per (sequence, query head), writing its rows of `out`.
-        let tasks: Vec<(usize, usize)> = (0..self.seqs.len()).flat_map(|i| (0..h).map(move |hh| (i, hh))).collect();
-        let results: Vec<(usize, usize, Vec<f32>)> = tasks
-            .par_iter()
-            .map(|&(i, hh)| {
-                let (off, len, past, ..) = self.seqs[i];
-                let (kc, vc) = caches[i];
-                let g = hh / rep;
-                let stride = kv * hd;
-                let mut rows = vec![0f32; len * hd];
-                let mut scores = vec![0f32; past + len];
-                for j in 0..len {
-                    let qrow = &q[((off + j) * h + hh) * hd..][..hd];
-                    let o = &mut rows[j * hd..][..hd];
-                    attend(
-                        qrow,
-                        HeadRows { k: kc, v: vc, stride, at: g * hd },
-                        past + j + 1,
-                        self.scale,
-                        &mut scores,
-                        o,
-                    );
-                }
-                (i, hh, rows)
-            })
-            .collect();
-        for (i, hh, rows) in results {
-            let len = self.seqs[i].1;
-            for j in 0..len {
-                out[((starts[i] + j) * h + hh) * hd..][..hd].copy_from_slice(&rows[j * hd..][..hd]);
-            }
-        }
-        Ok((candle_core::CpuStorage::F32(out), candle_core::Shape::from((rows_out, h, hd))))
-    }
-}
-
-/// One kv head's rows of a cache: row t is `k[t * stride + at..][..head_dim]`.
-#[derive(Clone, Copy)]
-struct HeadRows<'a> {
-    k: &'a [f32],
-    v: &'a [f32],
-    stride: usize,
-    at: usize,
-}
-
-/// One query row against the first `visible` cached rows: softmax(q.K^T *
-/// scale) @ V into `o` (`s` is scratch). With AVX2 + FMA where the CPU has them.
-fn attend(q: &[f32], c: HeadRows, visible: usize, scale: f32, s: &mut [f32], o: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { attend_avx2(q, c, visible, scale, s, o) };
-        }
-    }
-    attend_body(q, c, visible, scale, s, o)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(q: &[f32], c: HeadRows, visible: usize, scale: f32, s: &mut [f32], o: &mut [f32]) {
-    attend_body(q, c, visible, scale, s, o)
-}
-
-#[inline(always)]
-fn attend_body(q: &[f32], c: HeadRows, visible: usize, scale: f32, s: &mut [f32], o: &mut [f32]) {
-    let HeadRows { k, v, stride, at } = c;
-    let hd = q.len();
-    let mut m = f32::NEG_INFINITY;
-    for (t, sc) in s[..visible].iter_mut().enumerate() {
-        let kr = &k[t * stride + at..][..hd];
-        // Eight partial sums: a reduction the compiler can vectorise.
-        let mut acc = [0f32; 8];
-        let (qc, kc) = (q.chunks_exact(8), kr.chunks_exact(8));
-        let mut tail = 0f32;
-        for (a, b) in qc.remainder().iter().zip(kc.remainder()) {
-            tail += a * b;
-        }
-        for (a, b) in qc.zip(kc) {
-            for i in 0..8 {
-                acc[i] += a[i] * b[i];
-            }
-        }
-        let d = (acc.iter().sum::<f32>() + tail) * scale;
-        *sc = d;
-        m = m.max(d);
-    }
-    let mut sum = 0f32;
-    for sc in s[..visible].iter_mut() {
-        *sc = (*sc - m).exp();
-        sum += *sc;
-    }
-    let inv = 1.0 / sum;
-    for (t, p) in s[..visible].iter().enumerate() {
-        let w = p * inv;
-        for (a, b) in o.iter_mut().zip(&v[t * stride + at..][..hd]) {
-            *a += w * b;
-        }
     }
 }
 

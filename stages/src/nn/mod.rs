@@ -4,6 +4,7 @@
 //! SNR scan ([`spectrum`]).
 
 pub mod config;
+pub(crate) mod cpu_decode;
 pub mod decode;
 pub mod dist;
 pub mod flash;

@@ -139,13 +139,10 @@ pub fn frozen_product(x: &Tensor, w: FrozenWeight) -> Result<Tensor> {
     dense(x)?.apply_op1(FrozenMatmul { w })
 }
 
-/// Rows of x up to which [`cpu_small_matmul`] takes the product.
-const SMALL_ROWS: usize = 8;
-
 /// `x @ w.T` for a few rows of x (decoding: one per sequence) on the CPU in
 /// f32, outside any graph: each weight row is read once and dotted with
-/// every row of x, the weight rows split over rayon's threads, 8-wide
-/// vectors where the CPU has AVX2. At these sizes the weights are nearly all the
+/// every row of x, the weight rows split over rayon's threads
+/// ([`crate::nn::cpu_decode`]). At these sizes the weights are nearly all the
 /// bytes, and the general gemm (which packs its operands) runs well below
 /// memory bandwidth. None when it does not apply (another device or dtype,
 /// more rows, strided operands, `PIPE_CPU_GEMV=0`).
@@ -155,7 +152,7 @@ pub fn cpu_small_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         || w.dtype() != DType::F32
         || x.rank() != 2
         || w.rank() != 2
-        || x.dim(0)? > SMALL_ROWS
+        || x.dim(0)? > crate::nn::cpu_decode::SMALL_ROWS
         || x.track_op()
         || w.track_op()
         || std::env::var_os("PIPE_CPU_GEMV").is_some_and(|v| v == "0")
@@ -173,66 +170,7 @@ pub fn cpu_small_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         return Ok(None);
     };
     let (xv, wv) = (&xc.as_slice::<f32>()?[xa..xb], &wc.as_slice::<f32>()?[wa..wb]);
-    Ok(Some(Tensor::from_vec(small_matmul_f32(xv, m, k, wv, n), (m, n), x.device())?))
-}
-
-/// (m, n) = x (m, k) @ w (n, k).T, m <= SMALL_ROWS.
-fn small_matmul_f32(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    // Weight rows per task: enough to amortise the task, enough tasks for the threads.
-    const ROWS: usize = 32;
-    let mut t = vec![0f32; n * m]; // (n, m): each task writes its rows' outputs
-    t.par_chunks_mut(ROWS * m).enumerate().for_each(|(c, out)| {
-        let r0 = c * ROWS;
-        let rows = out.len() / m;
-        let wr = &w[r0 * k..(r0 + rows) * k];
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            unsafe { rows_dot_avx2(wr, x, m, k, out) };
-            return;
-        }
-        rows_dot(wr, x, m, k, out);
-    });
-    let mut y = vec![0f32; m * n];
-    for (r, o) in t.chunks_exact(m).enumerate() {
-        for (j, v) in o.iter().enumerate() {
-            y[j * n + r] = *v;
-        }
-    }
-    y
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rows_dot_avx2(w: &[f32], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
-    rows_dot(w, x, m, k, out)
-}
-
-/// out[r * m + j] = w row r . x row j. Sixteen independent partial sums per
-/// dot product (what lets the compiler use 8-wide vector arithmetic without
-/// reordering a single running sum).
-#[inline(always)]
-fn rows_dot(w: &[f32], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
-    const L: usize = 16;
-    for (r, wrow) in w.chunks_exact(k).enumerate() {
-        for j in 0..m {
-            let xrow = &x[j * k..(j + 1) * k];
-            let mut acc = [0f32; L];
-            let (wc, xc) = (wrow.chunks_exact(L), xrow.chunks_exact(L));
-            let (wt, xt) = (wc.remainder(), xc.remainder());
-            for (a, b) in wc.zip(xc) {
-                for i in 0..L {
-                    acc[i] += a[i] * b[i];
-                }
-            }
-            let mut s = acc.iter().sum::<f32>();
-            for (a, b) in wt.iter().zip(xt) {
-                s += a * b;
-            }
-            out[r * m + j] = s;
-        }
-    }
+    Ok(Some(Tensor::from_vec(crate::nn::cpu_decode::small_matmul_f32(xv, m, k, wv, n), (m, n), x.device())?))
 }
 
 struct FrozenMatmul {

@@ -772,13 +772,24 @@ fn frozen_and_nf4_matmuls_match_the_plain_product() -> Result<()> {
 }
 
 /// The CPU's small-batch product equals candle's matmul (odd widths, rows
-/// 1..8, a row count past one task) and steps aside where it does not
-/// apply (more rows, f64, a tracked input).
+/// 1..8, a row count past one task, widths taken in blocks with and
+/// without a tail) and steps aside where it does not apply (more rows,
+/// f64, a tracked input).
 #[test]
 fn cpu_small_matmul_matches_the_plain_product() -> Result<()> {
     use crate::nn::ops::cpu_small_matmul;
     let dev = Device::Cpu;
-    for (m, k, n) in [(1, 576, 1536), (3, 37, 70), (8, 100, 33), (5, 16, 1)] {
+    for (m, k, n) in [
+        (1, 576, 1536),
+        (2, 64, 40),
+        (3, 37, 70),
+        (4, 1000, 17),
+        (6, 1100, 33),
+        (7, 64, 9),
+        (8, 100, 33),
+        (8, 1536, 40),
+        (5, 16, 1),
+    ] {
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
         let got = cpu_small_matmul(&x, &w)?.expect("applies");

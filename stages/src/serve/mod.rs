@@ -268,8 +268,10 @@ impl StageKind for ServeKind {
     fn version(&self) -> u32 {
         // 2: CUDA decode projections on tensor cores and packed prefill;
         // small-batch CPU products by row (greedy outputs may differ at
-        // near-ties).
-        2
+        // near-ties). 3: the CPU's decode attention over ranges of
+        // positions merged, with a vector exp, and its small products
+        // summed in another order.
+        3
     }
     fn summary(&self) -> &'static str {
         "an OpenAI-compatible endpoint for a model (a service: started for the stages that use it)"

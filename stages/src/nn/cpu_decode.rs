@@ -1,0 +1,652 @@
+//! The CPU's decode kernels (f32): the products of a few rows (one per
+//! sequence) by the weights, and attention of every sequence's new query
+//! row against its cached keys and values.
+//!
+//! Products: each weight row is read once from memory and dotted with every
+//! row of x, the weight rows split over rayon's threads. With AVX2 + FMA a
+//! weight row's 8-wide chunk is loaded once for all the x rows (one load of
+//! the weights for up to eight multiply-adds), and k is taken in blocks
+//! whose x rows stay in L1.
+//!
+//! Attention:
+//! The work is split into tasks of (sequence, kv head, range of positions).
+//! A task takes all the query heads that share its kv head at once, so each
+//! cached key and value row is read from memory once per kv head instead of
+//! once per query head (3x less traffic for SmolLM2's 9 heads over 3), and
+//! long sequences are cut into ranges so that a lone sequence still keeps
+//! every thread busy (flash-decoding's split over positions). A task returns
+//! its range's softmax pieces (max, sum of exponentials, unnormalised
+//! output), merged per head at the end. With AVX2 + FMA the scores of eight
+//! positions come out of one transposed horizontal sum, the exponentials
+//! are computed eight at a time, and the values are accumulated in registers.
+
+use candle_core::{CpuStorage, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Rows of x per product at most (decoding: one per sequence).
+pub(crate) const SMALL_ROWS: usize = 8;
+
+/// (m, n) = x (m, k) @ w (n, k).T, m <= [`SMALL_ROWS`].
+pub(crate) fn small_matmul_f32(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    assert!(m <= SMALL_ROWS && x.len() == m * k && w.len() == n * k);
+    // Weight rows per task: enough to amortise the task, enough tasks for the threads.
+    const ROWS: usize = 32;
+    let mut t = vec![0f32; n * m]; // (n, m): each task writes its rows' outputs
+    t.par_chunks_mut(ROWS * m).enumerate().for_each(|(c, out)| {
+        let r0 = c * ROWS;
+        let rows = out.len() / m;
+        let wr = &w[r0 * k..(r0 + rows) * k];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above); the
+            // lengths were asserted above.
+            unsafe { avx2::rows_dot(wr, x, m, k, out) };
+            return;
+        }
+        rows_dot(wr, x, m, k, out);
+    });
+    let mut y = vec![0f32; m * n];
+    for (r, o) in t.chunks_exact(m).enumerate() {
+        for (j, v) in o.iter().enumerate() {
+            y[j * n + r] = *v;
+        }
+    }
+    y
+}
+
+/// out[r * m + j] = w row r . x row j, without vector intrinsics.
+fn rows_dot(w: &[f32], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
+    for (r, wrow) in w.chunks_exact(k).enumerate() {
+        for j in 0..m {
+            out[r * m + j] = dot(wrow, &x[j * k..(j + 1) * k]);
+        }
+    }
+}
+
+/// The decode rows of a step: (row of q, positions cached before it, K
+/// cache, V cache) per sequence; the caches are (capacity, kv_heads,
+/// head_dim), the row attends to positions `0..=past` (its own key and
+/// value already written at `past`).
+pub(crate) struct CachedAttention {
+    pub(crate) seqs: Vec<(usize, usize, Tensor, Tensor)>,
+    pub(crate) kv: usize,
+    pub(crate) scale: f32,
+}
+
+/// Positions a task takes at least (below this, a task's fixed costs show).
+const MIN_CHUNK: usize = 128;
+/// Tasks per thread aimed at, for balance between uneven sequences.
+const TASKS_PER_THREAD: usize = 4;
+
+/// Positions per task: whole sequences when there is enough of them to go
+/// round the threads, else ranges of at least [`MIN_CHUNK`].
+fn chunk_len(visible: &[usize], kv: usize, threads: usize) -> usize {
+    let work: usize = visible.iter().sum::<usize>() * kv;
+    work.div_ceil(TASKS_PER_THREAD * threads.max(1)).max(MIN_CHUNK)
+}
+
+/// One kv head's cached rows: position t's key is `k[t * stride + at..][..head_dim]`.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    stride: usize,
+    at: usize,
+}
+
+/// A range's softmax pieces for the `rep` query heads of one kv head.
+struct Part {
+    /// Largest score per head.
+    m: Vec<f32>,
+    /// Sum of exp(score - m) per head.
+    l: Vec<f32>,
+    /// Sum of exp(score - m) * value per head: (rep, head_dim).
+    o: Vec<f32>,
+}
+
+impl candle_core::CustomOp1 for CachedAttention {
+    fn name(&self) -> &'static str {
+        "cached-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, h, hd) = l.shape().dims3()?;
+        let q = match s {
+            CpuStorage::F32(v) => &v[l.start_offset()..l.start_offset() + n * h * hd],
+            _ => candle_core::bail!("cached-attention: f32 only"),
+        };
+        let kv = self.kv;
+        if kv == 0 || h % kv != 0 {
+            candle_core::bail!("cached-attention: {h} heads do not share {kv} kv heads evenly");
+        }
+        // Borrow every cache's storage for the duration of the op.
+        let guards: Vec<_> =
+            self.seqs.iter().map(|(.., k, v)| (k.storage_and_layout(), v.storage_and_layout())).collect();
+        let mut caches: Vec<(&[f32], &[f32])> = Vec::with_capacity(guards.len());
+        for ((ks, kl), (vs, vl)) in &guards {
+            match (&**ks, &**vs) {
+                (candle_core::Storage::Cpu(CpuStorage::F32(k)), candle_core::Storage::Cpu(CpuStorage::F32(v))) => {
+                    caches.push((&k[kl.start_offset()..], &v[vl.start_offset()..]))
+                }
+                _ => candle_core::bail!("cached-attention: the cache is not f32 on the CPU"),
+            }
+        }
+        let seqs: Vec<(usize, usize)> = self.seqs.iter().map(|(row, past, ..)| (*row, past + 1)).collect();
+        for (&(row, visible), &(k, v)) in seqs.iter().zip(&caches) {
+            if row >= n {
+                candle_core::bail!("cached-attention: row {row} of {n}");
+            }
+            for (c, name) in [(k, "keys"), (v, "values")] {
+                if c.len() < visible * kv * hd {
+                    candle_core::bail!("cached-attention: {name} hold fewer than {visible} positions");
+                }
+            }
+        }
+        let chunk = chunk_len(&seqs.iter().map(|s| s.1).collect::<Vec<_>>(), kv, rayon::current_num_threads());
+        let out = attend_all(q, h, hd, kv, &seqs, &caches, self.scale, chunk);
+        Ok((CpuStorage::F32(out), Shape::from((seqs.len(), h, hd))))
+    }
+}
+
+/// Every sequence's row of `q` (n, h, hd) against its cache, in ranges of
+/// `chunk` positions: (sequences, h, hd), sequence after sequence.
+#[allow(clippy::too_many_arguments)]
+fn attend_all(
+    q: &[f32],
+    h: usize,
+    hd: usize,
+    kv: usize,
+    seqs: &[(usize, usize)],
+    caches: &[(&[f32], &[f32])],
+    scale: f32,
+    chunk: usize,
+) -> Vec<f32> {
+    let rep = h / kv;
+    // (sequence, kv head, first position, end), in output order.
+    let tasks: Vec<(usize, usize, usize, usize)> = seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &(_, visible))| {
+            (0..kv).flat_map(move |g| (0..visible).step_by(chunk).map(move |t0| (i, g, t0, (t0 + chunk).min(visible))))
+        })
+        .collect();
+    let parts: Vec<Part> = tasks
+        .par_iter()
+        .map_init(Vec::new, |scores, &(i, g, t0, t1)| {
+            let (k, v) = caches[i];
+            let rows = Rows { k, v, stride: kv * hd, at: g * hd };
+            let qg = &q[(seqs[i].0 * h + g * rep) * hd..][..rep * hd];
+            attend_range(qg, rep, rows, t0, t1, scale, scores)
+        })
+        .collect();
+    // Merge each (sequence, kv head)'s ranges, in order.
+    let mut out = vec![0f32; seqs.len() * h * hd];
+    let mut at = 0;
+    while at < tasks.len() {
+        let (i, g, ..) = tasks[at];
+        let end = at + tasks[at..].iter().take_while(|t| (t.0, t.1) == (i, g)).count();
+        let group = &parts[at..end];
+        for r in 0..rep {
+            let m = group.iter().map(|p| p.m[r]).fold(f32::NEG_INFINITY, f32::max);
+            let o = &mut out[(i * h + g * rep + r) * hd..][..hd];
+            let mut l = 0f32;
+            for p in group {
+                let w = (p.m[r] - m).exp();
+                l += p.l[r] * w;
+                for (a, b) in o.iter_mut().zip(&p.o[r * hd..][..hd]) {
+                    *a += w * b;
+                }
+            }
+            let inv = 1.0 / l;
+            o.iter_mut().for_each(|a| *a *= inv);
+        }
+        at = end;
+    }
+    out
+}
+
+/// The softmax pieces of `q`'s `rep` heads (rep, head_dim) over positions
+/// `t0..t1` of `c` (`scores` is scratch).
+fn attend_range(q: &[f32], rep: usize, c: Rows, t0: usize, t1: usize, scale: f32, scores: &mut Vec<f32>) -> Part {
+    let hd = q.len() / rep;
+    let n = t1 - t0;
+    let mut part = Part { m: vec![f32::NEG_INFINITY; rep], l: vec![0.0; rep], o: vec![0.0; rep * hd] };
+    scores.clear();
+    scores.resize(rep * n, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if hd.is_multiple_of(8) && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above); the head
+        // dim is a multiple of 8 and the callers checked the caches' lengths.
+        unsafe { avx2::attend_range(q, rep, c, t0, n, scale, scores, &mut part) };
+        return part;
+    }
+    attend_range_plain(q, rep, c, t0, n, scale, scores, &mut part);
+    part
+}
+
+/// [`attend_range`] without vector intrinsics.
+#[allow(clippy::too_many_arguments)]
+fn attend_range_plain(q: &[f32], rep: usize, c: Rows, t0: usize, n: usize, scale: f32, s: &mut [f32], part: &mut Part) {
+    let hd = q.len() / rep;
+    for r in 0..rep {
+        let (qr, sr) = (&q[r * hd..][..hd], &mut s[r * n..][..n]);
+        let mut m = f32::NEG_INFINITY;
+        for (j, sc) in sr.iter_mut().enumerate() {
+            *sc = dot(qr, &c.k[(t0 + j) * c.stride + c.at..][..hd]) * scale;
+            m = m.max(*sc);
+        }
+        let mut l = 0f32;
+        for sc in sr.iter_mut() {
+            *sc = (*sc - m).exp();
+            l += *sc;
+        }
+        let o = &mut part.o[r * hd..][..hd];
+        for (j, p) in sr.iter().enumerate() {
+            for (a, b) in o.iter_mut().zip(&c.v[(t0 + j) * c.stride + c.at..][..hd]) {
+                *a += p * b;
+            }
+        }
+        (part.m[r], part.l[r]) = (m, l);
+    }
+}
+
+/// A dot product with eight partial sums (a reduction the compiler can
+/// vectorise without reordering one running sum).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let mut tail = 0f32;
+    for (x, y) in ac.remainder().iter().zip(bc.remainder()) {
+        tail += x * y;
+    }
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Part, Rows};
+
+    /// Positions whose values stay in L1 while every head takes them.
+    const VALUE_BLOCK: usize = 64;
+    /// Bytes of x's rows that a product takes at once (half of L1): wider
+    /// products go over k in blocks, the weight rows read a block at a
+    /// time.
+    const X_BLOCK_BYTES: usize = 24 << 10;
+
+    /// [`super::rows_dot`] with AVX2 + FMA.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `w` holds whole rows of k, `x` m rows of
+    /// k, `out` m values a row of `w`; m <= 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn rows_dot(w: &[f32], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
+        // SAFETY: the caller's contract (AVX2 + FMA present, pointers in bounds).
+        unsafe {
+            out.fill(0.0);
+            let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
+            let kb = if m * k * 4 <= X_BLOCK_BYTES { k } else { (X_BLOCK_BYTES / (4 * m)) / 8 * 8 };
+            for c0 in (0..k).step_by(kb) {
+                let c1 = (c0 + kb).min(k);
+                for r in 0..w.len() / k {
+                    let (wr, o) = (w.as_ptr().add(r * k), op.add(r * m));
+                    match m {
+                        1 => row_block::<1, 8>(wr, xp, k, c0, c1, o),
+                        2 => row_block::<2, 4>(wr, xp, k, c0, c1, o),
+                        3 => row_block::<3, 3>(wr, xp, k, c0, c1, o),
+                        4 => row_block::<4, 2>(wr, xp, k, c0, c1, o),
+                        5 => row_block::<5, 2>(wr, xp, k, c0, c1, o),
+                        6 => row_block::<6, 2>(wr, xp, k, c0, c1, o),
+                        7 => row_block::<7, 1>(wr, xp, k, c0, c1, o),
+                        _ => row_block::<8, 1>(wr, xp, k, c0, c1, o),
+                    }
+                }
+            }
+        }
+    }
+
+    /// o[j] += w[c0..c1] . x row j [c0..c1] for the J rows of x (row
+    /// stride k): each 8-wide chunk of w loaded once for all of them, U
+    /// chunks in flight per row (J * U >= 8 independent sums hide the
+    /// multiply-add's latency).
+    #[inline(always)]
+    unsafe fn row_block<const J: usize, const U: usize>(
+        w: *const f32,
+        x: *const f32,
+        k: usize,
+        c0: usize,
+        c1: usize,
+        o: *mut f32,
+    ) {
+        // SAFETY: the caller's contract (AVX2 + FMA present, pointers in bounds).
+        unsafe {
+            let mut a = [[_mm256_setzero_ps(); U]; J];
+            let mut c = c0;
+            while c + 8 * U <= c1 {
+                for u in 0..U {
+                    let wv = _mm256_loadu_ps(w.add(c + 8 * u));
+                    for (j, aj) in a.iter_mut().enumerate() {
+                        aj[u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(j * k + c + 8 * u)), aj[u]);
+                    }
+                }
+                c += 8 * U;
+            }
+            while c + 8 <= c1 {
+                let wv = _mm256_loadu_ps(w.add(c));
+                for (j, aj) in a.iter_mut().enumerate() {
+                    aj[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(j * k + c)), aj[0]);
+                }
+                c += 8;
+            }
+            let mut v = [_mm256_setzero_ps(); J];
+            for (vj, aj) in v.iter_mut().zip(&a) {
+                *vj = aj.iter().fold(_mm256_setzero_ps(), |acc, x| _mm256_add_ps(acc, *x));
+            }
+            let mut s = [0f32; J];
+            if let Ok(v8) = <[__m256; 8]>::try_from(&v[..]) {
+                _mm256_storeu_ps(s.as_mut_ptr(), sums8(v8));
+            } else {
+                for (sj, vj) in s.iter_mut().zip(&v) {
+                    *sj = hsum(*vj);
+                }
+            }
+            for t in c..c1 {
+                for (j, sj) in s.iter_mut().enumerate() {
+                    *sj += *w.add(t) * *x.add(j * k + t);
+                }
+            }
+            for (j, sj) in s.iter().enumerate() {
+                *o.add(j) += *sj;
+            }
+        }
+    }
+
+    /// [`super::attend_range`] with AVX2 + FMA; head dim a multiple of 8.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `c` holds positions `t0..t0 + n`; `s`
+    /// holds rep * n scores.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn attend_range(
+        q: &[f32],
+        rep: usize,
+        c: Rows,
+        t0: usize,
+        n: usize,
+        scale: f32,
+        s: &mut [f32],
+        part: &mut Part,
+    ) {
+        // SAFETY: the caller's contract (AVX2 + FMA present, pointers in bounds).
+        unsafe {
+            let hd = q.len() / rep;
+            let cols = hd / 8;
+            let (k, v) = (c.k.as_ptr().add(t0 * c.stride + c.at), c.v.as_ptr().add(t0 * c.stride + c.at));
+            let sp = s.as_mut_ptr();
+            let scale8 = _mm256_set1_ps(scale);
+            // Scores, eight positions at a time: their keys stay in L1 while
+            // every head takes them.
+            let full = n / 8 * 8;
+            for t in (0..full).step_by(8) {
+                let kt = k.add(t * c.stride);
+                for r in 0..rep {
+                    let qr = q.as_ptr().add(r * hd);
+                    let mut a = [_mm256_setzero_ps(); 8];
+                    for cc in 0..cols {
+                        let qv = _mm256_loadu_ps(qr.add(cc * 8));
+                        for (p, ap) in a.iter_mut().enumerate() {
+                            *ap = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kt.add(p * c.stride + cc * 8)), *ap);
+                        }
+                    }
+                    _mm256_storeu_ps(sp.add(r * n + t), _mm256_mul_ps(sums8(a), scale8));
+                }
+            }
+            for t in full..n {
+                let kt = std::slice::from_raw_parts(k.add(t * c.stride), hd);
+                for r in 0..rep {
+                    *sp.add(r * n + t) = super::dot(&q[r * hd..][..hd], kt) * scale;
+                }
+            }
+            // Softmax pieces per head.
+            for r in 0..rep {
+                let sr = sp.add(r * n);
+                let mut m8 = _mm256_set1_ps(f32::NEG_INFINITY);
+                for t in (0..full).step_by(8) {
+                    m8 = _mm256_max_ps(m8, _mm256_loadu_ps(sr.add(t)));
+                }
+                let mut m = hmax(m8);
+                for t in full..n {
+                    m = m.max(*sr.add(t));
+                }
+                let mv = _mm256_set1_ps(m);
+                let mut l8 = _mm256_setzero_ps();
+                for t in (0..full).step_by(8) {
+                    let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr.add(t)), mv));
+                    _mm256_storeu_ps(sr.add(t), e);
+                    l8 = _mm256_add_ps(l8, e);
+                }
+                let mut l = hsum(l8);
+                for t in full..n {
+                    let e = (*sr.add(t) - m).exp();
+                    *sr.add(t) = e;
+                    l += e;
+                }
+                (part.m[r], part.l[r]) = (m, l);
+            }
+            // Values, in blocks of positions that stay in L1 while every head
+            // takes them; each head's output accumulated in registers.
+            let o = part.o.as_mut_ptr();
+            for tb in (0..n).step_by(VALUE_BLOCK) {
+                let cnt = VALUE_BLOCK.min(n - tb);
+                let vt = v.add(tb * c.stride);
+                for r in 0..rep {
+                    let (p, orow) = (sp.add(r * n + tb), o.add(r * hd));
+                    let mut col = 0;
+                    while col + 64 <= hd {
+                        axpy::<8>(orow.add(col), p, vt.add(col), c.stride, cnt);
+                        col += 64;
+                    }
+                    while col + 32 <= hd {
+                        axpy::<4>(orow.add(col), p, vt.add(col), c.stride, cnt);
+                        col += 32;
+                    }
+                    while col < hd {
+                        axpy::<1>(orow.add(col), p, vt.add(col), c.stride, cnt);
+                        col += 8;
+                    }
+                }
+            }
+        }
+    }
+
+    /// acc[..8W] += sum over t < cnt of p[t] * v[t * stride..][..8W].
+    #[inline(always)]
+    unsafe fn axpy<const W: usize>(acc: *mut f32, p: *const f32, v: *const f32, stride: usize, cnt: usize) {
+        // SAFETY: the caller's contract (AVX2 + FMA present, pointers in bounds).
+        unsafe {
+            let mut a = [_mm256_setzero_ps(); W];
+            for (j, aj) in a.iter_mut().enumerate() {
+                *aj = _mm256_loadu_ps(acc.add(j * 8));
+            }
+            for t in 0..cnt {
+                let (pb, vr) = (_mm256_set1_ps(*p.add(t)), v.add(t * stride));
+                for (j, aj) in a.iter_mut().enumerate() {
+                    *aj = _mm256_fmadd_ps(pb, _mm256_loadu_ps(vr.add(j * 8)), *aj);
+                }
+            }
+            for (j, aj) in a.iter().enumerate() {
+                _mm256_storeu_ps(acc.add(j * 8), *aj);
+            }
+        }
+    }
+
+    /// The eight vectors' own sums, as one vector (lane p: the sum of a[p]).
+    #[inline(always)]
+    unsafe fn sums8(a: [__m256; 8]) -> __m256 {
+        // SAFETY: the caller's contract (AVX2 + FMA present, pointers in bounds).
+        unsafe {
+            // hadd(x, y) = [x0+x1, x2+x3, y0+y1, y2+y3 | x4+x5, x6+x7, y4+y5, y6+y7].
+            let t0 = _mm256_hadd_ps(a[0], a[1]);
+            let t1 = _mm256_hadd_ps(a[2], a[3]);
+            let t2 = _mm256_hadd_ps(a[4], a[5]);
+            let t3 = _mm256_hadd_ps(a[6], a[7]);
+            // Lane p of the low halves: a[p]'s first four lanes summed (p < 4,
+            // then a[p]'s for p >= 4 from u1); the high halves: the last four.
+            let u0 = _mm256_hadd_ps(t0, t1);
+            let u1 = _mm256_hadd_ps(t2, t3);
+            let lo = _mm256_permute2f128_ps(u0, u1, 0x20);
+            let hi = _mm256_permute2f128_ps(u0, u1, 0x31);
+            _mm256_add_ps(lo, hi)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(x: __m256) -> f32 {
+        // SAFETY: the caller's contract (AVX2 + FMA present, pointers in bounds).
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn hmax(x: __m256) -> f32 {
+        // SAFETY: the caller's contract (AVX2 + FMA present, pointers in bounds).
+        unsafe {
+            let s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+            let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps(s, s, 1)))
+        }
+    }
+
+    /// e^x for x <= 0, eight at a time (range reduction by ln 2 in two
+    /// parts and a degree-6 polynomial, as Cephes' expf: within 2 ulp of
+    /// `f32::exp` down to e^-87, where it stops; below, ~1e-38 instead of 0).
+    #[inline(always)]
+    pub(super) unsafe fn exp8(x: __m256) -> __m256 {
+        // SAFETY: the caller's contract (AVX2 + FMA present, pointers in bounds).
+        unsafe {
+            let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.336_55)), _mm256_set1_ps(88.376_26));
+            let n = _mm256_round_ps(
+                _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+            let mut y = _mm256_set1_ps(1.987_569_1e-4);
+            for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+                y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+            }
+            let y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+            let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+                23,
+            ));
+            _mm256_mul_ps(y, pow2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Plain f64 attention of one row over `visible` positions.
+    fn reference(q: &[f32], rows: Rows, hd: usize, visible: usize, scale: f32) -> Vec<f64> {
+        let s: Vec<f64> = (0..visible)
+            .map(|t| {
+                let k = &rows.k[t * rows.stride + rows.at..][..hd];
+                q.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale as f64
+            })
+            .collect();
+        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        (0..hd)
+            .map(|d| (0..visible).map(|t| e[t] * rows.v[t * rows.stride + rows.at + d] as f64).sum::<f64>() / z)
+            .collect()
+    }
+
+    /// Head dims on both paths (multiples of 64, of 32, of 8, and not of 8),
+    /// GQA and plain heads, sequences of 1 to 300 positions, whole and cut
+    /// into ranges (ranges of 7 and 128 positions: tails of every length).
+    #[test]
+    fn decode_attention_matches_plain_softmax_over_every_split() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for (hd, h, kv) in [(64, 9, 3), (128, 4, 2), (32, 2, 2), (24, 6, 1), (12, 3, 3)] {
+            let visible = [1usize, 5, 9, 130, 300];
+            let cap = 310;
+            let caches: Vec<(Vec<f32>, Vec<f32>)> = visible
+                .iter()
+                .map(|_| {
+                    let mut r = || (0..cap * kv * hd).map(|_| rng.random_range(-2.0f32..2.0)).collect::<Vec<_>>();
+                    (r(), r())
+                })
+                .collect();
+            let n = visible.len() + 2;
+            let q: Vec<f32> = (0..n * h * hd).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+            // Rows out of order, one row of q unused.
+            let seqs: Vec<(usize, usize)> = visible.iter().enumerate().map(|(i, &v)| ((i * 3 + 1) % n, v)).collect();
+            let borrowed: Vec<(&[f32], &[f32])> = caches.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+            let scale = 1.0 / (hd as f32).sqrt();
+            for chunk in [7, 128, 1 << 20] {
+                let out = attend_all(&q, h, hd, kv, &seqs, &borrowed, scale, chunk);
+                for (i, &(row, vis)) in seqs.iter().enumerate() {
+                    for head in 0..h {
+                        let (k, v) = borrowed[i];
+                        let rows = Rows { k, v, stride: kv * hd, at: head / (h / kv) * hd };
+                        let want = reference(&q[(row * h + head) * hd..][..hd], rows, hd, vis, scale);
+                        let got = &out[(i * h + head) * hd..][..hd];
+                        for (d, (g, w)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                (*g as f64 - w).abs() < 1e-5 * (1.0 + w.abs()),
+                                "hd {hd} seq {i} ({vis} positions) head {head} dim {d} chunk {chunk}: {g} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunks_split_long_sequences_only_when_threads_would_idle() {
+        // Eight sequences of 900 positions and 3 kv heads: 24 tasks whole.
+        assert_eq!(chunk_len(&[900; 8], 3, 2), 2700);
+        // One: ranges of 338 positions, 9 tasks for 2 threads.
+        assert_eq!(chunk_len(&[900], 3, 2), 338);
+        // Short sequences are never cut below MIN_CHUNK.
+        assert_eq!(chunk_len(&[20], 3, 16), MIN_CHUNK);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_exp_is_within_two_ulp_of_exp() {
+        if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
+            return;
+        }
+        use std::arch::x86_64::*;
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let xs = [x, x * 0.5, x * 0.25, x * 0.1, x * 0.01, x * 1e-3, x * 1e-5, 0.0];
+            let mut got = [0f32; 8];
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), avx2::exp8(_mm256_loadu_ps(xs.as_ptr()))) };
+            for (g, x) in got.iter().zip(xs) {
+                let want = (x as f64).exp();
+                assert!(((*g as f64) - want).abs() <= 2.5 * f32::EPSILON as f64 * want, "exp({x}) = {g}, not {want}");
+            }
+            x += 0.173;
+        }
+    }
+}
