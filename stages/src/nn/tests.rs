@@ -772,7 +772,7 @@ fn frozen_and_nf4_matmuls_match_the_plain_product() -> Result<()> {
 }
 
 /// The CPU's small-batch product equals candle's matmul (odd widths, rows
-/// 1..8, a row count past one task, widths taken in blocks with and
+/// 1..16, a row count past one task, widths taken in blocks with and
 /// without a tail) and steps aside where it does not apply (more rows,
 /// f64, a tracked input).
 #[test]
@@ -789,6 +789,8 @@ fn cpu_small_matmul_matches_the_plain_product() -> Result<()> {
         (8, 100, 33),
         (8, 1536, 40),
         (5, 16, 1),
+        (12, 576, 70),
+        (16, 1536, 9),
     ] {
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
@@ -800,7 +802,7 @@ fn cpu_small_matmul_matches_the_plain_product() -> Result<()> {
         assert!(cpu_small_matmul(&wide.narrow(1, 0, k)?, &w)?.is_none() || m == 1);
     }
     let w = Tensor::randn(0f32, 1.0, (4, 8), &dev)?;
-    assert!(cpu_small_matmul(&Tensor::zeros((9, 8), DType::F32, &dev)?, &w)?.is_none(), "9 rows");
+    assert!(cpu_small_matmul(&Tensor::zeros((17, 8), DType::F32, &dev)?, &w)?.is_none(), "17 rows");
     assert!(cpu_small_matmul(&Tensor::zeros((2, 8), DType::F64, &dev)?, &w)?.is_none(), "f64");
     let v = candle_core::Var::from_tensor(&Tensor::zeros((2, 8), DType::F32, &dev)?)?;
     assert!(cpu_small_matmul(v.as_tensor(), &w)?.is_none(), "tracked input");
