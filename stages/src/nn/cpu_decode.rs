@@ -66,12 +66,21 @@ fn rows_dot(w: &[f32], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
     }
 }
 
-/// The decode rows of a step: (row of q, positions cached before it, K
-/// cache, V cache) per sequence; the caches are (capacity, kv_heads,
-/// head_dim), the row attends to positions `0..=past` (its own key and
-/// value already written at `past`).
+/// One sequence's decode row: row `row` of q, at position `past`, against
+/// its cache: positions `base.len..=past` at rows `0..` of `k` and `v`
+/// ((capacity, kv_heads, head_dim)), the ones before in `base`'s tensors
+/// (shared by the sequences copied from one prefix-cache entry).
+pub(crate) struct DecodeRow {
+    pub(crate) row: usize,
+    pub(crate) past: usize,
+    pub(crate) k: Tensor,
+    pub(crate) v: Tensor,
+    pub(crate) base: Option<(Tensor, Tensor, usize)>,
+}
+
+/// The decode rows of a step (see the module's doc).
 pub(crate) struct CachedAttention {
-    pub(crate) seqs: Vec<(usize, usize, Tensor, Tensor)>,
+    pub(crate) seqs: Vec<DecodeRow>,
     pub(crate) kv: usize,
     pub(crate) scale: f32,
 }
@@ -81,11 +90,11 @@ const MIN_CHUNK: usize = 128;
 /// Tasks per thread aimed at, for balance between uneven sequences.
 const TASKS_PER_THREAD: usize = 4;
 
-/// Positions per task: whole sequences when there is enough of them to go
-/// round the threads, else ranges of at least [`MIN_CHUNK`].
-fn chunk_len(visible: &[usize], kv: usize, threads: usize) -> usize {
-    let work: usize = visible.iter().sum::<usize>() * kv;
-    work.div_ceil(TASKS_PER_THREAD * threads.max(1)).max(MIN_CHUNK)
+/// Positions per task, given the positions to read per kv head (each
+/// shared run once): whole runs when there is enough of them to go round
+/// the threads, else ranges of at least [`MIN_CHUNK`].
+fn chunk_len(positions: usize, kv: usize, threads: usize) -> usize {
+    (positions * kv).div_ceil(TASKS_PER_THREAD * threads.max(1)).max(MIN_CHUNK)
 }
 
 /// One kv head's cached rows: position t's key is `k[t * stride + at..][..head_dim]`.
@@ -97,14 +106,33 @@ struct Rows<'a> {
     at: usize,
 }
 
-/// A range's softmax pieces for the `rep` query heads of one kv head.
+/// A range's softmax pieces for the query vectors of a task.
 struct Part {
-    /// Largest score per head.
+    /// Largest score per query vector.
     m: Vec<f32>,
-    /// Sum of exp(score - m) per head.
+    /// Sum of exp(score - m) per query vector.
     l: Vec<f32>,
-    /// Sum of exp(score - m) * value per head: (rep, head_dim).
+    /// Sum of exp(score - m) * value per query vector: (vectors, head_dim).
     o: Vec<f32>,
+}
+
+/// A sequence's view of its cache for [`attend_all`]: row of q, positions
+/// visible, own rows (positions `base_len..`), shared base (positions
+/// `0..base_len`) and its identity (sequences with the same one attend to
+/// their common part of it together).
+#[derive(Clone, Copy)]
+struct SeqView<'a> {
+    row: usize,
+    visible: usize,
+    own: (&'a [f32], &'a [f32]),
+    base: Option<(&'a [f32], &'a [f32], usize)>,
+}
+
+fn f32_slice<'a>(s: &'a candle_core::Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(CpuStorage::F32(x)) => Ok(&x[l.start_offset()..]),
+        _ => candle_core::bail!("cached-attention: the cache is not f32 on the CPU"),
+    }
 }
 
 impl candle_core::CustomOp1 for CachedAttention {
@@ -123,87 +151,153 @@ impl candle_core::CustomOp1 for CachedAttention {
             candle_core::bail!("cached-attention: {h} heads do not share {kv} kv heads evenly");
         }
         // Borrow every cache's storage for the duration of the op.
-        let guards: Vec<_> =
-            self.seqs.iter().map(|(.., k, v)| (k.storage_and_layout(), v.storage_and_layout())).collect();
-        let mut caches: Vec<(&[f32], &[f32])> = Vec::with_capacity(guards.len());
-        for ((ks, kl), (vs, vl)) in &guards {
-            match (&**ks, &**vs) {
-                (candle_core::Storage::Cpu(CpuStorage::F32(k)), candle_core::Storage::Cpu(CpuStorage::F32(v))) => {
-                    caches.push((&k[kl.start_offset()..], &v[vl.start_offset()..]))
-                }
-                _ => candle_core::bail!("cached-attention: the cache is not f32 on the CPU"),
+        let own: Vec<_> = self.seqs.iter().map(|r| (r.k.storage_and_layout(), r.v.storage_and_layout())).collect();
+        let base: Vec<_> = self
+            .seqs
+            .iter()
+            .map(|r| r.base.as_ref().map(|(k, v, _)| (k.storage_and_layout(), v.storage_and_layout())))
+            .collect();
+        let mut seqs = Vec::with_capacity(self.seqs.len());
+        for ((r, (ok, ov)), b) in self.seqs.iter().zip(&own).zip(&base) {
+            let visible = r.past + 1;
+            let base_len = r.base.as_ref().map_or(0, |b| b.2);
+            if r.row >= n || base_len > r.past {
+                candle_core::bail!("cached-attention: row {} of {n} at {} past a base of {base_len}", r.row, r.past);
             }
+            let view = SeqView {
+                row: r.row,
+                visible,
+                own: (f32_slice(&ok.0, ok.1)?, f32_slice(&ov.0, ov.1)?),
+                base: match b {
+                    Some((bk, bv)) => Some((f32_slice(&bk.0, bk.1)?, f32_slice(&bv.0, bv.1)?, base_len)),
+                    None => None,
+                },
+            };
+            let short = |c: &[f32], rows: usize| c.len() < rows * kv * hd;
+            if short(view.own.0, visible - base_len)
+                || short(view.own.1, visible - base_len)
+                || view.base.is_some_and(|(k, v, len)| short(k, len) || short(v, len))
+            {
+                candle_core::bail!("cached-attention: a cache holds fewer than {visible} positions");
+            }
+            seqs.push(view);
         }
-        let seqs: Vec<(usize, usize)> = self.seqs.iter().map(|(row, past, ..)| (*row, past + 1)).collect();
-        for (&(row, visible), &(k, v)) in seqs.iter().zip(&caches) {
-            if row >= n {
-                candle_core::bail!("cached-attention: row {row} of {n}");
-            }
-            for (c, name) in [(k, "keys"), (v, "values")] {
-                if c.len() < visible * kv * hd {
-                    candle_core::bail!("cached-attention: {name} hold fewer than {visible} positions");
-                }
-            }
-        }
-        let chunk = chunk_len(&seqs.iter().map(|s| s.1).collect::<Vec<_>>(), kv, rayon::current_num_threads());
-        let out = attend_all(q, h, hd, kv, &seqs, &caches, self.scale, chunk);
+        let out = attend_all(q, h, hd, kv, &seqs, self.scale, None);
         Ok((CpuStorage::F32(out), Shape::from((seqs.len(), h, hd))))
     }
 }
 
-/// Every sequence's row of `q` (n, h, hd) against its cache, in ranges of
-/// `chunk` positions: (sequences, h, hd), sequence after sequence.
-#[allow(clippy::too_many_arguments)]
+/// A task: the query vectors of `members` (sequences) for one kv head over
+/// rows `r0..r1` of `k`/`v`.
+struct Task<'a> {
+    members: Vec<usize>,
+    g: usize,
+    k: &'a [f32],
+    v: &'a [f32],
+    r0: usize,
+    r1: usize,
+}
+
+/// Every sequence's row of `q` (n, h, hd) against its cache: (sequences,
+/// h, hd), sequence after sequence. Sequences on the same base attend to
+/// the part of it they all see together (each base row read once for all
+/// of them), the rest of the base and their own rows alone; ranges of
+/// `chunk` positions (default: [`chunk_len`]).
 fn attend_all(
     q: &[f32],
     h: usize,
     hd: usize,
     kv: usize,
-    seqs: &[(usize, usize)],
-    caches: &[(&[f32], &[f32])],
+    seqs: &[SeqView],
     scale: f32,
-    chunk: usize,
+    chunk: Option<usize>,
 ) -> Vec<f32> {
     let rep = h / kv;
-    // (sequence, kv head, first position, end), in output order.
-    let tasks: Vec<(usize, usize, usize, usize)> = seqs
-        .iter()
-        .enumerate()
-        .flat_map(|(i, &(_, visible))| {
-            (0..kv).flat_map(move |g| (0..visible).step_by(chunk).map(move |t0| (i, g, t0, (t0 + chunk).min(visible))))
+    // Groups of sequences on one base (by address), in order of first member.
+    let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (i, s) in seqs.iter().enumerate() {
+        if let Some((k, ..)) = s.base {
+            let id = k.as_ptr() as usize;
+            match groups.iter_mut().find(|g| g.0 == id) {
+                Some(g) => g.1.push(i),
+                None => groups.push((id, vec![i])),
+            }
+        }
+    }
+    // (members, shared rows of the base) per group of two or more.
+    let shared: Vec<(Vec<usize>, usize)> = groups
+        .into_iter()
+        .filter(|g| g.1.len() > 1)
+        .map(|(_, m)| {
+            let len = m.iter().map(|&i| seqs[i].base.map_or(0, |b| b.2)).min().unwrap_or(0);
+            (m, len)
         })
         .collect();
-    let parts: Vec<Part> = tasks
-        .par_iter()
-        .map_init(Vec::new, |scores, &(i, g, t0, t1)| {
-            let (k, v) = caches[i];
-            let rows = Rows { k, v, stride: kv * hd, at: g * hd };
-            let qg = &q[(seqs[i].0 * h + g * rep) * hd..][..rep * hd];
-            attend_range(qg, rep, rows, t0, t1, scale, scores)
-        })
-        .collect();
-    // Merge each (sequence, kv head)'s ranges, in order.
-    let mut out = vec![0f32; seqs.len() * h * hd];
-    let mut at = 0;
-    while at < tasks.len() {
-        let (i, g, ..) = tasks[at];
-        let end = at + tasks[at..].iter().take_while(|t| (t.0, t.1) == (i, g)).count();
-        let group = &parts[at..end];
-        for r in 0..rep {
-            let m = group.iter().map(|p| p.m[r]).fold(f32::NEG_INFINITY, f32::max);
-            let o = &mut out[(i * h + g * rep + r) * hd..][..hd];
-            let mut l = 0f32;
-            for p in group {
-                let w = (p.m[r] - m).exp();
-                l += p.l[r] * w;
-                for (a, b) in o.iter_mut().zip(&p.o[r * hd..][..hd]) {
-                    *a += w * b;
+    let mut alone_from = vec![0usize; seqs.len()];
+    for (m, len) in &shared {
+        m.iter().for_each(|&i| alone_from[i] = *len);
+    }
+    let positions: usize = shared.iter().map(|s| s.1).sum::<usize>()
+        + seqs.iter().zip(&alone_from).map(|(s, a)| s.visible - a).sum::<usize>();
+    let chunk = chunk.unwrap_or_else(|| chunk_len(positions, kv, rayon::current_num_threads()));
+    let mut tasks: Vec<Task> = Vec::new();
+    for (members, len) in &shared {
+        let (k, v, _) = seqs[members[0]].base.expect("grouped by base");
+        for g in 0..kv {
+            for r0 in (0..*len).step_by(chunk) {
+                tasks.push(Task { members: members.clone(), g, k, v, r0, r1: (r0 + chunk).min(*len) });
+            }
+        }
+    }
+    for (i, s) in seqs.iter().enumerate() {
+        let base_len = s.base.map_or(0, |b| b.2);
+        for g in 0..kv {
+            if let Some((k, v, len)) = s.base {
+                for r0 in (alone_from[i]..len).step_by(chunk) {
+                    tasks.push(Task { members: vec![i], g, k, v, r0, r1: (r0 + chunk).min(len) });
                 }
             }
-            let inv = 1.0 / l;
-            o.iter_mut().for_each(|a| *a *= inv);
+            let own = s.visible - base_len;
+            for r0 in (0..own).step_by(chunk) {
+                tasks.push(Task { members: vec![i], g, k: s.own.0, v: s.own.1, r0, r1: (r0 + chunk).min(own) });
+            }
         }
-        at = end;
+    }
+    let parts: Vec<Part> = tasks
+        .par_iter()
+        .map_init(
+            || (Vec::new(), Vec::new()),
+            |(scores, qs): &mut (Vec<f32>, Vec<f32>), t| {
+                qs.clear();
+                for &i in &t.members {
+                    qs.extend_from_slice(&q[(seqs[i].row * h + t.g * rep) * hd..][..rep * hd]);
+                }
+                let rows = Rows { k: t.k, v: t.v, stride: kv * hd, at: t.g * hd };
+                attend_range(qs, t.members.len() * rep, rows, t.r0, t.r1, scale, scores)
+            },
+        )
+        .collect();
+    // Merge every (sequence, head)'s pieces, in task order.
+    let mut m = vec![f32::NEG_INFINITY; seqs.len() * h];
+    let mut l = vec![0f32; seqs.len() * h];
+    let mut out = vec![0f32; seqs.len() * h * hd];
+    for (t, p) in tasks.iter().zip(&parts) {
+        for (j, &i) in t.members.iter().enumerate() {
+            for r in 0..rep {
+                let (at, pv) = (i * h + t.g * rep + r, j * rep + r);
+                let mx = m[at].max(p.m[pv]);
+                let (wa, wp) = ((m[at] - mx).exp(), (p.m[pv] - mx).exp());
+                l[at] = l[at] * wa + p.l[pv] * wp;
+                for (a, b) in out[at * hd..][..hd].iter_mut().zip(&p.o[pv * hd..][..hd]) {
+                    *a = *a * wa + b * wp;
+                }
+                m[at] = mx;
+            }
+        }
+    }
+    for (o, l) in out.chunks_exact_mut(hd).zip(&l) {
+        let inv = 1.0 / l;
+        o.iter_mut().for_each(|a| *a *= inv);
     }
     out
 }
@@ -587,38 +681,63 @@ mod tests {
 
     /// Head dims on both paths (multiples of 64, of 32, of 8, and not of 8),
     /// GQA and plain heads, sequences of 1 to 300 positions, whole and cut
-    /// into ranges (ranges of 7 and 128 positions: tails of every length).
+    /// into ranges (ranges of 7 and 128 positions: tails of every length);
+    /// sequences alone, and on two shared bases (three of them on one, at
+    /// different lengths of it; one alone on the other).
     #[test]
     fn decode_attention_matches_plain_softmax_over_every_split() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         for (hd, h, kv) in [(64, 9, 3), (128, 4, 2), (32, 2, 2), (24, 6, 1), (12, 3, 3)] {
-            let visible = [1usize, 5, 9, 130, 300];
             let cap = 310;
-            let caches: Vec<(Vec<f32>, Vec<f32>)> = visible
+            let mut fill =
+                |rows: usize| (0..rows * kv * hd).map(|_| rng.random_range(-2.0f32..2.0)).collect::<Vec<_>>();
+            let bases = [(fill(cap), fill(cap)), (fill(cap), fill(cap))];
+            // (visible, base: (which, len))
+            let specs: [(usize, Option<(usize, usize)>); 8] = [
+                (1, None),
+                (5, None),
+                (130, None),
+                (300, None),
+                (200, Some((0, 150))),
+                (180, Some((0, 131))),
+                (140, Some((0, 139))),
+                (60, Some((1, 40))),
+            ];
+            let owns: Vec<(Vec<f32>, Vec<f32>)> = specs.iter().map(|_| (fill(cap), fill(cap))).collect();
+            let n = specs.len() + 2;
+            let q = fill(n * h / kv);
+            let seqs: Vec<SeqView> = specs
                 .iter()
-                .map(|_| {
-                    let mut r = || (0..cap * kv * hd).map(|_| rng.random_range(-2.0f32..2.0)).collect::<Vec<_>>();
-                    (r(), r())
+                .zip(&owns)
+                .enumerate()
+                .map(|(i, (&(visible, base), (k, v)))| SeqView {
+                    row: (i * 3 + 1) % n, // out of order, a row unused
+                    visible,
+                    own: (&k[..], &v[..]),
+                    base: base.map(|(b, len)| (&bases[b].0[..], &bases[b].1[..], len)),
                 })
                 .collect();
-            let n = visible.len() + 2;
-            let q: Vec<f32> = (0..n * h * hd).map(|_| rng.random_range(-2.0f32..2.0)).collect();
-            // Rows out of order, one row of q unused.
-            let seqs: Vec<(usize, usize)> = visible.iter().enumerate().map(|(i, &v)| ((i * 3 + 1) % n, v)).collect();
-            let borrowed: Vec<(&[f32], &[f32])> = caches.iter().map(|(k, v)| (&k[..], &v[..])).collect();
             let scale = 1.0 / (hd as f32).sqrt();
             for chunk in [7, 128, 1 << 20] {
-                let out = attend_all(&q, h, hd, kv, &seqs, &borrowed, scale, chunk);
-                for (i, &(row, vis)) in seqs.iter().enumerate() {
+                let out = attend_all(&q, h, hd, kv, &seqs, scale, Some(chunk));
+                for (i, s) in seqs.iter().enumerate() {
+                    // The sequence's positions in one buffer.
+                    let base_len = s.base.map_or(0, |b| b.2);
+                    let whole = |b: Option<&[f32]>, own: &[f32]| -> Vec<f32> {
+                        let mut x = b.map_or(Vec::new(), |b| b[..base_len * kv * hd].to_vec());
+                        x.extend_from_slice(&own[..(s.visible - base_len) * kv * hd]);
+                        x
+                    };
+                    let (k, v) = (whole(s.base.map(|b| b.0), s.own.0), whole(s.base.map(|b| b.1), s.own.1));
                     for head in 0..h {
-                        let (k, v) = borrowed[i];
-                        let rows = Rows { k, v, stride: kv * hd, at: head / (h / kv) * hd };
-                        let want = reference(&q[(row * h + head) * hd..][..hd], rows, hd, vis, scale);
+                        let rows = Rows { k: &k, v: &v, stride: kv * hd, at: head / (h / kv) * hd };
+                        let want = reference(&q[(s.row * h + head) * hd..][..hd], rows, hd, s.visible, scale);
                         let got = &out[(i * h + head) * hd..][..hd];
                         for (d, (g, w)) in got.iter().zip(&want).enumerate() {
                             assert!(
                                 (*g as f64 - w).abs() < 1e-5 * (1.0 + w.abs()),
-                                "hd {hd} seq {i} ({vis} positions) head {head} dim {d} chunk {chunk}: {g} vs {w}"
+                                "hd {hd} seq {i} ({} positions) head {head} dim {d} chunk {chunk}: {g} vs {w}",
+                                s.visible
                             );
                         }
                     }
@@ -630,11 +749,11 @@ mod tests {
     #[test]
     fn chunks_split_long_sequences_only_when_threads_would_idle() {
         // Eight sequences of 900 positions and 3 kv heads: 24 tasks whole.
-        assert_eq!(chunk_len(&[900; 8], 3, 2), 2700);
+        assert_eq!(chunk_len(8 * 900, 3, 2), 2700);
         // One: ranges of 338 positions, 9 tasks for 2 threads.
-        assert_eq!(chunk_len(&[900], 3, 2), 338);
+        assert_eq!(chunk_len(900, 3, 2), 338);
         // Short sequences are never cut below MIN_CHUNK.
-        assert_eq!(chunk_len(&[20], 3, 16), MIN_CHUNK);
+        assert_eq!(chunk_len(20, 3, 16), MIN_CHUNK);
     }
 
     #[cfg(target_arch = "x86_64")]

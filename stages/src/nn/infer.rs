@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
 
-use crate::nn::cpu_decode::CachedAttention;
+use crate::nn::cpu_decode::{CachedAttention, DecodeRow};
 use crate::nn::decode::Next;
 use crate::nn::llama::{Fwd, Llama};
 use crate::nn::ops::{causal_mask, causal_softmax, rms_norm, rope, softmax};
@@ -29,8 +29,28 @@ pub struct KvCache {
 
 enum Store {
     Empty,
-    Dense { k: Vec<Tensor>, v: Vec<Tensor>, cap: usize },
-    Paged { pool: Arc<KvPool>, blocks: Vec<u32> },
+    /// Positions `base.len..` at rows `0..` of `k` and `v` (room for `cap`);
+    /// the first `base.len` positions in `base`'s tensors, shared with the
+    /// prefix cache's entry and every sequence copied from it.
+    Dense {
+        k: Vec<Tensor>,
+        v: Vec<Tensor>,
+        cap: usize,
+        base: Option<Base>,
+    },
+    Paged {
+        pool: Arc<KvPool>,
+        blocks: Vec<u32>,
+    },
+}
+
+/// A shared, never written, run of positions `0..len` of a dense cache:
+/// per layer (capacity, kv_heads, head_dim).
+#[derive(Clone)]
+pub(crate) struct Base {
+    pub(crate) k: Vec<Tensor>,
+    pub(crate) v: Vec<Tensor>,
+    pub(crate) len: usize,
 }
 
 const CACHE_ROUND: usize = 64;
@@ -128,7 +148,36 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Bytes held by the cache (its tensors, or its blocks of the pool).
+    /// Positions read from a shared base (0 without one).
+    fn base_len(&self) -> usize {
+        match &self.store {
+            Store::Dense { base: Some(b), .. } => b.len,
+            _ => 0,
+        }
+    }
+
+    /// Layer `li`'s keys and values of positions `0..n` of a dense cache,
+    /// (n, kv_heads, head_dim) each.
+    fn dense_rows(&self, li: usize, n: usize) -> Result<(Tensor, Tensor)> {
+        let Store::Dense { k, v, base, .. } = &self.store else {
+            return Err(NnError::Other("dense_rows: not a dense cache".into()));
+        };
+        let b = base.as_ref().map_or(0, |b| b.len).min(n);
+        let own = |t: &Tensor| t.narrow(0, 0, n - b);
+        match base {
+            Some(base) if b > 0 => {
+                let joined = |bt: &Tensor, t: &Tensor| -> Result<Tensor> {
+                    let head = bt.narrow(0, 0, b)?;
+                    Ok(if n > b { Tensor::cat(&[&head, &own(t)?], 0)? } else { head })
+                };
+                Ok((joined(&base.k[li], &k[li])?, joined(&base.v[li], &v[li])?))
+            }
+            _ => Ok((own(&k[li])?, own(&v[li])?)),
+        }
+    }
+
+    /// Bytes held by the cache (its tensors, or its blocks of the pool;
+    /// not a shared base's).
     pub fn bytes(&self) -> usize {
         match &self.store {
             Store::Empty => 0,
@@ -144,16 +193,35 @@ impl KvCache {
     }
 
     /// A new cache holding the first `n` positions of this one (room for
-    /// `extra` more).
+    /// `extra` more). A dense cache is not copied where it can be shared:
+    /// the new cache reads positions `0..n` from this one's tensors (or from
+    /// the base this one reads them from), which are never written again at
+    /// those positions (a cache only appends). Only a prefix reaching past
+    /// this one's base is copied (`PIPE_KV_SHARE=0`: always copied).
     pub fn prefix_copy(&self, m: &Llama, n: usize, extra: usize) -> Result<KvCache> {
         let n = n.min(self.len);
+        if let Store::Dense { k, v, base, .. } = &self.store {
+            let shared = match base {
+                None => Some(Base { k: k.clone(), v: v.clone(), len: n }),
+                Some(b) if n <= b.len => Some(Base { len: n, ..b.clone() }),
+                Some(_) => None,
+            };
+            if let Some(base) = shared.filter(|_| n > 0 && std::env::var_os("PIPE_KV_SHARE").is_none_or(|v| v != "0")) {
+                let mut c =
+                    KvCache { store: Store::Dense { k: Vec::new(), v: Vec::new(), cap: 0, base: Some(base) }, len: n };
+                c.reserve(m, extra)?;
+                return Ok(c);
+            }
+        }
         let mut c = KvCache::new();
         c.reserve(m, n + extra)?;
         if n > 0 {
             match (&self.store, &c.store) {
-                (Store::Dense { k: sk, v: sv, .. }, Store::Dense { k, v, .. }) => {
-                    for (dst, src) in k.iter().zip(sk).chain(v.iter().zip(sv)) {
-                        dst.slice_set(&src.narrow(0, 0, n)?, 0, 0)?;
+                (Store::Dense { .. }, Store::Dense { k, v, .. }) => {
+                    for li in 0..k.len() {
+                        let (sk, sv) = self.dense_rows(li, n)?;
+                        k[li].slice_set(&sk, 0, 0)?;
+                        v[li].slice_set(&sv, 0, 0)?;
                     }
                 }
                 (Store::Paged { pool, blocks: src }, Store::Paged { blocks: dst, .. }) => {
@@ -180,20 +248,23 @@ impl KvCache {
         let need = self.len + extra;
         if matches!(self.store, Store::Empty) {
             self.store = if m.dense_kv() {
-                Store::Dense { k: Vec::new(), v: Vec::new(), cap: 0 }
+                Store::Dense { k: Vec::new(), v: Vec::new(), cap: 0, base: None }
             } else {
                 Store::Paged { pool: m.kv_pool(), blocks: Vec::new() }
             };
         }
         match &mut self.store {
             Store::Empty => unreachable!("set above"),
-            Store::Dense { k, v, cap } => {
+            Store::Dense { k, v, cap, base } => {
+                // Own rows: positions past the base.
+                let b = base.as_ref().map_or(0, |b| b.len);
+                let need = need - b;
                 if need <= *cap && !k.is_empty() {
                     return Ok(());
                 }
                 let new_cap = need.max(*cap * 2).div_ceil(CACHE_ROUND) * CACHE_ROUND;
                 let (kv, hd) = (m.cfg.kv_heads(), m.cfg.head_dim());
-                let len = self.len;
+                let len = self.len - b;
                 let grow = |old: Option<&Tensor>| -> Result<Tensor> {
                     let t = Tensor::zeros((new_cap, kv, hd), m.dtype, &m.device)?;
                     if let Some(o) = old {
@@ -416,8 +487,9 @@ impl Llama {
                 None => {
                     for (&(off, len, past), cache) in spans.iter().zip(caches.iter()) {
                         let Store::Dense { k: ck, v: cv, .. } = &cache.store else { unreachable!("dense") };
-                        ck[li].slice_set(&k.narrow(0, off, len)?, 0, past)?;
-                        cv[li].slice_set(&v.narrow(0, off, len)?, 0, past)?;
+                        let at = past - cache.base_len();
+                        ck[li].slice_set(&k.narrow(0, off, len)?, 0, at)?;
+                        cv[li].slice_set(&v.narrow(0, off, len)?, 0, at)?;
                     }
                 }
             }
@@ -431,8 +503,9 @@ impl Llama {
                         .iter()
                         .map(|&i| {
                             let (off, _, past) = spans[i];
-                            let Store::Dense { k, v, .. } = &caches[i].store else { unreachable!("dense") };
-                            (off, past, k[li].clone(), v[li].clone())
+                            let Store::Dense { k, v, base, .. } = &caches[i].store else { unreachable!("dense") };
+                            let base = base.as_ref().map(|b| (b.k[li].clone(), b.v[li].clone(), b.len));
+                            DecodeRow { row: off, past, k: k[li].clone(), v: v[li].clone(), base }
                         })
                         .collect(),
                     kv,
@@ -466,10 +539,10 @@ impl Llama {
                 let total = past + len;
                 let (ki, vi) = match (&paged, &cache.store) {
                     (Some(p), _) => p.sequence(li, i, total)?,
-                    (None, Store::Dense { k, v, .. }) => (
-                        k[li].narrow(0, 0, total)?.transpose(0, 1)?.contiguous()?,
-                        v[li].narrow(0, 0, total)?.transpose(0, 1)?.contiguous()?,
-                    ),
+                    (None, Store::Dense { .. }) => {
+                        let (k, v) = cache.dense_rows(li, total)?;
+                        (k.transpose(0, 1)?.contiguous()?, v.transpose(0, 1)?.contiguous()?)
+                    }
                     _ => unreachable!("dense"),
                 };
                 pieces.push(self.seq_attention(&q.narrow(0, off, len)?, &ki, &vi, past, masks[i].as_ref())?);
@@ -829,6 +902,68 @@ mod tests {
                 let mut again = KvCache::new();
                 m.step(&[&[1, 2, 3]], &mut [&mut again])?;
                 assert_eq!(pool.lock().blocks, total);
+            }
+        }
+        Ok(())
+    }
+
+    /// Dense caches copied from one prefix-cache entry at different
+    /// lengths share its rows (no copy) and decode together, with the entry
+    /// and a sequence of their own, like the full forward; a copy of such a
+    /// cache (the next entry) owns its rows. On the tiny config (head dim
+    /// 4) and a wider one (head dim 64: the vector kernels).
+    #[test]
+    fn shared_prefix_copies_decode_together_like_the_full_forward() -> Result<()> {
+        let mut wide = tiny_config("llama", true);
+        (wide.hidden_size, wide.num_attention_heads, wide.num_key_value_heads) = (128, 2, Some(1));
+        for cfg in [tiny_config("llama", true), wide] {
+            let m = tiny_model(&cfg, &TrainSpec::default(), DType::F32)?;
+            let close = |a: &[f32], b: &[f64]| close_tol(a, b, 1e-4);
+            let ids: Vec<u32> = (0..160).map(|i| (i * 7 % 29) as u32).collect();
+            let other: Vec<u32> = (0..50).map(|i| (i * 5 % 23) as u32).collect();
+            let (full, full_other) = (full_logits(&m, &ids)?, full_logits(&m, &other)?);
+            let mut entry = KvCache::new();
+            m.step(&[&ids[..140]], &mut [&mut entry])?;
+            let mut copies: Vec<KvCache> =
+                [137, 133, 137].iter().map(|&n| entry.prefix_copy(&m, n, 8)).collect::<Result<_>>()?;
+            for c in &copies {
+                assert_eq!(c.base_len(), c.len(), "shared, not copied");
+                assert!(c.bytes() < entry.bytes(), "{} >= {}", c.bytes(), entry.bytes());
+            }
+            // Prompts after the shared part, then decode steps all together.
+            let mut alone = KvCache::new();
+            {
+                let mut all: Vec<&mut KvCache> = copies.iter_mut().collect();
+                all.push(&mut alone);
+                let l = rows_f32(&m.step(&[&ids[137..144], &ids[133..144], &ids[137..144], &other[..44]], &mut all)?)?;
+                for r in &l[..3] {
+                    close(r, &full[143]);
+                }
+                close(&l[3], &full_other[43]);
+            }
+            for t in 144..150 {
+                let mut all: Vec<&mut KvCache> = copies.iter_mut().collect();
+                all.push(&mut alone);
+                let l = rows_f32(
+                    &m.step(&[&ids[t..t + 1], &ids[t..t + 1], &ids[t..t + 1], &other[t - 100..t - 99]], &mut all)?,
+                )?;
+                for r in &l[..3] {
+                    close(r, &full[t]);
+                }
+                close(&l[3], &full_other[t - 100]);
+            }
+            // A copy of a copy within its base shares that base.
+            let again = copies[1].prefix_copy(&m, 120, 4)?;
+            assert_eq!((again.base_len(), again.len()), (120, 120));
+            // A copy past a sequence's base owns its rows and continues like
+            // the full forward.
+            let mut next = copies[1].prefix_copy(&m, 148, 0)?;
+            assert_eq!((next.base_len(), next.len()), (0, 148));
+            let l = rows_f32(&m.step(&[&ids[148..150]], &mut [&mut next])?)?;
+            close(&l[0], &full[149]);
+            for t in 150..160 {
+                let l = rows_f32(&m.step(&[&ids[t..t + 1]], &mut [&mut next])?)?;
+                close(&l[0], &full[t]);
             }
         }
         Ok(())
