@@ -461,4 +461,33 @@ fn prompts_sharing_a_long_prefix_reuse_its_cache_and_answer_the_same() {
         assert_eq!(text, if *q == "2+2?" { &a1.0 } else { &b.0 });
     }
     assert!(got.iter().filter(|(_, cached)| *cached > 150).count() >= 3, "{got:?}");
+    drop(s);
+    // Two families at once: the cached prefix changes while sequences still
+    // read the one before (on the CPU they share its keys and values); the
+    // answers are those of a server without a cache.
+    let other = "You are a careful assistant who checks every sum twice before answering.".repeat(2);
+    let ask2 = |s: &Serve, sys: &str, q: &str| {
+        let (_, v) = chat(
+            s,
+            json!({"messages": [{"role": "system", "content": sys}, {"role": "user", "content": q}],
+                   "max_tokens": 12, "temperature": 0, "ignore_eos": true}),
+        );
+        content(&v)
+    };
+    let want: Vec<String> = [(&system, "5-1?"), (&other, "5-1?"), (&other, "7+1?")]
+        .iter()
+        .map(|(sys, q)| {
+            let s = serve(&ws, &["model"]);
+            ask2(&s, sys, q)
+        })
+        .collect();
+    let s = serve(&ws, &["model"]);
+    let asks = [(0, &system, "5-1?"), (1, &other, "5-1?"), (2, &other, "7+1?")].repeat(3);
+    let got: Vec<(usize, String)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = asks.iter().map(|(i, sys, q)| sc.spawn(|| (*i, ask2(&s, sys, q)))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, text) in got {
+        assert_eq!(text, want[i], "request {i} of the two families");
+    }
 }
