@@ -1,7 +1,8 @@
 //! The ML code the stages share: the Llama-family model written from
 //! differentiable candle ops ([`llama`]), LoRA ([`llama::Lora`]), the
-//! optimiser and schedules ([`optim`]), NF4 storage for QLoRA ([`nf4`]) and the Spectrum
-//! SNR scan ([`spectrum`]).
+//! optimiser and schedules ([`optim`]), NF4 storage for QLoRA ([`nf4`]), the Spectrum
+//! SNR scan ([`spectrum`]), inference with a KV cache ([`infer`]) and the CPU's
+//! decode kernels ([`cpu_decode`]).
 
 pub mod config;
 pub(crate) mod cpu_decode;
