@@ -203,12 +203,12 @@ struct Task<'a> {
 /// the part of it they all see together (each base row read once for all
 /// of them), the rest of the base and their own rows alone; ranges of
 /// `chunk` positions (default: [`chunk_len`]).
-fn attend_all(
+fn attend_all<'a>(
     q: &[f32],
     h: usize,
     hd: usize,
     kv: usize,
-    seqs: &[SeqView],
+    seqs: &[SeqView<'a>],
     scale: f32,
     chunk: Option<usize>,
 ) -> Vec<f32> {
@@ -241,26 +241,22 @@ fn attend_all(
         + seqs.iter().zip(&alone_from).map(|(s, a)| s.visible - a).sum::<usize>();
     let chunk = chunk.unwrap_or_else(|| chunk_len(positions, kv, rayon::current_num_threads()));
     let mut tasks: Vec<Task> = Vec::new();
+    let mut ranges = |members: &[usize], g: usize, (k, v): (&'a [f32], &'a [f32]), rows: std::ops::Range<usize>| {
+        for r0 in rows.clone().step_by(chunk) {
+            tasks.push(Task { members: members.to_vec(), g, k, v, r0, r1: (r0 + chunk).min(rows.end) });
+        }
+    };
     for (members, len) in &shared {
         let (k, v, _) = seqs[members[0]].base.expect("grouped by base");
-        for g in 0..kv {
-            for r0 in (0..*len).step_by(chunk) {
-                tasks.push(Task { members: members.clone(), g, k, v, r0, r1: (r0 + chunk).min(*len) });
-            }
-        }
+        (0..kv).for_each(|g| ranges(members, g, (k, v), 0..*len));
     }
     for (i, s) in seqs.iter().enumerate() {
         let base_len = s.base.map_or(0, |b| b.2);
         for g in 0..kv {
             if let Some((k, v, len)) = s.base {
-                for r0 in (alone_from[i]..len).step_by(chunk) {
-                    tasks.push(Task { members: vec![i], g, k, v, r0, r1: (r0 + chunk).min(len) });
-                }
+                ranges(&[i], g, (k, v), alone_from[i]..len);
             }
-            let own = s.visible - base_len;
-            for r0 in (0..own).step_by(chunk) {
-                tasks.push(Task { members: vec![i], g, k: s.own.0, v: s.own.1, r0, r1: (r0 + chunk).min(own) });
-            }
+            ranges(&[i], g, s.own, 0..s.visible - base_len);
         }
     }
     let parts: Vec<Part> = tasks
@@ -610,24 +606,25 @@ mod avx2 {
         }
     }
 
-    #[inline(always)]
-    unsafe fn hsum(x: __m256) -> f32 {
-        // SAFETY: the caller's contract (AVX2 + FMA present, pointers in bounds).
-        unsafe {
-            let s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
-        }
+    /// The eight lanes of `x` folded by `f` (lane-wise, on halves) into one.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn fold8(x: __m256, f: impl Fn(__m128, __m128) -> __m128) -> f32 {
+        let s = f(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+        let s = f(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(f(s, _mm_shuffle_ps(s, s, 1)))
     }
 
-    #[inline(always)]
-    unsafe fn hmax(x: __m256) -> f32 {
-        // SAFETY: the caller's contract (AVX2 + FMA present, pointers in bounds).
-        unsafe {
-            let s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-            let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-            _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps(s, s, 1)))
-        }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(x: __m256) -> f32 {
+        fold8(x, |a, b| _mm_add_ps(a, b))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hmax(x: __m256) -> f32 {
+        fold8(x, |a, b| _mm_max_ps(a, b))
     }
 
     /// e^x for x <= 0, eight at a time (range reduction by ln 2 in two
