@@ -28,9 +28,11 @@
 #      cooperative attribute; tile: the five-launch step with the older
 #      attention (PIPE_DECODE_ATTN=tile: a thread per position of a tile);
 #      nograph: the same kernels launched one by one; lph: the batch-1
-#      persistent step with the LM head inside (PIPE_DECODE_LP_HEAD=1);
-#      lpk: that, and a lone greedy sequence's chain LP_STEPS (default 8)
-#      steps a launch (PIPE_DECODE_LP_STEPS);
+#      persistent step with the LM head inside, one step a launch
+#      (PIPE_DECODE_LP_HEAD=1, PIPE_DECODE_LP_STEPS=1); lpk: the head
+#      inside every step, and a lone greedy sequence's chain LP_STEPS
+#      (default 8) steps a launch; k1: one step a launch, never the head
+#      inside (PIPE_DECODE_LP_HEAD=0; the default before 8 a launch);
 #      candle: PIPE_DECODE_GRAPH=0, decode
 #      through candle ops (the path before the fused step);
 #   5. benches/serve/hf_generate.py (cuda, bf16, sdpa) at the same batch
@@ -64,9 +66,11 @@ run)
   # launches, PIPE_DECODE_PDL=0), nograph (kernels launched one by one),
   # candle (PIPE_DECODE_GRAPH=0: candle ops), mega, nocoop, tile, lph and lpk (above).
   variant_env() {
-    tc=1 pdl=1 mega=0 coop=1 attn=chunk stream=0 lph=0 lps=1
+    # (lph, lps empty: the switches' defaults, a lone greedy sequence's
+    # chain 8 steps a launch with the LM head in those launches.)
+    tc=1 pdl=1 mega=0 coop=1 attn=chunk stream=0 lph= lps=
     case $1 in
-    lph) sw=1 lph=1 ;; lpk) sw=1 lph=1 lps=${LP_STEPS:-8} ;;
+    lph) sw=1 lph=1 lps=1 ;; lpk) sw=1 lph=1 lps=${LP_STEPS:-8} ;; k1) sw=1 lph=0 ;;
     candle) sw=0 ;; nograph) sw=nograph ;; dot) sw=1 tc=0 ;; nopdl) sw=1 pdl=0 ;; mega) sw=1 mega=1 ;;
     stream) sw=1 stream=1 ;;
     nocoop) sw=1 mega=1 coop=0 ;; tile) sw=1 attn=tile ;; *) sw=1 ;;

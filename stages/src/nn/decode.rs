@@ -83,8 +83,8 @@ thread_local! {
     static CHAIN: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// Tests: this thread's `PIPE_DECODE_ZC`.
     static ZERO_COPY: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
-    /// Tests: this thread's `PIPE_DECODE_LP_HEAD`.
-    static LP_HEAD: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// Tests: this thread's `PIPE_DECODE_LP_HEAD` (Some(None): unset).
+    static LP_HEAD: std::cell::Cell<Option<Option<bool>>> = const { std::cell::Cell::new(None) };
     /// Tests: persistent steps with the LM head inside recorded on this thread.
     static LP_HEAD_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// Tests: this thread's `PIPE_DECODE_LP_STEPS`.
@@ -169,8 +169,9 @@ impl Llama {
     /// fed token now in the cache), or None where a chain does not fit
     /// (the caller then takes a step at a time). Steps launched past the
     /// last one `on_token` accepted only write positions past the cache's
-    /// end, within the `steps` reserved. With `PIPE_DECODE_LP_STEPS=K` a
-    /// launch runs K steps while K are left (the last ones, one a launch).
+    /// end, within the `steps` reserved. A launch runs K steps
+    /// (`PIPE_DECODE_LP_STEPS`, 8 by default) while K are left, then one
+    /// at a time.
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub(crate) fn graph_chain(
         &self,
@@ -192,7 +193,7 @@ impl Llama {
             }
             CHAIN_RUNS.with(|r| r.set(r.get() + 1));
             // Launches of `per` steps while that many are left, then of one.
-            let per = imp::chain_steps();
+            let per = g.chain_steps(self)?;
             let take = |launched: usize| if steps - launched >= per { per } else { 1 };
             let mut launched = take(0);
             let mut cur = (g.chain_launch(self, Some(first), base as u32, table, launched)?, launched);
@@ -1037,8 +1038,15 @@ mod imp {
             self.zero_copy_fits(m, 1)
         }
 
+        /// Chained steps a launch ([`chain_steps_wanted`]) where the step
+        /// with the LM head inside fits (all its clusters resident), else 1.
+        pub fn chain_steps(&self, m: &Llama) -> Result<usize> {
+            let k = chain_steps_wanted();
+            Ok(if k > 1 && self.lp_config(&m.cfg, 1, true)?.is_some() { k } else { 1 })
+        }
+
         /// Launch `steps` steps of a chain of one row (after
-        /// [`Self::chain_fits`]; more than one: [`chain_steps`]), feeding
+        /// [`Self::chain_fits`]; more than one: [`Self::chain_steps`]), feeding
         /// `tok` (None: the argmax of the chain's step before, on the
         /// device) at `pos` with block table `table`, then each step's
         /// argmax at the positions after; it may start while the launch
@@ -1106,7 +1114,7 @@ mod imp {
                 && !self.stream_fits(m, b)
                 && !self.mega_fits(m, b)
                 && lay_fits(&m.cfg, b)
-                && self.lp_config(&m.cfg, b)?.is_some())
+                && self.lp_config(&m.cfg, b, false)?.is_some())
         }
 
         fn f(&self, name: &str) -> Result<&CudaFunction> {
@@ -1323,7 +1331,12 @@ mod imp {
         /// ([`lp_mode`]), if it runs: one row, the switch on, a layer
         /// table, and all its clusters resident at once (the occupancy the
         /// driver reports).
-        fn lp_config(&self, c: &crate::nn::config::LlamaConfig, b: usize) -> Result<Option<(LaunchConfig, u64, bool)>> {
+        fn lp_config(
+            &self,
+            c: &crate::nn::config::LlamaConfig,
+            b: usize,
+            head: bool,
+        ) -> Result<Option<(LaunchConfig, u64, bool)>> {
             let (Some(coop), Some((_, table)), 1) = (lp_mode(), self.mega_layers.as_ref(), b) else {
                 return Ok(None);
             };
@@ -1331,13 +1344,13 @@ mod imp {
             let rep = c.num_attention_heads / kv;
             let clusters = kv + c.intermediate_size / LAY_UB / LAY_C;
             // (With the LM head inside: its staged row and the warps' sums too.)
-            let head = if lp_head() { mma_smem(c.hidden_size, 8, LAY_NW) } else { 0 };
+            let head_smem = if head { mma_smem(c.hidden_size, 8, LAY_NW) } else { 0 };
             let lc = LaunchConfig {
                 grid_dim: ((clusters * LAY_C) as u32, 1, 1),
                 block_dim: (LAY_THREADS, 1, 1),
-                shared_mem_bytes: la_smem(c).max(lb_smem(c, 1)).max(head) as u32,
+                shared_mem_bytes: la_smem(c).max(lb_smem(c, 1)).max(head_smem) as u32,
             };
-            let f = self.f(&lp_name(hd, rep))?;
+            let f = self.f(&lp_name(hd, rep, head))?;
             let cl = self.cu_config(lc, &mut []);
             let mut n = 0i32;
             self.stream.context().bind_to_thread().w()?;
@@ -1510,10 +1523,11 @@ mod imp {
             let (hid, kv, hd) = (c.hidden_size, c.kv_heads(), c.head_dim());
             let rep = c.num_attention_heads / kv;
             let hid_i = hid as i32;
-            let lp = self.lp_config(c, b)?;
             let nl = self.layers.len();
             // A chain's steps a launch (1: not a chain, or one).
             let steps = io.map_or(1, |(_, k)| k.max(1));
+            let lph = lp_head(steps);
+            let lp = self.lp_config(c, b, lph)?;
             // The persistent step's counters and the head's (and a launch of
             // several steps' after them).
             let nctr = lp_counters(nl, steps) as i32;
@@ -1525,7 +1539,7 @@ mod imp {
                         "decode graph: zero-copy input without the one-row persistent step".into(),
                     ));
                 }
-                if steps > 1 && !(chain && lp_head() && steps <= LP_STEPS_MAX) {
+                if steps > 1 && !(chain && lph && steps <= LP_STEPS_MAX) {
                     return Err(NnError::Other(format!(
                         "decode graph: {steps} steps a launch without a chain of the persistent step with its LM head"
                     )));
@@ -1595,7 +1609,7 @@ mod imp {
                 hstride: cap as i32,
                 ..g
             };
-            let fused_head = lp.is_some() && lp_head();
+            let fused_head = lp.is_some() && lph;
             if let Some((lc, layers, coop)) = lp {
                 // (Several steps: their counters after the one-step ones,
                 // as many a step.)
@@ -1627,7 +1641,7 @@ mod imp {
                 // (dec_lph: the head's Gemv as tc_headp_8 takes it below; its
                 // count of finished blocks, after the 2 nl, is 0 between steps.)
                 let zero = if io.is_some() { 0 } else { 2 * nl };
-                unsafe { self.go_persistent(&lp_name(hd, rep), lc, &mut [arg(&pp)], ctr, zero, coop) }?;
+                unsafe { self.go_persistent(&lp_name(hd, rep, lph), lc, &mut [arg(&pp)], ctr, zero, coop) }?;
                 if fused_head {
                     super::LP_HEAD_RUNS.with(|r| r.set(r.get() + 1));
                     if steps > 1 {
@@ -1912,13 +1926,26 @@ mod imp {
         }
     }
 
-    /// Whether the one-row persistent step also runs the LM head
-    /// (`dec_lph_*`: its blocks take the head's tiles once the last
-    /// layer's MLP blocks have arrived, instead of a kernel of its own
-    /// after it; `PIPE_DECODE_LP_HEAD=1`; off by default until it has run
-    /// on a GPU).
-    fn lp_head() -> bool {
-        switch(&super::LP_HEAD, || std::env::var("PIPE_DECODE_LP_HEAD").is_ok_and(|v| v == "1"))
+    /// `PIPE_DECODE_LP_HEAD`: 1, the LM head inside every one-row
+    /// persistent step; 0, never; unset, in chains' launches of several
+    /// steps only ([`lp_head`]).
+    fn lp_head_env() -> Option<bool> {
+        switch(&super::LP_HEAD, || match std::env::var("PIPE_DECODE_LP_HEAD").as_deref() {
+            Ok("1") => Some(true),
+            Ok("0") => Some(false),
+            _ => None,
+        })
+    }
+
+    /// Whether a launch of `steps` one-row persistent steps (1: not a
+    /// chain's launch of several) also runs the LM head (`dec_lph_*`: its
+    /// blocks take the head's tiles once the last layer's MLP blocks have
+    /// arrived, instead of a kernel of its own after it). By default only
+    /// where several steps a launch need it: on an H200 a step at a time
+    /// is ~4% slower with it (0.374 against 0.359 ms a SmolLM2 step),
+    /// while launches of 8 take 0.334 against 0.351 ms a step.
+    fn lp_head(steps: usize) -> bool {
+        lp_head_env().unwrap_or(steps > 1)
     }
 
     /// decode.cu's `mma_proj` shared memory (its OUT_MLP extra aside): `bt`
@@ -1930,18 +1957,18 @@ mod imp {
 
     /// Chained greedy steps a launch of the one-row persistent step with
     /// its LM head ([`lp_head`]; `PIPE_DECODE_LP_STEPS=K`, 1 to
-    /// [`LP_STEPS_MAX`], 1 by default: one): the head's last block of each
-    /// step feeds its argmax's embedding row to the next step in the same
-    /// launch (decode.cu's `lp_feed`): no input kernel, launch or graph
-    /// between them. 1 without the head inside.
-    pub(crate) fn chain_steps() -> usize {
+    /// [`LP_STEPS_MAX`], the most by default): the head's last block of
+    /// each step feeds its argmax's embedding row to the next step in the
+    /// same launch (decode.cu's `lp_feed`): no input kernel, launch or
+    /// graph between them. 1 with `PIPE_DECODE_LP_HEAD=0`.
+    fn chain_steps_wanted() -> usize {
         let k = switch(&super::LP_STEPS, || {
-            std::env::var("PIPE_DECODE_LP_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1)
+            std::env::var("PIPE_DECODE_LP_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(LP_STEPS_MAX)
         });
-        if lp_head() {
-            k.clamp(1, LP_STEPS_MAX)
-        } else {
+        if lp_head_env() == Some(false) {
             1
+        } else {
+            k.clamp(1, LP_STEPS_MAX)
         }
     }
 
@@ -1958,8 +1985,8 @@ mod imp {
     }
 
     /// The one-row persistent step's kernel.
-    fn lp_name(hd: usize, rep: usize) -> String {
-        format!("{}_{hd}_{rep}", if lp_head() { "dec_lph" } else { "dec_lp" })
+    fn lp_name(hd: usize, rep: usize, head: bool) -> String {
+        format!("{}_{hd}_{rep}", if head { "dec_lph" } else { "dec_lp" })
     }
 
     /// Nanoseconds a waiting block of that step sleeps between its polls
@@ -2082,10 +2109,10 @@ mod imp {
     }
 
     /// What the switches that shape a recorded step read now.
-    type Variant = (bool, usize, bool, bool, bool, bool, usize, i32, bool, bool);
+    type Variant = (bool, usize, bool, bool, bool, bool, usize, i32, bool, Option<bool>);
 
     fn variant() -> Variant {
-        let lay = (lay_max(), la_whole(), zero_copy(), lp_head());
+        let lay = (lay_max(), la_whole(), zero_copy(), lp_head_env());
         (mega_on(), tc_from(), pdl_on(), attn_chunked(), mlp_fused(), stream_on(), lay.0, lay.1, lay.2, lay.3)
     }
 
@@ -2299,7 +2326,7 @@ mod tests {
                 }
                 // The LM head inside the persistent step (PIPE_DECODE_LP_HEAD):
                 // one row, zero-copy through graphs, copies without.
-                super::LP_HEAD.with(|t| t.set(Some(true)));
+                super::LP_HEAD.with(|t| t.set(Some(Some(true))));
                 for (zc, graphs) in [(true, true), (false, false)] {
                     super::ZERO_COPY.with(|t| t.set(Some(zc)));
                     let runs = super::LP_HEAD_RUNS.with(|r| r.get());
@@ -2477,20 +2504,35 @@ mod tests {
         assert!(m.decode_graph_ok());
         // (Also with the LM head inside the persistent step, and with
         // launches of 4 and of 3 steps: greedy_matches_steps' 7 steps as 4
-        // + 1 + 1 + 1 and 3 + 3 + 1, stopped inside a launch and at its end.)
-        for (chain, head, steps) in
-            [(true, false, 1), (true, true, 1), (true, true, 4), (true, true, 3), (false, false, 1)]
-        {
+        // + 1 + 1 + 1 and 3 + 3 + 1, stopped inside a launch and at its end.
+        // The switches unset: launches of 8, so 7 steps go one a launch
+        // without the head; 4 a launch, the head in those launches only;
+        // PIPE_DECODE_LP_HEAD=0: one a launch whatever LP_STEPS says.)
+        for (chain, head, steps) in [
+            (true, Some(false), Some(1)),
+            (true, Some(true), Some(1)),
+            (true, Some(true), Some(4)),
+            (true, Some(true), Some(3)),
+            (false, Some(false), Some(1)),
+            (true, None, None),
+            (true, None, Some(4)),
+            (true, Some(false), Some(4)),
+        ] {
             super::CHAIN.with(|t| t.set(Some(chain)));
             super::LP_HEAD.with(|t| t.set(Some(head)));
-            super::LP_STEPS.with(|t| t.set(Some(steps)));
+            super::LP_STEPS.with(|t| t.set(steps));
             let runs = |r: &'static std::thread::LocalKey<std::cell::Cell<usize>>| r.with(|r| r.get());
             let before = [runs(&super::CHAIN_RUNS), runs(&super::LP_HEAD_RUNS), runs(&super::LP_STEPS_RUNS)];
             greedy_matches_steps(&m)?;
-            let what = format!("chain {chain}, head {head}, {steps} steps a launch");
+            let what = format!("chain {chain}, head {head:?}, {steps:?} steps a launch");
+            let several = chain && head != Some(false) && steps.is_some_and(|k| k > 1);
             assert_eq!(runs(&super::CHAIN_RUNS) > before[0], chain, "{what}: chains ran");
-            assert_eq!(runs(&super::LP_HEAD_RUNS) > before[1], head, "{what}: the head in the step ran");
-            assert_eq!(runs(&super::LP_STEPS_RUNS) > before[2], steps > 1, "{what}: launches of several steps ran");
+            assert_eq!(
+                runs(&super::LP_HEAD_RUNS) > before[1],
+                head.unwrap_or(several),
+                "{what}: the head in the step ran"
+            );
+            assert_eq!(runs(&super::LP_STEPS_RUNS) > before[2], several, "{what}: launches of several steps ran");
         }
         super::CHAIN.with(|t| t.set(None));
         super::LP_HEAD.with(|t| t.set(None));
