@@ -5,8 +5,10 @@
 //! Products: each weight row is read once from memory and dotted with every
 //! row of x, the weight rows split over rayon's threads. With AVX2 + FMA a
 //! weight row's 8-wide chunk is loaded once for eight x rows (one load of
-//! the weights for up to eight multiply-adds), and k is taken in blocks
-//! whose x rows stay in L1. Up to 16 rows: beyond, candle's packing gemm
+//! the weights for up to eight multiply-adds), with AVX-512 (from 9 rows)
+//! a 16-wide chunk for all of them, and k is taken in blocks whose x rows
+//! stay in L1 (`PIPE_CPU_ISA=avx2` or `plain` caps the instructions used,
+//! for comparisons). Up to 16 rows: beyond, candle's packing gemm
 //! is as fast (decode_bench, 2 cores: 10 rows 37-41 against 63-65 ms a
 //! SmolLM2 step, 12 rows 49-54 against 64, 16 rows the same; 32 rows
 //! twice as slow).
@@ -27,7 +29,7 @@ use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows of x per product at most (decoding: one per sequence; see above).
-pub(crate) const SMALL_ROWS: usize = 16;
+pub(crate) const SMALL_ROWS: usize = 32;
 
 /// (m, n) = x (m, k) @ w (n, k).T, m <= [`SMALL_ROWS`].
 pub(crate) fn small_matmul_f32(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
@@ -39,14 +41,16 @@ pub(crate) fn small_matmul_f32(x: &[f32], m: usize, k: usize, w: &[f32], n: usiz
         let r0 = c * ROWS;
         let rows = out.len() / m;
         let wr = &w[r0 * k..(r0 + rows) * k];
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above); the
-            // lengths were asserted above.
-            unsafe { avx2::rows_dot(wr, x, m, k, out) };
-            return;
-        }
-        rows_dot(wr, x, m, k, out);
+        // (AVX-512 from 9 rows: up to 8 its loop was slower than AVX2's on
+        // the Zen 5 measured, 43.5 against 38.8 ms a SmolLM2 step at 8
+        // rows, while at 12 and 16 it was 58.5 against 63 and 81 against
+        // 87.5.)
+        let isa = match Isa::detect() {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 if m <= 8 => Isa::Avx2,
+            isa => isa,
+        };
+        rows_dot_isa(isa, wr, x, m, k, out);
     });
     let mut y = vec![0f32; m * n];
     for (r, o) in t.chunks_exact(m).enumerate() {
@@ -55,6 +59,72 @@ pub(crate) fn small_matmul_f32(x: &[f32], m: usize, k: usize, w: &[f32], n: usiz
         }
     }
     y
+}
+
+/// The vector instructions a kernel uses: the widest the CPU has.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Isa {
+    Plain,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Isa {
+    /// The widest the CPU has, no wider than `PIPE_CPU_ISA` (plain, avx2
+    /// or avx512: for comparisons) says.
+    fn detect() -> Isa {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            let cap = std::env::var("PIPE_CPU_ISA").unwrap_or_default();
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") && !matches!(cap.as_str(), "avx2" | "plain") {
+                    return Isa::Avx512;
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                    && cap != "plain"
+                {
+                    return Isa::Avx2;
+                }
+            }
+            let _ = cap;
+            Isa::Plain
+        })
+    }
+
+    /// This one and every narrower one the CPU has (the tests take each).
+    #[cfg(test)]
+    fn available() -> Vec<Isa> {
+        let top = Isa::detect();
+        let all = [
+            Isa::Plain,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512,
+        ];
+        let n = all.iter().position(|i| *i == top).expect("listed") + 1;
+        all[..n].to_vec()
+    }
+}
+
+/// [`rows_dot`] with `isa`'s instructions (`isa` no wider than
+/// [`Isa::detect`]'s).
+fn rows_dot_isa(isa: Isa, w: &[f32], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
+    assert!(m <= SMALL_ROWS && x.len() == m * k && w.len().is_multiple_of(k) && out.len() == w.len() / k * m);
+    match isa {
+        // SAFETY: the CPU has the instructions (`isa` came from
+        // `Isa::detect` or a narrower one); the lengths were asserted above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::rows_dot(w, x, m, k, out) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::rows_dot(w, x, m, k, out) },
+        Isa::Plain => rows_dot(w, x, m, k, out),
+    }
 }
 
 /// out[r * m + j] = w row r . x row j, without vector intrinsics.
@@ -588,7 +658,7 @@ mod avx2 {
 
     /// The eight vectors' own sums, as one vector (lane p: the sum of a[p]).
     #[inline(always)]
-    unsafe fn sums8(a: [__m256; 8]) -> __m256 {
+    pub(super) unsafe fn sums8(a: [__m256; 8]) -> __m256 {
         // SAFETY: the caller's contract (AVX2 + FMA present, pointers in bounds).
         unsafe {
             // hadd(x, y) = [x0+x1, x2+x3, y0+y1, y2+y3 | x4+x5, x6+x7, y4+y5, y6+y7].
@@ -617,7 +687,7 @@ mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn hsum(x: __m256) -> f32 {
+    pub(super) fn hsum(x: __m256) -> f32 {
         fold8(x, |a, b| _mm_add_ps(a, b))
     }
 
@@ -655,10 +725,141 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// As [`super::avx2`]'s: x's rows a block of k at a time.
+    const X_BLOCK_BYTES: usize = 24 << 10;
+
+    /// [`super::rows_dot`] with AVX-512: a weight row's 16-wide chunk loaded
+    /// once for up to 16 rows of x, k's tail under a mask.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `w` holds whole rows of k, `x` m rows of k,
+    /// `out` m values a row of `w`; m <= SMALL_ROWS (16).
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn rows_dot(w: &[f32], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
+        // SAFETY: the caller's contract (AVX-512F present, pointers in bounds).
+        unsafe {
+            out.fill(0.0);
+            let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
+            let kb = if m * k * 4 <= X_BLOCK_BYTES { k } else { (X_BLOCK_BYTES / (4 * m)) / 16 * 16 };
+            for c0 in (0..k).step_by(kb) {
+                let c1 = (c0 + kb).min(k);
+                for r in 0..w.len() / k {
+                    let wr = w.as_ptr().add(r * k);
+                    // x's rows sixteen at a time.
+                    for g in (0..m).step_by(16) {
+                        let (xp, o) = (xp.add(g * k), op.add(r * m + g));
+                        match m - g {
+                            1 => row_block::<1, 8>(wr, xp, k, c0, c1, o),
+                            2 => row_block::<2, 4>(wr, xp, k, c0, c1, o),
+                            3 => row_block::<3, 3>(wr, xp, k, c0, c1, o),
+                            4 => row_block::<4, 2>(wr, xp, k, c0, c1, o),
+                            5 => row_block::<5, 2>(wr, xp, k, c0, c1, o),
+                            6 => row_block::<6, 2>(wr, xp, k, c0, c1, o),
+                            7 => row_block::<7, 2>(wr, xp, k, c0, c1, o),
+                            8 => row_block::<8, 2>(wr, xp, k, c0, c1, o),
+                            9 => row_block::<9, 1>(wr, xp, k, c0, c1, o),
+                            10 => row_block::<10, 1>(wr, xp, k, c0, c1, o),
+                            11 => row_block::<11, 1>(wr, xp, k, c0, c1, o),
+                            12 => row_block::<12, 1>(wr, xp, k, c0, c1, o),
+                            13 => row_block::<13, 1>(wr, xp, k, c0, c1, o),
+                            14 => row_block::<14, 1>(wr, xp, k, c0, c1, o),
+                            15 => row_block::<15, 1>(wr, xp, k, c0, c1, o),
+                            _ => row_block::<16, 1>(wr, xp, k, c0, c1, o),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// o[j] += w[c0..c1] . x row j [c0..c1] for the J rows of x (row
+    /// stride k), U chunks in flight per row.
+    #[inline(always)]
+    unsafe fn row_block<const J: usize, const U: usize>(
+        w: *const f32,
+        x: *const f32,
+        k: usize,
+        c0: usize,
+        c1: usize,
+        o: *mut f32,
+    ) {
+        // SAFETY: the caller's contract (AVX-512F present, pointers in
+        // bounds; the masked loads touch only c..c1).
+        unsafe {
+            let mut a = [[_mm512_setzero_ps(); U]; J];
+            let mut c = c0;
+            while c + 16 * U <= c1 {
+                for u in 0..U {
+                    let wv = _mm512_loadu_ps(w.add(c + 16 * u));
+                    for (j, aj) in a.iter_mut().enumerate() {
+                        aj[u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x.add(j * k + c + 16 * u)), aj[u]);
+                    }
+                }
+                c += 16 * U;
+            }
+            while c < c1 {
+                let mask: __mmask16 = if c1 - c >= 16 { 0xffff } else { (1u16 << (c1 - c)) - 1 };
+                let wv = _mm512_maskz_loadu_ps(mask, w.add(c));
+                for (j, aj) in a.iter_mut().enumerate() {
+                    aj[0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x.add(j * k + c)), aj[0]);
+                }
+                c += 16;
+            }
+            // Each row's sum folded to 8 lanes, then eight rows' sums at once.
+            let mut v = [_mm256_setzero_ps(); J];
+            for (vj, aj) in v.iter_mut().zip(&a) {
+                let z = aj.iter().fold(_mm512_setzero_ps(), |acc, x| _mm512_add_ps(acc, *x));
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1));
+                *vj = _mm256_add_ps(_mm512_castps512_ps256(z), hi);
+            }
+            let mut g = 0;
+            while g + 8 <= J {
+                let s = super::avx2::sums8(v[g..g + 8].try_into().expect("eight"));
+                _mm256_storeu_ps(o.add(g), _mm256_add_ps(_mm256_loadu_ps(o.add(g)), s));
+                g += 8;
+            }
+            for (j, vj) in v.iter().enumerate().skip(g) {
+                *o.add(j) += super::avx2::hsum(*vj);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    /// Every instruction set this CPU has gives the f64 product, for every
+    /// row count, widths with and without a tail, blocked over k or not.
+    #[test]
+    fn every_isa_products_match_the_f64_product() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let isas = Isa::available();
+        for (m, k, n) in (1..=SMALL_ROWS).flat_map(|m| [(m, 576, 5), (m, 37, 3), (m, 1540, 2), (m, 16, 1)]) {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            for &isa in &isas {
+                let mut out = vec![f32::NAN; n * m];
+                rows_dot_isa(isa, &w, &x, m, k, &mut out);
+                for r in 0..n {
+                    for j in 0..m {
+                        let want: f64 = (0..k).map(|t| w[r * k + t] as f64 * x[j * k + t] as f64).sum();
+                        let got = out[r * m + j] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-4 * (k as f64).sqrt(),
+                            "{isa:?} {m}x{k} row {r} x {j}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+        eprintln!("instruction sets checked: {isas:?}");
+    }
 
     /// Plain f64 attention of one row over `visible` positions.
     fn reference(q: &[f32], rows: Rows, hd: usize, visible: usize, scale: f32) -> Vec<f64> {
