@@ -791,6 +791,8 @@ fn cpu_small_matmul_matches_the_plain_product() -> Result<()> {
         (5, 16, 1),
         (12, 576, 70),
         (16, 1536, 9),
+        (32, 576, 40),
+        (25, 100, 7),
     ] {
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
@@ -802,7 +804,7 @@ fn cpu_small_matmul_matches_the_plain_product() -> Result<()> {
         assert!(cpu_small_matmul(&wide.narrow(1, 0, k)?, &w)?.is_none() || m == 1);
     }
     let w = Tensor::randn(0f32, 1.0, (4, 8), &dev)?;
-    assert!(cpu_small_matmul(&Tensor::zeros((17, 8), DType::F32, &dev)?, &w)?.is_none(), "17 rows");
+    assert!(cpu_small_matmul(&Tensor::zeros((33, 8), DType::F32, &dev)?, &w)?.is_none(), "33 rows");
     assert!(cpu_small_matmul(&Tensor::zeros((2, 8), DType::F64, &dev)?, &w)?.is_none(), "f64");
     let v = candle_core::Var::from_tensor(&Tensor::zeros((2, 8), DType::F32, &dev)?)?;
     assert!(cpu_small_matmul(v.as_tensor(), &w)?.is_none(), "tracked input");
