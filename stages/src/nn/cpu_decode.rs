@@ -8,10 +8,10 @@
 //! the weights for up to eight multiply-adds), with AVX-512 (from 9 rows)
 //! a 16-wide chunk for all of them, and k is taken in blocks whose x rows
 //! stay in L1 (`PIPE_CPU_ISA=avx2` or `plain` caps the instructions used,
-//! for comparisons). Up to 16 rows: beyond, candle's packing gemm
-//! is as fast (decode_bench, 2 cores: 10 rows 37-41 against 63-65 ms a
-//! SmolLM2 step, 12 rows 49-54 against 64, 16 rows the same; 32 rows
-//! twice as slow).
+//! for comparisons; the attention's too). Up to 32 rows: beyond, candle's
+//! packing gemm is as fast (decode_bench, 2 cores, 900-token prompts, gemm
+//! with AVX-512: 17 rows 88 against 124-130 ms a SmolLM2 step through
+//! gemm, 32 rows 161 against 170 at 33).
 //!
 //! Attention:
 //! The work is split into tasks of (sequence, kv head, range of positions).
@@ -124,6 +124,35 @@ fn rows_dot_isa(isa: Isa, w: &[f32], x: &[f32], m: usize, k: usize, out: &mut [f
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { avx2::rows_dot(w, x, m, k, out) },
         Isa::Plain => rows_dot(w, x, m, k, out),
+    }
+}
+
+/// Bytes of x's rows that a vector product takes at once (half of L1):
+/// wider products go over k in blocks, the weight rows read a block at a
+/// time.
+const X_BLOCK_BYTES: usize = 24 << 10;
+
+/// The loop of the vector products: k in blocks (multiples of `lanes`)
+/// whose x rows fit [`X_BLOCK_BYTES`], then each of the `rows` weight
+/// rows, then x's m rows `group` at a time; `f(weight row, first x row,
+/// x rows, c0, c1)` takes one such piece.
+#[inline(always)]
+fn blocked_rows(
+    rows: usize,
+    m: usize,
+    k: usize,
+    lanes: usize,
+    group: usize,
+    mut f: impl FnMut(usize, usize, usize, usize, usize),
+) {
+    let kb = if m * k * 4 <= X_BLOCK_BYTES { k } else { (X_BLOCK_BYTES / (4 * m)) / lanes * lanes };
+    for c0 in (0..k).step_by(kb) {
+        let c1 = (c0 + kb).min(k);
+        for r in 0..rows {
+            for g in (0..m).step_by(group) {
+                f(r, g, (m - g).min(group), c0, c1);
+            }
+        }
     }
 }
 
@@ -377,9 +406,8 @@ fn attend_range(q: &[f32], rep: usize, c: Rows, t0: usize, t1: usize, scale: f32
     scores.clear();
     scores.resize(rep * n, 0.0);
     #[cfg(target_arch = "x86_64")]
-    if hd.is_multiple_of(8) && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above); the head
+    if hd.is_multiple_of(8) && Isa::detect() != Isa::Plain {
+        // SAFETY: the CPU has AVX2 and FMA (Isa::detect); the head
         // dim is a multiple of 8 and the callers checked the caches' lengths.
         unsafe { avx2::attend_range(q, rep, c, t0, n, scale, scores, &mut part) };
         return part;
@@ -440,10 +468,6 @@ mod avx2 {
 
     /// Positions whose values stay in L1 while every head takes them.
     const VALUE_BLOCK: usize = 64;
-    /// Bytes of x's rows that a product takes at once (half of L1): wider
-    /// products go over k in blocks, the weight rows read a block at a
-    /// time.
-    const X_BLOCK_BYTES: usize = 24 << 10;
 
     /// [`super::rows_dot`] with AVX2 + FMA.
     ///
@@ -455,28 +479,21 @@ mod avx2 {
         // SAFETY: the caller's contract (AVX2 + FMA present, pointers in bounds).
         unsafe {
             out.fill(0.0);
-            let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
-            let kb = if m * k * 4 <= X_BLOCK_BYTES { k } else { (X_BLOCK_BYTES / (4 * m)) / 8 * 8 };
-            for c0 in (0..k).step_by(kb) {
-                let c1 = (c0 + kb).min(k);
-                for r in 0..w.len() / k {
-                    let wr = w.as_ptr().add(r * k);
-                    // x's rows eight at a time (the registers hold eight sums).
-                    for g in (0..m).step_by(8) {
-                        let (xg, o) = (xp.add(g * k), op.add(r * m + g));
-                        match m - g {
-                            1 => row_block::<1, 8>(wr, xg, k, c0, c1, o),
-                            2 => row_block::<2, 4>(wr, xg, k, c0, c1, o),
-                            3 => row_block::<3, 3>(wr, xg, k, c0, c1, o),
-                            4 => row_block::<4, 2>(wr, xg, k, c0, c1, o),
-                            5 => row_block::<5, 2>(wr, xg, k, c0, c1, o),
-                            6 => row_block::<6, 2>(wr, xg, k, c0, c1, o),
-                            7 => row_block::<7, 1>(wr, xg, k, c0, c1, o),
-                            _ => row_block::<8, 1>(wr, xg, k, c0, c1, o),
-                        }
-                    }
+            let (wp, xp, op) = (w.as_ptr(), x.as_ptr(), out.as_mut_ptr());
+            // x's rows eight at a time (the registers hold eight sums).
+            super::blocked_rows(w.len() / k, m, k, 8, 8, |r, g, rows, c0, c1| {
+                let (wr, xg, o) = (wp.add(r * k), xp.add(g * k), op.add(r * m + g));
+                match rows {
+                    1 => row_block::<1, 8>(wr, xg, k, c0, c1, o),
+                    2 => row_block::<2, 4>(wr, xg, k, c0, c1, o),
+                    3 => row_block::<3, 3>(wr, xg, k, c0, c1, o),
+                    4 => row_block::<4, 2>(wr, xg, k, c0, c1, o),
+                    5 => row_block::<5, 2>(wr, xg, k, c0, c1, o),
+                    6 => row_block::<6, 2>(wr, xg, k, c0, c1, o),
+                    7 => row_block::<7, 1>(wr, xg, k, c0, c1, o),
+                    _ => row_block::<8, 1>(wr, xg, k, c0, c1, o),
                 }
-            }
+            });
         }
     }
 
@@ -729,50 +746,40 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// As [`super::avx2`]'s: x's rows a block of k at a time.
-    const X_BLOCK_BYTES: usize = 24 << 10;
-
     /// [`super::rows_dot`] with AVX-512: a weight row's 16-wide chunk loaded
     /// once for up to 16 rows of x, k's tail under a mask.
     ///
     /// # Safety
     /// The CPU has AVX-512F; `w` holds whole rows of k, `x` m rows of k,
-    /// `out` m values a row of `w`; m <= SMALL_ROWS (16).
+    /// `out` m values a row of `w`; m <= SMALL_ROWS.
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn rows_dot(w: &[f32], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
         // SAFETY: the caller's contract (AVX-512F present, pointers in bounds).
         unsafe {
             out.fill(0.0);
-            let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
-            let kb = if m * k * 4 <= X_BLOCK_BYTES { k } else { (X_BLOCK_BYTES / (4 * m)) / 16 * 16 };
-            for c0 in (0..k).step_by(kb) {
-                let c1 = (c0 + kb).min(k);
-                for r in 0..w.len() / k {
-                    let wr = w.as_ptr().add(r * k);
-                    // x's rows sixteen at a time.
-                    for g in (0..m).step_by(16) {
-                        let (xp, o) = (xp.add(g * k), op.add(r * m + g));
-                        match m - g {
-                            1 => row_block::<1, 8>(wr, xp, k, c0, c1, o),
-                            2 => row_block::<2, 4>(wr, xp, k, c0, c1, o),
-                            3 => row_block::<3, 3>(wr, xp, k, c0, c1, o),
-                            4 => row_block::<4, 2>(wr, xp, k, c0, c1, o),
-                            5 => row_block::<5, 2>(wr, xp, k, c0, c1, o),
-                            6 => row_block::<6, 2>(wr, xp, k, c0, c1, o),
-                            7 => row_block::<7, 2>(wr, xp, k, c0, c1, o),
-                            8 => row_block::<8, 2>(wr, xp, k, c0, c1, o),
-                            9 => row_block::<9, 1>(wr, xp, k, c0, c1, o),
-                            10 => row_block::<10, 1>(wr, xp, k, c0, c1, o),
-                            11 => row_block::<11, 1>(wr, xp, k, c0, c1, o),
-                            12 => row_block::<12, 1>(wr, xp, k, c0, c1, o),
-                            13 => row_block::<13, 1>(wr, xp, k, c0, c1, o),
-                            14 => row_block::<14, 1>(wr, xp, k, c0, c1, o),
-                            15 => row_block::<15, 1>(wr, xp, k, c0, c1, o),
-                            _ => row_block::<16, 1>(wr, xp, k, c0, c1, o),
-                        }
-                    }
+            let (wp, xp, op) = (w.as_ptr(), x.as_ptr(), out.as_mut_ptr());
+            // x's rows sixteen at a time.
+            super::blocked_rows(w.len() / k, m, k, 16, 16, |r, g, rows, c0, c1| {
+                let (wr, xp, o) = (wp.add(r * k), xp.add(g * k), op.add(r * m + g));
+                match rows {
+                    1 => row_block::<1, 8>(wr, xp, k, c0, c1, o),
+                    2 => row_block::<2, 4>(wr, xp, k, c0, c1, o),
+                    3 => row_block::<3, 3>(wr, xp, k, c0, c1, o),
+                    4 => row_block::<4, 2>(wr, xp, k, c0, c1, o),
+                    5 => row_block::<5, 2>(wr, xp, k, c0, c1, o),
+                    6 => row_block::<6, 2>(wr, xp, k, c0, c1, o),
+                    7 => row_block::<7, 2>(wr, xp, k, c0, c1, o),
+                    8 => row_block::<8, 2>(wr, xp, k, c0, c1, o),
+                    9 => row_block::<9, 1>(wr, xp, k, c0, c1, o),
+                    10 => row_block::<10, 1>(wr, xp, k, c0, c1, o),
+                    11 => row_block::<11, 1>(wr, xp, k, c0, c1, o),
+                    12 => row_block::<12, 1>(wr, xp, k, c0, c1, o),
+                    13 => row_block::<13, 1>(wr, xp, k, c0, c1, o),
+                    14 => row_block::<14, 1>(wr, xp, k, c0, c1, o),
+                    15 => row_block::<15, 1>(wr, xp, k, c0, c1, o),
+                    _ => row_block::<16, 1>(wr, xp, k, c0, c1, o),
                 }
-            }
+            });
         }
     }
 
