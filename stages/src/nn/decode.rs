@@ -170,8 +170,8 @@ impl Llama {
     /// (the caller then takes a step at a time). Steps launched past the
     /// last one `on_token` accepted only write positions past the cache's
     /// end, within the `steps` reserved. A launch runs K steps
-    /// (`PIPE_DECODE_LP_STEPS`, 8 by default) while K are left, then one
-    /// at a time.
+    /// (`PIPE_DECODE_LP_STEPS`, 8 by default) while K are left, then the
+    /// rest in one launch.
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub(crate) fn graph_chain(
         &self,
@@ -192,9 +192,10 @@ impl Llama {
                 return Ok(None);
             }
             CHAIN_RUNS.with(|r| r.set(r.get() + 1));
-            // Launches of `per` steps while that many are left, then of one.
+            // Launches of `per` steps while that many are left, then one of
+            // the rest (a graph per step count, captured once).
             let per = g.chain_steps(self)?;
-            let take = |launched: usize| if steps - launched >= per { per } else { 1 };
+            let take = |launched: usize| (steps - launched).min(per);
             let mut launched = take(0);
             let mut cur = (g.chain_launch(self, Some(first), base as u32, table, launched)?, launched);
             let mut n = 0;
@@ -2504,10 +2505,10 @@ mod tests {
         assert!(m.decode_graph_ok());
         // (Also with the LM head inside the persistent step, and with
         // launches of 4 and of 3 steps: greedy_matches_steps' 7 steps as 4
-        // + 1 + 1 + 1 and 3 + 3 + 1, stopped inside a launch and at its end.
-        // The switches unset: launches of 8, so 7 steps go one a launch
-        // without the head; 4 a launch, the head in those launches only;
-        // PIPE_DECODE_LP_HEAD=0: one a launch whatever LP_STEPS says.)
+        // + 3 and 3 + 3 + 1, stopped inside a launch and at its end. The
+        // switches unset: launches of up to 8, so the 7 steps go in one
+        // launch with the head; 4 a launch, the head in those launches
+        // only; PIPE_DECODE_LP_HEAD=0: one a launch whatever LP_STEPS says.)
         for (chain, head, steps) in [
             (true, Some(false), Some(1)),
             (true, Some(true), Some(1)),
@@ -2525,7 +2526,7 @@ mod tests {
             let before = [runs(&super::CHAIN_RUNS), runs(&super::LP_HEAD_RUNS), runs(&super::LP_STEPS_RUNS)];
             greedy_matches_steps(&m)?;
             let what = format!("chain {chain}, head {head:?}, {steps:?} steps a launch");
-            let several = chain && head != Some(false) && steps.is_some_and(|k| k > 1);
+            let several = chain && head != Some(false) && steps.unwrap_or(8) > 1;
             assert_eq!(runs(&super::CHAIN_RUNS) > before[0], chain, "{what}: chains ran");
             assert_eq!(
                 runs(&super::LP_HEAD_RUNS) > before[1],
