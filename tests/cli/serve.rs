@@ -491,3 +491,49 @@ fn prompts_sharing_a_long_prefix_reuse_its_cache_and_answer_the_same() {
         assert_eq!(text, want[i], "request {i} of the two families");
     }
 }
+
+#[test]
+fn the_prefix_cache_keeps_several_families_and_drops_the_least_recently_used() {
+    let ws = Ws::new();
+    write_tiny_llama(&ws, "model", true);
+    let system = "You solve grade school math problems step by step and end with: The answer is N.".repeat(2);
+    let shots = "Example: 12 pens at 3 dollars each cost 36 dollars. The answer is 36. ".repeat(4);
+    let ask = |s: &Serve, sys: &str, user: &str| {
+        let (_, v) = chat(
+            s,
+            json!({"messages": [{"role": "system", "content": sys}, {"role": "user", "content": user}],
+                   "max_tokens": 8, "temperature": 0, "ignore_eos": true}),
+        );
+        (content(&v), v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap())
+    };
+    let s = serve(&ws, &["model"]);
+    // A 0-shot family (the system prompt, then the question), then a
+    // few-shot one that shares only the system prompt with it: the second
+    // is a family of its own, so its next question reuses the exemplars too
+    // (a single entry would have kept the first family's prompt).
+    let zero = ask(&s, &system, "5-1?");
+    assert_eq!(zero.1, 0);
+    let (few1, few2) = (ask(&s, &system, &format!("{shots}2+2?")), ask(&s, &system, &format!("{shots}3*3?")));
+    assert!(few1.1 > 150 && (few1.1 as usize) < system.len() + 40, "{few1:?}: the system prompt only");
+    assert!(few2.1 as usize > system.len() + shots.len(), "{few2:?}: the exemplars too");
+    // And the 0-shot family is still there.
+    assert!(ask(&s, &system, "7+1?").1 > 150);
+    drop(s);
+    // The same answer from a server that computed the whole prompt.
+    let fresh = serve(&ws, &["model"]);
+    assert_eq!(ask(&fresh, &system, &format!("{shots}3*3?")), (few2.0.clone(), 0));
+    drop(fresh);
+
+    // Four families fill the cache; a fifth drops the least recently used
+    // (the second: the first was used again), not the oldest.
+    let s = serve(&ws, &["model"]);
+    let sys = |i: usize| format!("{i} You are assistant number {i}; you answer every question about sums briefly.");
+    for i in 1..=4 {
+        assert_eq!(ask(&s, &sys(i), "1+1?").1, 0, "family {i}: first prompt");
+    }
+    assert!(ask(&s, &sys(1), "2+1?").1 > 60, "family 1 cached");
+    assert_eq!(ask(&s, &sys(5), "1+1?").1, 0);
+    assert_eq!(ask(&s, &sys(2), "2+1?").1, 0, "family 2 dropped");
+    assert!(ask(&s, &sys(1), "3+1?").1 > 60, "family 1 kept");
+    assert!(ask(&s, &sys(5), "3+1?").1 > 60, "family 5 kept");
+}

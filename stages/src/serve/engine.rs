@@ -142,7 +142,8 @@ impl Engine {
                     rx,
                     held: None,
                     active: Vec::new(),
-                    prefix: None,
+                    prefix: Vec::new(),
+                    uses: 0,
                     abort: flag,
                     stats: Stats::default(),
                 }
@@ -236,13 +237,38 @@ struct Scheduler {
     rx: Receiver<Request>,
     held: Option<Request>,
     active: Vec<Seq>,
-    /// Prefix cache: the last prompt of a new family and its KV. Requests
-    /// sharing a long prefix with it (few-shot evaluation: the same system
-    /// prompt and exemplars before every question) copy that part of the
-    /// cache instead of recomputing it.
-    prefix: Option<(Vec<u32>, KvCache)>,
+    /// Prefix cache: the first prompt of each recent family and its KV
+    /// ([`Prefix`], least recently used first out). Requests sharing a long
+    /// prefix with one (few-shot evaluation: the same system prompt and
+    /// exemplars before every question) copy that part of its cache
+    /// instead of recomputing it.
+    prefix: Vec<Prefix>,
+    /// Uses of the prefix cache so far (its entries' clock).
+    uses: u64,
     abort: Arc<AtomicBool>,
     stats: Stats,
+}
+
+/// A prompt in the prefix cache, its KV and when it was last used.
+struct Prefix {
+    toks: Vec<u32>,
+    cache: KvCache,
+    used: u64,
+}
+
+/// Prefix-cache entries kept at most, and prompt tokens over all of them
+/// (the newest entry is kept whatever its length). Two evaluations served
+/// at once (the quickstart's 8-shot and 0-shot tasks) are two families; a
+/// single entry swapped between them.
+const PREFIX_ENTRIES: usize = 4;
+const PREFIX_TOKENS: usize = 32_768;
+
+/// Whether a prompt of `len` tokens whose longest cached prefix is
+/// `shared` starts a new family: the part it does not share is at least
+/// half of it (a question after the same exemplars is not; the same
+/// system prompt before other exemplars is).
+fn new_family(len: usize, shared: usize) -> bool {
+    len >= MIN_PREFIX && len - shared.min(len) >= (len / 2).max(MIN_PREFIX)
 }
 
 /// Steps run, split into decode-only steps (every sequence feeds one token)
@@ -366,7 +392,7 @@ impl Scheduler {
                 }
                 // A prompt that shares a long prefix with one prefilled in
                 // this step waits one step and reuses its cache instead.
-                let cached = self.cached_prefix(&r.prompt);
+                let (cached, _) = self.cached_prefix(&r.prompt);
                 let sibling = self
                     .active
                     .iter()
@@ -428,23 +454,46 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Prompt tokens of `prompt` the prefix cache holds (0 below MIN_PREFIX);
-    /// at least one token is always computed.
-    fn cached_prefix(&self, prompt: &[u32]) -> usize {
-        match &self.prefix {
-            Some((toks, _)) => {
-                let n = common_prefix(toks, prompt).min(prompt.len().saturating_sub(1));
-                if n >= MIN_PREFIX {
-                    n
-                } else {
-                    0
-                }
-            }
-            None => 0,
+    /// Prompt tokens of `prompt` the prefix cache holds (0 below
+    /// MIN_PREFIX), at least one token always left to compute, and the
+    /// entry holding them (the longest match).
+    fn cached_prefix(&self, prompt: &[u32]) -> (usize, Option<usize>) {
+        let best = self
+            .prefix
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (common_prefix(&e.toks, prompt).min(prompt.len().saturating_sub(1)), i))
+            .max();
+        match best {
+            Some((n, i)) if n >= MIN_PREFIX => (n, Some(i)),
+            _ => (0, None),
         }
     }
 
-    fn admit(&self, r: Request) -> Option<Seq> {
+    /// Prompts prefilled in the step just run that start a new family
+    /// ([`new_family`]) enter the prefix cache; the least recently used
+    /// entries leave it beyond [`PREFIX_ENTRIES`] or [`PREFIX_TOKENS`].
+    fn remember_prefixes(&mut self) -> crate::nn::Result<()> {
+        for s in self.active.iter().filter(|s| s.out.is_empty()) {
+            let shared = self.prefix.iter().map(|e| common_prefix(&e.toks, &s.req.prompt)).max().unwrap_or(0);
+            if !new_family(s.req.prompt.len(), shared) {
+                continue;
+            }
+            self.uses += 1;
+            let cache = s.cache.prefix_copy(&self.model, s.req.prompt.len(), 0)?;
+            self.prefix.push(Prefix { toks: s.req.prompt.clone(), cache, used: self.uses });
+            while self.prefix.len() > 1
+                && (self.prefix.len() > PREFIX_ENTRIES
+                    || self.prefix.iter().map(|e| e.toks.len()).sum::<usize>() > PREFIX_TOKENS)
+            {
+                let lru = self.prefix.iter().enumerate().min_by_key(|(_, e)| e.used).map_or(0, |(i, _)| i);
+                self.prefix.remove(lru);
+            }
+        }
+        Ok(())
+    }
+
+    fn admit(&mut self, r: Request) -> Option<Seq> {
         if r.prompt.is_empty() || r.prompt.len() >= self.model.cfg.max_position_embeddings {
             let _ = r.events.send(Event::Error(format!(
                 "the prompt has {} tokens; the model takes 1 to {}",
@@ -459,16 +508,20 @@ impl Scheduler {
             stop_ids.extend(&self.eos);
         }
         let seed = r.params.seed.unwrap_or_else(|| rand::rng().random());
-        let reuse = self.cached_prefix(&r.prompt);
-        let cache = match (&self.prefix, reuse) {
-            (Some((_, c)), n) if n > 0 => match c.prefix_copy(&self.model, n, r.prompt.len() - n + 16) {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = r.events.send(Event::Error(format!("copying the prefix cache failed: {e}")));
-                    return None;
+        let (reuse, entry) = self.cached_prefix(&r.prompt);
+        let cache = match entry {
+            Some(i) => {
+                self.uses += 1;
+                self.prefix[i].used = self.uses;
+                match self.prefix[i].cache.prefix_copy(&self.model, reuse, r.prompt.len() - reuse + 16) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = r.events.send(Event::Error(format!("copying the prefix cache failed: {e}")));
+                        return None;
+                    }
                 }
-            },
-            _ => KvCache::new(),
+            }
+            None => KvCache::new(),
         };
         Some(Seq {
             cache,
@@ -503,16 +556,7 @@ impl Scheduler {
         let next = self.model.step_next(&refs, &mut caches, &sampling)?;
         let st = if refs.iter().all(|f| f.len() == 1) { &mut self.stats.decode } else { &mut self.stats.other };
         *st = (st.0 + 1, st.1 + refs.len(), st.2 + t0.elapsed().as_secs_f64());
-        // A prompt unlike the cached prefix becomes the new prefix.
-        if let Some(s) = self.active.iter().find(|s| s.out.is_empty() && s.req.prompt.len() >= MIN_PREFIX) {
-            let keep = match &self.prefix {
-                Some((toks, _)) => common_prefix(toks, &s.req.prompt) >= MIN_PREFIX,
-                None => false,
-            };
-            if !keep {
-                self.prefix = Some((s.req.prompt.clone(), s.cache.prefix_copy(&self.model, s.req.prompt.len(), 0)?));
-            }
-        }
+        self.remember_prefixes()?;
         let mut done = Vec::new();
         for (i, (s, (best, row))) in self.active.iter_mut().zip(next.argmax.into_iter().zip(next.logits)).enumerate() {
             let t = match row {
