@@ -22,20 +22,35 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    // candle's element-wise thread pool spins between ops on pinned threads,
-    // fighting the matmul threads for the cores: on 2 cores a training step
-    // ran 2x slower with it. Keep it small unless the user chose a size.
     // Large tensors come and go every op; mimalloc hands freed memory back
     // to the OS after 10 ms, and then every new tensor page-faults on zeroed
     // pages (a quarter of a training step's time). Keep it instead.
     // SAFETY: a plain option setter of the allocator linked in (mimalloc's
     // `mi_option_purge_delay` is option 15 in v2 and v3), before any thread.
     unsafe { mi_option_set(15, -1) };
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        let n = std::thread::available_parallelism().map(|n| n.get() / 4).unwrap_or(1).max(1);
-        // SAFETY: no other thread exists yet.
-        unsafe { std::env::set_var("CANDLE_NUM_THREADS", n.to_string()) };
+    // candle's element-wise thread pool spins between ops on pinned threads,
+    // fighting the matmul threads for the cores (on 2 cores a training step
+    // ran 2x slower with it), and with one thread the other cores idle
+    // through every element-wise op (on rayon: 1.19x a CPU LoRA step).
+    // Unless the user sized that pool, its work goes to rayon's pool, the
+    // matmuls' own threads (`PIPE_ELEMWISE_RAYON=0`: the small pool as
+    // before, a quarter of the cores; `=1`: rayon whatever the pool's size).
+    // Both variables are exported, so stages run as child processes do
+    // the same.
+    let sized = std::env::var_os("CANDLE_NUM_THREADS").is_some();
+    let rayon = match std::env::var_os("PIPE_ELEMWISE_RAYON") {
+        Some(v) => v != "0",
+        None => !sized,
+    };
+    let threads = std::thread::available_parallelism().map(|n| n.get() / 4).unwrap_or(1).max(1);
+    // SAFETY: no other thread exists yet.
+    unsafe {
+        std::env::set_var("PIPE_ELEMWISE_RAYON", if rayon { "1" } else { "0" });
+        if !sized {
+            std::env::set_var("CANDLE_NUM_THREADS", if rayon { 1 } else { threads }.to_string());
+        }
     }
+    pipe_stages::nn::set_elementwise_on_rayon(rayon);
     let args = cli::Cli::parse();
     let filter = match args.verbose {
         0 => "warn",

@@ -34,5 +34,12 @@ pub enum NnError {
 
 pub type Result<T, E = NnError> = std::result::Result<T, E>;
 
+/// Whether candle's element-wise ops (with `CANDLE_NUM_THREADS=1`, pipe's
+/// default on small machines) run on rayon's pool, the matmuls' threads,
+/// instead of the calling thread alone (vendor/candle-core/PIPE-PATCH.md).
+pub fn set_elementwise_on_rayon(on: bool) {
+    candle_core::utils::set_elementwise_on_rayon(on)
+}
+
 #[cfg(test)]
 pub(crate) mod tests;

@@ -1062,3 +1062,32 @@ fn fused_lora_linear_with_dropout_matches_the_composition() -> Result<()> {
     assert!(e.contains("f32 or f64"), "{e}");
     Ok(())
 }
+
+#[test]
+fn elementwise_ops_on_rayon_give_every_element() -> Result<()> {
+    // candle's parallel element-wise ops (64k elements and more) through
+    // rayon's pool (pipe's default, main.rs) instead of candle's barrier
+    // pool: every chunk written, with the values of the element-wise
+    // formula (a strided and a broadcast operand as well as dense ones).
+    let n = 300_007;
+    let a: Vec<f32> = (0..n).map(|i| (i % 1_000) as f32 * 0.01 - 3.0).collect();
+    let b: Vec<f32> = (0..n).map(|i| (i % 77) as f32 * 0.5 + 1.0).collect();
+    let (ta, tb) = (Tensor::from_vec(a.clone(), n, &Device::Cpu)?, Tensor::from_vec(b.clone(), n, &Device::Cpu)?);
+    let m = Tensor::from_vec(a[..600 * 500].to_vec(), (600, 500), &Device::Cpu)?;
+    let row = Tensor::from_vec(b[..500].to_vec(), 500, &Device::Cpu)?;
+    super::set_elementwise_on_rayon(true);
+    let sum = (&ta + &tb)?.to_vec1::<f32>()?;
+    let exp = ta.exp()?.to_vec1::<f32>()?;
+    let mt = m.t()?.mul(&m.t()?)?.t()?.flatten_all()?.to_vec1::<f32>()?;
+    let bc = m.broadcast_mul(&row)?.flatten_all()?.to_vec1::<f32>()?;
+    super::set_elementwise_on_rayon(false);
+    for i in 0..n {
+        assert_eq!(sum[i], a[i] + b[i], "sum at {i}");
+        assert_eq!(exp[i], a[i].exp(), "exp at {i}");
+    }
+    for (i, (&x, (&sq, &p))) in a[..600 * 500].iter().zip(mt.iter().zip(&bc)).enumerate() {
+        assert_eq!(sq, x * x, "strided product at {i}");
+        assert_eq!(p, x * b[i % 500], "broadcast product at {i}");
+    }
+    Ok(())
+}

@@ -325,6 +325,18 @@ impl BarrierPool {
             f(0..n_items);
             return;
         }
+        if n_items > 1 && ELEMWISE_ON_RAYON.load(Ordering::Relaxed) {
+            let n = rayon::current_num_threads();
+            if n > 1 {
+                use rayon::prelude::*;
+                let chunk = n_items.div_ceil(n * 4).max(1);
+                let f = &f;
+                (0..n_items.div_ceil(chunk))
+                    .into_par_iter()
+                    .for_each(|c| f(c * chunk..n_items.min((c + 1) * chunk)));
+                return;
+            }
+        }
         let n_threads = self.threads.len() + 1;
         // ~8 grabs per thread amortizes cursor contention while keeping tail imbalance small
         let chunk = n_items.div_ceil(n_threads * 8).max(1);
@@ -362,6 +374,17 @@ impl Drop for BarrierPool {
 
 static BARRIER_POOL: OnceLock<BarrierPool> = OnceLock::new();
 
+/// pipe's patch: whether `execute_chunked` (the element-wise ops) runs
+/// its work on rayon's global pool, the matmuls' threads, instead of the
+/// barrier pool (whose threads spin between ops, and with
+/// `CANDLE_NUM_THREADS=1` is the calling thread alone).
+static ELEMWISE_ON_RAYON: AtomicBool = AtomicBool::new(false);
+
+/// pipe's patch: see [`ELEMWISE_ON_RAYON`].
+pub fn set_elementwise_on_rayon(on: bool) {
+    ELEMWISE_ON_RAYON.store(on, Ordering::Relaxed);
+}
+
 /// Persistent barrier pool
 pub fn barrier_pool() -> &'static BarrierPool {
     BARRIER_POOL.get_or_init(|| BarrierPool::new(candle_num_threads().saturating_sub(1)))
@@ -380,6 +403,13 @@ pub fn init_global_threadpool() {
 }
 
 fn default_num_threads() -> usize {
+    // pipe's patch: computed once (num_cpus::get_physical reads
+    // /proc/cpuinfo, and every matmul asks).
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(detect_num_threads)
+}
+
+fn detect_num_threads() -> usize {
     let physical = {
         #[cfg(target_os = "macos")]
         {
