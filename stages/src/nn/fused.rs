@@ -531,8 +531,8 @@ impl candle_core::CustomOp2 for SwiGlu {
         "fused-swiglu"
     }
 
-    /// f32 on the CPU: the composition's ops (the same values), outside
-    /// any graph.
+    /// f32 on the CPU: one pass, each element as the composition computes
+    /// it (`silu(g) * u`: the same values).
     fn cpu_fwd(
         &self,
         gs: &candle_core::CpuStorage,
@@ -543,7 +543,13 @@ impl candle_core::CustomOp2 for SwiGlu {
         if gs.dtype() != DType::F32 {
             return cuda_only(self.name());
         }
-        cpu_storage(&(cpu_tensor(gs, gl).silu()? * cpu_tensor(us, ul))?, self.name())
+        let (g, u) = (cpu_backward::dense_f32(gs, gl, self.name())?, cpu_backward::dense_f32(us, ul, self.name())?);
+        let [y] = cpu_backward::map_f32(&[g, u], |i, [y]| {
+            let (g, u) = (g[i], u[i]);
+            // candle's silu, then its product.
+            *y = g / (1.0 + (-g).exp()) * u;
+        });
+        Ok((candle_core::CpuStorage::F32(y), gl.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -568,7 +574,8 @@ impl candle_core::CustomOp2 for SwiGlu {
 /// The backward passes of the fused ops on the CPU, from candle ops on
 /// detached tensors (no graph).
 mod cpu_backward {
-    use candle_core::{Result, Tensor, D};
+    use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor, D};
+    use rayon::prelude::*;
 
     /// dx = rstd * (dn - xhat * mean(dn * xhat)), dn = dy * w, xhat = x * rstd.
     pub fn rms_norm(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor) -> Result<Tensor> {
@@ -581,13 +588,76 @@ mod cpu_backward {
         (dn - xhat.broadcast_mul(&c)?)?.broadcast_mul(&r)?.reshape(x.shape())
     }
 
-    /// dg = dy * u * s * (1 + g * (1 - s)), du = dy * g * s, s = sigmoid(g).
+    /// dg = dy * u * s * (1 + g * (1 - s)), du = dy * g * s, s = sigmoid(g):
+    /// in f32 one pass over dense inputs, each element as the composition
+    /// of candle ops below computes it (the same values; other dtypes
+    /// take the composition).
     pub fn swiglu(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
         let (g, u, dy) = (g.detach(), u.detach(), dy.detach());
+        if g.dtype() == DType::F32 && [&g, &u, &dy].iter().all(|t| t.dims() == g.dims()) {
+            let (gs, gl) = g.storage_and_layout();
+            let (us, ul) = u.storage_and_layout();
+            let (ys, yl) = dy.storage_and_layout();
+            if let (Storage::Cpu(gs), Storage::Cpu(us), Storage::Cpu(ys)) = (&*gs, &*us, &*ys) {
+                let name = "fused swiglu backward";
+                let (g, u, dy) = (dense_f32(gs, gl, name)?, dense_f32(us, ul, name)?, dense_f32(ys, yl, name)?);
+                let [dg, du] = map_f32(&[g, u, dy], |i, [dg, du]| {
+                    let (g, u, dy) = (g[i], u[i], dy[i]);
+                    let s = 1.0 / ((-g).exp() + 1.0);
+                    *du = dy * (g * s);
+                    *dg = dy * u * s * (g * (1.0 - s) + 1.0);
+                });
+                let dev = &candle_core::Device::Cpu;
+                return Ok((
+                    Tensor::from_vec(dg, g.len(), dev)?.reshape(gl.shape())?,
+                    Tensor::from_vec(du, g.len(), dev)?.reshape(gl.shape())?,
+                ));
+            }
+        }
         let s = (g.neg()?.exp()? + 1.0)?.recip()?;
         let du = (&dy * (&g * &s)?)?;
         let dg = ((&dy * &u)? * &s)?.mul(&((&g * (1.0 - &s)?)? + 1.0)?)?;
         Ok((dg, du))
+    }
+
+    /// A dense f32 CPU storage's elements.
+    pub fn dense_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((o, e))) => Ok(&v[o..e]),
+            _ => candle_core::bail!("{op}: the inputs must be dense f32 on the CPU"),
+        }
+    }
+
+    /// `N` outputs as long as `inputs[0]`, element `i` of each written by
+    /// `f(i, outputs at i)`: in chunks on rayon's pool from 64k elements
+    /// (candle's own threshold for its parallel element-wise ops).
+    pub fn map_f32<const N: usize>(inputs: &[&[f32]], f: impl Fn(usize, [&mut f32; N]) + Sync) -> [Vec<f32>; N] {
+        const CHUNK: usize = 16 * 1024;
+        let n = inputs[0].len();
+        let mut outs: [Vec<f32>; N] = std::array::from_fn(|_| vec![0f32; n]);
+        let run = |start: usize, mut chunk: [&mut [f32]; N]| {
+            for j in 0..chunk[0].len() {
+                f(start + j, chunk.each_mut().map(|c| &mut c[j]));
+            }
+        };
+        if n < 4 * CHUNK {
+            run(0, outs.each_mut().map(|o| o.as_mut_slice()));
+        } else {
+            let mut chunks: Vec<[&mut [f32]; N]> = Vec::with_capacity(n.div_ceil(CHUNK));
+            let mut rest = outs.each_mut().map(|o| o.as_mut_slice());
+            while !rest[0].is_empty() {
+                let k = rest[0].len().min(CHUNK);
+                let mut head: [&mut [f32]; N] = std::array::from_fn(|_| &mut [][..]);
+                for (h, r) in head.iter_mut().zip(rest.iter_mut()) {
+                    let (a, b) = std::mem::take(r).split_at_mut(k);
+                    *h = a;
+                    *r = b;
+                }
+                chunks.push(head);
+            }
+            chunks.into_par_iter().enumerate().for_each(|(c, chunk)| run(c * CHUNK, chunk));
+        }
+        outs
     }
 }
 
@@ -1187,16 +1257,33 @@ mod tests {
             let e = rel_err(gg.get(a.as_tensor()).expect(name), gw.get(b.as_tensor()).expect(name))?;
             assert!(e < 1e-5, "rms_norm {name}: off by {e}");
         }
-        let (g, g64) = var(&[n, h], -1.0)?;
-        let (u, u64_) = var(&[n, h], -1.0)?;
-        let got = swiglu(g.as_tensor(), u.as_tensor())?;
-        assert_eq!(rel_err(&got, &(g.as_tensor().silu()? * u.as_tensor())?)?, 0.0);
-        let want = (g64.as_tensor().silu()? * u64_.as_tensor())?;
-        let gg = (got.to_dtype(DType::F64)? * &dy)?.sum_all()?.backward()?;
-        let gw = (&want * &dy)?.sum_all()?.backward()?;
-        for (name, a, b) in [("dg", &g, &g64), ("du", &u, &u64_)] {
-            let e = rel_err(gg.get(a.as_tensor()).expect(name), gw.get(b.as_tensor()).expect(name))?;
-            assert!(e < 1e-5, "swiglu {name}: off by {e}");
+        // SwiGLU: a small case and one of 210k elements (the parallel
+        // chunks); the values and the f32 gradients are the composition's
+        // exactly (one pass computing each element as its ops do).
+        for (n, h) in [(n, h), (300, 700)] {
+            let (g, g64) = var(&[n, h], -12.0)?;
+            let (u, u64_) = var(&[n, h], -1.0)?;
+            let dy = Tensor::randn(0f64, 1.0, (n, h), &cpu)?;
+            let got = swiglu(g.as_tensor(), u.as_tensor())?;
+            let plain = (g.as_tensor().silu()? * u.as_tensor())?;
+            assert_eq!(rel_err(&got, &plain)?, 0.0);
+            let dy32 = dy.to_dtype(DType::F32)?;
+            let gg = (&got * &dy32)?.sum_all()?.backward()?;
+            let (gt, ut) = (g.as_tensor(), u.as_tensor());
+            let sig = (gt.neg()?.exp()? + 1.0)?.recip()?;
+            let du = (&dy32 * (gt * &sig)?)?;
+            let dg = ((&dy32 * ut)? * &sig)?.mul(&((gt * (1.0 - &sig)?)? + 1.0)?)?;
+            for (name, a, want) in [("dg", &g, &dg), ("du", &u, &du)] {
+                let e = rel_err(gg.get(a.as_tensor()).expect(name), want)?;
+                assert_eq!(e, 0.0, "swiglu {name} ({n} x {h}): the f32 composition's");
+            }
+            let want = (g64.as_tensor().silu()? * u64_.as_tensor())?;
+            let gg = (got.to_dtype(DType::F64)? * &dy)?.sum_all()?.backward()?;
+            let gw = (&want * &dy)?.sum_all()?.backward()?;
+            for (name, a, b) in [("dg", &g, &g64), ("du", &u, &u64_)] {
+                let e = rel_err(gg.get(a.as_tensor()).expect(name), gw.get(b.as_tensor()).expect(name))?;
+                assert!(e < 1e-5, "swiglu {name}: off by {e}");
+            }
         }
         Ok(())
     }
