@@ -378,18 +378,20 @@ pub struct LoraDropout {
 /// (Drawn in parallel: chunks of the stream, each from its own word
 /// position, two 32-bit words an f64: the same bits as drawing in order.)
 pub fn dropout_mask(p: f64, seed: u64, n: usize) -> Vec<u64> {
-    use rand::{Rng, SeedableRng};
+    use rand::{RngCore, SeedableRng};
     use rayon::prelude::*;
     // Words of bits a chunk (4,096 elements).
     const CW: usize = 64;
+    let keep_from = dropout_keep_from(p);
     let mut bits = vec![0u64; n.div_ceil(64)];
     bits.par_chunks_mut(CW).enumerate().for_each(|(c, out)| {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let start = c * CW * 64;
         rng.set_word_pos(2 * start as u128);
-        for i in start..(start + out.len() * 64).min(n) {
-            if rng.random::<f64>() >= p {
-                out[(i - start) / 64] |= 1 << (i % 64);
+        for (w, word) in out.iter_mut().enumerate() {
+            let base = start + w * 64;
+            for j in 0..(n - base).min(64) {
+                *word |= u64::from(rng.next_u64() >> 11 >= keep_from) << j;
             }
         }
     });
@@ -423,6 +425,13 @@ fn masked_cpu(c: &CpuStorage, l: &Layout, bits: &[u64], keep: f64) -> Result<Cpu
         }
         _ => candle_core::bail!("lora-linear: dropout in f32 or f64 only"),
     })
+}
+
+/// The least 53-bit draw (a ChaCha8 `next_u64 >> 11`) that keeps its
+/// element: rand's f64 is that draw times 2^-53, so `f64 >= p` is
+/// `draw >= p * 2^53` (exact: a power-of-two scaling), rounded up.
+pub(crate) fn dropout_keep_from(p: f64) -> u64 {
+    (p * (1u64 << 53) as f64).ceil().max(0.0) as u64
 }
 
 /// Whether bit i of a dropout mask ([`dropout_mask`]) keeps element i.

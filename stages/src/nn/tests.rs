@@ -1048,12 +1048,21 @@ fn fused_lora_linear_with_dropout_matches_the_composition() -> Result<()> {
     // Drawn in parallel chunks of the stream: the bits of one draw in
     // order (a ChaCha8 f64 an element), none past n.
     let n = 3 * 4096 + 37;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let want: Vec<bool> = (0..n).map(|_| rng.random::<f64>() >= p).collect();
-    let got = dropout_mask(p, seed, n);
-    assert_eq!(got.len(), n.div_ceil(64));
-    assert!(want.iter().enumerate().all(|(i, &k)| (got[i / 64] >> (i % 64) & 1 == 1) == k), "parallel draw");
-    assert_eq!(got[n / 64] >> (n % 64), 0, "bits past n");
+    for p in [p, 0.05, 0.1, 1.0 / 3.0, 0.0, 1.0] {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let want: Vec<bool> = (0..n).map(|_| rng.random::<f64>() >= p).collect();
+        let got = dropout_mask(p, seed, n);
+        assert_eq!(got.len(), n.div_ceil(64));
+        let same = want.iter().enumerate().all(|(i, &k)| (got[i / 64] >> (i % 64) & 1 == 1) == k);
+        assert!(same, "parallel draw, p = {p}");
+        assert_eq!(got[n / 64] >> (n % 64), 0, "bits past n");
+        // The integer threshold keeps what the f64 comparison keeps, at
+        // its edge too (draws there are too rare to meet above).
+        let t = crate::nn::ops::dropout_keep_from(p);
+        for v in [t.saturating_sub(2), t.saturating_sub(1), t, t + 1, (1 << 53) - 1] {
+            assert_eq!(v >= t, v as f64 * (1.0 / (1u64 << 53) as f64) >= p, "draw {v}, p = {p}");
+        }
+    }
     // Dropout inside the op only in f32 or f64 (bf16: the caller composes it).
     let h = |shape: (usize, usize)| Tensor::zeros(shape, DType::BF16, &dev);
     let e = lora_linear(&h((2, 8))?, FrozenWeight::Dense(h((4, 8))?), &h((2, 8))?, &h((4, 2))?, scale, drop)
