@@ -1973,7 +1973,7 @@ mod imp {
         }
     }
 
-    /// The most chained steps a launch ([`chain_steps`]): the keys' slots
+    /// The most chained steps a launch ([`chain_steps_wanted`]): the keys' slots
     /// of a half of `host_best` (the buffers hold at least 8 rows).
     const LP_STEPS_MAX: usize = 8;
 
@@ -2526,6 +2526,7 @@ mod tests {
             let before = [runs(&super::CHAIN_RUNS), runs(&super::LP_HEAD_RUNS), runs(&super::LP_STEPS_RUNS)];
             greedy_matches_steps(&m)?;
             let what = format!("chain {chain}, head {head:?}, {steps:?} steps a launch");
+            // (Unset: LP_STEPS_MAX, 8.)
             let several = chain && head != Some(false) && steps.unwrap_or(8) > 1;
             assert_eq!(runs(&super::CHAIN_RUNS) > before[0], chain, "{what}: chains ran");
             assert_eq!(

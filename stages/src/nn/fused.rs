@@ -543,8 +543,8 @@ impl candle_core::CustomOp2 for SwiGlu {
         if gs.dtype() != DType::F32 {
             return cuda_only(self.name());
         }
-        let (g, u) = (cpu_backward::dense_f32(gs, gl, self.name())?, cpu_backward::dense_f32(us, ul, self.name())?);
-        let [y] = cpu_backward::map_f32(&[g, u], |i, [y]| {
+        let (g, u) = (cpu_dense_f32(gs, gl, self.name())?, cpu_dense_f32(us, ul, self.name())?);
+        let [y] = cpu_map_f32(g.len(), |i, [y]| {
             let (g, u) = (g[i], u[i]);
             // candle's silu, then its product.
             *y = g / (1.0 + (-g).exp()) * u;
@@ -571,11 +571,44 @@ impl candle_core::CustomOp2 for SwiGlu {
     }
 }
 
+/// A dense f32 CPU storage's elements.
+fn cpu_dense_f32<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout, op: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((o, e))) => Ok(&v[o..e]),
+        _ => candle_core::bail!("{op}: the inputs must be dense f32 on the CPU"),
+    }
+}
+
+/// `N` outputs of `n` elements, element `i` of each written by `f(i,
+/// outputs at i)`: in chunks on rayon's pool from 64k elements (candle's
+/// own threshold for its parallel element-wise ops).
+fn cpu_map_f32<const N: usize>(n: usize, f: impl Fn(usize, [&mut f32; N]) + Sync) -> [Vec<f32>; N] {
+    use rayon::prelude::*;
+    const CHUNK: usize = 16 * 1024;
+    let mut outs: [Vec<f32>; N] = std::array::from_fn(|_| vec![0f32; n]);
+    {
+        let mut parts = outs.each_mut().map(|o| o.chunks_mut(CHUNK));
+        let chunks: Vec<[&mut [f32]; N]> = (0..n.div_ceil(CHUNK))
+            .map(|_| parts.each_mut().map(|p| p.next().expect("as many chunks in each output")))
+            .collect();
+        let run = |(c, mut chunk): (usize, [&mut [f32]; N])| {
+            for j in 0..chunk[0].len() {
+                f(c * CHUNK + j, chunk.each_mut().map(|x| &mut x[j]));
+            }
+        };
+        if n < 4 * CHUNK {
+            chunks.into_iter().enumerate().for_each(run);
+        } else {
+            chunks.into_par_iter().enumerate().for_each(run);
+        }
+    }
+    outs
+}
+
 /// The backward passes of the fused ops on the CPU, from candle ops on
 /// detached tensors (no graph).
 mod cpu_backward {
-    use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor, D};
-    use rayon::prelude::*;
+    use candle_core::{DType, Result, Storage, Tensor, D};
 
     /// dx = rstd * (dn - xhat * mean(dn * xhat)), dn = dy * w, xhat = x * rstd.
     pub fn rms_norm(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor) -> Result<Tensor> {
@@ -599,65 +632,22 @@ mod cpu_backward {
             let (us, ul) = u.storage_and_layout();
             let (ys, yl) = dy.storage_and_layout();
             if let (Storage::Cpu(gs), Storage::Cpu(us), Storage::Cpu(ys)) = (&*gs, &*us, &*ys) {
-                let name = "fused swiglu backward";
-                let (g, u, dy) = (dense_f32(gs, gl, name)?, dense_f32(us, ul, name)?, dense_f32(ys, yl, name)?);
-                let [dg, du] = map_f32(&[g, u, dy], |i, [dg, du]| {
+                let dense = |s, l| super::cpu_dense_f32(s, l, "fused swiglu backward");
+                let (g, u, dy) = (dense(gs, gl)?, dense(us, ul)?, dense(ys, yl)?);
+                let [dg, du] = super::cpu_map_f32(g.len(), |i, [dg, du]| {
                     let (g, u, dy) = (g[i], u[i], dy[i]);
                     let s = 1.0 / ((-g).exp() + 1.0);
                     *du = dy * (g * s);
                     *dg = dy * u * s * (g * (1.0 - s) + 1.0);
                 });
                 let dev = &candle_core::Device::Cpu;
-                return Ok((
-                    Tensor::from_vec(dg, g.len(), dev)?.reshape(gl.shape())?,
-                    Tensor::from_vec(du, g.len(), dev)?.reshape(gl.shape())?,
-                ));
+                return Ok((Tensor::from_vec(dg, gl.shape(), dev)?, Tensor::from_vec(du, gl.shape(), dev)?));
             }
         }
         let s = (g.neg()?.exp()? + 1.0)?.recip()?;
         let du = (&dy * (&g * &s)?)?;
         let dg = ((&dy * &u)? * &s)?.mul(&((&g * (1.0 - &s)?)? + 1.0)?)?;
         Ok((dg, du))
-    }
-
-    /// A dense f32 CPU storage's elements.
-    pub fn dense_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-        match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((o, e))) => Ok(&v[o..e]),
-            _ => candle_core::bail!("{op}: the inputs must be dense f32 on the CPU"),
-        }
-    }
-
-    /// `N` outputs as long as `inputs[0]`, element `i` of each written by
-    /// `f(i, outputs at i)`: in chunks on rayon's pool from 64k elements
-    /// (candle's own threshold for its parallel element-wise ops).
-    pub fn map_f32<const N: usize>(inputs: &[&[f32]], f: impl Fn(usize, [&mut f32; N]) + Sync) -> [Vec<f32>; N] {
-        const CHUNK: usize = 16 * 1024;
-        let n = inputs[0].len();
-        let mut outs: [Vec<f32>; N] = std::array::from_fn(|_| vec![0f32; n]);
-        let run = |start: usize, mut chunk: [&mut [f32]; N]| {
-            for j in 0..chunk[0].len() {
-                f(start + j, chunk.each_mut().map(|c| &mut c[j]));
-            }
-        };
-        if n < 4 * CHUNK {
-            run(0, outs.each_mut().map(|o| o.as_mut_slice()));
-        } else {
-            let mut chunks: Vec<[&mut [f32]; N]> = Vec::with_capacity(n.div_ceil(CHUNK));
-            let mut rest = outs.each_mut().map(|o| o.as_mut_slice());
-            while !rest[0].is_empty() {
-                let k = rest[0].len().min(CHUNK);
-                let mut head: [&mut [f32]; N] = std::array::from_fn(|_| &mut [][..]);
-                for (h, r) in head.iter_mut().zip(rest.iter_mut()) {
-                    let (a, b) = std::mem::take(r).split_at_mut(k);
-                    *h = a;
-                    *r = b;
-                }
-                chunks.push(head);
-            }
-            chunks.into_par_iter().enumerate().for_each(|(c, chunk)| run(c * CHUNK, chunk));
-        }
-        outs
     }
 }
 

@@ -458,16 +458,20 @@ impl Scheduler {
     /// MIN_PREFIX), at least one token always left to compute, and the
     /// entry holding them (the longest match).
     fn cached_prefix(&self, prompt: &[u32]) -> (usize, Option<usize>) {
-        let best = self
-            .prefix
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (common_prefix(&e.toks, prompt).min(prompt.len().saturating_sub(1)), i))
-            .max();
-        match best {
-            Some((n, i)) if n >= MIN_PREFIX => (n, Some(i)),
-            _ => (0, None),
+        let (n, entry) = self.longest_shared(prompt);
+        let n = n.min(prompt.len().saturating_sub(1));
+        if n >= MIN_PREFIX {
+            (n, entry)
+        } else {
+            (0, None)
         }
+    }
+
+    /// The most leading tokens `prompt` shares with a prefix-cache entry,
+    /// and that entry.
+    fn longest_shared(&self, prompt: &[u32]) -> (usize, Option<usize>) {
+        let best = self.prefix.iter().enumerate().map(|(i, e)| (common_prefix(&e.toks, prompt), i)).max();
+        best.map_or((0, None), |(n, i)| (n, Some(i)))
     }
 
     /// Prompts prefilled in the step just run that start a new family
@@ -475,7 +479,7 @@ impl Scheduler {
     /// entries leave it beyond [`PREFIX_ENTRIES`] or [`PREFIX_TOKENS`].
     fn remember_prefixes(&mut self) -> crate::nn::Result<()> {
         for s in self.active.iter().filter(|s| s.out.is_empty()) {
-            let shared = self.prefix.iter().map(|e| common_prefix(&e.toks, &s.req.prompt)).max().unwrap_or(0);
+            let (shared, _) = self.longest_shared(&s.req.prompt);
             if !new_family(s.req.prompt.len(), shared) {
                 continue;
             }
