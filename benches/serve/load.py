@@ -10,7 +10,8 @@ library only, so it also runs on the GPU machine.
 After one untimed warmup request, prints JSON lines:
   stream1      one streamed request: ttft_s (send -> first content chunk) and
                decode_tok_s = (tokens - 1) / (last chunk - first chunk), tokens
-               from usage (stream_options include_usage) else M
+               from usage (stream_options include_usage) else M; gap_p50_ms,
+               gap_max_ms, gap_top_ms: the intervals between chunks
   concurrency  C threads each send ROUNDS requests back to back (C in flight);
                total_tok_s = sum(usage.completion_tokens) / wall_s of the level;
                exact = every request returned completion_tokens == M;
@@ -78,6 +79,18 @@ def cpu_s(pid=None):
         return None
 
 
+def gap_stats(stamps):
+    """The intervals between streamed chunks: median and largest (ms), and
+    the three largest with their index (a stall, or tokens in bursts)."""
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    if not gaps:
+        return {}
+    top = sorted(range(len(gaps)), key=lambda i: -gaps[i])[:3]
+    return {"gap_p50_ms": round(1e3 * sorted(gaps)[len(gaps) // 2], 3),
+            "gap_max_ms": round(1e3 * max(gaps), 3),
+            "gap_top_ms": [[i, round(1e3 * gaps[i], 3)] for i in top]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base-url", required=True)
@@ -109,7 +122,8 @@ def main():
     print(json.dumps({"bench": "load", "event": "stream1", "model": model, "max_tokens": m,
                       "tokens": n, "chunks": len(stamps), "usage_reported": usage is not None,
                       "ttft_s": round(stamps[0] - t0, 4),
-                      "decode_tok_s": round((n - 1) / (stamps[-1] - stamps[0]), 2) if n > 1 else None}), flush=True)
+                      "decode_tok_s": round((n - 1) / (stamps[-1] - stamps[0]), 2) if n > 1 else None,
+                      **gap_stats(stamps)}), flush=True)
 
     for c in [int(x) for x in a.concurrency.split(",")]:
         def worker(w):
