@@ -13,9 +13,14 @@
 //! on an H200. `--profile` adds each kernel's GPU time per launch
 //! (`Llama::decode_profile`) and their sum over a step. `--greedy` (or
 //! DECODE_BENCH_GREEDY=1) times batch 1 through `Llama::decode_greedy`
-//! instead (path "greedy": the mean time between tokens after the first
-//! 3; on CUDA the next step launched before a step's token is read unless
-//! PIPE_DECODE_CHAIN=0, PIPE_DECODE_LP_STEPS steps a launch).
+//! instead (path "greedy": the time from the call to the last of STEPS
+//! tokens over STEPS, after a warm-up chain that records the graphs; on
+//! CUDA the next step launched before a step's token is read unless
+//! PIPE_DECODE_CHAIN=0, PIPE_DECODE_LP_STEPS steps a launch;
+//! `ms_between_tokens_after3` the measure before 2026-12-05, the mean
+//! interval between tokens after the first 3, which with several steps a
+//! launch counts intervals inside bursts and reads low: 59 steps' time
+//! over 63 intervals at 64 steps, 8 a launch).
 use std::time::Instant;
 
 #[path = "common/mod.rs"]
@@ -66,17 +71,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut feed = first.argmax;
         let mut step_s = Vec::with_capacity(steps);
         let greedy = greedy && b == 1;
+        // (Greedy: also the old measure, the mean interval between tokens
+        // after the first 3, which tokens in bursts bias low.)
+        let mut after3 = None;
         if greedy {
-            // The mean time between tokens, after 3 (with several steps a
-            // launch, PIPE_DECODE_LP_STEPS, tokens come in bursts: not the
-            // median).
-            let mut at = Vec::with_capacity(steps + 3);
-            model.decode_greedy(&mut caches[0], feed[0], steps + 3, |_| {
+            // A warm-up chain on a second cache of the same prompt records
+            // the graphs (one per step count); then the time from the call
+            // to the last token over the steps: tokens of launches of
+            // several steps (PIPE_DECODE_LP_STEPS) come in bursts, so the
+            // intervals between tokens are not the steps' time.
+            let mut warm = KvCache::new();
+            model.step_next(&refs, &mut [&mut warm], &[false])?;
+            model.decode_greedy(&mut warm, feed[0], steps, |_| true)?;
+            drop(warm);
+            let mut at = Vec::with_capacity(steps);
+            let t = Instant::now();
+            model.decode_greedy(&mut caches[0], feed[0], steps, |_| {
                 at.push(Instant::now());
                 true
             })?;
-            let n = at.len().saturating_sub(4).max(1);
-            step_s.push(at[at.len() - 1].duration_since(at[3.min(at.len() - 1)]).as_secs_f64() / n as f64);
+            let last = at.last().copied().unwrap_or_else(Instant::now);
+            step_s.push(last.duration_since(t).as_secs_f64() / steps.max(1) as f64);
+            if at.len() > 4 {
+                after3 = Some(last.duration_since(at[3]).as_secs_f64() / (at.len() - 4) as f64);
+            }
         } else {
             for i in 0..steps + 3 {
                 let toks: Vec<&[u32]> = feed.iter().map(std::slice::from_ref).collect();
@@ -113,7 +131,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "{}",
             serde_json::json!({
                 "bench": "decode", "config": cname, "path": if greedy { "greedy" } else { path }, "batch": b, "prompt": prompt, "steps": steps, "keep_pool": keep_pool,
-                "ms_per_step": s * 1e3, "tokens_per_s": b as f64 / s,
+                "ms_per_step": s * 1e3, "tokens_per_s": b as f64 / s, "ms_between_tokens_after3": after3.map(|a| a * 1e3),
                 "prefill_ms": prefill_s * 1e3, "prefill_tokens_per_s": (b * prompt) as f64 / prefill_s,
                 "roofline_h200_batch1": 4.8e12 / (2.0 * params as f64),
             })

@@ -170,7 +170,7 @@ impl Llama {
     /// (the caller then takes a step at a time). Steps launched past the
     /// last one `on_token` accepted only write positions past the cache's
     /// end, within the `steps` reserved. A launch runs K steps
-    /// (`PIPE_DECODE_LP_STEPS`, 8 by default) while K are left, then the
+    /// (`PIPE_DECODE_LP_STEPS`, 1 by default) while K are left, then the
     /// rest in one launch.
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub(crate) fn graph_chain(
@@ -1943,8 +1943,10 @@ mod imp {
     /// blocks take the head's tiles once the last layer's MLP blocks have
     /// arrived, instead of a kernel of its own after it). By default only
     /// where several steps a launch need it: on an H200 a step at a time
-    /// is ~4% slower with it (0.374 against 0.359 ms a SmolLM2 step),
-    /// while launches of 8 take 0.334 against 0.351 ms a step.
+    /// is ~4% slower with it (0.374 against 0.359 ms a SmolLM2 step), and
+    /// launches of 8 with it are slower than one step a launch without
+    /// it (`pipe serve`, one streamed request: 2,731-2,754 against
+    /// 2,835-2,851 tok/s; docs/results.md §5).
     fn lp_head(steps: usize) -> bool {
         lp_head_env().unwrap_or(steps > 1)
     }
@@ -1958,13 +1960,14 @@ mod imp {
 
     /// Chained greedy steps a launch of the one-row persistent step with
     /// its LM head ([`lp_head`]; `PIPE_DECODE_LP_STEPS=K`, 1 to
-    /// [`LP_STEPS_MAX`], the most by default): the head's last block of
-    /// each step feeds its argmax's embedding row to the next step in the
+    /// [`LP_STEPS_MAX`], 1 by default): the head's last block of each
+    /// step feeds its argmax's embedding row to the next step in the
     /// same launch (decode.cu's `lp_feed`): no input kernel, launch or
-    /// graph between them. 1 with `PIPE_DECODE_LP_HEAD=0`.
+    /// graph between them, but the head inside the step costs more than
+    /// they save (see [`lp_head`]). 1 with `PIPE_DECODE_LP_HEAD=0`.
     fn chain_steps_wanted() -> usize {
         let k = switch(&super::LP_STEPS, || {
-            std::env::var("PIPE_DECODE_LP_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(LP_STEPS_MAX)
+            std::env::var("PIPE_DECODE_LP_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1)
         });
         if lp_head_env() == Some(false) {
             1
@@ -2506,9 +2509,9 @@ mod tests {
         // (Also with the LM head inside the persistent step, and with
         // launches of 4 and of 3 steps: greedy_matches_steps' 7 steps as 4
         // + 3 and 3 + 3 + 1, stopped inside a launch and at its end. The
-        // switches unset: launches of up to 8, so the 7 steps go in one
-        // launch with the head; 4 a launch, the head in those launches
-        // only; PIPE_DECODE_LP_HEAD=0: one a launch whatever LP_STEPS says.)
+        // switches unset: one step a launch without the head; 4 a launch,
+        // the head in those launches only; PIPE_DECODE_LP_HEAD=0: one a
+        // launch whatever LP_STEPS says.)
         for (chain, head, steps) in [
             (true, Some(false), Some(1)),
             (true, Some(true), Some(1)),
@@ -2525,13 +2528,16 @@ mod tests {
             // (Fresh graphs: the counters count graphs recorded, and a case
             // before may have recorded this one's step counts: 4 + 3, then
             // 3 + 3 + 1.)
-            *m.decode.inner.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            #[cfg(feature = "cuda")]
+            {
+                *m.decode.inner.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
             let runs = |r: &'static std::thread::LocalKey<std::cell::Cell<usize>>| r.with(|r| r.get());
             let before = [runs(&super::CHAIN_RUNS), runs(&super::LP_HEAD_RUNS), runs(&super::LP_STEPS_RUNS)];
             greedy_matches_steps(&m)?;
             let what = format!("chain {chain}, head {head:?}, {steps:?} steps a launch");
-            // (Unset: LP_STEPS_MAX, 8.)
-            let several = chain && head != Some(false) && steps.unwrap_or(8) > 1;
+            // (Unset: 1.)
+            let several = chain && head != Some(false) && steps.unwrap_or(1) > 1;
             assert_eq!(runs(&super::CHAIN_RUNS) > before[0], chain, "{what}: chains ran");
             assert_eq!(
                 runs(&super::LP_HEAD_RUNS) > before[1],
