@@ -32,7 +32,7 @@
 #      (PIPE_DECODE_LP_HEAD=1, PIPE_DECODE_LP_STEPS=1); lpk: the head
 #      inside every step, and a lone greedy sequence's chain LP_STEPS
 #      (default 8) steps a launch; k1: one step a launch, never the head
-#      inside (PIPE_DECODE_LP_HEAD=0; the default before 8 a launch);
+#      inside (PIPE_DECODE_LP_HEAD=0; what the default does);
 #      candle: PIPE_DECODE_GRAPH=0, decode
 #      through candle ops (the path before the fused step);
 #   5. benches/serve/hf_generate.py (cuda, bf16, sdpa) at the same batch
@@ -67,7 +67,7 @@ run)
   # candle (PIPE_DECODE_GRAPH=0: candle ops), mega, nocoop, tile, lph and lpk (above).
   variant_env() {
     # (lph, lps empty: the switches' defaults, a lone greedy sequence's
-    # chain 8 steps a launch with the LM head in those launches.)
+    # chain one step a launch, the LM head a kernel of its own.)
     tc=1 pdl=1 mega=0 coop=1 attn=chunk stream=0 lph= lps=
     case $1 in
     lph) sw=1 lph=1 lps=1 ;; lpk) sw=1 lph=1 lps=${LP_STEPS:-8} ;; k1) sw=1 lph=0 ;;
