@@ -42,12 +42,12 @@ fn main() {
         Some(v) => v != "0",
         None => !sized,
     };
-    let threads = std::thread::available_parallelism().map(|n| n.get() / 4).unwrap_or(1).max(1);
     // SAFETY: no other thread exists yet.
     unsafe {
         std::env::set_var("PIPE_ELEMWISE_RAYON", if rayon { "1" } else { "0" });
         if !sized {
-            std::env::set_var("CANDLE_NUM_THREADS", if rayon { 1 } else { threads }.to_string());
+            let quarter = || std::thread::available_parallelism().map(|n| n.get() / 4).unwrap_or(1).max(1);
+            std::env::set_var("CANDLE_NUM_THREADS", if rayon { 1 } else { quarter() }.to_string());
         }
     }
     pipe_stages::nn::set_elementwise_on_rayon(rayon);

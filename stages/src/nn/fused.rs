@@ -644,9 +644,15 @@ mod cpu_backward {
                 return Ok((Tensor::from_vec(dg, gl.shape(), dev)?, Tensor::from_vec(du, gl.shape(), dev)?));
             }
         }
+        swiglu_composed(&g, &u, &dy)
+    }
+
+    /// SwiGLU's backward pass as candle ops (any dtype; the one-pass f32
+    /// path above computes each element as these do).
+    pub(super) fn swiglu_composed(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
         let s = (g.neg()?.exp()? + 1.0)?.recip()?;
-        let du = (&dy * (&g * &s)?)?;
-        let dg = ((&dy * &u)? * &s)?.mul(&((&g * (1.0 - &s)?)? + 1.0)?)?;
+        let du = (dy * (g * &s)?)?;
+        let dg = ((dy * u)? * &s)?.mul(&((g * (1.0 - &s)?)? + 1.0)?)?;
         Ok((dg, du))
     }
 }
@@ -1259,10 +1265,7 @@ mod tests {
             assert_eq!(rel_err(&got, &plain)?, 0.0);
             let dy32 = dy.to_dtype(DType::F32)?;
             let gg = (&got * &dy32)?.sum_all()?.backward()?;
-            let (gt, ut) = (g.as_tensor(), u.as_tensor());
-            let sig = (gt.neg()?.exp()? + 1.0)?.recip()?;
-            let du = (&dy32 * (gt * &sig)?)?;
-            let dg = ((&dy32 * ut)? * &sig)?.mul(&((gt * (1.0 - &sig)?)? + 1.0)?)?;
+            let (dg, du) = super::cpu_backward::swiglu_composed(g.as_tensor(), u.as_tensor(), &dy32)?;
             for (name, a, want) in [("dg", &g, &dg), ("du", &u, &du)] {
                 let e = rel_err(gg.get(a.as_tensor()).expect(name), want)?;
                 assert_eq!(e, 0.0, "swiglu {name} ({n} x {h}): the f32 composition's");
