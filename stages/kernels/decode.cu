@@ -2026,6 +2026,9 @@ struct Lay {
   // merge of the blocks' ranges (no push of softmax states, barrier or
   // combine); 0: never (src/nn/decode.rs's la_whole: 64 by default).
   int whole;
+  // dec_lb in the persistent step (LayP::acc): the cluster's partial rows
+  // added into this (B, H) row with atomics instead of stored in pout.
+  float *acc;
 };
 
 // The GPU's global timer (ns).
@@ -2500,7 +2503,10 @@ template <int BT, class Wait, class Done> __device__ void lay_mlp(const Lay &a, 
     float s = 0.f;
 #pragma unroll
     for (int q = 0; q < LAY_C; q++) s += ps[(q * BT + b) * HS + hs];
-    a.pout[((size_t)(x / LAY_C) * a.B + b) * H + j * HS + hs] = s;
+    if (a.acc)
+      atomicAdd(a.acc + (size_t)b * H + j * HS + hs, s);
+    else
+      a.pout[((size_t)(x / LAY_C) * a.B + b) * H + j * HS + hs] = s;
   }
   LAY_T(23);
   done();
@@ -2536,6 +2542,15 @@ struct LayP {
   // writes its key to hbest + s.
   const bf16 *embed;
   int steps, cstride;
+  // Null, or (nl, H) rows, zero at the first step (PIPE_DECODE_LP_ACC,
+  // nl >= 2): layer L's MLP clusters add their partial rows into row L
+  // (f32 atomics: the sums' order, and so the logits' last bits, vary
+  // from run to run), so that the next layer's attention and the LM head
+  // read the residual as x plus one row instead of plus nmlp / LAY_C. The
+  // first MLP block of layer L zeroes row L - 1 (the one before, cyclic:
+  // the last layer's is read by the head, and zeroed by the next step's
+  // first layer) once every attention block of L has read it.
+  float *acc;
 };
 
 // Profiling: block blk's global timer into tm[LAY_TM + slot] (slot 0: the
@@ -2600,6 +2615,10 @@ template <int HD, int REP, bool HEAD> __device__ void lay_persist(const LayP &P)
         a.kc = w.kc;
         a.vc = w.vc;
         a.np_in = L ? np : 0;
+        if (P.acc) {
+          a.pin = P.acc + (size_t)(L ? L - 1 : 0) * P.a.H;
+          a.np_in = L ? 1 : 0;
+        }
         lay_attn<HD, REP>(
             a, c, 0,
             [&] {
@@ -2619,9 +2638,17 @@ template <int HD, int REP, bool HEAD> __device__ void lay_persist(const LayP &P)
         a.w1 = w.up;
         a.w2 = w.down;
         a.np_in = na;
+        a.acc = P.acc ? P.acc + (size_t)L * P.a.H : nullptr;
+        const int x = blockIdx.x - na * LAY_C;
         lay_mlp<1>(
-            a, blockIdx.x - na * LAY_C, [&] { block_await(ctr + 2 * L, na * LAY_C, P.sleep); },
-            [&] { block_arrive(ctr + 2 * L + 1); });
+            a, x, [&] { block_await(ctr + 2 * L, na * LAY_C, P.sleep); },
+            [&] {
+              if (P.acc && x == 0) {
+                float *z = P.acc + (size_t)(L ? L - 1 : P.nl - 1) * P.a.H;
+                for (int i = threadIdx.x; i < P.a.H; i += blockDim.x) z[i] = 0.f;
+              }
+              block_arrive(ctr + 2 * L + 1);
+            });
       }
     }
     lp_mark(P, gridDim.x - 1, 2);

@@ -93,6 +93,11 @@ thread_local! {
     static LP_STEPS_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// Tests: this thread's `PIPE_DECODE_LA_WHOLE`.
     static LA_WHOLE: std::cell::Cell<Option<i32>> = const { std::cell::Cell::new(None) };
+    /// Tests: this thread's `PIPE_DECODE_LP_ACC`.
+    static LP_ACC: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// Tests: persistent steps recorded on this thread whose MLP added
+    /// into one row a layer.
+    static LP_ACC_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// The switch: `None` off, `Some(true)` graphs, `Some(false)` plain launches.
@@ -344,6 +349,7 @@ mod imp {
         tm: u64,
         rep: i32,
         whole: i32,
+        acc: u64,
     }
     // SAFETY: as for Gemv.
     unsafe impl DeviceRepr for Lay {}
@@ -366,6 +372,7 @@ mod imp {
         embed: u64,
         steps: i32,
         cstride: i32,
+        acc: u64,
     }
     // SAFETY: as for Gemv.
     unsafe impl DeviceRepr for LayP {}
@@ -551,6 +558,10 @@ mod imp {
         /// The two-kernel layers' partial rows: the attention kernel's
         /// (kv, cap, hidden), then the MLP kernel's (LAY_PMAX, cap, hidden).
         parts: CudaSlice<f32>,
+        /// The one-row persistent step's MLP sums, a row a layer
+        /// (decode.cu's `LayP::acc`; [`lp_acc`]): zero when allocated,
+        /// and the kernel keeps them so between steps but for the last.
+        acc: CudaSlice<f32>,
         /// Profiling: the phases' clocks of one layer's two kernels
         /// (decode.cu's `Lay::tm`).
         times: CudaSlice<i64>,
@@ -580,6 +591,7 @@ mod imp {
         x2: u64,
         x3: u64,
         parts: u64,
+        acc: u64,
         times: u64,
         q: u64,
         po: u64,
@@ -809,6 +821,7 @@ mod imp {
             let x2 = s.alloc_zeros(cap * c.hidden_size).w()?;
             let x3 = s.alloc_zeros(3 * cap * c.hidden_size).w()?;
             let parts = s.alloc_zeros((c.kv_heads() + LAY_PMAX) * cap * c.hidden_size).w()?;
+            let acc = s.alloc_zeros(self.layers.len() * c.hidden_size).w()?;
             let times = s.alloc_zeros(LAY_TIMES).w()?;
             let q = s.alloc_zeros(cap * h * hd).w()?;
             let po = s.alloc_zeros(cap * h * nsplit * hd).w()?;
@@ -835,6 +848,7 @@ mod imp {
                 x2: ptr(&x2, s),
                 x3: ptr(&x3, s),
                 parts: ptr(&parts, s),
+                acc: ptr(&acc, s),
                 times: ptr(&times, s),
                 q: ptr(&q, s),
                 po: ptr(&po, s),
@@ -862,6 +876,7 @@ mod imp {
                 x2,
                 x3,
                 parts,
+                acc,
                 times,
                 q,
                 po,
@@ -1611,6 +1626,11 @@ mod imp {
                 ..g
             };
             let fused_head = lp.is_some() && lph;
+            // The persistent step's MLP sums, one row a layer (lp_acc);
+            // the head then reads x and the last layer's row.
+            let acc = lp.is_some() && lp_acc() && nl >= 2;
+            let head =
+                if acc { Gemv { parts: p.acc + (4 * (nl - 1) * c.hidden_size) as u64, np: 1, ..head } } else { head };
             if let Some((lc, layers, coop)) = lp {
                 // (Several steps: their counters after the one-step ones,
                 // as many a step.)
@@ -1631,7 +1651,11 @@ mod imp {
                     embed: self.embed,
                     steps: steps as i32,
                     cstride: one as i32,
+                    acc: if acc { p.acc } else { 0 },
                 };
+                if acc {
+                    super::LP_ACC_RUNS.with(|r| r.set(r.get() + 1));
+                }
                 // SAFETY: the argument matches dec_lp_* in kernels/decode.cu;
                 // lp_config checked that its clusters fit at once; `bar`
                 // holds lp_counters(nl, LP_STEPS_MAX) counters (steps <=
@@ -2002,6 +2026,17 @@ mod imp {
         std::env::var("PIPE_DECODE_LP_SLEEP").ok().and_then(|v| v.parse().ok()).unwrap_or(250)
     }
 
+    /// Whether the one-row persistent step's MLP clusters add their
+    /// partial rows into one row a layer with f32 atomics
+    /// (`PIPE_DECODE_LP_ACC=1`; decode.cu's `LayP::acc`), so that the
+    /// next layer's attention blocks and the LM head read the residual as
+    /// two rows instead of 1 + intermediate / 128 (SmolLM2-135M: 13).
+    /// The sums' order, and so the logits' last bits, then vary from run
+    /// to run. Models of one layer never do.
+    fn lp_acc() -> bool {
+        switch(&super::LP_ACC, || std::env::var("PIPE_DECODE_LP_ACC").is_ok_and(|v| v == "1"))
+    }
+
     /// Whether the one-row persistent step reads its inputs from, and
     /// writes its argmax keys to, mapped host memory itself (its embedding
     /// kernel and its LM head's last block) instead of copies before and
@@ -2342,6 +2377,22 @@ mod tests {
                 }
                 super::LP_HEAD.with(|t| t.set(None));
                 super::ZERO_COPY.with(|t| t.set(None));
+                // The MLP's sums added into one row a layer
+                // (PIPE_DECODE_LP_ACC), the head a kernel of its own and
+                // inside the step, through graphs and without.
+                super::LP_ACC.with(|t| t.set(Some(true)));
+                for (head, graphs) in [(false, true), (true, true), (false, false)] {
+                    super::LP_HEAD.with(|t| t.set(Some(Some(head))));
+                    let runs = super::LP_ACC_RUNS.with(|r| r.get());
+                    let (fast, slow) = compare(&m, &exact, 1, 4, graphs, extra)?;
+                    let what =
+                        format!("batch 1 graphs {graphs} prompts +{extra} head inside {head}, MLP sums a row a layer");
+                    eprintln!("hd {} {what}: max rel logit error fused {fast:.4}, candle {slow:.4}", cfg.head_dim());
+                    assert!(fast < 1.5 * slow + 0.005, "{what}: fused {fast} against candle's {slow}");
+                    assert!(super::LP_ACC_RUNS.with(|r| r.get()) > runs, "{what}: the step with the sums a row ran");
+                }
+                super::LP_ACC.with(|t| t.set(None));
+                super::LP_HEAD.with(|t| t.set(None));
             }
         }
         super::LA_WHOLE.with(|t| t.set(None));
@@ -2512,16 +2563,21 @@ mod tests {
         // switches unset: one step a launch without the head; 4 a launch,
         // the head in those launches only; PIPE_DECODE_LP_HEAD=0: one a
         // launch whatever LP_STEPS says.)
-        for (chain, head, steps) in [
-            (true, Some(false), Some(1)),
-            (true, Some(true), Some(1)),
-            (true, Some(true), Some(4)),
-            (true, Some(true), Some(3)),
-            (false, Some(false), Some(1)),
-            (true, None, None),
-            (true, None, Some(4)),
-            (true, Some(false), Some(4)),
+        // (And with the MLP's sums a row a layer, PIPE_DECODE_LP_ACC: one
+        // step a launch, and 4 with the head inside.)
+        for (chain, head, steps, acc) in [
+            (true, Some(false), Some(1), false),
+            (true, Some(true), Some(1), false),
+            (true, Some(true), Some(4), false),
+            (true, Some(true), Some(3), false),
+            (false, Some(false), Some(1), false),
+            (true, None, None, false),
+            (true, None, Some(4), false),
+            (true, Some(false), Some(4), false),
+            (true, Some(false), Some(1), true),
+            (true, Some(true), Some(4), true),
         ] {
+            super::LP_ACC.with(|t| t.set(Some(acc)));
             super::CHAIN.with(|t| t.set(Some(chain)));
             super::LP_HEAD.with(|t| t.set(Some(head)));
             super::LP_STEPS.with(|t| t.set(steps));
@@ -2533,9 +2589,15 @@ mod tests {
                 *m.decode.inner.lock().unwrap_or_else(|e| e.into_inner()) = None;
             }
             let runs = |r: &'static std::thread::LocalKey<std::cell::Cell<usize>>| r.with(|r| r.get());
-            let before = [runs(&super::CHAIN_RUNS), runs(&super::LP_HEAD_RUNS), runs(&super::LP_STEPS_RUNS)];
+            let before = [
+                runs(&super::CHAIN_RUNS),
+                runs(&super::LP_HEAD_RUNS),
+                runs(&super::LP_STEPS_RUNS),
+                runs(&super::LP_ACC_RUNS),
+            ];
             greedy_matches_steps(&m)?;
-            let what = format!("chain {chain}, head {head:?}, {steps:?} steps a launch");
+            let what = format!("chain {chain}, head {head:?}, {steps:?} steps a launch, MLP sums a row {acc}");
+            assert_eq!(runs(&super::LP_ACC_RUNS) > before[3], acc, "{what}: steps with the sums a row ran");
             // (Unset: 1.)
             let several = chain && head != Some(false) && steps.unwrap_or(1) > 1;
             assert_eq!(runs(&super::CHAIN_RUNS) > before[0], chain, "{what}: chains ran");
@@ -2549,6 +2611,7 @@ mod tests {
         super::CHAIN.with(|t| t.set(None));
         super::LP_HEAD.with(|t| t.set(None));
         super::LP_STEPS.with(|t| t.set(None));
+        super::LP_ACC.with(|t| t.set(None));
         super::LAY.with(|t| t.set(None));
         Ok(())
     }
