@@ -1988,7 +1988,9 @@ STREAM(128, 8)
 // kv heads' output projections, or the MLP clusters' down projections),
 // writes that sum as the next base (xout, one block) and its own partial
 // rows (pout); the LM head sums the last ones (Gemv::parts). So a step's
-// sums are the same from run to run.
+// sums are the same from run to run, but for the persistent step's MLP,
+// which adds its clusters' rows into one with atomics by default
+// (LayP::acc).
 #include <cooperative_groups.h>
 namespace cg = cooperative_groups;
 
