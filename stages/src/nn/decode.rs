@@ -2033,7 +2033,8 @@ mod imp {
     /// 128 (SmolLM2-135M: 13). On by default (`PIPE_DECODE_LP_ACC=0`:
     /// the partial rows, summed in a fixed order): on an H100, SmolLM2-135M
     /// shape, `decode_bench --greedy`, three rounds, 0.3838-0.3867 ms a
-    /// step against 0.3934-0.3954 (1.02x). The same for the attention's
+    /// step against 0.3934-0.3954 (1.02x); on an H200 0.3439-0.3457
+    /// against 0.3510-0.3516 (1.02x). The same for the attention's
     /// output projections (the MLP reading two rows instead of 1 + kv
     /// heads) gained nothing more (0.3851-0.3872) and was not kept
     /// (docs/results.md §5). The sums' order, and so the logits' last
