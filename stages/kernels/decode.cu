@@ -2606,7 +2606,8 @@ template <int HD, int REP, bool HEAD> __device__ void lay_persist(const LayP &P)
       if (L != 3) a.tm = nullptr;
       if (c < na) {
         a.xin = P.x;
-        a.pin = P.pb;
+        // (The MLP before: its row with acc, else its clusters' rows.)
+        a.pin = P.acc ? P.acc + (size_t)(L ? L - 1 : 0) * P.a.H : P.pb;
         a.xout = P.x2;
         a.pout = P.pa;
         a.norm = w.ln1;
@@ -2616,11 +2617,7 @@ template <int HD, int REP, bool HEAD> __device__ void lay_persist(const LayP &P)
         a.w3 = w.o;
         a.kc = w.kc;
         a.vc = w.vc;
-        a.np_in = L ? np : 0;
-        if (P.acc) {
-          a.pin = P.acc + (size_t)(L ? L - 1 : 0) * P.a.H;
-          a.np_in = L ? 1 : 0;
-        }
+        a.np_in = L ? (P.acc ? 1 : np) : 0;
         lay_attn<HD, REP>(
             a, c, 0,
             [&] {

@@ -1609,10 +1609,18 @@ mod imp {
             };
             let times = lay_times();
             let (g, _) = self.step_args(m, b, p);
+            // The persistent step's MLP sums, one row a layer (lp_acc):
+            // the head then reads x and the last layer's row.
+            let acc = lp.is_some() && lp_acc() && nl >= 2;
+            let (parts, np) = if acc {
+                (p.acc + (4 * (nl - 1) * c.hidden_size) as u64, 1)
+            } else {
+                (pb, (mlp_blocks / LAY_C) as i32)
+            };
             let head = Gemv {
                 x: p.x,
-                parts: pb,
-                np: (mlp_blocks / LAY_C) as i32,
+                parts,
+                np,
                 norm: self.norm,
                 w0: self.head,
                 out: p.logits,
@@ -1626,11 +1634,6 @@ mod imp {
                 ..g
             };
             let fused_head = lp.is_some() && lph;
-            // The persistent step's MLP sums, one row a layer (lp_acc);
-            // the head then reads x and the last layer's row.
-            let acc = lp.is_some() && lp_acc() && nl >= 2;
-            let head =
-                if acc { Gemv { parts: p.acc + (4 * (nl - 1) * c.hidden_size) as u64, np: 1, ..head } } else { head };
             if let Some((lc, layers, coop)) = lp {
                 // (Several steps: their counters after the one-step ones,
                 // as many a step.)
@@ -2251,6 +2254,17 @@ mod tests {
     use crate::nn::llama::{Llama, TrainSpec};
     use crate::nn::Result;
 
+    /// Drops `m`'s decode graphs and buffers (CUDA builds), so that the
+    /// next steps record theirs: the tests' counters count graphs recorded.
+    fn fresh_graphs(m: &Llama) {
+        #[cfg(feature = "cuda")]
+        {
+            *m.decode.inner.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = m;
+    }
+
     fn config(hidden: usize, heads: usize, kv: usize, tied: bool) -> LlamaConfig {
         serde_json::from_value(serde_json::json!({
             "model_type": "llama", "hidden_size": hidden, "intermediate_size": 2 * hidden,
@@ -2394,10 +2408,7 @@ mod tests {
                 {
                     super::LP_ACC.with(|t| t.set(Some(acc)));
                     super::LP_HEAD.with(|t| t.set(Some(Some(head))));
-                    #[cfg(feature = "cuda")]
-                    {
-                        *m.decode.inner.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                    }
+                    fresh_graphs(&m);
                     let runs = super::LP_ACC_RUNS.with(|r| r.get());
                     let (fast, slow) = compare(&m, &exact, 1, 4, graphs, extra)?;
                     let what = format!(
@@ -2604,10 +2615,7 @@ mod tests {
             // (Fresh graphs: the counters count graphs recorded, and a case
             // before may have recorded this one's step counts: 4 + 3, then
             // 3 + 3 + 1.)
-            #[cfg(feature = "cuda")]
-            {
-                *m.decode.inner.lock().unwrap_or_else(|e| e.into_inner()) = None;
-            }
+            fresh_graphs(&m);
             let runs = |r: &'static std::thread::LocalKey<std::cell::Cell<usize>>| r.with(|r| r.get());
             let before = [
                 runs(&super::CHAIN_RUNS),
