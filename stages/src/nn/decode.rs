@@ -269,7 +269,7 @@ mod imp {
     use candle_core::{Storage, Tensor};
 
     use crate::nn::infer::KV_BLOCK;
-    use crate::nn::kernels::DECODE_PTX;
+    use crate::nn::kernels::DECODE_BIN;
     use crate::nn::llama::{Llama, Weight};
     use crate::nn::{NnError, Result};
 
@@ -758,7 +758,7 @@ mod imp {
                 .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
                 .w()? as usize;
             for n in names {
-                let f = dev.get_or_load_custom_func(&n, MODULE, DECODE_PTX)?.into_cuda_function();
+                let f = dev.get_or_load_custom_image(&n, MODULE, DECODE_BIN)?.into_cuda_function();
                 if n.starts_with("tc_") || (n.starts_with("dec_") && !n.starts_with("dec_attn_")) {
                     f.set_attribute(
                         sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -771,7 +771,7 @@ mod imp {
             for hd in [64, 128] {
                 for bt in STREAM_BT {
                     let n = format!("dec_stream_{hd}_{bt}");
-                    let f = dev.get_or_load_custom_func(&n, MODULE, DECODE_PTX)?.into_cuda_function();
+                    let f = dev.get_or_load_custom_image(&n, MODULE, DECODE_BIN)?.into_cuda_function();
                     f.set_attribute(
                         sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                         (smem_optin - STREAM_STATIC) as i32,

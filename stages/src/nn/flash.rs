@@ -312,7 +312,7 @@ mod cuda {
     use candle_core::{DType, Layout, Result, Shape, Tensor};
 
     use super::{Attn, AttnPacked};
-    use crate::nn::kernels::{by_dtype, cuda_of, device, func, tensor, view, with, ATTN_PTX, ATTN_TC_PTX};
+    use crate::nn::kernels::{by_dtype, cuda_of, device, func, tensor, view, with, ATTN_BIN, ATTN_TC_BIN};
 
     const THREADS: u32 = 128;
 
@@ -320,9 +320,9 @@ mod cuda {
     /// shared memory it needs (tensor-core kernels) set as its limit.
     fn kernel(dev: &CudaDevice, what: &str, dt: DType, d: usize) -> Result<(CudaFunction, u32)> {
         if !super::tensor_cores(dt) {
-            return Ok((func(dev, "pipe_attn", ATTN_PTX, &format!("attn_{what}_{d}"), dt)?, 0));
+            return Ok((func(dev, "pipe_attn", ATTN_BIN, &format!("attn_{what}_{d}"), dt)?, 0));
         }
-        let f = func(dev, "pipe_attn_tc", ATTN_TC_PTX, &format!("attn_tc_{what}_{d}"), dt)?;
+        let f = func(dev, "pipe_attn_tc", ATTN_TC_BIN, &format!("attn_tc_{what}_{d}"), dt)?;
         // Padded bf16 tiles of d + 8 (attn_tc.cu): forward two (fwd3:
         // three) buffers of K, V; dQ Q, dO and two buffers of K, V; dK/dV K, V (kb rows: 64,
         // 128 for the fused backward) and two buffers of Q, dO (bq rows) +
@@ -477,7 +477,7 @@ mod cuda {
             let (ov, dv) = (view::<half::bf16>(st[0].0, st[0].1)?, view::<half::bf16>(st[1].0, st[1].1)?);
             // SAFETY: the kernel writes every row.
             let mut out = unsafe { dev.alloc::<f32>(rows)? };
-            let f = func(&dev, "pipe_attn_tc", ATTN_TC_PTX, &format!("attn_tc_delta_{d}"), DType::BF16)?;
+            let f = func(&dev, "pipe_attn_tc", ATTN_TC_BIN, &format!("attn_tc_delta_{d}"), DType::BF16)?;
             let rows_i = rows as i32;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
@@ -535,7 +535,7 @@ mod cuda {
                 // dV summed unscaled into f32; then all three to bf16.
                 let [dq_acc, dk_acc, dv_acc] =
                     bwd_fused_launch(&dev, &tiles, n_tiles(op), op.scale, (&qv, &kv, &vv, &dov), (&lv, &dlv), dm)?;
-                let f = func(&dev, "pipe_attn_tc", ATTN_TC_PTX, "attn_tc_finish", q.dtype())?;
+                let f = func(&dev, "pipe_attn_tc", ATTN_TC_BIN, "attn_tc_finish", q.dtype())?;
                 let (nq, nk) = (n * hq * d, n * hkv * d);
                 let mut b = stream.launch_builder(&f);
                 b.arg(&dq_acc).arg(&mut dq).arg(&nq).arg(&dk_acc).arg(&mut dk).arg(&dv_acc).arg(&mut dv);
@@ -598,7 +598,7 @@ mod cuda {
             )?;
             // SAFETY: attn_tc_finish_packed writes every element.
             let mut out = unsafe { dev.alloc::<half::bf16>(n * heads * d)? };
-            let f = func(&dev, "pipe_attn_tc", ATTN_TC_PTX, "attn_tc_finish_packed", DType::BF16)?;
+            let f = func(&dev, "pipe_attn_tc", ATTN_TC_BIN, "attn_tc_finish_packed", DType::BF16)?;
             let (rows, qw, kw) = (n, (hq * d) as i32, (hkv * d) as i32);
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);

@@ -695,7 +695,7 @@ mod cuda {
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{Layout, Result, Tensor};
 
-    use crate::nn::kernels::{blocks, by_dtype, device, func, grid, sm_count, tensor, view, with, FUSED_PTX};
+    use crate::nn::kernels::{blocks, by_dtype, device, func, grid, sm_count, tensor, view, with, FUSED_BIN};
 
     const MODULE: &str = "pipe_fused";
 
@@ -719,7 +719,7 @@ mod cuda {
         // SAFETY: the kernel writes every element of both.
         let mut y = unsafe { dev.alloc::<T>(m * h)? };
         let mut rstd = unsafe { dev.alloc::<f32>(m)? };
-        let f = func(&dev, MODULE, FUSED_PTX, "rmsnorm_fwd", xs.dtype())?;
+        let f = func(&dev, MODULE, FUSED_BIN, "rmsnorm_fwd", xs.dtype())?;
         let stream = dev.cuda_stream();
         let hi = h as i32;
         let mut b = stream.launch_builder(&f);
@@ -773,7 +773,7 @@ mod cuda {
             let null = 0u64;
             // SAFETY: the kernel writes every element.
             let mut dx = unsafe { dev.alloc::<T>(m * h)? };
-            let f = func(&dev, MODULE, FUSED_PTX, "rmsnorm_bwd", x.dtype())?;
+            let f = func(&dev, MODULE, FUSED_BIN, "rmsnorm_bwd", x.dtype())?;
             let stream = dev.cuda_stream();
             let hi = h as i32;
             let mut b = stream.launch_builder(&f);
@@ -829,7 +829,7 @@ mod cuda {
             let rv = view::<f32>(s[3].0, s[3].1)?;
             let av = acc_arg::<T>(s, 4)?;
             let null = 0u64;
-            let f = func(&dev, MODULE, FUSED_PTX, &format!("rmsnorm_bwd_dw{ch}"), x.dtype())?;
+            let f = func(&dev, MODULE, FUSED_BIN, &format!("rmsnorm_bwd_dw{ch}"), x.dtype())?;
             // One wave of blocks, as many as the SMs hold, each walking its
             // share of the rows.
             let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None).w()?.max(1) as usize;
@@ -850,7 +850,7 @@ mod cuda {
             // SAFETY: argument types and order match rmsnorm_bwd_dw*_* in
             // kernels/fused.cu (acc: a device pointer or null); 8 ch threads >= h.
             unsafe { b.launch(grid(nb, 1, threads)) }.w()?;
-            let f = func(&dev, MODULE, FUSED_PTX, "colsum", x.dtype())?;
+            let f = func(&dev, MODULE, FUSED_BIN, "colsum", x.dtype())?;
             let mut b = stream.launch_builder(&f);
             b.arg(&part).arg(&mut dw).arg(&nbi).arg(&hi);
             // SAFETY: argument types and order match colsum_* in kernels/fused.cu
@@ -880,7 +880,7 @@ mod cuda {
             let rv = view::<f32>(s[2].0, s[2].1)?;
             // SAFETY: the kernel writes every element.
             let mut part = unsafe { dev.alloc::<f32>(rows * h)? };
-            let f = func(&dev, MODULE, FUSED_PTX, "rmsnorm_dw", x.dtype())?;
+            let f = func(&dev, MODULE, FUSED_BIN, "rmsnorm_dw", x.dtype())?;
             let stream = dev.cuda_stream();
             let (mi, hi) = (m as i32, h as i32);
             let mut b = stream.launch_builder(&f);
@@ -914,7 +914,7 @@ mod cuda {
         let (x, c, s) = (view::<T>(xs, xl)?, view::<T>(cs, cl)?, view::<T>(ss, sl)?);
         // SAFETY: the kernel writes every element.
         let mut y = unsafe { dev.alloc::<T>(n * heads * d)? };
-        let f = func(&dev, MODULE, FUSED_PTX, "rope", xs.dtype())?;
+        let f = func(&dev, MODULE, FUSED_BIN, "rope", xs.dtype())?;
         let stream = dev.cuda_stream();
         let (ni, hi, di, ri) = (n as i32, heads as i32, d as i32, rot as i32);
         let mut b = stream.launch_builder(&f);
@@ -951,7 +951,7 @@ mod cuda {
         let n = shape.elem_count();
         // SAFETY: the kernel writes every element.
         let mut y = unsafe { dev.alloc::<T>(n)? };
-        let f = func(dev, MODULE, FUSED_PTX, "dropout_mask", dtype)?;
+        let f = func(dev, MODULE, FUSED_BIN, "dropout_mask", dtype)?;
         // p in [0, 1) (the train stage checks it): below 2^32.
         let thr = (p * 4_294_967_296.0).round().min(u32::MAX as f64) as u32;
         let keep = crate::nn::ops::dropout_keep(p) as f32;
@@ -983,7 +983,7 @@ mod cuda {
         let (a, b) = (view::<T>(as_, al)?, view::<T>(bs, bl)?);
         // SAFETY: the kernel writes every element.
         let mut y = unsafe { dev.alloc::<T>(n)? };
-        let f = func(&dev, MODULE, FUSED_PTX, what, as_.dtype())?;
+        let f = func(&dev, MODULE, FUSED_BIN, what, as_.dtype())?;
         let stream = dev.cuda_stream();
         let mut lb = stream.launch_builder(&f);
         lb.arg(&a).arg(&b).arg(&mut y).arg(&n);
@@ -1016,7 +1016,7 @@ mod cuda {
         let mut x = xs.as_cuda_slice_mut::<T>()?.slice_mut(a..b);
         // SAFETY: the kernel writes every element.
         let mut loss = unsafe { dev.alloc::<f32>(m)? };
-        let f = func(&dev, MODULE, FUSED_PTX, "ce_grad", dt)?;
+        let f = func(&dev, MODULE, FUSED_BIN, "ce_grad", dt)?;
         let stream = dev.cuda_stream();
         let vi = v as i32;
         let mut b = stream.launch_builder(&f);
@@ -1040,7 +1040,7 @@ mod cuda {
         let (t, ids) = (view::<T>(ts, tl)?, view::<u32>(is, il)?);
         // SAFETY: the kernel writes every element.
         let mut out = unsafe { dev.alloc::<T>(n * d)? };
-        let f = func(&dev, MODULE, FUSED_PTX, "gather_rows", ts.dtype())?;
+        let f = func(&dev, MODULE, FUSED_BIN, "gather_rows", ts.dtype())?;
         let stream = dev.cuda_stream();
         let di = d as i32;
         let mut b = stream.launch_builder(&f);
@@ -1073,7 +1073,7 @@ mod cuda {
         let (g, seg) = (view::<T>(gs, gl)?, view::<u32>(ss, sl)?);
         let Some((a, b)) = dl.contiguous_offsets() else { candle_core::bail!("segment-add: non-contiguous table") };
         let mut dt = ds.as_cuda_slice_mut::<T>()?.slice_mut(a..b);
-        let f = func(&dev, MODULE, FUSED_PTX, "segment_add", gs.dtype())?;
+        let f = func(&dev, MODULE, FUSED_BIN, "segment_add", gs.dtype())?;
         let stream = dev.cuda_stream();
         let (ni, di) = (nseg as i32, d as i32);
         let mut b = stream.launch_builder(&f);
@@ -1093,7 +1093,7 @@ mod cuda {
             // SAFETY: the kernel writes every element of both.
             let mut dg = unsafe { dev.alloc::<T>(n)? };
             let mut du = unsafe { dev.alloc::<T>(n)? };
-            let f = func(&dev, MODULE, FUSED_PTX, "swiglu_bwd", g.dtype())?;
+            let f = func(&dev, MODULE, FUSED_BIN, "swiglu_bwd", g.dtype())?;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
             b.arg(&gv).arg(&uv).arg(&dyv).arg(&mut dg).arg(&mut du).arg(&n);

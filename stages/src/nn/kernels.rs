@@ -1,5 +1,5 @@
-//! Loading and launching pipe's own CUDA kernels (kernels/*.cu, compiled to
-//! PTX by build.rs): the helpers [`crate::nn::flash`] and
+//! Loading and launching pipe's own CUDA kernels (kernels/*.cu, compiled by
+//! build.rs to fatbins of the target's machine code and PTX): the helpers [`crate::nn::flash`] and
 //! [`crate::nn::fused`], [`crate::nn::optim`] and [`crate::nn::nf4`] share.
 
 use candle_core::backend::BackendStorage;
@@ -9,12 +9,12 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Layout, Result, Shape, Storage, Tensor};
 
-pub const ATTN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attn.ptx"));
-pub const ATTN_TC_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attn_tc.ptx"));
-pub const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
-pub const OPTIM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
-pub const DECODE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
-pub const NF4_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
+pub const ATTN_BIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attn.fatbin"));
+pub const ATTN_TC_BIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/attn_tc.fatbin"));
+pub const FUSED_BIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused.fatbin"));
+pub const OPTIM_BIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/optim.fatbin"));
+pub const DECODE_BIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/decode.fatbin"));
+pub const NF4_BIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nf4.fatbin"));
 
 /// A contiguous storage as a typed device view.
 pub fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
@@ -34,14 +34,14 @@ pub fn tensor(s: CudaStorage, shape: impl Into<Shape>) -> Tensor {
     Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
 }
 
-/// `{name}_{f32|bf16}` from the module of `ptx`.
-pub fn func(dev: &CudaDevice, module: &str, ptx: &'static str, name: &str, dt: DType) -> Result<CudaFunction> {
+/// `{name}_{f32|bf16}` from the module of `image` (one of the `*_BIN`).
+pub fn func(dev: &CudaDevice, module: &str, image: &'static [u8], name: &str, dt: DType) -> Result<CudaFunction> {
     let t = match dt {
         DType::BF16 => "bf16",
         DType::F32 => "f32",
         _ => candle_core::bail!("{name}: {dt:?} is not supported (f32, bf16)"),
     };
-    Ok(dev.get_or_load_custom_func(&format!("{name}_{t}"), module, ptx)?.into_cuda_function())
+    Ok(dev.get_or_load_custom_image(&format!("{name}_{t}"), module, image)?.into_cuda_function())
 }
 
 /// Run `f` with the CUDA storages of `ts` (read-locked for the call).

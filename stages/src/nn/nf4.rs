@@ -398,7 +398,7 @@ impl Nf4Tensor {
         use candle_core::cuda::{CudaStorage, WrapErr};
         use candle_core::cuda_backend::CudaDType;
 
-        use crate::nn::kernels::{blocks, by_dtype, func, grid, tensor, view, with, NF4_PTX};
+        use crate::nn::kernels::{blocks, by_dtype, func, grid, tensor, view, with, NF4_BIN};
 
         let upload = || -> Result<OnDevice> {
             let mut tables = NF4_CODE.to_vec();
@@ -433,7 +433,7 @@ impl Nf4Tensor {
             let (scale, tables) = (view::<f32>(s[2].0, s[2].1)?, view::<f32>(s[3].0, s[3].1)?);
             // SAFETY: the kernel writes every element.
             let mut out = unsafe { dev.alloc::<T>(nbytes * 2)? };
-            let f = func(&dev, "pipe_nf4", NF4_PTX, "nf4_dequant", dt)?;
+            let f = func(&dev, "pipe_nf4", NF4_BIN, "nf4_dequant", dt)?;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
             b.arg(&codes).arg(&qabsmax).arg(&scale).arg(&tables).arg(&offset).arg(&mut out).arg(&nbytes);

@@ -195,7 +195,7 @@ mod cuda {
     use candle_core::{DType, Layout, Result, Tensor};
 
     use super::Param;
-    use crate::nn::kernels::{cuda_of, func, OPTIM_PTX};
+    use crate::nn::kernels::{cuda_of, func, OPTIM_BIN};
 
     const MODULE: &str = "pipe_optim";
     /// Elements per block of the multi-tensor kernels (MT_CHUNK in kernels/optim.cu).
@@ -275,7 +275,7 @@ mod cuda {
         let (out, sync) = addr(cuda_of(&acc_guard.0)?, acc_guard.1, &stream)?;
         syncs.push(sync);
         for (dt, tab, chunks, n) in &tables(&stream, rows.into_iter())? {
-            let f = func(dev, MODULE, OPTIM_PTX, "multi_sumsq", *dt)?;
+            let f = func(dev, MODULE, OPTIM_BIN, "multi_sumsq", *dt)?;
             let mut b = stream.launch_builder(&f);
             b.arg(tab).arg(chunks).arg(&out);
             // SAFETY: argument types and order match multi_sumsq_* in kernels/optim.cu;
@@ -339,7 +339,7 @@ mod cuda {
             words.push([w32, a[1], a[2], a[3], a[4], p.var.elem_count() as u64, decay.to_bits() as u64, 0]);
         }
         for (dt, tab, chunks, n) in &tables(&stream, params.iter().map(|p| p.var.dtype()).zip(words))? {
-            let f = func(dev, MODULE, OPTIM_PTX, "multi_adamw", *dt)?;
+            let f = func(dev, MODULE, OPTIM_BIN, "multi_adamw", *dt)?;
             let mut b = stream.launch_builder(&f);
             b.arg(tab).arg(chunks);
             b.arg(&h.lr).arg(&h.b1).arg(&h.b2).arg(&h.eps).arg(&h.bc1).arg(&h.bc2).arg(&gscale);

@@ -336,6 +336,42 @@ impl CudaDevice {
         })
     }
 
+    /// pipe's patch: as `get_or_load_custom_func`, the module loaded from a
+    /// compiled image (a cubin or fatbin, which the driver loads without
+    /// compiling PTX when it holds code for the device) instead of PTX text.
+    pub fn get_or_load_custom_image(
+        &self,
+        fn_name: &str,
+        module_name: &str,
+        image: &[u8],
+    ) -> Result<CudaFunc> {
+        let ms = self.custom_modules.read().unwrap();
+        if let Some(mdl) = ms.get(module_name).as_ref() {
+            let func = mdl.load_function(fn_name).w()?;
+            return Ok(CudaFunc {
+                func,
+                stream: self.stream.clone(),
+            });
+        }
+        drop(ms);
+        let mut ms = self.custom_modules.write().unwrap();
+        // (Another thread may have loaded it between the two locks.)
+        let cuda_module = match ms.get(module_name) {
+            Some(m) => m.clone(),
+            None => {
+                let ptx = cudarc::nvrtc::Ptx::from_binary(image.to_vec());
+                let m = self.context.load_module(ptx).w()?;
+                ms.insert(module_name.to_string(), m.clone());
+                m
+            }
+        };
+        let func = cuda_module.load_function(fn_name).w()?;
+        Ok(CudaFunc {
+            func,
+            stream: self.stream.clone(),
+        })
+    }
+
     pub fn get_or_load_func(&self, fn_name: &str, mdl: &kernels::Module) -> Result<CudaFunc> {
         let ms = self.modules.read().unwrap();
         if let Some(mdl) = ms.mdls[mdl.index()].as_ref() {
