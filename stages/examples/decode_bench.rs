@@ -20,7 +20,8 @@
 //! `ms_between_tokens_after3` the measure before 2026-12-05, the mean
 //! interval between tokens after the first 3, which with several steps a
 //! launch counts intervals inside bursts and reads low: 59 steps' time
-//! over 63 intervals at 64 steps, 8 a launch).
+//! over 63 intervals at 64 steps, 8 a launch). `l2_head`: the LM head's
+//! L2 window (PIPE_DECODE_L2_HEAD), if on.
 use std::time::Instant;
 
 #[path = "common/mod.rs"]
@@ -134,6 +135,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "ms_per_step": s * 1e3, "tokens_per_s": b as f64 / s, "ms_between_tokens_after3": after3.map(|a| a * 1e3),
                 "prefill_ms": prefill_s * 1e3, "prefill_tokens_per_s": (b * prompt) as f64 / prefill_s,
                 "roofline_h200_batch1": 4.8e12 / (2.0 * params as f64),
+                "l2_head": model.decode_l2_head().map(|(bytes, set_aside, hit)| serde_json::json!({"window_mib": bytes as f64 / 1048576.0, "set_aside_mib": set_aside as f64 / 1048576.0, "hit_ratio": hit})),
             })
         );
     }

@@ -687,6 +687,102 @@ MMA(down, IN_PLAIN, OUT_RESID)
 MMA(head, IN_NORM, OUT_LOGITS)
 MMA(headp, IN_PARTS, OUT_LOGITS)
 
+// The LM head of one row on CUDA cores (decode.rs's PIPE_DECODE_HEAD1; as
+// tc_headp_8 at one row: x plus the np partial rows, RMSNorm'd and rounded
+// to bf16, against every weight row, the logits into out and the argmax
+// into best, the last block publishing it). No tile barriers: each warp
+// takes groups of 8 weight rows (warp w: groups w, w + warps, ...), 4 lanes
+// a row, lane q of a row every 4th 16 bytes of it from the q-th, in passes
+// of HEAD1_CH 16-byte loads a lane; the next pass's loads are issued before
+// the adds of the one before, across groups too, and the first before the
+// programmatic wait. Each lane keeps its best key; one atomicMax a block.
+// K % 8 == 0, K <= 8 blockDim.x (norm_row_parts<2>). Shared memory: K bf16,
+// then K f32.
+// (Inside the persistent step's launches of several steps, as dec_lph's
+// head, it was slower than tc_headp_8's code there: H200, 0.3501-0.3506
+// against 0.3471 ms a step at 8 steps a launch; docs/results.md §5.)
+#define HEAD1_CH 9
+__device__ void head1(const Gemv &a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16 *xb = reinterpret_cast<bf16 *>(smem);
+  float *xf = reinterpret_cast<float *>(smem + ((size_t)a.K * 2 + 15) / 16 * 16);
+  pdl_launch();
+  const int lane = threadIdx.x % 32, q = lane % 4, rl = lane / 4;
+  const int nw = blockDim.x / 32, gw = blockIdx.x * nw + threadIdx.x / 32, tw = gridDim.x * nw;
+  const int nc = a.K / 8, per = (nc + 3) / 4, passes = (per + HEAD1_CH - 1) / HEAD1_CH;
+  const int groups = (a.N + 7) / 8;
+  const int total = gw < groups ? ((groups - 1 - gw) / tw + 1) * passes : 0;
+  // Load s: group gw + (s / passes) tw, pass s % passes.
+  auto load = [&](int s, uint4(&w)[HEAD1_CH]) {
+    const int g = gw + (s / passes) * tw, p = s % passes;
+    const uint4 *r = reinterpret_cast<const uint4 *>(a.w0 + (size_t)min(g * 8 + rl, a.N - 1) * a.K);
+#pragma unroll
+    for (int j = 0; j < HEAD1_CH; j++) {
+      const int c = q + 4 * (p * HEAD1_CH + j);
+      w[j] = c < nc ? __ldg(r + c) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  float acc = 0.f;
+  unsigned long long best = 0ull;
+  // Adds of load s; after a group's last pass, its row sums and keys.
+  auto add = [&](int s, const uint4(&w)[HEAD1_CH]) {
+    const int g = gw + (s / passes) * tw, p = s % passes;
+#pragma unroll
+    for (int j = 0; j < HEAD1_CH; j++) {
+      const int c = q + 4 * (p * HEAD1_CH + j);
+      if (c < nc) {
+        float wf[8];
+        unpack8(w[j], wf);
+        const float4 x0 = *reinterpret_cast<const float4 *>(xf + c * 8);
+        const float4 x1 = *reinterpret_cast<const float4 *>(xf + c * 8 + 4);
+        acc = fmaf(wf[0], x0.x, acc);
+        acc = fmaf(wf[1], x0.y, acc);
+        acc = fmaf(wf[2], x0.z, acc);
+        acc = fmaf(wf[3], x0.w, acc);
+        acc = fmaf(wf[4], x1.x, acc);
+        acc = fmaf(wf[5], x1.y, acc);
+        acc = fmaf(wf[6], x1.z, acc);
+        acc = fmaf(wf[7], x1.w, acc);
+      }
+    }
+    if (p == passes - 1) {
+      acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+      acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+      const int row = g * 8 + rl;
+      if (q == 0 && row < a.N) {
+        if (a.out) a.out[row] = acc;
+        best = max(best, argmax_key(acc, row));
+      }
+      acc = 0.f;
+    }
+  };
+  uint4 wa[HEAD1_CH], wb[HEAD1_CH];
+  if (total > 0) load(0, wa);
+  pdl_wait();
+  norm_row_parts<2>(a.x, a.parts, a.np, (size_t)a.B * a.K, a.norm, a.eps, a.K, xb, nullptr);
+  __syncthreads();
+  for (int i = threadIdx.x; i < a.K; i += blockDim.x) xf[i] = __bfloat162float(xb[i]);
+  __syncthreads();
+  for (int s = 0; s < total; s += 2) {
+    if (s + 1 < total) load(s + 1, wb);
+    add(s, wa);
+    if (s + 1 < total) {
+      if (s + 2 < total) load(s + 2, wa);
+      add(s + 1, wb);
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) best = max(best, __shfl_xor_sync(0xffffffffu, best, o));
+  __shared__ unsigned long long sbest;
+  if (threadIdx.x == 0) sbest = 0ull;
+  __syncthreads();
+  if (lane == 0) atomicMax(&sbest, best);
+  __syncthreads();
+  if (threadIdx.x == 0) atomicMax(a.best, sbest);
+  if (a.hbest) publish_best(a);
+}
+extern "C" __global__ void __launch_bounds__(256) dec_head1(Gemv a) { head1(a); }
+
 struct Attn {
   const float *q;        // (B, nh, hd), rotated
   const bf16 *kc, *vc;   // this layer's paged keys / values

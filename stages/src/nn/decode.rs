@@ -98,6 +98,15 @@ thread_local! {
     /// Tests: persistent steps recorded on this thread whose MLP added
     /// into one row a layer.
     static LP_ACC_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Tests: this thread's `PIPE_DECODE_L2_HEAD` (`Some(None)`: off).
+    static L2_HEAD: std::cell::Cell<Option<Option<usize>>> = const { std::cell::Cell::new(None) };
+    /// Tests: LM head launches recorded on this thread with the head's
+    /// weights in an L2 access-policy window.
+    static L2_HEAD_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Tests: this thread's `PIPE_DECODE_HEAD1` (blocks an SM; 0: off).
+    static HEAD1: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    /// Tests: one-row LM heads on CUDA cores recorded on this thread.
+    static HEAD1_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// The switch: `None` off, `Some(true)` graphs, `Some(false)` plain launches.
@@ -252,6 +261,21 @@ impl Llama {
         }
         #[cfg(not(feature = "cuda"))]
         Err(crate::nn::NnError::Other("the decode graph needs a CUDA build".into()))
+    }
+
+    /// The decode step's L2 window on the LM head's weights
+    /// (`PIPE_DECODE_L2_HEAD`), once a step has run: the window's bytes,
+    /// the L2 set aside for persisting lines, and the fraction of the
+    /// window's lines marked persisting. `None`: off, no step yet, or not
+    /// a CUDA build.
+    pub fn decode_l2_head(&self) -> Option<(usize, usize, f32)> {
+        #[cfg(feature = "cuda")]
+        {
+            let g = self.decode.inner.lock().unwrap_or_else(|e| e.into_inner());
+            g.as_ref().and_then(|g| g.l2_head()).map(|w| (w.bytes, w.set_aside, w.hit))
+        }
+        #[cfg(not(feature = "cuda"))]
+        None
     }
 }
 
@@ -654,6 +678,21 @@ mod imp {
         joined: CudaEvent,
         /// Recorded after each chain step's launch (a step's half).
         chain_ev: [CudaEvent; 2],
+        /// The LM head's weights as an L2 access-policy window of the head
+        /// kernel's launches ([`l2_head`]), if on.
+        l2: Option<L2Window>,
+    }
+
+    /// An L2 access-policy window: `hit` of the lines of `bytes` from
+    /// `base` are kept in the `set_aside` bytes of L2 reserved for
+    /// persisting lines (the context's limit, set when the graphs are
+    /// made), the rest streamed.
+    #[derive(Clone, Copy, Debug)]
+    pub struct L2Window {
+        pub base: u64,
+        pub bytes: usize,
+        pub set_aside: usize,
+        pub hit: f32,
     }
 
     // SAFETY: the CUDA handles inside are used only under the model's
@@ -743,6 +782,7 @@ mod imp {
                     "dec_embed",
                     "dec_embed_io",
                     "dec_argmax",
+                    "dec_head1",
                     "dec_mega_64",
                     "dec_mega_128",
                 ]
@@ -785,6 +825,11 @@ mod imp {
                     as u32;
             let joined = stream.context().new_event(None).w()?;
             let chain_ev = [stream.context().new_event(None).w()?, stream.context().new_event(None).w()?];
+            let head_bytes = m.cfg.vocab_size * m.cfg.hidden_size * 2;
+            let l2 = match l2_head() {
+                Some(mib) => l2_window(&stream, head, head_bytes, mib)?,
+                None => None,
+            };
             Ok(Graphs {
                 dev,
                 stream,
@@ -807,9 +852,33 @@ mod imp {
                 smem_optin,
                 joined,
                 chain_ev,
+                l2,
             })
         }
 
+        /// [`L2Window`] of the head, if on.
+        pub fn l2_head(&self) -> Option<L2Window> {
+            self.l2
+        }
+    }
+
+    impl Drop for Graphs {
+        /// The head's window, if on: its lines back to normal and the L2
+        /// set aside for persisting lines back to none (the context's
+        /// other work gets the whole L2 again).
+        fn drop(&mut self) {
+            if self.l2.is_some() && self.stream.context().bind_to_thread().is_ok() {
+                // SAFETY: context calls; the context is bound to this
+                // thread. (Errors leave the L2 as it was: nothing to do.)
+                unsafe {
+                    let _ = sys::cuCtxResetPersistingL2Cache();
+                    let _ = sys::cuCtxSetLimit(sys::CUlimit::CU_LIMIT_PERSISTING_L2_CACHE_SIZE, 0);
+                }
+            }
+        }
+    }
+
+    impl Graphs {
         fn alloc(&self, m: &Llama, cap: usize) -> Result<Bufs> {
             let c = &m.cfg;
             let (h, hd) = (c.num_attention_heads, c.head_dim());
@@ -1145,13 +1214,9 @@ mod imp {
         /// # Safety
         /// `args` must match the kernel's parameters and outlive the call.
         unsafe fn go(&self, name: &str, c: LaunchConfig, args: &mut [*mut c_void], pdl: bool) -> Result<()> {
-            // SAFETY: a plain C struct; zero is a valid value of every field.
-            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-            attr.value.programmaticStreamSerializationAllowed = 1;
-            let n = usize::from(pdl && pdl_on());
+            let mut attrs: Vec<_> = pdl_attr(pdl).into_iter().collect();
             // SAFETY: passed on from the caller.
-            unsafe { self.go_with(name, c, args, &mut [attr][..n]) }
+            unsafe { self.go_with(name, c, args, &mut attrs) }
         }
 
         /// [`Self::go`] with these launch attributes.
@@ -1815,6 +1880,22 @@ mod imp {
         /// warps splitting K.
         fn mma(&self, kind: &str, a: Gemv) -> Result<()> {
             let (b, k, n) = (a.b as usize, a.k as usize, a.n as usize);
+            let per_sm = head1();
+            if kind.starts_with("head") && b == 1 && per_sm > 0 && k.is_multiple_of(8) && k <= 8 * 256 {
+                // (The head after the five launches a layer: no partial rows.)
+                let a = if kind == "head" { Gemv { parts: 0, np: 0, ..a } } else { a };
+                let smem = (k * 2).next_multiple_of(16) + k * 4;
+                let c = cfg(self.sms as usize * per_sm, 1, 256, smem as u32);
+                let mut attrs: Vec<_> = pdl_attr(true).into_iter().collect();
+                if let Some(w) = self.l2 {
+                    attrs.push(window_attr(&w));
+                    super::L2_HEAD_RUNS.with(|r| r.set(r.get() + 1));
+                }
+                super::HEAD1_RUNS.with(|r| r.set(r.get() + 1));
+                // SAFETY: the argument matches dec_head1 in kernels/decode.cu
+                // (k % 8 == 0, k <= 8 x its 256 threads, its shared memory).
+                return unsafe { self.go_with("dec_head1", c, &mut [arg(&a)], &mut attrs) };
+            }
             let row = (k + 8) * 2;
             // The fused MLP's too: a tile's 8 columns of the down projection
             // (k rows of 16 bytes) and 8 values a row.
@@ -1846,8 +1927,13 @@ mod imp {
                 tiles
             };
             let c = cfg(blocks, b.div_ceil(bt), warps as u32 * 32, smem as u32);
+            let mut attrs: Vec<_> = pdl_attr(true).into_iter().collect();
+            if let (true, Some(w)) = (head, self.l2) {
+                attrs.push(window_attr(&w));
+                super::L2_HEAD_RUNS.with(|r| r.set(r.get() + 1));
+            }
             // SAFETY: the argument matches tc_{kind}_{bt} in kernels/decode.cu.
-            unsafe { self.go(&format!("tc_{kind}_{bt}"), c, &mut [arg(&a)], true) }
+            unsafe { self.go_with(&format!("tc_{kind}_{bt}"), c, &mut [arg(&a)], &mut attrs) }
         }
     }
 
@@ -2045,6 +2131,93 @@ mod imp {
     /// of one layer never do.
     fn lp_acc() -> bool {
         switch(&super::LP_ACC, || std::env::var("PIPE_DECODE_LP_ACC").map_or(true, |v| v != "0"))
+    }
+
+    /// The launch attribute of a programmatic dependent launch, if `pdl`
+    /// and `PIPE_DECODE_PDL` is not 0.
+    fn pdl_attr(pdl: bool) -> Option<sys::CUlaunchAttribute> {
+        if !(pdl && pdl_on()) {
+            return None;
+        }
+        // SAFETY: a plain C struct; zero is a valid value of every field.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        Some(attr)
+    }
+
+    /// The launch attribute of `w`: its persisting share, the rest
+    /// streaming (a graph's kernel node keeps it).
+    fn window_attr(w: &L2Window) -> sys::CUlaunchAttribute {
+        // SAFETY: as in pdl_attr.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_ACCESS_POLICY_WINDOW;
+        attr.value.accessPolicyWindow = sys::CUaccessPolicyWindow {
+            base_ptr: w.base as *mut c_void,
+            num_bytes: w.bytes,
+            hitRatio: w.hit,
+            hitProp: sys::CUaccessProperty::CU_ACCESS_PROPERTY_PERSISTING,
+            missProp: sys::CUaccessProperty::CU_ACCESS_PROPERTY_STREAMING,
+        };
+        attr
+    }
+
+    /// The LM head of one row on CUDA cores (decode.cu's `dec_head1`: warps
+    /// over groups of 8 weight rows, no tile barriers) with this many
+    /// blocks of 8 warps an SM instead of the tensor-core head
+    /// (`tc_headp_8`), where the hidden size is a multiple of 8 and at
+    /// most 2,048 (`PIPE_DECODE_HEAD1=n`, 2 by default; 0: the tensor-core
+    /// head). SmolLM2-135M shape, `decode_bench --greedy`, 100-position
+    /// prompts, ms a step, same call, rounds alternating: H200 2 an SM
+    /// 0.3384-0.3390 against 0.3418-0.3439 (1.01x; 1: 0.3437-0.3443, 3:
+    /// 0.3417-0.3425, 4: 0.3404-0.3411); H100 0.3768-0.3775 against
+    /// 0.3801-0.3813 (docs/results.md §5). Inside the persistent step
+    /// (`PIPE_DECODE_LP_HEAD`, `PIPE_DECODE_LP_STEPS`) the head stays the
+    /// tensor-core code: this one was slower there.
+    fn head1() -> usize {
+        switch(&super::HEAD1, || std::env::var("PIPE_DECODE_HEAD1").ok().and_then(|v| v.parse().ok()).unwrap_or(2))
+    }
+
+    /// Whether the LM head's weights stay in L2 from one decode step to
+    /// the next (`PIPE_DECODE_L2_HEAD`): the head kernel's launches carry
+    /// an access-policy window over its weights, of which as many lines as
+    /// the L2 set aside for persisting lines holds are kept there (the
+    /// rest streamed); the layers' weights, read once a step, never
+    /// evict them. `Some(0)`: set aside as much as the device allows
+    /// (`max`), `Some(n)`: n MiB (20 by default), `None` (`0`): off.
+    /// SmolLM2-135M's head is 54 MiB of bf16 (49,152 x 576), its 30
+    /// layers 202 MiB; an H100's or H200's L2 is 50 MB. H200, the head on
+    /// CUDA cores ([`head1`]), ms a step as for `head1`: 20 MiB
+    /// 0.3371-0.3372 against 0.3380-0.3398 off (~0.5%; 16: 0.3368-0.3397,
+    /// 24: 0.3363-0.3394, 12: 0.3378-0.3399, the most the H200 sets aside,
+    /// 31.25 MiB: 0.3392-0.3412); with the tensor-core head on an H100 the
+    /// most set aside also made 64 rows 4% slower (2.148 against 2.067
+    /// ms), 24 MiB on the H200 not (docs/results.md §5).
+    fn l2_head() -> Option<usize> {
+        switch(&super::L2_HEAD, || match std::env::var("PIPE_DECODE_L2_HEAD").as_deref() {
+            Ok("max") => Some(0),
+            Ok(v) => v.parse().ok().filter(|&n| n > 0),
+            Err(_) => Some(20),
+        })
+    }
+
+    /// [`L2Window`] over `bytes` from `base` with `mib` MiB of L2 set
+    /// aside (0: the device's most), the context's limit set to it; `None`
+    /// where the device sets none aside.
+    fn l2_window(stream: &CudaStream, base: u64, bytes: usize, mib: usize) -> Result<Option<L2Window>> {
+        let ctx = stream.context();
+        let most = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_PERSISTING_L2_CACHE_SIZE).w()?;
+        let win = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_ACCESS_POLICY_WINDOW_SIZE).w()?;
+        let (most, win) = (most.max(0) as usize, win.max(0) as usize);
+        let set_aside = if mib == 0 { most } else { (mib << 20).min(most) };
+        let bytes = bytes.min(win);
+        if set_aside == 0 || bytes == 0 {
+            return Ok(None);
+        }
+        ctx.bind_to_thread().w()?;
+        // SAFETY: a context limit; the context is bound to this thread.
+        unsafe { sys::cuCtxSetLimit(sys::CUlimit::CU_LIMIT_PERSISTING_L2_CACHE_SIZE, set_aside) }.result().w()?;
+        Ok(Some(L2Window { base, bytes, set_aside, hit: (set_aside as f32 / bytes as f32).min(1.0) }))
     }
 
     /// Whether the one-row persistent step reads its inputs from, and
@@ -2424,6 +2597,45 @@ mod tests {
                 }
                 super::LP_ACC.with(|t| t.set(None));
                 super::LP_HEAD.with(|t| t.set(None));
+                // The LM head's weights kept in L2 (PIPE_DECODE_L2_HEAD, a
+                // cache hint: the same results), at the device's most and
+                // at 1 MiB, one row (the head on CUDA cores) and two (on
+                // tensor cores).
+                for (mib, n) in [(0, 1), (1, 2)] {
+                    super::L2_HEAD.with(|t| t.set(Some(Some(mib))));
+                    fresh_graphs(&m);
+                    let runs = super::L2_HEAD_RUNS.with(|r| r.get());
+                    let (fast, slow) = compare(&m, &exact, n, 4, true, extra)?;
+                    let what = format!("batch {n} prompts +{extra}, the head's weights in L2 ({mib} MiB)");
+                    let w = m.decode_l2_head();
+                    eprintln!(
+                        "hd {} {what}: max rel logit error fused {fast:.4}, candle {slow:.4}, window {w:?}",
+                        cfg.head_dim()
+                    );
+                    assert!(fast < 1.5 * slow + 0.005, "{what}: fused {fast} against candle's {slow}");
+                    let (bytes, set_aside, hit) = w.expect("the device sets L2 aside");
+                    assert_eq!(bytes, cfg.vocab_size * cfg.hidden_size * 2, "{what}");
+                    assert!(mib == 0 || set_aside == 1 << 20, "{what}: {set_aside}");
+                    assert_eq!(hit, (set_aside as f32 / bytes as f32).min(1.0), "{what}");
+                    assert!(super::L2_HEAD_RUNS.with(|r| r.get()) > runs, "{what}: the head ran with the window");
+                }
+                super::L2_HEAD.with(|t| t.set(None));
+                // The one-row LM head on CUDA cores (PIPE_DECODE_HEAD1), 1
+                // and 3 blocks an SM, through graphs and without (the
+                // default, 2, and the tensor-core head: the cases above).
+                for (per_sm, graphs) in [(1, true), (3, false)] {
+                    super::HEAD1.with(|t| t.set(Some(per_sm)));
+                    fresh_graphs(&m);
+                    let runs = super::HEAD1_RUNS.with(|r| r.get());
+                    let (fast, slow) = compare(&m, &exact, 1, 4, graphs, extra)?;
+                    let what =
+                        format!("batch 1 graphs {graphs} prompts +{extra}, the head on CUDA cores ({per_sm} an SM)");
+                    eprintln!("hd {} {what}: max rel logit error fused {fast:.4}, candle {slow:.4}", cfg.head_dim());
+                    assert!(fast < 1.5 * slow + 0.005, "{what}: fused {fast} against candle's {slow}");
+                    assert!(super::HEAD1_RUNS.with(|r| r.get()) > runs, "{what}: the head on CUDA cores ran");
+                }
+                super::HEAD1.with(|t| t.set(None));
+                fresh_graphs(&m);
             }
         }
         super::LA_WHOLE.with(|t| t.set(None));
@@ -2596,22 +2808,29 @@ mod tests {
         // launch whatever LP_STEPS says.)
         // (The MLP's sums a row a layer, PIPE_DECODE_LP_ACC, by default;
         // also without: one step a launch, and 4 with the head inside.)
-        for (chain, head, steps, acc) in [
-            (true, Some(false), Some(1), None),
-            (true, Some(true), Some(1), None),
-            (true, Some(true), Some(4), None),
-            (true, Some(true), Some(3), None),
-            (false, Some(false), Some(1), None),
-            (true, None, None, None),
-            (true, None, Some(4), None),
-            (true, Some(false), Some(4), None),
-            (true, Some(false), Some(1), Some(false)),
-            (true, Some(true), Some(4), Some(false)),
+        // (The one-row head on CUDA cores, PIPE_DECODE_HEAD1, by default
+        // where the head is a kernel of its own; also the tensor-core
+        // head; inside the persistent step always the tensor-core code.)
+        for (chain, head, steps, acc, h1) in [
+            (true, Some(false), Some(1), None, 0),
+            (true, Some(true), Some(1), None, 0),
+            (true, Some(true), Some(4), None, 0),
+            (true, Some(true), Some(3), None, 0),
+            (false, Some(false), Some(1), None, 0),
+            (true, None, None, None, 0),
+            (true, None, Some(4), None, 0),
+            (true, Some(false), Some(4), None, 0),
+            (true, Some(false), Some(1), Some(false), 0),
+            (true, Some(true), Some(4), Some(false), 0),
+            (true, Some(false), Some(1), None, 1),
+            (false, Some(false), Some(1), None, 3),
+            (true, Some(true), Some(4), None, 2),
         ] {
             super::LP_ACC.with(|t| t.set(acc));
             super::CHAIN.with(|t| t.set(Some(chain)));
             super::LP_HEAD.with(|t| t.set(Some(head)));
             super::LP_STEPS.with(|t| t.set(steps));
+            super::HEAD1.with(|t| t.set(Some(h1)));
             // (Fresh graphs: the counters count graphs recorded, and a case
             // before may have recorded this one's step counts: 4 + 3, then
             // 3 + 3 + 1.)
@@ -2622,9 +2841,12 @@ mod tests {
                 runs(&super::LP_HEAD_RUNS),
                 runs(&super::LP_STEPS_RUNS),
                 runs(&super::LP_ACC_RUNS),
+                runs(&super::HEAD1_RUNS),
             ];
             greedy_matches_steps(&m)?;
-            let what = format!("chain {chain}, head {head:?}, {steps:?} steps a launch, MLP sums a row {acc:?}");
+            let what = format!(
+                "chain {chain}, head {head:?}, {steps:?} steps a launch, MLP sums a row {acc:?}, head on CUDA cores {h1}"
+            );
             assert_eq!(
                 runs(&super::LP_ACC_RUNS) > before[3],
                 acc.unwrap_or(true),
@@ -2632,6 +2854,12 @@ mod tests {
             );
             // (Unset: 1.)
             let several = chain && head != Some(false) && steps.unwrap_or(1) > 1;
+            // (Inside the step: the tensor-core head whatever HEAD1 says.)
+            assert_eq!(
+                runs(&super::HEAD1_RUNS) > before[4],
+                h1 > 0 && !head.unwrap_or(several),
+                "{what}: the head on CUDA cores ran"
+            );
             assert_eq!(runs(&super::CHAIN_RUNS) > before[0], chain, "{what}: chains ran");
             assert_eq!(
                 runs(&super::LP_HEAD_RUNS) > before[1],
@@ -2640,6 +2868,7 @@ mod tests {
             );
             assert_eq!(runs(&super::LP_STEPS_RUNS) > before[2], several, "{what}: launches of several steps ran");
         }
+        super::HEAD1.with(|t| t.set(None));
         super::CHAIN.with(|t| t.set(None));
         super::LP_HEAD.with(|t| t.set(None));
         super::LP_STEPS.with(|t| t.set(None));
