@@ -1878,19 +1878,27 @@ mod imp {
         /// chunks of BT rows (the smallest of 8..64 that holds the batch
         /// and fits in shared memory with the warps' partial sums), 4 or 8
         /// warps splitting K.
+        /// A projection's launch attributes: programmatic, and for the LM
+        /// head the L2 window on its weights ([`l2_head`]) when on.
+        fn mma_attrs(&self, head: bool) -> Vec<sys::CUlaunchAttribute> {
+            let mut attrs: Vec<_> = pdl_attr(true).into_iter().collect();
+            if let (true, Some(w)) = (head, self.l2) {
+                attrs.push(window_attr(&w));
+                super::L2_HEAD_RUNS.with(|r| r.set(r.get() + 1));
+            }
+            attrs
+        }
+
         fn mma(&self, kind: &str, a: Gemv) -> Result<()> {
             let (b, k, n) = (a.b as usize, a.k as usize, a.n as usize);
+            let head = kind.starts_with("head");
             let per_sm = head1();
-            if kind.starts_with("head") && b == 1 && per_sm > 0 && k.is_multiple_of(8) && k <= 8 * 256 {
+            if head && b == 1 && per_sm > 0 && k.is_multiple_of(8) && k <= 8 * 256 {
                 // (The head after the five launches a layer: no partial rows.)
                 let a = if kind == "head" { Gemv { parts: 0, np: 0, ..a } } else { a };
                 let smem = (k * 2).next_multiple_of(16) + k * 4;
                 let c = cfg(self.sms as usize * per_sm, 1, 256, smem as u32);
-                let mut attrs: Vec<_> = pdl_attr(true).into_iter().collect();
-                if let Some(w) = self.l2 {
-                    attrs.push(window_attr(&w));
-                    super::L2_HEAD_RUNS.with(|r| r.set(r.get() + 1));
-                }
+                let mut attrs = self.mma_attrs(head);
                 super::HEAD1_RUNS.with(|r| r.set(r.get() + 1));
                 // SAFETY: the argument matches dec_head1 in kernels/decode.cu
                 // (k % 8 == 0, k <= 8 x its 256 threads, its shared memory).
@@ -1918,7 +1926,6 @@ mod imp {
             // At 8 rows, 2 head blocks an SM (H200, SmolLM2-135M, batch 1:
             // 0.448 against 0.462 ms a step with 8 an SM; 1 an SM 0.457,
             // 4 0.455-0.461, 12 0.467, 24 0.494; docs/results.md §5).
-            let head = kind.starts_with("head");
             let blocks = if head && bt == 8 {
                 tiles.min(SMS * 2)
             } else if head || bt > 8 {
@@ -1927,11 +1934,7 @@ mod imp {
                 tiles
             };
             let c = cfg(blocks, b.div_ceil(bt), warps as u32 * 32, smem as u32);
-            let mut attrs: Vec<_> = pdl_attr(true).into_iter().collect();
-            if let (true, Some(w)) = (head, self.l2) {
-                attrs.push(window_attr(&w));
-                super::L2_HEAD_RUNS.with(|r| r.set(r.get() + 1));
-            }
+            let mut attrs = self.mma_attrs(head);
             // SAFETY: the argument matches tc_{kind}_{bt} in kernels/decode.cu.
             unsafe { self.go_with(&format!("tc_{kind}_{bt}"), c, &mut [arg(&a)], &mut attrs) }
         }

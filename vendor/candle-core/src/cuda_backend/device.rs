@@ -317,23 +317,7 @@ impl CudaDevice {
         module_name: &str,
         ptx: &str,
     ) -> Result<CudaFunc> {
-        let ms = self.custom_modules.read().unwrap();
-        if let Some(mdl) = ms.get(module_name).as_ref() {
-            let func = mdl.load_function(fn_name).w()?;
-            return Ok(CudaFunc {
-                func,
-                stream: self.stream.clone(),
-            });
-        }
-        drop(ms);
-        let mut ms = self.custom_modules.write().unwrap();
-        let cuda_module = self.context.load_module(ptx.into()).w()?;
-        ms.insert(module_name.to_string(), cuda_module.clone());
-        let func = cuda_module.load_function(fn_name).w()?;
-        Ok(CudaFunc {
-            func,
-            stream: self.stream.clone(),
-        })
+        self.get_or_load_custom(fn_name, module_name, || ptx.into())
     }
 
     /// pipe's patch: as `get_or_load_custom_func`, the module loaded from a
@@ -345,6 +329,19 @@ impl CudaDevice {
         module_name: &str,
         image: &[u8],
     ) -> Result<CudaFunc> {
+        self.get_or_load_custom(fn_name, module_name, || {
+            cudarc::nvrtc::Ptx::from_binary(image.to_vec())
+        })
+    }
+
+    /// (pipe's patch: the two above, the module made by `module` the first
+    /// time; another thread may load it between the two locks.)
+    fn get_or_load_custom(
+        &self,
+        fn_name: &str,
+        module_name: &str,
+        module: impl FnOnce() -> cudarc::nvrtc::Ptx,
+    ) -> Result<CudaFunc> {
         let ms = self.custom_modules.read().unwrap();
         if let Some(mdl) = ms.get(module_name).as_ref() {
             let func = mdl.load_function(fn_name).w()?;
@@ -355,12 +352,10 @@ impl CudaDevice {
         }
         drop(ms);
         let mut ms = self.custom_modules.write().unwrap();
-        // (Another thread may have loaded it between the two locks.)
         let cuda_module = match ms.get(module_name) {
             Some(m) => m.clone(),
             None => {
-                let ptx = cudarc::nvrtc::Ptx::from_binary(image.to_vec());
-                let m = self.context.load_module(ptx).w()?;
+                let m = self.context.load_module(module()).w()?;
                 ms.insert(module_name.to_string(), m.clone());
                 m
             }
