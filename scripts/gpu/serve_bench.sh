@@ -31,8 +31,9 @@
 #      persistent step with the LM head inside, one step a launch
 #      (PIPE_DECODE_LP_HEAD=1, PIPE_DECODE_LP_STEPS=1); lpk: the head
 #      inside every step, and a lone greedy sequence's chain LP_STEPS
-#      (default 8) steps a launch; k1: one step a launch, never the head
-#      inside (PIPE_DECODE_LP_HEAD=0; what the default does);
+#      (default 8) steps a launch; k1: one step a launch (the head a
+#      kernel of its own, as by default; PIPE_DECODE_LP_STEPS=1, the
+#      default before 2026-12-05's twenty-ninth session: 4 a launch);
 #      candle: PIPE_DECODE_GRAPH=0, decode
 #      through candle ops (the path before the fused step);
 #   5. benches/serve/hf_generate.py (cuda, bf16, sdpa) at the same batch
@@ -67,10 +68,10 @@ run)
   # candle (PIPE_DECODE_GRAPH=0: candle ops), mega, nocoop, tile, lph and lpk (above).
   variant_env() {
     # (lph, lps empty: the switches' defaults, a lone greedy sequence's
-    # chain one step a launch, the LM head a kernel of its own.)
+    # chain 4 steps a launch, each step's LM head a kernel of its own.)
     tc=1 pdl=1 mega=0 coop=1 attn=chunk stream=0 lph= lps=
     case $1 in
-    lph) sw=1 lph=1 lps=1 ;; lpk) sw=1 lph=1 lps=${LP_STEPS:-8} ;; k1) sw=1 lph=0 ;;
+    lph) sw=1 lph=1 lps=1 ;; lpk) sw=1 lph=1 lps=${LP_STEPS:-8} ;; k1) sw=1 lph=0 lps=1 ;;
     candle) sw=0 ;; nograph) sw=nograph ;; dot) sw=1 tc=0 ;; nopdl) sw=1 pdl=0 ;; mega) sw=1 mega=1 ;;
     stream) sw=1 stream=1 ;;
     nocoop) sw=1 mega=1 coop=0 ;; tile) sw=1 attn=tile ;; *) sw=1 ;;

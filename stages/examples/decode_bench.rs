@@ -16,7 +16,7 @@
 //! instead (path "greedy": the time from the call to the last of STEPS
 //! tokens over STEPS, after a warm-up chain that records the graphs; on
 //! CUDA the next step launched before a step's token is read unless
-//! PIPE_DECODE_CHAIN=0, PIPE_DECODE_LP_STEPS steps a launch;
+//! PIPE_DECODE_CHAIN=0, PIPE_DECODE_LP_STEPS steps a launch, 4 by default;
 //! `ms_between_tokens_after3` the measure before 2026-12-05, the mean
 //! interval between tokens after the first 3, which with several steps a
 //! launch counts intervals inside bursts and reads low: 59 steps' time

@@ -48,6 +48,11 @@ struct Gemv {
   // of hbest (halves of hstride keys); null: hbest itself.
   const unsigned *seq;
   int hstride;
+  // OUT_LOGITS with hbest, one row (a launch of several chained steps with
+  // the LM head as its own kernel): the block that publishes the key also
+  // feeds the argmax (clamped to the N rows) to the next step, its
+  // embedding row of these (N, K) into x (f32) and best reset; null: none.
+  const bf16 *feed;
 };
 
 // IN_PARTS: as IN_NORM, of x plus the partial rows `parts` (the LM head
@@ -443,7 +448,8 @@ struct Nop {
 
 // The LM head's blocks, each after its atomicMax into a.best: the last to
 // arrive copies the keys to a.hbest (mapped host memory), resets the
-// count, then runs `fin` (every thread of that block). (Every block of the
+// count, feeds the argmax to the next step where a.feed is set, then runs
+// `fin` (every thread of that block). (Every block of the
 // launch calls this once.)
 template <class Fin = Nop> __device__ void publish_best(const Gemv &a, Fin fin = Fin()) {
   __shared__ bool last;
@@ -459,6 +465,18 @@ template <class Fin = Nop> __device__ void publish_best(const Gemv &a, Fin fin =
   for (int i = threadIdx.x; i < a.B; i += blockDim.x) hb[i] = atomicOr(a.best + i, 0ull);
   if (threadIdx.x == 0) *a.hdone = 0u;
   __threadfence_system();
+  if (a.feed) {
+    // (Every block staged x before it counted itself done: none reads it.)
+    __shared__ unsigned tok;
+    if (threadIdx.x == 0) {
+      const unsigned long long k = atomicExch(a.best, 0ull);
+      tok = min(0xffffffffu - (unsigned)k, (unsigned)a.N - 1u);
+    }
+    __syncthreads();
+    const bf16 *e = a.feed + (size_t)tok * a.K;
+    float *x = const_cast<float *>(a.x);
+    for (int i = threadIdx.x; i < a.K; i += blockDim.x) x[i] = __bfloat162float(e[i]);
+  }
   fin();
 }
 

@@ -89,8 +89,15 @@ thread_local! {
     static LP_HEAD_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// Tests: this thread's `PIPE_DECODE_LP_STEPS`.
     static LP_STEPS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    /// Tests: this thread's `PIPE_DECODE_LP_PDL`.
+    static LP_PDL: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// Tests: persistent steps recorded on this thread as programmatic launches.
+    static LP_PDL_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// Tests: launches of several chained steps recorded on this thread.
     static LP_STEPS_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Tests: of those, launches whose steps' LM heads are kernels of
+    /// their own, each feeding the next step (Gemv's `feed`).
+    static FEED_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// Tests: this thread's `PIPE_DECODE_LA_WHOLE`.
     static LA_WHOLE: std::cell::Cell<Option<i32>> = const { std::cell::Cell::new(None) };
     /// Tests: this thread's `PIPE_DECODE_LP_ACC`.
@@ -184,7 +191,7 @@ impl Llama {
     /// (the caller then takes a step at a time). Steps launched past the
     /// last one `on_token` accepted only write positions past the cache's
     /// end, within the `steps` reserved. A launch runs K steps
-    /// (`PIPE_DECODE_LP_STEPS`, 1 by default) while K are left, then the
+    /// (`PIPE_DECODE_LP_STEPS`, 4 by default) while K are left, then the
     /// rest in one launch.
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub(crate) fn graph_chain(
@@ -339,6 +346,7 @@ mod imp {
         hdone: u64,
         seq: u64,
         hstride: i32,
+        feed: u64,
     }
     // SAFETY: plain old data laid out as the kernels' C struct.
     unsafe impl DeviceRepr for Gemv {}
@@ -1124,10 +1132,11 @@ mod imp {
         }
 
         /// Chained steps a launch ([`chain_steps_wanted`]) where the step
-        /// with the LM head inside fits (all its clusters resident), else 1.
+        /// (with the LM head inside, [`lp_head`]) fits (all its clusters
+        /// resident), else 1.
         pub fn chain_steps(&self, m: &Llama) -> Result<usize> {
             let k = chain_steps_wanted();
-            Ok(if k > 1 && self.lp_config(&m.cfg, 1, true)?.is_some() { k } else { 1 })
+            Ok(if k > 1 && self.lp_config(&m.cfg, 1, lp_head())?.is_some() { k } else { 1 })
         }
 
         /// Launch `steps` steps of a chain of one row (after
@@ -1487,7 +1496,9 @@ mod imp {
         /// A persistent step: `counters` u32 at `bar` zeroed (none: the
         /// kernel before zeroed them), then the kernel launched
         /// (cooperatively when `coop`: all blocks resident at once), on the
-        /// decode stream.
+        /// decode stream; with no counters to zero, a programmatic launch
+        /// where [`lp_pdl`] says so (the kernel waits before its first
+        /// read).
         ///
         /// # Safety
         /// As for [`Self::go`]; `bar` must hold `counters` u32.
@@ -1509,8 +1520,13 @@ mod imp {
             let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
             attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
             attr.value.cooperative = 1;
+            let mut attrs: Vec<_> = coop.then_some(attr).into_iter().collect();
+            if counters == 0 && lp_pdl() {
+                super::LP_PDL_RUNS.with(|r| r.set(r.get() + 1));
+                attrs.extend(pdl_attr(true));
+            }
             // SAFETY: passed on from the caller.
-            unsafe { self.go_with(name, lc, args, &mut [attr][..usize::from(coop)]) }
+            unsafe { self.go_with(name, lc, args, &mut attrs) }
         }
 
         /// The streamed step's transposed o and down weights (once) and its
@@ -1607,7 +1623,7 @@ mod imp {
             let nl = self.layers.len();
             // A chain's steps a launch (1: not a chain, or one).
             let steps = io.map_or(1, |(_, k)| k.max(1));
-            let lph = lp_head(steps);
+            let lph = lp_head();
             let lp = self.lp_config(c, b, lph)?;
             // The persistent step's counters and the head's (and a launch of
             // several steps' after them).
@@ -1620,9 +1636,9 @@ mod imp {
                         "decode graph: zero-copy input without the one-row persistent step".into(),
                     ));
                 }
-                if steps > 1 && !(chain && lph && steps <= LP_STEPS_MAX) {
+                if steps > 1 && !(chain && steps <= LP_STEPS_MAX) {
                     return Err(NnError::Other(format!(
-                        "decode graph: {steps} steps a launch without a chain of the persistent step with its LM head"
+                        "decode graph: {steps} steps a launch outside a chain of the persistent step"
                     )));
                 }
                 super::ZC_RUNS.with(|r| r.set(r.get() + 1));
@@ -1723,6 +1739,27 @@ mod imp {
                 };
                 if acc {
                     super::LP_ACC_RUNS.with(|r| r.set(r.get() + 1));
+                }
+                if steps > 1 && !fused_head {
+                    // Several chained steps, each the persistent step and
+                    // then the head's kernel, whose last block feeds the
+                    // argmax's embedding row into x for the next (Gemv's
+                    // feed): step s counts on ctr + s cstride (zeroed by
+                    // dec_embed_io), reads position pos[s] and writes its
+                    // key to the half's slot s.
+                    super::LP_STEPS_RUNS.with(|r| r.set(r.get() + 1));
+                    super::FEED_RUNS.with(|r| r.set(r.get() + 1));
+                    for s in 0..steps {
+                        let ctr = ctr + (4 * s * one) as u64;
+                        let ps = LayP { a: Lay { pos: p.pos + 4 * s as u64, ..pp.a }, ctr, steps: 1, ..pp };
+                        // SAFETY: as below, one step of dec_lp_* (its
+                        // counters are step s's of lp_counters(nl, steps)).
+                        unsafe { self.go_persistent(&lp_name(hd, rep, false), lc, &mut [arg(&ps)], ctr, 0, coop) }?;
+                        let feed = if s + 1 < steps { self.embed } else { 0 };
+                        let hdone = ctr + 8 * nl as u64;
+                        self.mma("headp", Gemv { hbest: head.hbest + 8 * s as u64, hdone, feed, ..head })?;
+                    }
+                    return Ok(());
                 }
                 // SAFETY: the argument matches dec_lp_* in kernels/decode.cu;
                 // lp_config checked that its clusters fit at once; `bar`
@@ -2044,8 +2081,7 @@ mod imp {
     }
 
     /// `PIPE_DECODE_LP_HEAD`: 1, the LM head inside every one-row
-    /// persistent step; 0, never; unset, in chains' launches of several
-    /// steps only ([`lp_head`]).
+    /// persistent step; 0 or unset, never ([`lp_head`]).
     fn lp_head_env() -> Option<bool> {
         switch(&super::LP_HEAD, || match std::env::var("PIPE_DECODE_LP_HEAD").as_deref() {
             Ok("1") => Some(true),
@@ -2057,14 +2093,16 @@ mod imp {
     /// Whether a launch of `steps` one-row persistent steps (1: not a
     /// chain's launch of several) also runs the LM head (`dec_lph_*`: its
     /// blocks take the head's tiles once the last layer's MLP blocks have
-    /// arrived, instead of a kernel of its own after it). By default only
-    /// where several steps a launch need it: on an H200 a step at a time
-    /// is ~4% slower with it (0.374 against 0.359 ms a SmolLM2 step), and
-    /// launches of 8 with it are slower than one step a launch without
-    /// it (`pipe serve`, one streamed request: 2,731-2,754 against
-    /// 2,835-2,851 tok/s; docs/results.md §5).
-    fn lp_head(steps: usize) -> bool {
-        lp_head_env().unwrap_or(steps > 1)
+    /// arrived, instead of a kernel of its own after it). Off by default:
+    /// on an H200 a step at a time is ~4% slower with it (0.374 against
+    /// 0.359 ms a SmolLM2 step), and launches of 8 with it are slower
+    /// than one step a launch without it (`pipe serve`, one streamed
+    /// request: 2,731-2,754 against 2,835-2,851 tok/s; docs/results.md
+    /// §5). Without it a launch of several steps is each step's
+    /// persistent kernel and head kernel in turn, the head's last block
+    /// feeding the next step.
+    fn lp_head() -> bool {
+        lp_head_env().unwrap_or(false)
     }
 
     /// decode.cu's `mma_proj` shared memory (its OUT_MLP extra aside): `bt`
@@ -2074,22 +2112,22 @@ mod imp {
         (bt * (k + 8) * 2).next_multiple_of(16) + warps * (bt / 8) * 4 * 32 * 4
     }
 
-    /// Chained greedy steps a launch of the one-row persistent step with
-    /// its LM head ([`lp_head`]; `PIPE_DECODE_LP_STEPS=K`, 1 to
-    /// [`LP_STEPS_MAX`], 1 by default): the head's last block of each
-    /// step feeds its argmax's embedding row to the next step in the
-    /// same launch (decode.cu's `lp_feed`): no input kernel, launch or
-    /// graph between them, but the head inside the step costs more than
-    /// they save (see [`lp_head`]). 1 with `PIPE_DECODE_LP_HEAD=0`.
+    /// Chained greedy steps a launch of the one-row persistent step
+    /// (`PIPE_DECODE_LP_STEPS=K`, 1 to [`LP_STEPS_MAX`], 4 by default):
+    /// the last block of each step's LM head feeds its argmax's embedding
+    /// row to the next step (Gemv's `feed`, or decode.cu's `lp_feed`
+    /// with the head inside the step, [`lp_head`]): no input kernel or
+    /// graph between them, and the host's inputs read once a launch. On
+    /// an H100 (SmolLM2-135M, 100-position prompts, 128 steps, three
+    /// rounds, ms a step) 4: 0.3709 / 0.3704 / 0.3704, 8: 0.3704 / 0.3699
+    /// / 0.3714, 1: 0.3758 / 0.3740 / 0.3749 (docs/results.md §5). 4
+    /// rather than 8: a sequence that stops (or a request that arrives)
+    /// waits for at most two launches, and wastes at most 3 steps.
     fn chain_steps_wanted() -> usize {
         let k = switch(&super::LP_STEPS, || {
-            std::env::var("PIPE_DECODE_LP_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1)
+            std::env::var("PIPE_DECODE_LP_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(4)
         });
-        if lp_head_env() == Some(false) {
-            1
-        } else {
-            k.clamp(1, LP_STEPS_MAX)
-        }
+        k.clamp(1, LP_STEPS_MAX)
     }
 
     /// The most chained steps a launch ([`chain_steps_wanted`]): the keys' slots
@@ -2138,6 +2176,18 @@ mod imp {
 
     /// The launch attribute of a programmatic dependent launch, if `pdl`
     /// and `PIPE_DECODE_PDL` is not 0.
+    /// Whether the one-row persistent step of the zero-copy path is a
+    /// programmatic launch after the kernel before it (its input kernel,
+    /// or the step before's LM head in a launch of several): its blocks
+    /// wait there at their start instead of being launched once that
+    /// kernel ends. On by default (`PIPE_DECODE_LP_PDL=0`: off): on an
+    /// H100 (SmolLM2-135M, 100-position prompts, one step a launch, three
+    /// rounds) 0.3758 / 0.3740 / 0.3749 ms a step against 0.3774 / 0.3743
+    /// / 0.3762 (docs/results.md §5).
+    fn lp_pdl() -> bool {
+        switch(&super::LP_PDL, || std::env::var("PIPE_DECODE_LP_PDL").map_or(true, |v| v != "0"))
+    }
+
     fn pdl_attr(pdl: bool) -> Option<sys::CUlaunchAttribute> {
         if !(pdl && pdl_on()) {
             return None;
@@ -2175,8 +2225,8 @@ mod imp {
     /// 0.3384-0.3390 against 0.3418-0.3439 (1.01x; 1: 0.3437-0.3443, 3:
     /// 0.3417-0.3425, 4: 0.3404-0.3411); H100 0.3768-0.3775 against
     /// 0.3801-0.3813 (docs/results.md §5). Inside the persistent step
-    /// (`PIPE_DECODE_LP_HEAD`, `PIPE_DECODE_LP_STEPS`) the head stays the
-    /// tensor-core code: this one was slower there.
+    /// (`PIPE_DECODE_LP_HEAD=1`) the head stays the tensor-core code:
+    /// this one was slower there.
     fn head1() -> usize {
         switch(&super::HEAD1, || std::env::var("PIPE_DECODE_HEAD1").ok().and_then(|v| v.parse().ok()).unwrap_or(2))
     }
@@ -2806,34 +2856,43 @@ mod tests {
         // (Also with the LM head inside the persistent step, and with
         // launches of 4 and of 3 steps: greedy_matches_steps' 7 steps as 4
         // + 3 and 3 + 3 + 1, stopped inside a launch and at its end. The
-        // switches unset: one step a launch without the head; 4 a launch,
-        // the head in those launches only; PIPE_DECODE_LP_HEAD=0: one a
-        // launch whatever LP_STEPS says.)
+        // switches unset: 4 steps a launch, each step's head a kernel of
+        // its own feeding the next step, unless PIPE_DECODE_LP_HEAD=1
+        // puts it inside.)
         // (The MLP's sums a row a layer, PIPE_DECODE_LP_ACC, by default;
         // also without: one step a launch, and 4 with the head inside.)
         // (The one-row head on CUDA cores, PIPE_DECODE_HEAD1, by default
         // where the head is a kernel of its own; also the tensor-core
         // head; inside the persistent step always the tensor-core code.)
-        for (chain, head, steps, acc, h1) in [
-            (true, Some(false), Some(1), None, 0),
-            (true, Some(true), Some(1), None, 0),
-            (true, Some(true), Some(4), None, 0),
-            (true, Some(true), Some(3), None, 0),
-            (false, Some(false), Some(1), None, 0),
-            (true, None, None, None, 0),
-            (true, None, Some(4), None, 0),
-            (true, Some(false), Some(4), None, 0),
-            (true, Some(false), Some(1), Some(false), 0),
-            (true, Some(true), Some(4), Some(false), 0),
-            (true, Some(false), Some(1), None, 1),
-            (false, Some(false), Some(1), None, 3),
-            (true, Some(true), Some(4), None, 2),
+        // (PIPE_DECODE_LP_PDL=1: the persistent step a programmatic launch,
+        // after the input kernel or the head of the step before.)
+        for (chain, head, steps, acc, h1, pdl) in [
+            (true, Some(false), Some(1), None, 0, false),
+            (true, Some(true), Some(1), None, 0, false),
+            (true, Some(true), Some(4), None, 0, false),
+            (true, Some(true), Some(3), None, 0, false),
+            (false, Some(false), Some(1), None, 0, false),
+            (true, None, None, None, 0, false),
+            (true, None, Some(4), None, 0, false),
+            (true, Some(false), Some(4), None, 0, false),
+            (true, Some(false), Some(1), Some(false), 0, false),
+            (true, Some(true), Some(4), Some(false), 0, false),
+            (true, Some(false), Some(1), None, 1, false),
+            (false, Some(false), Some(1), None, 3, false),
+            (true, Some(true), Some(4), None, 2, false),
+            (true, None, Some(3), None, 2, false),
+            (true, None, Some(4), Some(false), 1, false),
+            (true, None, Some(1), None, 2, true),
+            (true, None, Some(4), None, 2, true),
+            (true, Some(true), Some(4), None, 0, true),
+            (false, Some(false), Some(1), None, 2, true),
         ] {
             super::LP_ACC.with(|t| t.set(acc));
             super::CHAIN.with(|t| t.set(Some(chain)));
             super::LP_HEAD.with(|t| t.set(Some(head)));
             super::LP_STEPS.with(|t| t.set(steps));
             super::HEAD1.with(|t| t.set(Some(h1)));
+            super::LP_PDL.with(|t| t.set(Some(pdl)));
             // (Fresh graphs: the counters count graphs recorded, and a case
             // before may have recorded this one's step counts: 4 + 3, then
             // 3 + 3 + 1.)
@@ -2845,33 +2904,36 @@ mod tests {
                 runs(&super::LP_STEPS_RUNS),
                 runs(&super::LP_ACC_RUNS),
                 runs(&super::HEAD1_RUNS),
+                runs(&super::FEED_RUNS),
+                runs(&super::LP_PDL_RUNS),
             ];
             greedy_matches_steps(&m)?;
             let what = format!(
-                "chain {chain}, head {head:?}, {steps:?} steps a launch, MLP sums a row {acc:?}, head on CUDA cores {h1}"
+                "chain {chain}, head {head:?}, {steps:?} steps a launch, MLP sums a row {acc:?}, head on CUDA cores {h1}, \
+                 programmatic {pdl}"
             );
             assert_eq!(
                 runs(&super::LP_ACC_RUNS) > before[3],
                 acc.unwrap_or(true),
                 "{what}: steps with the sums a row ran"
             );
-            // (Unset: 1.)
-            let several = chain && head != Some(false) && steps.unwrap_or(1) > 1;
+            // (Unset: 4 steps a launch, the head a kernel of its own.)
+            let several = chain && steps.unwrap_or(4) > 1;
+            let inside = head == Some(true);
             // (Inside the step: the tensor-core head whatever HEAD1 says.)
-            assert_eq!(
-                runs(&super::HEAD1_RUNS) > before[4],
-                h1 > 0 && !head.unwrap_or(several),
-                "{what}: the head on CUDA cores ran"
-            );
+            assert_eq!(runs(&super::HEAD1_RUNS) > before[4], h1 > 0 && !inside, "{what}: the head on CUDA cores ran");
             assert_eq!(runs(&super::CHAIN_RUNS) > before[0], chain, "{what}: chains ran");
-            assert_eq!(
-                runs(&super::LP_HEAD_RUNS) > before[1],
-                head.unwrap_or(several),
-                "{what}: the head in the step ran"
-            );
+            assert_eq!(runs(&super::LP_HEAD_RUNS) > before[1], inside, "{what}: the head in the step ran");
             assert_eq!(runs(&super::LP_STEPS_RUNS) > before[2], several, "{what}: launches of several steps ran");
+            assert_eq!(
+                runs(&super::FEED_RUNS) > before[5],
+                several && !inside,
+                "{what}: launches of several steps, each with its head kernel, ran"
+            );
+            assert_eq!(runs(&super::LP_PDL_RUNS) > before[6], pdl, "{what}: programmatic persistent steps ran");
         }
         super::HEAD1.with(|t| t.set(None));
+        super::LP_PDL.with(|t| t.set(None));
         super::CHAIN.with(|t| t.set(None));
         super::LP_HEAD.with(|t| t.set(None));
         super::LP_STEPS.with(|t| t.set(None));
