@@ -441,6 +441,21 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, unsigned i) {
   return ((unsigned long long)key << 32) | (0xffffffffu - i);
 }
 
+// One row's argmax (its key in *best, reset to 0 for the next step's
+// head) as the next step's token, clamped to the vocabulary's n rows, and
+// that token's embedding row of width h into x (every thread of the
+// block; the LM head's blocks have all staged x already).
+__device__ void feed_argmax(unsigned long long *best, unsigned n, const bf16 *embed, int h, float *x) {
+  __shared__ unsigned tok;
+  if (threadIdx.x == 0) {
+    const unsigned long long k = atomicExch(best, 0ull);
+    tok = min(0xffffffffu - (unsigned)k, n - 1u);
+  }
+  __syncthreads();
+  const bf16 *e = embed + (size_t)tok * h;
+  for (int i = threadIdx.x; i < h; i += blockDim.x) x[i] = __bfloat162float(e[i]);
+}
+
 // A hook that does nothing (mma_proj's `fin` by default).
 struct Nop {
   __device__ void operator()() const {}
@@ -466,18 +481,8 @@ template <class Fin = Nop> __device__ void publish_best(const Gemv &a, Fin fin =
   if (threadIdx.x == 0) *a.hdone = 0u;
   // (No system-scope fence: the host reads the keys once the step's event
   // or stream has completed, which makes the kernel's writes visible.)
-  if (a.feed) {
-    // (Every block staged x before it counted itself done: none reads it.)
-    __shared__ unsigned tok;
-    if (threadIdx.x == 0) {
-      const unsigned long long k = atomicExch(a.best, 0ull);
-      tok = min(0xffffffffu - (unsigned)k, (unsigned)a.N - 1u);
-    }
-    __syncthreads();
-    const bf16 *e = a.feed + (size_t)tok * a.K;
-    float *x = const_cast<float *>(a.x);
-    for (int i = threadIdx.x; i < a.K; i += blockDim.x) x[i] = __bfloat162float(e[i]);
-  }
+  // (Every block staged x before it counted itself done: none reads it.)
+  if (a.feed) feed_argmax(a.best, (unsigned)a.N, a.feed, a.K, const_cast<float *>(a.x));
   fin();
 }
 
@@ -2683,14 +2688,7 @@ __device__ __forceinline__ void lp_mark(const LayP &P, int blk, int slot) {
 // wait for it before their first layer). Every block has staged x for the
 // head before it counted itself done, so none still reads it.
 __device__ void lp_feed(const LayP &P, unsigned *fed) {
-  __shared__ unsigned tok;
-  if (threadIdx.x == 0) {
-    const unsigned long long k = atomicExch(P.head.best, 0ull);
-    tok = min(0xffffffffu - (unsigned)k, (unsigned)P.head.N - 1u);
-  }
-  __syncthreads();
-  const bf16 *e = P.embed + (size_t)tok * P.a.H;
-  for (int i = threadIdx.x; i < P.a.H; i += blockDim.x) P.x[i] = __bfloat162float(e[i]);
+  feed_argmax(P.head.best, (unsigned)P.head.N, P.embed, P.a.H, P.x);
   block_arrive(fed);
 }
 

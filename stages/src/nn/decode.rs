@@ -83,8 +83,8 @@ thread_local! {
     static CHAIN: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// Tests: this thread's `PIPE_DECODE_ZC`.
     static ZERO_COPY: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
-    /// Tests: this thread's `PIPE_DECODE_LP_HEAD` (Some(None): unset).
-    static LP_HEAD: std::cell::Cell<Option<Option<bool>>> = const { std::cell::Cell::new(None) };
+    /// Tests: this thread's `PIPE_DECODE_LP_HEAD`.
+    static LP_HEAD: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// Tests: persistent steps with the LM head inside recorded on this thread.
     static LP_HEAD_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// Tests: this thread's `PIPE_DECODE_LP_STEPS`.
@@ -1911,10 +1911,6 @@ mod imp {
     }
 
     impl Graphs {
-        /// A projection on tensor cores: tiles of 16 weight rows, batch
-        /// chunks of BT rows (the smallest of 8..64 that holds the batch
-        /// and fits in shared memory with the warps' partial sums), 4 or 8
-        /// warps splitting K.
         /// A projection's launch attributes: programmatic, and for the LM
         /// head the L2 window on its weights ([`l2_head`]) when on.
         fn mma_attrs(&self, head: bool) -> Vec<sys::CUlaunchAttribute> {
@@ -1926,6 +1922,11 @@ mod imp {
             attrs
         }
 
+        /// A projection on tensor cores: tiles of 16 weight rows, batch
+        /// chunks of BT rows (the smallest of 8..64 that holds the batch
+        /// and fits in shared memory with the warps' partial sums), 4 or 8
+        /// warps splitting K; at one row the LM head on CUDA cores where
+        /// [`head1`] says so.
         fn mma(&self, kind: &str, a: Gemv) -> Result<()> {
             let (b, k, n) = (a.b as usize, a.k as usize, a.n as usize);
             let head = kind.starts_with("head");
@@ -2080,18 +2081,8 @@ mod imp {
         }
     }
 
-    /// `PIPE_DECODE_LP_HEAD`: 1, the LM head inside every one-row
-    /// persistent step; 0 or unset, never ([`lp_head`]).
-    fn lp_head_env() -> Option<bool> {
-        switch(&super::LP_HEAD, || match std::env::var("PIPE_DECODE_LP_HEAD").as_deref() {
-            Ok("1") => Some(true),
-            Ok("0") => Some(false),
-            _ => None,
-        })
-    }
-
-    /// Whether a launch of `steps` one-row persistent steps (1: not a
-    /// chain's launch of several) also runs the LM head (`dec_lph_*`: its
+    /// Whether the one-row persistent step also runs the LM head
+    /// (`PIPE_DECODE_LP_HEAD=1`; `dec_lph_*`: its
     /// blocks take the head's tiles once the last layer's MLP blocks have
     /// arrived, instead of a kernel of its own after it). Off by default:
     /// on an H200 a step at a time is ~4% slower with it (0.374 against
@@ -2102,7 +2093,7 @@ mod imp {
     /// persistent kernel and head kernel in turn, the head's last block
     /// feeding the next step.
     fn lp_head() -> bool {
-        lp_head_env().unwrap_or(false)
+        switch(&super::LP_HEAD, || std::env::var("PIPE_DECODE_LP_HEAD").is_ok_and(|v| v == "1"))
     }
 
     /// decode.cu's `mma_proj` shared memory (its OUT_MLP extra aside): `bt`
@@ -2174,8 +2165,6 @@ mod imp {
         switch(&super::LP_ACC, || std::env::var("PIPE_DECODE_LP_ACC").map_or(true, |v| v != "0"))
     }
 
-    /// The launch attribute of a programmatic dependent launch, if `pdl`
-    /// and `PIPE_DECODE_PDL` is not 0.
     /// Whether the one-row persistent step of the zero-copy path is a
     /// programmatic launch after the kernel before it (its input kernel,
     /// or the step before's LM head in a launch of several): its blocks
@@ -2188,6 +2177,8 @@ mod imp {
         switch(&super::LP_PDL, || std::env::var("PIPE_DECODE_LP_PDL").map_or(true, |v| v != "0"))
     }
 
+    /// The launch attribute of a programmatic dependent launch, if `pdl`
+    /// and `PIPE_DECODE_PDL` is not 0.
     fn pdl_attr(pdl: bool) -> Option<sys::CUlaunchAttribute> {
         if !(pdl && pdl_on()) {
             return None;
@@ -2384,10 +2375,10 @@ mod imp {
     }
 
     /// What the switches that shape a recorded step read now.
-    type Variant = (bool, usize, bool, bool, bool, bool, usize, i32, bool, Option<bool>);
+    type Variant = (bool, usize, bool, bool, bool, bool, usize, i32, bool, bool);
 
     fn variant() -> Variant {
-        let lay = (lay_max(), la_whole(), zero_copy(), lp_head_env());
+        let lay = (lay_max(), la_whole(), zero_copy(), lp_head());
         (mega_on(), tc_from(), pdl_on(), attn_chunked(), mlp_fused(), stream_on(), lay.0, lay.1, lay.2, lay.3)
     }
 
@@ -2612,7 +2603,7 @@ mod tests {
                 }
                 // The LM head inside the persistent step (PIPE_DECODE_LP_HEAD):
                 // one row, zero-copy through graphs, copies without.
-                super::LP_HEAD.with(|t| t.set(Some(Some(true))));
+                super::LP_HEAD.with(|t| t.set(Some(true)));
                 for (zc, graphs) in [(true, true), (false, false)] {
                     super::ZERO_COPY.with(|t| t.set(Some(zc)));
                     let runs = super::LP_HEAD_RUNS.with(|r| r.get());
@@ -2633,7 +2624,7 @@ mod tests {
                     [(false, false, true), (false, true, true), (true, true, true), (true, false, false)]
                 {
                     super::LP_ACC.with(|t| t.set(Some(acc)));
-                    super::LP_HEAD.with(|t| t.set(Some(Some(head))));
+                    super::LP_HEAD.with(|t| t.set(Some(head)));
                     fresh_graphs(&m);
                     let runs = super::LP_ACC_RUNS.with(|r| r.get());
                     let (fast, slow) = compare(&m, &exact, 1, 4, graphs, extra)?;
@@ -2889,7 +2880,7 @@ mod tests {
         ] {
             super::LP_ACC.with(|t| t.set(acc));
             super::CHAIN.with(|t| t.set(Some(chain)));
-            super::LP_HEAD.with(|t| t.set(Some(head)));
+            super::LP_HEAD.with(|t| t.set(head));
             super::LP_STEPS.with(|t| t.set(steps));
             super::HEAD1.with(|t| t.set(Some(h1)));
             super::LP_PDL.with(|t| t.set(Some(pdl)));
