@@ -26,25 +26,33 @@ impl Drop for Serve {
 
 /// `pipe serve ARGS --port 0`, once it says where it listens.
 fn serve(ws: &Ws, args: &[&str]) -> Serve {
+    serve_env(ws, args, &[]).0
+}
+
+/// The same with environment variables, and what it printed up to then.
+fn serve_env(ws: &Ws, args: &[&str], env: &[(&str, &str)]) -> (Serve, Vec<String>) {
     let mut child = Command::new(bin())
         .current_dir(ws.path())
         .arg("serve")
         .args(args)
         .args(["--port", "0"])
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn pipe serve");
     let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut said = Vec::new();
     let url = loop {
         let line = lines.next().expect("pipe serve exited before serving").expect("read stderr");
+        said.push(line.clone());
         if let Some(rest) = line.split(" on ").nth(1).filter(|_| line.contains("serving")) {
             break rest.split_whitespace().next().expect("url").to_string();
         }
     };
     // Keep draining stderr so the server never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    Serve { child, url }
+    (Serve { child, url }, said)
 }
 
 fn agent() -> ureq::Agent {
@@ -231,6 +239,30 @@ fn a_full_queue_is_refused_with_503_and_ctrl_c_finishes_running_requests() {
     assert_eq!(answer.1["usage"]["completion_tokens"], 480);
     let status = s.child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+/// `PIPE_SERVE_WARMUP=1` (on by default on CUDA only): the engine runs its
+/// synthetic requests before the server says it is serving, and answers as
+/// a server without the warm-up does.
+#[test]
+fn serve_warms_up_before_serving_and_answers_the_same() {
+    let ws = Ws::new();
+    write_tiny_llama(&ws, "model", true);
+    let (warm, said) = serve_env(&ws, &["model"], &[("PIPE_SERVE_WARMUP", "1")]);
+    let loaded = said.iter().find(|l| l.contains("loaded")).unwrap_or_else(|| panic!("{said:?}"));
+    assert!(loaded.contains("warmed up in"), "{loaded}");
+    let (cold, said) = serve_env(&ws, &["model"], &[("PIPE_SERVE_WARMUP", "0")]);
+    assert!(said.iter().all(|l| !l.contains("warm")), "{said:?}");
+    let long = format!("{} tail", "the same few-shot prefix ".repeat(4));
+    for q in ["hi", long.as_str()] {
+        let body = json!({"messages": [{"role": "user", "content": q}], "max_tokens": 16, "temperature": 0,
+                          "ignore_eos": true});
+        let (st, a) = chat(&warm, body.clone());
+        assert_eq!(st, 200, "{a}");
+        let (_, b) = chat(&cold, body);
+        assert_eq!(content(&a), content(&b), "{q}");
+        assert_eq!(a["usage"], b["usage"], "{q}");
+    }
 }
 
 #[test]

@@ -91,11 +91,18 @@ pub struct EngineOptions {
     pub queue: usize,
     /// Prompt tokens prefilled in one step at most (one prompt is always admitted).
     pub max_prefill_tokens: usize,
+    /// Run a few synthetic requests through every kind of step before
+    /// [`Engine::start`] returns ([`Scheduler::warm_up`]), so that the
+    /// first real requests do not pay for what a process does once (on
+    /// CUDA: the driver compiling candle's PTX kernels on their first use,
+    /// ~20 s on a fresh H200 for the first batch of 8 concurrent requests;
+    /// the decode graphs' recording).
+    pub warm_up: bool,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { max_batch: 64, queue: 256, max_prefill_tokens: 4096 }
+        EngineOptions { max_batch: 64, queue: 256, max_prefill_tokens: 4096, warm_up: false }
     }
 }
 
@@ -119,6 +126,9 @@ pub struct Engine {
     pub max_len: usize,
     pub vocab_size: usize,
     queue: usize,
+    /// With [`EngineOptions::warm_up`]: how long the warm-up took, or why
+    /// it failed (the engine runs either way).
+    pub warmed_up: Option<Result<std::time::Duration, String>>,
 }
 
 impl Engine {
@@ -131,10 +141,12 @@ impl Engine {
         let queue = opts.queue;
         let abort = Arc::new(AtomicBool::new(false));
         let flag = abort.clone();
+        let warm = opts.warm_up;
+        let (ready_tx, ready_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("pipe-engine".into())
             .spawn(move || {
-                Scheduler {
+                let mut sched = Scheduler {
                     model,
                     tok,
                     eos,
@@ -146,11 +158,19 @@ impl Engine {
                     uses: 0,
                     abort: flag,
                     stats: Stats::default(),
+                };
+                if warm {
+                    let t0 = std::time::Instant::now();
+                    let r = sched.warm_up().map(|()| t0.elapsed()).map_err(|e| e.to_string());
+                    let _ = ready_tx.send(r);
                 }
-                .run()
+                sched.run()
             })
             .expect("spawning the engine thread");
-        Engine { tx: Some(tx), abort, thread: Some(thread), tokenizer, eos_ids, max_len, vocab_size, queue }
+        // (No request can arrive before this returns: the sender is not out yet.)
+        let warmed_up =
+            if warm { Some(ready_rx.recv().unwrap_or_else(|_| Err("the engine thread ended".into()))) } else { None };
+        Engine { tx: Some(tx), abort, thread: Some(thread), tokenizer, eos_ids, max_len, vocab_size, queue, warmed_up }
     }
 
     /// A flag that, once set, makes the engine end every running and waiting
@@ -343,11 +363,66 @@ fn emit(s: &mut Seq, tok: &Tokenizer, t: u32) -> bool {
 /// Shared prompt tokens worth reusing from the prefix cache.
 const MIN_PREFIX: usize = 32;
 
+/// The warm-up's prompt number `salt`: `n` token ids spread over the vocabulary.
+fn warm_up_ids(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919 + salt * 104_729 + 13) % vocab.max(1)) as u32).collect()
+}
+
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 impl Scheduler {
+    /// Synthetic requests through each kind of step a server runs, before
+    /// the first real one (nothing of them is kept: the prefix cache and
+    /// the step statistics are cleared after): two prompts prefilled
+    /// together, one of them sampled (its logits brought back); a third,
+    /// sharing the first one's prefix, admitted from the prefix cache
+    /// beside the two decoding (a mixed step); decode steps of three, two
+    /// and one rows; then a lone greedy sequence (the decode chain of
+    /// [`Llama::decode_greedy`]).
+    fn warm_up(&mut self) -> crate::nn::Result<()> {
+        let ids = |n, salt| warm_up_ids(n, salt, self.model.cfg.vocab_size);
+        let greedy = GenParams { max_tokens: 6, ignore_eos: true, ..Default::default() };
+        let sampled = GenParams { temperature: 1.0, top_p: 0.9, top_k: 50, seed: Some(0), ..greedy.clone() };
+        let first = ids(MIN_PREFIX + 8, 0);
+        let mut sibling = first[..MIN_PREFIX + 4].to_vec();
+        sibling.extend(ids(6, 1));
+        // The requests' receivers stay open until the end (a closed one
+        // would retire its sequence).
+        let mut open = Vec::new();
+        let mut req = |prompt: Vec<u32>, params: GenParams| {
+            let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+            open.push(rx);
+            Request { prompt, params, events }
+        };
+        let batches = [
+            vec![req(first, greedy.clone()), req(ids(9, 2), sampled)],
+            vec![req(sibling, greedy.clone())],
+            vec![req(ids(5, 3), GenParams { max_tokens: 9, ..greedy })],
+        ];
+        let mut r = Ok(());
+        for (i, batch) in batches.into_iter().enumerate() {
+            for q in batch {
+                if let Some(s) = self.admit(q) {
+                    self.active.push(s);
+                }
+            }
+            // The second batch joins after one step; the last runs alone.
+            let mut n = 0;
+            while r.is_ok() && !self.active.is_empty() && (i != 0 || n < 1) && n < 64 {
+                r = self.step();
+                n += 1;
+            }
+        }
+        self.active.clear();
+        self.held = None;
+        self.prefix.clear();
+        self.uses = 0;
+        self.stats = Stats::default();
+        r
+    }
+
     fn run(mut self) {
         let mut open = true;
         loop {
@@ -711,12 +786,13 @@ mod tests {
         assert!((0..50).all(|_| sample(&logits, &nucleus, &mut rng) == 1), "top_p 0.5 keeps only the best token");
     }
 
-    #[test]
-    fn abort_ends_running_and_waiting_requests_at_once() {
+    /// An engine on a tiny random model (32 tokens, f32, CPU) with a
+    /// word-level tokenizer ("t0" .. "t31").
+    fn tiny_engine(opts: EngineOptions, max_len: usize) -> Engine {
         use crate::nn::llama::TrainSpec;
         use crate::nn::tests::{tiny_config, tiny_model};
         let mut cfg = tiny_config("llama", true);
-        cfg.max_position_embeddings = 1 << 20;
+        cfg.max_position_embeddings = max_len;
         let model = tiny_model(&cfg, &TrainSpec::default(), candle_core::DType::F32).unwrap();
         let vocab: serde_json::Map<String, serde_json::Value> =
             (0..32).map(|i| (format!("t{i}"), serde_json::json!(i))).collect();
@@ -726,8 +802,54 @@ mod tests {
             "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
         }))
         .unwrap();
-        let opts = EngineOptions { max_batch: 1, ..Default::default() };
-        let engine = Engine::start(model, Arc::new(tok), vec![], opts);
+        Engine::start(model, Arc::new(tok), vec![], opts)
+    }
+
+    /// A request's text and its Done event (None: it ended otherwise).
+    fn generate(engine: &Engine, prompt: Vec<u32>, params: GenParams) -> (String, Option<Event>) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        engine.submit(Request { prompt, params, events: tx }).unwrap();
+        let mut text = String::new();
+        loop {
+            match rx.blocking_recv() {
+                Some(Event::Delta(d)) => text.push_str(&d),
+                Some(done @ Event::Done { .. }) => return (text, Some(done)),
+                _ => return (text, None),
+            }
+        }
+    }
+
+    #[test]
+    fn warm_up_runs_every_kind_of_step_and_keeps_nothing() {
+        let greedy = GenParams { max_tokens: 12, ignore_eos: true, ..Default::default() };
+        let plain = tiny_engine(EngineOptions::default(), 256);
+        assert!(plain.warmed_up.is_none());
+        let warm = tiny_engine(EngineOptions { warm_up: true, ..Default::default() }, 256);
+        assert!(matches!(warm.warmed_up, Some(Ok(_))), "{:?}", warm.warmed_up);
+        // The warm-up's first prompt entered the prefix cache during the
+        // warm-up; a prompt sharing it must find the cache empty again.
+        let mut shared = warm_up_ids(MIN_PREFIX + 8, 0, 32);
+        shared.extend([3, 1, 4]);
+        let (a, done_a) = generate(&plain, shared.clone(), greedy.clone());
+        let (b, done_b) = generate(&warm, shared, greedy.clone());
+        assert_eq!(a, b, "the warm-up changed what a request generates");
+        assert!(matches!(done_b, Some(Event::Done { cached_tokens: 0, completion_tokens: 12, .. })), "{done_b:?}");
+        assert_eq!(done_a, done_b);
+        // A sampled request and a second greedy one: the same on both.
+        let sampled = GenParams { temperature: 0.8, seed: Some(7), ..greedy.clone() };
+        assert_eq!(generate(&plain, vec![5, 6, 7], sampled.clone()), generate(&warm, vec![5, 6, 7], sampled));
+        assert_eq!(generate(&plain, vec![9, 2], greedy.clone()), generate(&warm, vec![9, 2], greedy));
+        // A model too short for the warm-up's prompts: they are refused
+        // (as any such prompt is), and the warm-up still ends.
+        let short = tiny_engine(EngineOptions { warm_up: true, ..Default::default() }, 8);
+        assert!(matches!(short.warmed_up, Some(Ok(_))), "{:?}", short.warmed_up);
+        let (_, done) = generate(&short, vec![1, 2], GenParams { max_tokens: 3, ..Default::default() });
+        assert!(matches!(done, Some(Event::Done { completion_tokens: 3, .. })), "{done:?}");
+    }
+
+    #[test]
+    fn abort_ends_running_and_waiting_requests_at_once() {
+        let engine = tiny_engine(EngineOptions { max_batch: 1, ..Default::default() }, 1 << 20);
         let params = GenParams { max_tokens: 1 << 19, ignore_eos: true, ..Default::default() };
         let (tx1, mut rx1) = tokio::sync::mpsc::unbounded_channel();
         let (tx2, mut rx2) = tokio::sync::mpsc::unbounded_channel();

@@ -188,11 +188,21 @@ pub fn start(
         model,
         Arc::new(tokenizer),
         eos.clone(),
-        EngineOptions { max_batch: p.max_batch.max(1), queue: p.queue.max(1), ..Default::default() },
+        EngineOptions {
+            max_batch: p.max_batch.max(1),
+            queue: p.queue.max(1),
+            warm_up: warm_up_wanted(device.is_cuda()),
+            ..Default::default()
+        },
     );
     let model_name = p.model_name.clone().unwrap_or_else(|| default_name.to_string());
+    let warm = match &engine.warmed_up {
+        Some(Ok(d)) => format!(", warmed up in {:.1} s", d.as_secs_f64()),
+        Some(Err(e)) => format!(", warm-up failed ({e})"),
+        None => String::new(),
+    };
     log(&format!(
-        "loaded {} on {} as {dtype:?} in {:.1} s (context {max_len}, eos ids {eos:?}, max batch {}, queue {})",
+        "loaded {} on {} as {dtype:?} in {:.1} s (context {max_len}, eos ids {eos:?}, max batch {}, queue {}{warm})",
         model_dir.display(),
         if device.is_cuda() { "cuda" } else { "cpu" },
         t0.elapsed().as_secs_f64(),
@@ -239,6 +249,17 @@ pub fn start(
     let server = Server { addr, model_name, shutdown: Some(tx), thread: Some(thread), abort };
     wait_healthy(&server)?;
     Ok(server)
+}
+
+/// Whether the engine warms up before serving ([`EngineOptions::warm_up`]):
+/// on CUDA unless `PIPE_SERVE_WARMUP=0`; on the CPU, where nothing is
+/// compiled or recorded on first use, only with `PIPE_SERVE_WARMUP=1`.
+fn warm_up_wanted(cuda: bool) -> bool {
+    match std::env::var("PIPE_SERVE_WARMUP").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => cuda,
+    }
 }
 
 fn wait_healthy(s: &Server) -> Result<(), StageFailure> {
