@@ -403,9 +403,12 @@ impl Scheduler {
         ];
         let mut r = Ok(());
         for (i, batch) in batches.into_iter().enumerate() {
+            // (Within the server's batch limit, as real requests are.)
             for q in batch {
-                if let Some(s) = self.admit(q) {
-                    self.active.push(s);
+                if self.active.len() < self.opts.max_batch {
+                    if let Some(s) = self.admit(q) {
+                        self.active.push(s);
+                    }
                 }
             }
             // The second batch joins after one step; the last runs alone.
@@ -839,9 +842,9 @@ mod tests {
         let sampled = GenParams { temperature: 0.8, seed: Some(7), ..greedy.clone() };
         assert_eq!(generate(&plain, vec![5, 6, 7], sampled.clone()), generate(&warm, vec![5, 6, 7], sampled));
         assert_eq!(generate(&plain, vec![9, 2], greedy.clone()), generate(&warm, vec![9, 2], greedy));
-        // A model too short for the warm-up's prompts: they are refused
-        // (as any such prompt is), and the warm-up still ends.
-        let short = tiny_engine(EngineOptions { warm_up: true, ..Default::default() }, 8);
+        // A model too short for the warm-up's prompts (they are refused,
+        // as any such prompt is) and a batch of one: the warm-up still ends.
+        let short = tiny_engine(EngineOptions { warm_up: true, max_batch: 1, ..Default::default() }, 8);
         assert!(matches!(short.warmed_up, Some(Ok(_))), "{:?}", short.warmed_up);
         let (_, done) = generate(&short, vec![1, 2], GenParams { max_tokens: 3, ..Default::default() });
         assert!(matches!(done, Some(Event::Done { completion_tokens: 3, .. })), "{done:?}");
