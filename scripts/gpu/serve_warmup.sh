@@ -13,11 +13,11 @@
 #   bash scripts/gpu/serve_warmup.sh        -> $OUT/warm.txt
 set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+source "$REPO/scripts/gpu/lib.sh"
 cd "$REPO/gpu-serve"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; R=$OUT/warm.txt
 [ -x pipe ] || { python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' pipe.xz pipe && chmod +x pipe; }
-S=$(python3 -c 'import nvidia,os;print(os.path.dirname(nvidia.__path__[0]))')
-export LD_LIBRARY_PATH=$(find "$S/nvidia" -name lib -type d | tr '\n' ':')${LD_LIBRARY_PATH:-}
+cuda_runtime_libs
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$R"
 [ -f smol/model.safetensors ] || python3 "$REPO/scripts/gpu/gen_model.py" src smol > /dev/null 2>&1
 rm -rf /tmp/cc0 /tmp/cc1

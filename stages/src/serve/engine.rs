@@ -411,11 +411,14 @@ impl Scheduler {
                     }
                 }
             }
-            // The second batch joins after one step; the last runs alone.
-            let mut n = 0;
-            while r.is_ok() && !self.active.is_empty() && (i != 0 || n < 1) && n < 64 {
+            // The second batch joins after the first's one step; then each
+            // runs to its end (the last alone), 64 steps at most.
+            let steps = if i == 0 { 1 } else { 64 };
+            for _ in 0..steps {
+                if r.is_err() || self.active.is_empty() {
+                    break;
+                }
                 r = self.step();
-                n += 1;
             }
         }
         self.active.clear();
