@@ -5,8 +5,9 @@
 #   warm1: the warm-up (the default on CUDA), another fresh cache;
 #   cold0b: PIPE_SERVE_WARMUP=0 again on cold0's cache, now filled (no JIT).
 # Each: seconds from start to "serving", then load.py (stream1, then 8, 8,
-# 32 concurrent, 128 tokens each). KEEP=1: only the warm-up server, on the
-# cache a run before left. Not a test: it asserts nothing.
+# 32 concurrent, 128 tokens each). Not a test: it asserts nothing.
+# PIPES="pipe pipe_old": the three servers of each build in turn (each
+# gpu-serve/NAME, or NAME.xz unpacked), each with caches of its own.
 #
 # Here: scripts/gpu/serve_bench.sh prepare (gpu-serve/: pipe.xz, src/).
 # On the GPU machine (the `device` tool, carry ["gpu-serve"]):
@@ -16,15 +17,17 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 source "$REPO/scripts/gpu/lib.sh"
 cd "$REPO/gpu-serve"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; R=$OUT/warm.txt
-[ -x pipe ] || { python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' pipe.xz pipe && chmod +x pipe; }
+PIPES=${PIPES:-pipe}
+for p in $PIPES; do
+  [ -x "$p" ] || { python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$p.xz" "$p" && chmod +x "$p"; }
+done
 cuda_runtime_libs
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$R"
 [ -f smol/model.safetensors ] || python3 "$REPO/scripts/gpu/gen_model.py" src smol > /dev/null 2>&1
-rm -rf /tmp/cc0 /tmp/cc1
-one() { # name, cache dir, env...
-  local n=$1 c=$2; shift 2
+one() { # build, name, cache dir, env...
+  local b=$1 n=$1-$2 c=$3; shift 3
   local t0; t0=$(date +%s.%N)
-  env CUDA_CACHE_PATH=$c PIPE_LOG=info "$@" ./pipe serve smol --device cuda --dtype bf16 --port 0 --max-batch 64 2> "serve_$n.log" &
+  env CUDA_CACHE_PATH=$c PIPE_LOG=info "$@" "./$b" serve smol --device cuda --dtype bf16 --port 0 --max-batch 64 2> "serve_$n.log" &
   local SP=$!
   for _ in $(seq 1 1200); do grep -q "serving" "serve_$n.log" && break; sleep 0.1; done
   local t1; t1=$(date +%s.%N)
@@ -38,6 +41,9 @@ for l in sys.stdin:
   grep -o 'engine:.*' "serve_$n.log" | sed 's/^/  /' | tee -a "$R"
   du -sh "$c" 2>/dev/null | sed 's/^/  JIT cache /' | tee -a "$R"
 }
-one cold0 /tmp/cc0 PIPE_SERVE_WARMUP=0
-one warm1 /tmp/cc1
-one cold0b /tmp/cc0 PIPE_SERVE_WARMUP=0
+for p in $PIPES; do
+  rm -rf "/tmp/cc0-$p" "/tmp/cc1-$p"
+  one "$p" cold0 "/tmp/cc0-$p" PIPE_SERVE_WARMUP=0
+  one "$p" warm1 "/tmp/cc1-$p"
+  one "$p" cold0b "/tmp/cc0-$p" PIPE_SERVE_WARMUP=0
+done

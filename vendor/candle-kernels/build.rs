@@ -1,4 +1,4 @@
-use cudaforge::{KernelBuilder, Result};
+use cudaforge::{CudaToolkit, Error, KernelBuilder, Result};
 use std::env;
 use std::path::PathBuf;
 
@@ -23,6 +23,9 @@ fn main() -> Result<()> {
         .build_ptx()?;
 
     bindings.write(&ptx_path)?;
+
+    // pipe's patch (PIPE-PATCH.md): the same modules as machine code too.
+    build_cubins(&out_dir)?;
 
     let mut moe_sources = vec![
         "src/moe/moe_gguf.cu",
@@ -79,5 +82,73 @@ fn main() -> Result<()> {
     if !is_target_msvc {
         println!("cargo:rustc-link-lib=stdc++");
     }
+    Ok(())
+}
+
+// pipe's patch: the PTX modules above (one a `src/*.cu` but the statically
+// linked ones) compiled again, for the same architecture and with the same
+// flags, into cubins of machine code (`cubin.rs`: `pub const AFFINE: &[u8]`,
+// ...), so that a GPU of that architecture loads them as they are. From PTX
+// alone the driver compiles every module on its first use on each machine
+// (~14 s of a fresh machine's first steps on an H100). The files compile
+// in parallel, as many at once as there are cores.
+const MODULES: [&str; 11] = [
+    "affine", "binary", "cast", "conv", "fill", "indexing", "quantized", "reduce", "sort",
+    "ternary", "unary",
+];
+
+fn build_cubins(out_dir: &std::path::Path) -> Result<()> {
+    let nvcc = CudaToolkit::detect()?.nvcc_path;
+    let gencode = cudaforge::detect_compute_cap()?.to_gencode_arg();
+    let ccbin = env::var("NVCC_CCBIN").ok();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let compile = |name: &str| -> Result<()> {
+        let src = PathBuf::from("src").join(format!("{name}.cu"));
+        let mut cmd = std::process::Command::new(&nvcc);
+        cmd.arg(&gencode)
+            .arg("--cubin")
+            .args(["--default-stream", "per-thread"])
+            .args(["--expt-relaxed-constexpr", "-std=c++17", "-O3", "-o"])
+            .arg(out_dir.join(format!("{name}.cubin")));
+        if let Some(ccbin) = &ccbin {
+            cmd.arg("-allow-unsupported-compiler").args(["-ccbin", ccbin]);
+        }
+        let out = cmd.arg(&src).output().map_err(|e| Error::NvccNotFound(e.to_string()))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(Error::CompilationFailed {
+                path: src,
+                message: String::from_utf8_lossy(&out.stderr).into_owned(),
+            })
+        }
+    };
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..jobs.min(MODULES.len()))
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        match MODULES.get(i) {
+                            Some(name) => compile(name)?,
+                            None => return Ok(()),
+                        }
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| w.join().expect("an nvcc thread panicked"))
+    })?;
+    let consts: String = MODULES
+        .iter()
+        .map(|m| {
+            format!(
+                "pub const {}: &[u8] = include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{m}.cubin\"));\n",
+                m.to_uppercase()
+            )
+        })
+        .collect();
+    std::fs::write(out_dir.join("cubin.rs"), consts)?;
     Ok(())
 }

@@ -1100,3 +1100,45 @@ fn elementwise_ops_on_rayon_give_every_element() -> Result<()> {
     }
     Ok(())
 }
+
+/// On the GPU machine: every module of candle's own kernels loads from the
+/// machine code its build made (vendor/candle-kernels: a fresh machine's
+/// driver no longer compiles their PTX on first use), a module whose
+/// machine code the driver refuses loads from its PTX instead, and candle's
+/// ops run through it.
+#[cfg(feature = "cuda")]
+#[test]
+fn candle_kernels_load_as_machine_code_or_fall_back_to_ptx() -> Result<()> {
+    use candle_core::cuda_backend::kernels;
+    let Some(dev) = cuda_device()? else { return Ok(()) };
+    let Device::Cuda(cuda) = &dev else { unreachable!("cuda_device gives a CUDA device") };
+    let modules = [
+        ("affine", &kernels::AFFINE),
+        ("binary", &kernels::BINARY),
+        ("cast", &kernels::CAST),
+        ("conv", &kernels::CONV),
+        ("fill", &kernels::FILL),
+        ("indexing", &kernels::INDEXING),
+        ("quantized", &kernels::QUANTIZED),
+        ("reduce", &kernels::REDUCE),
+        ("sort", &kernels::SORT),
+        ("ternary", &kernels::TERNARY),
+        ("unary", &kernels::UNARY),
+    ];
+    for (name, m) in modules {
+        assert!(m.cubin().starts_with(b"\x7fELF"), "{name}: no machine code in the build");
+        let (_, from_cubin) = cuda.load_module_cubin_or_ptx(m.cubin(), m.ptx())?;
+        assert!(from_cubin, "{name}: the driver refused the build's machine code");
+    }
+    // An image the driver refuses (an ELF header and nothing else).
+    let mut refused = vec![0u8; 4096];
+    refused[..4].copy_from_slice(b"\x7fELF");
+    let (module, from_cubin) = cuda.load_module_cubin_or_ptx(&refused, kernels::AFFINE.ptx())?;
+    assert!(!from_cubin, "a refused image must fall back to the PTX");
+    module.load_function("affine_f32").map_err(candle_core::Error::wrap)?;
+    // candle's ops, each from its module's machine code.
+    let x = Tensor::new(&[1f32, -2., 3.], &dev)?;
+    let y = x.affine(2.0, 1.0)?.abs()?.to_dtype(DType::BF16)?.sum_all()?.to_dtype(DType::F32)?;
+    assert_eq!(y.to_scalar::<f32>()?, 3. + 3. + 7.);
+    Ok(())
+}

@@ -1,6 +1,10 @@
 mod ptx {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
 }
+// pipe's patch (PIPE-PATCH.md): each module's machine code (build.rs).
+mod cubin {
+    include!(concat!(env!("OUT_DIR"), "/cubin.rs"));
+}
 
 #[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -35,6 +39,7 @@ pub const ALL_IDS: [Id; 11] = [
 pub struct Module {
     index: usize,
     ptx: &'static str,
+    cubin: &'static [u8],
 }
 
 impl Module {
@@ -44,6 +49,13 @@ impl Module {
 
     pub fn ptx(&self) -> &'static str {
         self.ptx
+    }
+
+    /// pipe's patch: the module as machine code for the architecture it
+    /// was built for (a cubin), which a GPU of another one cannot load
+    /// (then `ptx`).
+    pub fn cubin(&self) -> &'static [u8] {
+        self.cubin
     }
 }
 
@@ -63,6 +75,7 @@ macro_rules! mdl {
         pub const $cst: Module = Module {
             index: module_index(Id::$id),
             ptx: ptx::$cst,
+            cubin: cubin::$cst,
         };
     };
 }

@@ -378,13 +378,39 @@ impl CudaDevice {
         }
         drop(ms);
         let mut ms = self.modules.write().unwrap();
-        let cuda_module = self.context.load_module(mdl.ptx().into()).w()?;
-        ms.mdls[mdl.index()] = Some(cuda_module.clone());
+        // (pipe's patch: another thread may have loaded it between the two
+        // locks; and the module as machine code where the device takes it.)
+        let cuda_module = match ms.mdls[mdl.index()].as_ref() {
+            Some(m) => m.clone(),
+            None => {
+                let (m, _) = self.load_module_cubin_or_ptx(mdl.cubin(), mdl.ptx())?;
+                ms.mdls[mdl.index()] = Some(m.clone());
+                m
+            }
+        };
         let func = cuda_module.load_function(fn_name).w()?;
         Ok(CudaFunc {
             func,
             stream: self.stream.clone(),
         })
+    }
+
+    /// pipe's patch: a module from its machine code (`cubin`, candle-kernels'
+    /// build made one for its architecture) or, where the driver refuses
+    /// that (a GPU of another architecture) or there is none, from its PTX,
+    /// which the driver compiles on first use. True: from the machine code.
+    pub fn load_module_cubin_or_ptx(
+        &self,
+        cubin: &[u8],
+        ptx: &str,
+    ) -> Result<(Arc<cudarc::driver::CudaModule>, bool)> {
+        if !cubin.is_empty() {
+            let image = cudarc::nvrtc::Ptx::from_binary(cubin.to_vec());
+            if let Ok(m) = self.context.load_module(image) {
+                return Ok((m, true));
+            }
+        }
+        Ok((self.context.load_module(ptx.into()).w()?, false))
     }
 
     pub fn cublas_handle(&self) -> Arc<cudarc::cublas::CudaBlas> {
