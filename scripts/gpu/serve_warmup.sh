@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # `pipe serve`'s warm-up (docs/results.md §5) against an empty driver JIT cache (CUDA_CACHE_PATH):
 #   cold0: PIPE_SERVE_WARMUP=0, a fresh cache (what the first server of a
-#          fresh machine did: ~20 s in its first batch of 8 requests);
+#          fresh machine did while candle's kernels were PTX: ~20 s in its
+#          first batch of 8 requests; with them as cubins, nothing);
 #   warm1: the warm-up (the default on CUDA), another fresh cache;
-#   cold0b: PIPE_SERVE_WARMUP=0 again on cold0's cache, now filled (no JIT).
+#   cold0b: PIPE_SERVE_WARMUP=0 again on cold0's cache (filled, if the
+#          build's kernels needed the JIT).
 # Each: seconds from start to "serving", then load.py (stream1, then 8, 8,
 # 32 concurrent, 128 tokens each). Not a test: it asserts nothing.
 # PIPES="pipe pipe_old": the three servers of each build in turn (each
