@@ -30,6 +30,8 @@ fn main() {
     });
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     let gencode = format!("arch=compute_{cap},code=[sm_{cap},compute_{cap}]");
+    // For src/nn/gpu.rs's check of the GPU against what the kernels are built for.
+    println!("cargo:rustc-env=PIPE_CUDA_COMPUTE_CAP={cap}");
     std::thread::scope(|s| {
         for name in ["attn", "attn_tc", "fused", "optim", "nf4", "decode"] {
             let (nvcc, out, gencode) = (&nvcc, &out, &gencode);

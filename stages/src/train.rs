@@ -1157,6 +1157,14 @@ impl DevicePref {
             .and_then(|v| v.split(',').position(|x| x.trim().parse() == Ok(id)))
             .unwrap_or(id as usize);
         let d = Device::new_cuda(ordinal).map_err(|e| fail(format!("CUDA device {ordinal}: {e}")))?;
+        #[cfg(feature = "cuda")]
+        crate::nn::gpu::check_capability(&d).map_err(|m| {
+            StageFailure::new(format!("CUDA device {ordinal}: {m}")).hint(format!(
+                "run it on a GPU of compute capability {} (90: H100, H200), rebuild with CUDA_COMPUTE_CAP \
+                 set to this GPU's (pipe's decode kernels need 90 or later), or set `device: cpu`",
+                crate::nn::gpu::BUILT_FOR
+            ))
+        })?;
         crate::nn::gpu::keep_pool_memory(&d);
         Ok(d)
     }

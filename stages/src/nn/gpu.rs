@@ -52,6 +52,48 @@ pub fn peak_bytes(_: &Device) -> Option<u64> {
 #[cfg(not(feature = "cuda"))]
 pub fn reset_peak(_: &Device) {}
 
+/// The compute capability the CUDA kernels are built for: stages/build.rs's
+/// `CUDA_COMPUTE_CAP` (90 unless set; candle's kernels are built by
+/// cudaforge for the same one), as "90".
+pub const BUILT_FOR: &str = match option_env!("PIPE_CUDA_COMPUTE_CAP") {
+    Some(c) => c,
+    None => "90",
+};
+
+/// Whether a GPU of compute capability `major`.`minor` runs kernels built
+/// for `built` ("90", "90a", "100"); Err: a sentence saying why not. From
+/// 9.0 on the kernels are specific to the capability built for (candle's
+/// PTX is `sm_90a`, pipe's use Hopper's thread-block clusters), so only a
+/// GPU of exactly that one runs them; below it, a GPU of that major version
+/// and at least that minor one.
+pub fn capability_fits(built: &str, major: i32, minor: i32) -> Result<(), String> {
+    let digits = built.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let parsed = digits.parse::<i32>().ok().filter(|&v| v >= 10).map(|v| (v / 10, v % 10));
+    let Some((bmaj, bmin)) = parsed else {
+        return Err(format!("this pipe was built for compute capability `{built}`, which is not a capability"));
+    };
+    let fits = if bmaj >= 9 { (major, minor) == (bmaj, bmin) } else { major == bmaj && minor >= bmin };
+    if fits {
+        Ok(())
+    } else {
+        Err(format!(
+            "it has compute capability {major}.{minor}, and this pipe's CUDA kernels are built for {bmaj}.{bmin}{}",
+            if bmaj >= 9 { " only" } else { "" }
+        ))
+    }
+}
+
+/// [`capability_fits`] for the GPU of `d` and [`BUILT_FOR`], the error
+/// naming the GPU (Ok off CUDA).
+#[cfg(feature = "cuda")]
+pub fn check_capability(d: &Device) -> Result<(), String> {
+    let Device::Cuda(c) = d else { return Ok(()) };
+    let stream = c.cuda_stream();
+    let ctx = stream.context();
+    let (major, minor) = ctx.compute_capability().map_err(|e| format!("cannot read its compute capability: {e}"))?;
+    capability_fits(BUILT_FOR, major, minor).map_err(|m| format!("{} {m}", ctx.name().unwrap_or_default()))
+}
+
 #[cfg(feature = "cuda")]
 use candle_core::cuda::cudarc::driver::sys;
 
@@ -103,6 +145,45 @@ mod tests {
         d.synchronize()?;
         assert_eq!(pool_release_threshold(&d), Some(u64::MAX));
         assert!(!keep_pool_memory(&Device::Cpu));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod capability_tests {
+    use super::*;
+
+    /// Hopper builds run on their capability only; older ones on later minor
+    /// versions of their major one; a bad build setting is said as such.
+    #[test]
+    fn gpus_fit_the_capability_the_kernels_are_built_for() {
+        assert_eq!(capability_fits("90", 9, 0), Ok(()));
+        assert_eq!(capability_fits("90a", 9, 0), Ok(()));
+        let a100 = capability_fits("90", 8, 0).unwrap_err();
+        assert_eq!(a100, "it has compute capability 8.0, and this pipe's CUDA kernels are built for 9.0 only");
+        assert!(capability_fits("90", 10, 0).unwrap_err().contains("10.0"), "Blackwell cannot run sm_90a code");
+        assert!(capability_fits("90", 12, 0).is_err());
+        assert_eq!(capability_fits("100", 10, 0), Ok(()));
+        assert_eq!(capability_fits("80", 8, 6), Ok(()));
+        assert_eq!(
+            capability_fits("86", 8, 0).unwrap_err(),
+            "it has compute capability 8.0, and this pipe's CUDA kernels are built for 8.6"
+        );
+        assert!(capability_fits("80", 9, 0).is_err());
+        assert!(capability_fits("sm", 9, 0).unwrap_err().contains("`sm`, which is not a capability"));
+        assert!(capability_fits("9", 9, 0).is_err());
+        // What the tests' build is for.
+        assert!(BUILT_FOR.starts_with(char::is_numeric), "{BUILT_FOR}");
+    }
+
+    /// On the GPU machine: its GPU fits this build (an H100 or H200 for the
+    /// default 90).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn the_cuda_device_fits_the_build() -> candle_core::Result<()> {
+        let Some(d) = crate::nn::tests::cuda_device()? else { return Ok(()) };
+        assert_eq!(check_capability(&d), Ok(()));
+        assert_eq!(check_capability(&Device::Cpu), Ok(()));
         Ok(())
     }
 }
