@@ -99,10 +99,9 @@ pub enum Command {
     /// /v1/models, /health (continuous batching; Ctrl-C stops gracefully).
     ///
     /// On CUDA the server warms up before it prints `serving`: a few synthetic
-    /// requests through every kind of step, so that the driver's one-time
-    /// compilation of candle's kernels (seconds on a fresh machine) does not
-    /// land on the first requests. PIPE_SERVE_WARMUP=0 skips it; =1 warms up
-    /// on the CPU too.
+    /// requests through every kind of step, so that what a process does once
+    /// (loading kernels, recording the decode graphs) does not land on the
+    /// first requests. PIPE_SERVE_WARMUP=0 skips it; =1 warms up on the CPU too.
     Serve {
         /// [FILE] MODEL: a model folder, or a stage (a `serve` stage, or one whose output is a model folder).
         #[arg(value_name = "[FILE] MODEL", required = true, num_args = 1..=2)]

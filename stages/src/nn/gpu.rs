@@ -72,15 +72,14 @@ pub fn capability_fits(built: &str, major: i32, minor: i32) -> Result<(), String
     let Some((bmaj, bmin)) = parsed else {
         return Err(format!("this pipe was built for compute capability `{built}`, which is not a capability"));
     };
-    let fits = if bmaj >= 9 { (major, minor) == (bmaj, bmin) } else { major == bmaj && minor >= bmin };
-    if fits {
-        Ok(())
-    } else {
-        Err(format!(
-            "it has compute capability {major}.{minor}, and this pipe's CUDA kernels are built for {bmaj}.{bmin}{}",
-            if bmaj >= 9 { " only" } else { "" }
-        ))
+    let exact = bmaj >= 9;
+    if (major, minor) == (bmaj, bmin) || (!exact && major == bmaj && minor >= bmin) {
+        return Ok(());
     }
+    let only = if exact { " only" } else { "" };
+    Err(format!(
+        "it has compute capability {major}.{minor}, and this pipe's CUDA kernels are built for {bmaj}.{bmin}{only}"
+    ))
 }
 
 /// [`capability_fits`] for the GPU of `d` and [`BUILT_FOR`], the error

@@ -94,9 +94,10 @@ pub struct EngineOptions {
     /// Run a few synthetic requests through every kind of step before
     /// [`Engine::start`] returns ([`Scheduler::warm_up`]), so that the
     /// first real requests do not pay for what a process does once (on
-    /// CUDA: the driver compiling candle's PTX kernels on their first use,
-    /// ~20 s on a fresh H200 for the first batch of 8 concurrent requests;
-    /// the decode graphs' recording).
+    /// CUDA: loading the kernel modules, recording the decode graphs, the
+    /// memory pool's first allocations; before candle's kernels shipped as
+    /// machine code, also the driver compiling their PTX, ~20 s on a fresh
+    /// machine for the first batch of 8 concurrent requests).
     pub warm_up: bool,
 }
 
