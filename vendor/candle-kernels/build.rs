@@ -86,43 +86,37 @@ fn main() -> Result<()> {
 }
 
 // pipe's patch: the PTX modules above (one per `src/*.cu` file, except the
-// statically linked ones) compiled again, for the same architecture and
-// with the same flags, into cubins of machine code (`cubin.rs`: `pub const
-// AFFINE: &[u8]`, ...), so that a GPU of that architecture loads them as
-// they are. From PTX alone the driver compiles every module on its first
-// use on each machine (10-22 s of a fresh H100's first training step or
-// server warm-up). The files compile in parallel, as many at once as there
-// are cores.
+// statically linked ones) assembled by ptxas, for the architecture they
+// target, into cubins of machine code (`cubin.rs`: `pub const AFFINE:
+// &[u8]`, ...), so that a GPU of that architecture loads them as they are.
+// From PTX alone the driver compiles every module on its first use on each
+// machine (10-22 s of a fresh H100's first training step or server
+// warm-up). The files assemble in parallel, as many at once as there are
+// cores.
 const MODULES: [&str; 11] = [
     "affine", "binary", "cast", "conv", "fill", "indexing", "quantized", "reduce", "sort",
     "ternary", "unary",
 ];
 
 fn build_cubins(out_dir: &std::path::Path) -> Result<()> {
-    let nvcc = CudaToolkit::detect()?.nvcc_path;
-    let gencode = cudaforge::detect_compute_cap()?.to_gencode_arg();
-    let ccbin = env::var("NVCC_CCBIN").ok();
+    // ptxas sits beside nvcc in every CUDA toolkit.
+    let ptxas = CudaToolkit::detect()?.nvcc_path.with_file_name("ptxas");
+    let arch = format!("-arch={}", cudaforge::detect_compute_cap()?.to_nvcc_arch());
     let next = std::sync::atomic::AtomicUsize::new(0);
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let compile = |name: &str| -> Result<()> {
-        let src = PathBuf::from("src").join(format!("{name}.cu"));
-        let mut cmd = std::process::Command::new(&nvcc);
-        cmd.arg(&gencode)
-            .arg("--cubin")
-            .args(["--default-stream", "per-thread"])
-            .args(["--expt-relaxed-constexpr", "-std=c++17", "-O3", "-o"])
-            .arg(out_dir.join(format!("{name}.cubin")));
-        if let Some(ccbin) = &ccbin {
-            cmd.arg("-allow-unsupported-compiler").args(["-ccbin", ccbin]);
-        }
-        let out = cmd.arg(&src).output().map_err(|e| Error::NvccNotFound(e.to_string()))?;
+    let assemble = |name: &str| -> Result<()> {
+        let ptx = out_dir.join(format!("{name}.ptx"));
+        let out = std::process::Command::new(&ptxas)
+            .arg(&arch)
+            .arg(&ptx)
+            .arg("-o")
+            .arg(out_dir.join(format!("{name}.cubin")))
+            .output()
+            .map_err(|e| Error::NvccNotFound(format!("{}: {e}", ptxas.display())))?;
         if out.status.success() {
             Ok(())
         } else {
-            Err(Error::CompilationFailed {
-                path: src,
-                message: String::from_utf8_lossy(&out.stderr).into_owned(),
-            })
+            Err(Error::CompilationFailed { path: ptx, message: String::from_utf8_lossy(&out.stderr).into_owned() })
         }
     };
     std::thread::scope(|s| {
@@ -132,14 +126,14 @@ fn build_cubins(out_dir: &std::path::Path) -> Result<()> {
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         match MODULES.get(i) {
-                            Some(name) => compile(name)?,
+                            Some(name) => assemble(name)?,
                             None => return Ok(()),
                         }
                     }
                 })
             })
             .collect();
-        workers.into_iter().try_for_each(|w| w.join().expect("an nvcc thread panicked"))
+        workers.into_iter().try_for_each(|w| w.join().expect("a ptxas thread panicked"))
     })?;
     let consts: String = MODULES
         .iter()
