@@ -220,6 +220,18 @@ template <int NJ> __device__ __forceinline__ void mask_keys(float (*s)[4], int k
     }
 }
 
+// The tile of this block. The grid is (heads, tiles): blockIdx.x is the
+// head, and blockIdx.y the rank of the tile in a launch order that
+// src/nn/flash.rs's `tiles` appends to the tile table (n = gridDim.y
+// tiles of 4 words, then `which` 0: the forward's order, 1: the backward
+// pass's), the tiles with the most work first and every head's tile of a
+// rank together, so that a launch ends on short tiles instead of waiting
+// for a long one started late (causal tiles near a sequence's end have
+// up to 16 times the work of its first one, at 1,024 rows).
+__device__ __forceinline__ int tile_at(const int *tiles, int which) {
+  return tiles[(4 + which) * gridDim.y + blockIdx.y];
+}
+
 } // namespace
 
 // Shared memory: NS buffers of K and V tiles (the Q tile goes through the
@@ -234,7 +246,7 @@ __device__ void fwd(const bf16 *__restrict__ q, const bf16 *__restrict__ k, cons
   constexpr int S = D + 8, NT = D / 8, T = BR * S;
   extern __shared__ __align__(16) unsigned char smem[];
   bf16 *buf = reinterpret_cast<bf16 *>(smem); // K0, V0, K1, V1[, K2, V2]
-  const int t = blockIdx.x, h = blockIdx.y, g = h / (hq / hkv);
+  const int h = blockIdx.x, t = tile_at(tiles, 0), g = h / (hq / hkv);
   const int q0 = tiles[4 * t], q1 = tiles[4 * t + 1], s0 = tiles[4 * t + 2];
   const int w = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane >> 2, tg = lane & 3;
   const int i0 = q0 + w * 16 + gr, i1 = i0 + 8;
@@ -338,7 +350,7 @@ __device__ void bwd_dq(const bf16 *__restrict__ q, const bf16 *__restrict__ k, c
   constexpr int S = D + 8, NT = D / 8, T = BR * S;
   extern __shared__ __align__(16) unsigned char smem[];
   bf16 *qsh = reinterpret_cast<bf16 *>(smem), *dos = qsh + T, *buf = dos + T;
-  const int t = blockIdx.x, h = blockIdx.y, g = h / (hq / hkv);
+  const int h = blockIdx.x, t = tile_at(tiles, 0), g = h / (hq / hkv);
   const int q0 = tiles[4 * t], q1 = tiles[4 * t + 1], s0 = tiles[4 * t + 2];
   const int w = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane >> 2, tg = lane & 3;
   const int i0 = q0 + w * 16 + gr, i1 = i0 + 8;
@@ -454,8 +466,8 @@ __device__ void bwd_dkv(const bf16 *__restrict__ q, const bf16 *__restrict__ k, 
   bf16 *kss = reinterpret_cast<bf16 *>(smem), *vss = kss + KB * S;
   unsigned char *qbuf = reinterpret_cast<unsigned char *>(vss + KB * S);
   bf16 *dss = reinterpret_cast<bf16 *>(qbuf + 2 * QB);
-  const int t = blockIdx.x, rep = hq / hkv, g = DQ ? blockIdx.y / rep : blockIdx.y;
-  const int h0 = DQ ? blockIdx.y : g * rep; // the first query head of the loop
+  const int t = tile_at(tiles, 1), rep = hq / hkv, g = DQ ? blockIdx.x / rep : blockIdx.x;
+  const int h0 = DQ ? blockIdx.x : g * rep; // the first query head of the loop
   const int j0 = tiles[4 * t], e = tiles[4 * t + 3];
   if ((j0 - tiles[4 * t + 2]) % KB) return; // (KB > 64) the block before takes these keys
   const int j1 = min(j0 + KB, e);

@@ -62,7 +62,19 @@ struct Adam {
   }
 };
 
-// One AdamW step of every tensor of the table: g' = g * gscale (clipping);
+// The clipping factor: gscale, or with `sumsq` (the gradients' sum of
+// squares, multi_sumsq's, on the device) torch's clip_grad_norm_ factor
+// max_norm / (norm + 1e-6) where the norm exceeds max_norm > 0 (else 1),
+// in double as the host computes it (src/nn/optim.rs's clip_scale), so
+// that the step need not wait for the host to read the norm.
+__device__ __forceinline__ float clip_factor(float gscale, const float *sumsq, double max_norm) {
+  if (!sumsq) return gscale;
+  const double norm = sqrt((double)*sumsq);
+  return max_norm > 0.0 && norm > max_norm ? (float)(max_norm / (norm + 1e-6)) : 1.f;
+}
+
+// One AdamW step of every tensor of the table: g' = g * gscale (clipping,
+// see clip_factor);
 // m, v the moments (f32); w32 the f32 weights (the master copy, or the
 // parameter itself when it is f32), w the parameter (may alias w32).
 // Decoupled decay first, as torch:
@@ -70,8 +82,10 @@ struct Adam {
 // Eight elements a thread at a time where the addresses allow.
 template <typename T>
 __device__ void multi_adamw(const unsigned long long *tab, const unsigned long long *chunks, float lr, float b1,
-                            float b2, float eps, float bc1, float bc2, float gscale) {
+                            float b2, float eps, float bc1, float bc2, float gscale, const float *sumsq,
+                            double max_norm) {
   const MtChunk c = mt_chunk(tab, chunks);
+  gscale = clip_factor(gscale, sumsq, max_norm);
   float *w32 = (float *)c.t[0];
   T *w = (T *)c.t[1];
   float *m = (float *)c.t[2], *v = (float *)c.t[3];
@@ -108,8 +122,8 @@ __device__ void multi_adamw(const unsigned long long *tab, const unsigned long l
   }                                                                                                                 \
   extern "C" __global__ void multi_adamw_##TN(const unsigned long long *tab, const unsigned long long *chunks,      \
                                               float lr, float b1, float b2, float eps, float bc1, float bc2,        \
-                                              float gscale) {                                                       \
-    multi_adamw<T>(tab, chunks, lr, b1, b2, eps, bc1, bc2, gscale);                                                 \
+                                              float gscale, const float *sumsq, double max_norm) {                  \
+    multi_adamw<T>(tab, chunks, lr, b1, b2, eps, bc1, bc2, gscale, sumsq, max_norm);                                \
   }
 
 INSTANTIATE(float, f32)

@@ -4,7 +4,9 @@
 // (default /tmp/trace.tsv), one "K|C|S <tab> start <tab> end <tab> name"
 // line each, through CUPTI's activity API. benches/gpu/trace.sh builds it
 // (against CUPTI 13.0, the GPU machines' PyTorch's) and gaps.py reads it.
-// TRACE_NONAME=1 leaves kernel names out.
+// TRACE_NONAME=1 leaves kernel names out. TRACE_API=1 adds the host's
+// driver API calls as "A" lines (start, end, the call's name), to see what
+// the host did during the GPU's idle gaps (gaps.py --api).
 #include <cupti.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +25,11 @@ static void CUPTIAPI done(CUcontext c, uint32_t s, uint8_t *b, size_t size, size
     } else if (r->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {
       CUpti_ActivityMemcpy6 *m = (CUpti_ActivityMemcpy6 *)r;
       fprintf(out, "C\t%llu\t%llu\tmemcpy%d_%llu\n", (unsigned long long)m->start, (unsigned long long)m->end, m->copyKind, (unsigned long long)m->bytes);
+    } else if (r->kind == CUPTI_ACTIVITY_KIND_DRIVER) {
+      CUpti_ActivityAPI *a = (CUpti_ActivityAPI *)r;
+      const char *name = NULL;
+      cuptiGetCallbackName(CUPTI_CB_DOMAIN_DRIVER_API, a->cbid, &name);
+      fprintf(out, "A\t%llu\t%llu\t%s\n", (unsigned long long)a->start, (unsigned long long)a->end, name ? name : "?");
     } else if (r->kind == CUPTI_ACTIVITY_KIND_MEMSET) {
       CUpti_ActivityMemset4 *m = (CUpti_ActivityMemset4 *)r;
       fprintf(out, "S\t%llu\t%llu\tmemset_%llu\n", (unsigned long long)m->start, (unsigned long long)m->end, (unsigned long long)m->bytes);
@@ -41,6 +48,7 @@ int InitializeInjection(void) {
   cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
   cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY);
   cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMSET);
+  if (getenv("TRACE_API")) cuptiActivityEnable(CUPTI_ACTIVITY_KIND_DRIVER);
   atexit(fin);
   return 1;
 }

@@ -27,13 +27,14 @@ pub const HEAD_DIMS: [usize; 2] = [64, 128];
 /// tensor, f32 or bf16, a supported head dim). `PIPE_FUSED_ATTENTION=0`
 /// turns it off (to compare against the composition).
 pub fn usable(q: &Tensor) -> bool {
-    crate::nn::fused::kernels_on(q, "PIPE_FUSED_ATTENTION") && q.dims().last().is_some_and(|d| HEAD_DIMS.contains(d))
+    crate::nn::fused::kernels_on(q, crate::nn::fused::Switch::Attention)
+        && q.dims().last().is_some_and(|d| HEAD_DIMS.contains(d))
 }
 
 /// Whether `dt` takes the tensor-core kernels (bf16, unless
 /// `PIPE_ATTENTION_TC=0`).
 fn tensor_cores(dt: DType) -> bool {
-    dt == DType::BF16 && std::env::var_os("PIPE_ATTENTION_TC").is_none_or(|v| v != "0")
+    dt == DType::BF16 && env_once!("PIPE_ATTENTION_TC").is_none_or(|v| v != "0")
 }
 
 /// Rows per tile of the kernels for head dim `hd` and dtype `dt`: 64 on
@@ -49,7 +50,13 @@ pub fn tile_rows(hd: usize, dt: DType) -> usize {
 /// The work split of a batch for attention with head dim `hd` in `dt`: 4
 /// numbers per tile (first and one-past-last row of the tile, first and
 /// one-past-last row of its sequence); a tile has at most
-/// [`tile_rows`] rows of one sequence.
+/// [`tile_rows`] rows of one sequence. Then two launch orders of the
+/// tensor-core kernels (attn_tc.cu's `tile_at`), a tile index each: the
+/// forward pass's (and dQ's), most keys attended first, and the backward
+/// pass's, most queries after the tile's first row first (ties in table
+/// order). Longest first, a launch's last blocks are short ones: in
+/// table order, a tile near a sequence's end (the most work forward)
+/// could start last and hold the kernel's end.
 pub fn tiles(seqs: &[(usize, usize)], hd: usize, dt: DType) -> Vec<u32> {
     let rows = tile_rows(hd, dt);
     let mut t = Vec::new();
@@ -61,7 +68,27 @@ pub fn tiles(seqs: &[(usize, usize)], hd: usize, dt: DType) -> Vec<u32> {
             s = e;
         }
     }
+    let n = t.len() / 4;
+    let tile = |i: usize| -> [u64; 4] { std::array::from_fn(|k| t[4 * i + k] as u64) };
+    let mut fwd: Vec<u32> = (0..n as u32).collect();
+    fwd.sort_by_key(|&i| {
+        let [a, b, s, _] = tile(i as usize);
+        std::cmp::Reverse((b - a) * (b - s))
+    });
+    let mut bwd: Vec<u32> = (0..n as u32).collect();
+    bwd.sort_by_key(|&i| {
+        let [a, _, _, e] = tile(i as usize);
+        std::cmp::Reverse(e - a)
+    });
+    t.extend(fwd);
+    t.extend(bwd);
     t
+}
+
+/// The number of tiles in a table of [`tiles`].
+#[cfg(feature = "cuda")]
+fn tile_count(table: &Tensor) -> usize {
+    table.elem_count() / 6
 }
 
 /// Causal attention of `q` (N, Hq, D) over `k`, `v` (N, Hkv, D) within each
@@ -88,7 +115,7 @@ thread_local! {
 fn fwd_three_buffers(d: usize, dt: DType) -> bool {
     d == 64
         && tensor_cores(dt)
-        && !FWD_TWO.with(|t| t.get()).unwrap_or_else(|| std::env::var_os("PIPE_ATTN_FWD").is_some_and(|v| v == "2"))
+        && !FWD_TWO.with(|t| t.get()).unwrap_or_else(|| env_once!("PIPE_ATTN_FWD").is_some_and(|v| v == "2"))
 }
 
 /// Whether the tensor-core backward pass runs as two kernels (dQ; dK and
@@ -96,7 +123,7 @@ fn fwd_three_buffers(d: usize, dt: DType) -> bool {
 /// them once and sums dQ in f32 (`PIPE_ATTN_BWD=split`; the fused kernel
 /// is the default).
 fn split_backward() -> bool {
-    std::env::var_os("PIPE_ATTN_BWD").is_some_and(|v| v == "split")
+    env_once!("PIPE_ATTN_BWD").is_some_and(|v| v == "split")
 }
 
 /// [`attention`] with the backward pass's kernels chosen (`split`: see
@@ -121,7 +148,7 @@ pub fn attention_with(q: &Tensor, k: &Tensor, v: &Tensor, tiles: &Tensor, scale:
 /// like `like` (device, dtype): [`usable`]'s conditions, bf16 on tensor
 /// cores, and the one-kernel backward pass (not `PIPE_ATTN_BWD=split`).
 pub fn packed_usable(like: &Tensor, d: usize) -> bool {
-    crate::nn::fused::kernels_on(like, "PIPE_FUSED_ATTENTION")
+    crate::nn::fused::kernels_on(like, crate::nn::fused::Switch::Attention)
         && HEAD_DIMS.contains(&d)
         && tensor_cores(like.dtype())
         && !split_backward()
@@ -342,12 +369,16 @@ mod cuda {
         Ok((f, bytes as u32))
     }
 
-    fn cfg(blocks: usize, heads: usize, smem: u32) -> LaunchConfig {
-        LaunchConfig { shared_mem_bytes: smem, ..crate::nn::kernels::grid(blocks, heads, THREADS) }
+    /// The grid of a kernel over `tiles` and `heads`: (tiles, heads) for
+    /// attn.cu's, (heads, tiles) for the tensor-core ones, which take the
+    /// tiles in the table's launch orders (attn_tc.cu's `tile_at`).
+    fn cfg(tiles: usize, heads: usize, smem: u32, tc: bool, threads: u32) -> LaunchConfig {
+        let (x, y) = if tc { (heads, tiles) } else { (tiles, heads) };
+        LaunchConfig { shared_mem_bytes: smem, ..crate::nn::kernels::grid(x, y, threads) }
     }
 
     fn n_tiles(op: &Attn) -> usize {
-        op.tiles.elem_count() / 4
+        super::tile_count(&op.tiles)
     }
 
     pub(super) fn forward(
@@ -431,7 +462,7 @@ mod cuda {
         // SAFETY: argument types and order match attn_fwd_* in kernels/attn.cu
         // and attn_tc_fwd_* / attn_tc_fwd3_* (with the row strides) in
         // kernels/attn_tc.cu.
-        unsafe { b.launch(cfg(tiles.elem_count() / 4, hq, smem)) }.w()?;
+        unsafe { b.launch(cfg(super::tile_count(tiles), hq, smem, super::tensor_cores(dt), THREADS)) }.w()?;
         let lse = tensor(CudaStorage::wrap_cuda_slice(lse, dev.clone()), (hq, n));
         Ok(((CudaStorage::wrap_cuda_slice(o, dev.clone()), Shape::from((n, hq, d))), lse))
     }
@@ -461,7 +492,7 @@ mod cuda {
         b.arg(&mut dq_acc).arg(&mut dk_acc).arg(&mut dv_acc);
         b.arg(tiles).arg(&ni).arg(&hqi).arg(&hkvi).arg(&sl2).arg(&scale).arg(&qsi).arg(&kvsi);
         // 128 keys a block, 16 a warp.
-        let lc = LaunchConfig { shared_mem_bytes: smem, ..crate::nn::kernels::grid(n_tiles, hq, 2 * THREADS) };
+        let lc = cfg(n_tiles, hq, smem, true, 2 * THREADS);
         // SAFETY: argument types and order match attn_tc_bwd_* in kernels/attn_tc.cu;
         // every block of the grid (one per 64-row tile and query head) exits or
         // covers its keys.
@@ -554,7 +585,7 @@ mod cuda {
             }
             // SAFETY: argument types and order match attn_bwd_dq_* in kernels/attn.cu
             // and attn_tc_bwd_dq_* (with the row strides) in kernels/attn_tc.cu.
-            unsafe { b.launch(cfg(n_tiles(op), hq, smem)) }.w()?;
+            unsafe { b.launch(cfg(n_tiles(op), hq, smem, tc, THREADS)) }.w()?;
             let (f, smem) = kernel(&dev, "bwd_dkv", q.dtype(), d)?;
             let mut b = stream.launch_builder(&f);
             b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&dlv).arg(&mut dk).arg(&mut dv).arg(&tiles);
@@ -564,7 +595,7 @@ mod cuda {
             }
             // SAFETY: argument types and order match attn_bwd_dkv_* in kernels/attn.cu
             // and attn_tc_bwd_dkv_* (with the row strides) in kernels/attn_tc.cu.
-            unsafe { b.launch(cfg(n_tiles(op), hkv, smem)) }.w()?;
+            unsafe { b.launch(cfg(n_tiles(op), hkv, smem, tc, THREADS)) }.w()?;
             Ok((wrap(dq), wrap(dk), wrap(dv)))
         })?;
         Ok((tensor(dq, q.shape().clone()), tensor(dk, k.shape().clone()), tensor(dv, v.shape().clone())))
@@ -590,7 +621,7 @@ mod cuda {
             let [dq_acc, dk_acc, dv_acc] = bwd_fused_launch(
                 &dev,
                 &tiles,
-                op.tiles.elem_count() / 4,
+                super::tile_count(&op.tiles),
                 op.scale,
                 (&all, &k, &v, &dov),
                 (&lv, &dlv),
@@ -627,13 +658,33 @@ mod tests {
             let rows = if dt == DType::BF16 { 64 } else { 4096 / hd };
             assert_eq!(tile_rows(hd, dt), rows);
             let mut seen = vec![0; 334];
-            for c in t.chunks(4) {
+            let n = t.len() / 6;
+            assert_eq!(t.len(), 6 * n);
+            for c in t[..4 * n].chunks(4) {
                 let [a, b, s, e] = [c[0], c[1], c[2], c[3]].map(|x| x as usize);
                 assert!(a < b && b - a <= rows, "{c:?}");
                 assert!(seqs.contains(&(s, e - s)) && s <= a && b <= e, "{c:?}");
                 (a..b).for_each(|i| seen[i] += 1);
             }
             assert!(seen.iter().all(|&n| n == 1), "hd {hd}: {seen:?}");
+            // The launch orders: every tile once, the most work first.
+            let at = |i: u32, k: usize| t[4 * i as usize + k] as usize;
+            for (which, work) in
+                [(4, &|i| (at(i, 1) - at(i, 0)) * (at(i, 1) - at(i, 2)) as usize), (5, &|i| at(i, 3) - at(i, 0))]
+                    as [(usize, &dyn Fn(u32) -> usize); 2]
+            {
+                let order = &t[which * n..(which + 1) * n];
+                let mut sorted = order.to_vec();
+                sorted.sort_unstable();
+                assert_eq!(sorted, (0..n as u32).collect::<Vec<_>>(), "hd {hd}: order {which} {order:?}");
+                assert!(order.windows(2).all(|w| work(w[0]) >= work(w[1])), "hd {hd}: order {which} {order:?}");
+            }
+            // (130, 200) at 64 rows: 258..322 attends 192 keys a row (322..330
+            // 200, but for 8 rows); the backward's first is a sequence's first.
+            if dt == DType::BF16 {
+                assert_eq!(at(t[4 * n], 0), 258);
+                assert_eq!(at(t[5 * n], 0), 130);
+            }
         }
     }
 
@@ -641,7 +692,7 @@ mod tests {
     fn not_used_off_cuda_or_for_other_dtypes_and_dims() -> candle_core::Result<()> {
         let q = Tensor::zeros((4, 2, 64), DType::F32, &Device::Cpu)?;
         assert!(!usable(&q));
-        let t = Tensor::from_vec(tiles(&[(0, 4)], 64, DType::F32), 4, &Device::Cpu)?;
+        let t = Tensor::from_vec(tiles(&[(0, 4)], 64, DType::F32), 6, &Device::Cpu)?;
         let err = attention(&q, &q, &q, &t, 0.125).expect_err("the CPU has no fused kernel");
         assert!(err.to_string().contains("CUDA only"), "{err}");
         let bad = Tensor::zeros((4, 3, 64), DType::F32, &Device::Cpu)?;

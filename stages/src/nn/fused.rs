@@ -51,7 +51,7 @@ pub(crate) use cpu_fwd_cuda_only;
 /// Whether the fused kernels run for `x`: a CUDA build, a CUDA tensor, f32
 /// or bf16, and not turned off with `PIPE_FUSED_KERNELS=0`.
 pub fn usable(x: &Tensor) -> bool {
-    kernels_on(x, "PIPE_FUSED_KERNELS")
+    kernels_on(x, Switch::Kernels)
 }
 
 /// Whether [`rms_norm`] and [`swiglu`] take `x`: [`usable`], or an f32
@@ -60,23 +60,31 @@ pub fn usable(x: &Tensor) -> bool {
 /// layer at 1,024 tokens on 2 cores, the ops themselves ~2 ms).
 pub fn usable_or_cpu(x: &Tensor) -> bool {
     usable(x)
-        || (x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && std::env::var_os("PIPE_FUSED_KERNELS").is_none_or(|v| v != "0"))
+        || (x.device().is_cpu() && x.dtype() == DType::F32 && env_once!("PIPE_FUSED_KERNELS").is_none_or(|v| v != "0"))
+}
+
+/// The environment variables that turn pipe's CUDA kernels off (`=0`).
+#[derive(Clone, Copy)]
+pub(crate) enum Switch {
+    /// `PIPE_FUSED_KERNELS`: all but attention's.
+    Kernels,
+    /// `PIPE_FUSED_ATTENTION`: attention's.
+    Attention,
 }
 
 /// Whether pipe's CUDA kernels can take `x` (a CUDA build, a CUDA tensor, f32
 /// or bf16) and the environment variable `switch` does not turn them off.
-pub(crate) fn kernels_on(x: &Tensor, switch: &str) -> bool {
+pub(crate) fn kernels_on(x: &Tensor, switch: Switch) -> bool {
     kernels_for(x.device(), x.dtype(), switch)
 }
 
 /// [`kernels_on`] for a result of `dtype` to be made on `dev`.
-pub(crate) fn kernels_for(dev: &candle_core::Device, dtype: DType, switch: &str) -> bool {
-    cfg!(feature = "cuda")
-        && dev.is_cuda()
-        && matches!(dtype, DType::F32 | DType::BF16)
-        && std::env::var_os(switch).is_none_or(|v| v != "0")
+pub(crate) fn kernels_for(dev: &candle_core::Device, dtype: DType, switch: Switch) -> bool {
+    let var = match switch {
+        Switch::Kernels => env_once!("PIPE_FUSED_KERNELS"),
+        Switch::Attention => env_once!("PIPE_FUSED_ATTENTION"),
+    };
+    cfg!(feature = "cuda") && dev.is_cuda() && matches!(dtype, DType::F32 | DType::BF16) && var.is_none_or(|v| v != "0")
 }
 
 /// `T(x * rsqrt(mean(x^2) + eps)) * w` over the last dim (as
@@ -266,25 +274,30 @@ impl candle_core::InplaceOp2 for CeGrad {
 /// the device and, on CUDA, their segments for the backward pass.
 pub struct RowGather {
     pub ids: Tensor,
-    /// On CUDA: `nseg + 1` starts, the `nseg` distinct ids, then the
-    /// positions sorted by id (stably), as fused.cu's `segment_add` reads
-    /// them; and `nseg`.
-    seg: Option<(Tensor, usize)>,
+    /// On CUDA: the segments of the backward pass (see [`Segments`]).
+    seg: Option<std::sync::Arc<Segments>>,
     /// The largest id (a table must have more rows).
     max: Option<u32>,
 }
 
 impl RowGather {
     pub fn new(ids: Vec<u32>, device: &candle_core::Device) -> Result<Self> {
-        let seg = if device.is_cuda() {
-            let (layout, nseg) = segments(&ids);
-            let len = layout.len();
-            Some((Tensor::from_vec(layout, len, device)?, nseg))
-        } else {
-            None
-        };
+        let seg = device.is_cuda().then(|| std::sync::Arc::new(Segments::new(&ids, device)));
         let (n, max) = (ids.len(), ids.iter().max().copied());
         Ok(RowGather { ids: Tensor::from_vec(ids, n, device)?, seg, max })
+    }
+
+    /// Uploads the segments of the backward pass now (waiting for their
+    /// sort, which runs on a thread of its own from [`Self::new`] on): for
+    /// a training step to call once its forward pass is queued, while the
+    /// GPU still has work, rather than when the backward pass needs them
+    /// (the LM head's backward reads the loss's gradient, so the GPU has
+    /// nothing queued when the labels' gather asks for its segments).
+    pub fn prefetch(&self) -> Result<()> {
+        match &self.seg {
+            Some(seg) => seg.get().map(drop),
+            None => Ok(()),
+        }
     }
 
     /// Rows `ids` of `table` (V, d): `index_select` on dim 0, whose
@@ -294,16 +307,78 @@ impl RowGather {
     /// for a batch of tokens, in the table's dtype).
     pub fn gather(&self, table: &Tensor) -> Result<Tensor> {
         match &self.seg {
-            Some((seg, nseg))
+            Some(seg)
                 if usable(table)
                     && table.rank() == 2
                     && self.max.is_none_or(|m| table.dims().first().is_some_and(|&v| (m as usize) < v)) =>
             {
-                let op = GatherRows { ids: self.ids.clone(), seg: seg.clone(), nseg: *nseg };
+                let op = GatherRows { ids: self.ids.clone(), seg: seg.clone() };
                 dense(table)?.apply_op1(op)
             }
             _ => table.index_select(&self.ids, 0),
         }
+    }
+}
+
+thread_local! {
+    /// Tests: backward passes on this thread whose row gather added its
+    /// gradient into the table's gradient so far (`GatherRows::bwd_acc`).
+    pub(crate) static ROWS_ADDED_IN_PLACE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A [`RowGather`]'s segments on the device, for its backward pass: `nseg
+/// + 1` starts, the `nseg` distinct ids, then the positions sorted by id
+/// (stably), as fused.cu's `segment_add` reads them; and `nseg`. They are
+/// sorted on a thread of their own while the forward pass runs, and
+/// uploaded when the backward pass first needs them: sorting a batch's
+/// 8,192 ids on the training thread took ~0.2-0.3 ms of each step on the
+/// GPU machines, with the GPU idle (the batch is made before the step's
+/// first kernel).
+pub(crate) struct Segments {
+    device: candle_core::Device,
+    state: std::sync::Mutex<SegState>,
+}
+
+enum SegState {
+    Sorting(std::thread::JoinHandle<(Vec<u32>, usize)>),
+    Sorted(Vec<u32>, usize),
+    Uploaded(Tensor, usize),
+    Failed,
+}
+
+impl Segments {
+    fn new(ids: &[u32], device: &candle_core::Device) -> Self {
+        let own = ids.to_vec();
+        let state = match std::thread::Builder::new().name("pipe-segments".into()).spawn(move || segments(&own)) {
+            Ok(h) => SegState::Sorting(h),
+            // No thread to be had: sorted here.
+            Err(_) => {
+                let (layout, nseg) = segments(ids);
+                SegState::Sorted(layout, nseg)
+            }
+        };
+        Segments { device: device.clone(), state: std::sync::Mutex::new(state) }
+    }
+
+    /// The layout on the device and `nseg` (waiting for the sort).
+    fn get(&self) -> Result<(Tensor, usize)> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (layout, nseg) = match std::mem::replace(&mut *st, SegState::Failed) {
+            SegState::Uploaded(t, n) => {
+                *st = SegState::Uploaded(t.clone(), n);
+                return Ok((t, n));
+            }
+            SegState::Sorted(layout, n) => (layout, n),
+            SegState::Sorting(h) => match h.join() {
+                Ok(sorted) => sorted,
+                Err(_) => candle_core::bail!("row gather: sorting the batch's ids panicked"),
+            },
+            SegState::Failed => candle_core::bail!("row gather: the batch's segments failed before"),
+        };
+        let len = layout.len();
+        let t = Tensor::from_vec(layout, len, &self.device)?;
+        *st = SegState::Uploaded(t.clone(), nseg);
+        Ok((t, nseg))
     }
 }
 
@@ -330,8 +405,7 @@ pub(crate) fn segments(ids: &[u32]) -> (Vec<u32>, usize) {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct GatherRows {
     ids: Tensor,
-    seg: Tensor,
-    nseg: usize,
+    seg: std::sync::Arc<Segments>,
 }
 
 impl candle_core::CustomOp1 for GatherRows {
@@ -354,9 +428,40 @@ impl candle_core::CustomOp1 for GatherRows {
     }
 
     fn bwd(&self, table: &Tensor, _: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (seg, nseg) = self.seg.get()?;
         let dt = table.zeros_like()?;
-        dt.inplace_op2(&dense(g)?, &SegmentAdd { seg: self.seg.clone(), nseg: self.nseg })?;
+        dt.inplace_op2(&dense(g)?, &SegmentAdd { seg, nseg })?;
         Ok(Some(dt))
+    }
+
+    /// With the table's gradient so far (a tied LM head's weight gradient,
+    /// summed before the embedding's), the rows are added into it in
+    /// place: no (V, d) tensor of zeros and no add of two of them (at the
+    /// Llama-1B shape, 525 MB tables: a memset and a 1.5 GB add a step).
+    /// Only where it is the sole handle to its storage; else as `bwd`.
+    fn bwd_acc(
+        &self,
+        table: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+        acc: &mut Option<Tensor>,
+    ) -> Result<(Option<Tensor>, bool)> {
+        let fits = |a: &Tensor| {
+            a.is_sole_handle()
+                && a.is_contiguous()
+                && a.dims() == table.dims()
+                && a.dtype() == table.dtype()
+                && a.device().same_device(table.device())
+        };
+        match acc.take_if(|a| fits(a)) {
+            Some(a) => {
+                let (seg, nseg) = self.seg.get()?;
+                a.inplace_op2(&dense(g)?, &SegmentAdd { seg, nseg })?;
+                ROWS_ADDED_IN_PLACE.with(|c| c.set(c.get() + 1));
+                Ok((Some(a), true))
+            }
+            None => Ok((self.bwd(table, res, g)?, false)),
+        }
     }
 }
 
@@ -1180,6 +1285,12 @@ mod tests {
         assert_eq!(seg, [0, 1, 3, 6, 0, 2, 5, 3, 1, 4, 0, 2, 5]);
         assert_eq!(segments(&[]), (vec![0], 0));
         let cpu = Device::Cpu;
+        // Sorted on a thread of their own, uploaded once, at the first get.
+        let lazy = Segments::new(&[5, 2, 5, 0, 2, 5], &cpu);
+        for _ in 0..2 {
+            let (t, n) = lazy.get()?;
+            assert_eq!((t.to_vec1::<u32>()?, n), (seg.clone(), nseg));
+        }
         let t = Tensor::arange(0f32, 18.0, &cpu)?.reshape((6, 3))?;
         let g = RowGather::new(vec![5, 2, 5, 0], &cpu)?;
         let want = t.index_select(&Tensor::new(&[5u32, 2, 5, 0], &cpu)?, 0)?;

@@ -50,7 +50,7 @@ thread_local! {
 /// Whether full fine-tuning's attention takes q, k and v from one product
 /// ([`Llama::packed_attention`]; `PIPE_PACKED_QKV=0` turns it off).
 fn packed_qkv_on() -> bool {
-    PACKED_QKV.with(|c| c.get()).unwrap_or_else(|| std::env::var_os("PIPE_PACKED_QKV").is_none_or(|v| v != "0"))
+    PACKED_QKV.with(|c| c.get()).unwrap_or_else(|| env_once!("PIPE_PACKED_QKV").is_none_or(|v| v != "0"))
 }
 
 /// One parameter tensor.
@@ -180,7 +180,7 @@ impl Linear {
     /// activations and, with dropout, none of its two saved (m, k) ones.
     fn fused_lora(&self, x: &Tensor, fx: Fwd) -> Result<Option<Tensor>> {
         let Some(l) = &self.lora else { return Ok(None) };
-        if std::env::var_os("PIPE_FUSED_LORA").is_some_and(|v| v == "0") {
+        if env_once!("PIPE_FUSED_LORA").is_some_and(|v| v == "0") {
             return Ok(None);
         }
         let Some(w) = self.w.frozen() else { return Ok(None) };
@@ -264,6 +264,13 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The row gathers' segments on the device (see [`RowGather::prefetch`]):
+    /// called once a training step's forward pass is queued.
+    fn prefetch_segments(&self) -> Result<()> {
+        self.ids.prefetch()?;
+        Ok(self.pred_idx.prefetch()?)
+    }
+
     fn attn_tiles(&self, hd: usize, dt: DType) -> Result<&Tensor> {
         if let Some(t) = self.attn_tiles.get() {
             return Ok(t);
@@ -858,6 +865,7 @@ impl Llama {
         };
         if !checkpoint && !waiting {
             let loss = self.scaled_loss_from_hidden(&self.hidden(b, fx)?, b, fx, scale)?;
+            b.prefetch_segments()?;
             // The loss is read once the backward pass is launched: reading
             // it first left the GPU idle while the host sorted the graph.
             let value = loss.detach().to_dtype(DType::F64)?;
@@ -889,6 +897,7 @@ impl Llama {
         let xv = Var::from_tensor(&x)?;
         let h = self.final_norm(xv.as_tensor())?;
         let loss = self.scaled_loss_from_hidden(&h, b, fx, scale)?;
+        b.prefetch_segments()?;
         let value = loss.detach().to_dtype(DType::F64)?; // read at the end (see above)
         let g = loss.backward()?;
         // The head's gradients (and, tied, the embedding's two parts) are

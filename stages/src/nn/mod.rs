@@ -4,6 +4,17 @@
 //! SNR scan ([`spectrum`]), inference with a KV cache ([`infer`]) and the CPU's
 //! decode kernels ([`cpu_decode`]).
 
+/// The environment variable `$name` (an `Option<&'static OsStr>`), read
+/// once per process: the training step's hot paths ask for their switches
+/// on every op (a few thousand times a step), and each `std::env::var_os`
+/// takes the environment's lock and copies the value.
+macro_rules! env_once {
+    ($name:literal) => {{
+        static V: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync::OnceLock::new();
+        V.get_or_init(|| std::env::var_os($name)).as_deref()
+    }};
+}
+
 pub mod config;
 pub(crate) mod cpu_decode;
 pub mod decode;

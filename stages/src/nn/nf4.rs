@@ -354,7 +354,7 @@ impl Nf4Tensor {
     /// CUDA (f32, bf16; unless `PIPE_FUSED_KERNELS=0`) a kernel makes it on
     /// the GPU from the NF4 data kept there (uploaded once), the same bits.
     pub fn dequantize(&self, device: &Device, dtype: DType) -> Result<Tensor> {
-        if crate::nn::fused::kernels_for(device, dtype, "PIPE_FUSED_KERNELS") {
+        if crate::nn::fused::kernels_for(device, dtype, crate::nn::fused::Switch::Kernels) {
             return self.dequantize_cuda(device, dtype);
         }
         let n = self.codes.len() * 2;

@@ -313,7 +313,7 @@ impl candle_core::CustomOp2 for TrainedMatmul {
                 && a.dtype() == dy.dtype()
                 && a.is_contiguous()
                 && a.is_sole_handle()
-                && std::env::var_os("PIPE_MATMUL_ACC").is_none_or(|v| v != "0")
+                && env_once!("PIPE_MATMUL_ACC").is_none_or(|v| v != "0")
         };
         if let Some(a) = acc.take_if(|a| fits(a)) {
             a.inplace_op3(&dy, &dense(w)?.detach(), &AddMatmul { ta: false, tb: false, alpha: 1.0 })?;
@@ -1041,8 +1041,11 @@ impl candle_core::CustomOp2 for FusedHeadCe {
     }
 
     fn bwd(&self, _h: &Tensor, _w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let Some((dh, dw)) = self.grads.lock().ok().and_then(|x| x.clone()) else {
-            candle_core::bail!("fused-head-cross-entropy: backward before forward")
+        // Taken, not cloned: the op (alive with the graph) keeps no handle
+        // to them, so the backward pass's later ops may add into them in
+        // place (a tied embedding's rows into dw, `GatherRows::bwd_acc`).
+        let Some((dh, dw)) = self.grads.lock().ok().and_then(|mut x| x.take()) else {
+            candle_core::bail!("fused-head-cross-entropy: backward before forward, or a second backward pass")
         };
         // The loss is a scalar: its gradient read back (the training step
         // has already synchronised to read the loss). The gradients were

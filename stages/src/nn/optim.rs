@@ -97,23 +97,40 @@ impl AdamW {
     /// before clipping.
     pub fn clip_and_step(&mut self, grads: Vec<Option<Tensor>>, max_norm: f64, lr: f64) -> Result<f64> {
         let present: Vec<Tensor> = grads.iter().flatten().cloned().collect();
+        #[cfg(feature = "cuda")]
+        if self.fused && !present.is_empty() && present.iter().all(crate::nn::fused::usable) {
+            // The norm stays on the device for the update's kernel, which
+            // computes the clipping factor itself: the host reads the norm
+            // once the update is queued, not between the two kernels.
+            let sumsq = cuda::sum_squares_on_device(&present)?;
+            drop(present);
+            let grads = self.dense_grads(grads)?;
+            self.fused_step(grads, cuda::Clip::Norm { sumsq: &sumsq, max_norm }, lr)?;
+            return Ok(cuda::read_sum(&sumsq)?.sqrt());
+        }
         let norm = global_norm(&present)?;
         drop(present);
         self.step_with_norm(grads, norm, max_norm, lr)?;
         Ok(norm)
     }
 
+    /// Each parameter's gradient, zeros where the batch did not reach it.
+    fn dense_grads(&self, grads: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+        Ok(grads
+            .into_iter()
+            .zip(&self.params)
+            .map(|(g, p)| g.map_or_else(|| p.var.zeros_like(), Ok))
+            .collect::<candle_core::Result<_>>()?)
+    }
+
     /// [`Self::clip_and_step`] for gradients whose global norm `norm` is
     /// known (with sharded optimizer state, the norm over every replica's
     /// gradients, not only the ones this optimizer steps).
     pub fn step_with_norm(&mut self, grads: Vec<Option<Tensor>>, norm: f64, max_norm: f64, lr: f64) -> Result<()> {
-        let mut grads: Vec<Tensor> = grads
-            .into_iter()
-            .zip(&self.params)
-            .map(|(g, p)| g.map_or_else(|| p.var.zeros_like(), Ok))
-            .collect::<candle_core::Result<_>>()?;
+        let mut grads = self.dense_grads(grads)?;
+        #[cfg(feature = "cuda")]
         if self.fused {
-            return self.fused_step(grads, clip_scale(norm, max_norm).unwrap_or(1.0), lr);
+            return self.fused_step(grads, cuda::Clip::Factor(clip_scale(norm, max_norm).unwrap_or(1.0) as f32), lr);
         }
         clip(&mut grads, norm, max_norm)?;
         self.step(&grads, lr)
@@ -154,8 +171,8 @@ impl AdamW {
 
 impl AdamW {
     #[cfg(feature = "cuda")]
-    /// The update on CUDA, the gradients scaled by `gscale` (clipping).
-    fn fused_step(&mut self, grads: Vec<Tensor>, gscale: f64, lr: f64) -> Result<()> {
+    /// The update on CUDA, the gradients scaled by `clip`'s factor.
+    fn fused_step(&mut self, grads: Vec<Tensor>, clip: cuda::Clip<'_>, lr: f64) -> Result<()> {
         let grads = grads
             .iter()
             .zip(&self.params)
@@ -176,12 +193,7 @@ impl AdamW {
             bc1: (1.0 - c.beta1.powi(self.t as i32)) as f32,
             bc2: (1.0 - c.beta2.powi(self.t as i32)) as f32,
         };
-        Ok(cuda::step(&self.params, &grads, &decays, gscale as f32, h)?)
-    }
-
-    #[cfg(not(feature = "cuda"))]
-    fn fused_step(&mut self, _: Vec<Tensor>, _: f64, _: f64) -> Result<()> {
-        Ok(crate::nn::fused::cuda_only("fused AdamW")?)
+        Ok(cuda::step(&self.params, &grads, &decays, clip, h)?)
     }
 }
 
@@ -252,10 +264,31 @@ mod cuda {
         LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
     }
 
+    /// The clipping factor of an update: given, or computed by the
+    /// kernel from the gradients' sum of squares on the device
+    /// ([`sum_squares_on_device`]) and the largest norm (kernels/optim.cu's
+    /// clip_factor, as [`super::clip_scale`]).
+    #[derive(Clone, Copy)]
+    pub enum Clip<'a> {
+        Factor(f32),
+        Norm { sumsq: &'a Tensor, max_norm: f64 },
+    }
+
     /// The sum of the squares of every element of `grads` (f32 or bf16, on
     /// one CUDA device): one launch per dtype, one read back.
     pub fn sum_squares(grads: &[Tensor]) -> Result<f64> {
-        let Some(first) = grads.first() else { return Ok(0.0) };
+        read_sum(&sum_squares_on_device(grads)?)
+    }
+
+    /// A sum of [`sum_squares_on_device`], read back.
+    pub fn read_sum(sumsq: &Tensor) -> Result<f64> {
+        Ok(sumsq.to_vec1::<f32>()?[0] as f64)
+    }
+
+    /// [`sum_squares`] left on the device: a one-element f32 tensor (zero
+    /// when `grads` is empty), its kernels queued.
+    pub fn sum_squares_on_device(grads: &[Tensor]) -> Result<Tensor> {
+        let Some(first) = grads.first() else { candle_core::bail!("sum of squares: no gradients") };
         let candle_core::Device::Cuda(dev) = first.device() else { candle_core::bail!("sum of squares: not on CUDA") };
         if grads.iter().any(|g| !g.device().same_device(first.device())) {
             candle_core::bail!("sum of squares: gradients on several devices");
@@ -284,14 +317,14 @@ mod cuda {
         }
         drop(syncs);
         drop(acc_guard);
-        Ok(acc.to_vec1::<f32>()?[0] as f64)
+        Ok(acc)
     }
 
     /// AdamW on every parameter with `grads[i]` (for `params[i]`, in its
     /// dtype) scaled by `gscale`: one launch per dtype of parameters
     /// (`multi_adamw`), whatever their number. Parameters, f32 master
     /// copies and moments are updated in place.
-    pub fn step(params: &[Param], grads: &[Tensor], decays: &[f32], gscale: f32, h: Hyper) -> Result<()> {
+    pub fn step(params: &[Param], grads: &[Tensor], decays: &[f32], clip: Clip<'_>, h: Hyper) -> Result<()> {
         let Some(first) = grads.first() else { return Ok(()) };
         let candle_core::Device::Cuda(dev) = first.device() else { candle_core::bail!("fused AdamW: not on CUDA") };
         for (p, g) in params.iter().zip(grads) {
@@ -338,17 +371,37 @@ mod cuda {
             let w32 = if p.master.is_some() { a[0] } else { a[1] };
             words.push([w32, a[1], a[2], a[3], a[4], p.var.elem_count() as u64, decay.to_bits() as u64, 0]);
         }
+        let (gscale, max_norm, sumsq) = match clip {
+            Clip::Factor(f) => (f, 0.0f64, None),
+            Clip::Norm { sumsq, max_norm } => {
+                if sumsq.dtype() != DType::F32 || sumsq.elem_count() != 1 || !sumsq.device().same_device(first.device())
+                {
+                    candle_core::bail!("fused AdamW: the sum of squares is not one f32 on the gradients' device");
+                }
+                (1.0, max_norm, Some(sumsq.storage_and_layout()))
+            }
+        };
+        // The sum's address, or null (kernels/optim.cu's clip_factor).
+        let (sumsq_ptr, sumsq_sync) = match &sumsq {
+            Some((st, l)) => {
+                let (ptr, sync) = addr(cuda_of(st)?, l, &stream)?;
+                (ptr, Some(sync))
+            }
+            None => (0u64, None),
+        };
         for (dt, tab, chunks, n) in &tables(&stream, params.iter().map(|p| p.var.dtype()).zip(words))? {
             let f = func(dev, MODULE, OPTIM_BIN, "multi_adamw", *dt)?;
             let mut b = stream.launch_builder(&f);
             b.arg(tab).arg(chunks);
             b.arg(&h.lr).arg(&h.b1).arg(&h.b2).arg(&h.eps).arg(&h.bc1).arg(&h.bc2).arg(&gscale);
+            b.arg(&sumsq_ptr).arg(&max_norm);
             // SAFETY: argument types and order match multi_adamw_* in kernels/optim.cu;
             // w32, m and v are dense f32 and w and g of the group's dtype, each
-            // of the table's n elements.
+            // of the table's n elements; sumsq is null or one f32.
             unsafe { b.launch(chunk_grid(*n)) }.w()?;
         }
-        drop(syncs);
+        drop((syncs, sumsq_sync));
+        drop(sumsq);
         Ok(())
     }
 }
@@ -487,9 +540,18 @@ mod tests {
                     .iter()
                     .map(|(n, v)| Ok((n.clone(), Var::from_tensor(&v.as_tensor().copy()?)?)))
                     .collect::<Result<Vec<_>>>()?;
+                let copies = |vars: &[(String, Var)]| {
+                    vars.iter()
+                        .map(|(n, v)| Ok((n.clone(), Var::from_tensor(&v.as_tensor().copy()?)?)))
+                        .collect::<Result<Vec<_>>>()
+                };
+                // `host`: the kernels given the clipping factor the host
+                // computes from the norm it read (the sharded optimizer's
+                // path); `fused` computes it on the device.
+                let mut host = AdamW::new(copies(&a_vars)?, cfg)?;
                 let mut fused = AdamW::new(a_vars, cfg)?;
                 let mut composed = AdamW::new(b_vars, cfg)?;
-                assert!(fused.fused, "CUDA parameters take the kernels");
+                assert!(fused.fused && host.fused, "CUDA parameters take the kernels");
                 composed.fused = false;
                 for step in 0..3 {
                     let grads: Vec<Option<Tensor>> = shapes
@@ -512,8 +574,23 @@ mod tests {
                     let (gn, cn) = (global_norm(&present)?, global_norm(&on_cpu)?);
                     assert!((gn - cn).abs() < 1e-4 * cn, "{dt:?} global norm {gn} vs {cn}");
                     let na = fused.clip_and_step(grads.clone(), max_norm, 1e-2)?;
+                    host.step_with_norm(grads.clone(), gn, max_norm, 1e-2)?;
                     let nb = composed.clip_and_step(grads, max_norm, 1e-2)?;
                     assert!((na - nb).abs() < 1e-4 * nb, "{dt:?} step {step}: norm {na} vs {nb}");
+                    // The norm read after the update is the one it clipped by.
+                    assert!((na - gn).abs() < 1e-6 * gn, "{dt:?} step {step}: norm {na} vs {gn}");
+                }
+                // The device's clipping factor is the host's (up to the order
+                // of the norm's atomic sums): the same moments and masters.
+                for (a, b) in fused.params.iter().zip(&host.params) {
+                    for (what, x, y) in [("m", &a.m, &b.m), ("v", &a.v, &b.v)] {
+                        let e = crate::nn::tests::rel_err(x, y)?;
+                        assert!(e < 1e-5, "{} {what} {dt:?} max_norm {max_norm}: device clipping off by {e}", a.name);
+                    }
+                    if let (Some(x), Some(y)) = (&a.master, &b.master) {
+                        let e = crate::nn::tests::rel_err(x, y)?;
+                        assert!(e < 1e-5, "{} master {dt:?} max_norm {max_norm}: device clipping off by {e}", a.name);
+                    }
                 }
                 // The composition clips bf16 gradients in bf16, the kernel in
                 // f32: with clipping, the composition's factor is rounded to

@@ -683,7 +683,15 @@ fn cuda_training_step_matches_the_cpu() -> Result<()> {
         for ckpt in [false, true] {
             let b = m.batch(&rows())?;
             assert!(crate::nn::flash::usable(&Tensor::zeros((1, 3, 64), DType::F32, &dev)?));
+            let added = || crate::nn::fused::ROWS_ADDED_IN_PLACE.with(|c| c.get());
+            let before = added();
             let (l, g) = m.loss_and_grads(&b, fx, 0.5, &vars(&m), ckpt)?;
+            // Full fine-tuning trains the tied table: in one backward pass
+            // (no checkpointing) the embedding's rows go into the head's
+            // gradient in place; checkpointing's pass for the embedding
+            // alone has no gradient so far to add to.
+            let in_place = spec.full && !ckpt;
+            assert_eq!(added() - before, usize::from(in_place), "full {}, checkpointing {ckpt}", spec.full);
             assert!((l - lr).abs() < 1e-4 * lr.abs().max(1.0), "checkpointing {ckpt}: loss {l} vs {lr}");
             for (a, c) in g.iter().zip(&gr) {
                 let (a, c) = (

@@ -631,8 +631,21 @@ impl Tensor {
                         grads.accumulate(arg, &arg_grad)?;
                     }
                     Op::CustomOp1(arg, c) => {
-                        if let Some(arg_grad) = c.bwd(arg, node, &grad)? {
-                            grads.accumulate(arg, &arg_grad)?;
+                        // PIPE PATCH: the op may add arg's gradient so far itself.
+                        let mut acc = grads.remove(arg);
+                        let (arg_grad, summed) = c.bwd_acc(arg, node, &grad, &mut acc)?;
+                        if summed {
+                            drop(acc);
+                        } else if let Some(a) = acc {
+                            grads.insert(arg, a);
+                        }
+                        if let Some(arg_grad) = arg_grad {
+                            if summed {
+                                arg.same_shape_binary_op(&arg_grad, "add")?;
+                                grads.insert(arg, arg_grad.contiguous()?);
+                            } else {
+                                grads.accumulate(arg, &arg_grad)?;
+                            }
                         }
                     }
                     Op::CustomOp2(arg1, arg2, c) => {

@@ -39,6 +39,23 @@ pub trait CustomOp1 {
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, _grad_res: &Tensor) -> Result<Option<Tensor>> {
         Err(crate::Error::BackwardNotSupported { op: self.name() })
     }
+
+    /// PIPE PATCH: `bwd` given `acc`, the gradient the backward pass has
+    /// summed for `arg` so far (None: none yet), taken out of the store,
+    /// as `CustomOp2::bwd_acc` for its first argument: returns the
+    /// gradient and whether it already includes `acc` (then it replaces
+    /// the stored gradient); the op may write into `acc` in place only
+    /// where it is the sole handle to its storage. The default calls `bwd`
+    /// (false).
+    fn bwd_acc(
+        &self,
+        arg: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+        _acc: &mut Option<Tensor>,
+    ) -> Result<(Option<Tensor>, bool)> {
+        Ok((self.bwd(arg, res, grad_res)?, false))
+    }
 }
 
 pub trait CustomOp2 {
