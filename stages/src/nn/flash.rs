@@ -670,7 +670,7 @@ mod tests {
             // The launch orders: every tile once, the most work first.
             let at = |i: u32, k: usize| t[4 * i as usize + k] as usize;
             for (which, work) in
-                [(4, &|i| (at(i, 1) - at(i, 0)) * (at(i, 1) - at(i, 2)) as usize), (5, &|i| at(i, 3) - at(i, 0))]
+                [(4, &|i| (at(i, 1) - at(i, 0)) * (at(i, 1) - at(i, 2))), (5, &|i| at(i, 3) - at(i, 0))]
                     as [(usize, &dyn Fn(u32) -> usize); 2]
             {
                 let order = &t[which * n..(which + 1) * n];

@@ -326,14 +326,14 @@ thread_local! {
     pub(crate) static ROWS_ADDED_IN_PLACE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// A [`RowGather`]'s segments on the device, for its backward pass: `nseg
-/// + 1` starts, the `nseg` distinct ids, then the positions sorted by id
-/// (stably), as fused.cu's `segment_add` reads them; and `nseg`. They are
-/// sorted on a thread of their own while the forward pass runs, and
-/// uploaded when the backward pass first needs them: sorting a batch's
-/// 8,192 ids on the training thread took ~0.2-0.3 ms of each step on the
-/// GPU machines, with the GPU idle (the batch is made before the step's
-/// first kernel).
+/// A [`RowGather`]'s segments on the device, for its backward pass: the
+/// `nseg + 1` starts, the `nseg` distinct ids, then the positions sorted
+/// by id (stably), as fused.cu's `segment_add` reads them; and `nseg`.
+/// They are sorted on a thread of their own while the forward pass runs,
+/// and uploaded once it is queued ([`RowGather::prefetch`]) or when the
+/// backward pass first needs them: sorting a batch's 8,192 ids on the
+/// training thread took ~0.2-0.3 ms of each step on the GPU machines,
+/// with the GPU idle (the batch is made before the step's first kernel).
 pub(crate) struct Segments {
     device: candle_core::Device,
     state: std::sync::Mutex<SegState>,
