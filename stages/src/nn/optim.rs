@@ -128,9 +128,11 @@ impl AdamW {
     /// gradients, not only the ones this optimizer steps).
     pub fn step_with_norm(&mut self, grads: Vec<Option<Tensor>>, norm: f64, max_norm: f64, lr: f64) -> Result<()> {
         let mut grads = self.dense_grads(grads)?;
-        #[cfg(feature = "cuda")]
         if self.fused {
+            #[cfg(feature = "cuda")]
             return self.fused_step(grads, cuda::Clip::Factor(clip_scale(norm, max_norm).unwrap_or(1.0) as f32), lr);
+            #[cfg(not(feature = "cuda"))]
+            return Ok(crate::nn::fused::cuda_only("fused AdamW")?);
         }
         clip(&mut grads, norm, max_norm)?;
         self.step(&grads, lr)
