@@ -795,7 +795,7 @@ use cuda as backward;
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::cuda::{CudaStorage, WrapErr};
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{Layout, Result, Tensor};
@@ -1124,20 +1124,10 @@ mod cuda {
         let f = func(&dev, MODULE, FUSED_BIN, "ce_grad", dt)?;
         let stream = dev.cuda_stream();
         let vi = v as i32;
-        // TEMP (A/B): PIPE_CE_LAUNCH="threads,smem bytes" (512,0).
-        let (threads, smem) = env_once!("PIPE_CE_LAUNCH")
-            .and_then(|v| v.to_str())
-            .and_then(|v| v.split_once(','))
-            .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)))
-            .unwrap_or((512, 0));
-        if smem > 0 {
-            use candle_core::cuda::cudarc::driver::sys::CUfunction_attribute;
-            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
-        }
         let mut b = stream.launch_builder(&f);
         b.arg(&mut x).arg(&t).arg(&mut loss).arg(&vi).arg(&gs);
         // SAFETY: argument types and order match ce_grad_* in kernels/fused.cu.
-        unsafe { b.launch(LaunchConfig { shared_mem_bytes: smem, ..grid(m, 1, threads) }) }.w()?;
+        unsafe { b.launch(grid(m, 1, 512)) }.w()?;
         Ok(tensor(CudaStorage::wrap_cuda_slice(loss, dev), m))
     }
 
