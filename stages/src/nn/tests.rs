@@ -1109,6 +1109,41 @@ fn elementwise_ops_on_rayon_give_every_element() -> Result<()> {
     Ok(())
 }
 
+/// On the GPU machine: candle's 2-D copies (`cat`, `contiguous` of a
+/// narrowed view) give the CPU's values, whether they go through one
+/// device-to-device memcpy (no gaps between rows: vendor/candle-core's
+/// PIPE-PATCH.md) or through the copy2d kernel (gaps on a side).
+#[test]
+fn cuda_copies_with_and_without_gaps_match_the_cpu() -> Result<()> {
+    let Some(dev) = cuda_device()? else { return Ok(()) };
+    for dt in [DType::F32, DType::BF16, DType::U32] {
+        let part = |rows: usize, seed: f64| -> Result<Tensor> {
+            Ok(Tensor::arange(0f64, (rows * 7) as f64, &Device::Cpu)?
+                .affine(1.0, seed)?
+                .reshape((rows, 7))?
+                .to_dtype(dt)?)
+        };
+        let (a, b, c) = (part(5, 0.0)?, part(3, 100.0)?, part(2, 200.0)?);
+        let on = |t: &Tensor| t.to_device(&dev);
+        let (ga, gb, gc) = (on(&a)?, on(&b)?, on(&c)?);
+        let cases = [
+            // rows packed on both sides: one memcpy each
+            (Tensor::cat(&[&a, &b, &c], 0)?, Tensor::cat(&[&ga, &gb, &gc], 0)?),
+            // a row each (one memcpy), then gaps on the destination's side
+            (Tensor::cat(&[&a.narrow(0, 0, 2)?, &c], 1)?, Tensor::cat(&[&ga.narrow(0, 0, 2)?, &gc], 1)?),
+            // gaps on the source's side
+            (a.narrow(1, 2, 3)?.contiguous()?, ga.narrow(1, 2, 3)?.contiguous()?),
+            // packed rows at an offset
+            (a.narrow(0, 1, 3)?.narrow(1, 0, 7)?.copy()?, ga.narrow(0, 1, 3)?.narrow(1, 0, 7)?.copy()?),
+        ];
+        for (i, (want, got)) in cases.iter().enumerate() {
+            let (w, g) = (want.to_dtype(DType::F64)?, got.to_device(&Device::Cpu)?.to_dtype(DType::F64)?);
+            assert_eq!(w.to_vec2::<f64>()?, g.to_vec2::<f64>()?, "{dt:?} case {i}");
+        }
+    }
+    Ok(())
+}
+
 /// On the GPU machine: every module of candle's own kernels loads from the
 /// machine code its build made (vendor/candle-kernels: a fresh machine's
 /// driver no longer compiles their PTX on first use), a module whose

@@ -2345,6 +2345,18 @@ impl BackendStorage for CudaStorage {
             (S::F8E8M0(s), S::F8E8M0(d)) => (slice_ptr(s, src_o), slice_ptr(d, dst_o), "copy2d_u8"),
             _ => Err(CudaError::InternalError("dtype mismatch in copy2d"))?,
         };
+        // PIPE PATCH: a copy without gaps (one row, or rows packed on both
+        // sides: a `cat` on the first dim, a `contiguous` of leading rows) is
+        // one device-to-device memcpy instead of the copy2d kernel, which
+        // moves one element a thread (~0.8 TB/s on an H100).
+        if d1 == 1 || (src_s == d2 && dst_s == d2) {
+            let bytes = d1 as usize * d2 as usize * self.dtype().size_in_bytes();
+            let stream = dev.cuda_stream();
+            // SAFETY: both ranges lie in their slices (as the kernel's
+            // accesses would), and the guards order the copy on the stream.
+            unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, stream.cu_stream()) }.w()?;
+            return Ok(());
+        }
         let func = dev.get_or_load_func(kname, &kernels::FILL)?;
         let cfg = LaunchConfig::for_num_elems(d1 * d2);
         let mut builder = func.builder();
