@@ -277,7 +277,7 @@ mod cuda {
     }
 
     /// The sum of the squares of every element of `grads` (f32 or bf16, on
-    /// one CUDA device): one launch per dtype, one read back.
+    /// one CUDA device; at least one): one launch per dtype, one read back.
     pub fn sum_squares(grads: &[Tensor]) -> Result<f64> {
         read_sum(&sum_squares_on_device(grads)?)
     }
@@ -287,8 +287,8 @@ mod cuda {
         Ok(sumsq.to_vec1::<f32>()?[0] as f64)
     }
 
-    /// [`sum_squares`] left on the device: a one-element f32 tensor (zero
-    /// when `grads` is empty), its kernels queued.
+    /// [`sum_squares`] left on the device: a one-element f32 tensor, its
+    /// kernels queued (an error for no gradients).
     pub fn sum_squares_on_device(grads: &[Tensor]) -> Result<Tensor> {
         let Some(first) = grads.first() else { candle_core::bail!("sum of squares: no gradients") };
         let candle_core::Device::Cuda(dev) = first.device() else { candle_core::bail!("sum of squares: not on CUDA") };
@@ -323,7 +323,7 @@ mod cuda {
     }
 
     /// AdamW on every parameter with `grads[i]` (for `params[i]`, in its
-    /// dtype) scaled by `gscale`: one launch per dtype of parameters
+    /// dtype) scaled by `clip`'s factor: one launch per dtype of parameters
     /// (`multi_adamw`), whatever their number. Parameters, f32 master
     /// copies and moments are updated in place.
     pub fn step(params: &[Param], grads: &[Tensor], decays: &[f32], clip: Clip<'_>, h: Hyper) -> Result<()> {
