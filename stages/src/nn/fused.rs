@@ -375,10 +375,17 @@ impl Segments {
             },
             SegState::Failed => candle_core::bail!("row gather: the batch's segments failed before"),
         };
-        let len = layout.len();
-        let t = Tensor::from_vec(layout, len, &self.device)?;
-        *st = SegState::Uploaded(t.clone(), nseg);
-        Ok((t, nseg))
+        match Tensor::new(layout.as_slice(), &self.device) {
+            Ok(t) => {
+                *st = SegState::Uploaded(t.clone(), nseg);
+                Ok((t, nseg))
+            }
+            // Sorted still (a failed upload, such as out of memory, may be retried).
+            Err(e) => {
+                *st = SegState::Sorted(layout, nseg);
+                Err(e)
+            }
+        }
     }
 }
 
