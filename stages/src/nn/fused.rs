@@ -59,8 +59,7 @@ pub fn usable(x: &Tensor) -> bool {
 /// autograd through their compositions costs ~40 and ~110 ms a SmolLM2
 /// layer at 1,024 tokens on 2 cores, the ops themselves ~2 ms).
 pub fn usable_or_cpu(x: &Tensor) -> bool {
-    usable(x)
-        || (x.device().is_cpu() && x.dtype() == DType::F32 && env_once!("PIPE_FUSED_KERNELS").is_none_or(|v| v != "0"))
+    usable(x) || (x.device().is_cpu() && x.dtype() == DType::F32 && Switch::Kernels.on())
 }
 
 /// The environment variables that turn pipe's CUDA kernels off (`=0`).
@@ -72,6 +71,17 @@ pub(crate) enum Switch {
     Attention,
 }
 
+impl Switch {
+    /// Whether the switch leaves the kernels on (not `=0`).
+    fn on(self) -> bool {
+        let var = match self {
+            Switch::Kernels => env_once!("PIPE_FUSED_KERNELS"),
+            Switch::Attention => env_once!("PIPE_FUSED_ATTENTION"),
+        };
+        var.is_none_or(|v| v != "0")
+    }
+}
+
 /// Whether pipe's CUDA kernels can take `x` (a CUDA build, a CUDA tensor, f32
 /// or bf16) and the environment variable `switch` does not turn them off.
 pub(crate) fn kernels_on(x: &Tensor, switch: Switch) -> bool {
@@ -80,11 +90,7 @@ pub(crate) fn kernels_on(x: &Tensor, switch: Switch) -> bool {
 
 /// [`kernels_on`] for a result of `dtype` to be made on `dev`.
 pub(crate) fn kernels_for(dev: &candle_core::Device, dtype: DType, switch: Switch) -> bool {
-    let var = match switch {
-        Switch::Kernels => env_once!("PIPE_FUSED_KERNELS"),
-        Switch::Attention => env_once!("PIPE_FUSED_ATTENTION"),
-    };
-    cfg!(feature = "cuda") && dev.is_cuda() && matches!(dtype, DType::F32 | DType::BF16) && var.is_none_or(|v| v != "0")
+    cfg!(feature = "cuda") && dev.is_cuda() && matches!(dtype, DType::F32 | DType::BF16) && switch.on()
 }
 
 /// `T(x * rsqrt(mean(x^2) + eps)) * w` over the last dim (as
@@ -454,11 +460,7 @@ impl candle_core::CustomOp1 for GatherRows {
         acc: &mut Option<Tensor>,
     ) -> Result<(Option<Tensor>, bool)> {
         let fits = |a: &Tensor| {
-            a.is_sole_handle()
-                && a.is_contiguous()
-                && a.dims() == table.dims()
-                && a.dtype() == table.dtype()
-                && a.device().same_device(table.device())
+            crate::nn::ops::writable_in_place(a, table.dims(), table.dtype()) && a.device().same_device(table.device())
         };
         match acc.take_if(|a| fits(a)) {
             Some(a) => {
@@ -502,8 +504,7 @@ impl candle_core::InplaceOp2 for SegmentAdd {
 /// in two passes over x and dy (`PIPE_NORM_BWD=split`, read once: to
 /// compare) instead of one.
 fn norm_bwd_split() -> bool {
-    static S: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *S.get_or_init(|| std::env::var_os("PIPE_NORM_BWD").is_some_and(|v| v == "split"))
+    env_once!("PIPE_NORM_BWD").is_some_and(|v| v == "split")
 }
 
 struct RmsNorm {

@@ -71,6 +71,14 @@ pub(crate) fn contiguous(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Whether a backward pass's gradient so far, handed to an op's `bwd_acc`,
+/// may be added into in place as a dense (`dims`, `dtype`) tensor: nothing
+/// else holds its storage (vendor/candle-core's `Tensor::is_sole_handle`)
+/// and it is contiguous.
+pub(crate) fn writable_in_place(a: &Tensor, dims: &[usize], dtype: DType) -> bool {
+    a.is_sole_handle() && a.is_contiguous() && a.dims() == dims && a.dtype() == dtype
+}
+
 /// `x` contiguous from offset 0 (what the custom ops below read), copied
 /// only when it is not already.
 pub(crate) fn dense(x: &Tensor) -> Result<Tensor> {
@@ -309,10 +317,7 @@ impl candle_core::CustomOp2 for TrainedMatmul {
         }
         let fits = |a: &Tensor| {
             a.device().is_cuda()
-                && a.dims() == x.dims()
-                && a.dtype() == dy.dtype()
-                && a.is_contiguous()
-                && a.is_sole_handle()
+                && writable_in_place(a, x.dims(), dy.dtype())
                 && env_once!("PIPE_MATMUL_ACC").is_none_or(|v| v != "0")
         };
         if let Some(a) = acc.take_if(|a| fits(a)) {

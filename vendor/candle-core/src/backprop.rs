@@ -634,38 +634,14 @@ impl Tensor {
                         // PIPE PATCH: the op may add arg's gradient so far itself.
                         let mut acc = grads.remove(arg);
                         let (arg_grad, summed) = c.bwd_acc(arg, node, &grad, &mut acc)?;
-                        if summed {
-                            drop(acc);
-                        } else if let Some(a) = acc {
-                            grads.insert(arg, a);
-                        }
-                        if let Some(arg_grad) = arg_grad {
-                            if summed {
-                                arg.same_shape_binary_op(&arg_grad, "add")?;
-                                grads.insert(arg, arg_grad.contiguous()?);
-                            } else {
-                                grads.accumulate(arg, &arg_grad)?;
-                            }
-                        }
+                        grads.settle(arg, acc, arg_grad, summed)?;
                     }
                     Op::CustomOp2(arg1, arg2, c) => {
                         // PIPE PATCH: the op may add arg1's gradient so far itself.
                         let mut acc1 = grads.remove(arg1);
                         let (arg_grad1, arg_grad2, summed) =
                             c.bwd_acc(arg1, arg2, node, &grad, &mut acc1)?;
-                        if summed {
-                            drop(acc1);
-                        } else if let Some(a) = acc1 {
-                            grads.insert(arg1, a);
-                        }
-                        if let Some(arg_grad1) = arg_grad1 {
-                            if summed {
-                                arg1.same_shape_binary_op(&arg_grad1, "add")?;
-                                grads.insert(arg1, arg_grad1.contiguous()?);
-                            } else {
-                                grads.accumulate(arg1, &arg_grad1)?;
-                            }
-                        }
+                        grads.settle(arg1, acc1, arg_grad1, summed)?;
                         if let Some(arg_grad2) = arg_grad2 {
                             grads.accumulate(arg2, &arg_grad2)?;
                         }
@@ -733,6 +709,27 @@ impl GradStore {
     /// Get the gradient tensor associated with the given tensor
     pub fn get(&self, tensor: &Tensor) -> Option<&Tensor> {
         self.0.get(&tensor.id())
+    }
+
+    /// PIPE PATCH: after a custom op's `bwd_acc` was handed `acc`, the
+    /// gradient of `tensor` taken out of the store: with `summed`, the op's
+    /// gradient already includes it and replaces it (what is left of `acc`
+    /// is dropped); else `acc` goes back and the op's gradient is added.
+    fn settle(&mut self, tensor: &Tensor, acc: Option<Tensor>, grad: Option<Tensor>, summed: bool) -> Result<()> {
+        if summed {
+            drop(acc);
+        } else if let Some(a) = acc {
+            self.insert(tensor, a);
+        }
+        match grad {
+            Some(g) if summed => {
+                tensor.same_shape_binary_op(&g, "add")?;
+                self.insert(tensor, g.contiguous()?);
+            }
+            Some(g) => self.accumulate(tensor, &g)?,
+            None => {}
+        }
+        Ok(())
     }
 
     /// Remove the gradient tensor associated with the given tensor, returning it if it exists
