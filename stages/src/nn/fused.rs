@@ -369,11 +369,11 @@ impl Segments {
     /// The layout on the device and `nseg` (waiting for the sort).
     fn get(&self) -> Result<(Tensor, usize)> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let SegState::Uploaded(t, n) = &*st {
+            return Ok((t.clone(), *n));
+        }
         let (layout, nseg) = match std::mem::replace(&mut *st, SegState::Failed) {
-            SegState::Uploaded(t, n) => {
-                *st = SegState::Uploaded(t.clone(), n);
-                return Ok((t, n));
-            }
+            SegState::Uploaded(..) => unreachable!("returned above"),
             SegState::Sorted(layout, n) => (layout, n),
             SegState::Sorting(h) => match h.join() {
                 Ok(sorted) => sorted,

@@ -537,16 +537,13 @@ mod tests {
                         })
                         .collect()
                 };
-                let a_vars = make()?;
-                let b_vars = a_vars
-                    .iter()
-                    .map(|(n, v)| Ok((n.clone(), Var::from_tensor(&v.as_tensor().copy()?)?)))
-                    .collect::<Result<Vec<_>>>()?;
                 let copies = |vars: &[(String, Var)]| {
                     vars.iter()
                         .map(|(n, v)| Ok((n.clone(), Var::from_tensor(&v.as_tensor().copy()?)?)))
                         .collect::<Result<Vec<_>>>()
                 };
+                let a_vars = make()?;
+                let b_vars = copies(&a_vars)?;
                 // `host`: the kernels given the clipping factor the host
                 // computes from the norm it read (the sharded optimizer's
                 // path); `fused` computes it on the device.
