@@ -6,7 +6,8 @@
 // (against CUPTI 13.0, the GPU machines' PyTorch's) and gaps.py reads it.
 // TRACE_NONAME=1 leaves kernel names out. TRACE_API=1 adds the host's
 // driver API calls as "A" lines (start, end, the call's name), to see what
-// the host did during the GPU's idle gaps (gaps.py --api).
+// the host did during the GPU's idle gaps (gaps.py lists them under
+// each gap of 20 us or more).
 #include <cupti.h>
 #include <stdio.h>
 #include <stdlib.h>
